@@ -54,7 +54,9 @@ impl FromStr for BackendKind {
             "cuda" => Err(Error::Backend(
                 "this build of lightrnn has no CUDA backend; use --backend cpu or auto".into(),
             )),
-            other => Err(Error::Config(format!("unknown backend {other:?} (expected auto or cpu)"))),
+            other => Err(Error::Config(format!(
+                "unknown backend {other:?} (expected auto or cpu)"
+            ))),
         }
     }
 }
@@ -143,7 +145,9 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn new(cfg: &ModelConfig) -> Result<Self> {
-        Ok(Self { engine: Engine::new(cfg.dims, cfg.dropout, cfg.seed, cfg.threads)? })
+        Ok(Self {
+            engine: Engine::new(cfg.dims, cfg.dropout, cfg.seed, cfg.threads)?,
+        })
     }
 
     pub fn engine(&self) -> &Engine<f32> {
@@ -220,11 +224,14 @@ impl Backend for CpuBackend {
         self.engine.optimizer_step(rule, lr, gscale)
     }
     fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
-        Ok(self.engine.optimizer_state().map(|(rule, updates, bufs)| OptimizerState {
-            rule,
-            updates,
-            buffers: bufs.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
-        }))
+        Ok(self
+            .engine
+            .optimizer_state()
+            .map(|(rule, updates, bufs)| OptimizerState {
+                rule,
+                updates,
+                buffers: bufs.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+            }))
     }
     fn set_optimizer_state(&mut self, state: OptimizerState) -> Result<()> {
         let names = state.rule.state_names();
@@ -237,6 +244,7 @@ impl Backend for CpuBackend {
                 .ok_or_else(|| Error::Shape(format!("optimizer state lacks buffer {name:?}")))?;
             bufs.push(b.1.clone());
         }
-        self.engine.set_optimizer_state(state.rule, state.updates, bufs)
+        self.engine
+            .set_optimizer_state(state.rule, state.updates, bufs)
     }
 }

@@ -42,7 +42,14 @@ impl ModelDims {
         let side = (side.saturating_sub(1)..=side + 1)
             .find(|s| s * s >= vocab)
             .unwrap_or(side);
-        let d = Self { vocab, rows: side, cols: side, emb, hidden, layers };
+        let d = Self {
+            vocab,
+            rows: side,
+            cols: side,
+            emb,
+            hidden,
+            layers,
+        };
         d.validate()?;
         Ok(d)
     }
@@ -50,7 +57,10 @@ impl ModelDims {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.vocab < 2 {
-            return bad(format!("vocabulary of {} words: need at least 2", self.vocab));
+            return bad(format!(
+                "vocabulary of {} words: need at least 2",
+                self.vocab
+            ));
         }
         if self.rows * self.cols < self.vocab {
             return bad(format!(
@@ -144,30 +154,87 @@ impl ParamLayout {
     /// The layout: X_r and X_c adjacent (the joint input table), then each LSTM layer,
     /// then the row and column output layers.
     pub fn new(dims: ModelDims) -> Self {
-        let ModelDims { rows, cols, emb, hidden, layers, .. } = dims;
+        let ModelDims {
+            rows,
+            cols,
+            emb,
+            hidden,
+            layers,
+            ..
+        } = dims;
         let mut specs = Vec::new();
         let mut offset = 0;
         let mut push = |name: String, shape: Vec<usize>, order, init| {
             let len: usize = shape.iter().product();
-            specs.push(ParamSpec { name, shape, offset, order, init });
+            specs.push(ParamSpec {
+                name,
+                shape,
+                offset,
+                order,
+                init,
+            });
             offset += len;
         };
-        push("emb_r.weight".into(), vec![rows, emb], RowOrder::Plain, Init::Uniform(0.1));
-        push("emb_c.weight".into(), vec![cols, emb], RowOrder::Plain, Init::Uniform(0.1));
+        push(
+            "emb_r.weight".into(),
+            vec![rows, emb],
+            RowOrder::Plain,
+            Init::Uniform(0.1),
+        );
+        push(
+            "emb_c.weight".into(),
+            vec![cols, emb],
+            RowOrder::Plain,
+            Init::Uniform(0.1),
+        );
         let k = 1.0 / (hidden as f64).sqrt();
         let gates = RowOrder::Gates { hidden };
         for l in 0..layers {
             let input = dims.layer_input(l);
-            push(format!("lstm.weight_ih_l{l}"), vec![4 * hidden, input], gates, Init::Uniform(k));
-            push(format!("lstm.weight_hh_l{l}"), vec![4 * hidden, hidden], gates, Init::Uniform(k));
-            push(format!("lstm.bias_ih_l{l}"), vec![4 * hidden], gates, Init::Uniform(k));
-            push(format!("lstm.bias_hh_l{l}"), vec![4 * hidden], gates, Init::Uniform(k));
+            push(
+                format!("lstm.weight_ih_l{l}"),
+                vec![4 * hidden, input],
+                gates,
+                Init::Uniform(k),
+            );
+            push(
+                format!("lstm.weight_hh_l{l}"),
+                vec![4 * hidden, hidden],
+                gates,
+                Init::Uniform(k),
+            );
+            push(
+                format!("lstm.bias_ih_l{l}"),
+                vec![4 * hidden],
+                gates,
+                Init::Uniform(k),
+            );
+            push(
+                format!("lstm.bias_hh_l{l}"),
+                vec![4 * hidden],
+                gates,
+                Init::Uniform(k),
+            );
         }
-        push("out_r.weight".into(), vec![rows, hidden], RowOrder::Plain, Init::Uniform(0.1));
+        push(
+            "out_r.weight".into(),
+            vec![rows, hidden],
+            RowOrder::Plain,
+            Init::Uniform(0.1),
+        );
         push("out_r.bias".into(), vec![rows], RowOrder::Plain, Init::Zero);
-        push("out_c.weight".into(), vec![cols, hidden], RowOrder::Plain, Init::Uniform(0.1));
+        push(
+            "out_c.weight".into(),
+            vec![cols, hidden],
+            RowOrder::Plain,
+            Init::Uniform(0.1),
+        );
         push("out_c.bias".into(), vec![cols], RowOrder::Plain, Init::Zero);
-        Self { dims, specs, total: offset }
+        Self {
+            dims,
+            specs,
+            total: offset,
+        }
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
@@ -186,7 +253,12 @@ impl ParamLayout {
 
     pub fn layer(&self, l: usize) -> LayerParams {
         let base = 2 + 4 * l;
-        LayerParams { w_ih: base, w_hh: base + 1, b_ih: base + 2, b_hh: base + 3 }
+        LayerParams {
+            w_ih: base,
+            w_hh: base + 1,
+            b_ih: base + 2,
+            b_hh: base + 3,
+        }
     }
 
     /// Indices of (out_r.weight, out_r.bias, out_c.weight, out_c.bias).
@@ -262,10 +334,17 @@ mod tests {
 
     #[test]
     fn square_table_covers_vocabulary() {
-        for v in [2usize, 3, 4, 5, 9, 10, 50, 10_000, 10_001, 1_000_000, 793_471] {
+        for v in [
+            2usize, 3, 4, 5, 9, 10, 50, 10_000, 10_001, 1_000_000, 793_471,
+        ] {
             let d = ModelDims::square(v, 4, 4, 1).unwrap();
             assert!(d.rows * d.cols >= v);
-            assert!((d.rows - 1) * (d.cols - 1) < v, "V={v}: {}x{} is not minimal", d.rows, d.cols);
+            assert!(
+                (d.rows - 1) * (d.cols - 1) < v,
+                "V={v}: {}x{} is not minimal",
+                d.rows,
+                d.cols
+            );
         }
         assert!(ModelDims::square(1, 4, 4, 1).is_err());
         assert!(ModelDims::square(10, 0, 4, 1).is_err());

@@ -29,7 +29,10 @@ impl Optimizer {
     /// Initial value of state buffer `k`.
     pub fn state_init(&self, k: usize) -> f64 {
         match self {
-            Optimizer::Adagrad { initial_accumulator, .. } if k == 0 => *initial_accumulator,
+            Optimizer::Adagrad {
+                initial_accumulator,
+                ..
+            } if k == 0 => *initial_accumulator,
             _ => 0.0,
         }
     }
@@ -104,7 +107,11 @@ mod tests {
     #[test]
     fn adam_first_step_moves_by_lr() {
         // With bias correction, Adam's first step is lr * sign(g) (up to eps).
-        let opt = Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let opt = Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
         let mut p = vec![1.0f64, -2.0];
         let g = vec![0.3, -4.0];
         let mut m = vec![0.0; 2];
@@ -115,7 +122,10 @@ mod tests {
 
     #[test]
     fn adagrad_and_sgd_match_torch_formulas() {
-        let opt = Optimizer::Adagrad { eps: 1e-10, initial_accumulator: 0.1 };
+        let opt = Optimizer::Adagrad {
+            eps: 1e-10,
+            initial_accumulator: 0.1,
+        };
         let mut p = vec![1.0f64];
         let mut s = vec![0.1];
         update(&opt, 0.5, 2.0, 1, &mut p, &[0.25], &mut [&mut s]).unwrap();

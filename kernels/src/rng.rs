@@ -65,7 +65,12 @@ impl Philox {
     #[inline(always)]
     pub fn block(&self, stream: u64, position: u64) -> [u32; 4] {
         philox4x32(
-            [position as u32, (position >> 32) as u32, stream as u32, (stream >> 32) as u32],
+            [
+                position as u32,
+                (position >> 32) as u32,
+                stream as u32,
+                (stream >> 32) as u32,
+            ],
             self.key,
         )
     }
@@ -78,7 +83,13 @@ impl Philox {
 
     /// A sequential reader over one stream.
     pub fn stream(&self, stream: u64) -> PhiloxStream {
-        PhiloxStream { philox: *self, stream, next: 0, buf: [0; 4], used: 4 }
+        PhiloxStream {
+            philox: *self,
+            stream,
+            next: 0,
+            buf: [0; 4],
+            used: 4,
+        }
     }
 }
 
@@ -156,13 +167,19 @@ mod tests {
     /// Known-answer tests from the Random123 distribution (kat_vectors, philox4x32_10).
     #[test]
     fn philox_known_answers() {
-        assert_eq!(philox4x32([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -176,7 +193,10 @@ mod tests {
         assert_eq!(a, b);
         let other = Philox::new(42, Purpose::Init);
         assert_ne!(a[0], other.u32_at(3, 0));
-        let mean: f64 = (0..100_000).map(|i| unit_f32(g.u32_at(0, i)) as f64).sum::<f64>() / 1e5;
+        let mean: f64 = (0..100_000)
+            .map(|i| unit_f32(g.u32_at(0, i)) as f64)
+            .sum::<f64>()
+            / 1e5;
         assert!((mean - 0.5).abs() < 0.005, "mean {mean}");
     }
 

@@ -15,7 +15,10 @@ fn randn(seed: u64, n: usize, scale: f64) -> Vec<f64> {
 
 fn close(fd: f64, an: f64, what: &str) {
     let tol = 1e-7 + 2e-6 * an.abs().max(fd.abs());
-    assert!((fd - an).abs() <= tol, "{what}: finite difference {fd:.10e} vs analytic {an:.10e}");
+    assert!(
+        (fd - an).abs() <= tol,
+        "{what}: finite difference {fd:.10e} vs analytic {an:.10e}"
+    );
 }
 
 #[test]
@@ -32,26 +35,63 @@ fn lstm_cell_kernel_gradients() {
         let f = |g_in: &[f64], cp: &[f64]| {
             let mut g = g_in.to_vec();
             let (mut c, mut tc, mut h) = (vec![0.0; nu], vec![0.0; nu], vec![0.0; nu]);
-            simd::cell_forward(hidden, units.clone(), &mut g, &bias, &table, cp, &mut c, &mut tc, &mut h);
+            simd::cell_forward(
+                hidden,
+                units.clone(),
+                &mut g,
+                &bias,
+                &table,
+                cp,
+                &mut c,
+                &mut tc,
+                &mut h,
+            );
             (0..nu).map(|u| wh[u] * h[u] + wc[u] * c[u]).sum::<f64>()
         };
         let mut a = g0.clone();
         let (mut c, mut tc, mut h) = (vec![0.0; nu], vec![0.0; nu], vec![0.0; nu]);
-        simd::cell_forward(hidden, units.clone(), &mut a, &bias, &table, &c_prev0, &mut c, &mut tc, &mut h);
+        simd::cell_forward(
+            hidden,
+            units.clone(),
+            &mut a,
+            &bias,
+            &table,
+            &c_prev0,
+            &mut c,
+            &mut tc,
+            &mut h,
+        );
         let mut dc = wc.clone();
-        simd::cell_backward(hidden, units.clone(), &mut a, &wh, &[], &c_prev0, &tc, &mut dc);
+        simd::cell_backward(
+            hidden,
+            units.clone(),
+            &mut a,
+            &wh,
+            &[],
+            &c_prev0,
+            &tc,
+            &mut dc,
+        );
         let eps = 1e-6;
         for i in 0..4 * nu {
             let (mut p, mut m) = (g0.clone(), g0.clone());
             p[i] += eps;
             m[i] -= eps;
-            close((f(&p, &c_prev0) - f(&m, &c_prev0)) / (2.0 * eps), a[i], &format!("dG[{i}]"));
+            close(
+                (f(&p, &c_prev0) - f(&m, &c_prev0)) / (2.0 * eps),
+                a[i],
+                &format!("dG[{i}]"),
+            );
         }
         for u in 0..nu {
             let (mut p, mut m) = (c_prev0.clone(), c_prev0.clone());
             p[u] += eps;
             m[u] -= eps;
-            close((f(&g0, &p) - f(&g0, &m)) / (2.0 * eps), dc[u], &format!("dc_prev[{u}]"));
+            close(
+                (f(&g0, &p) - f(&g0, &m)) / (2.0 * eps),
+                dc[u],
+                &format!("dc_prev[{u}]"),
+            );
         }
     }
 }
@@ -62,7 +102,9 @@ fn softmax_nll_kernel_gradients() {
     let z0 = randn(7, rows * width, 3.0);
     let b0 = randn(8, width, 1.0);
     let targets = [6u32, 0, 3];
-    let f = |z: &[f64], b: &[f64]| simd::softmax_nll(&mut z.to_vec(), width, b, &targets, None, &mut []);
+    let f = |z: &[f64], b: &[f64]| {
+        simd::softmax_nll(&mut z.to_vec(), width, b, &targets, None, &mut [])
+    };
     let mut dz = z0.clone();
     simd::softmax_nll(&mut dz, width, &b0, &targets, Some(1.0), &mut []);
     let eps = 1e-6;
@@ -70,14 +112,22 @@ fn softmax_nll_kernel_gradients() {
         let (mut p, mut m) = (z0.clone(), z0.clone());
         p[i] += eps;
         m[i] -= eps;
-        close((f(&p, &b0) - f(&m, &b0)) / (2.0 * eps), dz[i], &format!("dz[{i}]"));
+        close(
+            (f(&p, &b0) - f(&m, &b0)) / (2.0 * eps),
+            dz[i],
+            &format!("dz[{i}]"),
+        );
     }
     for j in 0..width {
         let (mut p, mut m) = (b0.clone(), b0.clone());
         p[j] += eps;
         m[j] -= eps;
         let db: f64 = (0..rows).map(|r| dz[r * width + j]).sum();
-        close((f(&z0, &p) - f(&z0, &m)) / (2.0 * eps), db, &format!("db[{j}]"));
+        close(
+            (f(&z0, &p) - f(&z0, &m)) / (2.0 * eps),
+            db,
+            &format!("db[{j}]"),
+        );
     }
 }
 
@@ -90,9 +140,22 @@ struct Case {
 }
 
 /// Summed NLL of one training batch (fixed dropout masks: step 5), from a fixed state.
-fn loss_and_grads(e: &mut Engine<f64>, case: &Case, x: &[u32], y: &[u32], state: &State<f64>, grads: bool) -> f64 {
+fn loss_and_grads(
+    e: &mut Engine<f64>,
+    case: &Case,
+    x: &[u32],
+    y: &[u32],
+    state: &State<f64>,
+    grads: bool,
+) -> f64 {
     e.set_state(0, state.clone()).unwrap();
-    let batch = Batch { inputs: x, targets: y, steps: case.t, batch: case.b, stream: 0 };
+    let batch = Batch {
+        inputs: x,
+        targets: y,
+        steps: case.t,
+        batch: case.b,
+        stream: 0,
+    };
     e.input_forward(&batch, Pass::Train { step: 5 }).unwrap();
     for l in 0..case.dims.layers {
         e.lstm_forward(l).unwrap();
@@ -113,10 +176,18 @@ fn check_model(case: Case) {
     let p0 = randn(21, e.layout().total, 0.4);
     e.set_params_torch(&p0).unwrap();
     let n_state = d.layers * case.b * d.hidden;
-    let state = State { batch: case.b, h: randn(22, n_state, 0.5), c: randn(23, n_state, 0.5) };
+    let state = State {
+        batch: case.b,
+        h: randn(22, n_state, 0.5),
+        c: randn(23, n_state, 0.5),
+    };
     let mut s = Philox::new(24, Purpose::Other).stream(0);
-    let x: Vec<u32> = (0..case.t * case.b).map(|_| s.below(d.vocab as u64) as u32).collect();
-    let y: Vec<u32> = (0..case.t * case.b).map(|_| s.below(d.vocab as u64) as u32).collect();
+    let x: Vec<u32> = (0..case.t * case.b)
+        .map(|_| s.below(d.vocab as u64) as u32)
+        .collect();
+    let y: Vec<u32> = (0..case.t * case.b)
+        .map(|_| s.below(d.vocab as u64) as u32)
+        .collect();
     loss_and_grads(&mut e, &case, &x, &y, &state, true);
     let grads = e.grads_torch();
     let layout = e.layout().clone();
@@ -124,7 +195,17 @@ fn check_model(case: Case) {
     for spec in &layout.specs {
         // Up to 12 elements per tensor: the ends and a spread in between.
         let n = spec.len();
-        let picks: Vec<usize> = (0..12.min(n)).map(|k| if k == 0 { 0 } else if k == 1 { n - 1 } else { (k * 7919) % n }).collect();
+        let picks: Vec<usize> = (0..12.min(n))
+            .map(|k| {
+                if k == 0 {
+                    0
+                } else if k == 1 {
+                    n - 1
+                } else {
+                    (k * 7919) % n
+                }
+            })
+            .collect();
         for i in picks {
             let at = spec.offset + i;
             let mut p = p0.clone();
@@ -134,7 +215,11 @@ fn check_model(case: Case) {
             p[at] -= 2.0 * eps;
             e.set_params_torch(&p).unwrap();
             let down = loss_and_grads(&mut e, &case, &x, &y, &state, false);
-            close((up - down) / (2.0 * eps), grads[at], &format!("{}[{i}]", spec.name));
+            close(
+                (up - down) / (2.0 * eps),
+                grads[at],
+                &format!("{}[{i}]", spec.name),
+            );
         }
     }
 }
@@ -142,25 +227,56 @@ fn check_model(case: Case) {
 #[test]
 fn one_layer_table_mode() {
     let dims = ModelDims::square(30, 6, 8, 1).unwrap();
-    check_model(Case { dims, dropout: 0.0, threads: 1, t: 4, b: 3 });
+    check_model(Case {
+        dims,
+        dropout: 0.0,
+        threads: 1,
+        t: 4,
+        b: 3,
+    });
 }
 
 #[test]
 fn three_layers_with_dropout_partial_blocks_two_threads() {
     let dims = ModelDims::square(40, 7, 13, 3).unwrap();
-    check_model(Case { dims, dropout: 0.3, threads: 2, t: 3, b: 2 });
+    check_model(Case {
+        dims,
+        dropout: 0.3,
+        threads: 2,
+        t: 3,
+        b: 2,
+    });
 }
 
 #[test]
 fn two_layers_more_threads_than_gate_blocks() {
     let dims = ModelDims::square(20, 5, 13, 2).unwrap();
-    check_model(Case { dims, dropout: 0.0, threads: 3, t: 2, b: 3 });
+    check_model(Case {
+        dims,
+        dropout: 0.0,
+        threads: 3,
+        t: 2,
+        b: 3,
+    });
 }
 
 #[test]
 fn rectangular_table_and_single_step() {
-    let dims = ModelDims { vocab: 23, rows: 4, cols: 7, emb: 3, hidden: 9, layers: 2 };
-    check_model(Case { dims, dropout: 0.1, threads: 2, t: 1, b: 1 });
+    let dims = ModelDims {
+        vocab: 23,
+        rows: 4,
+        cols: 7,
+        emb: 3,
+        hidden: 9,
+        layers: 2,
+    };
+    check_model(Case {
+        dims,
+        dropout: 0.1,
+        threads: 2,
+        t: 1,
+        b: 1,
+    });
 }
 
 /// The f32 backend (SIMD exp, f32 GEMM) against the f64 engine on a mid-sized model.
@@ -170,13 +286,26 @@ fn f32_backend_tracks_f64_engine() {
     let (t, b) = (6, 5);
     for dropout in [0.0, 0.25] {
         let mut e = Engine::<f64>::new(dims, dropout, 3, 2).unwrap();
-        let mut be = CpuBackend::new(&ModelConfig { dims, dropout, seed: 3, threads: 2 }).unwrap();
+        let mut be = CpuBackend::new(&ModelConfig {
+            dims,
+            dropout,
+            seed: 3,
+            threads: 2,
+        })
+        .unwrap();
         let p = e.params_torch();
-        be.set_params(&p.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap();
+        be.set_params(&p.iter().map(|&v| v as f32).collect::<Vec<_>>())
+            .unwrap();
         let mut s = Philox::new(9, Purpose::Other).stream(0);
         let toks: Vec<u32> = (0..(t + 1) * b).map(|_| s.below(1000) as u32).collect();
         let (x, y) = (&toks[..t * b], &toks[b..]);
-        let batch = Batch { inputs: x, targets: y, steps: t, batch: b, stream: 0 };
+        let batch = Batch {
+            inputs: x,
+            targets: y,
+            steps: t,
+            batch: b,
+            stream: 0,
+        };
         let l64 = {
             e.input_forward(&batch, Pass::Train { step: 2 }).unwrap();
             for l in 0..2 {
@@ -189,13 +318,23 @@ fn f32_backend_tracks_f64_engine() {
             loss.total()
         };
         let l32 = be.train_step(&batch, 2, 1.0 / 30.0).unwrap().total();
-        assert!((l32 - l64).abs() / l64 < 1e-5, "dropout {dropout}: loss {l32} vs {l64}");
+        assert!(
+            (l32 - l64).abs() / l64 < 1e-5,
+            "dropout {dropout}: loss {l32} vs {l64}"
+        );
         let (g64, g32) = (e.grads_torch(), be.grads().unwrap());
         for spec in &e.layout().specs {
             let r = spec.range();
             let scale = g64[r.clone()].iter().fold(0f64, |m, v| m.max(v.abs()));
-            let err = g64[r.clone()].iter().zip(&g32[r]).fold(0f64, |m, (a, &b)| m.max((a - b as f64).abs()));
-            assert!(err <= 1e-4 * scale, "dropout {dropout}: {} error {err} (scale {scale})", spec.name);
+            let err = g64[r.clone()]
+                .iter()
+                .zip(&g32[r])
+                .fold(0f64, |m, (a, &b)| m.max((a - b as f64).abs()));
+            assert!(
+                err <= 1e-4 * scale,
+                "dropout {dropout}: {} error {err} (scale {scale})",
+                spec.name
+            );
         }
     }
 }

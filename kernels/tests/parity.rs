@@ -23,10 +23,21 @@ fn flat(v: &Value) -> Vec<f64> {
 }
 
 fn load() -> Fixture {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/lightrnn_tiny.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/lightrnn_tiny.json"
+    ))
+    .unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let u = |k: &str| v[k].as_u64().unwrap() as usize;
-    let dims = ModelDims { vocab: u("V"), rows: u("R"), cols: u("C"), emb: u("emb"), hidden: u("hidden"), layers: u("layers") };
+    let dims = ModelDims {
+        vocab: u("V"),
+        rows: u("R"),
+        cols: u("C"),
+        emb: u("emb"),
+        hidden: u("hidden"),
+        layers: u("layers"),
+    };
     let (t, b) = (u("bptt"), u("batch"));
     Fixture { v, dims, t, b }
 }
@@ -43,13 +54,20 @@ impl Fixture {
     }
     fn cells(&self) -> Vec<u32> {
         let (r, c) = (flat(&self.v["row"]), flat(&self.v["col"]));
-        r.iter().zip(&c).map(|(&r, &c)| (r as usize * self.dims.cols + c as usize) as u32).collect()
+        r.iter()
+            .zip(&c)
+            .map(|(&r, &c)| (r as usize * self.dims.cols + c as usize) as u32)
+            .collect()
     }
     fn ids(&self, k: &str) -> Vec<u32> {
         flat(&self.v[k]).into_iter().map(|x| x as u32).collect()
     }
     fn grads(&self, layout: &lightrnn_kernels::ParamLayout) -> Vec<(String, Vec<f64>)> {
-        layout.specs.iter().map(|s| (s.name.clone(), flat(&self.v["grads"][&s.name]))).collect()
+        layout
+            .specs
+            .iter()
+            .map(|s| (s.name.clone(), flat(&self.v["grads"][&s.name])))
+            .collect()
     }
 }
 
@@ -64,10 +82,29 @@ fn run_engine<T: Real>(f: &Fixture, threads: usize) -> (f64, Vec<f64>, Vec<f64>,
     let p: Vec<T> = f.params(e.layout()).into_iter().map(T::from_f64).collect();
     e.set_params_torch(&p).unwrap();
     e.set_allocation(&f.cells()).unwrap();
-    let conv = |k: &str| flat(&f.v[k]).into_iter().map(T::from_f64).collect::<Vec<T>>();
-    e.set_state(0, State { batch: f.b, h: conv("h0"), c: conv("c0") }).unwrap();
+    let conv = |k: &str| {
+        flat(&f.v[k])
+            .into_iter()
+            .map(T::from_f64)
+            .collect::<Vec<T>>()
+    };
+    e.set_state(
+        0,
+        State {
+            batch: f.b,
+            h: conv("h0"),
+            c: conv("c0"),
+        },
+    )
+    .unwrap();
     let (x, y) = (f.ids("x"), f.ids("y"));
-    let batch = Batch { inputs: &x, targets: &y, steps: f.t, batch: f.b, stream: 0 };
+    let batch = Batch {
+        inputs: &x,
+        targets: &y,
+        steps: f.t,
+        batch: f.b,
+        stream: 0,
+    };
     e.input_forward(&batch, Pass::Train { step: 0 }).unwrap();
     for l in 0..f.dims.layers {
         e.lstm_forward(l).unwrap();
@@ -79,7 +116,12 @@ fn run_engine<T: Real>(f: &Fixture, threads: usize) -> (f64, Vec<f64>, Vec<f64>,
     }
     let st = e.state(0).unwrap();
     let to64 = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
-    (loss.total() / words, to64(&e.grads_torch()), to64(&st.h), to64(&st.c))
+    (
+        loss.total() / words,
+        to64(&e.grads_torch()),
+        to64(&st.h),
+        to64(&st.c),
+    )
 }
 
 #[test]
@@ -88,11 +130,17 @@ fn f64_engine_matches_pytorch_reference() {
     let want_loss = f.v["loss"].as_f64().unwrap();
     for threads in [1, 2, 3] {
         let (loss, grads, h1, c1) = run_engine::<f64>(&f, threads);
-        assert!((loss - want_loss).abs() / want_loss < 1e-12, "threads {threads}: loss {loss} vs {want_loss}");
+        assert!(
+            (loss - want_loss).abs() / want_loss < 1e-12,
+            "threads {threads}: loss {loss} vs {want_loss}"
+        );
         let layout = lightrnn_kernels::ParamLayout::new(f.dims);
         for (s, (name, want)) in layout.specs.iter().zip(f.grads(&layout)) {
             let e = rel_err(&grads[s.range()], &want);
-            assert!(e < 1e-10, "threads {threads}: grad {name} relative error {e}");
+            assert!(
+                e < 1e-10,
+                "threads {threads}: grad {name} relative error {e}"
+            );
         }
         assert!(rel_err(&h1, &flat(&f.v["h1"])) < 1e-12);
         assert!(rel_err(&c1, &flat(&f.v["c1"])) < 1e-12);
@@ -104,27 +152,69 @@ fn f32_cpu_backend_matches_pytorch_reference() {
     let f = load();
     let want_loss = f.v["loss"].as_f64().unwrap();
     for threads in [1, 2] {
-        let cfg = ModelConfig { dims: f.dims, dropout: 0.0, seed: 1, threads };
+        let cfg = ModelConfig {
+            dims: f.dims,
+            dropout: 0.0,
+            seed: 1,
+            threads,
+        };
         let mut be = CpuBackend::new(&cfg).unwrap();
-        let p: Vec<f32> = f.params(be.layout()).into_iter().map(|x| x as f32).collect();
+        let p: Vec<f32> = f
+            .params(be.layout())
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
         be.set_params(&p).unwrap();
         be.set_allocation(&f.cells()).unwrap();
-        let conv = |k: &str| flat(&f.v[k]).into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        be.set_state(0, State { batch: f.b, h: conv("h0"), c: conv("c0") }).unwrap();
+        let conv = |k: &str| {
+            flat(&f.v[k])
+                .into_iter()
+                .map(|x| x as f32)
+                .collect::<Vec<f32>>()
+        };
+        be.set_state(
+            0,
+            State {
+                batch: f.b,
+                h: conv("h0"),
+                c: conv("c0"),
+            },
+        )
+        .unwrap();
         let (x, y) = (f.ids("x"), f.ids("y"));
-        let batch = Batch { inputs: &x, targets: &y, steps: f.t, batch: f.b, stream: 0 };
+        let batch = Batch {
+            inputs: &x,
+            targets: &y,
+            steps: f.t,
+            batch: f.b,
+            stream: 0,
+        };
         let words = (f.t * f.b) as f32;
         let loss = be.train_step(&batch, 0, 1.0 / words).unwrap();
         let loss = loss.total() / words as f64;
-        assert!((loss - want_loss).abs() / want_loss < 1e-5, "loss {loss} vs {want_loss}");
+        assert!(
+            (loss - want_loss).abs() / want_loss < 1e-5,
+            "loss {loss} vs {want_loss}"
+        );
         let grads: Vec<f64> = be.grads().unwrap().into_iter().map(|x| x as f64).collect();
         let layout = be.layout().clone();
         for (s, (name, want)) in layout.specs.iter().zip(f.grads(&layout)) {
             let e = rel_err(&grads[s.range()], &want);
-            assert!(e < 1e-4, "threads {threads}: grad {name} relative error {e}");
+            assert!(
+                e < 1e-4,
+                "threads {threads}: grad {name} relative error {e}"
+            );
         }
         // Evaluation of the same batch from the same state gives the same loss.
-        be.set_state(0, State { batch: f.b, h: conv("h0"), c: conv("c0") }).unwrap();
+        be.set_state(
+            0,
+            State {
+                batch: f.b,
+                h: conv("h0"),
+                c: conv("c0"),
+            },
+        )
+        .unwrap();
         let ev = be.eval_batch(&batch).unwrap();
         assert!((ev.total() / words as f64 - want_loss).abs() / want_loss < 1e-5);
     }

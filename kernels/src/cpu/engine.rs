@@ -168,6 +168,12 @@ pub struct Engine<T: Real> {
     params: Vec<T>,
     grads: Vec<T>,
     opt: Option<OptState<T>>,
+    /// Row-major transposes of the weights that forward products multiply from the right
+    /// (W_ih^T [in, 4m], W_hh^T [m, 4m], W_r^T [m, R], W_c^T [m, C]), by spec index: the
+    /// GEMM reads a row-major right operand ~4x faster than a transposed view (it repacks
+    /// a strided operand on every call). Rebuilt lazily after every parameter change.
+    shadow: Vec<Vec<T>>,
+    shadow_ok: bool,
     /// word -> cell (row * C + col).
     cells: Vec<u32>,
     states: BTreeMap<StreamId, State<T>>,
@@ -193,6 +199,8 @@ impl<T: Real> Engine<T> {
             params: vec![T::ZERO; total],
             grads: vec![T::ZERO; total],
             opt: None,
+            shadow: Vec::new(),
+            shadow_ok: false,
             cells: Vec::new(),
             states: BTreeMap::new(),
             ws: Workspace::default(),
@@ -229,6 +237,7 @@ impl<T: Real> Engine<T> {
             }
         }
         self.layout.to_internal(&torch, &mut self.params);
+        self.shadow_ok = false;
     }
 
     /// Parameters in PyTorch layout.
@@ -248,7 +257,55 @@ impl<T: Real> Engine<T> {
             )));
         }
         self.layout.to_internal(torch, &mut self.params);
+        self.shadow_ok = false;
         Ok(())
+    }
+
+    /// Specs whose transposes the forward pass reads.
+    fn shadowed(&self) -> Vec<usize> {
+        let mut v = Vec::new();
+        for l in 0..self.layout.dims.layers {
+            let lp = self.layout.layer(l);
+            v.extend([lp.w_ih, lp.w_hh]);
+        }
+        let [wr, _, wc, _] = self.layout.heads();
+        v.extend([wr, wc]);
+        v
+    }
+
+    /// Rebuild the transposed weights (threads split the source rows).
+    fn refresh_shadow(&mut self) {
+        if self.shadow_ok {
+            return;
+        }
+        self.shadow.resize_with(self.layout.specs.len(), Vec::new);
+        for i in self.shadowed() {
+            let spec = &self.layout.specs[i];
+            let (rows, cols) = (spec.shape[0], spec.shape[1]);
+            let src = &self.params[spec.range()];
+            let dst = &mut self.shadow[i];
+            resize(dst, rows * cols);
+            let d = Shared::new(dst);
+            let nt = self.team.threads();
+            self.team.run(|tid, _| {
+                let pr = part_range(rows, nt, tid);
+                // Blocks of 16 x 16 keep both sides in cache lines.
+                for r0 in pr.clone().step_by(16) {
+                    let r1 = (r0 + 16).min(pr.end);
+                    for c0 in (0..cols).step_by(16) {
+                        let c1 = (c0 + 16).min(cols);
+                        for c in c0..c1 {
+                            // SAFETY: elements (c, r) for r in this thread's rows are its own.
+                            let out = unsafe { d.slice_mut(c * rows + r0..c * rows + r1) };
+                            for (o, r) in out.iter_mut().zip(r0..r1) {
+                                *o = src[r * cols + c];
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        self.shadow_ok = true;
     }
 
     /// Gradients of the last backward pass, PyTorch layout.
@@ -307,7 +364,9 @@ impl<T: Real> Engine<T> {
         let d = self.layout.dims;
         let (tt, bb) = (batch.steps, batch.batch);
         if tt == 0 || bb == 0 {
-            return Err(Error::Shape(format!("empty batch: {tt} steps x {bb} streams")));
+            return Err(Error::Shape(format!(
+                "empty batch: {tt} steps x {bb} streams"
+            )));
         }
         if batch.inputs.len() != tt * bb || batch.targets.len() != tt * bb {
             return Err(Error::Shape(format!(
@@ -317,9 +376,18 @@ impl<T: Real> Engine<T> {
                 batch.targets.len()
             )));
         }
-        if let Some(&w) = batch.inputs.iter().chain(batch.targets).find(|&&w| w as usize >= d.vocab) {
-            return Err(Error::Shape(format!("word id {w} is outside the vocabulary of {}", d.vocab)));
+        if let Some(&w) = batch
+            .inputs
+            .iter()
+            .chain(batch.targets)
+            .find(|&&w| w as usize >= d.vocab)
+        {
+            return Err(Error::Shape(format!(
+                "word id {w} is outside the vocabulary of {}",
+                d.vocab
+            )));
         }
+        self.refresh_shadow();
         let (m, l_n) = (d.hidden, d.layers);
         let (sb, tb) = (2 * tt * bb, tt * bb);
         let ws = &mut self.ws;
@@ -415,7 +483,10 @@ impl<T: Real> Engine<T> {
     pub fn lstm_forward(&mut self, l: usize) -> Result<()> {
         let d = self.layout.dims;
         if l >= d.layers {
-            return Err(Error::Shape(format!("layer {l} of a {}-layer model", d.layers)));
+            return Err(Error::Shape(format!(
+                "layer {l} of a {}-layer model",
+                d.layers
+            )));
         }
         if self.ws.pass.is_none() {
             return Err(Error::Backend("lstm_forward before input_forward".into()));
@@ -425,9 +496,11 @@ impl<T: Real> Engine<T> {
         let (s_n, sb) = (2 * tt, 2 * tt * bb);
         let lp = self.layout.layer(l);
         let specs = &self.layout.specs;
-        let w_ih = &self.params[specs[lp.w_ih].range()];
-        let w_hh = &self.params[specs[lp.w_hh].range()];
-        let (b_ih, b_hh) = (&self.params[specs[lp.b_ih].range()], &self.params[specs[lp.b_hh].range()]);
+        let (w_ih_t, w_hh_t) = (&self.shadow[lp.w_ih], &self.shadow[lp.w_hh]);
+        let (b_ih, b_hh) = (
+            &self.params[specs[lp.b_ih].range()],
+            &self.params[specs[lp.b_hh].range()],
+        );
         let ws = &mut self.ws;
         resize(&mut ws.bsum, m4);
         for i in 0..m4 {
@@ -450,7 +523,10 @@ impl<T: Real> Engine<T> {
         let (uniq_n, slot) = (ws.uniq.len(), &ws.slot);
         let xu = &ws.xu;
         let bsum = &ws.bsum;
-        let (h0, c0) = (&ws.h0[l * bb * m..(l + 1) * bb * m], &ws.c0[l * bb * m..(l + 1) * bb * m]);
+        let (h0, c0) = (
+            &ws.h0[l * bb * m..(l + 1) * bb * m],
+            &ws.c0[l * bb * m..(l + 1) * bb * m],
+        );
         let g = Shared::new(&mut lw.g);
         let c = Shared::new(&mut lw.c);
         let tc = Shared::new(&mut lw.tc);
@@ -469,9 +545,18 @@ impl<T: Real> Engine<T> {
                 let pr = part_range(sb, nt, tid);
                 // SAFETY: thread-private row range of xin / mask.
                 let (xs, ms) = unsafe {
-                    (xin.slice_mut(pr.start * inp..pr.end * inp), mask.slice_mut(pr.start * inp..pr.end * inp))
+                    (
+                        xin.slice_mut(pr.start * inp..pr.end * inp),
+                        mask.slice_mut(pr.start * inp..pr.end * inp),
+                    )
                 };
-                simd::dropout_mask(&rng, step * 64 + l as u64, (pr.start * inp) as u64, p_drop, ms);
+                simd::dropout_mask(
+                    &rng,
+                    step * 64 + l as u64,
+                    (pr.start * inp) as u64,
+                    p_drop,
+                    ms,
+                );
                 for (k, r) in pr.clone().enumerate() {
                     let src = if l == 0 {
                         let id = ids[r] as usize;
@@ -486,27 +571,68 @@ impl<T: Real> Engine<T> {
             }
             // 2. Input projection of the own gate rows.
             if nr > 0 {
-                let w_rows_t = Mat::rows(w_ih, inp).at(rows.start, 0).t(); // [inp, nr]
+                let w_rows_t = Mat::rows(w_ih_t, m4).at(0, rows.start); // W_ih^T[:, rows]: [inp, nr]
                 if table_mode {
                     // SAFETY: own columns of pt; xu / w_ih are read-only here.
-                    unsafe { gemm(uniq_n, nr, inp, pt.ptr().add(rows.start), m4, false, Mat::rows(xu, inp), w_rows_t) };
+                    unsafe {
+                        gemm(
+                            uniq_n,
+                            nr,
+                            inp,
+                            pt.ptr().add(rows.start),
+                            m4,
+                            false,
+                            Mat::rows(xu, inp),
+                            w_rows_t,
+                        )
+                    };
                 } else {
                     let x: *const T = if dropout { xin.ptr() } else { lower_h.as_ptr() };
                     // SAFETY: own columns of g; x is complete (barrier above or read-only).
-                    unsafe { gemm(sb, nr, inp, g.ptr().add(rows.start), m4, false, Mat::rows_ptr(x, inp), w_rows_t) };
+                    unsafe {
+                        gemm(
+                            sb,
+                            nr,
+                            inp,
+                            g.ptr().add(rows.start),
+                            m4,
+                            false,
+                            Mat::rows_ptr(x, inp),
+                            w_rows_t,
+                        )
+                    };
                 }
             }
             // 3. The recurrence: one barrier per step.
-            let w_hh_t = Mat::rows(w_hh, m).at(rows.start, 0).t(); // [m, nr]
+            let w_hh_t = Mat::rows(w_hh_t, m4).at(0, rows.start); // W_hh^T[:, rows]: [m, nr]
             for s in 0..s_n {
                 let r0 = row_of(tt, bb, s, 0);
                 if nr > 0 {
-                    let hprev: *const T = if s == 0 { h0.as_ptr() } else { h.ptr().wrapping_add(row_of(tt, bb, s - 1, 0) * m) };
+                    let hprev: *const T = if s == 0 {
+                        h0.as_ptr()
+                    } else {
+                        h.ptr().wrapping_add(row_of(tt, bb, s - 1, 0) * m)
+                    };
                     // SAFETY: own columns of step s in g; h of step s-1 is complete (barrier).
-                    unsafe { gemm(bb, nr, m, g.ptr().add(r0 * m4 + rows.start), m4, !table_mode, Mat::rows_ptr(hprev, m), w_hh_t) };
+                    unsafe {
+                        gemm(
+                            bb,
+                            nr,
+                            m,
+                            g.ptr().add(r0 * m4 + rows.start),
+                            m4,
+                            !table_mode,
+                            Mat::rows_ptr(hprev, m),
+                            w_hh_t,
+                        )
+                    };
                     for b in 0..bb {
                         let r = r0 + b;
-                        let cprev_row = if s == 0 { None } else { Some(row_of(tt, bb, s - 1, b)) };
+                        let cprev_row = if s == 0 {
+                            None
+                        } else {
+                            Some(row_of(tt, bb, s - 1, b))
+                        };
                         // SAFETY: the own units / gate rows of storage row r are this
                         // thread's; c of the previous step is only read.
                         unsafe {
@@ -566,7 +692,11 @@ impl<T: Real> Engine<T> {
         self.heads_impl(None, Some((nll_r, nll_c)))
     }
 
-    fn heads_impl(&mut self, grad_scale: Option<T>, per_word: Option<(&mut [f64], &mut [f64])>) -> Result<LossSums> {
+    fn heads_impl(
+        &mut self,
+        grad_scale: Option<T>,
+        per_word: Option<(&mut [f64], &mut [f64])>,
+    ) -> Result<LossSums> {
         let d = self.layout.dims;
         let l_top = d.layers - 1;
         if self.ws.pass.is_none() {
@@ -577,8 +707,15 @@ impl<T: Real> Engine<T> {
         let (sb, tb) = (2 * tt * bb, tt * bb);
         let [wr_i, br_i, wc_i, bc_i] = self.layout.heads();
         let specs = &self.layout.specs;
-        let (wr, br) = (&self.params[specs[wr_i].range()], &self.params[specs[br_i].range()]);
-        let (wc, bc) = (&self.params[specs[wc_i].range()], &self.params[specs[bc_i].range()]);
+        let (wr, br) = (
+            &self.params[specs[wr_i].range()],
+            &self.params[specs[br_i].range()],
+        );
+        let (wc, bc) = (
+            &self.params[specs[wc_i].range()],
+            &self.params[specs[bc_i].range()],
+        );
+        let (wr_t, wc_t) = (&self.shadow[wr_i], &self.shadow[wc_i]);
         let ws = &mut self.ws;
         let dropout = ws.dropout;
         let step = match ws.pass {
@@ -608,7 +745,9 @@ impl<T: Real> Engine<T> {
         let (nll_r, nll_c) = match per_word {
             Some((a, b)) => {
                 if a.len() != tb || b.len() != tb {
-                    return Err(Error::Shape(format!("per-word loss buffers must hold {tb} values")));
+                    return Err(Error::Shape(format!(
+                        "per-word loss buffers must hold {tb} values"
+                    )));
                 }
                 (Shared::new(a), Shared::new(b))
             }
@@ -623,8 +762,19 @@ impl<T: Real> Engine<T> {
                 for par in 0..2 {
                     let r = par * tb + pr.start..par * tb + pr.end;
                     // SAFETY: own rows of hd / mask.
-                    let (hs, ms) = unsafe { (hd.slice_mut(r.start * m..r.end * m), mask.slice_mut(r.start * m..r.end * m)) };
-                    simd::dropout_mask(&rng, step * 64 + d.layers as u64, (r.start * m) as u64, p_drop, ms);
+                    let (hs, ms) = unsafe {
+                        (
+                            hd.slice_mut(r.start * m..r.end * m),
+                            mask.slice_mut(r.start * m..r.end * m),
+                        )
+                    };
+                    simd::dropout_mask(
+                        &rng,
+                        step * 64 + d.layers as u64,
+                        (r.start * m) as u64,
+                        p_drop,
+                        ms,
+                    );
                     hs.copy_from_slice(&top_h[r.start * m..r.end * m]);
                     simd::mul_assign(hs, ms);
                 }
@@ -638,16 +788,50 @@ impl<T: Real> Engine<T> {
             let n_r = pr.len();
             // SAFETY: own rows of zr / zc; he / ho rows of this thread are complete (written above by this thread).
             unsafe {
-                gemm(n_r, rr, m, zr.ptr().add(pr.start * rr), rr, false, Mat::rows_ptr(he.add(pr.start * m), m), Mat::rows(wr, m).t());
-                gemm(n_r, cc, m, zc.ptr().add(pr.start * cc), cc, false, Mat::rows_ptr(ho.add(pr.start * m), m), Mat::rows(wc, m).t());
+                gemm(
+                    n_r,
+                    rr,
+                    m,
+                    zr.ptr().add(pr.start * rr),
+                    rr,
+                    false,
+                    Mat::rows_ptr(he.add(pr.start * m), m),
+                    Mat::rows(wr_t, rr),
+                );
+                gemm(
+                    n_r,
+                    cc,
+                    m,
+                    zc.ptr().add(pr.start * cc),
+                    cc,
+                    false,
+                    Mat::rows_ptr(ho.add(pr.start * m), m),
+                    Mat::rows(wc_t, cc),
+                );
                 let (nr_out, nc_out): (&mut [f64], &mut [f64]) = if nll_r.is_empty() {
                     (&mut [], &mut [])
                 } else {
                     (nll_r.slice_mut(pr.clone()), nll_c.slice_mut(pr.clone()))
                 };
-                let lr = simd::softmax_nll(zr.slice_mut(pr.start * rr..pr.end * rr), rr, br, &tgt_r[pr.clone()], grad_scale, nr_out);
-                let lc = simd::softmax_nll(zc.slice_mut(pr.start * cc..pr.end * cc), cc, bc, &tgt_c[pr.clone()], grad_scale, nc_out);
-                losses_sh.slice_mut(2 * tid..2 * tid + 2).copy_from_slice(&[lr, lc]);
+                let lr = simd::softmax_nll(
+                    zr.slice_mut(pr.start * rr..pr.end * rr),
+                    rr,
+                    br,
+                    &tgt_r[pr.clone()],
+                    grad_scale,
+                    nr_out,
+                );
+                let lc = simd::softmax_nll(
+                    zc.slice_mut(pr.start * cc..pr.end * cc),
+                    cc,
+                    bc,
+                    &tgt_c[pr.clone()],
+                    grad_scale,
+                    nc_out,
+                );
+                losses_sh
+                    .slice_mut(2 * tid..2 * tid + 2)
+                    .copy_from_slice(&[lr, lc]);
             }
             if !want_grad {
                 return;
@@ -661,8 +845,19 @@ impl<T: Real> Engine<T> {
                 }
                 // SAFETY: own rows of the weight gradient and own entries of the bias gradient.
                 unsafe {
-                    let zt = Mat::rows_ptr(z.ptr() as *const T, width).at(0, or.start).t(); // [|or|, TB]
-                    gemm(or.len(), m, tb, gr.ptr().add(gw.start + or.start * m), m, false, zt, Mat::rows_ptr(inp, m));
+                    let zt = Mat::rows_ptr(z.ptr() as *const T, width)
+                        .at(0, or.start)
+                        .t(); // [|or|, TB]
+                    gemm(
+                        or.len(),
+                        m,
+                        tb,
+                        gr.ptr().add(gw.start + or.start * m),
+                        m,
+                        false,
+                        zt,
+                        Mat::rows_ptr(inp, m),
+                    );
                     let gbias = gr.slice_mut(gb.start + or.start..gb.start + or.end);
                     gbias.fill(T::ZERO);
                     for t in 0..tb {
@@ -673,18 +868,43 @@ impl<T: Real> Engine<T> {
             // d loss / d top output for the own head rows.
             // SAFETY: own rows of dh (both parities); dZ complete after the barrier.
             unsafe {
-                gemm(n_r, m, rr, dh.ptr().add(pr.start * m), m, false, Mat::rows_ptr(zr.ptr().add(pr.start * rr), rr), Mat::rows(wr, m));
-                gemm(n_r, m, cc, dh.ptr().add((tb + pr.start) * m), m, false, Mat::rows_ptr(zc.ptr().add(pr.start * cc), cc), Mat::rows(wc, m));
+                gemm(
+                    n_r,
+                    m,
+                    rr,
+                    dh.ptr().add(pr.start * m),
+                    m,
+                    false,
+                    Mat::rows_ptr(zr.ptr().add(pr.start * rr), rr),
+                    Mat::rows(wr, m),
+                );
+                gemm(
+                    n_r,
+                    m,
+                    cc,
+                    dh.ptr().add((tb + pr.start) * m),
+                    m,
+                    false,
+                    Mat::rows_ptr(zc.ptr().add(pr.start * cc), cc),
+                    Mat::rows(wc, m),
+                );
                 if dropout {
                     for par in 0..2 {
                         let r = par * tb + pr.start..par * tb + pr.end;
-                        simd::mul_assign(dh.slice_mut(r.start * m..r.end * m), mask.slice(r.start * m..r.end * m));
+                        simd::mul_assign(
+                            dh.slice_mut(r.start * m..r.end * m),
+                            mask.slice(r.start * m..r.end * m),
+                        );
                     }
                 }
             }
         });
         ws.have_head_grads = want_grad;
-        let mut out = LossSums { row: 0.0, col: 0.0, words: tb as u64 };
+        let mut out = LossSums {
+            row: 0.0,
+            col: 0.0,
+            words: tb as u64,
+        };
         for k in 0..nt {
             out.row += losses[2 * k];
             out.col += losses[2 * k + 1];
@@ -698,10 +918,15 @@ impl<T: Real> Engine<T> {
     pub fn lstm_backward(&mut self, l: usize) -> Result<()> {
         let d = self.layout.dims;
         if l >= d.layers {
-            return Err(Error::Shape(format!("layer {l} of a {}-layer model", d.layers)));
+            return Err(Error::Shape(format!(
+                "layer {l} of a {}-layer model",
+                d.layers
+            )));
         }
         if !self.ws.have_head_grads {
-            return Err(Error::Backend("lstm_backward without a gradient from the heads".into()));
+            return Err(Error::Backend(
+                "lstm_backward without a gradient from the heads".into(),
+            ));
         }
         let (tt, bb) = (self.ws.steps, self.ws.batch);
         let (m, m4, inp) = (d.hidden, 4 * d.hidden, d.layer_input(l));
@@ -722,14 +947,21 @@ impl<T: Real> Engine<T> {
             resize(&mut below[l - 1].dh, sb * m);
         }
         let lower_h: &[T] = if l > 0 { &below[l - 1].h } else { &[] };
-        let dh_lower = if l > 0 { Shared::new(&mut below[l - 1].dh) } else { Shared::new(&mut [][..]) };
+        let dh_lower = if l > 0 {
+            Shared::new(&mut below[l - 1].dh)
+        } else {
+            Shared::new(&mut [][..])
+        };
         let u_n = ws.uniq.len();
         if table_mode {
             resize(&mut ws.dsum, u_n * m4);
             resize(&mut ws.dxu, u_n * inp);
         }
         let (ids, slot, uniq, xu) = (&ws.ids, &ws.slot, &ws.uniq, &ws.xu);
-        let (h0, c0) = (&ws.h0[l * bb * m..(l + 1) * bb * m], &ws.c0[l * bb * m..(l + 1) * bb * m]);
+        let (h0, c0) = (
+            &ws.h0[l * bb * m..(l + 1) * bb * m],
+            &ws.c0[l * bb * m..(l + 1) * bb * m],
+        );
         let g = Shared::new(&mut lw.g);
         let (c, tc, h, dh) = (&lw.c, &lw.tc, &lw.h, &lw.dh);
         let xin = Shared::new(&mut lw.xin);
@@ -764,7 +996,11 @@ impl<T: Real> Engine<T> {
                         };
                         // SAFETY: own gate rows of storage row r and own columns of dh_rec.
                         unsafe {
-                            let rec: &[T] = if s + 1 == s_n { &[] } else { dh_rec.slice(b * m + u.start..b * m + u.end) };
+                            let rec: &[T] = if s + 1 == s_n {
+                                &[]
+                            } else {
+                                dh_rec.slice(b * m + u.start..b * m + u.end)
+                            };
                             simd::cell_backward(
                                 m,
                                 u.clone(),
@@ -783,23 +1019,63 @@ impl<T: Real> Engine<T> {
                     // dh_rec[:, own] = dG_s [B, 4m] · W_hh[:, own]
                     // SAFETY: own columns of dh_rec; dG_s is complete and read-only now.
                     unsafe {
-                        gemm(bb, nu, m4, dh_rec.ptr().add(u.start), m, false, Mat::rows_ptr(g.ptr().add(r0 * m4), m4), Mat::rows(w_hh, m).at(0, u.start));
+                        gemm(
+                            bb,
+                            nu,
+                            m4,
+                            dh_rec.ptr().add(u.start),
+                            m,
+                            false,
+                            Mat::rows_ptr(g.ptr().add(r0 * m4), m4),
+                            Mat::rows(w_hh, m).at(0, u.start),
+                        );
                     }
                 }
             }
             // 2. Weight and bias gradients of the own gate rows.
             if nr > 0 {
-                let dgt = |r: usize| Mat::rows_ptr(g.ptr().wrapping_add(r * m4 + rows.start) as *const T, m4).t(); // [nr, K]
-                let gdst = |range: &std::ops::Range<usize>, width: usize| gr.ptr().wrapping_add(range.start + rows.start * width);
+                let dgt = |r: usize| {
+                    Mat::rows_ptr(g.ptr().wrapping_add(r * m4 + rows.start) as *const T, m4).t()
+                }; // [nr, K]
+                let gdst = |range: &std::ops::Range<usize>, width: usize| {
+                    gr.ptr().wrapping_add(range.start + rows.start * width)
+                };
                 // SAFETY: own rows of the gradients; g, h, inputs read-only after the barrier.
                 unsafe {
                     // dW_hh = sum_s dG_s^T h_{s-1}: even steps t read h0 (t = 0) or the odd step
                     // t - 1; odd steps t read the even step t.
-                    gemm(nr, m, bb, gdst(&gw_hh, m), m, false, dgt(row_of(tt, bb, 0, 0)), Mat::rows(h0, m));
+                    gemm(
+                        nr,
+                        m,
+                        bb,
+                        gdst(&gw_hh, m),
+                        m,
+                        false,
+                        dgt(row_of(tt, bb, 0, 0)),
+                        Mat::rows(h0, m),
+                    );
                     if tt > 1 {
-                        gemm(nr, m, (tt - 1) * bb, gdst(&gw_hh, m), m, true, dgt(row_of(tt, bb, 2, 0)), Mat::rows(&h[row_of(tt, bb, 1, 0) * m..], m));
+                        gemm(
+                            nr,
+                            m,
+                            (tt - 1) * bb,
+                            gdst(&gw_hh, m),
+                            m,
+                            true,
+                            dgt(row_of(tt, bb, 2, 0)),
+                            Mat::rows(&h[row_of(tt, bb, 1, 0) * m..], m),
+                        );
                     }
-                    gemm(nr, m, tt * bb, gdst(&gw_hh, m), m, true, dgt(row_of(tt, bb, 1, 0)), Mat::rows(&h[row_of(tt, bb, 0, 0) * m..], m));
+                    gemm(
+                        nr,
+                        m,
+                        tt * bb,
+                        gdst(&gw_hh, m),
+                        m,
+                        true,
+                        dgt(row_of(tt, bb, 1, 0)),
+                        Mat::rows(&h[row_of(tt, bb, 0, 0) * m..], m),
+                    );
                     // Biases: both receive the column sums of dG.
                     let db = gr.slice_mut(gb_ih.start + rows.start..gb_ih.start + rows.end);
                     db.fill(T::ZERO);
@@ -807,21 +1083,44 @@ impl<T: Real> Engine<T> {
                         simd::add_assign(db, g.slice(r * m4 + rows.start..r * m4 + rows.end));
                     }
                     let db: Vec<T> = db.to_vec();
-                    gr.slice_mut(gb_hh.start + rows.start..gb_hh.start + rows.end).copy_from_slice(&db);
+                    gr.slice_mut(gb_hh.start + rows.start..gb_hh.start + rows.end)
+                        .copy_from_slice(&db);
                     if table_mode {
                         // dG summed per distinct input row, then dW_ih = dsum^T · xu.
                         for k in 0..u_n {
-                            dsum.slice_mut(k * m4 + rows.start..k * m4 + rows.end).fill(T::ZERO);
+                            dsum.slice_mut(k * m4 + rows.start..k * m4 + rows.end)
+                                .fill(T::ZERO);
                         }
-                        for r in 0..sb {
-                            let k = slot[r] as usize * m4;
-                            simd::add_assign(dsum.slice_mut(k + rows.start..k + rows.end), g.slice(r * m4 + rows.start..r * m4 + rows.end));
+                        for (r, &sl) in slot[..sb].iter().enumerate() {
+                            let k = sl as usize * m4;
+                            simd::add_assign(
+                                dsum.slice_mut(k + rows.start..k + rows.end),
+                                g.slice(r * m4 + rows.start..r * m4 + rows.end),
+                            );
                         }
                         let dst = Mat::rows_ptr(dsum.ptr().add(rows.start) as *const T, m4).t(); // [nr, U]
-                        gemm(nr, inp, u_n, gdst(&gw_ih, inp), inp, false, dst, Mat::rows(xu, inp));
+                        gemm(
+                            nr,
+                            inp,
+                            u_n,
+                            gdst(&gw_ih, inp),
+                            inp,
+                            false,
+                            dst,
+                            Mat::rows(xu, inp),
+                        );
                     } else {
                         let x: *const T = if dropout { xin.ptr() } else { lower_h.as_ptr() };
-                        gemm(nr, inp, sb, gdst(&gw_ih, inp), inp, false, dgt(0), Mat::rows_ptr(x, inp));
+                        gemm(
+                            nr,
+                            inp,
+                            sb,
+                            gdst(&gw_ih, inp),
+                            inp,
+                            false,
+                            dgt(0),
+                            Mat::rows_ptr(x, inp),
+                        );
                     }
                 }
             }
@@ -831,9 +1130,21 @@ impl<T: Real> Engine<T> {
                 let pr = part_range(sb, nt, tid);
                 // SAFETY: own rows of dh_lower.
                 unsafe {
-                    gemm(pr.len(), inp, m4, dh_lower.ptr().add(pr.start * inp), inp, false, Mat::rows_ptr(g.ptr().add(pr.start * m4), m4), Mat::rows(w_ih, inp));
+                    gemm(
+                        pr.len(),
+                        inp,
+                        m4,
+                        dh_lower.ptr().add(pr.start * inp),
+                        inp,
+                        false,
+                        Mat::rows_ptr(g.ptr().add(pr.start * m4), m4),
+                        Mat::rows(w_ih, inp),
+                    );
                     if dropout {
-                        simd::mul_assign(dh_lower.slice_mut(pr.start * inp..pr.end * inp), &mask[pr.start * inp..pr.end * inp]);
+                        simd::mul_assign(
+                            dh_lower.slice_mut(pr.start * inp..pr.end * inp),
+                            &mask[pr.start * inp..pr.end * inp],
+                        );
                     }
                 }
             } else if table_mode {
@@ -841,10 +1152,20 @@ impl<T: Real> Engine<T> {
                 // SAFETY: own rows of dxu; the ids in uniq are distinct, so the rows of the
                 // table gradient this thread adds to are its own.
                 unsafe {
-                    gemm(pu.len(), inp, m4, dxu.ptr().add(pu.start * inp), inp, false, Mat::rows_ptr(dsum.ptr().add(pu.start * m4), m4), Mat::rows(w_ih, inp));
+                    gemm(
+                        pu.len(),
+                        inp,
+                        m4,
+                        dxu.ptr().add(pu.start * inp),
+                        inp,
+                        false,
+                        Mat::rows_ptr(dsum.ptr().add(pu.start * m4), m4),
+                        Mat::rows(w_ih, inp),
+                    );
                     for k in pu {
                         let id = uniq[k] as usize;
-                        let dst = gr.slice_mut(g_table.start + id * inp..g_table.start + (id + 1) * inp);
+                        let dst =
+                            gr.slice_mut(g_table.start + id * inp..g_table.start + (id + 1) * inp);
                         simd::add_assign(dst, dxu.slice(k * inp..(k + 1) * inp));
                     }
                 }
@@ -855,12 +1176,24 @@ impl<T: Real> Engine<T> {
                 if !pc.is_empty() {
                     // SAFETY: own columns of xin and of the table gradient.
                     unsafe {
-                        gemm(sb, pc.len(), m4, xin.ptr().add(pc.start), inp, false, Mat::rows_ptr(g.ptr(), m4), Mat::rows(w_ih, inp).at(0, pc.start));
+                        gemm(
+                            sb,
+                            pc.len(),
+                            m4,
+                            xin.ptr().add(pc.start),
+                            inp,
+                            false,
+                            Mat::rows_ptr(g.ptr(), m4),
+                            Mat::rows(w_ih, inp).at(0, pc.start),
+                        );
                         for r in 0..sb {
                             let xr = xin.slice_mut(r * inp + pc.start..r * inp + pc.end);
                             simd::mul_assign(xr, &mask[r * inp + pc.start..r * inp + pc.end]);
                             let id = ids[r] as usize;
-                            let dst = gr.slice_mut(g_table.start + id * inp + pc.start..g_table.start + id * inp + pc.end);
+                            let dst = gr.slice_mut(
+                                g_table.start + id * inp + pc.start
+                                    ..g_table.start + id * inp + pc.end,
+                            );
                             simd::add_assign(dst, xr);
                         }
                     }
@@ -898,12 +1231,19 @@ impl<T: Real> Engine<T> {
         let st = match &mut self.opt {
             Some(o) if o.rule == *rule => o,
             _ => {
-                let bufs = (0..rule.state_names().len()).map(|k| vec![T::from_f64(rule.state_init(k)); total]).collect();
-                self.opt.insert(OptState { rule: *rule, bufs, updates: 0 })
+                let bufs = (0..rule.state_names().len())
+                    .map(|k| vec![T::from_f64(rule.state_init(k)); total])
+                    .collect();
+                self.opt.insert(OptState {
+                    rule: *rule,
+                    bufs,
+                    updates: 0,
+                })
             }
         };
         st.updates += 1;
         let t = st.updates;
+        self.shadow_ok = false;
         let nt = self.team.threads();
         let p = Shared::new(&mut self.params);
         let g = &self.grads;
@@ -913,8 +1253,17 @@ impl<T: Real> Engine<T> {
             let r = part_range(total, nt, tid);
             // SAFETY: every thread updates its own range of the parameters and state.
             let res = unsafe {
-                let mut views: Vec<&mut [T]> = bufs.iter().map(|b| b.slice_mut(r.clone())).collect();
-                optim::update(rule, lr, gscale, t, p.slice_mut(r.clone()), &g[r.clone()], &mut views)
+                let mut views: Vec<&mut [T]> =
+                    bufs.iter().map(|b| b.slice_mut(r.clone())).collect();
+                optim::update(
+                    rule,
+                    lr,
+                    gscale,
+                    t,
+                    p.slice_mut(r.clone()),
+                    &g[r.clone()],
+                    &mut views,
+                )
             };
             if let Err(e) = res
                 && let Ok(mut slot) = errors.lock()
@@ -929,7 +1278,7 @@ impl<T: Real> Engine<T> {
     }
 
     /// Optimizer state buffers by name, PyTorch layout, and the update count.
-    pub fn optimizer_state(&self) -> Option<(Optimizer, u64, Vec<(&'static str, Vec<T>)>)> {
+    pub fn optimizer_state(&self) -> Option<(Optimizer, u64, NamedBuffers<T>)> {
         let o = self.opt.as_ref()?;
         let bufs = o
             .rule
@@ -946,8 +1295,15 @@ impl<T: Real> Engine<T> {
     }
 
     /// Restore optimizer state saved by [`Self::optimizer_state`].
-    pub fn set_optimizer_state(&mut self, rule: Optimizer, updates: u64, bufs: Vec<Vec<T>>) -> Result<()> {
-        if bufs.len() != rule.state_names().len() || bufs.iter().any(|b| b.len() != self.layout.total) {
+    pub fn set_optimizer_state(
+        &mut self,
+        rule: Optimizer,
+        updates: u64,
+        bufs: Vec<Vec<T>>,
+    ) -> Result<()> {
+        if bufs.len() != rule.state_names().len()
+            || bufs.iter().any(|b| b.len() != self.layout.total)
+        {
             return Err(Error::Shape(format!(
                 "{rule:?} state needs {} buffers of {} values",
                 rule.state_names().len(),
@@ -962,7 +1318,11 @@ impl<T: Real> Engine<T> {
                 i
             })
             .collect();
-        self.opt = Some(OptState { rule, bufs, updates });
+        self.opt = Some(OptState {
+            rule,
+            bufs,
+            updates,
+        });
         Ok(())
     }
 
@@ -971,6 +1331,9 @@ impl<T: Real> Engine<T> {
         &self.ws.words
     }
 }
+
+/// Named optimizer buffers (PyTorch layout).
+pub type NamedBuffers<T> = Vec<(&'static str, Vec<T>)>;
 
 /// Storage row of step `s` of stream `b` in a batch of `tt` words x `bb` streams.
 #[inline(always)]
@@ -981,7 +1344,9 @@ pub fn row_of(tt: usize, bb: usize, s: usize, b: usize) -> usize {
 /// A uniformly random word -> cell table drawn from `seed` (the paper's initial allocation).
 pub fn random_allocation(dims: &ModelDims, seed: u64) -> Vec<u32> {
     let mut cells: Vec<u32> = (0..(dims.rows * dims.cols) as u32).collect();
-    Philox::new(seed, Purpose::Allocation).stream(0).shuffle(&mut cells);
+    Philox::new(seed, Purpose::Allocation)
+        .stream(0)
+        .shuffle(&mut cells);
     cells.truncate(dims.vocab);
     cells
 }
@@ -989,17 +1354,25 @@ pub fn random_allocation(dims: &ModelDims, seed: u64) -> Vec<u32> {
 /// Check that `cells` assigns the V words distinct cells of the R x C table.
 pub fn check_allocation(dims: &ModelDims, cells: &[u32]) -> Result<()> {
     if cells.len() != dims.vocab {
-        return Err(Error::Shape(format!("allocation has {} words, the model {}", cells.len(), dims.vocab)));
+        return Err(Error::Shape(format!(
+            "allocation has {} words, the model {}",
+            cells.len(),
+            dims.vocab
+        )));
     }
     let n = dims.rows * dims.cols;
     let mut seen = vec![false; n];
     for (w, &c) in cells.iter().enumerate() {
         let c = c as usize;
         if c >= n {
-            return Err(Error::Shape(format!("word {w} is allocated cell {c}, outside the {n}-cell table")));
+            return Err(Error::Shape(format!(
+                "word {w} is allocated cell {c}, outside the {n}-cell table"
+            )));
         }
         if std::mem::replace(&mut seen[c], true) {
-            return Err(Error::Shape(format!("cell {c} is allocated to two words (one is {w})")));
+            return Err(Error::Shape(format!(
+                "cell {c} is allocated to two words (one is {w})"
+            )));
         }
     }
     Ok(())

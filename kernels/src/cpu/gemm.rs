@@ -15,20 +15,37 @@ pub struct Mat<T> {
 impl<T> Mat<T> {
     /// A row-major matrix with leading dimension `ld`.
     pub fn rows(s: &[T], ld: usize) -> Self {
-        Self { ptr: s.as_ptr(), rs: ld as isize, cs: 1 }
+        Self {
+            ptr: s.as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
     }
     /// A row-major matrix starting at `ptr`.
     pub fn rows_ptr(ptr: *const T, ld: usize) -> Self {
-        Self { ptr, rs: ld as isize, cs: 1 }
+        Self {
+            ptr,
+            rs: ld as isize,
+            cs: 1,
+        }
     }
     /// The transpose (no copy).
     pub fn t(self) -> Self {
-        Self { ptr: self.ptr, rs: self.cs, cs: self.rs }
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
     /// The view starting at element (i, j).
     pub fn at(self, i: usize, j: usize) -> Self {
         // wrapping_offset: forming the pointer is safe; it is dereferenced only in bounds.
-        Self { ptr: self.ptr.wrapping_offset(i as isize * self.rs + j as isize * self.cs), ..self }
+        Self {
+            ptr: self
+                .ptr
+                .wrapping_offset(i as isize * self.rs + j as isize * self.cs),
+            ..self
+        }
     }
 }
 

@@ -6,4 +6,6 @@ pub mod gemm;
 pub mod simd;
 pub mod team;
 
-pub use engine::{Batch, Engine, LossSums, Pass, State, StreamId, check_allocation, random_allocation, row_of};
+pub use engine::{
+    Batch, Engine, LossSums, Pass, State, StreamId, check_allocation, random_allocation, row_of,
+};

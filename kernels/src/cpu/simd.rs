@@ -39,15 +39,61 @@ macro_rules! multiversion {
     };
 }
 
-/// Visit the gate blocks of units `units` as (offset of the block's rows inside the
-/// 4*|units| gate segment, offset of its units inside the |units| segment, block size).
+/// One gate block of the cell forward: `bs` units whose gate rows start at `r` in the
+/// segment and whose units start at `u`. Every operand is re-sliced to exactly `bs`
+/// elements first, so the loop has no bounds checks and vectorises; inlined with a
+/// constant `bs` for full blocks.
 #[inline(always)]
-fn for_blocks(hidden: usize, units: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, usize)) {
-    let mut u = units.start;
-    while u < units.end {
-        let bs = GATE_BLOCK.min(hidden - u);
-        f(4 * (u - units.start), u - units.start, bs);
-        u += bs;
+#[allow(clippy::too_many_arguments)]
+fn cell_forward_block<T: Real>(
+    bs: usize,
+    r: usize,
+    u: usize,
+    g: &mut [T],
+    bias: &[T],
+    table: &[T],
+    c_prev: &[T],
+    c: &mut [T],
+    tc: &mut [T],
+    h: &mut [T],
+) {
+    let g = &mut g[r..r + 4 * bs];
+    if !table.is_empty() {
+        for (x, &t) in g.iter_mut().zip(&table[r..r + 4 * bs]) {
+            *x += t;
+        }
+    }
+    let (gi, rest) = g.split_at_mut(bs);
+    let (gf, rest) = rest.split_at_mut(bs);
+    let (gg, go) = rest.split_at_mut(bs);
+    let bias = &bias[r..r + 4 * bs];
+    let (bi, bf, bg, bo) = (
+        &bias[..bs],
+        &bias[bs..2 * bs],
+        &bias[2 * bs..3 * bs],
+        &bias[3 * bs..4 * bs],
+    );
+    let (c_prev, c, tc, h) = (
+        &c_prev[u..u + bs],
+        &mut c[u..u + bs],
+        &mut tc[u..u + bs],
+        &mut h[u..u + bs],
+    );
+    let go = &mut go[..bs];
+    for j in 0..bs {
+        let ig = (gi[j] + bi[j]).sigmoid();
+        let fg = (gf[j] + bf[j]).sigmoid();
+        let gt = (gg[j] + bg[j]).tanh();
+        let og = (go[j] + bo[j]).sigmoid();
+        let cn = fg * c_prev[j] + ig * gt;
+        let t = cn.tanh();
+        gi[j] = ig;
+        gf[j] = fg;
+        gg[j] = gt;
+        go[j] = og;
+        c[j] = cn;
+        tc[j] = t;
+        h[j] = og * t;
     }
 }
 
@@ -69,30 +115,62 @@ multiversion! {
         tc: &mut [T],
         h: &mut [T],
     ) {
-        let with_table = !table.is_empty();
-        for_blocks(hidden, units, |r, u, bs| {
-            let gate = |k: usize, j: usize| r + k * bs + j;
-            for j in 0..bs {
-                let mut pre = [T::ZERO; 4];
-                for (k, p) in pre.iter_mut().enumerate() {
-                    let i = gate(k, j);
-                    *p = g[i] + bias[i] + if with_table { table[i] } else { T::ZERO };
-                }
-                let ig = pre[0].sigmoid();
-                let fg = pre[1].sigmoid();
-                let gg = pre[2].tanh();
-                let og = pre[3].sigmoid();
-                let cn = fg * c_prev[u + j] + ig * gg;
-                let t = cn.tanh();
-                g[gate(0, j)] = ig;
-                g[gate(1, j)] = fg;
-                g[gate(2, j)] = gg;
-                g[gate(3, j)] = og;
-                c[u + j] = cn;
-                tc[u + j] = t;
-                h[u + j] = og * t;
+        let mut unit = units.start;
+        while unit < units.end {
+            let bs = GATE_BLOCK.min(hidden - unit);
+            let (r, u) = (4 * (unit - units.start), unit - units.start);
+            if bs == GATE_BLOCK {
+                cell_forward_block(GATE_BLOCK, r, u, g, bias, table, c_prev, c, tc, h);
+            } else {
+                cell_forward_block(bs, r, u, g, bias, table, c_prev, c, tc, h);
             }
-        });
+            unit += bs;
+        }
+    }
+}
+
+/// One gate block of the cell backward (see [`cell_forward_block`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cell_backward_block<T: Real>(
+    bs: usize,
+    r: usize,
+    u: usize,
+    a: &mut [T],
+    dh_above: &[T],
+    dh_rec: &[T],
+    c_prev: &[T],
+    tc: &[T],
+    dc: &mut [T],
+) {
+    let a = &mut a[r..r + 4 * bs];
+    let (ai, rest) = a.split_at_mut(bs);
+    let (af, rest) = rest.split_at_mut(bs);
+    let (ag, ao) = rest.split_at_mut(bs);
+    let ao = &mut ao[..bs];
+    let (dh_above, c_prev, tc, dc) = (
+        &dh_above[u..u + bs],
+        &c_prev[u..u + bs],
+        &tc[u..u + bs],
+        &mut dc[u..u + bs],
+    );
+    let rec = if dh_rec.is_empty() {
+        None
+    } else {
+        Some(&dh_rec[u..u + bs])
+    };
+    let one = T::ONE;
+    for j in 0..bs {
+        let (ig, fg, gg, og) = (ai[j], af[j], ag[j], ao[j]);
+        let dh = dh_above[j] + rec.map_or(T::ZERO, |r| r[j]);
+        let t = tc[j];
+        let d_o = dh * t;
+        let dcn = dc[j] + dh * og * (one - t * t);
+        ai[j] = dcn * gg * ig * (one - ig);
+        af[j] = dcn * c_prev[j] * fg * (one - fg);
+        ag[j] = dcn * ig * (one - gg * gg);
+        ao[j] = d_o * og * (one - og);
+        dc[j] = dcn * fg;
     }
 }
 
@@ -111,23 +189,17 @@ multiversion! {
         tc: &[T],
         dc: &mut [T],
     ) {
-        let with_rec = !dh_rec.is_empty();
-        for_blocks(hidden, units, |r, u, bs| {
-            let gate = |k: usize, j: usize| r + k * bs + j;
-            for j in 0..bs {
-                let (ig, fg, gg, og) = (a[gate(0, j)], a[gate(1, j)], a[gate(2, j)], a[gate(3, j)]);
-                let dh = dh_above[u + j] + if with_rec { dh_rec[u + j] } else { T::ZERO };
-                let t = tc[u + j];
-                let d_o = dh * t;
-                let dcn = dc[u + j] + dh * og * (T::ONE - t * t);
-                let one = T::ONE;
-                a[gate(0, j)] = dcn * gg * ig * (one - ig);
-                a[gate(1, j)] = dcn * c_prev[u + j] * fg * (one - fg);
-                a[gate(2, j)] = dcn * ig * (one - gg * gg);
-                a[gate(3, j)] = d_o * og * (one - og);
-                dc[u + j] = dcn * fg;
+        let mut unit = units.start;
+        while unit < units.end {
+            let bs = GATE_BLOCK.min(hidden - unit);
+            let (r, u) = (4 * (unit - units.start), unit - units.start);
+            if bs == GATE_BLOCK {
+                cell_backward_block(GATE_BLOCK, r, u, a, dh_above, dh_rec, c_prev, tc, dc);
+            } else {
+                cell_backward_block(bs, r, u, a, dh_above, dh_rec, c_prev, tc, dc);
             }
-        });
+            unit += bs;
+        }
     }
 }
 
@@ -197,7 +269,11 @@ pub fn dropout_mask<T: Real>(rng: &Philox, stream: u64, first: u64, p: f64, mask
         if i == 0 || idx & 3 == 0 {
             blk = rng.block(stream, idx >> 2);
         }
-        *m = if blk[(idx & 3) as usize] >= threshold { keep } else { T::ZERO };
+        *m = if blk[(idx & 3) as usize] >= threshold {
+            keep
+        } else {
+            T::ZERO
+        };
     }
 }
 
@@ -246,7 +322,9 @@ mod tests {
 
     #[test]
     fn softmax_nll_matches_direct_formula() {
-        let z0: Vec<f64> = (0..12).map(|i| ((i * 37 % 11) as f64) * 0.3 - 1.0).collect();
+        let z0: Vec<f64> = (0..12)
+            .map(|i| ((i * 37 % 11) as f64) * 0.3 - 1.0)
+            .collect();
         let b = vec![0.1, -0.2, 0.3, 0.0];
         let targets = [2u32, 0, 3];
         let mut z = z0.clone();

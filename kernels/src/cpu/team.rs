@@ -15,7 +15,9 @@ pub struct Team {
 
 impl std::fmt::Debug for Team {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Team").field("threads", &self.threads).finish()
+        f.debug_struct("Team")
+            .field("threads", &self.threads)
+            .finish()
     }
 }
 
@@ -23,7 +25,9 @@ impl Team {
     /// A team of `threads` threads (0 = one per available core).
     pub fn new(threads: usize) -> crate::Result<Self> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             threads
         };
@@ -33,7 +37,9 @@ impl Team {
                     .num_threads(threads)
                     .thread_name(|i| format!("lightrnn-cpu-{i}"))
                     .build()
-                    .map_err(|e| crate::Error::Backend(format!("cannot start {threads} threads: {e}")))?,
+                    .map_err(|e| {
+                        crate::Error::Backend(format!("cannot start {threads} threads: {e}"))
+                    })?,
             )
         } else {
             None
@@ -69,7 +75,11 @@ pub struct Barrier {
 
 impl Barrier {
     fn new(threads: usize) -> Self {
-        Self { threads, arrived: AtomicUsize::new(0), generation: AtomicUsize::new(0) }
+        Self {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
     }
 
     /// Block until every thread of the region has called `wait` the same number of times.
@@ -81,7 +91,8 @@ impl Barrier {
         let generation = self.generation.load(Ordering::Acquire);
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
             self.arrived.store(0, Ordering::Relaxed);
-            self.generation.store(generation.wrapping_add(1), Ordering::Release);
+            self.generation
+                .store(generation.wrapping_add(1), Ordering::Release);
             return;
         }
         let mut spins = 0u32;
@@ -110,7 +121,10 @@ unsafe impl<T: Send> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     pub fn new(s: &mut [T]) -> Self {
-        Self { ptr: s.as_mut_ptr(), len: s.len() }
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
     }
 
     pub fn ptr(&self) -> *mut T {
