@@ -1,0 +1,157 @@
+//! `lightrnn bench`: training throughput on a synthetic Zipf corpus (seeded), one JSON line.
+//!
+//! Tokens are drawn on the fly (no corpus in memory), so the peak RSS is the model, its
+//! optimizer and its activations. The FLOP count is the standard dense one of the model
+//! (LSTM forward 2*S*B*4m*(in+m) per layer, heads 2*T*B*m*(R+C), backward twice the
+//! forward), so `share_of_gemm_peak` is comparable with a framework's model-FLOP
+//! utilisation; the CPU backend executes fewer FLOPs than that (layer 0 projects each
+//! distinct input row once).
+
+use serde::Serialize;
+
+use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
+use lightrnn_kernels::optim::clip_coefficient;
+use lightrnn_kernels::rng::{Philox, Purpose};
+use lightrnn_kernels::{Batch, ModelDims};
+
+use crate::config::TrainConfig;
+use crate::zipf::Zipf;
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub vocab: usize,
+    pub emb: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub batch: usize,
+    pub bptt: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+    pub dropout: f64,
+    /// Zipf exponent of the synthetic corpus.
+    pub zipf: f64,
+    pub optimizer: String,
+    pub lr: f64,
+    pub clip: f64,
+    /// Also measure the machine's GEMM peak in this process.
+    pub gemm_peak: bool,
+    pub backend: BackendKind,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub vocab: usize,
+    pub emb: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub batch: usize,
+    pub bptt: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub params: usize,
+    pub backend: String,
+    pub words_per_sec: f64,
+    pub s_per_step_mean: f64,
+    pub s_per_step_median: f64,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub model_gflop_per_step: f64,
+    pub model_gflops: f64,
+    pub gemm_peak_gflops: Option<f64>,
+    pub share_of_gemm_peak: Option<f64>,
+    pub rss_before_model_mib: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak and current resident set size in MiB (Linux /proc; None elsewhere).
+pub fn rss_mib() -> (Option<f64>, Option<f64>) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return (None, None) };
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Dense training FLOPs of one step (see the module docs).
+pub fn model_flops(d: &ModelDims, b: usize, t: usize) -> f64 {
+    let (s, m) = ((2 * t * b) as f64, d.hidden as f64);
+    let lstm: f64 = (0..d.layers).map(|l| 2.0 * s * 4.0 * m * (d.layer_input(l) as f64 + m)).sum();
+    let heads = 2.0 * (t * b) as f64 * m * (d.rows + d.cols) as f64;
+    3.0 * (lstm + heads)
+}
+
+pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
+    let (_, rss_before) = rss_mib();
+    let dims = ModelDims::square(o.vocab, o.emb, o.hidden, o.layers)?;
+    let mut be = open_backend(o.backend, &ModelConfig { dims, dropout: o.dropout, seed: o.seed, threads: o.threads })?;
+    let cfg = TrainConfig { optimizer: o.optimizer.clone(), ..TrainConfig::default() };
+    let rule = cfg.optimizer_rule()?;
+    let zipf = Zipf::new(o.vocab as u64, o.zipf);
+    let mut rng = Philox::new(o.seed, Purpose::Corpus).stream(0);
+    let (b, t) = (o.batch, o.bptt);
+    // B streams: keep each stream's last token as the next batch's first input.
+    let mut buf: Vec<u32> = (0..(t + 1) * b).map(|_| zipf.sample(&mut rng)).collect();
+    let mut times = Vec::with_capacity(o.steps);
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let words = (t * b) as f64;
+    for step in 0..o.warmup + o.steps {
+        let t0 = std::time::Instant::now();
+        let batch = Batch { inputs: &buf[..t * b], targets: &buf[b..], steps: t, batch: b, stream: 0 };
+        let loss = be.train_step(&batch, step as u64, 1.0 / words as f32)?.total() / words;
+        let norm = be.grad_norm()?;
+        be.optimizer_step(&rule, o.lr, clip_coefficient(norm, o.clip))?;
+        if step >= o.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+            if first.is_nan() {
+                first = loss;
+            }
+            last = loss;
+        }
+        // Next batch: the last row becomes the first, the rest is drawn.
+        buf.copy_within(t * b..(t + 1) * b, 0);
+        for x in &mut buf[b..] {
+            *x = zipf.sample(&mut rng);
+        }
+    }
+    let total: f64 = times.iter().sum();
+    let mean = total / times.len().max(1) as f64;
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let flops = model_flops(&dims, b, t);
+    let achieved = flops / mean / 1e9;
+    let (peak_rss, _) = rss_mib();
+    let gemm_peak = if o.gemm_peak { Some(lightrnn_kernels::cpu::gemm_peak_gflops(o.threads, 2048, 5)?) } else { None };
+    Ok(BenchReport {
+        vocab: o.vocab,
+        emb: o.emb,
+        hidden: o.hidden,
+        layers: o.layers,
+        batch: b,
+        bptt: t,
+        threads: o.threads,
+        steps: o.steps,
+        warmup: o.warmup,
+        params: be.layout().total,
+        backend: be.name(),
+        words_per_sec: words / mean,
+        s_per_step_mean: mean,
+        s_per_step_median: median,
+        loss_first: first,
+        loss_last: last,
+        model_gflop_per_step: flops / 1e9,
+        model_gflops: achieved,
+        gemm_peak_gflops: gemm_peak,
+        share_of_gemm_peak: gemm_peak.map(|p| achieved / p),
+        rss_before_model_mib: rss_before,
+        peak_rss_mib: peak_rss,
+    })
+}

@@ -1,0 +1,216 @@
+//! The training configuration: TOML presets, files, and `key=value` overrides. Unknown
+//! keys are errors (a typo must not silently train something else). The effective
+//! configuration is written into every checkpoint and `summary.json`.
+
+use serde::{Deserialize, Serialize};
+
+use lightrnn_kernels::Optimizer;
+
+use crate::{Error, Result};
+
+/// Built-in presets: (name, TOML text).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("ptb-small", include_str!("../presets/ptb-small.toml")),
+    ("tiny", include_str!("../presets/tiny.toml")),
+];
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    // Model.
+    /// Words in the vocabulary (0 = every training type).
+    pub vocab_size: usize,
+    pub emb: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub dropout: f64,
+    // Data.
+    pub lowercase: bool,
+    pub max_line_bytes: usize,
+    pub shard_tokens: u64,
+    // Optimisation.
+    pub epochs: u64,
+    /// Stop after this many updates in total (0 = no limit).
+    pub max_steps: u64,
+    /// Streams per batch (the global batch).
+    pub batch: usize,
+    /// Words per stream per batch (truncated BPTT length).
+    pub bptt: usize,
+    /// Streams for validation and test.
+    pub eval_batch: usize,
+    /// "sgd", "adam" or "adagrad".
+    pub optimizer: String,
+    pub lr: f64,
+    /// Divide lr by this when validation perplexity does not improve (1 = never).
+    pub lr_decay: f64,
+    /// Global gradient-norm clipping (0 = off).
+    pub clip: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub adagrad_eps: f64,
+    pub adagrad_initial_accumulator: f64,
+    pub seed: u64,
+    /// CPU threads (0 = all cores).
+    pub threads: usize,
+    // Bookkeeping.
+    /// Steps between metrics lines (and log lines when not on a terminal).
+    pub log_every: u64,
+    /// Steps between checkpoints (0 = only at the end of each epoch and of the run).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest ones).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            emb: 200,
+            hidden: 200,
+            layers: 2,
+            dropout: 0.0,
+            lowercase: false,
+            max_line_bytes: 1 << 20,
+            shard_tokens: crate::shards::SHARD_TOKENS,
+            epochs: 1,
+            max_steps: 0,
+            batch: 20,
+            bptt: 35,
+            eval_batch: 10,
+            optimizer: "sgd".into(),
+            lr: 20.0,
+            lr_decay: 4.0,
+            clip: 0.25,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            adagrad_eps: 1e-10,
+            adagrad_initial_accumulator: 0.0,
+            seed: 1111,
+            threads: 0,
+            log_every: 100,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// A preset by name.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
+            Error::Config(format!("unknown preset {name:?} (available: {})", names.join(", ")))
+        })?;
+        Self::from_toml(text, &format!("preset {name}"))
+    }
+
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Apply `key=value` overrides (values in TOML syntax; bare words are strings).
+    pub fn with_overrides(&self, sets: &[String]) -> Result<Self> {
+        if sets.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut table = toml::Table::try_from(self).map_err(|e| Error::Config(e.to_string()))?;
+        for s in sets {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("--set {s:?}: expected key=value")))?;
+            let (k, v) = (k.trim(), v.trim());
+            if !table.contains_key(k) {
+                return Err(Error::Config(format!("--set {s:?}: unknown key {k:?}")));
+            }
+            let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(v.to_string())),
+                Err(_) => toml::Value::String(v.to_string()),
+            };
+            table.insert(k.to_string(), value);
+        }
+        let c: Self = table.try_into().map_err(|e: toml::de::Error| Error::Config(format!("--set: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.emb == 0 || self.hidden == 0 || self.layers == 0 || self.layers > 32 {
+            return bad(format!("emb {}, hidden {}, layers {}: need positive sizes and at most 32 layers", self.emb, self.hidden, self.layers));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.batch == 0 || self.bptt == 0 || self.eval_batch == 0 {
+            return bad("batch, bptt and eval_batch must be positive".into());
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return bad("epochs = 0 and max_steps = 0: nothing to train".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.lr_decay < 1.0 || self.clip < 0.0 {
+            return bad(format!("lr {} must be positive, lr_decay {} >= 1, clip {} >= 0", self.lr, self.lr_decay, self.clip));
+        }
+        if self.max_line_bytes == 0 || self.shard_tokens == 0 || self.log_every == 0 || self.keep_checkpoints == 0 {
+            return bad("max_line_bytes, shard_tokens, log_every and keep_checkpoints must be positive".into());
+        }
+        self.optimizer_rule()?;
+        Ok(())
+    }
+
+    pub fn optimizer_rule(&self) -> Result<Optimizer> {
+        match self.optimizer.as_str() {
+            "sgd" => Ok(Optimizer::Sgd),
+            "adam" => Ok(Optimizer::Adam { beta1: self.adam_beta1, beta2: self.adam_beta2, eps: self.adam_eps }),
+            "adagrad" => Ok(Optimizer::Adagrad {
+                eps: self.adagrad_eps,
+                initial_accumulator: self.adagrad_initial_accumulator,
+            }),
+            other => Err(Error::Config(format!("optimizer {other:?}: expected sgd, adam or adagrad"))),
+        }
+    }
+
+    pub fn text_options(&self) -> crate::text::TextOptions {
+        crate::text::TextOptions { lowercase: self.lowercase, max_line_bytes: self.max_line_bytes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_overrides_apply() {
+        let c = TrainConfig::preset("ptb-small").unwrap();
+        assert_eq!((c.emb, c.hidden, c.layers, c.batch, c.epochs), (200, 200, 2, 20, 6));
+        let c = c
+            .with_overrides(&["max_steps=200".into(), "optimizer=adam".into(), "dropout = 0.5".into()])
+            .unwrap();
+        assert_eq!(c.max_steps, 200);
+        assert_eq!(c.optimizer, "adam");
+        assert_eq!(c.dropout, 0.5);
+        assert!(matches!(c.optimizer_rule().unwrap(), Optimizer::Adam { .. }));
+        assert!(TrainConfig::preset("tiny").is_ok());
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused() {
+        let c = TrainConfig::default();
+        assert!(c.with_overrides(&["hiden=3".into()]).unwrap_err().to_string().contains("unknown key"));
+        assert!(c.with_overrides(&["dropout=1.5".into()]).is_err());
+        assert!(c.with_overrides(&["batch=-1".into()]).is_err());
+        assert!(c.with_overrides(&["optimizer=lbfgs".into()]).is_err());
+        assert!(c.with_overrides(&["nokey".into()]).is_err());
+        assert!(TrainConfig::from_toml("emb = 3\nbogus = 1\n", "x").is_err());
+        assert!(TrainConfig::preset("nope").unwrap_err().to_string().contains("ptb-small"));
+        let round = TrainConfig::from_toml(&c.to_toml(), "round trip").unwrap();
+        assert_eq!(round, c);
+    }
+}

@@ -1,0 +1,229 @@
+//! A training corpus: a vocabulary and the train/valid/test splits as shards.
+//!
+//! `--data` names either a prepared dataset (`vocab.txt` + `{train,valid,test}.manifest.json`
+//! + shards, as `prepare` writes) or a directory of text files whose names contain
+//! `train`, `valid` and `test` (PTB's `ptb.train.txt`, ...; several files of a split are
+//! read in name order). Text is tokenised once into the run's cache and reused while the
+//! text objects and the text options are unchanged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+
+use crate::shards::{Manifest, ShardWriter, Source, SplitReader};
+use crate::store::Location;
+use crate::text::{LineReader, TextOptions};
+use crate::vocab::Vocab;
+use crate::{Error, Result};
+
+pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
+pub const VOCAB_FILE: &str = "vocab.txt";
+
+/// How text becomes shards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrepareOptions {
+    pub text: TextOptions,
+    /// Words kept (0 = every training type).
+    pub vocab_size: usize,
+    pub shard_tokens: u64,
+}
+
+/// An opened dataset.
+pub struct Dataset {
+    pub loc: Location,
+    pub vocab: Arc<Vocab>,
+    pub train: Arc<SplitReader>,
+    pub valid: Arc<SplitReader>,
+    pub test: Arc<SplitReader>,
+}
+
+/// Progress callback: (split, bytes read so far, total bytes).
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+impl Dataset {
+    /// Open a prepared dataset.
+    pub async fn open(loc: &Location) -> Result<Self> {
+        let text = loc.get(VOCAB_FILE).await?;
+        let url = loc.url_of(VOCAB_FILE);
+        let text = std::str::from_utf8(&text).map_err(|_| Error::Data(format!("{url}: not UTF-8")))?;
+        let vocab = Arc::new(Vocab::parse(text, &url)?);
+        let train = SplitReader::open(loc, "train", &vocab).await?;
+        let valid = SplitReader::open(loc, "valid", &vocab).await?;
+        let test = SplitReader::open(loc, "test", &vocab).await?;
+        Ok(Self { loc: loc.clone(), vocab, train, valid, test })
+    }
+
+    /// Whether `loc` holds a prepared dataset.
+    pub async fn is_prepared(loc: &Location) -> Result<bool> {
+        Ok(loc.head(VOCAB_FILE).await?.is_some() && loc.head(&Manifest::object_name("train")).await?.is_some())
+    }
+
+    /// Open `data` if it is prepared; otherwise tokenise its text files into `cache`
+    /// (reusing what is there when sources and options match).
+    pub async fn open_or_prepare(data: &Location, cache: &Location, opts: &PrepareOptions, progress: Progress<'_>) -> Result<Self> {
+        if Self::is_prepared(data).await? {
+            return Self::open(data).await;
+        }
+        let sources = find_text(data).await?;
+        if cached_matches(cache, &sources, opts).await? {
+            tracing::info!(cache = %cache, "reusing tokenised data");
+            return Self::open(cache).await;
+        }
+        prepare(data, &sources, cache, opts, progress).await?;
+        Self::open(cache).await
+    }
+}
+
+/// Text objects of each split: (name, size, e_tag), name order.
+type SplitSources = Vec<(String, Vec<(String, u64, Option<String>)>)>;
+
+async fn find_text(data: &Location) -> Result<SplitSources> {
+    let (objects, _) = data.list().await?;
+    let mut out = Vec::new();
+    for split in SPLITS {
+        let files: Vec<_> = objects
+            .iter()
+            .filter(|(name, _)| name.contains(split) && !name.ends_with(".json"))
+            .map(|(name, m)| (name.clone(), m.size, m.e_tag.clone()))
+            .collect();
+        if files.is_empty() {
+            return Err(Error::Data(format!(
+                "{data}: no text file whose name contains {split:?} (expected *train*, *valid* and *test* files, \
+                 e.g. ptb.train.txt, or a prepared dataset with {VOCAB_FILE})"
+            )));
+        }
+        out.push((split.to_string(), files));
+    }
+    Ok(out)
+}
+
+async fn cached_matches(cache: &Location, sources: &SplitSources, opts: &PrepareOptions) -> Result<bool> {
+    if !Dataset::is_prepared(cache).await? {
+        return Ok(false);
+    }
+    let want_opts = serde_json::to_value(opts).map_err(|e| Error::Data(e.to_string()))?;
+    for (split, files) in sources {
+        let m = match Manifest::load(cache, split).await {
+            Ok(m) => m,
+            Err(_) => return Ok(false),
+        };
+        let same = m.text_options == want_opts
+            && m.sources.len() == files.len()
+            && m.sources.iter().zip(files).all(|(s, (name, size, tag))| {
+                s.url.ends_with(&format!("/{name}")) && s.bytes == *size && s.e_tag == *tag
+            });
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Count words, build the vocabulary, write shards and manifests (manifests last).
+async fn prepare(data: &Location, sources: &SplitSources, out: &Location, opts: &PrepareOptions, progress: Progress<'_>) -> Result<()> {
+    let text_opts = opts.text.clone();
+    let total_bytes: u64 = sources.iter().flat_map(|(_, f)| f.iter().map(|x| x.1)).sum();
+    let train_bytes: u64 = sources[0].1.iter().map(|x| x.1).sum();
+    // Pass 1: counts over the training text.
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut line = String::new();
+    let mut done = 0u64;
+    for (name, _, _) in &sources[0].1 {
+        let mut r = LineReader::open(data, name, &text_opts).await?;
+        while r.next_line(&mut line).await? {
+            for w in line.split_whitespace() {
+                match counts.get_mut(w) {
+                    Some(c) => *c += 1,
+                    None => {
+                        counts.insert(w.to_string(), 1);
+                    }
+                }
+            }
+            *counts.entry(crate::text::EOS.to_string()).or_insert(0) += 1;
+            if r.line_no() % 65_536 == 0 {
+                progress("vocab", done + r.bytes(), train_bytes);
+            }
+        }
+        done += r.bytes();
+    }
+    progress("vocab", train_bytes, train_bytes);
+    let vocab = Vocab::build(counts, opts.vocab_size)?;
+    // Clear stale manifests first: a half-written cache must not look complete.
+    for split in SPLITS {
+        out.delete(&Manifest::object_name(split)).await?;
+    }
+    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
+    // Pass 2: ids.
+    let text_options = serde_json::to_value(opts).map_err(|e| Error::Data(e.to_string()))?;
+    let mut done = 0u64;
+    for (split, files) in sources {
+        let mut w = ShardWriter::new(out, split, &vocab, opts.shard_tokens);
+        let mut srcs = Vec::new();
+        let mut ids: Vec<u32> = Vec::with_capacity(1 << 16);
+        for (name, size, tag) in files {
+            let mut r = LineReader::open(data, name, &text_opts).await?;
+            while r.next_line(&mut line).await? {
+                ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
+                ids.push(vocab.eos());
+                if ids.len() >= 1 << 16 {
+                    w.extend(&ids).await?;
+                    ids.clear();
+                    progress(split, done + r.bytes(), total_bytes);
+                }
+            }
+            done += r.bytes();
+            srcs.push(Source { url: data.url_of(name), bytes: *size, e_tag: tag.clone(), lines: r.line_no() });
+        }
+        w.extend(&ids).await?;
+        ids.clear();
+        let m = w.finish(srcs, text_options.clone()).await?;
+        tracing::info!(split = %split, tokens = m.tokens, shards = m.shards.len(), "tokenised");
+    }
+    progress("test", total_bytes, total_bytes);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> PrepareOptions {
+        PrepareOptions {
+            text: TextOptions { lowercase: false, max_line_bytes: 1 << 20 },
+            vocab_size: 0,
+            shard_tokens: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn prepares_text_once_and_reuses_it() {
+        let data = Location::parse("memory://dataset-tests/text").unwrap();
+        data.put("x.train.txt", Bytes::from_static(b"a b c\nb c\n")).await.unwrap();
+        data.put("x.valid.txt", Bytes::from_static(b"a d\n")).await.unwrap();
+        data.put("x.test.txt", Bytes::from_static(b"c c\n")).await.unwrap();
+        let cache = Location::parse("memory://dataset-tests/cache").unwrap();
+        let ds = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.unwrap();
+        assert_eq!(ds.vocab.len(), 5); // b c <eos> a <unk>
+        assert_eq!(ds.train.tokens(), 7);
+        let v = ds.valid.read(0, 3).await.unwrap();
+        assert_eq!(v, vec![ds.vocab.id("a"), ds.vocab.unk(), ds.vocab.eos()]);
+        let first = cache.head("train-00000.u32").await.unwrap().unwrap().last_modified;
+        let again = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.unwrap();
+        assert_eq!(again.vocab.sha256(), ds.vocab.sha256());
+        assert_eq!(cache.head("train-00000.u32").await.unwrap().unwrap().last_modified, first);
+        // A prepared dataset opens directly.
+        assert_eq!(Dataset::open_or_prepare(&cache, &data, &opts(), &|_, _, _| {}).await.unwrap().test.tokens(), 3);
+    }
+
+    #[tokio::test]
+    async fn missing_split_is_a_clear_error() {
+        let data = Location::parse("memory://dataset-tests/partial").unwrap();
+        data.put("a.train.txt", Bytes::from_static(b"a\n")).await.unwrap();
+        let cache = Location::parse("memory://dataset-tests/partial-cache").unwrap();
+        let e = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.err().unwrap().to_string();
+        assert!(e.contains("\"valid\""), "{e}");
+    }
+}

@@ -1,0 +1,24 @@
+//! lightrnn-worker: one rank of a LightRNN training job.
+//!
+//! - [`store`]: object-storage locations (local directories, `file://`, `memory://`);
+//! - [`text`], [`vocab`], [`shards`], [`dataset`]: text -> vocabulary -> verified u32
+//!   shards, and [`batches`], the streaming truncated-BPTT batcher;
+//! - [`config`]: the training configuration and presets;
+//! - [`train`]: the training loop; [`checkpoint`]: safetensors checkpoints;
+//! - [`eval`] and [`bench`]: evaluation of a checkpoint and the throughput benchmark.
+
+pub mod batches;
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+mod error;
+pub mod eval;
+pub mod shards;
+pub mod store;
+pub mod text;
+pub mod train;
+pub mod vocab;
+pub mod zipf;
+
+pub use error::{Error, Result};

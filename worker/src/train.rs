@@ -1,0 +1,529 @@
+//! The training loop of one rank: epochs of truncated-BPTT batches, gradient clipping,
+//! the optimizer, validation with learning-rate decay on plateaus, metrics, checkpoints,
+//! and the final test evaluation with the best model.
+//!
+//! The loop itself is synchronous (the backend owns the cores); object-storage I/O runs on
+//! the tokio runtime behind `handle`, so call [`train`] from a thread that may block
+//! (`spawn_blocking` or a plain thread), never from inside an async task.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
+use lightrnn_kernels::optim::clip_coefficient;
+use lightrnn_kernels::{Backend, Batch, ModelDims, StreamId};
+
+use crate::batches::Batches;
+use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
+use crate::config::TrainConfig;
+use crate::dataset::{Dataset, PrepareOptions};
+use crate::shards::SplitReader;
+use crate::store::Location;
+use crate::{Error, Result};
+
+/// Carried state of the training streams.
+pub const TRAIN_STREAM: StreamId = 0;
+/// Carried state of evaluation passes (reset before each).
+pub const EVAL_STREAM: StreamId = 1;
+
+/// Where a run reads and writes, and how it reports.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Text directory or prepared dataset.
+    pub data: Location,
+    /// Run directory: checkpoints, metrics, summary, tokenised-data cache.
+    pub out: Location,
+    /// Continue from the newest checkpoint in `out` (start fresh when there is none).
+    pub resume: bool,
+    pub backend: BackendKind,
+    /// Draw a progress bar (a terminal); otherwise log lines every `log_every` steps.
+    pub progress: bool,
+}
+
+/// The end-of-run report (`summary.json` and the final stdout line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub train_loss: f64,
+    pub train_ppl: f64,
+    pub valid_loss: f64,
+    pub valid_ppl: f64,
+    pub test_loss: f64,
+    pub test_ppl: f64,
+    /// Training words per second of this session (evaluation and checkpoints excluded).
+    pub words_per_sec: f64,
+    pub params: usize,
+    /// Wall-clock seconds of this session.
+    pub seconds: f64,
+    /// Training seconds over all sessions of the run.
+    pub train_seconds: f64,
+    pub steps: u64,
+    pub epochs_completed: u64,
+    /// "epochs" or "max_steps".
+    pub stopped_by: String,
+    pub vocab_size: usize,
+    pub backend: String,
+    pub config: TrainConfig,
+    pub history: Vec<EpochRecord>,
+}
+
+fn ppl(loss: f64) -> f64 {
+    loss.exp()
+}
+
+/// Keys that fix the model, the data order or the optimizer: a resumed run must keep them.
+fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
+    let pairs = [
+        ("vocab_size", saved.vocab_size.to_string(), now.vocab_size.to_string()),
+        ("emb", saved.emb.to_string(), now.emb.to_string()),
+        ("hidden", saved.hidden.to_string(), now.hidden.to_string()),
+        ("layers", saved.layers.to_string(), now.layers.to_string()),
+        ("lowercase", saved.lowercase.to_string(), now.lowercase.to_string()),
+        ("batch", saved.batch.to_string(), now.batch.to_string()),
+        ("optimizer", saved.optimizer.clone(), now.optimizer.clone()),
+        ("seed", saved.seed.to_string(), now.seed.to_string()),
+    ];
+    for (k, a, b) in pairs {
+        if a != b {
+            return Err(Error::Config(format!(
+                "cannot resume: the run was started with {k} = {a}, this command asks for {b}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// metrics.jsonl, rewritten whole (object stores have no append) at most every few seconds.
+struct Metrics {
+    out: Location,
+    lines: Vec<String>,
+    dirty: bool,
+    last_flush: Instant,
+}
+
+const METRICS: &str = "metrics.jsonl";
+
+impl Metrics {
+    async fn open(out: &Location, resume_step: Option<u64>) -> Result<Self> {
+        let mut lines = Vec::new();
+        if let Some(step) = resume_step {
+            if let Ok(b) = out.get(METRICS).await {
+                for l in String::from_utf8_lossy(&b).lines() {
+                    let keep = serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step);
+                    if keep {
+                        lines.push(l.to_string());
+                    }
+                }
+            }
+        }
+        Ok(Self { out: out.clone(), lines, dirty: true, last_flush: Instant::now() })
+    }
+
+    fn push(&mut self, v: serde_json::Value) {
+        self.lines.push(v.to_string());
+        self.dirty = true;
+    }
+
+    async fn flush(&mut self, force: bool) -> Result<()> {
+        if self.dirty && (force || self.last_flush.elapsed().as_secs() >= 10) {
+            let mut s = self.lines.join("\n");
+            s.push('\n');
+            self.out.put(METRICS, Bytes::from(s)).await?;
+            self.dirty = false;
+            self.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// Mean loss per word over a split (fresh state, no dropout).
+pub fn evaluate(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    eval_batch: usize,
+    bptt: usize,
+    handle: &Handle,
+) -> Result<(f64, u64)> {
+    backend.reset_state(EVAL_STREAM);
+    let mut batches = Batches::new(split.clone(), handle.clone(), eval_batch, bptt, 0)?;
+    let mut buf = Vec::new();
+    let (mut total, mut words) = (0.0, 0u64);
+    while let Some(t) = batches.next_batch(&mut buf)? {
+        let b = eval_batch;
+        let batch = Batch { inputs: &buf[..t * b], targets: &buf[b..], steps: t, batch: b, stream: EVAL_STREAM };
+        let l = backend.eval_batch(&batch)?;
+        total += l.total();
+        words += l.words;
+    }
+    backend.reset_state(EVAL_STREAM);
+    Ok((total / words.max(1) as f64, words))
+}
+
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool, len: u64, pos: u64, epoch: u64, epochs: u64) -> Self {
+        if !enabled {
+            return Self { bar: None };
+        }
+        let bar = indicatif::ProgressBar::new(len);
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
+        bar.set_position(pos);
+        Self { bar: Some(bar) }
+    }
+    fn update(&self, pos: u64, msg: String) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+            b.set_message(msg);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Everything the loop carries between steps and saves in checkpoints.
+struct LoopState {
+    step: u64,
+    epoch: u64,
+    lr: f64,
+    best_valid_loss: Option<f64>,
+    best_params: Option<Vec<f32>>,
+    epoch_loss_sum: f64,
+    epoch_words: u64,
+    train_seconds: f64,
+    history: Vec<EpochRecord>,
+}
+
+/// Train a LightRNN model as `cfg` says; blocking.
+pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Summary> {
+    cfg.validate()?;
+    let started = Instant::now();
+    let prep = PrepareOptions { text: cfg.text_options(), vocab_size: cfg.vocab_size, shard_tokens: cfg.shard_tokens };
+    let ds = handle.block_on(Dataset::open_or_prepare(&opts.data, &opts.out.join("data"), &prep, &|split, done, total| {
+        tracing::debug!(split, done, total, "tokenising");
+    }))?;
+    let vocab = ds.vocab.clone();
+    tracing::info!(
+        vocab = vocab.len(),
+        train = ds.train.tokens(),
+        valid = ds.valid.tokens(),
+        test = ds.test.tokens(),
+        "dataset ready"
+    );
+    let resume = if opts.resume {
+        handle.block_on(checkpoint::newest(&opts.out))?
+    } else {
+        if let Some((step, dir)) = handle.block_on(checkpoint::list(&opts.out))?.into_iter().next() {
+            return Err(Error::Config(format!(
+                "{} already holds a run (checkpoint {dir} at step {step}): pass --resume to continue it, or choose another --out",
+                opts.out
+            )));
+        }
+        None
+    };
+    let dims = ModelDims::square(vocab.len(), cfg.emb, cfg.hidden, cfg.layers)?;
+    let mcfg = ModelConfig { dims, dropout: cfg.dropout, seed: cfg.seed, threads: cfg.threads };
+    let mut backend = open_backend(opts.backend, &mcfg)?;
+    let rule = cfg.optimizer_rule()?;
+    let n_params = backend.layout().total;
+    let mut st = LoopState {
+        step: 0,
+        epoch: 0,
+        lr: cfg.lr,
+        best_valid_loss: None,
+        best_params: None,
+        epoch_loss_sum: 0.0,
+        epoch_words: 0,
+        train_seconds: 0.0,
+        history: Vec::new(),
+    };
+    let mut cursor = 0u64;
+    if let Some(ck) = &resume {
+        check_resumable(&ck.meta.config, cfg)?;
+        if ck.meta.vocab_sha256 != vocab.sha256() || ck.meta.dims != dims {
+            return Err(Error::Checkpoint {
+                url: ck.url.clone(),
+                msg: "its vocabulary or model shape differs from this dataset's".into(),
+            });
+        }
+        backend.set_params(&ck.params)?;
+        backend.set_allocation(&ck.cells)?;
+        if let Some(o) = &ck.optimizer {
+            backend.set_optimizer_state(o.clone())?;
+        }
+        if let Some(s) = &ck.state {
+            backend.set_state(TRAIN_STREAM, s.clone())?;
+        }
+        let m = &ck.meta;
+        st = LoopState {
+            step: m.step,
+            epoch: m.epoch,
+            lr: m.lr,
+            best_valid_loss: m.best_valid_loss,
+            best_params: None,
+            epoch_loss_sum: m.epoch_loss_sum,
+            epoch_words: m.epoch_words,
+            train_seconds: m.seconds,
+            history: m.history.clone(),
+        };
+        if st.best_valid_loss.is_some() {
+            st.best_params = Some(handle.block_on(checkpoint::load(&opts.out.join("best")))?.params);
+        }
+        cursor = m.cursor;
+        tracing::info!(checkpoint = %ck.url, step = st.step, epoch = st.epoch, "resuming");
+    } else if opts.resume {
+        tracing::info!(out = %opts.out, "no checkpoint to resume from: starting a new run");
+    }
+    drop(resume);
+    handle.block_on(opts.out.put("config.toml", Bytes::from(cfg.to_toml())))?;
+    let mut metrics = handle.block_on(Metrics::open(&opts.out, (st.step > 0).then_some(st.step)))?;
+    tracing::info!(backend = %backend.name(), params = n_params, dims = ?dims, "model ready");
+
+    let b = cfg.batch;
+    let mut buf = Vec::new();
+    let mut stopped_by = "epochs";
+    let mut session_words = 0u64;
+    let mut session_train_secs = 0.0f64;
+    let (mut win_loss, mut win_words, mut win_secs) = (0.0f64, 0u64, 0.0f64);
+    let save = |backend: &dyn Backend, st: &LoopState, cursor: u64, dir: &Location, with_train_state: bool| -> Result<()> {
+        let meta = Meta {
+            format: checkpoint::FORMAT.into(),
+            version: 1,
+            step: st.step,
+            epoch: st.epoch,
+            cursor,
+            config: cfg.clone(),
+            dims,
+            vocab_size: vocab.len(),
+            vocab_sha256: vocab.sha256(),
+            rng_seed: cfg.seed,
+            optimizer: if with_train_state { Some(rule) } else { None },
+            optimizer_updates: if with_train_state { st.step } else { 0 },
+            lr: st.lr,
+            best_valid_loss: st.best_valid_loss,
+            epoch_loss_sum: st.epoch_loss_sum,
+            epoch_words: st.epoch_words,
+            seconds: st.train_seconds,
+            history: st.history.clone(),
+            files: vec![],
+        };
+        let params = backend.params()?;
+        let cells = backend.allocation()?;
+        let opt = if with_train_state { backend.optimizer_state()? } else { None };
+        let state = if with_train_state { backend.state(TRAIN_STREAM)? } else { None };
+        let req = SaveRequest {
+            meta,
+            vocab: &vocab,
+            layout: backend.layout(),
+            params: &params,
+            cells: &cells,
+            optimizer: opt.as_ref(),
+            state: state.as_ref(),
+        };
+        handle.block_on(checkpoint::save(dir, req))
+    };
+    let checkpoint_now = |backend: &dyn Backend, st: &LoopState, cursor: u64| -> Result<()> {
+        let t = Instant::now();
+        let dir = opts.out.join("checkpoints").join(&checkpoint::dir_name(st.step));
+        save(backend, st, cursor, &dir, true)?;
+        handle.block_on(checkpoint::prune(&opts.out, cfg.keep_checkpoints))?;
+        tracing::info!(step = st.step, dir = %dir, seconds = t.elapsed().as_secs_f64(), "checkpoint written");
+        Ok(())
+    };
+
+    'epochs: loop {
+        if cfg.epochs > 0 && st.epoch >= cfg.epochs {
+            break;
+        }
+        let mut batches = Batches::new(ds.train.clone(), handle.clone(), b, cfg.bptt, cursor)?;
+        if cursor == 0 {
+            backend.reset_state(TRAIN_STREAM);
+        }
+        let per_pass = batches.steps_per_pass();
+        let bar = Progress::new(opts.progress, per_pass, cursor.div_ceil(cfg.bptt as u64), st.epoch, cfg.epochs);
+        let mut pass_step = cursor.div_ceil(cfg.bptt as u64);
+        let epoch_t0 = Instant::now();
+        let mut epoch_train_secs = 0.0;
+        loop {
+            let t0 = Instant::now();
+            let Some(t) = batches.next_batch(&mut buf)? else { break };
+            let batch = Batch { inputs: &buf[..t * b], targets: &buf[b..], steps: t, batch: b, stream: TRAIN_STREAM };
+            let words = (t * b) as u64;
+            let loss = backend.train_step(&batch, st.step, 1.0 / words as f32)?;
+            if !loss.total().is_finite() {
+                return Err(Error::Diverged(format!(
+                    "training loss is {} at step {} (lr {}): lower lr or clip",
+                    loss.total(),
+                    st.step + 1,
+                    st.lr
+                )));
+            }
+            let norm = backend.grad_norm()?;
+            backend.optimizer_step(&rule, st.lr, clip_coefficient(norm, cfg.clip))?;
+            st.step += 1;
+            pass_step += 1;
+            let dt = t0.elapsed().as_secs_f64();
+            st.train_seconds += dt;
+            epoch_train_secs += dt;
+            session_train_secs += dt;
+            session_words += words;
+            st.epoch_loss_sum += loss.total();
+            st.epoch_words += words;
+            win_loss += loss.total();
+            win_words += words;
+            win_secs += dt;
+            if st.step.is_multiple_of(cfg.log_every) {
+                let l = win_loss / win_words as f64;
+                let wps = win_words as f64 / win_secs.max(1e-9);
+                metrics.push(serde_json::json!({
+                    "kind": "train", "step": st.step, "epoch": st.epoch + 1, "loss": l, "ppl": ppl(l),
+                    "words_per_sec": wps, "lr": st.lr, "grad_norm": norm, "seconds": st.train_seconds,
+                }));
+                if opts.progress {
+                    bar.update(pass_step, format!("loss {l:.3} ppl {:.1} {:.0} w/s lr {}", ppl(l), wps, st.lr));
+                } else {
+                    tracing::info!(
+                        step = st.step,
+                        epoch = st.epoch + 1,
+                        progress = format!("{pass_step}/{per_pass}"),
+                        loss = format!("{l:.4}"),
+                        ppl = format!("{:.2}", ppl(l)),
+                        words_per_sec = format!("{wps:.0}"),
+                        lr = st.lr,
+                        "train"
+                    );
+                }
+                handle.block_on(metrics.flush(false))?;
+                (win_loss, win_words, win_secs) = (0.0, 0, 0.0);
+            } else if opts.progress && pass_step % 10 == 0 {
+                bar.update(pass_step, String::new());
+            }
+            let at_limit = cfg.max_steps > 0 && st.step >= cfg.max_steps;
+            if cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every) && !at_limit {
+                checkpoint_now(&*backend, &st, batches.position())?;
+            }
+            if at_limit {
+                stopped_by = "max_steps";
+                cursor = batches.position();
+                bar.finish();
+                break 'epochs;
+            }
+        }
+        bar.finish();
+        // End of epoch: validation, learning-rate schedule, best model, checkpoint.
+        let (vl, _) = evaluate(&mut *backend, &ds.valid, cfg.eval_batch, cfg.bptt, handle)?;
+        let train_loss = st.epoch_loss_sum / st.epoch_words.max(1) as f64;
+        let rec = EpochRecord {
+            epoch: st.epoch + 1,
+            step: st.step,
+            lr: st.lr,
+            train_loss,
+            valid_loss: vl,
+            valid_ppl: ppl(vl),
+            seconds: epoch_t0.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            epoch = rec.epoch,
+            train_ppl = format!("{:.2}", ppl(train_loss)),
+            valid_ppl = format!("{:.2}", rec.valid_ppl),
+            lr = st.lr,
+            words_per_sec = format!("{:.0}", st.epoch_words as f64 / epoch_train_secs.max(1e-9)),
+            "epoch done"
+        );
+        metrics.push(serde_json::json!({
+            "kind": "valid", "step": st.step, "epoch": rec.epoch, "loss": vl, "ppl": rec.valid_ppl,
+            "train_loss": train_loss, "lr": st.lr, "seconds": st.train_seconds,
+        }));
+        st.history.push(rec);
+        if st.best_valid_loss.is_none_or(|b| vl < b) {
+            st.best_valid_loss = Some(vl);
+            st.best_params = Some(backend.params()?);
+            save(&*backend, &st, 0, &opts.out.join("best"), false)?;
+        } else {
+            st.lr /= cfg.lr_decay;
+        }
+        st.epoch += 1;
+        st.epoch_loss_sum = 0.0;
+        st.epoch_words = 0;
+        cursor = 0;
+        checkpoint_now(&*backend, &st, 0)?;
+        handle.block_on(metrics.flush(true))?;
+        if cfg.max_steps > 0 && st.step >= cfg.max_steps {
+            stopped_by = "max_steps";
+            break;
+        }
+    }
+
+    // Stopped inside an epoch: keep a checkpoint to continue from, and validate where we
+    // are for the report. That validation does not enter the run's state (best model, lr
+    // schedule), so stopping and resuming trains exactly as an uninterrupted run.
+    let epochs_completed = st.history.len() as u64;
+    let partial = stopped_by == "max_steps" && st.epoch_words > 0;
+    let train_loss = if st.epoch_words > 0 {
+        st.epoch_loss_sum / st.epoch_words as f64
+    } else {
+        st.history.last().map_or(f64::NAN, |r| r.train_loss)
+    };
+    let mut valid_loss = st.best_valid_loss.unwrap_or(f64::INFINITY);
+    let mut test_params = st.best_params.take();
+    if partial {
+        checkpoint_now(&*backend, &st, cursor)?;
+        let (vl, _) = evaluate(&mut *backend, &ds.valid, cfg.eval_batch, cfg.bptt, handle)?;
+        metrics.push(serde_json::json!({
+            "kind": "valid", "step": st.step, "epoch": st.epoch + 1, "loss": vl, "ppl": ppl(vl),
+            "train_loss": train_loss, "lr": st.lr, "seconds": st.train_seconds, "partial_epoch": true,
+        }));
+        if vl < valid_loss {
+            valid_loss = vl;
+            test_params = None; // the current parameters
+        }
+    }
+    if let Some(p) = &test_params {
+        backend.set_params(p)?;
+    }
+    let (test_loss, _) = evaluate(&mut *backend, &ds.test, cfg.eval_batch, cfg.bptt, handle)?;
+    metrics.push(serde_json::json!({
+        "kind": "test", "step": st.step, "epoch": st.epoch, "loss": test_loss, "ppl": ppl(test_loss),
+        "seconds": st.train_seconds,
+    }));
+    handle.block_on(metrics.flush(true))?;
+    let summary = Summary {
+        train_loss,
+        train_ppl: ppl(train_loss),
+        valid_loss,
+        valid_ppl: ppl(valid_loss),
+        test_loss,
+        test_ppl: ppl(test_loss),
+        words_per_sec: session_words as f64 / session_train_secs.max(1e-9),
+        params: n_params,
+        seconds: started.elapsed().as_secs_f64(),
+        train_seconds: st.train_seconds,
+        steps: st.step,
+        epochs_completed,
+        stopped_by: stopped_by.into(),
+        vocab_size: vocab.len(),
+        backend: backend.name(),
+        config: cfg.clone(),
+        history: st.history.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Data(e.to_string()))?;
+    handle.block_on(opts.out.put("summary.json", Bytes::from(json)))?;
+    Ok(summary)
+}
