@@ -1,0 +1,6 @@
+//! lightrnn-coordinator: the `lightrnn` program. On one machine, `train` runs the whole job
+//! in this process (the embedded default: CPU backend, local object store); the
+//! subcommands parse and validate their arguments into the worker's configuration types
+//! and call into the libraries.
+
+pub mod cli;

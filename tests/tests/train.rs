@@ -1,0 +1,198 @@
+//! The whole single-machine trainer, in process: text -> shards -> training ->
+//! checkpoints -> resume -> evaluation, on local directories and memory:// stores.
+
+use lightrnn_coordinator::cli::{Cli, run};
+use lightrnn_tests::{runtime, write_corpus};
+use lightrnn_worker::store::Location;
+use lightrnn_worker::train::{RunOptions, train};
+use lightrnn_worker::{checkpoint, config::TrainConfig};
+
+use clap::Parser;
+use serde_json::Value;
+
+fn cli(args: &[&str], rt: &tokio::runtime::Runtime) -> Result<Value, String> {
+    let mut all = vec!["lightrnn"];
+    all.extend_from_slice(args);
+    let c = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+    let out = run(&c, rt.handle()).map_err(|e| format!("{e:#}"))?;
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+}
+
+fn metrics(dir: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Perplexity of the validation text under the training text's unigram distribution
+/// (add-one smoothing, <eos> per line counted as a word).
+fn unigram_ppl(data: &std::path::Path) -> f64 {
+    let words = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(data.join(f))
+            .unwrap()
+            .lines()
+            .flat_map(|l| l.split_whitespace().map(String::from).chain(["<eos>".to_string()]))
+            .collect()
+    };
+    let mut counts = std::collections::HashMap::new();
+    let train = words("x.train.txt");
+    for w in &train {
+        *counts.entry(w.clone()).or_insert(0f64) += 1.0;
+    }
+    let (n, v) = (train.len() as f64, counts.len() as f64 + 1.0);
+    let valid = words("x.valid.txt");
+    let nll: f64 = valid.iter().map(|w| -((counts.get(w).copied().unwrap_or(0.0) + 1.0) / (n + v)).ln()).sum();
+    (nll / valid.len() as f64).exp()
+}
+
+#[test]
+fn trains_learns_checkpoints_and_evaluates() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = (tmp.path().join("data"), tmp.path().join("run"));
+    write_corpus(&data, 1, 3000);
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let s = cli(&["train", "--preset", "tiny", "--set", "epochs=2", "--set", "log_every=20", "--data", d, "--out", o], &rt)
+        .unwrap();
+    for k in ["train_loss", "valid_ppl", "test_ppl", "words_per_sec", "params", "seconds"] {
+        assert!(s[k].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{k} missing in {s}");
+    }
+    let summary: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["test_ppl"], s["test_ppl"]);
+    assert_eq!(summary["history"].as_array().unwrap().len(), 2);
+    // It learned: well below the unigram perplexity of the validation text.
+    let uni = unigram_ppl(&data);
+    let vp = s["valid_ppl"].as_f64().unwrap();
+    assert!(vp < 0.7 * uni, "valid ppl {vp}, unigram {uni}");
+    // Metrics: train lines carry the documented fields; one validation line per epoch.
+    let m = metrics(&out);
+    let train_lines: Vec<_> = m.iter().filter(|v| v["kind"] == "train").collect();
+    assert!(!train_lines.is_empty());
+    for k in ["step", "epoch", "loss", "ppl", "words_per_sec", "lr"] {
+        assert!(train_lines[0].get(k).is_some(), "metrics line lacks {k}");
+    }
+    assert_eq!(m.iter().filter(|v| v["kind"] == "valid").count(), 2);
+    // Checkpoints: the run directory resolves to its newest one; eval reproduces test ppl.
+    let test_file = data.join("x.test.txt");
+    let e = cli(&["eval", "--checkpoint", o, "--data", test_file.to_str().unwrap()], &rt).unwrap();
+    let best = out.join("best");
+    let e_best = cli(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", test_file.to_str().unwrap()], &rt)
+        .unwrap();
+    let rel = |a: &Value, b: &Value| (a.as_f64().unwrap() / b.as_f64().unwrap() - 1.0).abs();
+    assert!(rel(&e_best["ppl"], &s["test_ppl"]) < 1e-9, "{e_best} vs {s}");
+    assert!(e["words"].as_u64().unwrap() > 0 && e["ppl"].as_f64().unwrap() > 1.0);
+    // The same command again refuses to overwrite the run.
+    let err = cli(&["train", "--preset", "tiny", "--data", d, "--out", o], &rt).unwrap_err();
+    assert!(err.contains("--resume"), "{err}");
+}
+
+/// Stopping at max_steps and resuming gives exactly the per-step losses of one run.
+#[test]
+fn stop_and_resume_reproduces_the_uninterrupted_run() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 2, 1500);
+    let d = data.to_str().unwrap();
+    let common = ["--preset", "tiny", "--set", "epochs=2", "--set", "log_every=1", "--set", "dropout=0.3", "--set", "optimizer=adam", "--set", "lr=0.01"];
+    let straight = tmp.path().join("straight");
+    let mut args: Vec<&str> = vec!["train"];
+    args.extend(common);
+    args.extend(["--data", d, "--out", straight.to_str().unwrap()]);
+    let s1 = cli(&args, &rt).unwrap();
+    let steps = s1["steps"].as_u64().unwrap();
+    // The interrupted run: stop inside epoch 1, resume, stop inside epoch 2, resume.
+    let split = tmp.path().join("split");
+    for (limit, resume) in [(steps / 3, false), (steps * 2 / 3, true), (0, true)] {
+        let mut a: Vec<String> = vec!["train".into()];
+        a.extend(common.iter().map(|s| s.to_string()));
+        a.extend(["--set".into(), format!("max_steps={limit}"), "--data".into(), d.into()]);
+        a.extend(["--out".into(), split.to_str().unwrap().into()]);
+        if resume {
+            a.push("--resume".into());
+        }
+        let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        cli(&refs, &rt).unwrap();
+    }
+    let loss_by_step = |dir: &std::path::Path| -> Vec<(u64, String)> {
+        metrics(dir)
+            .iter()
+            .filter(|v| v["kind"] == "train")
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+            .collect()
+    };
+    let (a, b) = (loss_by_step(&straight), loss_by_step(&split));
+    assert_eq!(a.len() as u64, steps);
+    assert_eq!(a, b, "per-step losses differ after stop/resume");
+    let sa: Value = serde_json::from_slice(&std::fs::read(straight.join("summary.json")).unwrap()).unwrap();
+    let sb: Value = serde_json::from_slice(&std::fs::read(split.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(sa["test_ppl"], sb["test_ppl"]);
+    let without_time = |h: &Value| -> Vec<Value> {
+        h.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.as_object_mut().unwrap().remove("seconds");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(without_time(&sa["history"]), without_time(&sb["history"]));
+}
+
+#[test]
+fn memory_store_run_and_bad_text() {
+    let rt = runtime();
+    let data = Location::parse("memory://train-tests/data").unwrap();
+    let lines = lightrnn_tests::corpus_lines(3, 600, 8, 10);
+    let text = lines.join("\n") + "\n";
+    rt.block_on(async {
+        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
+            data.put(name, bytes::Bytes::from(text.clone())).await.unwrap();
+        }
+    });
+    let cfg = TrainConfig::preset("tiny").unwrap().with_overrides(&["max_steps=30".into()]).unwrap();
+    let out = Location::parse("memory://train-tests/run").unwrap();
+    let opts = RunOptions {
+        data: data.clone(),
+        out: out.clone(),
+        resume: false,
+        backend: lightrnn_kernels::BackendKind::Cpu,
+        progress: false,
+    };
+    let handle = rt.handle().clone();
+    let s = std::thread::spawn(move || train(&cfg, &opts, &handle)).join().unwrap().unwrap();
+    assert_eq!(s.steps, 30);
+    assert_eq!(s.stopped_by, "max_steps");
+    let ck = rt.block_on(checkpoint::resolve(&out)).unwrap();
+    assert_eq!(ck.meta.step, 30);
+    // Invalid UTF-8 in the validation text: the error names the object and the line.
+    let bad = Location::parse("memory://train-tests/bad").unwrap();
+    rt.block_on(async {
+        bad.put("a.train.txt", bytes::Bytes::from(text.clone())).await.unwrap();
+        bad.put("a.valid.txt", bytes::Bytes::from_static(b"ok line\nbad \xc3\x28 line\n")).await.unwrap();
+        bad.put("a.test.txt", bytes::Bytes::from(text.clone())).await.unwrap();
+    });
+    let e = cli(&["train", "--preset", "tiny", "--data", "memory://train-tests/bad", "--out", "memory://train-tests/badrun"], &rt)
+        .unwrap_err();
+    assert!(e.contains("a.valid.txt line 2") && e.contains("UTF-8"), "{e}");
+}
+
+#[test]
+fn bench_and_config_commands() {
+    let rt = runtime();
+    let b = cli(&["bench", "--vocab", "5000", "--emb", "16", "--hidden", "16", "--batch", "4", "--bptt", "5", "--steps", "3", "--threads", "1"], &rt)
+        .unwrap();
+    assert!(b["words_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(b["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert!(b["loss_last"].as_f64().unwrap().is_finite());
+    let mut all = vec!["lightrnn", "config", "--preset", "ptb-small", "--set", "epochs=9"];
+    let c = Cli::try_parse_from(all.drain(..)).unwrap();
+    let text = run(&c, rt.handle()).unwrap();
+    let cfg = TrainConfig::from_toml(&text, "printed").unwrap();
+    assert_eq!((cfg.epochs, cfg.hidden), (9, 200));
+    assert!(cli(&["train", "--preset", "nope", "--data", "x", "--out", "y"], &rt).unwrap_err().contains("ptb-small"));
+}
