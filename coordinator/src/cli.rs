@@ -15,7 +15,11 @@ use lightrnn_worker::store::Location;
 use lightrnn_worker::train::{RunOptions, train};
 
 #[derive(Parser, Debug)]
-#[command(name = "lightrnn", version, about = "Train LightRNN language models (Li et al., NeurIPS 2016)")]
+#[command(
+    name = "lightrnn",
+    version,
+    about = "Train LightRNN language models (Li et al., NeurIPS 2016)"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -156,7 +160,10 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
     match &cli.command {
         Command::Config(a) => {
             if a.list {
-                let names: Vec<&str> = lightrnn_worker::config::PRESETS.iter().map(|(n, _)| *n).collect();
+                let names: Vec<&str> = lightrnn_worker::config::PRESETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
                 return Ok(names.join("\n"));
             }
             Ok(resolve_config(a)?.to_toml())
@@ -185,7 +192,14 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
             if a.batch == Some(0) {
                 bail!("--batch must be positive");
             }
-            let r = eval_file(&ck, &a.data, a.batch, a.threads, backend_kind(&a.backend)?, handle)?;
+            let r = eval_file(
+                &ck,
+                &a.data,
+                a.batch,
+                a.threads,
+                backend_kind(&a.backend)?,
+                handle,
+            )?;
             Ok(serde_json::to_string(&r)?)
         }
         Command::Bench(a) => {
@@ -208,7 +222,7 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                 gemm_peak: a.gemm_peak,
                 backend: backend_kind(&a.backend)?,
             };
-            if !(o.zipf > 0.0) {
+            if o.zipf.is_nan() || o.zipf <= 0.0 {
                 bail!("--zipf must be positive");
             }
             Ok(serde_json::to_string(&bench(&o)?)?)

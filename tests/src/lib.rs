@@ -10,7 +10,11 @@ use lightrnn_kernels::rng::{Philox, Purpose};
 pub fn corpus_lines(seed: u64, lines: usize, classes: usize, per_class: usize) -> Vec<String> {
     let mut rng = Philox::new(seed, Purpose::Corpus).stream(0);
     let patterns: Vec<Vec<usize>> = (0..6)
-        .map(|_| (0..3 + rng.below(8) as usize).map(|_| rng.below(classes as u64) as usize).collect())
+        .map(|_| {
+            (0..3 + rng.below(8) as usize)
+                .map(|_| rng.below(classes as u64) as usize)
+                .collect()
+        })
         .collect();
     (0..lines)
         .map(|_| {
@@ -34,12 +38,20 @@ pub fn write_corpus(dir: &Path, seed: u64, train_lines: usize) {
     let all = corpus_lines(seed, train_lines + train_lines / 5, 12, 30);
     let (train, rest) = all.split_at(train_lines);
     let (valid, test) = rest.split_at(rest.len() / 2);
-    for (name, lines) in [("x.train.txt", train), ("x.valid.txt", valid), ("x.test.txt", test)] {
+    for (name, lines) in [
+        ("x.train.txt", train),
+        ("x.valid.txt", valid),
+        ("x.test.txt", test),
+    ] {
         std::fs::write(dir.join(name), lines.join("\n") + "\n").unwrap();
     }
 }
 
 /// A multi-thread runtime for I/O, as the binary uses.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }

@@ -33,7 +33,11 @@ fn unigram_ppl(data: &std::path::Path) -> f64 {
         std::fs::read_to_string(data.join(f))
             .unwrap()
             .lines()
-            .flat_map(|l| l.split_whitespace().map(String::from).chain(["<eos>".to_string()]))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .map(String::from)
+                    .chain(["<eos>".to_string()])
+            })
             .collect()
     };
     let mut counts = std::collections::HashMap::new();
@@ -43,7 +47,10 @@ fn unigram_ppl(data: &std::path::Path) -> f64 {
     }
     let (n, v) = (train.len() as f64, counts.len() as f64 + 1.0);
     let valid = words("x.valid.txt");
-    let nll: f64 = valid.iter().map(|w| -((counts.get(w).copied().unwrap_or(0.0) + 1.0) / (n + v)).ln()).sum();
+    let nll: f64 = valid
+        .iter()
+        .map(|w| -((counts.get(w).copied().unwrap_or(0.0) + 1.0) / (n + v)).ln())
+        .sum();
     (nll / valid.len() as f64).exp()
 }
 
@@ -54,12 +61,38 @@ fn trains_learns_checkpoints_and_evaluates() {
     let (data, out) = (tmp.path().join("data"), tmp.path().join("run"));
     write_corpus(&data, 1, 3000);
     let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
-    let s = cli(&["train", "--preset", "tiny", "--set", "epochs=2", "--set", "log_every=20", "--data", d, "--out", o], &rt)
-        .unwrap();
-    for k in ["train_loss", "valid_ppl", "test_ppl", "words_per_sec", "params", "seconds"] {
-        assert!(s[k].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{k} missing in {s}");
+    let s = cli(
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=2",
+            "--set",
+            "log_every=20",
+            "--data",
+            d,
+            "--out",
+            o,
+        ],
+        &rt,
+    )
+    .unwrap();
+    for k in [
+        "train_loss",
+        "valid_ppl",
+        "test_ppl",
+        "words_per_sec",
+        "params",
+        "seconds",
+    ] {
+        assert!(
+            s[k].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            "{k} missing in {s}"
+        );
     }
-    let summary: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["test_ppl"], s["test_ppl"]);
     assert_eq!(summary["history"].as_array().unwrap().len(), 2);
     // It learned: well below the unigram perplexity of the validation text.
@@ -76,12 +109,34 @@ fn trains_learns_checkpoints_and_evaluates() {
     assert_eq!(m.iter().filter(|v| v["kind"] == "valid").count(), 2);
     // Checkpoints: the run directory resolves to its newest one; eval reproduces test ppl.
     let test_file = data.join("x.test.txt");
-    let e = cli(&["eval", "--checkpoint", o, "--data", test_file.to_str().unwrap()], &rt).unwrap();
+    let e = cli(
+        &[
+            "eval",
+            "--checkpoint",
+            o,
+            "--data",
+            test_file.to_str().unwrap(),
+        ],
+        &rt,
+    )
+    .unwrap();
     let best = out.join("best");
-    let e_best = cli(&["eval", "--checkpoint", best.to_str().unwrap(), "--data", test_file.to_str().unwrap()], &rt)
-        .unwrap();
+    let e_best = cli(
+        &[
+            "eval",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--data",
+            test_file.to_str().unwrap(),
+        ],
+        &rt,
+    )
+    .unwrap();
     let rel = |a: &Value, b: &Value| (a.as_f64().unwrap() / b.as_f64().unwrap() - 1.0).abs();
-    assert!(rel(&e_best["ppl"], &s["test_ppl"]) < 1e-9, "{e_best} vs {s}");
+    assert!(
+        rel(&e_best["ppl"], &s["test_ppl"]) < 1e-9,
+        "{e_best} vs {s}"
+    );
     assert!(e["words"].as_u64().unwrap() > 0 && e["ppl"].as_f64().unwrap() > 1.0);
     // The same command again refuses to overwrite the run.
     let err = cli(&["train", "--preset", "tiny", "--data", d, "--out", o], &rt).unwrap_err();
@@ -96,7 +151,20 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
     let data = tmp.path().join("data");
     write_corpus(&data, 2, 1500);
     let d = data.to_str().unwrap();
-    let common = ["--preset", "tiny", "--set", "epochs=2", "--set", "log_every=1", "--set", "dropout=0.3", "--set", "optimizer=adam", "--set", "lr=0.01"];
+    let common = [
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=2",
+        "--set",
+        "log_every=1",
+        "--set",
+        "dropout=0.3",
+        "--set",
+        "optimizer=adam",
+        "--set",
+        "lr=0.01",
+    ];
     let straight = tmp.path().join("straight");
     let mut args: Vec<&str> = vec!["train"];
     args.extend(common);
@@ -108,7 +176,12 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
     for (limit, resume) in [(steps / 3, false), (steps * 2 / 3, true), (0, true)] {
         let mut a: Vec<String> = vec!["train".into()];
         a.extend(common.iter().map(|s| s.to_string()));
-        a.extend(["--set".into(), format!("max_steps={limit}"), "--data".into(), d.into()]);
+        a.extend([
+            "--set".into(),
+            format!("max_steps={limit}"),
+            "--data".into(),
+            d.into(),
+        ]);
         a.extend(["--out".into(), split.to_str().unwrap().into()]);
         if resume {
             a.push("--resume".into());
@@ -126,8 +199,10 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
     let (a, b) = (loss_by_step(&straight), loss_by_step(&split));
     assert_eq!(a.len() as u64, steps);
     assert_eq!(a, b, "per-step losses differ after stop/resume");
-    let sa: Value = serde_json::from_slice(&std::fs::read(straight.join("summary.json")).unwrap()).unwrap();
-    let sb: Value = serde_json::from_slice(&std::fs::read(split.join("summary.json")).unwrap()).unwrap();
+    let sa: Value =
+        serde_json::from_slice(&std::fs::read(straight.join("summary.json")).unwrap()).unwrap();
+    let sb: Value =
+        serde_json::from_slice(&std::fs::read(split.join("summary.json")).unwrap()).unwrap();
     assert_eq!(sa["test_ppl"], sb["test_ppl"]);
     let without_time = |h: &Value| -> Vec<Value> {
         h.as_array()
@@ -151,10 +226,15 @@ fn memory_store_run_and_bad_text() {
     let text = lines.join("\n") + "\n";
     rt.block_on(async {
         for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
-            data.put(name, bytes::Bytes::from(text.clone())).await.unwrap();
+            data.put(name, bytes::Bytes::from(text.clone()))
+                .await
+                .unwrap();
         }
     });
-    let cfg = TrainConfig::preset("tiny").unwrap().with_overrides(&["max_steps=30".into()]).unwrap();
+    let cfg = TrainConfig::preset("tiny")
+        .unwrap()
+        .with_overrides(&["max_steps=30".into()])
+        .unwrap();
     let out = Location::parse("memory://train-tests/run").unwrap();
     let opts = RunOptions {
         data: data.clone(),
@@ -164,7 +244,10 @@ fn memory_store_run_and_bad_text() {
         progress: false,
     };
     let handle = rt.handle().clone();
-    let s = std::thread::spawn(move || train(&cfg, &opts, &handle)).join().unwrap().unwrap();
+    let s = std::thread::spawn(move || train(&cfg, &opts, &handle))
+        .join()
+        .unwrap()
+        .unwrap();
     assert_eq!(s.steps, 30);
     assert_eq!(s.stopped_by, "max_steps");
     let ck = rt.block_on(checkpoint::resolve(&out)).unwrap();
@@ -172,27 +255,83 @@ fn memory_store_run_and_bad_text() {
     // Invalid UTF-8 in the validation text: the error names the object and the line.
     let bad = Location::parse("memory://train-tests/bad").unwrap();
     rt.block_on(async {
-        bad.put("a.train.txt", bytes::Bytes::from(text.clone())).await.unwrap();
-        bad.put("a.valid.txt", bytes::Bytes::from_static(b"ok line\nbad \xc3\x28 line\n")).await.unwrap();
-        bad.put("a.test.txt", bytes::Bytes::from(text.clone())).await.unwrap();
+        bad.put("a.train.txt", bytes::Bytes::from(text.clone()))
+            .await
+            .unwrap();
+        bad.put(
+            "a.valid.txt",
+            bytes::Bytes::from_static(b"ok line\nbad \xc3\x28 line\n"),
+        )
+        .await
+        .unwrap();
+        bad.put("a.test.txt", bytes::Bytes::from(text.clone()))
+            .await
+            .unwrap();
     });
-    let e = cli(&["train", "--preset", "tiny", "--data", "memory://train-tests/bad", "--out", "memory://train-tests/badrun"], &rt)
-        .unwrap_err();
-    assert!(e.contains("a.valid.txt line 2") && e.contains("UTF-8"), "{e}");
+    let e = cli(
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--data",
+            "memory://train-tests/bad",
+            "--out",
+            "memory://train-tests/badrun",
+        ],
+        &rt,
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("a.valid.txt line 2") && e.contains("UTF-8"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bench_and_config_commands() {
     let rt = runtime();
-    let b = cli(&["bench", "--vocab", "5000", "--emb", "16", "--hidden", "16", "--batch", "4", "--bptt", "5", "--steps", "3", "--threads", "1"], &rt)
-        .unwrap();
+    let b = cli(
+        &[
+            "bench",
+            "--vocab",
+            "5000",
+            "--emb",
+            "16",
+            "--hidden",
+            "16",
+            "--batch",
+            "4",
+            "--bptt",
+            "5",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+        ],
+        &rt,
+    )
+    .unwrap();
     assert!(b["words_per_sec"].as_f64().unwrap() > 0.0);
     assert!(b["peak_rss_mib"].as_f64().unwrap() > 0.0);
     assert!(b["loss_last"].as_f64().unwrap().is_finite());
-    let mut all = vec!["lightrnn", "config", "--preset", "ptb-small", "--set", "epochs=9"];
+    let mut all = vec![
+        "lightrnn",
+        "config",
+        "--preset",
+        "ptb-small",
+        "--set",
+        "epochs=9",
+    ];
     let c = Cli::try_parse_from(all.drain(..)).unwrap();
     let text = run(&c, rt.handle()).unwrap();
     let cfg = TrainConfig::from_toml(&text, "printed").unwrap();
     assert_eq!((cfg.epochs, cfg.hidden), (9, 200));
-    assert!(cli(&["train", "--preset", "nope", "--data", "x", "--out", "y"], &rt).unwrap_err().contains("ptb-small"));
+    assert!(
+        cli(
+            &["train", "--preset", "nope", "--data", "x", "--out", "y"],
+            &rt
+        )
+        .unwrap_err()
+        .contains("ptb-small")
+    );
 }

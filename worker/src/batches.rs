@@ -50,9 +50,17 @@ pub struct Batches {
 impl Batches {
     /// Batches of `t` steps over `b` streams, starting at position `pos` of each stream
     /// (0 for a new epoch; a checkpoint's cursor on resume).
-    pub fn new(reader: Arc<SplitReader>, handle: Handle, b: usize, t: usize, pos: u64) -> Result<Self> {
+    pub fn new(
+        reader: Arc<SplitReader>,
+        handle: Handle,
+        b: usize,
+        t: usize,
+        pos: u64,
+    ) -> Result<Self> {
         if b == 0 || t == 0 {
-            return Err(Error::Config(format!("batch {b} and bptt {t} must be positive")));
+            return Err(Error::Config(format!(
+                "batch {b} and bptt {t} must be positive"
+            )));
         }
         let n = reader.tokens() / b as u64;
         if n < 2 {
@@ -63,15 +71,33 @@ impl Batches {
             )));
         }
         if pos > n - 1 {
-            return Err(Error::Data(format!("stream position {pos} is beyond the {n} tokens per stream")));
+            return Err(Error::Data(format!(
+                "stream position {pos} is beyond the {n} tokens per stream"
+            )));
         }
         // ~16 MiB of ids per fetch across all streams, whole blocks, at least one batch.
         let bt = reader.manifest().block_tokens;
-        let fetch_tokens = ((4u64 << 20) / b as u64).clamp(bt, 64 * bt).max(t as u64 + 1);
+        let fetch_tokens = ((4u64 << 20) / b as u64)
+            .clamp(bt, 64 * bt)
+            .max(t as u64 + 1);
         let streams = (0..b as u64)
-            .map(|k| StreamBuf { start: k * n + pos, data: Vec::new(), end: (k + 1) * n })
+            .map(|k| StreamBuf {
+                start: k * n + pos,
+                data: Vec::new(),
+                end: (k + 1) * n,
+            })
             .collect();
-        Ok(Self { reader, handle, b, t, n, pos, streams, fetch_tokens, pending: None })
+        Ok(Self {
+            reader,
+            handle,
+            b,
+            t,
+            n,
+            pos,
+            streams,
+            fetch_tokens,
+            pending: None,
+        })
     }
 
     /// Tokens per stream.
@@ -98,7 +124,12 @@ impl Batches {
         let ranges: Vec<(u64, u64)> = self
             .streams
             .iter()
-            .map(|s| (s.fetched_to(), (s.fetched_to() + self.fetch_tokens).min(s.end)))
+            .map(|s| {
+                (
+                    s.fetched_to(),
+                    (s.fetched_to() + self.fetch_tokens).min(s.end),
+                )
+            })
             .collect();
         let reader = self.reader.clone();
         self.pending = Some(self.handle.spawn(async move {
@@ -115,7 +146,10 @@ impl Batches {
 
     fn take_pending(&mut self) -> Result<()> {
         if let Some(p) = self.pending.take() {
-            let chunks = self.handle.block_on(p).map_err(|e| Error::Task(format!("prefetch: {e}")))??;
+            let chunks = self
+                .handle
+                .block_on(p)
+                .map_err(|e| Error::Task(format!("prefetch: {e}")))??;
             for (s, c) in self.streams.iter_mut().zip(chunks) {
                 s.data.extend_from_slice(&c);
             }
@@ -130,7 +164,11 @@ impl Batches {
         }
         let t = (self.t as u64).min(self.n - 1 - self.pos) as usize;
         let need = |s: &StreamBuf, pos: u64, n: u64| (s.end - n) + pos + t as u64 + 1;
-        while self.streams.iter().any(|s| s.fetched_to() < need(s, self.pos, self.n)) {
+        while self
+            .streams
+            .iter()
+            .any(|s| s.fetched_to() < need(s, self.pos, self.n))
+        {
             if self.pending.is_none() {
                 self.spawn_fetch();
             }
@@ -180,8 +218,14 @@ mod tests {
     use std::collections::HashMap;
 
     fn setup(total: u32) -> (Arc<SplitReader>, Vec<u32>, tokio::runtime::Runtime) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let mut c: HashMap<String, u64> = (0..98).map(|i| (format!("w{i}"), 1000 - i as u64)).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut c: HashMap<String, u64> = (0..98)
+            .map(|i| (format!("w{i}"), 1000 - i as u64))
+            .collect();
         c.insert("<eos>".into(), 1);
         let v = Vocab::build(c, 0).unwrap();
         let ids: Vec<u32> = (0..total).map(|i| (i * 31 + i / 7) % 100).collect();

@@ -121,14 +121,26 @@ fn i64_bytes(v: impl Iterator<Item = i64>) -> Vec<u8> {
 }
 
 fn st_err(url: &str, e: impl std::fmt::Display) -> Error {
-    Error::Checkpoint { url: url.to_string(), msg: e.to_string() }
+    Error::Checkpoint {
+        url: url.to_string(),
+        msg: e.to_string(),
+    }
 }
 
 /// Serialize named tensors: (name, dtype, shape, little-endian bytes).
-fn serialize(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], info: HashMap<String, String>, url: &str) -> Result<Vec<u8>> {
+fn serialize(
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    info: HashMap<String, String>,
+    url: &str,
+) -> Result<Vec<u8>> {
     let views: Result<Vec<(String, TensorView<'_>)>> = tensors
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| st_err(url, e))?)))
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).map_err(|e| st_err(url, e))?,
+            ))
+        })
         .collect();
     safetensors::serialize(views?, Some(info)).map_err(|e| st_err(url, e))
 }
@@ -141,11 +153,28 @@ pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
         .layout
         .specs
         .iter()
-        .map(|s| (s.name.clone(), Dtype::F32, s.shape.clone(), f32_bytes(&req.params[s.range()])))
+        .map(|s| {
+            (
+                s.name.clone(),
+                Dtype::F32,
+                s.shape.clone(),
+                f32_bytes(&req.params[s.range()]),
+            )
+        })
         .collect();
     let cols = d.cols as u32;
-    tensors.push(("row".into(), Dtype::I64, vec![d.vocab], i64_bytes(req.cells.iter().map(|&c| (c / cols) as i64))));
-    tensors.push(("col".into(), Dtype::I64, vec![d.vocab], i64_bytes(req.cells.iter().map(|&c| (c % cols) as i64))));
+    tensors.push((
+        "row".into(),
+        Dtype::I64,
+        vec![d.vocab],
+        i64_bytes(req.cells.iter().map(|&c| (c / cols) as i64)),
+    ));
+    tensors.push((
+        "col".into(),
+        Dtype::I64,
+        vec![d.vocab],
+        i64_bytes(req.cells.iter().map(|&c| (c % cols) as i64)),
+    ));
     let info: HashMap<String, String> = [
         ("format".to_string(), "lightrnn".to_string()),
         ("vocab_sha256".to_string(), req.vocab.sha256()),
@@ -158,7 +187,12 @@ pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
         let mut t = Vec::new();
         for (buf, values) in &o.buffers {
             for s in &req.layout.specs {
-                t.push((format!("{buf}.{}", s.name), Dtype::F32, s.shape.clone(), f32_bytes(&values[s.range()])));
+                t.push((
+                    format!("{buf}.{}", s.name),
+                    Dtype::F32,
+                    s.shape.clone(),
+                    f32_bytes(&values[s.range()]),
+                ));
             }
         }
         if !t.is_empty() {
@@ -177,7 +211,11 @@ pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
     let mut meta = req.meta;
     meta.files.clear();
     for (name, bytes) in objects {
-        meta.files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: hex(&Sha256::digest(&bytes)) });
+        meta.files.push(FileEntry {
+            name: name.into(),
+            bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(&bytes)),
+        });
         dir.put(name, Bytes::from(bytes)).await?;
     }
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| st_err(&url, e))?;
@@ -187,14 +225,21 @@ pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
 /// Read and verify the checkpoint in `dir`.
 pub async fn load(dir: &Location) -> Result<Checkpoint> {
     let url = dir.url().to_string();
-    let bad = |m: String| Error::Checkpoint { url: url.clone(), msg: m };
+    let bad = |m: String| Error::Checkpoint {
+        url: url.clone(),
+        msg: m,
+    };
     let meta_bytes = dir.get(META).await?;
     if meta_bytes.len() > 64 << 20 {
         return Err(bad("meta.json is larger than 64 MiB".into()));
     }
-    let meta: Meta = serde_json::from_slice(&meta_bytes).map_err(|e| bad(format!("meta.json: {e}")))?;
+    let meta: Meta =
+        serde_json::from_slice(&meta_bytes).map_err(|e| bad(format!("meta.json: {e}")))?;
     if meta.format != FORMAT || meta.version != 1 {
-        return Err(bad(format!("format {:?} version {} is not {FORMAT} 1", meta.format, meta.version)));
+        return Err(bad(format!(
+            "format {:?} version {} is not {FORMAT} 1",
+            meta.format, meta.version
+        )));
     }
     meta.dims.validate()?;
     let mut objects: HashMap<String, Bytes> = HashMap::new();
@@ -204,28 +249,48 @@ pub async fn load(dir: &Location) -> Result<Checkpoint> {
         }
         let b = dir.get(&f.name).await?;
         if b.len() as u64 != f.bytes {
-            return Err(bad(format!("{} has {} bytes, meta.json lists {}", f.name, b.len(), f.bytes)));
+            return Err(bad(format!(
+                "{} has {} bytes, meta.json lists {}",
+                f.name,
+                b.len(),
+                f.bytes
+            )));
         }
         if hex(&Sha256::digest(&b)) != f.sha256 {
             return Err(bad(format!("{} fails its SHA-256 check", f.name)));
         }
         objects.insert(f.name.clone(), b);
     }
-    let get = |n: &str| objects.get(n).ok_or_else(|| bad(format!("meta.json does not list {n}")));
-    let vocab_text = std::str::from_utf8(get(VOCAB)?).map_err(|_| bad("vocab.txt is not UTF-8".into()))?;
+    let get = |n: &str| {
+        objects
+            .get(n)
+            .ok_or_else(|| bad(format!("meta.json does not list {n}")))
+    };
+    let vocab_text =
+        std::str::from_utf8(get(VOCAB)?).map_err(|_| bad("vocab.txt is not UTF-8".into()))?;
     let vocab = Vocab::parse(vocab_text, &dir.url_of(VOCAB))?;
     if vocab.len() != meta.dims.vocab || vocab.sha256() != meta.vocab_sha256 {
         return Err(bad("vocab.txt does not match the model's vocabulary".into()));
     }
     let layout = ParamLayout::new(meta.dims);
     let model = SafeTensors::deserialize(get(MODEL)?).map_err(|e| bad(format!("{MODEL}: {e}")))?;
-    let read_f32 = |st: &SafeTensors<'_>, name: &str, shape: &[usize], what: &str| -> Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|e| bad(format!("{what}: {name}: {e}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
-            return Err(bad(format!("{what}: {name} is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
-        }
-        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-    };
+    let read_f32 =
+        |st: &SafeTensors<'_>, name: &str, shape: &[usize], what: &str| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .map_err(|e| bad(format!("{what}: {name}: {e}")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                return Err(bad(format!(
+                    "{what}: {name} is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
     let mut params = vec![0f32; layout.total];
     for s in &layout.specs {
         params[s.range()].copy_from_slice(&read_f32(&model, &s.name, &s.shape, MODEL)?);
@@ -234,55 +299,91 @@ pub async fn load(dir: &Location) -> Result<Checkpoint> {
         return Err(bad(format!("{MODEL}: parameter {p} is not finite")));
     }
     let read_i64 = |name: &str| -> Result<Vec<i64>> {
-        let t = model.tensor(name).map_err(|e| bad(format!("{MODEL}: {name}: {e}")))?;
+        let t = model
+            .tensor(name)
+            .map_err(|e| bad(format!("{MODEL}: {name}: {e}")))?;
         if t.dtype() != Dtype::I64 || t.shape() != [meta.dims.vocab] {
-            return Err(bad(format!("{MODEL}: {name} must be I64 [{}]", meta.dims.vocab)));
+            return Err(bad(format!(
+                "{MODEL}: {name} must be I64 [{}]",
+                meta.dims.vocab
+            )));
         }
-        Ok(t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        Ok(t.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
     };
     let (rows, cols) = (read_i64("row")?, read_i64("col")?);
     let mut cells = Vec::with_capacity(meta.dims.vocab);
     for (w, (&r, &c)) in rows.iter().zip(&cols).enumerate() {
         if r < 0 || c < 0 || r as usize >= meta.dims.rows || c as usize >= meta.dims.cols {
-            return Err(bad(format!("word {w} is allocated cell ({r}, {c}) outside the table")));
+            return Err(bad(format!(
+                "word {w} is allocated cell ({r}, {c}) outside the table"
+            )));
         }
         cells.push((r as usize * meta.dims.cols + c as usize) as u32);
     }
     lightrnn_kernels::cpu::check_allocation(&meta.dims, &cells).map_err(|e| bad(e.to_string()))?;
     let optimizer = match (&meta.optimizer, objects.get(OPTIMIZER)) {
         (Some(rule), Some(bytes)) => {
-            let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{OPTIMIZER}: {e}")))?;
+            let st =
+                SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{OPTIMIZER}: {e}")))?;
             let mut buffers = Vec::new();
             for name in rule.state_names() {
                 let mut v = vec![0f32; layout.total];
                 for s in &layout.specs {
-                    v[s.range()].copy_from_slice(&read_f32(&st, &format!("{name}.{}", s.name), &s.shape, OPTIMIZER)?);
+                    v[s.range()].copy_from_slice(&read_f32(
+                        &st,
+                        &format!("{name}.{}", s.name),
+                        &s.shape,
+                        OPTIMIZER,
+                    )?);
                 }
                 buffers.push((name.to_string(), v));
             }
-            Some(OptimizerState { rule: *rule, updates: meta.optimizer_updates, buffers })
+            Some(OptimizerState {
+                rule: *rule,
+                updates: meta.optimizer_updates,
+                buffers,
+            })
         }
-        (Some(rule), None) if rule.state_names().is_empty() => {
-            Some(OptimizerState { rule: *rule, updates: meta.optimizer_updates, buffers: vec![] })
-        }
+        (Some(rule), None) if rule.state_names().is_empty() => Some(OptimizerState {
+            rule: *rule,
+            updates: meta.optimizer_updates,
+            buffers: vec![],
+        }),
         (Some(_), None) => return Err(bad("the optimizer's state is missing".into())),
         (None, _) => None,
     };
     let state = match objects.get(STATE) {
         Some(bytes) => {
             let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{STATE}: {e}")))?;
-            let t = st.tensor("h").map_err(|e| bad(format!("{STATE}: h: {e}")))?;
+            let t = st
+                .tensor("h")
+                .map_err(|e| bad(format!("{STATE}: h: {e}")))?;
             let shape = t.shape().to_vec();
             if shape.len() != 3 || shape[0] != meta.dims.layers || shape[2] != meta.dims.hidden {
                 return Err(bad(format!("{STATE}: h has shape {shape:?}")));
             }
             let h = read_f32(&st, "h", &shape, STATE)?;
             let c = read_f32(&st, "c", &shape, STATE)?;
-            Some(State { batch: shape[1], h, c })
+            Some(State {
+                batch: shape[1],
+                h,
+                c,
+            })
         }
         None => None,
     };
-    Ok(Checkpoint { url, meta, vocab, params, cells, optimizer, state })
+    Ok(Checkpoint {
+        url,
+        meta,
+        vocab,
+        params,
+        cells,
+        optimizer,
+        state,
+    })
 }
 
 /// Name of the checkpoint directory of `step`.
@@ -296,9 +397,13 @@ pub async fn list(run: &Location) -> Result<Vec<(u64, Location)>> {
     let (_, dirs) = base.list().await?;
     let mut out: Vec<(u64, Location)> = dirs
         .iter()
-        .filter_map(|d| d.strip_prefix("step-").and_then(|s| s.parse().ok()).map(|s: u64| (s, base.join(d))))
+        .filter_map(|d| {
+            d.strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+                .map(|s: u64| (s, base.join(d)))
+        })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|x| std::cmp::Reverse(x.0));
     Ok(out)
 }
 
@@ -307,7 +412,9 @@ pub async fn newest(run: &Location) -> Result<Option<Checkpoint>> {
     for (_, dir) in list(run).await? {
         match load(&dir).await {
             Ok(c) => return Ok(Some(c)),
-            Err(e) => tracing::warn!(checkpoint = %dir, error = %e, "skipping a checkpoint that does not verify"),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir, error = %e, "skipping a checkpoint that does not verify")
+            }
         }
     }
     Ok(None)
@@ -322,7 +429,8 @@ pub async fn resolve(path: &Location) -> Result<Checkpoint> {
         Some(c) => Ok(c),
         None => Err(Error::Checkpoint {
             url: path.url().to_string(),
-            msg: "neither a checkpoint (no meta.json) nor a run directory with a valid checkpoint".into(),
+            msg: "neither a checkpoint (no meta.json) nor a run directory with a valid checkpoint"
+                .into(),
         }),
     }
 }

@@ -101,7 +101,10 @@ impl TrainConfig {
     pub fn preset(name: &str) -> Result<Self> {
         let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
             let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
-            Error::Config(format!("unknown preset {name:?} (available: {})", names.join(", ")))
+            Error::Config(format!(
+                "unknown preset {name:?} (available: {})",
+                names.join(", ")
+            ))
         })?;
         Self::from_toml(text, &format!("preset {name}"))
     }
@@ -132,7 +135,9 @@ impl TrainConfig {
             };
             table.insert(k.to_string(), value);
         }
-        let c: Self = table.try_into().map_err(|e: toml::de::Error| Error::Config(format!("--set: {e}")))?;
+        let c: Self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("--set: {e}")))?;
         c.validate()?;
         Ok(c)
     }
@@ -144,7 +149,10 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.emb == 0 || self.hidden == 0 || self.layers == 0 || self.layers > 32 {
-            return bad(format!("emb {}, hidden {}, layers {}: need positive sizes and at most 32 layers", self.emb, self.hidden, self.layers));
+            return bad(format!(
+                "emb {}, hidden {}, layers {}: need positive sizes and at most 32 layers",
+                self.emb, self.hidden, self.layers
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout {} is not in [0, 1)", self.dropout));
@@ -156,10 +164,20 @@ impl TrainConfig {
             return bad("epochs = 0 and max_steps = 0: nothing to train".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) || self.lr_decay < 1.0 || self.clip < 0.0 {
-            return bad(format!("lr {} must be positive, lr_decay {} >= 1, clip {} >= 0", self.lr, self.lr_decay, self.clip));
+            return bad(format!(
+                "lr {} must be positive, lr_decay {} >= 1, clip {} >= 0",
+                self.lr, self.lr_decay, self.clip
+            ));
         }
-        if self.max_line_bytes == 0 || self.shard_tokens == 0 || self.log_every == 0 || self.keep_checkpoints == 0 {
-            return bad("max_line_bytes, shard_tokens, log_every and keep_checkpoints must be positive".into());
+        if self.max_line_bytes == 0
+            || self.shard_tokens == 0
+            || self.log_every == 0
+            || self.keep_checkpoints == 0
+        {
+            return bad(
+                "max_line_bytes, shard_tokens, log_every and keep_checkpoints must be positive"
+                    .into(),
+            );
         }
         self.optimizer_rule()?;
         Ok(())
@@ -168,17 +186,26 @@ impl TrainConfig {
     pub fn optimizer_rule(&self) -> Result<Optimizer> {
         match self.optimizer.as_str() {
             "sgd" => Ok(Optimizer::Sgd),
-            "adam" => Ok(Optimizer::Adam { beta1: self.adam_beta1, beta2: self.adam_beta2, eps: self.adam_eps }),
+            "adam" => Ok(Optimizer::Adam {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_eps,
+            }),
             "adagrad" => Ok(Optimizer::Adagrad {
                 eps: self.adagrad_eps,
                 initial_accumulator: self.adagrad_initial_accumulator,
             }),
-            other => Err(Error::Config(format!("optimizer {other:?}: expected sgd, adam or adagrad"))),
+            other => Err(Error::Config(format!(
+                "optimizer {other:?}: expected sgd, adam or adagrad"
+            ))),
         }
     }
 
     pub fn text_options(&self) -> crate::text::TextOptions {
-        crate::text::TextOptions { lowercase: self.lowercase, max_line_bytes: self.max_line_bytes }
+        crate::text::TextOptions {
+            lowercase: self.lowercase,
+            max_line_bytes: self.max_line_bytes,
+        }
     }
 }
 
@@ -189,27 +216,47 @@ mod tests {
     #[test]
     fn presets_parse_and_overrides_apply() {
         let c = TrainConfig::preset("ptb-small").unwrap();
-        assert_eq!((c.emb, c.hidden, c.layers, c.batch, c.epochs), (200, 200, 2, 20, 6));
+        assert_eq!(
+            (c.emb, c.hidden, c.layers, c.batch, c.epochs),
+            (200, 200, 2, 20, 6)
+        );
         let c = c
-            .with_overrides(&["max_steps=200".into(), "optimizer=adam".into(), "dropout = 0.5".into()])
+            .with_overrides(&[
+                "max_steps=200".into(),
+                "optimizer=adam".into(),
+                "dropout = 0.5".into(),
+            ])
             .unwrap();
         assert_eq!(c.max_steps, 200);
         assert_eq!(c.optimizer, "adam");
         assert_eq!(c.dropout, 0.5);
-        assert!(matches!(c.optimizer_rule().unwrap(), Optimizer::Adam { .. }));
+        assert!(matches!(
+            c.optimizer_rule().unwrap(),
+            Optimizer::Adam { .. }
+        ));
         assert!(TrainConfig::preset("tiny").is_ok());
     }
 
     #[test]
     fn bad_keys_and_values_are_refused() {
         let c = TrainConfig::default();
-        assert!(c.with_overrides(&["hiden=3".into()]).unwrap_err().to_string().contains("unknown key"));
+        assert!(
+            c.with_overrides(&["hiden=3".into()])
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key")
+        );
         assert!(c.with_overrides(&["dropout=1.5".into()]).is_err());
         assert!(c.with_overrides(&["batch=-1".into()]).is_err());
         assert!(c.with_overrides(&["optimizer=lbfgs".into()]).is_err());
         assert!(c.with_overrides(&["nokey".into()]).is_err());
         assert!(TrainConfig::from_toml("emb = 3\nbogus = 1\n", "x").is_err());
-        assert!(TrainConfig::preset("nope").unwrap_err().to_string().contains("ptb-small"));
+        assert!(
+            TrainConfig::preset("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("ptb-small")
+        );
         let round = TrainConfig::from_toml(&c.to_toml(), "round trip").unwrap();
         assert_eq!(round, c);
     }

@@ -1,9 +1,8 @@
 //! A training corpus: a vocabulary and the train/valid/test splits as shards.
 //!
-//! `--data` names either a prepared dataset (`vocab.txt` + `{train,valid,test}.manifest.json`
-//! + shards, as `prepare` writes) or a directory of text files whose names contain
-//! `train`, `valid` and `test` (PTB's `ptb.train.txt`, ...; several files of a split are
-//! read in name order). Text is tokenised once into the run's cache and reused while the
+//! `--data` names either a prepared dataset (`vocab.txt`, `{train,valid,test}.manifest.json`
+//! and the shards) or a directory of text files whose names contain `train`, `valid` and
+//! `test` (PTB's `ptb.train.txt`, ...; several files of a split are read in name order). Text is tokenised once into the run's cache and reused while the
 //! text objects and the text options are unchanged.
 
 use std::collections::HashMap;
@@ -11,7 +10,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-
 
 use crate::shards::{Manifest, ShardWriter, Source, SplitReader};
 use crate::store::Location;
@@ -48,22 +46,35 @@ impl Dataset {
     pub async fn open(loc: &Location) -> Result<Self> {
         let text = loc.get(VOCAB_FILE).await?;
         let url = loc.url_of(VOCAB_FILE);
-        let text = std::str::from_utf8(&text).map_err(|_| Error::Data(format!("{url}: not UTF-8")))?;
+        let text =
+            std::str::from_utf8(&text).map_err(|_| Error::Data(format!("{url}: not UTF-8")))?;
         let vocab = Arc::new(Vocab::parse(text, &url)?);
         let train = SplitReader::open(loc, "train", &vocab).await?;
         let valid = SplitReader::open(loc, "valid", &vocab).await?;
         let test = SplitReader::open(loc, "test", &vocab).await?;
-        Ok(Self { loc: loc.clone(), vocab, train, valid, test })
+        Ok(Self {
+            loc: loc.clone(),
+            vocab,
+            train,
+            valid,
+            test,
+        })
     }
 
     /// Whether `loc` holds a prepared dataset.
     pub async fn is_prepared(loc: &Location) -> Result<bool> {
-        Ok(loc.head(VOCAB_FILE).await?.is_some() && loc.head(&Manifest::object_name("train")).await?.is_some())
+        Ok(loc.head(VOCAB_FILE).await?.is_some()
+            && loc.head(&Manifest::object_name("train")).await?.is_some())
     }
 
     /// Open `data` if it is prepared; otherwise tokenise its text files into `cache`
     /// (reusing what is there when sources and options match).
-    pub async fn open_or_prepare(data: &Location, cache: &Location, opts: &PrepareOptions, progress: Progress<'_>) -> Result<Self> {
+    pub async fn open_or_prepare(
+        data: &Location,
+        cache: &Location,
+        opts: &PrepareOptions,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
         if Self::is_prepared(data).await? {
             return Self::open(data).await;
         }
@@ -100,7 +111,11 @@ async fn find_text(data: &Location) -> Result<SplitSources> {
     Ok(out)
 }
 
-async fn cached_matches(cache: &Location, sources: &SplitSources, opts: &PrepareOptions) -> Result<bool> {
+async fn cached_matches(
+    cache: &Location,
+    sources: &SplitSources,
+    opts: &PrepareOptions,
+) -> Result<bool> {
     if !Dataset::is_prepared(cache).await? {
         return Ok(false);
     }
@@ -123,9 +138,18 @@ async fn cached_matches(cache: &Location, sources: &SplitSources, opts: &Prepare
 }
 
 /// Count words, build the vocabulary, write shards and manifests (manifests last).
-async fn prepare(data: &Location, sources: &SplitSources, out: &Location, opts: &PrepareOptions, progress: Progress<'_>) -> Result<()> {
+async fn prepare(
+    data: &Location,
+    sources: &SplitSources,
+    out: &Location,
+    opts: &PrepareOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
     let text_opts = opts.text.clone();
-    let total_bytes: u64 = sources.iter().flat_map(|(_, f)| f.iter().map(|x| x.1)).sum();
+    let total_bytes: u64 = sources
+        .iter()
+        .flat_map(|(_, f)| f.iter().map(|x| x.1))
+        .sum();
     let train_bytes: u64 = sources[0].1.iter().map(|x| x.1).sum();
     // Pass 1: counts over the training text.
     let mut counts: HashMap<String, u64> = HashMap::new();
@@ -175,7 +199,12 @@ async fn prepare(data: &Location, sources: &SplitSources, out: &Location, opts: 
                 }
             }
             done += r.bytes();
-            srcs.push(Source { url: data.url_of(name), bytes: *size, e_tag: tag.clone(), lines: r.line_no() });
+            srcs.push(Source {
+                url: data.url_of(name),
+                bytes: *size,
+                e_tag: tag.clone(),
+                lines: r.line_no(),
+            });
         }
         w.extend(&ids).await?;
         ids.clear();
@@ -192,7 +221,10 @@ mod tests {
 
     fn opts() -> PrepareOptions {
         PrepareOptions {
-            text: TextOptions { lowercase: false, max_line_bytes: 1 << 20 },
+            text: TextOptions {
+                lowercase: false,
+                max_line_bytes: 1 << 20,
+            },
             vocab_size: 0,
             shard_tokens: 1 << 20,
         }
@@ -201,29 +233,65 @@ mod tests {
     #[tokio::test]
     async fn prepares_text_once_and_reuses_it() {
         let data = Location::parse("memory://dataset-tests/text").unwrap();
-        data.put("x.train.txt", Bytes::from_static(b"a b c\nb c\n")).await.unwrap();
-        data.put("x.valid.txt", Bytes::from_static(b"a d\n")).await.unwrap();
-        data.put("x.test.txt", Bytes::from_static(b"c c\n")).await.unwrap();
+        data.put("x.train.txt", Bytes::from_static(b"a b c\nb c\n"))
+            .await
+            .unwrap();
+        data.put("x.valid.txt", Bytes::from_static(b"a d\n"))
+            .await
+            .unwrap();
+        data.put("x.test.txt", Bytes::from_static(b"c c\n"))
+            .await
+            .unwrap();
         let cache = Location::parse("memory://dataset-tests/cache").unwrap();
-        let ds = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.unwrap();
+        let ds = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+            .await
+            .unwrap();
         assert_eq!(ds.vocab.len(), 5); // b c <eos> a <unk>
         assert_eq!(ds.train.tokens(), 7);
         let v = ds.valid.read(0, 3).await.unwrap();
         assert_eq!(v, vec![ds.vocab.id("a"), ds.vocab.unk(), ds.vocab.eos()]);
-        let first = cache.head("train-00000.u32").await.unwrap().unwrap().last_modified;
-        let again = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.unwrap();
+        let first = cache
+            .head("train-00000.u32")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_modified;
+        let again = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+            .await
+            .unwrap();
         assert_eq!(again.vocab.sha256(), ds.vocab.sha256());
-        assert_eq!(cache.head("train-00000.u32").await.unwrap().unwrap().last_modified, first);
+        assert_eq!(
+            cache
+                .head("train-00000.u32")
+                .await
+                .unwrap()
+                .unwrap()
+                .last_modified,
+            first
+        );
         // A prepared dataset opens directly.
-        assert_eq!(Dataset::open_or_prepare(&cache, &data, &opts(), &|_, _, _| {}).await.unwrap().test.tokens(), 3);
+        assert_eq!(
+            Dataset::open_or_prepare(&cache, &data, &opts(), &|_, _, _| {})
+                .await
+                .unwrap()
+                .test
+                .tokens(),
+            3
+        );
     }
 
     #[tokio::test]
     async fn missing_split_is_a_clear_error() {
         let data = Location::parse("memory://dataset-tests/partial").unwrap();
-        data.put("a.train.txt", Bytes::from_static(b"a\n")).await.unwrap();
+        data.put("a.train.txt", Bytes::from_static(b"a\n"))
+            .await
+            .unwrap();
         let cache = Location::parse("memory://dataset-tests/partial-cache").unwrap();
-        let e = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {}).await.err().unwrap().to_string();
+        let e = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("\"valid\""), "{e}");
     }
 }

@@ -51,11 +51,20 @@ pub fn eval_file(
         Ok::<_, Error>(ids)
     })?;
     let split = SplitReader::in_memory(&name, ids, &ck.vocab)?;
-    let mcfg = ModelConfig { dims: ck.meta.dims, dropout: 0.0, seed: ck.meta.rng_seed, threads };
+    let mcfg = ModelConfig {
+        dims: ck.meta.dims,
+        dropout: 0.0,
+        seed: ck.meta.rng_seed,
+        threads,
+    };
     let mut be = open_backend(backend, &mcfg)?;
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let b = batch.unwrap_or(cfg.eval_batch);
     let (loss, words) = evaluate(&mut *be, &split, b, cfg.bptt, handle)?;
-    Ok(EvalReport { ppl: loss.exp(), loss, words })
+    Ok(EvalReport {
+        ppl: loss.exp(),
+        loss,
+        words,
+    })
 }

@@ -67,13 +67,19 @@ impl Manifest {
     pub async fn load(loc: &Location, split: &str) -> Result<Self> {
         let name = Self::object_name(split);
         let url = loc.url_of(&name);
-        let meta = loc.head(&name).await?.ok_or_else(|| Error::NotFound(url.clone()))?;
+        let meta = loc
+            .head(&name)
+            .await?
+            .ok_or_else(|| Error::NotFound(url.clone()))?;
         if meta.size > MAX_MANIFEST_BYTES {
-            return Err(Error::Data(format!("{url}: {} bytes is too large for a manifest", meta.size)));
+            return Err(Error::Data(format!(
+                "{url}: {} bytes is too large for a manifest",
+                meta.size
+            )));
         }
         let bytes = loc.get(&name).await?;
-        let m: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| Error::Data(format!("{url}: not a shard manifest: {e}")))?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Data(format!("{url}: not a shard manifest: {e}")))?;
         m.validate(&url)?;
         Ok(m)
     }
@@ -82,7 +88,10 @@ impl Manifest {
     pub fn validate(&self, url: &str) -> Result<()> {
         let bad = |m: String| Err(Error::Data(format!("{url}: {m}")));
         if self.format != MANIFEST_FORMAT || self.version != 1 {
-            return bad(format!("format {:?} version {} is not {MANIFEST_FORMAT} 1", self.format, self.version));
+            return bad(format!(
+                "format {:?} version {} is not {MANIFEST_FORMAT} 1",
+                self.format, self.version
+            ));
         }
         if self.dtype != "uint32-le" {
             return bad(format!("dtype {:?} is not uint32-le", self.dtype));
@@ -93,18 +102,34 @@ impl Manifest {
         let mut total = 0u64;
         for s in &self.shards {
             if s.name.is_empty() || s.name.contains("..") || s.name.starts_with('/') {
-                return bad(format!("shard name {:?} is not a plain relative name", s.name));
+                return bad(format!(
+                    "shard name {:?} is not a plain relative name",
+                    s.name
+                ));
             }
-            if s.bytes != s.tokens.checked_mul(4).unwrap_or(u64::MAX) {
-                return bad(format!("shard {} lists {} tokens but {} bytes", s.name, s.tokens, s.bytes));
+            if s.bytes != s.tokens.saturating_mul(4) {
+                return bad(format!(
+                    "shard {} lists {} tokens but {} bytes",
+                    s.name, s.tokens, s.bytes
+                ));
             }
             if s.block_crc32c.len() as u64 != s.tokens.div_ceil(self.block_tokens) {
-                return bad(format!("shard {} lists {} block checksums for {} tokens", s.name, s.block_crc32c.len(), s.tokens));
+                return bad(format!(
+                    "shard {} lists {} block checksums for {} tokens",
+                    s.name,
+                    s.block_crc32c.len(),
+                    s.tokens
+                ));
             }
-            total = total.checked_add(s.tokens).ok_or_else(|| Error::Data(format!("{url}: token count overflows")))?;
+            total = total
+                .checked_add(s.tokens)
+                .ok_or_else(|| Error::Data(format!("{url}: token count overflows")))?;
         }
         if total != self.tokens {
-            return bad(format!("shards hold {total} tokens, the manifest says {}", self.tokens));
+            return bad(format!(
+                "shards hold {total} tokens, the manifest says {}",
+                self.tokens
+            ));
         }
         Ok(())
     }
@@ -169,7 +194,10 @@ impl ShardWriter {
         for id in &ids {
             bytes.extend_from_slice(&id.to_le_bytes());
         }
-        let block_crc32c = bytes.chunks(self.block_tokens as usize * 4).map(crc32c::crc32c).collect();
+        let block_crc32c = bytes
+            .chunks(self.block_tokens as usize * 4)
+            .map(crc32c::crc32c)
+            .collect();
         let name = format!("{}-{:05}.u32", self.split, self.shards.len());
         let info = ShardInfo {
             name: name.clone(),
@@ -185,7 +213,11 @@ impl ShardWriter {
     }
 
     /// Write the last shard and the manifest.
-    pub async fn finish(mut self, sources: Vec<Source>, text_options: serde_json::Value) -> Result<Manifest> {
+    pub async fn finish(
+        mut self,
+        sources: Vec<Source>,
+        text_options: serde_json::Value,
+    ) -> Result<Manifest> {
         if !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
             self.write_shard(rest).await?;
@@ -203,8 +235,11 @@ impl ShardWriter {
             sources,
             text_options,
         };
-        let json = serde_json::to_vec_pretty(&m).map_err(|e| Error::Data(format!("manifest: {e}")))?;
-        self.loc.put(&Manifest::object_name(&self.split), Bytes::from(json)).await?;
+        let json =
+            serde_json::to_vec_pretty(&m).map_err(|e| Error::Data(format!("manifest: {e}")))?;
+        self.loc
+            .put(&Manifest::object_name(&self.split), Bytes::from(json))
+            .await?;
         Ok(m)
     }
 }
@@ -229,7 +264,10 @@ impl SplitReader {
         let mut starts = Vec::with_capacity(manifest.shards.len());
         let mut at = 0;
         for s in &manifest.shards {
-            let meta = loc.head(&s.name).await?.ok_or_else(|| Error::NotFound(loc.url_of(&s.name)))?;
+            let meta = loc
+                .head(&s.name)
+                .await?
+                .ok_or_else(|| Error::NotFound(loc.url_of(&s.name)))?;
             if meta.size != s.bytes {
                 return Err(Error::Data(format!(
                     "{}: {} bytes, the manifest lists {}",
@@ -241,13 +279,22 @@ impl SplitReader {
             starts.push(at);
             at += s.tokens;
         }
-        Ok(Arc::new(Self { loc: loc.clone(), manifest, starts, vocab_size: vocab.len() as u32, memory: None }))
+        Ok(Arc::new(Self {
+            loc: loc.clone(),
+            manifest,
+            starts,
+            vocab_size: vocab.len() as u32,
+            memory: None,
+        }))
     }
 
     /// A split whose ids are already in memory (checked against `vocab`).
     pub fn in_memory(split: &str, ids: Vec<u32>, vocab: &Vocab) -> Result<Arc<Self>> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab.len()) {
-            return Err(Error::Data(format!("token id {bad} is outside the vocabulary of {}", vocab.len())));
+            return Err(Error::Data(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                vocab.len()
+            )));
         }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -263,7 +310,13 @@ impl SplitReader {
             text_options: serde_json::Value::Null,
         };
         let loc = Location::parse("memory://lightrnn-in-memory")?;
-        Ok(Arc::new(Self { loc, manifest, starts: vec![], vocab_size: vocab.len() as u32, memory: Some(ids) }))
+        Ok(Arc::new(Self {
+            loc,
+            manifest,
+            starts: vec![],
+            vocab_size: vocab.len() as u32,
+            memory: Some(ids),
+        }))
     }
 
     pub fn tokens(&self) -> u64 {
@@ -298,7 +351,10 @@ impl SplitReader {
             let (t0, t1) = (b0 * bt, (b1 * bt).min(shard.tokens));
             let bytes = self.loc.get_range(&shard.name, t0 * 4..t1 * 4).await?;
             if bytes.len() as u64 != (t1 - t0) * 4 {
-                return Err(Error::Data(format!("{}: short read", self.loc.url_of(&shard.name))));
+                return Err(Error::Data(format!(
+                    "{}: short read",
+                    self.loc.url_of(&shard.name)
+                )));
             }
             for (k, blk) in bytes.chunks(bt as usize * 4).enumerate() {
                 let b = b0 as usize + k;
@@ -336,7 +392,9 @@ mod tests {
     use std::collections::HashMap;
 
     fn vocab(n: usize) -> Vocab {
-        let mut c: HashMap<String, u64> = (0..n - 2).map(|i| (format!("w{i}"), 10 + i as u64)).collect();
+        let mut c: HashMap<String, u64> = (0..n - 2)
+            .map(|i| (format!("w{i}"), 10 + i as u64))
+            .collect();
         c.insert("<eos>".into(), 1);
         Vocab::build(c, 0).unwrap()
     }
@@ -353,8 +411,19 @@ mod tests {
         assert_eq!(m.tokens, 100_000);
         assert!(m.shards.len() >= 2);
         let r = SplitReader::open(&loc, "train", &v).await.unwrap();
-        for (a, b) in [(0u64, 10u64), (16_380, 16_400), (49_000, 50_001), (99_990, 100_000), (5, 5), (0, 100_000)] {
-            assert_eq!(r.read(a, b).await.unwrap(), &ids[a as usize..b as usize], "{a}..{b}");
+        for (a, b) in [
+            (0u64, 10u64),
+            (16_380, 16_400),
+            (49_000, 50_001),
+            (99_990, 100_000),
+            (5, 5),
+            (0, 100_000),
+        ] {
+            assert_eq!(
+                r.read(a, b).await.unwrap(),
+                &ids[a as usize..b as usize],
+                "{a}..{b}"
+            );
         }
         assert!(r.read(10, 100_001).await.is_err());
     }
@@ -364,21 +433,31 @@ mod tests {
         let loc = Location::parse("memory://shard-tests/b").unwrap();
         let v = vocab(20);
         let mut w = ShardWriter::new(&loc, "valid", &v, 1 << 20);
-        w.extend(&(0..40_000u32).map(|i| i % 20).collect::<Vec<_>>()).await.unwrap();
+        w.extend(&(0..40_000u32).map(|i| i % 20).collect::<Vec<_>>())
+            .await
+            .unwrap();
         w.finish(vec![], serde_json::json!({})).await.unwrap();
         // Another vocabulary.
-        let e = SplitReader::open(&loc, "valid", &vocab(21)).await.err().unwrap().to_string();
+        let e = SplitReader::open(&loc, "valid", &vocab(21))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("vocabulary"), "{e}");
         // Flip one byte in the middle block.
         let mut bytes = loc.get("valid-00000.u32").await.unwrap().to_vec();
         bytes[20_000 * 4] ^= 1;
-        loc.put("valid-00000.u32", Bytes::from(bytes)).await.unwrap();
+        loc.put("valid-00000.u32", Bytes::from(bytes))
+            .await
+            .unwrap();
         let r = SplitReader::open(&loc, "valid", &v).await.unwrap();
         assert!(r.read(0, 100).await.is_ok());
         let e = r.read(19_000, 21_000).await.unwrap_err().to_string();
         assert!(e.contains("CRC-32C"), "{e}");
         // A truncated shard is refused at open.
-        loc.put("valid-00000.u32", Bytes::from(vec![0u8; 8])).await.unwrap();
+        loc.put("valid-00000.u32", Bytes::from(vec![0u8; 8]))
+            .await
+            .unwrap();
         assert!(SplitReader::open(&loc, "valid", &v).await.is_err());
     }
 }

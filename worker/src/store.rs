@@ -41,7 +41,9 @@ fn memory_store(bucket: &str) -> Arc<dyn ObjectStore> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
     let map = STORES.get_or_init(Default::default);
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(bucket.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+    map.entry(bucket.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
 }
 
 impl Location {
@@ -53,17 +55,26 @@ impl Location {
             match scheme {
                 "file" => {
                     let url = url::Url::parse(s).map_err(|e| bad(format!("{s}: {e}")))?;
-                    let p = url.to_file_path().map_err(|_| bad(format!("{s}: not a local file URL")))?;
+                    let p = url
+                        .to_file_path()
+                        .map_err(|_| bad(format!("{s}: not a local file URL")))?;
                     Self::local(&p)
                 }
                 "memory" => {
                     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                    let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(format!("{s}: {e}")))?;
-                    Ok(Self { store: memory_store(bucket), prefix, url: s.trim_end_matches('/').to_string() })
+                    let prefix = Path::parse(prefix.trim_end_matches('/'))
+                        .map_err(|e| bad(format!("{s}: {e}")))?;
+                    Ok(Self {
+                        store: memory_store(bucket),
+                        prefix,
+                        url: s.trim_end_matches('/').to_string(),
+                    })
                 }
-                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "http" | "https" => Err(bad(format!(
-                    "{s}: this build reads and writes local paths, file:// and memory:// locations only"
-                ))),
+                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "http" | "https" => {
+                    Err(bad(format!(
+                        "{s}: this build reads and writes local paths, file:// and memory:// locations only"
+                    )))
+                }
                 other => Err(bad(format!("{s}: unknown storage scheme {other:?}"))),
             }
         } else {
@@ -92,7 +103,11 @@ impl Location {
         }
         let prefix = Path::from_absolute_path(&norm)
             .map_err(|e| Error::Config(format!("{}: {e}", norm.display())))?;
-        Ok(Self { store: Arc::new(LocalFileSystem::new()), prefix, url: norm.display().to_string() })
+        Ok(Self {
+            store: Arc::new(LocalFileSystem::new()),
+            prefix,
+            url: norm.display().to_string(),
+        })
     }
 
     /// The location `name` below this one.
@@ -101,7 +116,11 @@ impl Location {
         for part in name.split('/').filter(|p| !p.is_empty()) {
             prefix = prefix.clone().join(part);
         }
-        Location { store: self.store.clone(), prefix, url: format!("{}/{}", self.url, name.trim_matches('/')) }
+        Location {
+            store: self.store.clone(),
+            prefix,
+            url: format!("{}/{}", self.url, name.trim_matches('/')),
+        }
     }
 
     /// The last path segment ("directory name").
@@ -116,8 +135,16 @@ impl Location {
             return None;
         }
         let prefix = Path::from_iter(parts[..parts.len() - 1].iter().cloned());
-        let url = self.url.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap_or_default();
-        Some(Location { store: self.store.clone(), prefix, url })
+        let url = self
+            .url
+            .rsplit_once('/')
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_default();
+        Some(Location {
+            store: self.store.clone(),
+            prefix,
+            url,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -136,27 +163,48 @@ impl Location {
     fn err(&self, action: &'static str, name: &str, e: object_store::Error) -> Error {
         match e {
             object_store::Error::NotFound { .. } => Error::NotFound(self.url_of(name)),
-            source => Error::Store { action, url: self.url_of(name), source },
+            source => Error::Store {
+                action,
+                url: self.url_of(name),
+                source,
+            },
         }
     }
 
     /// The whole object `name`.
     pub async fn get(&self, name: &str) -> Result<Bytes> {
-        let r = self.store.get(&self.path(name)).await.map_err(|e| self.err("reading", name, e))?;
+        let r = self
+            .store
+            .get(&self.path(name))
+            .await
+            .map_err(|e| self.err("reading", name, e))?;
         r.bytes().await.map_err(|e| self.err("reading", name, e))
     }
 
     /// Bytes `range` of object `name`.
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
-        self.store.get_range(&self.path(name), range).await.map_err(|e| self.err("reading", name, e))
+        self.store
+            .get_range(&self.path(name), range)
+            .await
+            .map_err(|e| self.err("reading", name, e))
     }
 
     /// Object `name` as a stream of chunks (never buffered whole).
     pub async fn stream(&self, name: &str) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let r = self.store.get(&self.path(name)).await.map_err(|e| self.err("reading", name, e))?;
+        let r = self
+            .store
+            .get(&self.path(name))
+            .await
+            .map_err(|e| self.err("reading", name, e))?;
         let url = self.url_of(name);
         Ok(r.into_stream()
-            .map(move |c| c.map_err(|source| Error::Store { action: "reading", url: url.clone(), source }))
+            .map(move |c| {
+                c.map_err(|source| Error::Store {
+                    action: "reading",
+                    url: url.clone(),
+                    source,
+                })
+            })
             .boxed())
     }
 
@@ -171,14 +219,24 @@ impl Location {
 
     /// Write object `name` atomically (replacing any old one).
     pub async fn put(&self, name: &str, data: Bytes) -> Result<()> {
-        self.store.put(&self.path(name), PutPayload::from(data)).await.map_err(|e| self.err("writing", name, e))?;
+        self.store
+            .put(&self.path(name), PutPayload::from(data))
+            .await
+            .map_err(|e| self.err("writing", name, e))?;
         Ok(())
     }
 
     /// Write object `name` only if it does not exist yet; Ok(false) when it does.
     pub async fn put_new(&self, name: &str, data: Bytes) -> Result<bool> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&self.path(name), PutPayload::from(data), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(name), PutPayload::from(data), opts)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.err("writing", name, e)),
@@ -211,7 +269,11 @@ impl Location {
             .await
             .map_err(|e| self.err("listing", "", e))?;
         let rel = |p: &Path| p.filename().unwrap_or("").to_string();
-        let mut objects: Vec<_> = res.objects.into_iter().map(|m| (rel(&m.location), m)).collect();
+        let mut objects: Vec<_> = res
+            .objects
+            .into_iter()
+            .map(|m| (rel(&m.location), m))
+            .collect();
         objects.sort_by(|a, b| a.0.cmp(&b.0));
         let mut dirs: Vec<_> = res.common_prefixes.iter().map(rel).collect();
         dirs.sort();
@@ -225,7 +287,12 @@ impl Location {
         let skip = self.prefix.parts().count();
         while let Some(m) = s.next().await {
             let m = m.map_err(|e| self.err("listing", "", e))?;
-            let rel: Vec<String> = m.location.parts().skip(skip).map(|p| p.as_ref().to_string()).collect();
+            let rel: Vec<String> = m
+                .location
+                .parts()
+                .skip(skip)
+                .map(|p| p.as_ref().to_string())
+                .collect();
             out.push((rel.join("/"), m));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -244,7 +311,11 @@ mod tests {
         let b = Location::parse("memory://store-test/run/x").unwrap();
         assert_eq!(&b.get("y.txt").await.unwrap()[..], b"hi");
         assert!(matches!(b.get("nope").await, Err(Error::NotFound(_))));
-        assert!(!b.put_new("y.txt", Bytes::from_static(b"again")).await.unwrap());
+        assert!(
+            !b.put_new("y.txt", Bytes::from_static(b"again"))
+                .await
+                .unwrap()
+        );
         let (objs, dirs) = a.list().await.unwrap();
         assert!(objs.is_empty());
         assert_eq!(dirs, vec!["x".to_string()]);
@@ -256,7 +327,9 @@ mod tests {
     async fn local_paths_and_file_urls() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::parse(dir.path().to_str().unwrap()).unwrap();
-        loc.put("a/b.bin", Bytes::from_static(b"0123456789")).await.unwrap();
+        loc.put("a/b.bin", Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
         let url = format!("file://{}/a", dir.path().display());
         let sub = Location::parse(&url).unwrap();
         assert_eq!(&sub.get_range("b.bin", 2..5).await.unwrap()[..], b"234");

@@ -26,7 +26,10 @@ pub struct TextOptions {
 
 impl Default for TextOptions {
     fn default() -> Self {
-        Self { lowercase: false, max_line_bytes: 1 << 20 }
+        Self {
+            lowercase: false,
+            max_line_bytes: 1 << 20,
+        }
     }
 }
 
@@ -47,7 +50,10 @@ pub struct LineReader {
 impl LineReader {
     pub async fn open(loc: &Location, name: &str, opts: &TextOptions) -> Result<Self> {
         let url = loc.url_of(name);
-        let meta = loc.head(name).await?.ok_or_else(|| Error::NotFound(url.clone()))?;
+        let meta = loc
+            .head(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(url.clone()))?;
         if meta.size == 0 {
             return Err(Error::Data(format!("{url} is empty")));
         }
@@ -169,26 +175,49 @@ mod tests {
 
     #[tokio::test]
     async fn splits_lines_and_keeps_a_last_unterminated_line() {
-        let got = lines(b"a b\r\n\nC d e\nlast", TextOptions { lowercase: true, ..Default::default() }).await.unwrap();
+        let got = lines(
+            b"a b\r\n\nC d e\nlast",
+            TextOptions {
+                lowercase: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(got, vec!["a b", "", "c d e", "last"]);
     }
 
     #[tokio::test]
     async fn rejects_bad_utf8_with_line_number() {
-        let e = lines(b"fine\nbad \xff here\n", TextOptions::default()).await.unwrap_err().to_string();
+        let e = lines(b"fine\nbad \xff here\n", TextOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("UTF-8"), "{e}");
     }
 
     #[tokio::test]
     async fn rejects_long_lines_and_empty_objects() {
-        let e = lines(b"short\nthis line is too long\n", TextOptions { max_line_bytes: 10, ..Default::default() })
+        let e = lines(
+            b"short\nthis line is too long\n",
+            TextOptions {
+                max_line_bytes: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 2") && e.contains("10 bytes"), "{e}");
+        let e = lines(b"", TextOptions::default())
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 2") && e.contains("10 bytes"), "{e}");
-        let e = lines(b"", TextOptions::default()).await.unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
         let loc = Location::parse("memory://text-tests").unwrap();
-        assert!(matches!(LineReader::open(&loc, "missing", &TextOptions::default()).await, Err(Error::NotFound(_))));
+        assert!(matches!(
+            LineReader::open(&loc, "missing", &TextOptions::default()).await,
+            Err(Error::NotFound(_))
+        ));
     }
 }

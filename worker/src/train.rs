@@ -77,11 +77,19 @@ fn ppl(loss: f64) -> f64 {
 /// Keys that fix the model, the data order or the optimizer: a resumed run must keep them.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let pairs = [
-        ("vocab_size", saved.vocab_size.to_string(), now.vocab_size.to_string()),
+        (
+            "vocab_size",
+            saved.vocab_size.to_string(),
+            now.vocab_size.to_string(),
+        ),
         ("emb", saved.emb.to_string(), now.emb.to_string()),
         ("hidden", saved.hidden.to_string(), now.hidden.to_string()),
         ("layers", saved.layers.to_string(), now.layers.to_string()),
-        ("lowercase", saved.lowercase.to_string(), now.lowercase.to_string()),
+        (
+            "lowercase",
+            saved.lowercase.to_string(),
+            now.lowercase.to_string(),
+        ),
         ("batch", saved.batch.to_string(), now.batch.to_string()),
         ("optimizer", saved.optimizer.clone(), now.optimizer.clone()),
         ("seed", saved.seed.to_string(), now.seed.to_string()),
@@ -109,20 +117,25 @@ const METRICS: &str = "metrics.jsonl";
 impl Metrics {
     async fn open(out: &Location, resume_step: Option<u64>) -> Result<Self> {
         let mut lines = Vec::new();
-        if let Some(step) = resume_step {
-            if let Ok(b) = out.get(METRICS).await {
-                for l in String::from_utf8_lossy(&b).lines() {
-                    let keep = serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= step);
-                    if keep {
-                        lines.push(l.to_string());
-                    }
+        if let Some(step) = resume_step
+            && let Ok(b) = out.get(METRICS).await
+        {
+            for l in String::from_utf8_lossy(&b).lines() {
+                let keep = serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step);
+                if keep {
+                    lines.push(l.to_string());
                 }
             }
         }
-        Ok(Self { out: out.clone(), lines, dirty: true, last_flush: Instant::now() })
+        Ok(Self {
+            out: out.clone(),
+            lines,
+            dirty: true,
+            last_flush: Instant::now(),
+        })
     }
 
     fn push(&mut self, v: serde_json::Value) {
@@ -156,7 +169,13 @@ pub fn evaluate(
     let (mut total, mut words) = (0.0, 0u64);
     while let Some(t) = batches.next_batch(&mut buf)? {
         let b = eval_batch;
-        let batch = Batch { inputs: &buf[..t * b], targets: &buf[b..], steps: t, batch: b, stream: EVAL_STREAM };
+        let batch = Batch {
+            inputs: &buf[..t * b],
+            targets: &buf[b..],
+            steps: t,
+            batch: b,
+            stream: EVAL_STREAM,
+        };
         let l = backend.eval_batch(&batch)?;
         total += l.total();
         words += l.words;
@@ -215,10 +234,19 @@ struct LoopState {
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Summary> {
     cfg.validate()?;
     let started = Instant::now();
-    let prep = PrepareOptions { text: cfg.text_options(), vocab_size: cfg.vocab_size, shard_tokens: cfg.shard_tokens };
-    let ds = handle.block_on(Dataset::open_or_prepare(&opts.data, &opts.out.join("data"), &prep, &|split, done, total| {
-        tracing::debug!(split, done, total, "tokenising");
-    }))?;
+    let prep = PrepareOptions {
+        text: cfg.text_options(),
+        vocab_size: cfg.vocab_size,
+        shard_tokens: cfg.shard_tokens,
+    };
+    let ds = handle.block_on(Dataset::open_or_prepare(
+        &opts.data,
+        &opts.out.join("data"),
+        &prep,
+        &|split, done, total| {
+            tracing::debug!(split, done, total, "tokenising");
+        },
+    ))?;
     let vocab = ds.vocab.clone();
     tracing::info!(
         vocab = vocab.len(),
@@ -230,7 +258,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     let resume = if opts.resume {
         handle.block_on(checkpoint::newest(&opts.out))?
     } else {
-        if let Some((step, dir)) = handle.block_on(checkpoint::list(&opts.out))?.into_iter().next() {
+        if let Some((step, dir)) = handle
+            .block_on(checkpoint::list(&opts.out))?
+            .into_iter()
+            .next()
+        {
             return Err(Error::Config(format!(
                 "{} already holds a run (checkpoint {dir} at step {step}): pass --resume to continue it, or choose another --out",
                 opts.out
@@ -239,7 +271,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         None
     };
     let dims = ModelDims::square(vocab.len(), cfg.emb, cfg.hidden, cfg.layers)?;
-    let mcfg = ModelConfig { dims, dropout: cfg.dropout, seed: cfg.seed, threads: cfg.threads };
+    let mcfg = ModelConfig {
+        dims,
+        dropout: cfg.dropout,
+        seed: cfg.seed,
+        threads: cfg.threads,
+    };
     let mut backend = open_backend(opts.backend, &mcfg)?;
     let rule = cfg.optimizer_rule()?;
     let n_params = backend.layout().total;
@@ -284,7 +321,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             history: m.history.clone(),
         };
         if st.best_valid_loss.is_some() {
-            st.best_params = Some(handle.block_on(checkpoint::load(&opts.out.join("best")))?.params);
+            st.best_params = Some(
+                handle
+                    .block_on(checkpoint::load(&opts.out.join("best")))?
+                    .params,
+            );
         }
         cursor = m.cursor;
         tracing::info!(checkpoint = %ck.url, step = st.step, epoch = st.epoch, "resuming");
@@ -293,7 +334,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     }
     drop(resume);
     handle.block_on(opts.out.put("config.toml", Bytes::from(cfg.to_toml())))?;
-    let mut metrics = handle.block_on(Metrics::open(&opts.out, (st.step > 0).then_some(st.step)))?;
+    let mut metrics =
+        handle.block_on(Metrics::open(&opts.out, (st.step > 0).then_some(st.step)))?;
     tracing::info!(backend = %backend.name(), params = n_params, dims = ?dims, "model ready");
 
     let b = cfg.batch;
@@ -302,7 +344,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     let mut session_words = 0u64;
     let mut session_train_secs = 0.0f64;
     let (mut win_loss, mut win_words, mut win_secs) = (0.0f64, 0u64, 0.0f64);
-    let save = |backend: &dyn Backend, st: &LoopState, cursor: u64, dir: &Location, with_train_state: bool| -> Result<()> {
+    let save = |backend: &dyn Backend,
+                st: &LoopState,
+                cursor: u64,
+                dir: &Location,
+                with_train_state: bool|
+     -> Result<()> {
         let meta = Meta {
             format: checkpoint::FORMAT.into(),
             version: 1,
@@ -326,8 +373,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         };
         let params = backend.params()?;
         let cells = backend.allocation()?;
-        let opt = if with_train_state { backend.optimizer_state()? } else { None };
-        let state = if with_train_state { backend.state(TRAIN_STREAM)? } else { None };
+        let opt = if with_train_state {
+            backend.optimizer_state()?
+        } else {
+            None
+        };
+        let state = if with_train_state {
+            backend.state(TRAIN_STREAM)?
+        } else {
+            None
+        };
         let req = SaveRequest {
             meta,
             vocab: &vocab,
@@ -341,7 +396,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     };
     let checkpoint_now = |backend: &dyn Backend, st: &LoopState, cursor: u64| -> Result<()> {
         let t = Instant::now();
-        let dir = opts.out.join("checkpoints").join(&checkpoint::dir_name(st.step));
+        let dir = opts
+            .out
+            .join("checkpoints")
+            .join(&checkpoint::dir_name(st.step));
         save(backend, st, cursor, &dir, true)?;
         handle.block_on(checkpoint::prune(&opts.out, cfg.keep_checkpoints))?;
         tracing::info!(step = st.step, dir = %dir, seconds = t.elapsed().as_secs_f64(), "checkpoint written");
@@ -357,14 +415,28 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             backend.reset_state(TRAIN_STREAM);
         }
         let per_pass = batches.steps_per_pass();
-        let bar = Progress::new(opts.progress, per_pass, cursor.div_ceil(cfg.bptt as u64), st.epoch, cfg.epochs);
+        let bar = Progress::new(
+            opts.progress,
+            per_pass,
+            cursor.div_ceil(cfg.bptt as u64),
+            st.epoch,
+            cfg.epochs,
+        );
         let mut pass_step = cursor.div_ceil(cfg.bptt as u64);
         let epoch_t0 = Instant::now();
         let mut epoch_train_secs = 0.0;
         loop {
             let t0 = Instant::now();
-            let Some(t) = batches.next_batch(&mut buf)? else { break };
-            let batch = Batch { inputs: &buf[..t * b], targets: &buf[b..], steps: t, batch: b, stream: TRAIN_STREAM };
+            let Some(t) = batches.next_batch(&mut buf)? else {
+                break;
+            };
+            let batch = Batch {
+                inputs: &buf[..t * b],
+                targets: &buf[b..],
+                steps: t,
+                batch: b,
+                stream: TRAIN_STREAM,
+            };
             let words = (t * b) as u64;
             let loss = backend.train_step(&batch, st.step, 1.0 / words as f32)?;
             if !loss.total().is_finite() {
@@ -397,7 +469,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
                     "words_per_sec": wps, "lr": st.lr, "grad_norm": norm, "seconds": st.train_seconds,
                 }));
                 if opts.progress {
-                    bar.update(pass_step, format!("loss {l:.3} ppl {:.1} {:.0} w/s lr {}", ppl(l), wps, st.lr));
+                    bar.update(
+                        pass_step,
+                        format!("loss {l:.3} ppl {:.1} {:.0} w/s lr {}", ppl(l), wps, st.lr),
+                    );
                 } else {
                     tracing::info!(
                         step = st.step,
@@ -412,11 +487,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
                 }
                 handle.block_on(metrics.flush(false))?;
                 (win_loss, win_words, win_secs) = (0.0, 0, 0.0);
-            } else if opts.progress && pass_step % 10 == 0 {
+            } else if opts.progress && pass_step.is_multiple_of(10) {
                 bar.update(pass_step, String::new());
             }
             let at_limit = cfg.max_steps > 0 && st.step >= cfg.max_steps;
-            if cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every) && !at_limit {
+            if cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every) && !at_limit
+            {
                 checkpoint_now(&*backend, &st, batches.position())?;
             }
             if at_limit {

@@ -25,10 +25,15 @@ impl Vocab {
     /// `<eos>`; the counts of dropped words go to `<unk>`.
     pub fn build(counts: HashMap<String, u64>, size: usize) -> Result<Self> {
         if size != 0 && size < 2 {
-            return Err(Error::Config(format!("vocab_size {size}: need room for {UNK} and {EOS}")));
+            return Err(Error::Config(format!(
+                "vocab_size {size}: need room for {UNK} and {EOS}"
+            )));
         }
         let mut all: Vec<(String, u64)> = counts.into_iter().collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.as_bytes().cmp(b.0.as_bytes())));
+        all.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.as_bytes().cmp(b.0.as_bytes()))
+        });
         let has = |w: &str, list: &[(String, u64)]| list.iter().any(|(x, _)| x == w);
         let keep = if size == 0 {
             all.len()
@@ -44,9 +49,16 @@ impl Vocab {
             }
             k
         };
-        let dropped: u64 = all[keep..].iter().filter(|(w, _)| w != UNK && w != EOS).map(|(_, c)| c).sum();
-        let mut tail_specials: Vec<(String, u64)> =
-            all[keep..].iter().filter(|(w, _)| w == UNK || w == EOS).cloned().collect();
+        let dropped: u64 = all[keep..]
+            .iter()
+            .filter(|(w, _)| w != UNK && w != EOS)
+            .map(|(_, c)| c)
+            .sum();
+        let mut tail_specials: Vec<(String, u64)> = all[keep..]
+            .iter()
+            .filter(|(w, _)| w == UNK || w == EOS)
+            .cloned()
+            .collect();
         all.truncate(keep);
         all.append(&mut tail_specials);
         for s in [UNK, EOS] {
@@ -57,7 +69,10 @@ impl Vocab {
         if let Some(u) = all.iter_mut().find(|(w, _)| w == UNK) {
             u.1 += dropped;
         }
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.as_bytes().cmp(b.0.as_bytes())));
+        all.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.as_bytes().cmp(b.0.as_bytes()))
+        });
         Self::from_pairs(all)
     }
 
@@ -65,21 +80,36 @@ impl Vocab {
         let mut index = HashMap::with_capacity(pairs.len());
         for (i, (w, _)) in pairs.iter().enumerate() {
             if w.is_empty() || w.chars().any(char::is_whitespace) {
-                return Err(Error::Data(format!("vocabulary entry {} ({w:?}) is empty or contains whitespace", i + 1)));
+                return Err(Error::Data(format!(
+                    "vocabulary entry {} ({w:?}) is empty or contains whitespace",
+                    i + 1
+                )));
             }
             if index.insert(w.clone(), i as u32).is_some() {
-                return Err(Error::Data(format!("vocabulary lists {w:?} twice (line {})", i + 1)));
+                return Err(Error::Data(format!(
+                    "vocabulary lists {w:?} twice (line {})",
+                    i + 1
+                )));
             }
         }
         if pairs.len() > u32::MAX as usize {
             return Err(Error::Data("vocabulary larger than 2^32 words".into()));
         }
         let need = |w: &str| {
-            index.get(w).copied().ok_or_else(|| Error::Data(format!("vocabulary has no {w} entry")))
+            index
+                .get(w)
+                .copied()
+                .ok_or_else(|| Error::Data(format!("vocabulary has no {w} entry")))
         };
         let (unk, eos) = (need(UNK)?, need(EOS)?);
         let (words, counts) = pairs.into_iter().unzip();
-        Ok(Self { words, counts, index, unk, eos })
+        Ok(Self {
+            words,
+            counts,
+            index,
+            unk,
+            eos,
+        })
     }
 
     /// Parse `vocab.txt` (errors name `url` and the line).
@@ -89,9 +119,16 @@ impl Vocab {
             let mut it = line.split(' ');
             let (w, c) = match (it.next(), it.next(), it.next()) {
                 (Some(w), Some(c), None) => (w, c),
-                _ => return Err(Error::Data(format!("{url} line {}: expected `word count`", i + 1))),
+                _ => {
+                    return Err(Error::Data(format!(
+                        "{url} line {}: expected `word count`",
+                        i + 1
+                    )));
+                }
             };
-            let c: u64 = c.parse().map_err(|_| Error::Data(format!("{url} line {}: bad count {c:?}", i + 1)))?;
+            let c: u64 = c
+                .parse()
+                .map_err(|_| Error::Data(format!("{url} line {}: bad count {c:?}", i + 1)))?;
             pairs.push((w.to_string(), c));
         }
         if pairs.is_empty() {
@@ -172,7 +209,11 @@ mod tests {
 
     #[test]
     fn truncation_keeps_specials_and_moves_counts_to_unk() {
-        let v = Vocab::build(counts(&[("a", 10), ("b", 9), ("c", 8), ("d", 1), ("<eos>", 2)]), 4).unwrap();
+        let v = Vocab::build(
+            counts(&[("a", 10), ("b", 9), ("c", 8), ("d", 1), ("<eos>", 2)]),
+            4,
+        )
+        .unwrap();
         assert_eq!(v.len(), 4);
         assert!(v.get("<eos>").is_some() && v.get("<unk>").is_some());
         assert_eq!(v.words()[0], "a");
@@ -182,9 +223,24 @@ mod tests {
 
     #[test]
     fn parse_rejects_duplicates_and_missing_specials() {
-        assert!(Vocab::parse("a 1\na 2\n<unk> 0\n<eos> 0\n", "v").unwrap_err().to_string().contains("twice"));
-        assert!(Vocab::parse("a 1\n<eos> 1\n", "v").unwrap_err().to_string().contains("<unk>"));
-        assert!(Vocab::parse("a one\n", "v").unwrap_err().to_string().contains("line 1"));
+        assert!(
+            Vocab::parse("a 1\na 2\n<unk> 0\n<eos> 0\n", "v")
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        assert!(
+            Vocab::parse("a 1\n<eos> 1\n", "v")
+                .unwrap_err()
+                .to_string()
+                .contains("<unk>")
+        );
+        assert!(
+            Vocab::parse("a one\n", "v")
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         assert!(Vocab::parse("", "v").is_err());
     }
 }

@@ -15,18 +15,32 @@ pub struct Zipf {
 
 fn helper1(x: f64) -> f64 {
     // log1p(x) / x, continuous at 0.
-    if x.abs() > 1e-8 { x.ln_1p() / x } else { 1.0 - x * (0.5 - x / 3.0) }
+    if x.abs() > 1e-8 {
+        x.ln_1p() / x
+    } else {
+        1.0 - x * (0.5 - x / 3.0)
+    }
 }
 
 fn helper2(x: f64) -> f64 {
     // expm1(x) / x, continuous at 0.
-    if x.abs() > 1e-8 { x.exp_m1() / x } else { 1.0 + x * 0.5 * (1.0 + x / 3.0) }
+    if x.abs() > 1e-8 {
+        x.exp_m1() / x
+    } else {
+        1.0 + x * 0.5 * (1.0 + x / 3.0)
+    }
 }
 
 impl Zipf {
     /// Ranks 1..=n with exponent s > 0.
     pub fn new(n: u64, s: f64) -> Self {
-        let mut z = Self { n: n as f64, s, h_x1: 0.0, h_n: 0.0, cut: 0.0 };
+        let mut z = Self {
+            n: n as f64,
+            s,
+            h_x1: 0.0,
+            h_n: 0.0,
+            cut: 0.0,
+        };
         z.h_x1 = z.h_integral(1.5) - 1.0;
         z.h_n = z.h_integral(n as f64 + 0.5);
         z.cut = 2.0 - z.h_integral_inv(z.h_integral(2.5) - z.h(2.0));
@@ -78,7 +92,10 @@ mod tests {
         for k in [1usize, 2, 3, 10, 100] {
             let want = n as f64 / (k as f64 * hn);
             let got = counts[k - 1] as f64;
-            assert!((got - want).abs() < 5.0 * want.sqrt() + 0.02 * want, "rank {k}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 5.0 * want.sqrt() + 0.02 * want,
+                "rank {k}: {got} vs {want}"
+            );
         }
         assert!(counts.iter().all(|&c| c > 0) || counts[999] == 0);
     }

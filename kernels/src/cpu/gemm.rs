@@ -2,7 +2,18 @@
 //! time). Called single-threaded from inside a [`super::team::Team`] region: the callers
 //! split the work so each thread's product is large and the threads never wait on a pool.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::Real;
+
+/// Floating-point operations executed by [`gemm`] in this process (2*m*n*k per call), for
+/// benchmarks that report the share of the machine's peak the training reaches.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// GEMM FLOPs executed so far by all CPU engines of this process.
+pub fn flops_executed() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
 
 /// A strided matrix view: element (i, j) at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +80,7 @@ pub unsafe fn gemm<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
+    FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     if k == 0 {
         if !accumulate {
             for i in 0..m {

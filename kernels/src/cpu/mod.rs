@@ -14,7 +14,9 @@ pub use engine::{
 /// side `n`, each thread computing its own column block, as the backend splits its work.
 pub fn gemm_peak_gflops(threads: usize, n: usize, reps: usize) -> crate::Result<f64> {
     let team = team::Team::new(threads)?;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
     let b = a.clone();
     let mut c = vec![0f32; n * n];
     let nt = team.threads();
