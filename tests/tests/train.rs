@@ -233,7 +233,11 @@ fn memory_store_run_and_bad_text() {
     });
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
-        .with_overrides(&["max_steps=30".into()])
+        .with_overrides(&[
+            "max_steps=30".into(),
+            "optimizer=adagrad".into(),
+            "lr=0.1".into(),
+        ])
         .unwrap();
     let out = Location::parse("memory://train-tests/run").unwrap();
     let opts = RunOptions {
@@ -250,8 +254,12 @@ fn memory_store_run_and_bad_text() {
         .unwrap();
     assert_eq!(s.steps, 30);
     assert_eq!(s.stopped_by, "max_steps");
+    assert!(s.train_loss.is_finite() && s.valid_ppl.is_finite());
     let ck = rt.block_on(checkpoint::resolve(&out)).unwrap();
     assert_eq!(ck.meta.step, 30);
+    let opt = ck.optimizer.expect("Adagrad state is checkpointed");
+    assert_eq!(opt.updates, 30);
+    assert_eq!(opt.buffers[0].0, "sum");
     // Invalid UTF-8 in the validation text: the error names the object and the line.
     let bad = Location::parse("memory://train-tests/bad").unwrap();
     rt.block_on(async {
