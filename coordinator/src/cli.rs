@@ -44,6 +44,62 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print the effective configuration (TOML).
     Config(ConfigArgs),
+    /// Solve a word allocation from loss tables (.npy) and write it (.npy).
+    Allocate(AllocateArgs),
+    /// Loss tables of a checkpoint over its training data, as .npy files.
+    Tables(TablesArgs),
+    /// Show which words share the rows of a checkpoint's table.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AllocateArgs {
+    /// [V, R] row losses (.npy, f32 or f64).
+    #[arg(long)]
+    pub row_loss: String,
+    /// [V, C] column losses (.npy, f32 or f64).
+    #[arg(long)]
+    pub col_loss: String,
+    /// exact, scalable or greedy.
+    #[arg(long, default_value = "scalable")]
+    pub solver: String,
+    /// Output: the cell (row * C + col) of every word, int64 .npy.
+    #[arg(long)]
+    pub out: String,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Candidate rows and columns per word (0 = the solver's default).
+    #[arg(long, default_value_t = 0)]
+    pub candidates: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TablesArgs {
+    /// A checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// The training data of the run (text directory or prepared dataset).
+    #[arg(long)]
+    pub data: String,
+    /// Output directory: L_r.npy, L_c.npy, counts.npy, alloc.npy.
+    #[arg(long)]
+    pub out: String,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// A checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Rows to show.
+    #[arg(long, default_value_t = 20)]
+    pub rows: usize,
+    /// Words per row.
+    #[arg(long, default_value_t = 12)]
+    pub words: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -176,6 +232,14 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                 resume: a.resume,
                 backend: backend_kind(&a.backend)?,
                 progress: std::io::stderr().is_terminal(),
+                allocator: if cfg.realloc_every > 0 {
+                    Some(crate::commands::allocator(
+                        &cfg.realloc_solver,
+                        cfg.threads,
+                    )?)
+                } else {
+                    None
+                },
             };
             let s = train(&cfg, &opts, handle)?;
             let line = serde_json::json!({
@@ -201,6 +265,24 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                 handle,
             )?;
             Ok(serde_json::to_string(&r)?)
+        }
+        Command::Allocate(a) => {
+            let opts = crate::alloc::SolveOptions {
+                threads: a.threads,
+                candidates: a.candidates,
+            };
+            let solver: crate::alloc::Solver = a.solver.parse()?;
+            let r =
+                crate::commands::allocate(&a.row_loss, &a.col_loss, solver, &a.out, &opts, handle)?;
+            Ok(r.to_string())
+        }
+        Command::Tables(a) => {
+            let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
+            Ok(crate::commands::tables(&ck, &a.data, &a.out, a.threads, handle)?.to_string())
+        }
+        Command::Inspect(a) => {
+            let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
+            crate::commands::inspect(&ck, a.rows, a.words)
         }
         Command::Bench(a) => {
             let o = BenchOptions {

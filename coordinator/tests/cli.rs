@@ -197,3 +197,176 @@ fn bad_input_fails_cleanly() {
     assert_eq!(code, 1);
     assert!(err.contains("e.train.txt is empty"), "{err}");
 }
+
+fn write_npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
+    std::fs::write(path, lightrnn_worker::npy::encode_f32(shape, v)).unwrap();
+}
+
+#[test]
+fn allocate_reads_npy_tables_and_writes_a_permutation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v, side) = (90usize, 10usize);
+    let mut x = 7u64;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let lr: Vec<f32> = (0..v * side)
+        .map(|k| (1 + k / side % 3) as f32 * next() * 10.0)
+        .collect();
+    let lc: Vec<f32> = (0..v * side).map(|_| next() * 10.0).collect();
+    let (r, c) = (tmp.path().join("r.npy"), tmp.path().join("c.npy"));
+    write_npy_f32(&r, &[v, side], &lr);
+    write_npy_f32(&c, &[v, side], &lc);
+    let mut costs = Vec::new();
+    for solver in ["greedy", "scalable", "exact"] {
+        let out = tmp.path().join(format!("{solver}.npy"));
+        let (code, stdout, err) = lightrnn(&[
+            "allocate",
+            "--row-loss",
+            r.to_str().unwrap(),
+            "--col-loss",
+            c.to_str().unwrap(),
+            "--solver",
+            solver,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{solver}: {err}");
+        let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        for k in ["solver", "cost", "lower_bound", "seconds", "peak_rss_mib"] {
+            assert!(!j[k].is_null(), "{solver}: {k} missing in {stdout}");
+        }
+        assert!(j["cost"].as_f64().unwrap() >= j["lower_bound"].as_f64().unwrap());
+        let a = lightrnn_worker::npy::decode(std::fs::read(&out).unwrap().into(), "out").unwrap();
+        let mut cells = a.to_i64().unwrap();
+        assert_eq!(cells.len(), v);
+        cells.sort();
+        cells.dedup();
+        assert_eq!(cells.len(), v, "{solver}: cells are not distinct");
+        assert!(cells.iter().all(|&c| (0..100).contains(&c)));
+        costs.push(j["cost"].as_f64().unwrap());
+    }
+    assert!(
+        costs[2] <= costs[1] + 1e-6 && costs[1] <= costs[0] + 1e-6,
+        "exact <= scalable <= greedy: {costs:?}"
+    );
+    // Bad tables: NaN, V > R*C, mismatched shapes.
+    let mut bad = lr.clone();
+    bad[17] = f32::NAN;
+    let b = tmp.path().join("bad.npy");
+    write_npy_f32(&b, &[v, side], &bad);
+    let (code, _, err) = lightrnn(&[
+        "allocate",
+        "--row-loss",
+        b.to_str().unwrap(),
+        "--col-loss",
+        c.to_str().unwrap(),
+        "--out",
+        "/dev/null/x.npy",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not finite"), "{err}");
+    let big = tmp.path().join("big.npy");
+    write_npy_f32(&big, &[101, 10], &vec![1.0; 1010]);
+    let (code, _, err) = lightrnn(&[
+        "allocate",
+        "--row-loss",
+        big.to_str().unwrap(),
+        "--col-loss",
+        big.to_str().unwrap(),
+        "--out",
+        "x.npy",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("do not fit"), "{err}");
+    let (code, _, err) = lightrnn(&[
+        "allocate",
+        "--row-loss",
+        r.to_str().unwrap(),
+        "--col-loss",
+        big.to_str().unwrap(),
+        "--out",
+        "x.npy",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("same V"), "{err}");
+}
+
+#[test]
+fn training_with_reallocation_tables_and_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    corpus(&data);
+    let run = tmp.path().join("run");
+    let (code, _, err) = lightrnn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=3",
+        "--set",
+        "realloc_every=1",
+        "--set",
+        "realloc_rounds=1",
+        "--set",
+        "realloc_check=true",
+        "--set",
+        "realloc_solver=exact",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let re: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "realloc")
+        .collect();
+    assert_eq!(
+        re.len(),
+        1,
+        "one reallocation (realloc_rounds = 1): {metrics}"
+    );
+    let r = &re[0];
+    assert_eq!(r["epoch"], 1);
+    assert!(
+        r["objective_after"].as_f64().unwrap() <= r["objective_before"].as_f64().unwrap() + 1e-9
+    );
+    assert!(r["lower_bound"].as_f64().unwrap() <= r["objective_after"].as_f64().unwrap() + 1e-9);
+    assert!(r["train_loss_after"].is_number() && r["words_moved"].as_u64().unwrap() > 0);
+    // The checkpoint carries the new allocation; tables and inspect read it.
+    let out = tmp.path().join("tables");
+    let (code, stdout, err) = lightrnn(&[
+        "tables",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let t: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(t["words"].as_u64().unwrap() > 0);
+    for f in ["L_r.npy", "L_c.npy", "counts.npy", "alloc.npy"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let (code, stdout, err) = lightrnn(&[
+        "inspect",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--rows",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("row") && stdout.contains("1 reallocation"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+}

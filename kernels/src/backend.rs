@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{Batch, Engine, LossSums, Pass, State, StreamId};
 use crate::layout::{ModelDims, ParamLayout};
 use crate::optim::Optimizer;
+use crate::tables::LossTables;
 use crate::{Error, Result};
 
 /// What a backend needs to build a model.
@@ -104,6 +105,9 @@ pub trait Backend: Send {
     fn heads(&mut self, grad_scale: Option<f32>) -> Result<LossSums>;
     /// LSTM layer `layer` backward (layer 0 also yields the input tables' gradient).
     fn lstm_backward(&mut self, layer: usize) -> Result<()>;
+    /// After an evaluation forward: add the batch's full -log-softmax rows and columns
+    /// into the loss tables of its target words; returns the batch's losses.
+    fn loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums>;
 
     /// Global L2 norm of the gradients.
     fn grad_norm(&mut self) -> Result<f64>;
@@ -129,6 +133,12 @@ pub trait Backend: Send {
             self.lstm_backward(l)?;
         }
         Ok(loss)
+    }
+
+    /// One batch of a loss-table pass: evaluation forward, then [`Backend::loss_tables`].
+    fn accumulate_batch(&mut self, batch: &Batch<'_>, tables: &mut LossTables) -> Result<LossSums> {
+        self.forward(batch, Pass::Eval)?;
+        self.loss_tables(tables)
     }
 
     /// Summed losses of one evaluation batch (no dropout, no gradients).
@@ -216,6 +226,9 @@ impl Backend for CpuBackend {
     }
     fn lstm_backward(&mut self, layer: usize) -> Result<()> {
         self.engine.lstm_backward(layer)
+    }
+    fn loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums> {
+        self.engine.accumulate_loss_tables(tables)
     }
     fn grad_norm(&mut self) -> Result<f64> {
         Ok(self.engine.grad_norm())

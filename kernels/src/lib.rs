@@ -14,12 +14,14 @@ pub mod layout;
 pub mod optim;
 mod real;
 pub mod rng;
+pub mod tables;
 
 pub use backend::{Backend, BackendKind, CpuBackend, ModelConfig, open_backend};
 pub use cpu::{Batch, LossSums, Pass, State, StreamId};
 pub use layout::{ModelDims, ParamLayout, ParamSpec};
 pub use optim::Optimizer;
 pub use real::{Real, exp_f32};
+pub use tables::LossTables;
 
 /// Errors of the kernels crate.
 #[derive(Debug, thiserror::Error)]

@@ -246,6 +246,7 @@ fn memory_store_run_and_bad_text() {
         resume: false,
         backend: lightrnn_kernels::BackendKind::Cpu,
         progress: false,
+        allocator: None,
     };
     let handle = rt.handle().clone();
     let s = std::thread::spawn(move || train(&cfg, &opts, &handle))

@@ -85,6 +85,9 @@ pub struct Meta {
     /// Training seconds so far (all sessions).
     pub seconds: f64,
     pub history: Vec<EpochRecord>,
+    /// Word reallocations so far.
+    #[serde(default)]
+    pub reallocations: u64,
     pub files: Vec<FileEntry>,
 }
 

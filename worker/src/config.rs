@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Divide lr by this when validation perplexity does not improve (1 = never).
     pub lr_decay: f64,
+    /// Learning rate of each epoch (the last one repeats); when set, replaces `lr` and
+    /// the plateau rule, so runs compared with each other share one schedule.
+    pub lr_schedule: Vec<f64>,
     /// Global gradient-norm clipping (0 = off).
     pub clip: f64,
     pub adam_beta1: f64,
@@ -60,6 +63,21 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept (the newest ones).
     pub keep_checkpoints: usize,
+    // Word reallocation.
+    /// Reallocate after every this many epochs (0 = never).
+    pub realloc_every: u64,
+    /// First epoch after which to reallocate (0 = realloc_every).
+    pub realloc_start: u64,
+    /// Most reallocations in a run (0 = no limit).
+    pub realloc_rounds: u64,
+    /// "scalable", "exact" or "greedy".
+    pub realloc_solver: String,
+    /// Vectors that follow their words: "inputs", "none" or "all" (see docs/allocation.md).
+    pub realloc_carry: String,
+    /// Measure the training loss right after each move (one more pass over the data).
+    pub realloc_check: bool,
+    /// Refuse loss tables larger than this (GiB).
+    pub realloc_max_table_gib: f64,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +110,14 @@ impl Default for TrainConfig {
             log_every: 100,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            lr_schedule: Vec::new(),
+            realloc_every: 0,
+            realloc_start: 0,
+            realloc_rounds: 0,
+            realloc_solver: "scalable".into(),
+            realloc_carry: "inputs".into(),
+            realloc_check: false,
+            realloc_max_table_gib: 16.0,
         }
     }
 }
@@ -180,7 +206,49 @@ impl TrainConfig {
             );
         }
         self.optimizer_rule()?;
+        if self
+            .lr_schedule
+            .iter()
+            .any(|&x| !(x > 0.0 && x.is_finite()))
+        {
+            return bad(format!(
+                "lr_schedule {:?}: every learning rate must be positive",
+                self.lr_schedule
+            ));
+        }
+        if !["scalable", "exact", "greedy"].contains(&self.realloc_solver.as_str()) {
+            return bad(format!(
+                "realloc_solver {:?}: expected scalable, exact or greedy",
+                self.realloc_solver
+            ));
+        }
+        self.realloc_carry.parse::<crate::realloc::Carry>()?;
+        if self.realloc_max_table_gib.is_nan() || self.realloc_max_table_gib <= 0.0 {
+            return bad("realloc_max_table_gib must be positive".into());
+        }
         Ok(())
+    }
+
+    /// Learning rate at the start of epoch `epoch` (0-based), if a schedule is set.
+    pub fn scheduled_lr(&self, epoch: u64) -> Option<f64> {
+        let last = self.lr_schedule.len().checked_sub(1)?;
+        Some(self.lr_schedule[(epoch as usize).min(last)])
+    }
+
+    /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far.
+    pub fn realloc_after(&self, epoch: u64, done: u64) -> bool {
+        if self.realloc_every == 0 || (self.realloc_rounds > 0 && done >= self.realloc_rounds) {
+            return false;
+        }
+        if self.epochs > 0 && epoch >= self.epochs {
+            return false; // nothing left to train with the new allocation
+        }
+        let start = if self.realloc_start > 0 {
+            self.realloc_start
+        } else {
+            self.realloc_every
+        };
+        epoch >= start && (epoch - start).is_multiple_of(self.realloc_every)
     }
 
     pub fn optimizer_rule(&self) -> Result<Optimizer> {
@@ -235,6 +303,30 @@ mod tests {
             Optimizer::Adam { .. }
         ));
         assert!(TrainConfig::preset("tiny").is_ok());
+        let s = TrainConfig::default()
+            .with_overrides(&[
+                "lr_schedule=[20, 20, 5]".into(),
+                "epochs=6".into(),
+                "realloc_every=2".into(),
+                "realloc_start=1".into(),
+                "realloc_rounds=2".into(),
+            ])
+            .unwrap();
+        assert_eq!(
+            (s.scheduled_lr(0), s.scheduled_lr(2), s.scheduled_lr(9)),
+            (Some(20.0), Some(5.0), Some(5.0))
+        );
+        let when: Vec<u64> = (1..=6)
+            .filter(|&e| {
+                s.realloc_after(e, (1..e).filter(|&x| s.realloc_after(x, 0)).count() as u64)
+            })
+            .collect();
+        assert_eq!(when, vec![1, 3]);
+        assert!(
+            TrainConfig::default()
+                .with_overrides(&["realloc_carry=some".into()])
+                .is_err()
+        );
     }
 
     #[test]

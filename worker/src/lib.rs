@@ -14,6 +14,8 @@ pub mod config;
 pub mod dataset;
 mod error;
 pub mod eval;
+pub mod npy;
+pub mod realloc;
 pub mod shards;
 pub mod store;
 pub mod text;

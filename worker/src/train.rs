@@ -21,6 +21,7 @@ use crate::batches::Batches;
 use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
 use crate::config::TrainConfig;
 use crate::dataset::{Dataset, PrepareOptions};
+use crate::realloc::{Allocate, Carry, ReallocOptions};
 use crate::shards::SplitReader;
 use crate::store::Location;
 use crate::{Error, Result};
@@ -31,7 +32,7 @@ pub const TRAIN_STREAM: StreamId = 0;
 pub const EVAL_STREAM: StreamId = 1;
 
 /// Where a run reads and writes, and how it reports.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// Text directory or prepared dataset.
     pub data: Location,
@@ -42,6 +43,20 @@ pub struct RunOptions {
     pub backend: BackendKind,
     /// Draw a progress bar (a terminal); otherwise log lines every `log_every` steps.
     pub progress: bool,
+    /// The word allocator for reallocation (needed when `realloc_every` > 0).
+    pub allocator: Option<Arc<dyn Allocate>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("data", &self.data)
+            .field("out", &self.out)
+            .field("resume", &self.resume)
+            .field("backend", &self.backend)
+            .field("allocator", &self.allocator.is_some())
+            .finish()
+    }
 }
 
 /// The end-of-run report (`summary.json` and the final stdout line).
@@ -224,6 +239,9 @@ struct LoopState {
     lr: f64,
     best_valid_loss: Option<f64>,
     best_params: Option<Vec<f32>>,
+    /// The allocation that goes with `best_params`.
+    best_cells: Option<Vec<u32>>,
+    reallocations: u64,
     epoch_loss_sum: f64,
     epoch_words: u64,
     train_seconds: f64,
@@ -286,6 +304,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         lr: cfg.lr,
         best_valid_loss: None,
         best_params: None,
+        best_cells: None,
+        reallocations: 0,
         epoch_loss_sum: 0.0,
         epoch_words: 0,
         train_seconds: 0.0,
@@ -315,17 +335,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             lr: m.lr,
             best_valid_loss: m.best_valid_loss,
             best_params: None,
+            best_cells: None,
+            reallocations: m.reallocations,
             epoch_loss_sum: m.epoch_loss_sum,
             epoch_words: m.epoch_words,
             train_seconds: m.seconds,
             history: m.history.clone(),
         };
         if st.best_valid_loss.is_some() {
-            st.best_params = Some(
-                handle
-                    .block_on(checkpoint::load(&opts.out.join("best")))?
-                    .params,
-            );
+            let best = handle.block_on(checkpoint::load(&opts.out.join("best")))?;
+            st.best_params = Some(best.params);
+            st.best_cells = Some(best.cells);
         }
         cursor = m.cursor;
         tracing::info!(checkpoint = %ck.url, step = st.step, epoch = st.epoch, "resuming");
@@ -369,6 +389,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             epoch_words: st.epoch_words,
             seconds: st.train_seconds,
             history: st.history.clone(),
+            reallocations: st.reallocations,
             files: vec![],
         };
         let params = backend.params()?;
@@ -413,6 +434,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         let mut batches = Batches::new(ds.train.clone(), handle.clone(), b, cfg.bptt, cursor)?;
         if cursor == 0 {
             backend.reset_state(TRAIN_STREAM);
+        }
+        if let Some(lr) = cfg.scheduled_lr(st.epoch) {
+            st.lr = lr;
         }
         let per_pass = batches.steps_per_pass();
         let bar = Progress::new(
@@ -531,9 +555,46 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         if st.best_valid_loss.is_none_or(|b| vl < b) {
             st.best_valid_loss = Some(vl);
             st.best_params = Some(backend.params()?);
+            st.best_cells = Some(backend.allocation()?);
             save(&*backend, &st, 0, &opts.out.join("best"), false)?;
-        } else {
+        } else if cfg.lr_schedule.is_empty() {
             st.lr /= cfg.lr_decay;
+        }
+        if cfg.realloc_after(st.epoch + 1, st.reallocations) {
+            let allocator = opts.allocator.as_deref().ok_or_else(|| {
+                Error::Config(
+                    "realloc_every is set but this program provides no word allocator".into(),
+                )
+            })?;
+            let ro = ReallocOptions {
+                batch: b,
+                bptt: cfg.bptt,
+                max_table_bytes: (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64,
+                carry: cfg.realloc_carry.parse::<Carry>()?,
+                check: cfg.realloc_check,
+                allocator,
+            };
+            let rep = crate::realloc::reallocate(&mut *backend, &ds.train, &ro, handle)?;
+            st.reallocations += 1;
+            tracing::info!(
+                epoch = st.epoch + 1,
+                solver = %rep.solver,
+                objective_before = format!("{:.4}", rep.objective_before),
+                objective_after = format!("{:.4}", rep.objective_after),
+                lower_bound = format!("{:.4}", rep.lower_bound),
+                words_moved = rep.words_moved,
+                train_loss_after = ?rep.train_loss_after,
+                seconds = format!("{:.1}", rep.seconds_tables + rep.seconds_solve),
+                "reallocated"
+            );
+            let mut line = serde_json::to_value(&rep).map_err(|e| Error::Data(e.to_string()))?;
+            if let Some(o) = line.as_object_mut() {
+                o.insert("kind".into(), "realloc".into());
+                o.insert("step".into(), st.step.into());
+                o.insert("epoch".into(), (st.epoch + 1).into());
+                o.insert("round".into(), st.reallocations.into());
+            }
+            metrics.push(line);
         }
         st.epoch += 1;
         st.epoch_loss_sum = 0.0;
@@ -558,7 +619,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         st.history.last().map_or(f64::NAN, |r| r.train_loss)
     };
     let mut valid_loss = st.best_valid_loss.unwrap_or(f64::INFINITY);
-    let mut test_params = st.best_params.take();
+    let mut test_params = st.best_params.take().zip(st.best_cells.take());
     if partial {
         checkpoint_now(&*backend, &st, cursor)?;
         let (vl, _) = evaluate(&mut *backend, &ds.valid, cfg.eval_batch, cfg.bptt, handle)?;
@@ -571,8 +632,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             test_params = None; // the current parameters
         }
     }
-    if let Some(p) = &test_params {
+    if let Some((p, cells)) = &test_params {
         backend.set_params(p)?;
+        backend.set_allocation(cells)?;
     }
     let (test_loss, _) = evaluate(&mut *backend, &ds.test, cfg.eval_batch, cfg.bptt, handle)?;
     metrics.push(serde_json::json!({

@@ -30,6 +30,7 @@ use super::team::{Shared, Team};
 use crate::layout::{ModelDims, ParamLayout, part_range, split_units};
 use crate::optim::{self, Optimizer};
 use crate::rng::{Philox, Purpose};
+use crate::tables::LossTables;
 use crate::{Error, Real, Result};
 
 /// Identifies a set of carried LSTM states (training streams, evaluation streams, ...).
@@ -79,6 +80,17 @@ impl LossSums {
         self.col += o.col;
         self.words += o.words;
     }
+}
+
+/// What the heads compute besides the loss.
+#[derive(Clone, Copy, Debug)]
+enum HeadMode<T> {
+    /// Gradients of scale * summed NLL.
+    Grad(T),
+    /// The loss only.
+    Loss,
+    /// The full -log-softmax rows, left in the logit buffers for the loss tables.
+    Table,
 }
 
 /// Carried LSTM state of `batch` streams: h, c [layers, batch, hidden].
@@ -683,20 +695,100 @@ impl<T: Real> Engine<T> {
     /// Some(s)` the gradients of s * (summed NLL) for the output layers and the top LSTM
     /// output. Returns the summed losses.
     pub fn heads(&mut self, grad_scale: Option<T>) -> Result<LossSums> {
-        self.heads_impl(grad_scale, None)
+        self.heads_impl(match grad_scale {
+            Some(s) => HeadMode::Grad(s),
+            None => HeadMode::Loss,
+        })
     }
 
-    /// [`Self::heads`] that also writes each target's row and column NLL ([T*B] each, in
-    /// order t*B + b).
-    pub fn heads_per_word(&mut self, nll_r: &mut [f64], nll_c: &mut [f64]) -> Result<LossSums> {
-        self.heads_impl(None, Some((nll_r, nll_c)))
+    /// Loss-table accumulation for the batch in flight (after an evaluation forward):
+    /// for every target word w, the full row distribution's -log P_r[i] is added to
+    /// `tables.lr[w, i]` and the column one's -log P_c[j] to `tables.lc[w, j]` (the row
+    /// distribution is the one after the previous word's column input, the column
+    /// distribution the one after w's row input). Each batch's contributions are summed
+    /// per word in f64 before one f32 addition per table entry, so frequent words do not
+    /// drift over a long pass.
+    pub fn accumulate_loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums> {
+        let d = self.layout.dims;
+        if tables.vocab != d.vocab || tables.rows != d.rows || tables.cols != d.cols {
+            return Err(Error::Shape(format!(
+                "loss tables are {}x({}+{}), the model {}x({}+{})",
+                tables.vocab, tables.rows, tables.cols, d.vocab, d.rows, d.cols
+            )));
+        }
+        if self.ws.pass != Some(Pass::Eval) {
+            return Err(Error::Backend(
+                "loss tables need an evaluation forward pass (no dropout)".into(),
+            ));
+        }
+        let loss = self.heads_impl(HeadMode::Table)?;
+        // Positions grouped by target word.
+        let tb = self.ws.steps * self.ws.batch;
+        let mut order: Vec<u32> = (0..tb as u32).collect();
+        let words = &self.ws.words;
+        order.sort_unstable_by_key(|&p| (words[p as usize], p));
+        let mut groups: Vec<(u32, usize, usize)> = Vec::new(); // (word, start, end) in order
+        let mut s = 0;
+        while s < tb {
+            let w = words[order[s] as usize];
+            let mut e = s + 1;
+            while e < tb && words[order[e] as usize] == w {
+                e += 1;
+            }
+            groups.push((w, s, e));
+            s = e;
+        }
+        let (rr, cc) = (d.rows, d.cols);
+        let (zr, zc) = (&self.ws.zr, &self.ws.zc);
+        let lr = Shared::new(&mut tables.lr);
+        let lc = Shared::new(&mut tables.lc);
+        let nt = self.team.threads();
+        let order = &order;
+        let groups = &groups;
+        self.team.run(|tid, _| {
+            let mut acc_r = vec![0f64; rr];
+            let mut acc_c = vec![0f64; cc];
+            for &(w, s, e) in &groups[part_range(groups.len(), nt, tid)] {
+                acc_r.fill(0.0);
+                acc_c.fill(0.0);
+                for &p in &order[s..e] {
+                    let p = p as usize;
+                    for (a, &x) in acc_r.iter_mut().zip(&zr[p * rr..(p + 1) * rr]) {
+                        *a += x.to_f64();
+                    }
+                    for (a, &x) in acc_c.iter_mut().zip(&zc[p * cc..(p + 1) * cc]) {
+                        *a += x.to_f64();
+                    }
+                }
+                let w = w as usize;
+                // SAFETY: every word is in exactly one group, and groups are split
+                // between threads, so table rows are written by one thread each.
+                let (tr, tc) = unsafe {
+                    (
+                        lr.slice_mut(w * rr..(w + 1) * rr),
+                        lc.slice_mut(w * cc..(w + 1) * cc),
+                    )
+                };
+                for (t, a) in tr.iter_mut().zip(&acc_r) {
+                    *t = (*t as f64 + a) as f32;
+                }
+                for (t, a) in tc.iter_mut().zip(&acc_c) {
+                    *t = (*t as f64 + a) as f32;
+                }
+            }
+        });
+        for &(w, s, e) in groups {
+            tables.counts[w as usize] += (e - s) as u64;
+        }
+        Ok(loss)
     }
 
-    fn heads_impl(
-        &mut self,
-        grad_scale: Option<T>,
-        per_word: Option<(&mut [f64], &mut [f64])>,
-    ) -> Result<LossSums> {
+    fn heads_impl(&mut self, mode: HeadMode<T>) -> Result<LossSums> {
+        let grad_scale = match mode {
+            HeadMode::Grad(s) => Some(s),
+            _ => None,
+        };
+        let table_mode = matches!(mode, HeadMode::Table);
         let d = self.layout.dims;
         let l_top = d.layers - 1;
         if self.ws.pass.is_none() {
@@ -742,17 +834,6 @@ impl<T: Real> Engine<T> {
         let nt = self.team.threads();
         let mut losses = vec![0f64; 2 * nt];
         let losses_sh = Shared::new(&mut losses);
-        let (nll_r, nll_c) = match per_word {
-            Some((a, b)) => {
-                if a.len() != tb || b.len() != tb {
-                    return Err(Error::Shape(format!(
-                        "per-word loss buffers must hold {tb} values"
-                    )));
-                }
-                (Shared::new(a), Shared::new(b))
-            }
-            None => (Shared::new(&mut [][..]), Shared::new(&mut [][..])),
-        };
         let rng = Philox::new(self.seed, Purpose::Dropout);
         let p_drop = self.dropout;
         self.team.run(|tid, bar| {
@@ -808,27 +889,19 @@ impl<T: Real> Engine<T> {
                     Mat::rows_ptr(ho.add(pr.start * m), m),
                     Mat::rows(wc_t, cc),
                 );
-                let (nr_out, nc_out): (&mut [f64], &mut [f64]) = if nll_r.is_empty() {
-                    (&mut [], &mut [])
+                let zr_rows = zr.slice_mut(pr.start * rr..pr.end * rr);
+                let zc_rows = zc.slice_mut(pr.start * cc..pr.end * cc);
+                let (lr, lc) = if table_mode {
+                    (
+                        simd::neg_log_softmax(zr_rows, rr, br, &tgt_r[pr.clone()]),
+                        simd::neg_log_softmax(zc_rows, cc, bc, &tgt_c[pr.clone()]),
+                    )
                 } else {
-                    (nll_r.slice_mut(pr.clone()), nll_c.slice_mut(pr.clone()))
+                    (
+                        simd::softmax_nll(zr_rows, rr, br, &tgt_r[pr.clone()], grad_scale, &mut []),
+                        simd::softmax_nll(zc_rows, cc, bc, &tgt_c[pr.clone()], grad_scale, &mut []),
+                    )
                 };
-                let lr = simd::softmax_nll(
-                    zr.slice_mut(pr.start * rr..pr.end * rr),
-                    rr,
-                    br,
-                    &tgt_r[pr.clone()],
-                    grad_scale,
-                    nr_out,
-                );
-                let lc = simd::softmax_nll(
-                    zc.slice_mut(pr.start * cc..pr.end * cc),
-                    cc,
-                    bc,
-                    &tgt_c[pr.clone()],
-                    grad_scale,
-                    nc_out,
-                );
                 losses_sh
                     .slice_mut(2 * tid..2 * tid + 2)
                     .copy_from_slice(&[lr, lc]);

@@ -257,6 +257,31 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// z[r, :] = -log softmax(z[r, :] + b) for every row (in place); returns the summed
+    /// NLL of the targets.
+    pub fn neg_log_softmax<T: Real>(z: &mut [T], width: usize, b: &[T], targets: &[u32]) -> f64 {
+        let mut total = 0.0f64;
+        for (row, zr) in z.chunks_exact_mut(width).enumerate() {
+            let mut mx = T::from_f64(f64::NEG_INFINITY);
+            for (x, &bb) in zr.iter_mut().zip(b) {
+                *x += bb;
+                mx = mx.max(*x);
+            }
+            let mut sum = T::ZERO;
+            for &x in zr.iter() {
+                sum += (x - mx).exp();
+            }
+            let lse = mx + sum.ln();
+            for x in zr.iter_mut() {
+                *x = lse - *x;
+            }
+            total += zr[targets[row] as usize].to_f64();
+        }
+        total
+    }
+}
+
 /// Dropout mask for `len` elements starting at element `first` of (stream, site): each
 /// value is 0 with probability p, else 1/(1-p) (inverted dropout).
 pub fn dropout_mask<T: Real>(rng: &Philox, stream: u64, first: u64, p: f64, mask: &mut [T]) {

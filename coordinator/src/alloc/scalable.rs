@@ -1,0 +1,380 @@
+//! The scalable solver: relaxation prices, priced candidates, shortest augmenting paths
+//! on the candidates, a repair pass for words the candidates cannot place. Memory is the
+//! tables plus O(V * k^2) candidate edges; nothing is V x V.
+
+use rayon::prelude::*;
+
+use super::auction;
+use super::prices::bin_prices;
+use super::sap::{Graph, NONE, Sap};
+use super::{Elem, Problem, Result, SolveOptions};
+
+/// Row prices alpha [R] and column prices beta [C] of the relaxation, and the bids spent.
+pub(super) fn relaxation_prices<T: Elem>(p: &Problem<'_, T>) -> (Vec<f64>, Vec<f64>, u64) {
+    // eps: a small fraction of a typical word's cost; the relaxation is then eps-optimal
+    // and its prices are accurate far below the cost differences that matter.
+    let mean_min: f64 = (0..p.vocab)
+        .into_par_iter()
+        .map(|w| {
+            (0..p.rows)
+                .map(|i| p.lr(w, i))
+                .fold(f64::INFINITY, f64::min)
+                .abs()
+        })
+        .sum::<f64>()
+        / p.vocab as f64;
+    let eps = 1e-4 * mean_min + 1e-9;
+    // Prices are aggregates: beyond RELAX_SAMPLE words, a regular sample of the words
+    // with proportionally smaller capacities estimates them at a fraction of the cost.
+    let stride = p.vocab.div_ceil(RELAX_SAMPLE).max(1);
+    let sample = p.vocab.div_ceil(stride);
+    let scale = sample as f64 / p.vocab as f64;
+    let (cap_r, cap_c) = (
+        ((p.cols as f64 * scale).ceil() as usize).max(1),
+        ((p.rows as f64 * scale).ceil() as usize).max(1),
+    );
+    let row_cost = |s: usize, out: &mut [f64]| {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = p.lr(s * stride, i);
+        }
+    };
+    let col_cost = |s: usize, out: &mut [f64]| {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = p.lc(s * stride, j);
+        }
+    };
+    let ((alpha, b1), (beta, b2)) = rayon::join(
+        || bin_prices(sample, p.rows, cap_r, eps, &row_cost),
+        || bin_prices(sample, p.cols, cap_c, eps, &col_cost),
+    );
+    (alpha, beta, b1 + b2)
+}
+
+/// (priced cost, index) pairs being ranked.
+type Ranked = Vec<(f64, u32)>;
+
+/// The k best rows and k best columns of every word under prices: k^2 candidate cells
+/// (cell, true cost).
+pub(super) fn candidates<T: Elem>(
+    p: &Problem<'_, T>,
+    alpha: &[f64],
+    beta: &[f64],
+    k: usize,
+) -> Vec<Vec<(u32, f64)>> {
+    let (kr, kc) = (k.min(p.rows), k.min(p.cols));
+    (0..p.vocab)
+        .into_par_iter()
+        .map_init(
+            || (Vec::with_capacity(p.rows), Vec::with_capacity(p.cols)),
+            |(rs, cs): &mut (Ranked, Ranked), w| {
+                rs.clear();
+                cs.clear();
+                rs.extend((0..p.rows).map(|i| (p.lr(w, i) + alpha[i], i as u32)));
+                cs.extend((0..p.cols).map(|j| (p.lc(w, j) + beta[j], j as u32)));
+                let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+                if kr < rs.len() {
+                    rs.select_nth_unstable_by(kr - 1, by);
+                }
+                if kc < cs.len() {
+                    cs.select_nth_unstable_by(kc - 1, by);
+                }
+                let mut out = Vec::with_capacity(kr * kc);
+                for &(_, i) in &rs[..kr] {
+                    for &(_, j) in &cs[..kc] {
+                        let cell = i * p.cols as u32 + j;
+                        out.push((cell, p.lr(w, i as usize) + p.lc(w, j as usize)));
+                    }
+                }
+                out
+            },
+        )
+        .collect()
+}
+
+/// Warm potentials from the prices: reduced cost = cost + alpha_i + beta_j.
+pub(super) fn warm_potentials<T: Elem>(
+    p: &Problem<'_, T>,
+    alpha: &[f64],
+    beta: &[f64],
+) -> Vec<f64> {
+    (0..p.cells())
+        .map(|c| -(alpha[c / p.cols] + beta[c % p.cols]))
+        .collect()
+}
+
+/// Words in decreasing order of their best cost: the heavy words are placed first.
+pub(super) fn order<T: Elem>(p: &Problem<'_, T>) -> Vec<u32> {
+    let key: Vec<f64> = (0..p.vocab)
+        .into_par_iter()
+        .map(|w| {
+            let r = (0..p.rows)
+                .map(|i| p.lr(w, i))
+                .fold(f64::INFINITY, f64::min);
+            let c = (0..p.cols)
+                .map(|j| p.lc(w, j))
+                .fold(f64::INFINITY, f64::min);
+            r + c
+        })
+        .collect();
+    let mut o: Vec<u32> = (0..p.vocab as u32).collect();
+    o.sort_by(|&a, &b| key[b as usize].total_cmp(&key[a as usize]).then(a.cmp(&b)));
+    o
+}
+
+/// The auction on candidate graph `g` from the relaxation prices; returns its outcome and
+/// the final cell prices.
+pub(super) fn priced_auction<T: Elem>(
+    p: &Problem<'_, T>,
+    g: &Graph,
+    alpha: &[f64],
+    beta: &[f64],
+) -> (auction::Outcome, Vec<f64>) {
+    let mut price: Vec<f64> = warm_potentials(p, alpha, beta)
+        .into_iter()
+        .map(|v| -v)
+        .collect();
+    let out = auction_from(p, g, &mut price);
+    (out, price)
+}
+
+/// The auction on candidate graph `g` from cell prices `price` (updated in place).
+pub(super) fn auction_from<T: Elem>(
+    p: &Problem<'_, T>,
+    g: &Graph,
+    price: &mut [f64],
+) -> auction::Outcome {
+    // A word leaves for the repair pass when its best priced candidate costs more than its
+    // worst cost anywhere plus the highest starting price plus a typical word's cost: far
+    // beyond any price a feasible set of candidates reaches, yet finite.
+    let mut give_up: Vec<f64> = (0..p.vocab)
+        .into_par_iter()
+        .map(|w| {
+            let r = (0..p.rows)
+                .map(|i| p.lr(w, i))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let c = (0..p.cols)
+                .map(|j| p.lc(w, j))
+                .fold(f64::NEG_INFINITY, f64::max);
+            r + c
+        })
+        .collect();
+    let mean_cost = give_up.iter().map(|x| x.abs()).sum::<f64>() / p.vocab as f64;
+    let top_price = price.iter().fold(0.0f64, |m, &x| m.max(x));
+    for g in &mut give_up {
+        *g += top_price + mean_cost;
+    }
+    let eps_final = 1e-6 * mean_cost + 1e-12;
+    auction::run(g, price, &give_up, eps_final, 1e-3 * mean_cost)
+}
+
+/// Largest vocabulary for the cell-level auction path.
+const CELL_AUCTION_MAX: usize = 65_536;
+
+/// Free cells offered to each stuck word at first.
+const REPAIR_CANDIDATES: usize = 16;
+
+/// Words the relaxation auction looks at (a regular sample beyond that).
+const RELAX_SAMPLE: usize = 100_000;
+
+/// Widening rounds for words the candidates cannot place, and the search budget per word.
+const WIDEN_ROUNDS: usize = 2;
+const MAX_POPS: u64 = 4096;
+
+/// Default candidates per side: more for small tables (cheap), fewer for huge ones.
+fn default_k(v: usize) -> usize {
+    if v <= 20_000 {
+        8
+    } else if v <= 200_000 {
+        6
+    } else {
+        5
+    }
+}
+
+pub fn solve<T: Elem>(
+    p: &Problem<'_, T>,
+    opts: &SolveOptions,
+) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
+    // Beyond CELL_AUCTION_MAX words the cell-level auction spends its time in price wars
+    // and its repair pass grows quadratic in the stuck words: rows-then-columns instead.
+    if p.vocab > CELL_AUCTION_MAX {
+        let mean_min: f64 = (0..p.vocab)
+            .into_par_iter()
+            .map(|w| {
+                (0..p.rows)
+                    .map(|i| p.lr(w, i))
+                    .fold(f64::INFINITY, f64::min)
+                    .abs()
+            })
+            .sum::<f64>()
+            / p.vocab as f64;
+        let (cells, stats) = super::decompose::solve(p, 1e-4 * mean_min + 1e-9, 16)?;
+        return Ok((cells, None, stats));
+    }
+    let t0 = std::time::Instant::now();
+    let k = if opts.candidates > 0 {
+        opts.candidates
+    } else {
+        default_k(p.vocab)
+    };
+    let (alpha, beta, bids) = relaxation_prices(p);
+    let t_prices = t0.elapsed().as_secs_f64();
+    tracing::info!(seconds = t_prices, bids, "allocation: relaxation prices");
+    let mut g = Graph::new(candidates(p, &alpha, &beta, k), 0, p.cells());
+    let t_cand = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        seconds = t_cand,
+        edges = g.edges(),
+        "allocation: candidates"
+    );
+    let (out, price) = priced_auction(p, &g, &alpha, &beta);
+    let t_auction = t0.elapsed().as_secs_f64();
+    tracing::info!(seconds = t_auction, bids = out.bids, "allocation: auction");
+    // Polish: shortest augmenting paths on the candidates make the assignment optimal for
+    // the candidate graph. On (nearly) square tables they start from the auction's prices
+    // and assignment (nearly optimal duals: short paths); otherwise from zero potentials,
+    // because an empty cell must end with potential 0.
+    let empty = p.cells() - p.vocab;
+    let mut x = out.x;
+    let mut unplaced = 0usize;
+    let mut widened = 0usize;
+    let pops;
+    {
+        let warm = empty * 1000 <= p.cells();
+        let v0 = if warm {
+            price.iter().map(|&q| -q).collect()
+        } else {
+            vec![0.0; p.cells()]
+        };
+        let mut sap = Sap::new(p.vocab, v0);
+        let mut left = sap.adopt(&g, &x);
+        // Words without a short path get their best cells under the current potentials
+        // (over the whole table) and their best free cells, then try again with a larger
+        // search budget; the last round searches without limit.
+        for round in 0..WIDEN_ROUNDS {
+            let mut failed = Vec::new();
+            let budget = MAX_POPS << (3 * round);
+            for w in left {
+                if !sap.augment_capped(&g, w as usize, budget) {
+                    failed.push(w);
+                }
+            }
+            if failed.is_empty() || round + 1 == WIDEN_ROUNDS {
+                unplaced = failed.len();
+                break;
+            }
+            widened += failed.len();
+            let free: Vec<u32> = (0..p.cells() as u32)
+                .filter(|&c| sap.y[c as usize] == NONE)
+                .collect();
+            let extra: Vec<(u32, u32, f64)> = failed
+                .par_iter()
+                .flat_map_iter(|&w| {
+                    let w = w as usize;
+                    let mut best: Vec<(f64, u32)> = (0..p.cells())
+                        .map(|c| (p.cost(w, c) - sap.v[c], c as u32))
+                        .collect();
+                    let m = 8.min(best.len());
+                    best.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
+                    best.truncate(m);
+                    let mut fr: Vec<(f64, u32)> =
+                        free.iter().map(|&c| (p.cost(w, c as usize), c)).collect();
+                    let m = 4.min(fr.len());
+                    if m > 0 {
+                        fr.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
+                        fr.truncate(m);
+                    }
+                    best.into_iter()
+                        .chain(fr)
+                        .map(move |(_, c)| (w as u32, c, p.cost(w, c as usize)))
+                })
+                .collect();
+            g = g.with_extra(extra);
+            left = failed;
+        }
+        pops = sap.pops;
+        x = sap.x;
+    }
+    let t_polish = t0.elapsed().as_secs_f64();
+    let mut taken = vec![false; p.cells()];
+    for &c in &x {
+        if c != NONE {
+            taken[c as usize] = true;
+        }
+    }
+    // Repair: every stuck word gets its REPAIR_CANDIDATES cheapest free cells and
+    // shortest augmenting paths (from zero potentials) place as many as those cells hold;
+    // the rest take their cheapest remaining free cell, heaviest words first.
+    let stuck: Vec<usize> = (0..p.vocab).filter(|&w| x[w] == NONE).collect();
+    if !stuck.is_empty() {
+        let free: Vec<u32> = (0..p.cells() as u32)
+            .filter(|&c| !taken[c as usize])
+            .collect();
+        if free.len() < stuck.len() {
+            return Err(super::AllocError::Solver(
+                "fewer free cells than unplaced words".into(),
+            ));
+        }
+        let lists: Vec<Vec<(u32, f64)>> = stuck
+            .par_iter()
+            .map(|&w| {
+                let mut all: Vec<(f64, u32)> = free
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| (p.cost(w, c as usize), i as u32))
+                    .collect();
+                let mm = REPAIR_CANDIDATES.min(all.len());
+                all.select_nth_unstable_by(mm - 1, |a, b| a.0.total_cmp(&b.0));
+                all.truncate(mm);
+                all.into_iter().map(|(x, i)| (i, x)).collect()
+            })
+            .collect();
+        let lg = Graph::new(lists, 0, free.len());
+        let mut sap = Sap::new(stuck.len(), vec![0.0; free.len()]);
+        let mut rest = Vec::new();
+        for k in 0..stuck.len() {
+            if !sap.augment_capped(&lg, k, MAX_POPS) {
+                rest.push(k);
+            }
+        }
+        let mut used = vec![false; free.len()];
+        for (k, &w) in stuck.iter().enumerate() {
+            if sap.x[k] != NONE {
+                x[w] = free[sap.x[k] as usize];
+                used[sap.x[k] as usize] = true;
+            }
+        }
+        rest.sort_by(|&a, &b| p.cost(stuck[b], 0).total_cmp(&p.cost(stuck[a], 0)));
+        let mut open: Vec<u32> = (0..free.len() as u32)
+            .filter(|&i| !used[i as usize])
+            .collect();
+        for k in rest {
+            let w = stuck[k];
+            let (at, _) = open
+                .par_iter()
+                .enumerate()
+                .map(|(a, &i)| (a, p.cost(w, free[i as usize] as usize)))
+                .reduce(
+                    || (usize::MAX, f64::INFINITY),
+                    |a, b| if b.1 < a.1 { b } else { a },
+                );
+            x[w] = free[open.swap_remove(at) as usize];
+        }
+    }
+    let stats = serde_json::json!({
+        "candidates_per_side": k,
+        "edges": g.start.last().copied().unwrap_or(0),
+        "relaxation_bids": bids,
+        "auction_bids": out.bids,
+        "auction_phases": out.phases,
+        "unplaced_after_paths": unplaced,
+        "words_widened": widened,
+        "cells_popped": pops,
+        "seconds_paths": t_polish - t_auction,
+        "repaired_words": stuck.len(),
+        "seconds_prices": t_prices,
+        "seconds_candidates": t_cand - t_prices,
+        "seconds_auction": t_auction - t_cand,
+    });
+    Ok((x, None, stats))
+}

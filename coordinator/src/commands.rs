@@ -1,0 +1,202 @@
+//! The allocation-related commands: `allocate`, `tables`, `inspect`.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use tokio::runtime::Handle;
+
+use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
+use lightrnn_worker::checkpoint::Checkpoint;
+use lightrnn_worker::dataset::{Dataset, PrepareOptions};
+use lightrnn_worker::eval::split_object;
+use lightrnn_worker::npy;
+use lightrnn_worker::store::Location;
+
+use crate::alloc::{Problem, SolveOptions, Solver, solve};
+
+/// Peak resident set size of this process in MiB (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    lightrnn_worker::bench::rss_mib().0
+}
+
+fn read_npy(path: &str, handle: &Handle) -> Result<npy::Array> {
+    let (loc, name) = split_object(path)?;
+    let bytes = handle.block_on(loc.get(&name))?;
+    Ok(npy::decode(bytes, path)?)
+}
+
+/// `lightrnn allocate`: tables in, allocation out, one JSON line.
+pub fn allocate(
+    row_loss: &str,
+    col_loss: &str,
+    solver: Solver,
+    out: &str,
+    opts: &SolveOptions,
+    handle: &Handle,
+) -> Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    let (a, b) = (read_npy(row_loss, handle)?, read_npy(col_loss, handle)?);
+    let (v, r, c) = match (&a.shape[..], &b.shape[..]) {
+        ([v, r], [v2, c]) if v == v2 => (*v, *r, *c),
+        _ => bail!(
+            "tables must be [V, R] and [V, C] with the same V; got {:?} and {:?}",
+            a.shape,
+            b.shape
+        ),
+    };
+    let t_read = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let sol = match (a.as_f32(), b.as_f32(), a.as_f64(), b.as_f64()) {
+        (Some(lr), Some(lc), _, _) => solve(&Problem::new(v, r, c, lr, lc)?, solver, opts)?,
+        (_, _, Some(lr), Some(lc)) => solve(&Problem::new(v, r, c, lr, lc)?, solver, opts)?,
+        _ => {
+            let (lr, lc) = (a.to_f64(), b.to_f64());
+            solve(&Problem::new(v, r, c, &lr, &lc)?, solver, opts)?
+        }
+    };
+    let seconds = t1.elapsed().as_secs_f64();
+    drop((a, b));
+    let cells: Vec<i64> = sol.cells.iter().map(|&x| x as i64).collect();
+    let (loc, name) = split_object(out)?;
+    handle.block_on(loc.put(&name, Bytes::from(npy::encode_i64(&cells))))?;
+    Ok(serde_json::json!({
+        "solver": solver.name(),
+        "cost": sol.cost,
+        "lower_bound": sol.lower_bound,
+        "dual_bound": sol.dual_bound,
+        "gap_to_lower_bound": (sol.cost - sol.lower_bound) / sol.lower_bound.abs().max(1e-300),
+        "seconds": seconds,
+        "seconds_reading": t_read,
+        "peak_rss_mib": peak_rss_mib(),
+        "vocab": v, "rows": r, "cols": c,
+        "stats": sol.stats,
+    }))
+}
+
+/// The dataset a checkpoint was trained on, opened from `data` (prepared, or text to
+/// tokenise into `cache`), checked against the checkpoint's vocabulary.
+pub fn dataset_for(
+    ck: &Checkpoint,
+    data: &str,
+    cache: &Location,
+    handle: &Handle,
+) -> Result<Dataset> {
+    let cfg = &ck.meta.config;
+    let prep = PrepareOptions {
+        text: cfg.text_options(),
+        vocab_size: cfg.vocab_size,
+        shard_tokens: cfg.shard_tokens,
+    };
+    let ds = handle.block_on(Dataset::open_or_prepare(
+        &Location::parse(data)?,
+        cache,
+        &prep,
+        &|_, _, _| {},
+    ))?;
+    if ds.vocab.sha256() != ck.meta.vocab_sha256 {
+        bail!(
+            "{data}: its vocabulary differs from the checkpoint's; pass the data the model was trained on"
+        );
+    }
+    Ok(ds)
+}
+
+/// `lightrnn tables`: loss tables of a checkpoint over its training split, as .npy files.
+pub fn tables(
+    ck: &Checkpoint,
+    data: &str,
+    out: &str,
+    threads: usize,
+    handle: &Handle,
+) -> Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    let out = Location::parse(out)?;
+    let ds = dataset_for(ck, data, &out.join("data"), handle)?;
+    let cfg = &ck.meta.config;
+    let mcfg = ModelConfig {
+        dims: ck.meta.dims,
+        dropout: 0.0,
+        seed: ck.meta.rng_seed,
+        threads,
+    };
+    let mut be = open_backend(BackendKind::Auto, &mcfg)?;
+    be.set_params(&ck.params)?;
+    be.set_allocation(&ck.cells)?;
+    let max = (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64;
+    let (t, loss) = lightrnn_worker::realloc::loss_tables(
+        &mut *be, &ds.train, cfg.batch, cfg.bptt, max, handle,
+    )?;
+    let d = ck.meta.dims;
+    let counts: Vec<i64> = t.counts.iter().map(|&c| c as i64).collect();
+    let cells: Vec<i64> = ck.cells.iter().map(|&c| c as i64).collect();
+    let objective = t.cost(&ck.cells);
+    handle.block_on(async {
+        out.put(
+            "L_r.npy",
+            Bytes::from(npy::encode_f32(&[d.vocab, d.rows], &t.lr)),
+        )
+        .await?;
+        out.put(
+            "L_c.npy",
+            Bytes::from(npy::encode_f32(&[d.vocab, d.cols], &t.lc)),
+        )
+        .await?;
+        out.put("counts.npy", Bytes::from(npy::encode_i64(&counts)))
+            .await?;
+        out.put("alloc.npy", Bytes::from(npy::encode_i64(&cells)))
+            .await
+    })?;
+    let words: u64 = t.counts.iter().sum();
+    Ok(serde_json::json!({
+        "vocab": d.vocab, "rows": d.rows, "cols": d.cols, "words": words, "loss": loss,
+        "objective_current": objective, "seconds": t0.elapsed().as_secs_f64(), "out": out.url(),
+    }))
+}
+
+/// `lightrnn inspect`: the rows of the table with their words, most frequent first; rows
+/// ordered by the count of their most frequent word.
+pub fn inspect(ck: &Checkpoint, rows: usize, words: usize) -> Result<String> {
+    let d = ck.meta.dims;
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); d.rows];
+    for (w, &cell) in ck.cells.iter().enumerate() {
+        members[cell as usize / d.cols].push(w as u32);
+    }
+    for m in &mut members {
+        m.sort_by_key(|&w| (std::cmp::Reverse(ck.vocab.count(w)), w));
+    }
+    let mut order: Vec<usize> = (0..d.rows).filter(|&i| !members[i].is_empty()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ck.vocab.count(members[i][0])));
+    let mut out = format!(
+        "{} words in a {} x {} table; step {}, {} reallocation(s); rows by their most frequent word:\n",
+        d.vocab, d.rows, d.cols, ck.meta.step, ck.meta.reallocations
+    );
+    for &i in order.iter().take(rows) {
+        let ws: Vec<&str> = members[i]
+            .iter()
+            .take(words)
+            .map(|&w| ck.vocab.word(w))
+            .collect();
+        out.push_str(&format!(
+            "row {i:>5} ({:>4} words): {}\n",
+            members[i].len(),
+            ws.join(" ")
+        ));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// The trainer's allocator for a configuration.
+pub fn allocator(
+    solver: &str,
+    threads: usize,
+) -> Result<Arc<dyn lightrnn_worker::realloc::Allocate>> {
+    let solver: Solver = solver.parse().context("realloc_solver")?;
+    Ok(Arc::new(crate::alloc::TableAllocator {
+        solver,
+        opts: SolveOptions {
+            threads,
+            ..Default::default()
+        },
+    }))
+}

@@ -1,0 +1,246 @@
+//! Word reallocation between epochs: the loss-table pass, the call to an allocator (the
+//! coordinator's solvers), and the update of the model to the new word -> cell table.
+//!
+//! What moves with a word. The allocation objective is the training loss with the
+//! hidden states held fixed, i.e. it places every word in the cell whose *output* row and
+//! column vectors already predict it best; so the output layers (W_r, b_r, W_c, b_c) stay
+//! with their cells. The *input* vectors of a cell were trained for its old words: with
+//! `realloc_carry = "inputs"` each row's (column's) new input vector is the
+//! frequency-weighted mean of the old input vectors of the words that now occupy it, so
+//! every word keeps (an average of) the input it had. `"none"` keeps every vector with its
+//! cell (the paper's and the PyTorch reference's procedure); `"all"` also carries the
+//! output vectors with the words.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use lightrnn_kernels::{Backend, Batch, LossTables, StreamId};
+
+use crate::batches::Batches;
+use crate::shards::SplitReader;
+use crate::train::evaluate;
+use crate::{Error, Result};
+
+/// Carried state of the loss-table pass.
+pub const TABLE_STREAM: StreamId = 2;
+
+/// A new allocation and what the solver reports about it.
+pub struct Allocation {
+    pub cells: Vec<u32>,
+    pub solver: String,
+    pub stats: serde_json::Value,
+}
+
+/// Something that turns loss tables into a word -> cell table (the coordinator's solvers).
+pub trait Allocate: Send + Sync {
+    fn allocate(&self, tables: &LossTables, current: &[u32]) -> Result<Allocation>;
+}
+
+/// One forward pass (no dropout) over `split` in `batch` streams of `bptt` steps,
+/// accumulating the loss tables. Returns them and the mean loss per word.
+pub fn loss_tables(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    bptt: usize,
+    max_bytes: u64,
+    handle: &Handle,
+) -> Result<(LossTables, f64)> {
+    let mut tables = LossTables::new(&backend.dims(), max_bytes)?;
+    backend.reset_state(TABLE_STREAM);
+    let mut batches = Batches::new(split.clone(), handle.clone(), batch, bptt, 0)?;
+    let mut buf = Vec::new();
+    let (mut total, mut words) = (0.0, 0u64);
+    while let Some(t) = batches.next_batch(&mut buf)? {
+        let b = batch;
+        let bt = Batch {
+            inputs: &buf[..t * b],
+            targets: &buf[b..],
+            steps: t,
+            batch: b,
+            stream: TABLE_STREAM,
+        };
+        let l = backend.accumulate_batch(&bt, &mut tables)?;
+        total += l.total();
+        words += l.words;
+    }
+    backend.reset_state(TABLE_STREAM);
+    Ok((tables, total / words.max(1) as f64))
+}
+
+/// Which vectors follow the words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carry {
+    None,
+    Inputs,
+    All,
+}
+
+impl std::str::FromStr for Carry {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "inputs" => Ok(Self::Inputs),
+            "all" => Ok(Self::All),
+            o => Err(Error::Config(format!(
+                "realloc_carry {o:?}: expected none, inputs or all"
+            ))),
+        }
+    }
+}
+
+/// Move vectors of `params` (PyTorch layout) from the old to the new allocation: for each
+/// row (column), the frequency-weighted mean of the old vectors of its new words.
+/// Rows and columns left without words keep their vectors.
+pub fn carry_vectors(
+    backend: &dyn Backend,
+    params: &mut [f32],
+    old: &[u32],
+    new: &[u32],
+    counts: &[u64],
+    carry: Carry,
+) -> Result<()> {
+    if carry == Carry::None {
+        return Ok(());
+    }
+    let layout = backend.layout();
+    let d = layout.dims;
+    let cols = d.cols as u32;
+    let mut names = vec![("emb_r.weight", true), ("emb_c.weight", false)];
+    if carry == Carry::All {
+        names.extend([
+            ("out_r.weight", true),
+            ("out_r.bias", true),
+            ("out_c.weight", false),
+            ("out_c.bias", false),
+        ]);
+    }
+    for (name, by_row) in names {
+        let spec = layout
+            .spec(name)
+            .ok_or_else(|| Error::Config(format!("model has no {name}")))?;
+        let n = spec.shape[0];
+        let width = spec.len() / n;
+        let src = params[spec.range()].to_vec();
+        let mut acc = vec![0f64; n * width];
+        let mut weight = vec![0f64; n];
+        for w in 0..d.vocab {
+            let pick = |c: u32| {
+                if by_row {
+                    (c / cols) as usize
+                } else {
+                    (c % cols) as usize
+                }
+            };
+            let (from, to) = (pick(old[w]), pick(new[w]));
+            // +1: words unseen in training still pull their old vector a little.
+            let f = counts[w] as f64 + 1.0;
+            weight[to] += f;
+            for k in 0..width {
+                acc[to * width + k] += f * src[from * width + k] as f64;
+            }
+        }
+        let dst = &mut params[spec.range()];
+        for r in 0..n {
+            if weight[r] > 0.0 {
+                for k in 0..width {
+                    dst[r * width + k] = (acc[r * width + k] / weight[r]) as f32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one reallocation did (a metrics line).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub solver: String,
+    /// Mean training loss per word under the old allocation (the table pass).
+    pub train_loss_before: f64,
+    /// sum_w L_r[w, r(w)] + L_c[w, c(w)] per word, old and new allocation.
+    pub objective_before: f64,
+    pub objective_after: f64,
+    /// Per word: sum_w min_i L_r + min_j L_c.
+    pub lower_bound: f64,
+    pub words_moved: usize,
+    /// Measured training loss per word right after the move (when asked for).
+    pub train_loss_after: Option<f64>,
+    pub seconds_tables: f64,
+    pub seconds_solve: f64,
+    pub stats: serde_json::Value,
+}
+
+/// Options of one reallocation.
+pub struct ReallocOptions<'a> {
+    pub batch: usize,
+    pub bptt: usize,
+    pub max_table_bytes: u64,
+    pub carry: Carry,
+    /// Also measure the training loss after the move (one more pass).
+    pub check: bool,
+    pub allocator: &'a dyn Allocate,
+}
+
+/// Loss tables -> new allocation -> vectors carried -> model updated.
+pub fn reallocate(
+    backend: &mut dyn Backend,
+    train: &Arc<SplitReader>,
+    o: &ReallocOptions<'_>,
+    handle: &Handle,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let (tables, loss_before) =
+        loss_tables(backend, train, o.batch, o.bptt, o.max_table_bytes, handle)?;
+    let seconds_tables = t0.elapsed().as_secs_f64();
+    let old = backend.allocation()?;
+    let t1 = Instant::now();
+    let a = o.allocator.allocate(&tables, &old)?;
+    let seconds_solve = t1.elapsed().as_secs_f64();
+    lightrnn_kernels::cpu::check_allocation(&backend.dims(), &a.cells)?;
+    let words: f64 = tables.counts.iter().sum::<u64>().max(1) as f64;
+    let lower: f64 = (0..tables.vocab)
+        .map(|w| {
+            let r = tables.lr[w * tables.rows..(w + 1) * tables.rows]
+                .iter()
+                .fold(f32::INFINITY, |m, &x| m.min(x));
+            let c = tables.lc[w * tables.cols..(w + 1) * tables.cols]
+                .iter()
+                .fold(f32::INFINITY, |m, &x| m.min(x));
+            r as f64 + c as f64
+        })
+        .sum();
+    let mut report = Report {
+        solver: a.solver.clone(),
+        train_loss_before: loss_before,
+        objective_before: tables.cost(&old) / words,
+        objective_after: tables.cost(&a.cells) / words,
+        lower_bound: lower / words,
+        words_moved: old.iter().zip(&a.cells).filter(|(x, y)| x != y).count(),
+        train_loss_after: None,
+        seconds_tables,
+        seconds_solve,
+        stats: a.stats,
+    };
+    let mut params = backend.params()?;
+    carry_vectors(
+        &*backend,
+        &mut params,
+        &old,
+        &a.cells,
+        &tables.counts,
+        o.carry,
+    )?;
+    drop(tables);
+    backend.set_params(&params)?;
+    backend.set_allocation(&a.cells)?;
+    if o.check {
+        let (l, _) = evaluate(backend, train, o.batch, o.bptt, handle)?;
+        report.train_loss_after = Some(l);
+    }
+    Ok(report)
+}
