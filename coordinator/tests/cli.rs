@@ -338,7 +338,16 @@ fn training_with_reallocation_tables_and_inspect() {
         r["objective_after"].as_f64().unwrap() <= r["objective_before"].as_f64().unwrap() + 1e-9
     );
     assert!(r["lower_bound"].as_f64().unwrap() <= r["objective_after"].as_f64().unwrap() + 1e-9);
-    assert!(r["train_loss_after"].is_number() && r["words_moved"].as_u64().unwrap() > 0);
+    assert!(r["train_loss_after"].is_number(), "{r}");
+    // Either words moved to a strictly better allocation, or the current one was kept.
+    let moved = r["words_moved"].as_u64().unwrap();
+    assert_eq!(r["kept_current"].as_bool().unwrap(), moved == 0, "{r}");
+    if moved > 0 {
+        assert!(
+            r["objective_after"].as_f64().unwrap() < r["objective_before"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
     // The checkpoint carries the new allocation; tables and inspect read it.
     let out = tmp.path().join("tables");
     let (code, stdout, err) = lightrnn(&[

@@ -143,7 +143,8 @@ fn trains_learns_checkpoints_and_evaluates() {
     assert!(err.contains("--resume"), "{err}");
 }
 
-/// Stopping at max_steps and resuming gives exactly the per-step losses of one run.
+/// Stopping at max_steps and resuming gives exactly the per-step losses of one run, across
+/// a word reallocation between the epochs.
 #[test]
 fn stop_and_resume_reproduces_the_uninterrupted_run() {
     let rt = runtime();
@@ -164,6 +165,10 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
         "optimizer=adam",
         "--set",
         "lr=0.01",
+        "--set",
+        "realloc_every=1",
+        "--set",
+        "realloc_solver=exact",
     ];
     let straight = tmp.path().join("straight");
     let mut args: Vec<&str> = vec!["train"];
@@ -199,6 +204,16 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
     let (a, b) = (loss_by_step(&straight), loss_by_step(&split));
     assert_eq!(a.len() as u64, steps);
     assert_eq!(a, b, "per-step losses differ after stop/resume");
+    let realloc = |dir: &std::path::Path| -> Vec<Value> {
+        metrics(dir)
+            .into_iter()
+            .filter(|v| v["kind"] == "realloc")
+            .collect()
+    };
+    let (ra, rb) = (realloc(&straight), realloc(&split));
+    assert_eq!(ra.len(), 1);
+    assert_eq!(ra[0]["words_moved"], rb[0]["words_moved"]);
+    assert_eq!(ra[0]["objective_after"], rb[0]["objective_after"]);
     let sa: Value =
         serde_json::from_slice(&std::fs::read(straight.join("summary.json")).unwrap()).unwrap();
     let sb: Value =

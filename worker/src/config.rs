@@ -76,6 +76,9 @@ pub struct TrainConfig {
     pub realloc_carry: String,
     /// Measure the training loss right after each move (one more pass over the data).
     pub realloc_check: bool,
+    /// Nats per occurrence charged for moving a word to another row, and again to another
+    /// column (0 = free moves).
+    pub realloc_move_cost: f64,
     /// Refuse loss tables larger than this (GiB).
     pub realloc_max_table_gib: f64,
 }
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             realloc_solver: "scalable".into(),
             realloc_carry: "inputs".into(),
             realloc_check: false,
+            realloc_move_cost: 0.0,
             realloc_max_table_gib: 16.0,
         }
     }
@@ -223,6 +227,12 @@ impl TrainConfig {
             ));
         }
         self.realloc_carry.parse::<crate::realloc::Carry>()?;
+        if !(self.realloc_move_cost >= 0.0 && self.realloc_move_cost.is_finite()) {
+            return bad(format!(
+                "realloc_move_cost {} must be >= 0",
+                self.realloc_move_cost
+            ));
+        }
         if self.realloc_max_table_gib.is_nan() || self.realloc_max_table_gib <= 0.0 {
             return bad("realloc_max_table_gib must be positive".into());
         }

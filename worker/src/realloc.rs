@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::{Backend, Batch, LossTables, StreamId};
+use lightrnn_kernels::{Backend, Batch, LossTables, ParamLayout, StreamId};
 
 use crate::batches::Batches;
 use crate::shards::SplitReader;
@@ -97,7 +97,7 @@ impl std::str::FromStr for Carry {
 /// row (column), the frequency-weighted mean of the old vectors of its new words.
 /// Rows and columns left without words keep their vectors.
 pub fn carry_vectors(
-    backend: &dyn Backend,
+    layout: &ParamLayout,
     params: &mut [f32],
     old: &[u32],
     new: &[u32],
@@ -107,7 +107,6 @@ pub fn carry_vectors(
     if carry == Carry::None {
         return Ok(());
     }
-    let layout = backend.layout();
     let d = layout.dims;
     let cols = d.cols as u32;
     let mut names = vec![("emb_r.weight", true), ("emb_c.weight", false)];
@@ -172,6 +171,8 @@ pub struct Report {
     pub train_loss_after: Option<f64>,
     pub seconds_tables: f64,
     pub seconds_solve: f64,
+    /// The solver found nothing better than the current allocation, which stays.
+    pub kept_current: bool,
     pub stats: serde_json::Value,
 }
 
@@ -183,6 +184,9 @@ pub struct ReallocOptions<'a> {
     pub carry: Carry,
     /// Also measure the training loss after the move (one more pass).
     pub check: bool,
+    /// Nats per occurrence charged for changing a word's row, and again for changing its
+    /// column: only words whose predicted gain exceeds it move.
+    pub move_cost: f64,
     pub allocator: &'a dyn Allocate,
 }
 
@@ -199,7 +203,26 @@ pub fn reallocate(
     let seconds_tables = t0.elapsed().as_secs_f64();
     let old = backend.allocation()?;
     let t1 = Instant::now();
-    let a = o.allocator.allocate(&tables, &old)?;
+    // Keeping the row keeps the row vectors, keeping the column the column vectors: the
+    // cost of moving is separable, a discount on the current row and column.
+    let discounted = (o.move_cost > 0.0).then(|| {
+        let mut t = tables.clone();
+        for (w, &cell) in old.iter().enumerate() {
+            let (i, j) = (cell as usize / t.cols, cell as usize % t.cols);
+            let d = (o.move_cost * t.counts[w] as f64) as f32;
+            t.lr[w * t.rows + i] -= d;
+            t.lc[w * t.cols + j] -= d;
+        }
+        t
+    });
+    let solve_on = discounted.as_ref().unwrap_or(&tables);
+    let mut a = o.allocator.allocate(solve_on, &old)?;
+    // A heuristic solver can return something worse than where the words are: keep them.
+    let kept = solve_on.cost(&a.cells) >= solve_on.cost(&old);
+    if kept {
+        a.cells = old.clone();
+    }
+    drop(discounted);
     let seconds_solve = t1.elapsed().as_secs_f64();
     lightrnn_kernels::cpu::check_allocation(&backend.dims(), &a.cells)?;
     let words: f64 = tables.counts.iter().sum::<u64>().max(1) as f64;
@@ -224,11 +247,12 @@ pub fn reallocate(
         train_loss_after: None,
         seconds_tables,
         seconds_solve,
+        kept_current: kept,
         stats: a.stats,
     };
     let mut params = backend.params()?;
     carry_vectors(
-        &*backend,
+        backend.layout(),
         &mut params,
         &old,
         &a.cells,
@@ -243,4 +267,46 @@ pub fn reallocate(
         report.train_loss_after = Some(l);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lightrnn_kernels::ModelDims;
+
+    #[test]
+    fn input_vectors_follow_their_words_as_weighted_means() {
+        // 4 words in a 2 x 2 table, emb 1: row vectors [10, 20], column vectors [1, 2].
+        let dims = ModelDims {
+            vocab: 4,
+            rows: 2,
+            cols: 2,
+            emb: 1,
+            hidden: 1,
+            layers: 1,
+        };
+        let layout = ParamLayout::new(dims);
+        let mut p = vec![0f32; layout.total];
+        p[layout.spec("emb_r.weight").unwrap().range()].copy_from_slice(&[10.0, 20.0]);
+        p[layout.spec("emb_c.weight").unwrap().range()].copy_from_slice(&[1.0, 2.0]);
+        let out_before = p[layout.spec("out_r.weight").unwrap().range()].to_vec();
+        let old = [0u32, 1, 2, 3]; // w0 (0,0) w1 (0,1) w2 (1,0) w3 (1,1)
+        let new = [3u32, 0, 1, 2]; // w0 -> (1,1), w1 -> (0,0), w2 -> (0,1), w3 -> (1,0)
+        let counts = [3u64, 1, 0, 7];
+        carry_vectors(&layout, &mut p, &old, &new, &counts, Carry::Inputs).unwrap();
+        let er = &p[layout.spec("emb_r.weight").unwrap().range()];
+        // Row 0 now holds w1 (old row 0, weight 2) and w2 (old row 1, weight 1).
+        assert!((er[0] - (2.0 * 10.0 + 1.0 * 20.0) / 3.0).abs() < 1e-5);
+        // Row 1 holds w0 (old row 0, weight 4) and w3 (old row 1, weight 8).
+        assert!((er[1] - (4.0 * 10.0 + 8.0 * 20.0) / 12.0).abs() < 1e-5);
+        let ec = &p[layout.spec("emb_c.weight").unwrap().range()];
+        // Column 0: w1 (old col 1, 2) and w3 (old col 1, 8); column 1: w0 (old 0, 4), w2 (old 0, 1).
+        assert!((ec[0] - 2.0).abs() < 1e-6 && (ec[1] - 1.0).abs() < 1e-6);
+        assert_eq!(
+            p[layout.spec("out_r.weight").unwrap().range()],
+            out_before[..],
+            "outputs stay with cells"
+        );
+        assert!("some".parse::<Carry>().is_err());
+    }
 }

@@ -572,6 +572,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
                 max_table_bytes: (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64,
                 carry: cfg.realloc_carry.parse::<Carry>()?,
                 check: cfg.realloc_check,
+                move_cost: cfg.realloc_move_cost,
                 allocator,
             };
             let rep = crate::realloc::reallocate(&mut *backend, &ds.train, &ro, handle)?;

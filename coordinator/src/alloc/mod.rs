@@ -128,19 +128,29 @@ impl<'a, T: Elem> Problem<'a, T> {
             .sum()
     }
 
+    /// Word w's cheapest cell cost anywhere: min_i L_r[w, i] + min_j L_c[w, j].
+    pub fn best(&self, w: usize) -> f64 {
+        let r = (0..self.rows)
+            .map(|i| self.lr(w, i))
+            .fold(f64::INFINITY, f64::min);
+        r + (0..self.cols)
+            .map(|j| self.lc(w, j))
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Word w's most expensive cell cost: max_i L_r[w, i] + max_j L_c[w, j].
+    pub fn worst(&self, w: usize) -> f64 {
+        let r = (0..self.rows)
+            .map(|i| self.lr(w, i))
+            .fold(f64::NEG_INFINITY, f64::max);
+        r + (0..self.cols)
+            .map(|j| self.lc(w, j))
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
     /// sum_w (min_i L_r[w, i] + min_j L_c[w, j]): no allocation costs less.
     pub fn lower_bound(&self) -> f64 {
-        (0..self.vocab)
-            .map(|w| {
-                let r = (0..self.rows)
-                    .map(|i| self.lr(w, i))
-                    .fold(f64::INFINITY, f64::min);
-                let c = (0..self.cols)
-                    .map(|j| self.lc(w, j))
-                    .fold(f64::INFINITY, f64::min);
-                r + c
-            })
-            .sum()
+        (0..self.vocab).map(|w| self.best(w)).sum()
     }
 
     /// A complete allocation: V distinct cells of the table.

@@ -104,18 +104,7 @@ pub(super) fn warm_potentials<T: Elem>(
 
 /// Words in decreasing order of their best cost: the heavy words are placed first.
 pub(super) fn order<T: Elem>(p: &Problem<'_, T>) -> Vec<u32> {
-    let key: Vec<f64> = (0..p.vocab)
-        .into_par_iter()
-        .map(|w| {
-            let r = (0..p.rows)
-                .map(|i| p.lr(w, i))
-                .fold(f64::INFINITY, f64::min);
-            let c = (0..p.cols)
-                .map(|j| p.lc(w, j))
-                .fold(f64::INFINITY, f64::min);
-            r + c
-        })
-        .collect();
+    let key: Vec<f64> = (0..p.vocab).into_par_iter().map(|w| p.best(w)).collect();
     let mut o: Vec<u32> = (0..p.vocab as u32).collect();
     o.sort_by(|&a, &b| key[b as usize].total_cmp(&key[a as usize]).then(a.cmp(&b)));
     o
@@ -146,18 +135,7 @@ pub(super) fn auction_from<T: Elem>(
     // A word leaves for the repair pass when its best priced candidate costs more than its
     // worst cost anywhere plus the highest starting price plus a typical word's cost: far
     // beyond any price a feasible set of candidates reaches, yet finite.
-    let mut give_up: Vec<f64> = (0..p.vocab)
-        .into_par_iter()
-        .map(|w| {
-            let r = (0..p.rows)
-                .map(|i| p.lr(w, i))
-                .fold(f64::NEG_INFINITY, f64::max);
-            let c = (0..p.cols)
-                .map(|j| p.lc(w, j))
-                .fold(f64::NEG_INFINITY, f64::max);
-            r + c
-        })
-        .collect();
+    let mut give_up: Vec<f64> = (0..p.vocab).into_par_iter().map(|w| p.worst(w)).collect();
     let mean_cost = give_up.iter().map(|x| x.abs()).sum::<f64>() / p.vocab as f64;
     let top_price = price.iter().fold(0.0f64, |m, &x| m.max(x));
     for g in &mut give_up {
