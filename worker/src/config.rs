@@ -11,6 +11,7 @@ use crate::{Error, Result};
 /// Built-in presets: (name, TOML text).
 pub const PRESETS: &[(&str, &str)] = &[
     ("ptb-small", include_str!("../presets/ptb-small.toml")),
+    ("ptb-small-realloc", include_str!("../presets/ptb-small-realloc.toml")),
     ("tiny", include_str!("../presets/tiny.toml")),
 ];
 
@@ -312,7 +313,9 @@ mod tests {
             c.optimizer_rule().unwrap(),
             Optimizer::Adam { .. }
         ));
-        assert!(TrainConfig::preset("tiny").is_ok());
+        for (name, _) in PRESETS {
+            TrainConfig::preset(name).unwrap();
+        }
         let s = TrainConfig::default()
             .with_overrides(&[
                 "lr_schedule=[20, 20, 5]".into(),
