@@ -64,6 +64,8 @@ pub fn allocate(
         "solver": solver.name(),
         "cost": sol.cost,
         "lower_bound": sol.lower_bound,
+        "relaxation_bound": sol.relaxation_bound,
+        "gap_to_relaxation_bound": (sol.cost - sol.relaxation_bound) / sol.relaxation_bound.abs().max(1e-300),
         "dual_bound": sol.dual_bound,
         "gap_to_lower_bound": (sol.cost - sol.lower_bound) / sol.lower_bound.abs().max(1e-300),
         "seconds": seconds,

@@ -11,7 +11,10 @@ use crate::{Error, Result};
 /// Built-in presets: (name, TOML text).
 pub const PRESETS: &[(&str, &str)] = &[
     ("ptb-small", include_str!("../presets/ptb-small.toml")),
-    ("ptb-small-realloc", include_str!("../presets/ptb-small-realloc.toml")),
+    (
+        "ptb-small-realloc",
+        include_str!("../presets/ptb-small-realloc.toml"),
+    ),
     ("tiny", include_str!("../presets/tiny.toml")),
 ];
 

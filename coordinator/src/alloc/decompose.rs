@@ -1,64 +1,115 @@
-//! Rows, then columns: the row relaxation's auction assigns every word a row (rows hold
-//! C words; exact for the problem without column conflicts), then each row's words get
-//! distinct columns by an exact assignment on that row alone (rows in parallel). Memory
-//! and time grow linearly with V; this is the scalable solver's path for very large
-//! tables, where the cell-level auction would spend most of its bids on price wars.
+//! Heavy words first, then rows, then columns: the words with the most to lose (the
+//! `heavy` words of largest best cost) get cells from the cell-level solver on the
+//! whole table, as if alone; the row relaxation's auction gives every other word a row
+//! among the rows' remaining slots (exact for the problem without column conflicts);
+//! then each row's words get distinct free columns of that row by an exact assignment on
+//! that row alone (rows in parallel). Memory and time grow linearly with V; this is the
+//! scalable solver's path for very large tables, where the cell-level auction over all
+//! words would spend most of its bids on price wars.
+//!
+//! Why the heavy words go first: rows chosen for their row losses alone put words that
+//! want the same column in the same row; for the light words the per-row assignment
+//! absorbs that at little cost, for the heaviest words it costs far more than the whole
+//! tail gains.
 
 use rayon::prelude::*;
 
-use super::prices::bin_auction_warm;
+use super::prices::bin_auction;
 use super::sap::{Graph, Sap};
-use super::{AllocError, Elem, Problem, Result};
+use super::scalable::{self, Relaxation};
+use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 pub fn solve<T: Elem>(
     p: &Problem<'_, T>,
+    rel: &Relaxation,
     eps: f64,
     k: usize,
+    heavy: usize,
 ) -> Result<(Vec<u32>, serde_json::Value)> {
     let t0 = std::time::Instant::now();
-    // Column prices from the (sampled) relaxation rank each word's columns; the rows come
-    // from a full auction over all words (a warm start from sampled prices bids more).
-    let (_, beta, _) = super::scalable::relaxation_prices(p);
-    let row_cost = |w: usize, out: &mut [f64]| {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = p.lr(w, i);
+    let (r, c) = (p.rows, p.cols);
+    let mut cells = vec![u32::MAX; p.vocab];
+    let mut taken = vec![false; p.cells()];
+    let ord = scalable::order(p);
+    let h = heavy.min(p.vocab);
+    let mut heavy_stats = serde_json::Value::Null;
+    if h > 0 {
+        let (mut lr, mut lc) = (Vec::with_capacity(h * r), Vec::with_capacity(h * c));
+        for &w in &ord[..h] {
+            let w = w as usize;
+            lr.extend_from_slice(&p.lr[w * r..(w + 1) * r]);
+            lc.extend_from_slice(&p.lc[w * c..(w + 1) * c]);
         }
-    };
-    let (_, row_of, bids) = bin_auction_warm(p.vocab, p.rows, p.cols, eps, &row_cost, None);
-    let t_rows = t0.elapsed().as_secs_f64();
-    let mut members: Vec<Vec<u32>> = vec![Vec::new(); p.rows];
-    for (w, &r) in row_of.iter().enumerate() {
-        if r as usize >= p.rows {
-            return Err(AllocError::Solver(format!("word {w} got no row")));
+        let sub = Problem::new(h, r, c, &lr, &lc)?;
+        let sub_rel = scalable::relaxation(&sub);
+        let (sub_cells, _, stats) = scalable::solve(&sub, &sub_rel, &SolveOptions::default())?;
+        for (&w, &cell) in ord[..h].iter().zip(&sub_cells) {
+            cells[w as usize] = cell;
+            taken[cell as usize] = true;
         }
-        members[r as usize].push(w as u32);
+        heavy_stats = stats;
     }
-    // Columns within each row: candidates = the word's k best columns; words they cannot
-    // place get every column of the row.
+    let t_heavy = t0.elapsed().as_secs_f64();
+    tracing::info!(seconds = t_heavy, words = h, "allocation: heavy words");
+    // Rows for the rest, among the slots the heavy words left.
+    let tail = &ord[h..];
+    let caps: Vec<usize> = (0..r)
+        .map(|i| taken[i * c..(i + 1) * c].iter().filter(|&&t| !t).count())
+        .collect();
+    let rows = bin_auction(tail.len(), &caps, eps, &|t, i| p.lr(tail[t] as usize, i));
+    let bids = rows.bids;
+    let t_rows = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        seconds = t_rows - t_heavy,
+        bids,
+        scans = rows.scans,
+        "allocation: rows"
+    );
+    let beta = &rel.beta;
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); r];
+    for (t, &i) in rows.bin_of.iter().enumerate() {
+        if i as usize >= r {
+            return Err(AllocError::Solver(format!("word {} got no row", tail[t])));
+        }
+        members[i as usize].push(tail[t]);
+    }
+    // Columns within each row, among the row's free columns (local indices): candidates
+    // = the word's k best columns under the column prices; words they cannot place get
+    // more of the row's columns each round (all of them at the end).
     let placed: Vec<Vec<(u32, u32)>> = members
         .par_iter()
         .enumerate()
         .map(|(i, ws)| {
-            let kk = k.min(p.cols);
+            let free: Vec<u32> = (0..c as u32)
+                .filter(|&j| !taken[i * c + j as usize])
+                .collect();
+            let nf = free.len();
+            let lc = |w: u32, l: u32| p.lc(w as usize, free[l as usize] as usize);
+            let kk = k.min(nf);
+            let ranked = |w: u32, m: usize, v: &dyn Fn(u32) -> f64| -> Vec<u32> {
+                let mut cs: Vec<(f64, u32)> =
+                    (0..nf as u32).map(|l| (lc(w, l) + v(l), l)).collect();
+                if m < cs.len() {
+                    cs.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
+                    cs.truncate(m);
+                }
+                cs.into_iter().map(|x| x.1).collect()
+            };
             let lists: Vec<Vec<(u32, f64)>> = ws
                 .iter()
                 .map(|&w| {
-                    let mut cs: Vec<(f64, u32)> = (0..p.cols)
-                        .map(|j| (p.lc(w as usize, j) + beta[j], j as u32))
-                        .collect();
-                    cs.select_nth_unstable_by(kk - 1, |a, b| a.0.total_cmp(&b.0));
-                    cs.truncate(kk);
-                    cs.into_iter()
-                        .map(|(_, j)| (j, p.lc(w as usize, j as usize)))
+                    ranked(w, kk, &|l| beta[free[l as usize] as usize])
+                        .into_iter()
+                        .map(|l| (l, lc(w, l)))
                         .collect()
                 })
                 .collect();
-            let mut g = Graph::new(lists, 0, p.cols);
+            let mut g = Graph::new(lists, 0, nf);
             // A full row is a square problem: the column prices are a valid warm start.
-            let v0 = if ws.len() == p.cols {
-                beta.iter().map(|b| -b).collect()
+            let v0 = if ws.len() == nf {
+                free.iter().map(|&j| -beta[j as usize]).collect()
             } else {
-                vec![0.0; p.cols]
+                vec![0.0; nf]
             };
             let mut sap = Sap::new(ws.len(), v0);
             let mut todo: Vec<usize> = (0..ws.len()).collect();
@@ -66,30 +117,22 @@ pub fn solve<T: Elem>(
             while !todo.is_empty() {
                 round += 1;
                 let mut failed = Vec::new();
-                for &k in &todo {
-                    if !sap.augment(&g, k) {
-                        failed.push(k);
+                for &t in &todo {
+                    if !sap.augment(&g, t) {
+                        failed.push(t);
                     }
                 }
                 if failed.is_empty() {
                     break;
                 }
-                // Failed words: their best columns under the row's current potentials, 4k
-                // of them and four times more each round (all columns at the end).
+                let m = (4 * kk).saturating_mul(1 << (2 * round.min(8)));
                 let extra = failed
                     .iter()
-                    .flat_map(|&k| {
-                        let w = ws[k] as usize;
-                        let mut cs: Vec<(f64, u32)> = (0..p.cols)
-                            .map(|j| (p.lc(w, j) - sap.v[j], j as u32))
-                            .collect();
-                        let m = (4 * kk)
-                            .saturating_mul(1 << (2 * round.min(8)))
-                            .min(cs.len());
-                        cs.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
-                        cs.truncate(m);
-                        cs.into_iter()
-                            .map(move |(_, j)| (k as u32, j, p.lc(w, j as usize)))
+                    .flat_map(|&t| {
+                        let w = ws[t];
+                        ranked(w, m, &|l| -sap.v[l as usize])
+                            .into_iter()
+                            .map(move |l| (t as u32, l, lc(w, l)))
                     })
                     .collect();
                 g = g.with_extra(extra);
@@ -97,20 +140,23 @@ pub fn solve<T: Elem>(
             }
             ws.iter()
                 .enumerate()
-                .map(|(k, &w)| (w, (i * p.cols) as u32 + sap.x[k]))
+                .map(|(t, &w)| (w, (i * c) as u32 + free[sap.x[t] as usize]))
                 .collect()
         })
         .collect();
-    let mut cells = vec![0u32; p.vocab];
     for row in placed {
-        for (w, c) in row {
-            cells[w as usize] = c;
+        for (w, cell) in row {
+            cells[w as usize] = cell;
         }
     }
     let stats = serde_json::json!({
-        "method": "rows then columns",
+        "method": "heavy words by cells, then rows, then columns",
+        "heavy_words": h,
+        "heavy": heavy_stats,
         "row_auction_bids": bids,
-        "seconds_rows": t_rows,
+        "row_auction_scans": rows.scans,
+        "seconds_heavy": t_heavy,
+        "seconds_rows": t_rows - t_heavy,
         "seconds_columns": t0.elapsed().as_secs_f64() - t_rows,
     });
     Ok((cells, stats))

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::sap::{Graph, Sap};
-use super::scalable::{candidates, order, priced_auction, relaxation_prices};
+use super::scalable::{Relaxation, candidates, order, priced_auction};
 use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 /// Violations kept per word and round.
@@ -70,6 +70,7 @@ fn best_cells<T: Elem>(p: &Problem<'_, T>, v: &[f64], w: usize, m: usize) -> Vec
 
 pub fn solve<T: Elem>(
     p: &Problem<'_, T>,
+    rel: &Relaxation,
     opts: &SolveOptions,
 ) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
     let t0 = std::time::Instant::now();
@@ -86,16 +87,16 @@ pub fn solve<T: Elem>(
     } else {
         16
     };
-    let (alpha, beta, bids) = relaxation_prices(p);
-    let mut g = Graph::new(candidates(p, &alpha, &beta, k), dummies, n);
+    let (alpha, beta, bids) = (&rel.alpha, &rel.beta, rel.bids);
+    let mut g = Graph::new(candidates(p, alpha, beta, k), dummies, n);
     // Warm start: the auction's prices on the candidates are nearly optimal duals, so
     // most augmenting paths end at the first cell they reach. (The problem is square
     // after padding, so any starting potentials are valid.)
     let (_, price) = priced_auction(
         p,
-        &Graph::new(candidates(p, &alpha, &beta, k.min(8)), 0, n),
-        &alpha,
-        &beta,
+        &Graph::new(candidates(p, alpha, beta, k.min(8)), 0, n),
+        alpha,
+        beta,
     );
     let mut sap = Sap::new(g.words(), price.into_iter().map(|x| -x).collect());
     let mut free: Vec<u32> = order(p);

@@ -6,80 +6,111 @@
 //! With the row prices and the column prices, a word's best rows and columns under
 //! prices avoid the rows and columns every word wants, so a few of them per word hold a
 //! near-optimal allocation of the full problem.
+//!
+//! Bids are cheap: prices only rise, so a word keeps its `CACHE` best bins under the
+//! prices of its last full scan together with the value of the last of them; as long as
+//! its two best cached bins still cost no more than that value, no other bin can beat
+//! them and the bid needs no scan of all bins.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-/// Bin prices (>= 0). `cost(w, out)` fills `out[b]` with the word's cost of every bin.
-pub fn bin_prices(
-    words: usize,
-    bins: usize,
-    cap: usize,
-    eps: f64,
-    cost: &(dyn Fn(usize, &mut [f64]) + Sync),
-) -> (Vec<f64>, u64) {
-    let (price, _, bids) = bin_auction(words, bins, cap, eps, cost);
-    (price, bids)
+/// Bins each word keeps from its last full scan.
+const CACHE: usize = 12;
+
+/// Bin prices (>= 0) and the bids spent. `cost(w, b)` is the word's cost of bin b.
+pub fn bin_prices<F>(words: usize, bins: usize, cap: usize, eps: f64, cost: &F) -> (Vec<f64>, u64)
+where
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    let out = bin_auction(words, &vec![cap; bins], eps, cost);
+    (out.price, out.bids)
 }
 
-/// [`bin_prices`] that also returns each word's bin, optionally starting from prices
-/// `warm` (every slot starts unoccupied at its bin's warm price).
-pub fn bin_auction(
-    words: usize,
-    bins: usize,
-    cap: usize,
-    eps: f64,
-    cost: &(dyn Fn(usize, &mut [f64]) + Sync),
-) -> (Vec<f64>, Vec<u32>, u64) {
-    bin_auction_warm(words, bins, cap, eps, cost, None)
+/// What [`bin_auction`] found.
+pub struct BinAuction {
+    pub price: Vec<f64>,
+    /// word -> bin.
+    pub bin_of: Vec<u32>,
+    pub bids: u64,
+    /// Bids that needed a scan of all bins.
+    pub scans: u64,
 }
 
-pub fn bin_auction_warm(
-    words: usize,
-    bins: usize,
-    cap: usize,
-    eps: f64,
-    cost: &(dyn Fn(usize, &mut [f64]) + Sync),
-    warm: Option<&[f64]>,
-) -> (Vec<f64>, Vec<u32>, u64) {
-    // Slot prices with their occupants (u32::MAX = none), per bin; a bin's price is its
-    // cheapest slot.
-    let mut slots: Vec<BinaryHeap<Reverse<(Price, u32)>>> = (0..bins)
-        .map(|b| match warm {
-            Some(p) => (0..cap).map(|_| Reverse((Price(p[b]), u32::MAX))).collect(),
-            None => BinaryHeap::new(),
-        })
+/// The transportation auction: prices and every word's bin; bin b holds `caps[b]` words.
+pub fn bin_auction<F>(words: usize, caps: &[usize], eps: f64, cost: &F) -> BinAuction
+where
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    let bins = caps.len();
+    assert!(
+        caps.iter().sum::<usize>() >= words,
+        "bins hold fewer slots than words"
+    );
+    // Slot prices with their occupants, per bin; a bin's price is its cheapest slot
+    // once all its slots are taken, 0 before.
+    let mut slots: Vec<BinaryHeap<Reverse<(Price, u32)>>> = vec![BinaryHeap::new(); bins];
+    // A bin without slots is never chosen.
+    let mut price: Vec<f64> = caps
+        .iter()
+        .map(|&c| if c == 0 { f64::INFINITY } else { 0.0 })
         .collect();
-    let mut price: Vec<f64> = match warm {
-        Some(p) => p.to_vec(),
-        None => vec![0.0f64; bins],
-    };
+    let kc = CACHE.min(bins);
+    let mut cache = vec![0u32; words * kc];
+    // The priced value of a word's last cached bin at its last scan (NaN: never scanned);
+    // with kc == bins every bin is cached and the bound is infinite.
+    let mut bound = vec![f64::NAN; words];
     let mut queue: Vec<u32> = (0..words as u32).rev().collect();
-    let mut row = vec![0.0f64; bins];
-    let mut bids = 0u64;
+    let mut scratch: Vec<(f64, u32)> = Vec::with_capacity(bins);
+    let (mut bids, mut scans) = (0u64, 0u64);
     while let Some(w) = queue.pop() {
-        cost(w as usize, &mut row);
+        let w = w as usize;
+        let cw = &mut cache[w * kc..(w + 1) * kc];
         let (mut b1, mut v1, mut v2) = (0usize, f64::INFINITY, f64::INFINITY);
-        for (b, (&c, &p)) in row.iter().zip(&price).enumerate() {
-            let val = c + p;
-            if val < v1 {
-                v2 = v1;
-                v1 = val;
-                b1 = b;
-            } else if val < v2 {
-                v2 = val;
+        if !bound[w].is_nan() {
+            for &b in cw.iter() {
+                let val = cost(w, b as usize) + price[b as usize];
+                if val < v1 {
+                    v2 = v1;
+                    v1 = val;
+                    b1 = b as usize;
+                } else if val < v2 {
+                    v2 = val;
+                }
             }
+        }
+        if bound[w].is_nan() || v2 > bound[w] {
+            scans += 1;
+            scratch.clear();
+            scratch.extend((0..bins).map(|b| (cost(w, b) + price[b], b as u32)));
+            let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+            if kc < bins {
+                scratch.select_nth_unstable_by(kc - 1, by);
+            }
+            let top = &mut scratch[..kc];
+            top.sort_unstable_by(by);
+            for (c, &(_, b)) in cw.iter_mut().zip(top.iter()) {
+                *c = b;
+            }
+            bound[w] = if kc < bins {
+                top[kc - 1].0
+            } else {
+                f64::INFINITY
+            };
+            b1 = top[0].1 as usize;
+            v1 = top[0].0;
+            v2 = if kc > 1 { top[1].0 } else { f64::INFINITY };
         }
         let gap = if v2.is_finite() { v2 - v1 } else { 0.0 };
         let bid = price[b1] + gap + eps;
         let heap = &mut slots[b1];
+        let cap = caps[b1];
         if heap.len() == cap
             && let Some(Reverse((_, out))) = heap.pop()
-            && out != u32::MAX
         {
             queue.push(out);
         }
-        heap.push(Reverse((Price(bid), w)));
+        heap.push(Reverse((Price(bid), w as u32)));
         price[b1] = if heap.len() < cap {
             0.0
         } else {
@@ -90,12 +121,36 @@ pub fn bin_auction_warm(
     let mut bin_of = vec![u32::MAX; words];
     for (b, heap) in slots.iter().enumerate() {
         for Reverse((_, w)) in heap.iter() {
-            if *w != u32::MAX {
-                bin_of[*w as usize] = b as u32;
-            }
+            bin_of[*w as usize] = b as u32;
         }
     }
-    (price, bin_of, bids)
+    BinAuction {
+        price,
+        bin_of,
+        bids,
+        scans,
+    }
+}
+
+/// The Lagrangian bound of the transportation problem under bin prices `price` (>= 0):
+/// sum over words of min_b (cost(w, b) + price_b) - cap * sum_b price_b. Every feasible
+/// assignment of the words to bins of capacity `cap` costs at least this much, whatever
+/// the prices (weak duality); at the auction's prices it is within words * eps of the
+/// transportation optimum.
+pub fn bin_dual_bound<F>(words: usize, bins: usize, cap: usize, price: &[f64], cost: &F) -> f64
+where
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    use rayon::prelude::*;
+    let sum: f64 = (0..words)
+        .into_par_iter()
+        .map(|w| {
+            (0..bins)
+                .map(|b| cost(w, b) + price[b])
+                .fold(f64::INFINITY, f64::min)
+        })
+        .sum();
+    sum - cap as f64 * price.iter().sum::<f64>()
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -109,5 +164,73 @@ impl PartialOrd for Price {
 impl Ord for Price {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force over all assignments of `words` words to bins of capacities `caps`.
+    fn brute(words: usize, caps: &[usize], c: &[f64]) -> f64 {
+        fn go(w: usize, words: usize, caps: &mut [usize], c: &[f64]) -> f64 {
+            if w == words {
+                return 0.0;
+            }
+            let bins = caps.len();
+            let mut best = f64::INFINITY;
+            for b in 0..bins {
+                if caps[b] > 0 {
+                    caps[b] -= 1;
+                    best = best.min(c[w * bins + b] + go(w + 1, words, caps, c));
+                    caps[b] += 1;
+                }
+            }
+            best
+        }
+        go(0, words, &mut caps.to_vec(), c)
+    }
+
+    #[test]
+    fn auction_is_eps_optimal_and_the_bound_holds() {
+        let mut s = 12345u64;
+        let mut rnd = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as f64 / (1u64 << 31) as f64
+        };
+        let cases: [(usize, Vec<usize>); 5] = [
+            (7, vec![3, 3, 3]),
+            (8, vec![2; 4]),
+            (9, vec![2; 5]),
+            (6, vec![1; 14]),
+            (7, vec![0, 3, 1, 0, 2, 4]),
+        ];
+        for (words, caps) in cases {
+            let bins = caps.len();
+            for _ in 0..5 {
+                let c: Vec<f64> = (0..words * bins).map(|_| 10.0 * rnd()).collect();
+                let f = |w: usize, b: usize| c[w * bins + b];
+                let eps = 1e-7;
+                let out = bin_auction(words, &caps, eps, &f);
+                let mut load = vec![0; bins];
+                let mut total = 0.0;
+                for (w, &b) in out.bin_of.iter().enumerate() {
+                    load[b as usize] += 1;
+                    total += f(w, b as usize);
+                }
+                assert!(load.iter().zip(&caps).all(|(l, c)| l <= c));
+                let opt = brute(words, &caps, &c);
+                assert!(total <= opt + words as f64 * eps + 1e-9, "{total} vs {opt}");
+                if caps.iter().all(|&k| k == caps[0]) {
+                    let lb = bin_dual_bound(words, bins, caps[0], &out.price, &f);
+                    assert!(
+                        lb <= opt + 1e-9 && lb >= opt - words as f64 * eps - 1e-9,
+                        "{lb} vs {opt}"
+                    );
+                }
+            }
+        }
     }
 }

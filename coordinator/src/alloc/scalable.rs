@@ -5,15 +5,29 @@
 use rayon::prelude::*;
 
 use super::auction;
-use super::prices::bin_prices;
+use super::prices::{bin_dual_bound, bin_prices};
 use super::sap::{Graph, NONE, Sap};
 use super::{Elem, Problem, Result, SolveOptions};
 
-/// Row prices alpha [R] and column prices beta [C] of the relaxation, and the bids spent.
-pub(super) fn relaxation_prices<T: Elem>(p: &Problem<'_, T>) -> (Vec<f64>, Vec<f64>, u64) {
-    // eps: a small fraction of a typical word's cost; the relaxation is then eps-optimal
-    // and its prices are accurate far below the cost differences that matter.
-    let mean_min: f64 = (0..p.vocab)
+/// The row/column relaxation: words into rows of capacity C and, independently, into
+/// columns of capacity R (the cell constraint dropped). Its prices rank candidates and
+/// warm-start the solvers; its dual value bounds every allocation's cost from below.
+pub struct Relaxation {
+    /// Row prices alpha [R] and column prices beta [C] (>= 0).
+    pub alpha: Vec<f64>,
+    pub beta: Vec<f64>,
+    /// Bids the two auctions spent.
+    pub bids: u64,
+    /// sum_w min_i (L_r[w, i] + alpha_i) - C sum alpha + the same for the columns: a
+    /// lower bound on the optimum, much tighter than each word's best cell when many
+    /// words want the same rows.
+    pub bound: f64,
+    pub seconds: f64,
+}
+
+/// Typical magnitude of a word's best row loss (sets the auctions' eps).
+pub(super) fn mean_best_row<T: Elem>(p: &Problem<'_, T>) -> f64 {
+    (0..p.vocab)
         .into_par_iter()
         .map(|w| {
             (0..p.rows)
@@ -22,10 +36,16 @@ pub(super) fn relaxation_prices<T: Elem>(p: &Problem<'_, T>) -> (Vec<f64>, Vec<f
                 .abs()
         })
         .sum::<f64>()
-        / p.vocab as f64;
-    let eps = 1e-4 * mean_min + 1e-9;
-    // Prices are aggregates: beyond RELAX_SAMPLE words, a regular sample of the words
-    // with proportionally smaller capacities estimates them at a fraction of the cost.
+        / p.vocab as f64
+}
+
+/// Prices of the relaxation from two auctions (on a regular sample of the words beyond
+/// RELAX_SAMPLE, with proportionally smaller capacities), and its bound over all words.
+pub fn relaxation<T: Elem>(p: &Problem<'_, T>) -> Relaxation {
+    let t0 = std::time::Instant::now();
+    // eps: a small fraction of a typical word's cost; the relaxation is then eps-optimal
+    // and its prices are accurate far below the cost differences that matter.
+    let eps = 1e-4 * mean_best_row(p) + 1e-9;
     let stride = p.vocab.div_ceil(RELAX_SAMPLE).max(1);
     let sample = p.vocab.div_ceil(stride);
     let scale = sample as f64 / p.vocab as f64;
@@ -33,21 +53,21 @@ pub(super) fn relaxation_prices<T: Elem>(p: &Problem<'_, T>) -> (Vec<f64>, Vec<f
         ((p.cols as f64 * scale).ceil() as usize).max(1),
         ((p.rows as f64 * scale).ceil() as usize).max(1),
     );
-    let row_cost = |s: usize, out: &mut [f64]| {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = p.lr(s * stride, i);
-        }
-    };
-    let col_cost = |s: usize, out: &mut [f64]| {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = p.lc(s * stride, j);
-        }
-    };
+    let row_cost = |s: usize, i: usize| p.lr(s * stride, i);
+    let col_cost = |s: usize, j: usize| p.lc(s * stride, j);
     let ((alpha, b1), (beta, b2)) = rayon::join(
         || bin_prices(sample, p.rows, cap_r, eps, &row_cost),
         || bin_prices(sample, p.cols, cap_c, eps, &col_cost),
     );
-    (alpha, beta, b1 + b2)
+    let bound = bin_dual_bound(p.vocab, p.rows, p.cols, &alpha, &|w, i| p.lr(w, i))
+        + bin_dual_bound(p.vocab, p.cols, p.rows, &beta, &|w, j| p.lc(w, j));
+    Relaxation {
+        alpha,
+        beta,
+        bids: b1 + b2,
+        bound,
+        seconds: t0.elapsed().as_secs_f64(),
+    }
 }
 
 /// (priced cost, index) pairs being ranked.
@@ -171,22 +191,17 @@ fn default_k(v: usize) -> usize {
 
 pub fn solve<T: Elem>(
     p: &Problem<'_, T>,
+    rel: &Relaxation,
     opts: &SolveOptions,
 ) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
     // Beyond CELL_AUCTION_MAX words the cell-level auction spends its time in price wars
     // and its repair pass grows quadratic in the stuck words: rows-then-columns instead.
     if p.vocab > CELL_AUCTION_MAX {
-        let mean_min: f64 = (0..p.vocab)
-            .into_par_iter()
-            .map(|w| {
-                (0..p.rows)
-                    .map(|i| p.lr(w, i))
-                    .fold(f64::INFINITY, f64::min)
-                    .abs()
-            })
-            .sum::<f64>()
-            / p.vocab as f64;
-        let (cells, stats) = super::decompose::solve(p, 1e-4 * mean_min + 1e-9, 16)?;
+        // The heavy words fill at most a third of the table: beyond that the cell-level
+        // search slows down (as cells grow scarce) faster than the cost improves.
+        let heavy = CELL_AUCTION_MAX.min(p.cells() / 3);
+        let (cells, stats) =
+            super::decompose::solve(p, rel, 1e-4 * mean_best_row(p) + 1e-9, 16, heavy)?;
         return Ok((cells, None, stats));
     }
     let t0 = std::time::Instant::now();
@@ -195,18 +210,17 @@ pub fn solve<T: Elem>(
     } else {
         default_k(p.vocab)
     };
-    let (alpha, beta, bids) = relaxation_prices(p);
-    let t_prices = t0.elapsed().as_secs_f64();
-    tracing::info!(seconds = t_prices, bids, "allocation: relaxation prices");
-    let mut g = Graph::new(candidates(p, &alpha, &beta, k), 0, p.cells());
-    let t_cand = t0.elapsed().as_secs_f64();
+    let (alpha, beta, bids) = (&rel.alpha, &rel.beta, rel.bids);
+    let t_prices = rel.seconds;
+    let mut g = Graph::new(candidates(p, alpha, beta, k), 0, p.cells());
+    let t_cand = t_prices + t0.elapsed().as_secs_f64();
     tracing::info!(
         seconds = t_cand,
         edges = g.edges(),
         "allocation: candidates"
     );
-    let (out, price) = priced_auction(p, &g, &alpha, &beta);
-    let t_auction = t0.elapsed().as_secs_f64();
+    let (out, price) = priced_auction(p, &g, alpha, beta);
+    let t_auction = t_prices + t0.elapsed().as_secs_f64();
     tracing::info!(seconds = t_auction, bids = out.bids, "allocation: auction");
     // Polish: shortest augmenting paths on the candidates make the assignment optimal for
     // the candidate graph. On (nearly) square tables they start from the auction's prices
@@ -273,7 +287,7 @@ pub fn solve<T: Elem>(
         pops = sap.pops;
         x = sap.x;
     }
-    let t_polish = t0.elapsed().as_secs_f64();
+    let t_polish = t_prices + t0.elapsed().as_secs_f64();
     let mut taken = vec![false; p.cells()];
     for &c in &x {
         if c != NONE {
