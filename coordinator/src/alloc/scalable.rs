@@ -177,6 +177,7 @@ const RELAX_SAMPLE: usize = 100_000;
 /// Widening rounds for words the candidates cannot place, and the search budget per word.
 const WIDEN_ROUNDS: usize = 2;
 const MAX_POPS: u64 = 4096;
+const WIDEN_WORK: u64 = 512;
 
 /// Default candidates per side: more for small tables (cheap), fewer for huge ones.
 fn default_k(v: usize) -> usize {
@@ -243,9 +244,17 @@ pub fn solve<T: Elem>(
         // Words without a short path get their best cells under the current potentials
         // (over the whole table) and their best free cells, then try again with a larger
         // search budget; the last round searches without limit.
+        // A widened round runs only while its worst-case work (words x search budget)
+        // stays within WIDEN_WORK pops per word of the vocabulary: many stuck words mean
+        // a congested table where long searches mostly fail, and the repair pass does
+        // about as well at a fraction of the time.
         for round in 0..WIDEN_ROUNDS {
-            let mut failed = Vec::new();
             let budget = MAX_POPS << (3 * round);
+            if round > 0 && left.len() as u64 * budget > WIDEN_WORK * p.vocab as u64 {
+                unplaced = left.len();
+                break;
+            }
+            let mut failed = Vec::new();
             for w in left {
                 if !sap.augment_capped(&g, w as usize, budget) {
                     failed.push(w);
