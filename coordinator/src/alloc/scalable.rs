@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::auction;
 use super::prices::{bin_dual_bound, bin_prices};
 use super::sap::{Graph, NONE, Sap};
-use super::{Elem, Problem, Result, SolveOptions};
+use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 /// The row/column relaxation: words into rows of capacity C and, independently, into
 /// columns of capacity R (the cell constraint dropped). Its prices rank candidates and
@@ -179,6 +179,12 @@ const WIDEN_ROUNDS: usize = 2;
 const MAX_POPS: u64 = 4096;
 const WIDEN_WORK: u64 = 512;
 
+/// Passes after the first that add each word's best cells under the last prices, and how
+/// many cells each word gets.
+const REFINE_ROUNDS: usize = 4;
+const REFINE_CELLS: usize = 8;
+const REFINE_MIN_GAIN: f64 = 1e-4;
+
 /// Default candidates per side: more for small tables (cheap), fewer for huge ones.
 fn default_k(v: usize) -> usize {
     if v <= 20_000 {
@@ -190,39 +196,20 @@ fn default_k(v: usize) -> usize {
     }
 }
 
-pub fn solve<T: Elem>(
-    p: &Problem<'_, T>,
-    rel: &Relaxation,
-    opts: &SolveOptions,
-) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
-    // Beyond CELL_AUCTION_MAX words the cell-level auction spends its time in price wars
-    // and its repair pass grows quadratic in the stuck words: rows-then-columns instead.
-    if p.vocab > CELL_AUCTION_MAX {
-        // The heavy words fill at most a third of the table: beyond that the cell-level
-        // search slows down (as cells grow scarce) faster than the cost improves.
-        let heavy = CELL_AUCTION_MAX.min(p.cells() / 3);
-        let (cells, stats) =
-            super::decompose::solve(p, rel, 1e-4 * mean_best_row(p) + 1e-9, 16, heavy)?;
-        return Ok((cells, None, stats));
-    }
+/// One pass on candidate graph `g` from cell prices `price` (updated): the auction,
+/// shortest augmenting paths on the candidates (widening them for words they cannot
+/// place), and the repair pass.
+struct Pass {
+    x: Vec<u32>,
+    /// Cell potentials of the paths' final matching (prices = -v).
+    v: Vec<f64>,
+    stats: serde_json::Value,
+}
+
+fn pass<T: Elem>(p: &Problem<'_, T>, g: &mut Graph, price: &mut [f64]) -> Result<Pass> {
     let t0 = std::time::Instant::now();
-    let k = if opts.candidates > 0 {
-        opts.candidates
-    } else {
-        default_k(p.vocab)
-    };
-    let (alpha, beta, bids) = (&rel.alpha, &rel.beta, rel.bids);
-    let t_prices = rel.seconds;
-    let mut g = Graph::new(candidates(p, alpha, beta, k), 0, p.cells());
-    let t_cand = t_prices + t0.elapsed().as_secs_f64();
-    tracing::info!(
-        seconds = t_cand,
-        edges = g.edges(),
-        "allocation: candidates"
-    );
-    let (out, price) = priced_auction(p, &g, alpha, beta);
-    let t_auction = t_prices + t0.elapsed().as_secs_f64();
-    tracing::info!(seconds = t_auction, bids = out.bids, "allocation: auction");
+    let out = auction_from(p, g, price);
+    let t_auction = t0.elapsed().as_secs_f64();
     // Polish: shortest augmenting paths on the candidates make the assignment optimal for
     // the candidate graph. On (nearly) square tables they start from the auction's prices
     // and assignment (nearly optimal duals: short paths); otherwise from zero potentials,
@@ -232,6 +219,7 @@ pub fn solve<T: Elem>(
     let mut unplaced = 0usize;
     let mut widened = 0usize;
     let pops;
+    let v;
     {
         let warm = empty * 1000 <= p.cells();
         let v0 = if warm {
@@ -240,7 +228,7 @@ pub fn solve<T: Elem>(
             vec![0.0; p.cells()]
         };
         let mut sap = Sap::new(p.vocab, v0);
-        let mut left = sap.adopt(&g, &x);
+        let mut left = sap.adopt(g, &x);
         // Words without a short path get their best cells under the current potentials
         // (over the whole table) and their best free cells, then try again with a larger
         // search budget; the last round searches without limit.
@@ -256,7 +244,7 @@ pub fn solve<T: Elem>(
             }
             let mut failed = Vec::new();
             for w in left {
-                if !sap.augment_capped(&g, w as usize, budget) {
+                if !sap.augment_capped(g, w as usize, budget) {
                     failed.push(w);
                 }
             }
@@ -290,13 +278,14 @@ pub fn solve<T: Elem>(
                         .map(move |(_, c)| (w as u32, c, p.cost(w, c as usize)))
                 })
                 .collect();
-            g = g.with_extra(extra);
+            *g = g.with_extra(extra);
             left = failed;
         }
         pops = sap.pops;
         x = sap.x;
+        v = sap.v;
     }
-    let t_polish = t_prices + t0.elapsed().as_secs_f64();
+    let t_polish = t0.elapsed().as_secs_f64();
     let mut taken = vec![false; p.cells()];
     for &c in &x {
         if c != NONE {
@@ -312,7 +301,7 @@ pub fn solve<T: Elem>(
             .filter(|&c| !taken[c as usize])
             .collect();
         if free.len() < stuck.len() {
-            return Err(super::AllocError::Solver(
+            return Err(AllocError::Solver(
                 "fewer free cells than unplaced words".into(),
             ));
         }
@@ -362,20 +351,151 @@ pub fn solve<T: Elem>(
             x[w] = free[open.swap_remove(at) as usize];
         }
     }
+    Ok(Pass {
+        x,
+        v,
+        stats: serde_json::json!({
+            "auction_bids": out.bids,
+            "auction_phases": out.phases,
+            "unplaced_after_paths": unplaced,
+            "words_widened": widened,
+            "cells_popped": pops,
+            "repaired_words": stuck.len(),
+            "seconds_auction": t_auction,
+            "seconds_paths": t_polish - t_auction,
+            "seconds_repair": t0.elapsed().as_secs_f64() - t_polish,
+        }),
+    })
+}
+
+/// Each word's `m` cheapest cells over the whole table under cell prices `price`:
+/// (word, cell, cost) edges. One pass over V x R*C priced costs, row by row.
+fn priced_best_cells<T: Elem>(p: &Problem<'_, T>, price: &[f64], m: usize) -> Vec<(u32, u32, f64)> {
+    let (r, c) = (p.rows, p.cols);
+    (0..p.vocab)
+        .into_par_iter()
+        .flat_map_iter(|w| {
+            let lc: Vec<f64> = (0..c).map(|j| p.lc(w, j)).collect();
+            // Max-heap of the m best (value, cell) so far.
+            let mut top: std::collections::BinaryHeap<(Ordered, u32)> =
+                std::collections::BinaryHeap::with_capacity(m + 1);
+            for i in 0..r {
+                let base = p.lr(w, i);
+                let prow = &price[i * c..(i + 1) * c];
+                for (j, (&a, &q)) in lc.iter().zip(prow).enumerate() {
+                    let val = base + a + q;
+                    if top.len() < m {
+                        top.push((Ordered(val), (i * c + j) as u32));
+                    } else if val < top.peek().map_or(f64::INFINITY, |t| t.0.0) {
+                        top.pop();
+                        top.push((Ordered(val), (i * c + j) as u32));
+                    }
+                }
+            }
+            top.into_iter()
+                .map(move |(_, cell)| (w as u32, cell, p.cost(w, cell as usize)))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+struct Ordered(f64);
+impl Eq for Ordered {}
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ordered {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+pub fn solve<T: Elem>(
+    p: &Problem<'_, T>,
+    rel: &Relaxation,
+    opts: &SolveOptions,
+) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
+    // Beyond CELL_AUCTION_MAX words the cell-level auction spends its time in price wars
+    // and its repair pass grows quadratic in the stuck words: rows-then-columns instead.
+    if p.vocab > CELL_AUCTION_MAX {
+        // The heavy words fill at most a third of the table: beyond that the cell-level
+        // search slows down (as cells grow scarce) faster than the cost improves.
+        let heavy = CELL_AUCTION_MAX.min(p.cells() / 3);
+        let (cells, stats) =
+            super::decompose::solve(p, rel, 1e-4 * mean_best_row(p) + 1e-9, 16, heavy)?;
+        return Ok((cells, None, stats));
+    }
+    let t0 = std::time::Instant::now();
+    let k = if opts.candidates > 0 {
+        opts.candidates
+    } else {
+        default_k(p.vocab)
+    };
+    let (alpha, beta, bids) = (&rel.alpha, &rel.beta, rel.bids);
+    let t_prices = rel.seconds;
+    let mut g = Graph::new(candidates(p, alpha, beta, k), 0, p.cells());
+    let t_cand = t_prices + t0.elapsed().as_secs_f64();
+    tracing::info!(
+        seconds = t_cand,
+        edges = g.edges(),
+        "allocation: candidates"
+    );
+    let mut price: Vec<f64> = warm_potentials(p, alpha, beta)
+        .into_iter()
+        .map(|v| -v)
+        .collect();
+    // Rounds: after each pass, every word also gets its best cells under the prices the
+    // pass ended with (its cell potentials, which are not separable like the
+    // relaxation's) and the next pass starts from those prices; the cheapest pass wins.
+    // Refinement stops when a pass gains less than REFINE_MIN_GAIN, and is skipped on
+    // congested tables (more than 1 % of the words left to the repair pass), where its
+    // passes are slow and gain little.
+    let mut best: Option<(f64, Vec<u32>)> = None;
+    let mut passes = Vec::new();
+    let mut last = f64::INFINITY;
+    for round in 0..=REFINE_ROUNDS {
+        let t = std::time::Instant::now();
+        if round > 0 {
+            let extra = priced_best_cells(p, &price, REFINE_CELLS);
+            g = g.with_extra(extra);
+        }
+        let t_refine = t.elapsed().as_secs_f64();
+        let ps = pass(p, &mut g, &mut price)?;
+        let cost = p.total(&ps.x);
+        tracing::info!(
+            round,
+            cost,
+            edges = g.edges(),
+            seconds = t.elapsed().as_secs_f64(),
+            "allocation: pass"
+        );
+        let repaired = ps.stats["repaired_words"].as_u64().unwrap_or(0) as usize;
+        let mut st = ps.stats;
+        if let Some(o) = st.as_object_mut() {
+            o.insert("cost".into(), cost.into());
+            o.insert("edges".into(), g.edges().into());
+            o.insert("seconds_candidates".into(), t_refine.into());
+        }
+        passes.push(st);
+        if best.as_ref().is_none_or(|b| cost < b.0) {
+            best = Some((cost, ps.x));
+        }
+        price = ps.v.iter().map(|&v| -v).collect();
+        let gain = (last - cost) / cost.abs().max(1e-300);
+        last = cost;
+        if 100 * repaired > p.vocab || (round > 0 && gain < REFINE_MIN_GAIN) {
+            break;
+        }
+    }
+    let x = best.map(|b| b.1).unwrap_or_default();
     let stats = serde_json::json!({
         "candidates_per_side": k,
-        "edges": g.start.last().copied().unwrap_or(0),
         "relaxation_bids": bids,
-        "auction_bids": out.bids,
-        "auction_phases": out.phases,
-        "unplaced_after_paths": unplaced,
-        "words_widened": widened,
-        "cells_popped": pops,
-        "seconds_paths": t_polish - t_auction,
-        "repaired_words": stuck.len(),
         "seconds_prices": t_prices,
         "seconds_candidates": t_cand - t_prices,
-        "seconds_auction": t_auction - t_cand,
+        "passes": passes,
     });
     Ok((x, None, stats))
 }
