@@ -42,7 +42,7 @@ pub fn solve<T: Elem>(
         }
         let sub = Problem::new(h, r, c, &lr, &lc)?;
         let sub_rel = scalable::relaxation(&sub);
-        let (sub_cells, _, stats) = scalable::solve(&sub, &sub_rel, &SolveOptions::default())?;
+        let (sub_cells, stats) = scalable::cell_solve(&sub, &sub_rel, &SolveOptions::default())?;
         for (&w, &cell) in ord[..h].iter().zip(&sub_cells) {
             cells[w as usize] = cell;
             taken[cell as usize] = true;
@@ -149,6 +149,7 @@ pub fn solve<T: Elem>(
             cells[w as usize] = cell;
         }
     }
+    let t_cols = t0.elapsed().as_secs_f64();
     let stats = serde_json::json!({
         "method": "heavy words by cells, then rows, then columns",
         "heavy_words": h,
@@ -157,7 +158,7 @@ pub fn solve<T: Elem>(
         "row_auction_scans": rows.scans,
         "seconds_heavy": t_heavy,
         "seconds_rows": t_rows - t_heavy,
-        "seconds_columns": t0.elapsed().as_secs_f64() - t_rows,
+        "seconds_columns": t_cols - t_rows,
     });
     Ok((cells, stats))
 }

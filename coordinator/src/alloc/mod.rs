@@ -18,6 +18,7 @@ mod auction;
 mod decompose;
 mod exact;
 mod greedy;
+mod improve;
 mod prices;
 mod sap;
 mod scalable;

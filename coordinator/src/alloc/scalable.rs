@@ -111,6 +111,65 @@ pub(super) fn candidates<T: Elem>(
         .collect()
 }
 
+/// For every cell, the `m` words that regret it least under the relaxation prices: regret
+/// = (L_r[w, i] + alpha_i - min over rows) + (L_c[w, j] + beta_j - min over columns).
+/// The words' own best cells leave the cells nobody ranks high out of every list; on a
+/// nearly full table some words must take those, and without edges to them the paths
+/// cannot reach them. (word, cell, cost) edges; rows split between threads.
+pub(super) fn reverse_candidates<T: Elem>(
+    p: &Problem<'_, T>,
+    alpha: &[f64],
+    beta: &[f64],
+    m: usize,
+) -> Vec<(u32, u32, f64)> {
+    let (r, c) = (p.rows, p.cols);
+    // Per word, its row and column regrets (f32 is plenty for a ranking).
+    let regrets = |n: usize, f: &dyn Fn(usize) -> f64| -> Vec<f32> {
+        let v: Vec<f64> = (0..n).map(f).collect();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        v.into_iter().map(|x| (x - lo) as f32).collect()
+    };
+    let rr: Vec<f32> = (0..p.vocab)
+        .into_par_iter()
+        .flat_map_iter(|w| regrets(r, &|i| p.lr(w, i) + alpha[i]))
+        .collect();
+    let cr: Vec<f32> = (0..p.vocab)
+        .into_par_iter()
+        .flat_map_iter(|w| regrets(c, &|j| p.lc(w, j) + beta[j]))
+        .collect();
+    (0..r)
+        .into_par_iter()
+        .flat_map_iter(|i| {
+            // The m best (regret, word) of each cell of row i, sorted ascending.
+            let mut best = vec![(f32::INFINITY, u32::MAX); c * m];
+            for w in 0..p.vocab {
+                let a = rr[w * r + i];
+                let crow = &cr[w * c..(w + 1) * c];
+                for (j, &b) in crow.iter().enumerate() {
+                    let val = a + b;
+                    let slot = &mut best[j * m..(j + 1) * m];
+                    if val < slot[m - 1].0 {
+                        let mut k = m - 1;
+                        while k > 0 && slot[k - 1].0 > val {
+                            slot[k] = slot[k - 1];
+                            k -= 1;
+                        }
+                        slot[k] = (val, w as u32);
+                    }
+                }
+            }
+            best.into_iter()
+                .enumerate()
+                .filter(|e| e.1.1 != u32::MAX)
+                .map(move |(k, (_, w))| {
+                    let cell = i * c + k / m;
+                    (w, cell as u32, p.cost(w as usize, cell))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Warm potentials from the prices: reduced cost = cost + alpha_i + beta_j.
 pub(super) fn warm_potentials<T: Elem>(
     p: &Problem<'_, T>,
@@ -184,6 +243,17 @@ const WIDEN_WORK: u64 = 512;
 const REFINE_ROUNDS: usize = 4;
 const REFINE_CELLS: usize = 8;
 const REFINE_MIN_GAIN: f64 = 1e-4;
+const REFINE_MAX_SCAN: f64 = 4e9;
+
+/// Words each cell of a nearly full table adds to the candidates.
+const REVERSE_WORDS: usize = 2;
+
+/// Local improvement at the end: best rows and columns per word looked at, and sweeps;
+/// fewer on the large-table path, whose tables do not fit the caches.
+const IMPROVE_SIDE: usize = 6;
+const IMPROVE_SWEEPS: usize = 10;
+const IMPROVE_SIDE_LARGE: usize = 2;
+const IMPROVE_SWEEPS_LARGE: usize = 2;
 
 /// Default candidates per side: more for small tables (cheap), fewer for huge ones.
 fn default_k(v: usize) -> usize {
@@ -419,14 +489,41 @@ pub fn solve<T: Elem>(
 ) -> Result<(Vec<u32>, Option<f64>, serde_json::Value)> {
     // Beyond CELL_AUCTION_MAX words the cell-level auction spends its time in price wars
     // and its repair pass grows quadratic in the stuck words: rows-then-columns instead.
-    if p.vocab > CELL_AUCTION_MAX {
+    let (mut x, mut stats, side, sweeps) = if p.vocab > CELL_AUCTION_MAX {
         // The heavy words fill at most a third of the table: beyond that the cell-level
         // search slows down (as cells grow scarce) faster than the cost improves.
         let heavy = CELL_AUCTION_MAX.min(p.cells() / 3);
         let (cells, stats) =
             super::decompose::solve(p, rel, 1e-4 * mean_best_row(p) + 1e-9, 16, heavy)?;
-        return Ok((cells, None, stats));
+        (cells, stats, IMPROVE_SIDE_LARGE, IMPROVE_SWEEPS_LARGE)
+    } else {
+        let (cells, stats) = cell_solve(p, rel, opts)?;
+        (cells, stats, IMPROVE_SIDE, IMPROVE_SWEEPS)
+    };
+    let t = std::time::Instant::now();
+    let imp = super::improve::improve(p, &mut x, &order(p), side, sweeps);
+    tracing::info!(
+        moves = imp.moves,
+        gain = imp.gain,
+        sweeps = imp.sweeps,
+        seconds = t.elapsed().as_secs_f64(),
+        "allocation: local improvement"
+    );
+    if let Some(o) = stats.as_object_mut() {
+        o.insert("improve_moves".into(), imp.moves.into());
+        o.insert("improve_gain".into(), imp.gain.into());
+        o.insert("improve_sweeps".into(), imp.sweeps.into());
+        o.insert("seconds_improve".into(), t.elapsed().as_secs_f64().into());
     }
+    Ok((x, None, stats))
+}
+
+/// The cell-level path: candidates, passes of auction and augmenting paths, repair.
+pub(super) fn cell_solve<T: Elem>(
+    p: &Problem<'_, T>,
+    rel: &Relaxation,
+    opts: &SolveOptions,
+) -> Result<(Vec<u32>, serde_json::Value)> {
     let t0 = std::time::Instant::now();
     let k = if opts.candidates > 0 {
         opts.candidates
@@ -436,6 +533,11 @@ pub fn solve<T: Elem>(
     let (alpha, beta, bids) = (&rel.alpha, &rel.beta, rel.bids);
     let t_prices = rel.seconds;
     let mut g = Graph::new(candidates(p, alpha, beta, k), 0, p.cells());
+    // Nearly full tables: also the words that regret each cell least.
+    let congested = (p.cells() - p.vocab) * 20 <= p.cells();
+    if congested {
+        g = g.with_extra(reverse_candidates(p, alpha, beta, REVERSE_WORDS));
+    }
     let t_cand = t_prices + t0.elapsed().as_secs_f64();
     tracing::info!(
         seconds = t_cand,
@@ -455,7 +557,13 @@ pub fn solve<T: Elem>(
     let mut best: Option<(f64, Vec<u32>)> = None;
     let mut passes = Vec::new();
     let mut last = f64::INFINITY;
-    for round in 0..=REFINE_ROUNDS {
+    // A refinement scans all V x R*C priced costs: only while that stays affordable.
+    let rounds = if (p.vocab as f64) * (p.cells() as f64) <= REFINE_MAX_SCAN {
+        REFINE_ROUNDS
+    } else {
+        0
+    };
+    for round in 0..=rounds {
         let t = std::time::Instant::now();
         if round > 0 {
             let extra = priced_best_cells(p, &price, REFINE_CELLS);
@@ -491,11 +599,12 @@ pub fn solve<T: Elem>(
     }
     let x = best.map(|b| b.1).unwrap_or_default();
     let stats = serde_json::json!({
+        "reverse_candidates": congested,
         "candidates_per_side": k,
         "relaxation_bids": bids,
         "seconds_prices": t_prices,
         "seconds_candidates": t_cand - t_prices,
         "passes": passes,
     });
-    Ok((x, None, stats))
+    Ok((x, stats))
 }
