@@ -50,6 +50,78 @@ pub enum Command {
     Tables(TablesArgs),
     /// Show which words share the rows of a checkpoint's table.
     Inspect(InspectArgs),
+    /// Count the words of many text files or objects in parallel and write vocab.txt.
+    Vocab(VocabArgs),
+    /// Tokenise many text files or objects in parallel into u32 shards and a manifest.
+    Shard(ShardArgs),
+}
+
+/// How text is read, for `vocab` and `shard` (the same options must be given to both).
+#[derive(Args, Debug, Clone)]
+pub struct TextArgs {
+    /// Lowercase every line before splitting.
+    #[arg(long)]
+    pub lowercase: bool,
+    /// Longest accepted line in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_line_bytes: usize,
+    /// Inputs read at once (0 = the number of cores).
+    #[arg(long, default_value_t = 0)]
+    pub parallel: usize,
+}
+
+impl TextArgs {
+    fn options(&self) -> lightrnn_worker::text::TextOptions {
+        lightrnn_worker::text::TextOptions {
+            lowercase: self.lowercase,
+            max_line_bytes: self.max_line_bytes,
+        }
+    }
+
+    fn parallel(&self) -> usize {
+        if self.parallel > 0 {
+            self.parallel
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VocabArgs {
+    /// Text objects or prefixes (every object below; *.json skipped): paths, file://,
+    /// memory:// URLs. Repeatable.
+    #[arg(long, required = true)]
+    pub input: Vec<String>,
+    /// Output location; vocab.txt is written there.
+    #[arg(long)]
+    pub out: String,
+    /// Words kept, most frequent first (0 = all), plus <unk>.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+    #[command(flatten)]
+    pub text: TextArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Text objects or prefixes, concatenated in the order given (prefixes in name order).
+    #[arg(long, required = true)]
+    pub input: Vec<String>,
+    /// The vocabulary: a vocab.txt object, or a location holding one.
+    #[arg(long)]
+    pub vocab: String,
+    /// Output location: SPLIT-NNNNN.u32 shards, SPLIT.manifest.json and vocab.txt.
+    #[arg(long)]
+    pub out: String,
+    /// Split name (train, valid, test, ...).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = lightrnn_worker::shards::SHARD_TOKENS)]
+    pub shard_tokens: u64,
+    #[command(flatten)]
+    pub text: TextArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -212,6 +284,21 @@ fn backend_kind(s: &str) -> Result<BackendKind> {
 }
 
 /// Run one parsed command; returns what goes to stdout.
+/// A vocabulary from a vocab.txt object or a location holding one.
+async fn load_vocab(url: &str) -> lightrnn_worker::Result<lightrnn_worker::vocab::Vocab> {
+    use lightrnn_worker::dataset::VOCAB_FILE;
+    let loc = Location::parse(url)?;
+    let (loc, name) = match loc.parent() {
+        Some(parent) if parent.head(&loc.name()).await?.is_some() => (parent, loc.name()),
+        _ => (loc, VOCAB_FILE.to_string()),
+    };
+    let bytes = loc.get(&name).await?;
+    let full = loc.url_of(&name);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| lightrnn_worker::Error::Data(format!("{full}: not UTF-8")))?;
+    lightrnn_worker::vocab::Vocab::parse(text, &full)
+}
+
 pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
     match &cli.command {
         Command::Config(a) => {
@@ -279,6 +366,53 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
         Command::Tables(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
             Ok(crate::commands::tables(&ck, &a.data, &a.out, a.threads, handle)?.to_string())
+        }
+        Command::Vocab(a) => {
+            let bar = std::io::stderr().is_terminal();
+            let (vocab, counted) = handle.block_on(async {
+                let inputs = lightrnn_worker::corpus::expand_inputs(&a.input).await?;
+                let out = Location::parse(&a.out)?;
+                lightrnn_worker::corpus::build_vocab(
+                    &inputs,
+                    &out,
+                    &a.text.options(),
+                    a.size,
+                    a.text.parallel(),
+                    bar,
+                )
+                .await
+            })?;
+            let mut j = serde_json::to_value(&counted)?;
+            j["vocab_size"] = vocab.len().into();
+            j["vocab_sha256"] = vocab.sha256().into();
+            j["out"] = Location::parse(&a.out)?
+                .url_of(lightrnn_worker::dataset::VOCAB_FILE)
+                .into();
+            Ok(j.to_string())
+        }
+        Command::Shard(a) => {
+            let bar = std::io::stderr().is_terminal();
+            let (m, st) = handle.block_on(async {
+                let inputs = lightrnn_worker::corpus::expand_inputs(&a.input).await?;
+                let vocab = load_vocab(&a.vocab).await?;
+                let out = Location::parse(&a.out)?;
+                lightrnn_worker::corpus::write_shards(
+                    &inputs,
+                    std::sync::Arc::new(vocab),
+                    &out,
+                    &a.split,
+                    a.shard_tokens,
+                    &a.text.options(),
+                    a.text.parallel(),
+                    bar,
+                )
+                .await
+            })?;
+            let mut j = serde_json::to_value(&st)?;
+            j["manifest"] = Location::parse(&a.out)?
+                .url_of(&lightrnn_worker::shards::Manifest::object_name(&m.split))
+                .into();
+            Ok(j.to_string())
         }
         Command::Inspect(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;

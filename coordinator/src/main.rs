@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .enable_all()
         .build()
     {

@@ -387,3 +387,96 @@ fn training_with_reallocation_tables_and_inspect() {
     );
     assert_eq!(stdout.lines().count(), 4, "{stdout}");
 }
+
+/// `vocab` and `shard` build a dataset that `train` opens directly, with the same
+/// token counts as tokenising the text inside `train`.
+#[test]
+fn vocab_and_shard_make_a_dataset_train_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    corpus(&data);
+    let ds = tmp.path().join("ds");
+    let ds_s = ds.to_str().unwrap();
+    let (code, out, err) = lightrnn(&[
+        "vocab",
+        "--input",
+        data.join("c.train.txt").to_str().unwrap(),
+        "--out",
+        ds_s,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["inputs"], 1);
+    assert_eq!(v["lines"], 1000);
+    assert!(v["mb_per_sec"].as_f64().unwrap() > 0.0);
+    for split in ["train", "valid", "test"] {
+        let input = data.join(format!("c.{split}.txt"));
+        let (code, out, err) = lightrnn(&[
+            "shard",
+            "--input",
+            input.to_str().unwrap(),
+            "--vocab",
+            &format!("{ds_s}/vocab.txt"),
+            "--out",
+            ds_s,
+            "--split",
+            split,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["split"], split);
+        assert!(s["tokens"].as_u64().unwrap() > 0);
+    }
+    // The vocabulary may also be given as the location holding vocab.txt.
+    let (code, _, err) = lightrnn(&[
+        "shard",
+        "--input",
+        data.join("c.valid.txt").to_str().unwrap(),
+        "--vocab",
+        ds_s,
+        "--out",
+        ds_s,
+        "--split",
+        "valid",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let run = tmp.path().join("run");
+    let (code, out, err) = lightrnn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_steps=5",
+        "--data",
+        ds_s,
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let a: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let run2 = tmp.path().join("run2");
+    let (code, out, err) = lightrnn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_steps=5",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run2.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let b: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(a["train_loss"], b["train_loss"], "same data, same run");
+    // Missing inputs are a clear error, not a panic.
+    let (code, _, err) = lightrnn(&[
+        "vocab",
+        "--input",
+        tmp.path().join("nope").to_str().unwrap(),
+        "--out",
+        ds_s,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope") && !err.contains("panicked"), "{err}");
+}

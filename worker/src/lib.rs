@@ -11,6 +11,7 @@ pub mod batches;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod corpus;
 pub mod dataset;
 mod error;
 pub mod eval;

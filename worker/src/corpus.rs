@@ -1,0 +1,436 @@
+//! Corpora at scale: many text files or objects read in parallel into a vocabulary
+//! (`lightrnn vocab`) and into verified u32 shards (`lightrnn shard`), written to any
+//! object-store location.
+//!
+//! Inputs are object URLs or prefixes (every object below a prefix, in name order,
+//! manifests and dot-files skipped). Counting runs one task per input, `parallel` at a
+//! time, each with its own table, merged at the end. Sharding tokenises `parallel` inputs
+//! ahead and writes their ids in input order, so the shards hold the inputs
+//! concatenated in the order given, whatever the task timing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::dataset::VOCAB_FILE;
+use crate::shards::{Manifest, ShardWriter, Source};
+use crate::store::Location;
+use crate::text::{EOS, LineReader, TextOptions};
+use crate::vocab::Vocab;
+use crate::{Error, Result};
+
+/// One text object to read.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub loc: Location,
+    pub name: String,
+    pub size: u64,
+    pub e_tag: Option<String>,
+}
+
+impl Input {
+    pub fn url(&self) -> String {
+        self.loc.url_of(&self.name)
+    }
+}
+
+/// The objects behind `urls`: an URL naming an object is that object; otherwise it is a
+/// prefix and stands for every object below it.
+pub async fn expand_inputs(urls: &[String]) -> Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for url in urls {
+        let loc = Location::parse(url)?;
+        // An object: its parent location holds it under its last path segment.
+        if let Some(parent) = loc.parent() {
+            let name = loc.name();
+            if !name.is_empty()
+                && let Some(m) = parent.head(&name).await?
+            {
+                out.push(Input {
+                    loc: parent,
+                    name,
+                    size: m.size,
+                    e_tag: m.e_tag,
+                });
+                continue;
+            }
+        }
+        let objects = loc.list_recursive().await?;
+        let before = out.len();
+        for (name, m) in objects {
+            let base = name.rsplit('/').next().unwrap_or(&name);
+            if base.starts_with('.') || base.ends_with(".json") {
+                continue;
+            }
+            out.push(Input {
+                loc: loc.clone(),
+                name,
+                size: m.size,
+                e_tag: m.e_tag,
+            });
+        }
+        if out.len() == before {
+            return Err(Error::NotFound(format!(
+                "{url}: no such object, and no objects below it"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes done out of a total, shown as a bar on a terminal and as log lines otherwise.
+pub struct Meter {
+    what: &'static str,
+    total: u64,
+    done: AtomicU64,
+    started: Instant,
+    last_log: std::sync::Mutex<Instant>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Meter {
+    pub fn new(what: &'static str, total: u64, bar: bool) -> Self {
+        let bar = bar.then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({elapsed} < {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            b.set_style(style);
+            b.set_prefix(what);
+            b
+        });
+        Self {
+            what,
+            total,
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+            last_log: std::sync::Mutex::new(Instant::now()),
+            bar,
+        }
+    }
+
+    pub fn add(&self, bytes: u64) {
+        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+            return;
+        }
+        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed().as_secs_f64() >= 10.0 {
+            *last = Instant::now();
+            tracing::info!(
+                what = self.what,
+                done_mb = done as f64 / 1e6,
+                total_mb = self.total as f64 / 1e6,
+                mb_per_sec = self.mb_per_sec(),
+                "progress"
+            );
+        }
+    }
+
+    pub fn mb_per_sec(&self) -> f64 {
+        self.done.load(Ordering::Relaxed) as f64 / 1e6 / self.seconds().max(1e-9)
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Progress is reported every this many bytes of a task.
+const REPORT_BYTES: u64 = 4 << 20;
+
+/// What `count_words` read.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Counted {
+    pub inputs: usize,
+    pub bytes: u64,
+    pub lines: u64,
+    /// Words including one `<eos>` per line.
+    pub tokens: u64,
+    pub types: usize,
+    pub seconds: f64,
+    pub mb_per_sec: f64,
+}
+
+async fn count_one(
+    input: Input,
+    opts: TextOptions,
+    meter: Arc<Meter>,
+) -> Result<(HashMap<String, u64>, u64, u64)> {
+    let mut r = LineReader::open(&input.loc, &input.name, &opts).await?;
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut line = String::new();
+    let (mut tokens, mut reported) = (0u64, 0u64);
+    while r.next_line(&mut line).await? {
+        for w in line.split_whitespace() {
+            match counts.get_mut(w) {
+                Some(c) => *c += 1,
+                None => {
+                    counts.insert(w.to_string(), 1);
+                }
+            }
+            tokens += 1;
+        }
+        if r.bytes() - reported >= REPORT_BYTES {
+            meter.add(r.bytes() - reported);
+            reported = r.bytes();
+        }
+    }
+    meter.add(r.bytes() - reported);
+    let lines = r.line_no();
+    if lines > 0 {
+        *counts.entry(EOS.to_string()).or_insert(0) += lines;
+    }
+    Ok((counts, tokens + lines, lines))
+}
+
+/// Word counts over all inputs (one `<eos>` per line), `parallel` inputs at a time.
+pub async fn count_words(
+    inputs: &[Input],
+    opts: &TextOptions,
+    parallel: usize,
+    bar: bool,
+) -> Result<(HashMap<String, u64>, Counted)> {
+    let total: u64 = inputs.iter().map(|i| i.size).sum();
+    let meter = Arc::new(Meter::new("counting", total, bar));
+    let mut tasks = futures::stream::iter(inputs.iter().cloned().map(|input| {
+        let (opts, meter) = (opts.clone(), meter.clone());
+        tokio::spawn(count_one(input, opts, meter))
+    }))
+    .buffer_unordered(parallel.max(1));
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let (mut tokens, mut lines) = (0u64, 0u64);
+    while let Some(joined) = tasks.next().await {
+        let (c, t, l) = joined.map_err(|e| Error::Data(format!("counting task failed: {e}")))??;
+        tokens += t;
+        lines += l;
+        if counts.is_empty() {
+            counts = c;
+            continue;
+        }
+        for (w, n) in c {
+            *counts.entry(w).or_insert(0) += n;
+        }
+    }
+    meter.finish();
+    let stats = Counted {
+        inputs: inputs.len(),
+        bytes: total,
+        lines,
+        tokens,
+        types: counts.len(),
+        seconds: meter.seconds(),
+        mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
+    };
+    Ok((counts, stats))
+}
+
+/// Count the inputs and write the vocabulary (`vocab.txt`, `size` most frequent words
+/// plus `<unk>`; 0 = all) to `out`.
+pub async fn build_vocab(
+    inputs: &[Input],
+    out: &Location,
+    opts: &TextOptions,
+    size: usize,
+    parallel: usize,
+    bar: bool,
+) -> Result<(Vocab, Counted)> {
+    let (counts, stats) = count_words(inputs, opts, parallel, bar).await?;
+    let vocab = Vocab::build(counts, size)?;
+    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
+    Ok((vocab, stats))
+}
+
+async fn ids_of(
+    input: Input,
+    opts: TextOptions,
+    vocab: Arc<Vocab>,
+    meter: Arc<Meter>,
+) -> Result<(Vec<u32>, Source)> {
+    let mut r = LineReader::open(&input.loc, &input.name, &opts).await?;
+    let mut ids = Vec::with_capacity((input.size / 5) as usize);
+    let mut line = String::new();
+    let mut reported = 0u64;
+    while r.next_line(&mut line).await? {
+        ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
+        ids.push(vocab.eos());
+        if r.bytes() - reported >= REPORT_BYTES {
+            meter.add(r.bytes() - reported);
+            reported = r.bytes();
+        }
+    }
+    meter.add(r.bytes() - reported);
+    let source = Source {
+        url: input.url(),
+        bytes: input.size,
+        e_tag: input.e_tag.clone(),
+        lines: r.line_no(),
+    };
+    Ok((ids, source))
+}
+
+/// What `write_shards` wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sharded {
+    pub split: String,
+    pub inputs: usize,
+    pub bytes: u64,
+    pub tokens: u64,
+    pub shards: usize,
+    pub unk_tokens: u64,
+    pub seconds: f64,
+    pub mb_per_sec: f64,
+}
+
+/// Tokenise the inputs with `vocab` into split `split` of `out`: shards of
+/// `shard_tokens` ids, then the manifest (written last, so a half-written split never
+/// looks complete), and `vocab.txt` beside them so `out` opens as a dataset.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_shards(
+    inputs: &[Input],
+    vocab: Arc<Vocab>,
+    out: &Location,
+    split: &str,
+    shard_tokens: u64,
+    opts: &TextOptions,
+    parallel: usize,
+    bar: bool,
+) -> Result<(Manifest, Sharded)> {
+    if split.is_empty() || split.contains(['/', '\\']) {
+        return Err(Error::Config(format!(
+            "split name {split:?}: use a plain name such as train, valid or test"
+        )));
+    }
+    let total: u64 = inputs.iter().map(|i| i.size).sum();
+    let meter = Arc::new(Meter::new("sharding", total, bar));
+    out.delete(&Manifest::object_name(split)).await?;
+    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
+    let mut writer = ShardWriter::new(out, split, &vocab, shard_tokens);
+    let mut tasks = futures::stream::iter(inputs.iter().cloned().map(|input| {
+        let (opts, vocab, meter) = (opts.clone(), vocab.clone(), meter.clone());
+        tokio::spawn(ids_of(input, opts, vocab, meter))
+    }))
+    .buffered(parallel.max(1));
+    let mut sources = Vec::new();
+    let unk = vocab.unk();
+    let mut unk_tokens = 0u64;
+    while let Some(joined) = tasks.next().await {
+        let (ids, source) =
+            joined.map_err(|e| Error::Data(format!("tokenising task failed: {e}")))??;
+        unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
+        writer.extend(&ids).await?;
+        sources.push(source);
+    }
+    let text_options = serde_json::json!({
+        "text": opts,
+        "vocab_size": vocab.len(),
+        "shard_tokens": shard_tokens,
+    });
+    let m = writer.finish(sources, text_options).await?;
+    meter.finish();
+    let stats = Sharded {
+        split: split.to_string(),
+        inputs: inputs.len(),
+        bytes: total,
+        tokens: m.tokens,
+        shards: m.shards.len(),
+        unk_tokens,
+        seconds: meter.seconds(),
+        mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
+    };
+    Ok((m, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shards::SplitReader;
+
+    async fn put(loc: &Location, name: &str, text: &str) {
+        loc.put(name, Bytes::from(text.to_string())).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vocab_and_shards_from_many_inputs_in_order() {
+        let src = Location::parse("memory://corpus-tests/src").unwrap();
+        // Enough inputs that tasks finish out of order.
+        let mut expect: Vec<String> = Vec::new();
+        for k in 0..12 {
+            let mut text = String::new();
+            for l in 0..(50 + 37 * (k % 5)) {
+                let line = format!("w{} w{} common", k, l % 7);
+                expect.extend(line.split(' ').map(String::from));
+                expect.push(EOS.into());
+                text.push_str(&line);
+                text.push('\n');
+            }
+            put(&src, &format!("part-{k:02}.txt"), &text).await;
+        }
+        put(&src, "part.manifest.json", "{}").await;
+        let inputs = expand_inputs(&["memory://corpus-tests/src".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(inputs.len(), 12);
+        let out = Location::parse("memory://corpus-tests/out").unwrap();
+        let opts = TextOptions::default();
+        let (vocab, counted) = build_vocab(&inputs, &out, &opts, 0, 4, false)
+            .await
+            .unwrap();
+        assert_eq!(counted.tokens as usize, expect.len());
+        assert_eq!(vocab.count(vocab.id("common")), (expect.len() / 4) as u64);
+        let vocab = Arc::new(vocab);
+        let (m, st) = write_shards(&inputs, vocab.clone(), &out, "train", 1, &opts, 4, false)
+            .await
+            .unwrap();
+        assert_eq!(st.tokens as usize, expect.len());
+        assert_eq!(st.unk_tokens, 0);
+        assert_eq!(m.sources.len(), 12);
+        assert!(m.sources[0].url.ends_with("part-00.txt"));
+        let r = SplitReader::open(&out, "train", &vocab).await.unwrap();
+        let ids = r.read(0, r.tokens()).await.unwrap();
+        let words: Vec<&str> = ids.iter().map(|&i| vocab.word(i)).collect();
+        assert_eq!(words, expect);
+        // A single object URL is that object alone.
+        let one = expand_inputs(&["memory://corpus-tests/src/part-03.txt".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].name, "part-03.txt");
+    }
+
+    #[tokio::test]
+    async fn bad_inputs_name_the_object() {
+        let e = expand_inputs(&["memory://corpus-tests/nothing-here".to_string()])
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("nothing-here"), "{e}");
+        let src = Location::parse("memory://corpus-tests/bad").unwrap();
+        src.put("a.txt", Bytes::from_static(b"ok line\n\xff\xfe bad\n"))
+            .await
+            .unwrap();
+        let inputs = expand_inputs(&["memory://corpus-tests/bad".to_string()])
+            .await
+            .unwrap();
+        let e = count_words(&inputs, &TextOptions::default(), 2, false)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("a.txt") && e.contains("line 2"), "{e}");
+    }
+}
