@@ -1,6 +1,7 @@
 //! Locations in object storage. Every byte the trainer reads or writes goes through
 //! `object_store`: a local directory is a `LocalFileSystem` location, `memory://NAME/...`
-//! a process-wide in-memory store (tests, scratch data).
+//! a process-wide in-memory store (tests, scratch data), `s3://`, `gs://` and `az://`
+//! the clouds' stores (and S3-compatible servers through AWS_ENDPOINT_URL).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -46,9 +47,51 @@ fn memory_store(bucket: &str) -> Arc<dyn ObjectStore> {
         .clone()
 }
 
+/// One client per scheme and bucket, configured from the environment (the standard
+/// variables of each cloud: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+/// AWS_REGION, AWS_ALLOW_HTTP ...; GOOGLE_SERVICE_ACCOUNT ...; AZURE_STORAGE_ACCOUNT_NAME,
+/// AZURE_STORAGE_ACCOUNT_KEY ...), shared by every location in that bucket.
+fn cloud_store(scheme: &str, bucket: &str) -> Result<Arc<dyn ObjectStore>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let map = STORES.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    let url = format!("{scheme}://{bucket}");
+    if let Some(s) = map.get(&url) {
+        return Ok(s.clone());
+    }
+    let err = |e: object_store::Error| {
+        Error::Config(format!(
+            "{url}: cannot configure the object store client: {e}"
+        ))
+    };
+    let store: Arc<dyn ObjectStore> = match scheme {
+        "s3" | "s3a" => Arc::new(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url.clone())
+                .build()
+                .map_err(err)?,
+        ),
+        "gs" => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.clone())
+                .build()
+                .map_err(err)?,
+        ),
+        _ => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.clone())
+                .build()
+                .map_err(err)?,
+        ),
+    };
+    map.insert(url, store.clone());
+    Ok(store)
+}
+
 impl Location {
-    /// Parse a local path (absolute or relative to the working directory), a `file://` URL
-    /// or a `memory://BUCKET/PREFIX` URL.
+    /// Parse a local path (absolute or relative to the working directory), a `file://` URL,
+    /// a `memory://BUCKET/PREFIX` URL, or a cloud URL: `s3://BUCKET/PREFIX`, `gs://...`,
+    /// `az://CONTAINER/PREFIX` (clients configured from the environment).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |m: String| Error::Config(m);
         if let Some((scheme, rest)) = s.split_once("://") {
@@ -70,10 +113,18 @@ impl Location {
                         url: s.trim_end_matches('/').to_string(),
                     })
                 }
-                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "http" | "https" => {
-                    Err(bad(format!(
-                        "{s}: this build reads and writes local paths, file:// and memory:// locations only"
-                    )))
+                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" => {
+                    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                    if bucket.is_empty() {
+                        return Err(bad(format!("{s}: no bucket or container")));
+                    }
+                    let prefix = Path::parse(prefix.trim_end_matches('/'))
+                        .map_err(|e| bad(format!("{s}: {e}")))?;
+                    Ok(Self {
+                        store: cloud_store(scheme, bucket)?,
+                        prefix,
+                        url: s.trim_end_matches('/').to_string(),
+                    })
                 }
                 other => Err(bad(format!("{s}: unknown storage scheme {other:?}"))),
             }
@@ -335,7 +386,7 @@ mod tests {
         assert_eq!(&sub.get_range("b.bin", 2..5).await.unwrap()[..], b"234");
         assert_eq!(sub.head("b.bin").await.unwrap().unwrap().size, 10);
         assert_eq!(sub.parent().unwrap().url(), loc.url());
-        assert!(Location::parse("s3://bucket/x").is_err());
+        assert!(Location::parse("s3:///x").is_err());
         assert!(Location::parse("ftp://x/y").is_err());
     }
 }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: installs the S3-compatible test server (moto, from PyPI, into
+# .venv-test/), starts it on 127.0.0.1, runs the workspace tests against it, stops it.
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MOTO_VERSION=5.2.5
+VENV=.venv-test
+if ! "$VENV/bin/python" -c "import moto, flask" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" > "$VENV/moto.log" 2>&1 &
+MOTO_PID=$!
+trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  if "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/')" 2>/dev/null; then
+    break
+  fi
+  sleep 0.2
+done
+export LIGHTRNN_TEST_S3_ENDPOINT="http://127.0.0.1:$PORT"
+cargo test --workspace --locked "$@"
