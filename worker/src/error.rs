@@ -32,6 +32,9 @@ pub enum Error {
     Diverged(String),
     #[error("background task failed: {0}")]
     Task(String),
+    /// A peer or a connection between ranks failed (collectives).
+    #[error("{0}")]
+    Io(String),
 }
 
 impl Error {

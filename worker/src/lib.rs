@@ -5,11 +5,14 @@
 //!   shards, and [`batches`], the streaming truncated-BPTT batcher;
 //! - [`config`]: the training configuration and presets;
 //! - [`train`]: the training loop; [`checkpoint`]: safetensors checkpoints;
-//! - [`eval`] and [`bench`]: evaluation of a checkpoint and the throughput benchmark.
+//! - [`eval`] and [`bench`]: evaluation of a checkpoint and the throughput benchmark;
+//! - [`corpus`]: parallel vocabulary counting and sharding of many inputs;
+//! - [`collective`]: the `Collective` trait and a TCP ring all-reduce between processes.
 
 pub mod batches;
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod corpus;
 pub mod dataset;

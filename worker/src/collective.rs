@@ -1,0 +1,382 @@
+//! Collectives between the ranks of a data-parallel job: the [`Collective`] trait the
+//! training loop will sum its gradients through, [`Single`] for a job of one rank, and
+//! [`TcpRing`], a CPU implementation between processes over TCP.
+//!
+//! `TcpRing` is the bandwidth-optimal ring all-reduce: the buffer is cut into `world`
+//! chunks; in `world - 1` reduce-scatter steps every rank sends one chunk to its right
+//! neighbour and adds the chunk arriving from its left, after which each rank owns the
+//! full sum of one chunk; `world - 1` all-gather steps circulate the finished chunks.
+//! Every element of the result is computed once, by one rank, and copied to the others,
+//! so all ranks end with bit-identical buffers (identical parameters after each step).
+//! Every read and write has a deadline: a dead or stalled neighbour is an error naming
+//! the rank and the operation, never a hang.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// What data-parallel training needs from its ranks.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over the ranks, in place; every rank gets the same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Rank `root`'s buffer, copied to every rank.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()> {
+        let mut x = [0.0f32];
+        self.all_reduce_sum(&mut x)
+    }
+}
+
+/// A job of one rank: every collective is the identity.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Ring all-reduce over TCP: each rank holds a connection to its right neighbour (it
+/// sends there) and one from its left neighbour (it receives from there).
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    right: Option<TcpStream>,
+    left: Option<TcpStream>,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+}
+
+/// First bytes of every connection: the protocol and the sender's rank.
+const HELLO: &[u8; 8] = b"LRNRING1";
+
+impl TcpRing {
+    /// Bind the listening socket for a rank (port 0 picks one); its address goes to the
+    /// other ranks through the rendezvous.
+    pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+        TcpListener::bind(addr)
+            .map_err(|e| Error::Io(format!("ring: cannot listen on {addr}: {e}")))
+    }
+
+    /// Join the ring as `rank` of `addrs.len()` ranks, `listener` bound at
+    /// `addrs[rank]`. Connects to the right neighbour (retrying until `timeout`) and
+    /// accepts the left one.
+    pub fn connect(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let world = addrs.len();
+        if rank >= world {
+            return Err(Error::Config(format!(
+                "ring: rank {rank} of a world of {world}"
+            )));
+        }
+        let mut ring = Self {
+            rank,
+            world,
+            right: None,
+            left: None,
+            send_buf: Vec::new(),
+            recv_buf: Vec::new(),
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let right_rank = (rank + 1) % world;
+        let deadline = std::time::Instant::now() + timeout;
+        // Connect right in a thread while accepting from the left, so that a ring of
+        // any size forms whatever the start order.
+        let to = addrs[right_rank];
+        let connector = std::thread::spawn(move || -> Result<TcpStream> {
+            loop {
+                match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
+                    Ok(mut s) => {
+                        s.set_nodelay(true).ok();
+                        let mut hello = HELLO.to_vec();
+                        hello.extend_from_slice(&(rank as u64).to_le_bytes());
+                        s.write_all(&hello).map_err(|e| {
+                            Error::Io(format!("ring: rank {rank} greeting rank {right_rank}: {e}"))
+                        })?;
+                        return Ok(s);
+                    }
+                    Err(e) if std::time::Instant::now() >= deadline => {
+                        return Err(Error::Io(format!(
+                            "ring: rank {rank} cannot reach rank {right_rank} at {to}: {e}"
+                        )));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Io(format!("ring: {e}")))?;
+        let left_rank = (rank + world - 1) % world;
+        let left = loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).ok();
+                    s.set_nodelay(true).ok();
+                    s.set_read_timeout(Some(timeout)).ok();
+                    let mut hello = [0u8; 16];
+                    let ok = s.read_exact(&mut hello).is_ok()
+                        && &hello[..8] == HELLO
+                        && u64::from_le_bytes(hello[8..].try_into().unwrap()) == left_rank as u64;
+                    if ok {
+                        break s;
+                    }
+                    // Not our left neighbour (a stray or stale connection): drop it.
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::Io(format!(
+                            "ring: rank {rank}: rank {left_rank} did not connect within {timeout:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(Error::Io(format!("ring: rank {rank} accepting: {e}"))),
+            }
+        };
+        let right = connector
+            .join()
+            .map_err(|_| Error::Io("ring: connector thread panicked".into()))??;
+        for s in [&left, &right] {
+            s.set_read_timeout(Some(timeout)).ok();
+            s.set_write_timeout(Some(timeout)).ok();
+        }
+        ring.left = Some(left);
+        ring.right = Some(right);
+        Ok(ring)
+    }
+
+    /// Chunk `c` of a buffer of `n` elements cut into `world` parts.
+    fn chunk(&self, n: usize, c: usize) -> std::ops::Range<usize> {
+        let base = n / self.world;
+        let extra = n % self.world;
+        let start = c * base + c.min(extra);
+        start..start + base + usize::from(c < extra)
+    }
+
+    /// Send `out` right and receive `inn.len()` values from the left, concurrently
+    /// (a full ring of blocking sends would deadlock once the socket buffers fill).
+    fn exchange(&mut self, out: &[f32], inn_len: usize, what: &str) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        self.send_buf.clear();
+        for x in out {
+            self.send_buf.extend_from_slice(&x.to_le_bytes());
+        }
+        self.recv_buf.resize(inn_len * 4, 0);
+        let right = self.right.as_mut().expect("ring of more than one rank");
+        let left = self.left.as_mut().expect("ring of more than one rank");
+        let send = &self.send_buf;
+        let recv = &mut self.recv_buf;
+        std::thread::scope(|s| {
+            let sender = s.spawn(move || right.write_all(send));
+            let r = left.read_exact(recv);
+            let w = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
+            let fail = |dir: &str, peer: usize, e: std::io::Error| {
+                Error::Io(format!(
+                    "ring: rank {rank} of {world}, {what}: {dir} rank {peer} failed: {e}"
+                ))
+            };
+            w.map_err(|e| fail("sending to", (rank + 1) % world, e))?;
+            r.map_err(|e| fail("receiving from", (rank + world - 1) % world, e))
+        })
+    }
+
+    fn received(&self) -> impl Iterator<Item = f32> + '_ {
+        self.recv_buf
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let (w, r, n) = (self.world, self.rank, buf.len());
+        if w == 1 {
+            return Ok(());
+        }
+        // Reduce-scatter: at step s rank r sends chunk (r - s) and adds into (r - s - 1).
+        for s in 0..w - 1 {
+            let send = self.chunk(n, (r + w - s) % w);
+            let recv = self.chunk(n, (r + 2 * w - s - 1) % w);
+            self.exchange(&buf[send], recv.len(), "all-reduce")?;
+            let got: Vec<f32> = self.received().collect();
+            for (x, y) in buf[recv].iter_mut().zip(got) {
+                *x += y;
+            }
+        }
+        // All-gather: rank r now owns chunk (r + 1); pass the finished chunks around.
+        for s in 0..w - 1 {
+            let send = self.chunk(n, (r + 1 + w - s) % w);
+            let recv = self.chunk(n, (r + w - s) % w);
+            self.exchange(&buf[send], recv.len(), "all-reduce")?;
+            let got: Vec<f32> = self.received().collect();
+            buf[recv].copy_from_slice(&got);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let w = self.world;
+        if w == 1 {
+            return Ok(());
+        }
+        if root >= w {
+            return Err(Error::Config(format!("broadcast from rank {root} of {w}")));
+        }
+        // Along the ring from the root: w - 1 hops, each rank forwarding once.
+        let pos = (self.rank + w - root) % w;
+        let n = buf.len();
+        if pos > 0 {
+            self.recv_buf.resize(n * 4, 0);
+            let left = self.left.as_mut().expect("ring of more than one rank");
+            left.read_exact(&mut self.recv_buf).map_err(|e| {
+                Error::Io(format!(
+                    "ring: rank {} of {w}, broadcast: receiving from rank {} failed: {e}",
+                    self.rank,
+                    (self.rank + w - 1) % w
+                ))
+            })?;
+            let got: Vec<f32> = self.received().collect();
+            buf.copy_from_slice(&got);
+        }
+        if pos < w - 1 {
+            self.send_buf.clear();
+            for x in buf.iter() {
+                self.send_buf.extend_from_slice(&x.to_le_bytes());
+            }
+            let right = self.right.as_mut().expect("ring of more than one rank");
+            right.write_all(&self.send_buf).map_err(|e| {
+                Error::Io(format!(
+                    "ring: rank {} of {w}, broadcast: sending to rank {} failed: {e}",
+                    self.rank,
+                    (self.rank + 1) % w
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Result<TcpRing>>> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || TcpRing::connect(rank, &addrs, l, timeout))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_and_broadcast_agree_bit_for_bit() {
+        for (world, n) in [(2usize, 10usize), (3, 1), (3, 100_003), (4, 7)] {
+            let handles = rings(world, Duration::from_secs(20));
+            let rings: Vec<TcpRing> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            let data = |r: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.37 - r as f32)
+                    .collect()
+            };
+            let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+                let hs: Vec<_> = rings
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut ring)| {
+                        s.spawn(move || {
+                            let mut buf = data(r);
+                            ring.all_reduce_sum(&mut buf).unwrap();
+                            let mut b = if r == world - 1 {
+                                data(99)
+                            } else {
+                                vec![0.0; n]
+                            };
+                            ring.broadcast(&mut b, world - 1).unwrap();
+                            ring.barrier().unwrap();
+                            (buf, b)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let inputs: Vec<Vec<f32>> = (0..world).map(data).collect();
+            for i in 0..n {
+                let exact: f64 = inputs.iter().map(|d| d[i] as f64).sum();
+                assert!((results[0].0[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
+            }
+            for (sum, b) in &results {
+                assert_eq!(
+                    sum.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    results[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "world {world}: ranks differ"
+                );
+                assert_eq!(b, &data(99));
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_neighbour_is_an_error_not_a_hang() {
+        let handles = rings(2, Duration::from_millis(300));
+        let mut rings: Vec<TcpRing> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        let _quiet = rings.pop().unwrap(); // rank 1 never takes part
+        let mut r0 = rings.pop().unwrap();
+        let t = std::time::Instant::now();
+        let e = r0.all_reduce_sum(&mut [1.0; 8]).unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains("receiving"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // A rank nobody connects to gives up at its deadline.
+        let l = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let me = l.local_addr().unwrap();
+        let ghost = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addrs = vec![me, ghost.local_addr().unwrap()];
+        let e = TcpRing::connect(0, &addrs, l, Duration::from_millis(300))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("rank 1"), "{e}");
+    }
+}
