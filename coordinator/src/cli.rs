@@ -403,6 +403,10 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                     &a.split,
                     a.shard_tokens,
                     &a.text.options(),
+                    serde_json::json!({
+                        "text": a.text.options(),
+                        "shard_tokens": a.shard_tokens,
+                    }),
                     a.text.parallel(),
                     bar,
                 )

@@ -94,7 +94,6 @@ pub fn dataset_for(
         &Location::parse(data)?,
         cache,
         &prep,
-        &|_, _, _| {},
     ))?;
     if ds.vocab.sha256() != ck.meta.vocab_sha256 {
         bail!(

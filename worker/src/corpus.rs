@@ -297,7 +297,8 @@ pub struct Sharded {
 
 /// Tokenise the inputs with `vocab` into split `split` of `out`: shards of
 /// `shard_tokens` ids, then the manifest (written last, so a half-written split never
-/// looks complete), and `vocab.txt` beside them so `out` opens as a dataset.
+/// looks complete; it records `text_options`, how the text was read), and `vocab.txt`
+/// beside them so `out` opens as a dataset.
 #[allow(clippy::too_many_arguments)]
 pub async fn write_shards(
     inputs: &[Input],
@@ -306,6 +307,7 @@ pub async fn write_shards(
     split: &str,
     shard_tokens: u64,
     opts: &TextOptions,
+    text_options: serde_json::Value,
     parallel: usize,
     bar: bool,
 ) -> Result<(Manifest, Sharded)> {
@@ -334,11 +336,6 @@ pub async fn write_shards(
         writer.extend(&ids).await?;
         sources.push(source);
     }
-    let text_options = serde_json::json!({
-        "text": opts,
-        "vocab_size": vocab.len(),
-        "shard_tokens": shard_tokens,
-    });
     let m = writer.finish(sources, text_options).await?;
     meter.finish();
     let stats = Sharded {
@@ -392,9 +389,19 @@ mod tests {
         assert_eq!(counted.tokens as usize, expect.len());
         assert_eq!(vocab.count(vocab.id("common")), (expect.len() / 4) as u64);
         let vocab = Arc::new(vocab);
-        let (m, st) = write_shards(&inputs, vocab.clone(), &out, "train", 1, &opts, 4, false)
-            .await
-            .unwrap();
+        let (m, st) = write_shards(
+            &inputs,
+            vocab.clone(),
+            &out,
+            "train",
+            1,
+            &opts,
+            serde_json::Value::Null,
+            4,
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(st.tokens as usize, expect.len());
         assert_eq!(st.unk_tokens, 0);
         assert_eq!(m.sources.len(), 12);

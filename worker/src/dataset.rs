@@ -5,15 +5,14 @@
 //! `test` (PTB's `ptb.train.txt`, ...; several files of a split are read in name order). Text is tokenised once into the run's cache and reused while the
 //! text objects and the text options are unchanged.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::shards::{Manifest, ShardWriter, Source, SplitReader};
+use crate::corpus::{Input, count_words, write_shards};
+use crate::shards::{Manifest, SplitReader};
 use crate::store::Location;
-use crate::text::{LineReader, TextOptions};
+use crate::text::TextOptions;
 use crate::vocab::Vocab;
 use crate::{Error, Result};
 
@@ -37,9 +36,6 @@ pub struct Dataset {
     pub valid: Arc<SplitReader>,
     pub test: Arc<SplitReader>,
 }
-
-/// Progress callback: (split, bytes read so far, total bytes).
-pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
 
 impl Dataset {
     /// Open a prepared dataset.
@@ -73,7 +69,6 @@ impl Dataset {
         data: &Location,
         cache: &Location,
         opts: &PrepareOptions,
-        progress: Progress<'_>,
     ) -> Result<Self> {
         if Self::is_prepared(data).await? {
             return Self::open(data).await;
@@ -83,7 +78,7 @@ impl Dataset {
             tracing::info!(cache = %cache, "reusing tokenised data");
             return Self::open(cache).await;
         }
-        prepare(data, &sources, cache, opts, progress).await?;
+        prepare(data, &sources, cache, opts).await?;
         Self::open(cache).await
     }
 }
@@ -137,87 +132,57 @@ async fn cached_matches(
     Ok(true)
 }
 
-/// Count words, build the vocabulary, write shards and manifests (manifests last).
+/// Count words, build the vocabulary, write shards and manifests (manifests last), with
+/// the inputs of each split read in parallel ([`crate::corpus`]).
 async fn prepare(
     data: &Location,
     sources: &SplitSources,
     out: &Location,
     opts: &PrepareOptions,
-    progress: Progress<'_>,
 ) -> Result<()> {
-    let text_opts = opts.text.clone();
-    let total_bytes: u64 = sources
-        .iter()
-        .flat_map(|(_, f)| f.iter().map(|x| x.1))
-        .sum();
-    let train_bytes: u64 = sources[0].1.iter().map(|x| x.1).sum();
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let inputs = |files: &[(String, u64, Option<String>)]| -> Vec<Input> {
+        files
+            .iter()
+            .map(|(name, size, tag)| Input {
+                loc: data.clone(),
+                name: name.clone(),
+                size: *size,
+                e_tag: tag.clone(),
+            })
+            .collect()
+    };
     // Pass 1: counts over the training text.
-    let mut counts: HashMap<String, u64> = HashMap::new();
-    let mut line = String::new();
-    let mut done = 0u64;
-    for (name, _, _) in &sources[0].1 {
-        let mut r = LineReader::open(data, name, &text_opts).await?;
-        while r.next_line(&mut line).await? {
-            for w in line.split_whitespace() {
-                match counts.get_mut(w) {
-                    Some(c) => *c += 1,
-                    None => {
-                        counts.insert(w.to_string(), 1);
-                    }
-                }
-            }
-            *counts.entry(crate::text::EOS.to_string()).or_insert(0) += 1;
-            if r.line_no() % 65_536 == 0 {
-                progress("vocab", done + r.bytes(), train_bytes);
-            }
-        }
-        done += r.bytes();
-    }
-    progress("vocab", train_bytes, train_bytes);
-    let vocab = Vocab::build(counts, opts.vocab_size)?;
+    let (counts, _) = count_words(&inputs(&sources[0].1), &opts.text, parallel, false).await?;
+    let vocab = Arc::new(Vocab::build(counts, opts.vocab_size)?);
     // Clear stale manifests first: a half-written cache must not look complete.
     for split in SPLITS {
         out.delete(&Manifest::object_name(split)).await?;
     }
-    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
     // Pass 2: ids.
     let text_options = serde_json::to_value(opts).map_err(|e| Error::Data(e.to_string()))?;
-    let mut done = 0u64;
     for (split, files) in sources {
-        let mut w = ShardWriter::new(out, split, &vocab, opts.shard_tokens);
-        let mut srcs = Vec::new();
-        let mut ids: Vec<u32> = Vec::with_capacity(1 << 16);
-        for (name, size, tag) in files {
-            let mut r = LineReader::open(data, name, &text_opts).await?;
-            while r.next_line(&mut line).await? {
-                ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
-                ids.push(vocab.eos());
-                if ids.len() >= 1 << 16 {
-                    w.extend(&ids).await?;
-                    ids.clear();
-                    progress(split, done + r.bytes(), total_bytes);
-                }
-            }
-            done += r.bytes();
-            srcs.push(Source {
-                url: data.url_of(name),
-                bytes: *size,
-                e_tag: tag.clone(),
-                lines: r.line_no(),
-            });
-        }
-        w.extend(&ids).await?;
-        ids.clear();
-        let m = w.finish(srcs, text_options.clone()).await?;
+        let (m, _) = write_shards(
+            &inputs(files),
+            vocab.clone(),
+            out,
+            split,
+            opts.shard_tokens,
+            &opts.text,
+            text_options.clone(),
+            parallel,
+            false,
+        )
+        .await?;
         tracing::info!(split = %split, tokens = m.tokens, shards = m.shards.len(), "tokenised");
     }
-    progress("test", total_bytes, total_bytes);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn opts() -> PrepareOptions {
         PrepareOptions {
@@ -243,7 +208,7 @@ mod tests {
             .await
             .unwrap();
         let cache = Location::parse("memory://dataset-tests/cache").unwrap();
-        let ds = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+        let ds = Dataset::open_or_prepare(&data, &cache, &opts())
             .await
             .unwrap();
         assert_eq!(ds.vocab.len(), 5); // b c <eos> a <unk>
@@ -256,7 +221,7 @@ mod tests {
             .unwrap()
             .unwrap()
             .last_modified;
-        let again = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+        let again = Dataset::open_or_prepare(&data, &cache, &opts())
             .await
             .unwrap();
         assert_eq!(again.vocab.sha256(), ds.vocab.sha256());
@@ -271,7 +236,7 @@ mod tests {
         );
         // A prepared dataset opens directly.
         assert_eq!(
-            Dataset::open_or_prepare(&cache, &data, &opts(), &|_, _, _| {})
+            Dataset::open_or_prepare(&cache, &data, &opts())
                 .await
                 .unwrap()
                 .test
@@ -287,7 +252,7 @@ mod tests {
             .await
             .unwrap();
         let cache = Location::parse("memory://dataset-tests/partial-cache").unwrap();
-        let e = Dataset::open_or_prepare(&data, &cache, &opts(), &|_, _, _| {})
+        let e = Dataset::open_or_prepare(&data, &cache, &opts())
             .await
             .err()
             .unwrap()

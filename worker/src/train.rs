@@ -261,9 +261,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         &opts.data,
         &opts.out.join("data"),
         &prep,
-        &|split, done, total| {
-            tracing::debug!(split, done, total, "tokenising");
-        },
     ))?;
     let vocab = ds.vocab.clone();
     tracing::info!(
