@@ -54,6 +54,10 @@ pub enum Command {
     Vocab(VocabArgs),
     /// Tokenise many text files or objects in parallel into u32 shards and a manifest.
     Shard(ShardArgs),
+    /// Serve one distributed training job to `--world-size` workers.
+    Coordinator(crate::launch::CoordinatorArgs),
+    /// Join a distributed job as one worker (rank).
+    Worker(crate::launch::WorkerArgs),
 }
 
 /// How text is read, for `vocab` and `shard` (the same options must be given to both).
@@ -207,6 +211,10 @@ pub struct TrainArgs {
     /// auto or cpu.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Train data-parallel in N worker processes on this machine, through a coordinator
+    /// in this process (the config's batch is the global batch, split evenly).
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -311,12 +319,24 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
             }
             Ok(resolve_config(a)?.to_toml())
         }
+        Command::Coordinator(a) => crate::launch::coordinator(a, handle),
+        Command::Worker(a) => crate::launch::worker(a, handle),
+        Command::Train(a) if a.workers.is_some() => crate::launch::train_workers(
+            &a.config,
+            &a.data,
+            &a.out,
+            a.resume,
+            &a.backend,
+            a.workers.unwrap_or(1),
+            handle,
+        ),
         Command::Train(a) => {
             let cfg = resolve_config(&a.config)?;
             let opts = RunOptions {
                 data: Location::parse(&a.data)?,
                 out: Location::parse(&a.out)?,
                 resume: a.resume,
+                checkpoint: None,
                 backend: backend_kind(&a.backend)?,
                 progress: std::io::stderr().is_terminal(),
                 allocator: if cfg.realloc_every > 0 {

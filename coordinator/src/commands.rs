@@ -125,9 +125,16 @@ pub fn tables(
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let max = (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64;
-    let (t, loss) = lightrnn_worker::realloc::loss_tables(
-        &mut *be, &ds.train, cfg.batch, cfg.bptt, max, handle,
+    let (t, total, words) = lightrnn_worker::realloc::loss_tables(
+        &mut *be,
+        &ds.train,
+        cfg.batch,
+        0..cfg.batch,
+        cfg.bptt,
+        max,
+        handle,
     )?;
+    let loss = total / words.max(1) as f64;
     let d = ck.meta.dims;
     let counts: Vec<i64> = t.counts.iter().map(|&c| c as i64).collect();
     let cells: Vec<i64> = ck.cells.iter().map(|&c| c as i64).collect();

@@ -6,3 +6,5 @@
 pub mod alloc;
 pub mod cli;
 pub mod commands;
+pub mod launch;
+pub mod server;

@@ -82,23 +82,20 @@ fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-#[test]
-fn dataset_training_and_checkpoints_in_s3() {
-    let ep = endpoint();
-    create_bucket(&ep, "lightrnn-test");
-    let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("text");
-    corpus(&text);
-    // A fresh prefix per run: the server may outlive one test run.
-    let unique = format!(
+/// A fresh prefix per run: the server may outlive one test run.
+fn unique() -> String {
+    format!(
         "{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
-    );
-    let ds = &format!("s3://lightrnn-test/{unique}/ds");
+    )
+}
+
+/// `vocab` and `shard` of the three splits of `text` into the prefix `ds`.
+fn dataset_in_s3(text: &Path, ds: &str) {
     let (code, out, err) = lightrnn(&[
         "vocab",
         "--input",
@@ -125,6 +122,18 @@ fn dataset_training_and_checkpoints_in_s3() {
         assert_eq!(s["manifest"], format!("{ds}/{split}.manifest.json"));
         assert_eq!(s["shards"], 1, "{s}");
     }
+}
+
+#[test]
+fn dataset_training_and_checkpoints_in_s3() {
+    let ep = endpoint();
+    create_bucket(&ep, "lightrnn-test");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text");
+    corpus(&text);
+    let unique = unique();
+    let ds = &format!("s3://lightrnn-test/{unique}/ds");
+    dataset_in_s3(&text, ds);
     // Training reads the shards from the bucket and writes its run there; then resumes.
     let run = &format!("s3://lightrnn-test/{unique}/run");
     let train = |steps: &str, extra: &[&str]| {
@@ -172,4 +181,61 @@ fn dataset_training_and_checkpoints_in_s3() {
         err.contains("no-such-bucket-here") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+#[test]
+fn two_workers_reallocate_through_the_coordinator_with_data_and_checkpoints_in_s3() {
+    let ep = endpoint();
+    create_bucket(&ep, "lightrnn-test");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text");
+    corpus(&text);
+    let unique = unique();
+    let ds = &format!("s3://lightrnn-test/{unique}/ds");
+    dataset_in_s3(&text, ds);
+    let run = &format!("s3://lightrnn-test/{unique}/run");
+    let train = |epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            epochs,
+            "--set",
+            "realloc_every=1",
+            "--set",
+            "realloc_rounds=1",
+            "--set",
+            "threads=1",
+            "--data",
+            ds,
+            "--out",
+            run,
+            "--workers",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        lightrnn(&args)
+    };
+    let (code, out, err) = train("epochs=2", &[]);
+    assert_eq!(code, 0, "{err}");
+    let s = json(&out);
+    assert_eq!(s["workers"], 2);
+    assert_eq!(s["epochs_completed"], 2, "{s}");
+    // One reallocation, solved by the coordinator from both ranks' tables.
+    assert_eq!(s["reallocations"], 1, "{s}");
+    assert!(err.contains("allocation solved"), "{err}");
+    // Both epochs' data accounted exactly once, both epoch-end checkpoints committed.
+    assert!(s["tokens_accounted"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["checkpoints_committed"], 2, "{s}");
+    // The run in the bucket resumes through the coordinator with the reallocated model.
+    let (code, out, err) = train("epochs=3", &["--resume"]);
+    assert_eq!(code, 0, "{err}");
+    let s = json(&out);
+    assert_eq!(s["epochs_completed"], 3, "{s}");
+    assert_eq!(s["reallocations"], 0, "{s}");
+    assert!(s["test_ppl"].as_f64().unwrap().is_finite());
+    let (code, out, err) = lightrnn(&["inspect", "--checkpoint", run, "--rows", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alpha") || out.contains("beta"), "{out}");
 }

@@ -95,6 +95,10 @@ pub trait Backend: Send {
     fn state(&self, stream: StreamId) -> Result<Option<State<f32>>>;
     fn set_state(&mut self, stream: StreamId, state: State<f32>) -> Result<()>;
     fn reset_state(&mut self, stream: StreamId);
+    /// This rank's batches are streams `offset..offset + B` of a `global`-stream batch:
+    /// dropout masks follow the global stream index, so the ranks of a data-parallel job
+    /// together draw what one process with the whole batch would. `None`: whole batches.
+    fn set_shard(&mut self, shard: Option<(usize, usize)>) -> Result<()>;
 
     /// Map the batch's words to table ids and targets, load the stream's state.
     fn input_forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()>;
@@ -214,6 +218,9 @@ impl Backend for CpuBackend {
     }
     fn reset_state(&mut self, stream: StreamId) {
         self.engine.reset_state(stream)
+    }
+    fn set_shard(&mut self, shard: Option<(usize, usize)>) -> Result<()> {
+        self.engine.set_shard(shard)
     }
     fn input_forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {
         self.engine.input_forward(batch, pass)

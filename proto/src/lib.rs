@@ -1,2 +1,17 @@
-//! The wire between the coordinator and the workers (gRPC services and messages).
-//! Single-process training needs none of it; the distributed trainer defines it here.
+//! The wire between the coordinator and the workers: the messages and the tonic client
+//! and server of `proto/lightrnn.proto` (package `lightrnn.v1`), generated at build time.
+//! Nothing else lives here; conversions to domain types sit with their users.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("lightrnn.v1");
+}
+
+pub use v1::coordinator_client::CoordinatorClient;
+pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
+
+/// Largest gRPC message either side accepts (table and allocation chunks stay below it).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Bytes of table or allocation data per streamed chunk.
+pub const CHUNK_BYTES: usize = 4 << 20;

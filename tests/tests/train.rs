@@ -259,6 +259,7 @@ fn memory_store_run_and_bad_text() {
         data: data.clone(),
         out: out.clone(),
         resume: false,
+        checkpoint: None,
         backend: lightrnn_kernels::BackendKind::Cpu,
         progress: false,
         allocator: None,

@@ -57,6 +57,25 @@ impl Batches {
         t: usize,
         pos: u64,
     ) -> Result<Self> {
+        Self::streams(reader, handle, b, 0..b, t, pos)
+    }
+
+    /// Streams `range` of the `b` streams the split is cut into (one rank's share of a
+    /// data-parallel batch): the same tokens, in the same order, that those columns of
+    /// [`Batches::new`]'s batches hold; batches are [t + 1, range.len()].
+    pub fn streams(
+        reader: Arc<SplitReader>,
+        handle: Handle,
+        b: usize,
+        range: std::ops::Range<usize>,
+        t: usize,
+        pos: u64,
+    ) -> Result<Self> {
+        if range.is_empty() || range.end > b {
+            return Err(Error::Config(format!(
+                "streams {range:?} of a batch of {b}"
+            )));
+        }
         if b == 0 || t == 0 {
             return Err(Error::Config(format!(
                 "batch {b} and bptt {t} must be positive"
@@ -77,10 +96,11 @@ impl Batches {
         }
         // ~16 MiB of ids per fetch across all streams, whole blocks, at least one batch.
         let bt = reader.manifest().block_tokens;
-        let fetch_tokens = ((4u64 << 20) / b as u64)
+        let fetch_tokens = ((4u64 << 20) / range.len() as u64)
             .clamp(bt, 64 * bt)
             .max(t as u64 + 1);
-        let streams = (0..b as u64)
+        let local = range.len();
+        let streams = (range.start as u64..range.end as u64)
             .map(|k| StreamBuf {
                 start: k * n + pos,
                 data: Vec::new(),
@@ -90,7 +110,7 @@ impl Batches {
         Ok(Self {
             reader,
             handle,
-            b,
+            b: local,
             t,
             n,
             pos,
@@ -281,6 +301,35 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn stream_ranges_are_the_columns_of_the_whole_batch() {
+        let (r, _, rt) = setup(30_011);
+        let (b, t) = (6usize, 9usize);
+        let mut whole = Batches::new(r.clone(), rt.handle().clone(), b, t, 0).unwrap();
+        let mut parts: Vec<Batches> = [0..2, 2..5, 5..6]
+            .into_iter()
+            .map(|g| Batches::streams(r.clone(), rt.handle().clone(), b, g, t, 0).unwrap())
+            .collect();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        while let Some(tt) = whole.next_batch(&mut x).unwrap() {
+            let mut col = 0;
+            for p in &mut parts {
+                assert_eq!(p.next_batch(&mut y).unwrap(), Some(tt));
+                let w = y.len() / (tt + 1);
+                for k in 0..=tt {
+                    assert_eq!(y[k * w..(k + 1) * w], x[k * b + col..k * b + col + w]);
+                }
+                col += w;
+            }
+        }
+        assert!(
+            parts
+                .iter_mut()
+                .all(|p| p.next_batch(&mut y).unwrap().is_none())
+        );
+        assert!(Batches::streams(r, rt.handle().clone(), b, 4..7, t, 0).is_err());
     }
 
     #[test]

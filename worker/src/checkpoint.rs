@@ -150,6 +150,13 @@ fn serialize(
 
 /// Write a checkpoint into `dir` (objects first, `meta.json` last).
 pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
+    let meta = write_objects(dir, req).await?;
+    commit(dir, &meta).await
+}
+
+/// Write every object of a checkpoint but its manifest; returns the manifest listing them
+/// (for [`commit`], here or by the coordinator).
+pub async fn write_objects(dir: &Location, req: SaveRequest<'_>) -> Result<Meta> {
     let url = dir.url().to_string();
     let d = req.layout.dims;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = req
@@ -221,7 +228,29 @@ pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
         });
         dir.put(name, Bytes::from(bytes)).await?;
     }
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| st_err(&url, e))?;
+    Ok(meta)
+}
+
+/// Make the checkpoint in `dir` exist: check that every object the manifest lists is
+/// there with its size, then write `meta.json`.
+pub async fn commit(dir: &Location, meta: &Meta) -> Result<()> {
+    let url = dir.url().to_string();
+    for f in &meta.files {
+        match dir.head(&f.name).await? {
+            Some(m) if m.size == f.bytes => {}
+            Some(m) => {
+                return Err(st_err(
+                    &url,
+                    format!(
+                        "{} holds {} bytes, the manifest says {}",
+                        f.name, m.size, f.bytes
+                    ),
+                ));
+            }
+            None => return Err(st_err(&url, format!("{} is missing", f.name))),
+        }
+    }
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| st_err(&url, e))?;
     dir.put(META, Bytes::from(json)).await
 }
 

@@ -30,6 +30,40 @@ pub trait Collective: Send {
         let mut x = [0.0f32];
         self.all_reduce_sum(&mut x)
     }
+    /// Element-wise f64 sum (loss sums, word counts): every rank's values are broadcast
+    /// bit-exactly and summed in rank order, so all ranks get the same bits. Meant for
+    /// short vectors (one broadcast per rank).
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let mut total = vec![0f64; buf.len()];
+        let mut bits = vec![0f32; 2 * buf.len()];
+        for root in 0..self.world() {
+            if root == self.rank() {
+                for (k, x) in buf.iter().enumerate() {
+                    let u = x.to_bits();
+                    bits[2 * k] = f32::from_bits(u as u32);
+                    bits[2 * k + 1] = f32::from_bits((u >> 32) as u32);
+                }
+            }
+            self.broadcast(&mut bits, root)?;
+            for (k, t) in total.iter_mut().enumerate() {
+                let u = bits[2 * k].to_bits() as u64 | ((bits[2 * k + 1].to_bits() as u64) << 32);
+                *t += f64::from_bits(u);
+            }
+        }
+        buf.copy_from_slice(&total);
+        Ok(())
+    }
+}
+
+/// Rank `rank`'s share of `n` items (streams of a batch) split over `world` ranks as
+/// evenly as possible: the first `n % world` ranks take one more.
+pub fn share(n: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (n / world.max(1), n % world.max(1));
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
 }
 
 /// A job of one rank: every collective is the identity.
@@ -333,6 +367,18 @@ mod tests {
                             };
                             ring.broadcast(&mut b, world - 1).unwrap();
                             ring.barrier().unwrap();
+                            // f64 sums are exact for these values and identical everywhere.
+                            let mut f = [r as f64 + 0.25, 1e300, -(r as f64)];
+                            ring.all_reduce_sum_f64(&mut f).unwrap();
+                            let w = world as f64;
+                            assert_eq!(
+                                f,
+                                [
+                                    w * (w - 1.0) / 2.0 + 0.25 * w,
+                                    1e300 * w,
+                                    -w * (w - 1.0) / 2.0
+                                ]
+                            );
                             (buf, b)
                         })
                     })
@@ -352,6 +398,20 @@ mod tests {
                 );
                 assert_eq!(b, &data(99));
             }
+        }
+    }
+
+    #[test]
+    fn shares_cover_every_item_once() {
+        for (n, w) in [(20, 2), (10, 3), (5, 5), (7, 4)] {
+            let mut next = 0;
+            for r in 0..w {
+                let s = share(n, w, r);
+                assert_eq!(s.start, next);
+                assert!(s.len() == n / w || s.len() == n / w + 1);
+                next = s.end;
+            }
+            assert_eq!(next, n);
         }
     }
 

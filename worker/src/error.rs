@@ -35,6 +35,9 @@ pub enum Error {
     /// A peer or a connection between ranks failed (collectives).
     #[error("{0}")]
     Io(String),
+    /// The coordinator refused a request, could not be reached, or ended the job.
+    #[error("coordinator: {0}")]
+    Control(String),
 }
 
 impl Error {
@@ -51,7 +54,8 @@ impl Error {
                     | object_store::Error::NotImplemented { .. }
                     | object_store::Error::UnknownConfigurationKey { .. }
             ),
-            Error::Task(_) => true,
+            // A lost peer or coordinator: a re-formed group may go on.
+            Error::Task(_) | Error::Io(_) | Error::Control(_) => true,
             _ => false,
         }
     }

@@ -61,7 +61,14 @@ pub fn eval_file(
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let b = batch.unwrap_or(cfg.eval_batch);
-    let (loss, words) = evaluate(&mut *be, &split, b, cfg.bptt, handle)?;
+    let (loss, words) = evaluate(
+        &mut *be,
+        &split,
+        b,
+        cfg.bptt,
+        handle,
+        &mut crate::collective::Single,
+    )?;
     Ok(EvalReport {
         ppl: loss.exp(),
         loss,

@@ -12,6 +12,7 @@
 pub mod batches;
 pub mod bench;
 pub mod checkpoint;
+pub mod cluster;
 pub mod collective;
 pub mod config;
 pub mod corpus;
@@ -20,6 +21,7 @@ mod error;
 pub mod eval;
 pub mod npy;
 pub mod realloc;
+pub mod remote;
 pub mod shards;
 pub mod store;
 pub mod text;

@@ -14,12 +14,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::{Backend, Batch, LossTables, ParamLayout, StreamId};
 
 use crate::batches::Batches;
+use crate::cluster::Dist;
+use crate::collective::share;
 use crate::shards::SplitReader;
 use crate::train::evaluate;
 use crate::{Error, Result};
@@ -39,23 +41,25 @@ pub trait Allocate: Send + Sync {
     fn allocate(&self, tables: &LossTables, current: &[u32]) -> Result<Allocation>;
 }
 
-/// One forward pass (no dropout) over `split` in `batch` streams of `bptt` steps,
-/// accumulating the loss tables. Returns them and the mean loss per word.
+/// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
+/// streams of `bptt` steps (all of them, or one rank's share), accumulating the loss
+/// tables. Returns them, the summed loss and the words predicted.
 pub fn loss_tables(
     backend: &mut dyn Backend,
     split: &Arc<SplitReader>,
     batch: usize,
+    streams: std::ops::Range<usize>,
     bptt: usize,
     max_bytes: u64,
     handle: &Handle,
-) -> Result<(LossTables, f64)> {
+) -> Result<(LossTables, f64, u64)> {
     let mut tables = LossTables::new(&backend.dims(), max_bytes)?;
     backend.reset_state(TABLE_STREAM);
-    let mut batches = Batches::new(split.clone(), handle.clone(), batch, bptt, 0)?;
+    let b = streams.len();
+    let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
     let mut buf = Vec::new();
     let (mut total, mut words) = (0.0, 0u64);
     while let Some(t) = batches.next_batch(&mut buf)? {
-        let b = batch;
         let bt = Batch {
             inputs: &buf[..t * b],
             targets: &buf[b..],
@@ -68,7 +72,7 @@ pub fn loss_tables(
         words += l.words;
     }
     backend.reset_state(TABLE_STREAM);
-    Ok((tables, total / words.max(1) as f64))
+    Ok((tables, total, words))
 }
 
 /// Which vectors follow the words.
@@ -156,7 +160,7 @@ pub fn carry_vectors(
 }
 
 /// What one reallocation did (a metrics line).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub solver: String,
     /// Mean training loss per word under the old allocation (the table pass).
@@ -177,7 +181,7 @@ pub struct Report {
 }
 
 /// Options of one reallocation.
-pub struct ReallocOptions<'a> {
+pub struct ReallocOptions {
     pub batch: usize,
     pub bptt: usize,
     pub max_table_bytes: u64,
@@ -187,44 +191,47 @@ pub struct ReallocOptions<'a> {
     /// Nats per occurrence charged for changing a word's row, and again for changing its
     /// column: only words whose predicted gain exceeds it move.
     pub move_cost: f64,
-    pub allocator: &'a dyn Allocate,
 }
 
-/// Loss tables -> new allocation -> vectors carried -> model updated.
-pub fn reallocate(
-    backend: &mut dyn Backend,
-    train: &Arc<SplitReader>,
-    o: &ReallocOptions<'_>,
-    handle: &Handle,
-) -> Result<Report> {
-    let t0 = Instant::now();
-    let (tables, loss_before) =
-        loss_tables(backend, train, o.batch, o.bptt, o.max_table_bytes, handle)?;
-    let seconds_tables = t0.elapsed().as_secs_f64();
-    let old = backend.allocation()?;
+/// A solved allocation with what applying it needs (the global word counts) and its report.
+#[derive(Clone, Debug)]
+pub struct Solved {
+    pub cells: Vec<u32>,
+    pub counts: Vec<u64>,
+    pub report: Report,
+}
+
+/// The central step: the summed loss tables of all ranks -> a new allocation (kept as is
+/// when the solver finds nothing better) and its figures. Runs wherever the tables are:
+/// in the process of a single-rank run, on the coordinator for a distributed one.
+pub fn solve(
+    tables: &LossTables,
+    old: &[u32],
+    move_cost: f64,
+    allocator: &dyn Allocate,
+) -> Result<Solved> {
     let t1 = Instant::now();
     // Keeping the row keeps the row vectors, keeping the column the column vectors: the
     // cost of moving is separable, a discount on the current row and column.
-    let discounted = (o.move_cost > 0.0).then(|| {
+    let discounted = (move_cost > 0.0).then(|| {
         let mut t = tables.clone();
         for (w, &cell) in old.iter().enumerate() {
             let (i, j) = (cell as usize / t.cols, cell as usize % t.cols);
-            let d = (o.move_cost * t.counts[w] as f64) as f32;
+            let d = (move_cost * t.counts[w] as f64) as f32;
             t.lr[w * t.rows + i] -= d;
             t.lc[w * t.cols + j] -= d;
         }
         t
     });
-    let solve_on = discounted.as_ref().unwrap_or(&tables);
-    let mut a = o.allocator.allocate(solve_on, &old)?;
+    let solve_on = discounted.as_ref().unwrap_or(tables);
+    let mut a = allocator.allocate(solve_on, old)?;
     // A heuristic solver can return something worse than where the words are: keep them.
-    let kept = solve_on.cost(&a.cells) >= solve_on.cost(&old);
+    let kept = solve_on.cost(&a.cells) >= solve_on.cost(old);
     if kept {
-        a.cells = old.clone();
+        a.cells = old.to_vec();
     }
     drop(discounted);
     let seconds_solve = t1.elapsed().as_secs_f64();
-    lightrnn_kernels::cpu::check_allocation(&backend.dims(), &a.cells)?;
     let words: f64 = tables.counts.iter().sum::<u64>().max(1) as f64;
     let lower: f64 = (0..tables.vocab)
         .map(|w| {
@@ -237,33 +244,83 @@ pub fn reallocate(
             r as f64 + c as f64
         })
         .sum();
-    let mut report = Report {
+    let report = Report {
         solver: a.solver.clone(),
-        train_loss_before: loss_before,
-        objective_before: tables.cost(&old) / words,
+        train_loss_before: tables.cost(old) / words,
+        objective_before: tables.cost(old) / words,
         objective_after: tables.cost(&a.cells) / words,
         lower_bound: lower / words,
         words_moved: old.iter().zip(&a.cells).filter(|(x, y)| x != y).count(),
         train_loss_after: None,
-        seconds_tables,
+        seconds_tables: 0.0,
         seconds_solve,
         kept_current: kept,
         stats: a.stats,
     };
+    Ok(Solved {
+        cells: a.cells,
+        counts: tables.counts.clone(),
+        report,
+    })
+}
+
+/// Loss tables (this rank's streams) -> allocation solved over all ranks' tables (by
+/// `control`) -> vectors carried -> model updated, identically on every rank.
+pub fn reallocate(
+    backend: &mut dyn Backend,
+    train: &Arc<SplitReader>,
+    o: &ReallocOptions,
+    handle: &Handle,
+    dist: &mut Dist,
+    round: u64,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let streams = share(o.batch, dist.world(), dist.rank());
+    let (tables, total, words) = loss_tables(
+        backend,
+        train,
+        o.batch,
+        streams,
+        o.bptt,
+        o.max_table_bytes,
+        handle,
+    )?;
+    let mut sums = [total, words as f64];
+    dist.collective.all_reduce_sum_f64(&mut sums)?;
+    let seconds_tables = t0.elapsed().as_secs_f64();
+    let old = backend.allocation()?;
+    let solved = dist.control.allocate(round, tables, &old, o.move_cost)?;
+    lightrnn_kernels::cpu::check_allocation(&backend.dims(), &solved.cells)?;
+    if solved.counts.len() != old.len() {
+        return Err(Error::Data(format!(
+            "the allocation came with {} word counts for {} words",
+            solved.counts.len(),
+            old.len()
+        )));
+    }
+    let mut report = solved.report;
+    report.train_loss_before = sums[0] / sums[1].max(1.0);
+    report.seconds_tables = seconds_tables;
     let mut params = backend.params()?;
     carry_vectors(
         backend.layout(),
         &mut params,
         &old,
-        &a.cells,
-        &tables.counts,
+        &solved.cells,
+        &solved.counts,
         o.carry,
     )?;
-    drop(tables);
     backend.set_params(&params)?;
-    backend.set_allocation(&a.cells)?;
+    backend.set_allocation(&solved.cells)?;
     if o.check {
-        let (l, _) = evaluate(backend, train, o.batch, o.bptt, handle)?;
+        let (l, _) = evaluate(
+            backend,
+            train,
+            o.batch,
+            o.bptt,
+            handle,
+            &mut *dist.collective,
+        )?;
         report.train_loss_after = Some(l);
     }
     Ok(report)

@@ -19,6 +19,8 @@ use lightrnn_kernels::{Backend, Batch, ModelDims, StreamId};
 
 use crate::batches::Batches;
 use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
+use crate::cluster::{Dist, gather_state, params_checksum, slice_state};
+use crate::collective::{Collective, share};
 use crate::config::TrainConfig;
 use crate::dataset::{Dataset, PrepareOptions};
 use crate::realloc::{Allocate, Carry, ReallocOptions};
@@ -40,6 +42,9 @@ pub struct RunOptions {
     pub out: Location,
     /// Continue from the newest checkpoint in `out` (start fresh when there is none).
     pub resume: bool,
+    /// Continue from exactly this checkpoint (the coordinator resolves it once for all
+    /// ranks); overrides `resume`.
+    pub checkpoint: Option<Location>,
     pub backend: BackendKind,
     /// Draw a progress bar (a terminal); otherwise log lines every `log_every` steps.
     pub progress: bool,
@@ -53,6 +58,7 @@ impl std::fmt::Debug for RunOptions {
             .field("data", &self.data)
             .field("out", &self.out)
             .field("resume", &self.resume)
+            .field("checkpoint", &self.checkpoint)
             .field("backend", &self.backend)
             .field("allocator", &self.allocator.is_some())
             .finish()
@@ -81,8 +87,19 @@ pub struct Summary {
     pub stopped_by: String,
     pub vocab_size: usize,
     pub backend: String,
+    /// Ranks that trained (data-parallel).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Seconds rank 0's training thread spent in calls to the coordinator (0 when it ran
+    /// alone).
+    #[serde(default)]
+    pub control_seconds: f64,
     pub config: TrainConfig,
     pub history: Vec<EpochRecord>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn ppl(loss: f64) -> f64 {
@@ -122,6 +139,8 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
 /// metrics.jsonl, rewritten whole (object stores have no append) at most every few seconds.
 struct Metrics {
     out: Location,
+    /// Only rank 0 writes.
+    enabled: bool,
     lines: Vec<String>,
     dirty: bool,
     last_flush: Instant,
@@ -130,9 +149,10 @@ struct Metrics {
 const METRICS: &str = "metrics.jsonl";
 
 impl Metrics {
-    async fn open(out: &Location, resume_step: Option<u64>) -> Result<Self> {
+    async fn open(out: &Location, resume_step: Option<u64>, enabled: bool) -> Result<Self> {
         let mut lines = Vec::new();
-        if let Some(step) = resume_step
+        if enabled
+            && let Some(step) = resume_step
             && let Ok(b) = out.get(METRICS).await
         {
             for l in String::from_utf8_lossy(&b).lines() {
@@ -147,6 +167,7 @@ impl Metrics {
         }
         Ok(Self {
             out: out.clone(),
+            enabled,
             lines,
             dirty: true,
             last_flush: Instant::now(),
@@ -159,7 +180,7 @@ impl Metrics {
     }
 
     async fn flush(&mut self, force: bool) -> Result<()> {
-        if self.dirty && (force || self.last_flush.elapsed().as_secs() >= 10) {
+        if self.enabled && self.dirty && (force || self.last_flush.elapsed().as_secs() >= 10) {
             let mut s = self.lines.join("\n");
             s.push('\n');
             self.out.put(METRICS, Bytes::from(s)).await?;
@@ -170,20 +191,23 @@ impl Metrics {
     }
 }
 
-/// Mean loss per word over a split (fresh state, no dropout).
+/// Mean loss per word over a split (fresh state, no dropout), in `eval_batch` streams
+/// shared out over the ranks of `coll`; every rank gets the same result.
 pub fn evaluate(
     backend: &mut dyn Backend,
     split: &Arc<SplitReader>,
     eval_batch: usize,
     bptt: usize,
     handle: &Handle,
+    coll: &mut dyn Collective,
 ) -> Result<(f64, u64)> {
     backend.reset_state(EVAL_STREAM);
-    let mut batches = Batches::new(split.clone(), handle.clone(), eval_batch, bptt, 0)?;
+    let mine = share(eval_batch, coll.world(), coll.rank());
+    let b = mine.len();
+    let mut batches = Batches::streams(split.clone(), handle.clone(), eval_batch, mine, bptt, 0)?;
     let mut buf = Vec::new();
     let (mut total, mut words) = (0.0, 0u64);
     while let Some(t) = batches.next_batch(&mut buf)? {
-        let b = eval_batch;
         let batch = Batch {
             inputs: &buf[..t * b],
             targets: &buf[b..],
@@ -196,7 +220,9 @@ pub fn evaluate(
         words += l.words;
     }
     backend.reset_state(EVAL_STREAM);
-    Ok((total / words.max(1) as f64, words))
+    let mut sums = [total, words as f64];
+    coll.all_reduce_sum_f64(&mut sums)?;
+    Ok((sums[0] / sums[1].max(1.0), sums[1] as u64))
 }
 
 struct Progress {
@@ -248,9 +274,51 @@ struct LoopState {
     history: Vec<EpochRecord>,
 }
 
-/// Train a LightRNN model as `cfg` says; blocking.
+/// Running (loss, words, seconds) of the steps since the last log line. Each rank sums
+/// its own streams; [`Window::reduce`] turns them into the job's figures.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    words: u64,
+    secs: f64,
+}
+
+impl Window {
+    /// The job's (loss sum, words) of the window, summed over the ranks; resets it.
+    fn reduce(&mut self, coll: &mut dyn Collective) -> Result<(f64, u64)> {
+        let mut s = [self.loss, self.words as f64];
+        coll.all_reduce_sum_f64(&mut s)?;
+        self.loss = 0.0;
+        self.words = 0;
+        Ok((s[0], s[1] as u64))
+    }
+}
+
+/// Train a LightRNN model as `cfg` says in this process alone; blocking.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Summary> {
+    let mut dist = Dist::local(opts.allocator.clone(), handle.clone());
+    train_rank(cfg, opts, handle, &mut dist)
+}
+
+/// Train as one rank of a data-parallel job (`dist`): every rank runs this with the same
+/// config; rank `r` trains on its share of the global batch's streams, gradients are
+/// summed through the collective, so all ranks apply identical updates. Rank 0 writes the
+/// run's objects (metrics, best model, checkpoint objects, summary). Blocking.
+pub fn train_rank(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    handle: &Handle,
+    dist: &mut Dist,
+) -> Result<Summary> {
     cfg.validate()?;
+    let (rank, world) = (dist.rank(), dist.world());
+    let leader = dist.is_leader();
+    if !cfg.batch.is_multiple_of(world) || cfg.eval_batch < world {
+        return Err(Error::Config(format!(
+            "batch {} must split evenly over {world} ranks, and eval_batch {} must give each at least one stream",
+            cfg.batch, cfg.eval_batch
+        )));
+    }
     let started = Instant::now();
     let prep = PrepareOptions {
         text: cfg.text_options(),
@@ -270,7 +338,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         test = ds.test.tokens(),
         "dataset ready"
     );
-    let resume = if opts.resume {
+    let resume = if let Some(dir) = &opts.checkpoint {
+        Some(handle.block_on(checkpoint::load(dir))?)
+    } else if opts.resume {
         handle.block_on(checkpoint::newest(&opts.out))?
     } else {
         if let Some((step, dir)) = handle
@@ -309,6 +379,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         history: Vec::new(),
     };
     let mut cursor = 0u64;
+    // The whole batch's carried state of a resumed run; each rank takes its streams.
+    let mut resume_state = None;
     if let Some(ck) = &resume {
         check_resumable(&ck.meta.config, cfg)?;
         if ck.meta.vocab_sha256 != vocab.sha256() || ck.meta.dims != dims {
@@ -322,9 +394,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         if let Some(o) = &ck.optimizer {
             backend.set_optimizer_state(o.clone())?;
         }
-        if let Some(s) = &ck.state {
-            backend.set_state(TRAIN_STREAM, s.clone())?;
-        }
+        resume_state = ck.state.clone();
         let m = &ck.meta;
         st = LoopState {
             step: m.step,
@@ -350,23 +420,30 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         tracing::info!(out = %opts.out, "no checkpoint to resume from: starting a new run");
     }
     drop(resume);
-    handle.block_on(opts.out.put("config.toml", Bytes::from(cfg.to_toml())))?;
-    let mut metrics =
-        handle.block_on(Metrics::open(&opts.out, (st.step > 0).then_some(st.step)))?;
-    tracing::info!(backend = %backend.name(), params = n_params, dims = ?dims, "model ready");
+    if leader {
+        handle.block_on(opts.out.put("config.toml", Bytes::from(cfg.to_toml())))?;
+    }
+    let mut metrics = handle.block_on(Metrics::open(
+        &opts.out,
+        (st.step > 0).then_some(st.step),
+        leader,
+    ))?;
+    tracing::info!(backend = %backend.name(), params = n_params, dims = ?dims, rank, world, "model ready");
 
+    // The global batch; this rank's streams come from the epoch's lease.
     let b = cfg.batch;
     let mut buf = Vec::new();
     let mut stopped_by = "epochs";
     let mut session_words = 0u64;
     let mut session_train_secs = 0.0f64;
-    let (mut win_loss, mut win_words, mut win_secs) = (0.0f64, 0u64, 0.0f64);
+    let mut win = Window::default();
     let save = |backend: &dyn Backend,
                 st: &LoopState,
                 cursor: u64,
                 dir: &Location,
+                state: Option<&lightrnn_kernels::State<f32>>,
                 with_train_state: bool|
-     -> Result<()> {
+     -> Result<Meta> {
         let meta = Meta {
             format: checkpoint::FORMAT.into(),
             version: 1,
@@ -396,11 +473,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         } else {
             None
         };
-        let state = if with_train_state {
-            backend.state(TRAIN_STREAM)?
-        } else {
-            None
-        };
         let req = SaveRequest {
             meta,
             vocab: &vocab,
@@ -408,19 +480,41 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             params: &params,
             cells: &cells,
             optimizer: opt.as_ref(),
-            state: state.as_ref(),
+            state,
         };
-        handle.block_on(checkpoint::save(dir, req))
+        handle.block_on(checkpoint::write_objects(dir, req))
     };
-    let checkpoint_now = |backend: &dyn Backend, st: &LoopState, cursor: u64| -> Result<()> {
+    // Every rank calls this at the same step: the state is gathered from all ranks, rank 0
+    // writes the objects, the job's owner commits the manifest once all ranks are there.
+    let checkpoint_now = |backend: &dyn Backend,
+                          st: &LoopState,
+                          cursor: u64,
+                          dist: &mut Dist|
+     -> Result<()> {
         let t = Instant::now();
         let dir = opts
             .out
             .join("checkpoints")
             .join(&checkpoint::dir_name(st.step));
-        save(backend, st, cursor, &dir, true)?;
-        handle.block_on(checkpoint::prune(&opts.out, cfg.keep_checkpoints))?;
-        tracing::info!(step = st.step, dir = %dir, seconds = t.elapsed().as_secs_f64(), "checkpoint written");
+        let local = backend.state(TRAIN_STREAM)?;
+        let state = gather_state(
+            &mut *dist.collective,
+            local.as_ref(),
+            b,
+            dims.layers,
+            dims.hidden,
+        )?;
+        let meta = if leader {
+            Some(save(backend, st, cursor, &dir, state.as_ref(), true)?)
+        } else {
+            None
+        };
+        let sum = params_checksum(&backend.params()?);
+        dist.control.commit(st.step, &dir, meta.as_ref(), &sum)?;
+        if leader {
+            handle.block_on(checkpoint::prune(&opts.out, cfg.keep_checkpoints))?;
+            tracing::info!(step = st.step, dir = %dir, seconds = t.elapsed().as_secs_f64(), "checkpoint written");
+        }
         Ok(())
     };
 
@@ -428,22 +522,46 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         if cfg.epochs > 0 && st.epoch >= cfg.epochs {
             break;
         }
-        let mut batches = Batches::new(ds.train.clone(), handle.clone(), b, cfg.bptt, cursor)?;
+        let leased = dist.control.lease(st.epoch, b, cursor)?;
+        if leased.len() * world != b {
+            return Err(Error::Config(format!(
+                "leased streams {leased:?} are not a 1/{world} share of the batch of {b}"
+            )));
+        }
+        let mine = leased;
+        if world > 1 {
+            backend.set_shard(Some((mine.start, b)))?;
+        }
+        let mut batches = Batches::streams(
+            ds.train.clone(),
+            handle.clone(),
+            b,
+            mine.clone(),
+            cfg.bptt,
+            cursor,
+        )?;
         if cursor == 0 {
             backend.reset_state(TRAIN_STREAM);
+        }
+        if let Some(gs) = resume_state.take() {
+            backend.set_state(
+                TRAIN_STREAM,
+                slice_state(&gs, mine.clone(), dims.layers, dims.hidden)?,
+            )?;
         }
         if let Some(lr) = cfg.scheduled_lr(st.epoch) {
             st.lr = lr;
         }
         let per_pass = batches.steps_per_pass();
         let bar = Progress::new(
-            opts.progress,
+            opts.progress && leader,
             per_pass,
             cursor.div_ceil(cfg.bptt as u64),
             st.epoch,
             cfg.epochs,
         );
         let mut pass_step = cursor.div_ceil(cfg.bptt as u64);
+        let epoch_cursor0 = cursor;
         let epoch_t0 = Instant::now();
         let mut epoch_train_secs = 0.0;
         loop {
@@ -451,24 +569,32 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             let Some(t) = batches.next_batch(&mut buf)? else {
                 break;
             };
+            let bl = mine.len();
             let batch = Batch {
-                inputs: &buf[..t * b],
-                targets: &buf[b..],
+                inputs: &buf[..t * bl],
+                targets: &buf[bl..],
                 steps: t,
-                batch: b,
+                batch: bl,
                 stream: TRAIN_STREAM,
             };
+            // Gradients of the mean over the whole batch's words: each rank scales its
+            // sum by the global count, so the all-reduced sum is the global mean.
             let words = (t * b) as u64;
             let loss = backend.train_step(&batch, st.step, 1.0 / words as f32)?;
-            if !loss.total().is_finite() {
+            if world > 1 {
+                dist.collective.all_reduce_sum(backend.grads_flat_mut()?)?;
+            }
+            let norm = backend.grad_norm()?;
+            // The norm is the same on every rank (and NaN wherever a rank's loss is not
+            // finite), so all ranks stop together.
+            if !norm.is_finite() || !loss.total().is_finite() {
                 return Err(Error::Diverged(format!(
-                    "training loss is {} at step {} (lr {}): lower lr or clip",
+                    "training loss is {} (gradient norm {norm}) at step {} (lr {}): lower lr or clip",
                     loss.total(),
                     st.step + 1,
                     st.lr
                 )));
             }
-            let norm = backend.grad_norm()?;
             backend.optimizer_step(&rule, st.lr, clip_coefficient(norm, cfg.clip))?;
             st.step += 1;
             pass_step += 1;
@@ -477,24 +603,28 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             epoch_train_secs += dt;
             session_train_secs += dt;
             session_words += words;
-            st.epoch_loss_sum += loss.total();
-            st.epoch_words += words;
-            win_loss += loss.total();
-            win_words += words;
-            win_secs += dt;
+            win.loss += loss.total();
+            win.words += loss.words;
+            win.secs += dt;
+            dist.control
+                .progress(st.step, st.epoch, batches.position())?;
             if st.step.is_multiple_of(cfg.log_every) {
-                let l = win_loss / win_words as f64;
-                let wps = win_words as f64 / win_secs.max(1e-9);
+                let (wl, ww) = win.reduce(&mut *dist.collective)?;
+                st.epoch_loss_sum += wl;
+                st.epoch_words += ww;
+                let l = wl / ww.max(1) as f64;
+                let wps = ww as f64 / win.secs.max(1e-9);
+                win.secs = 0.0;
                 metrics.push(serde_json::json!({
                     "kind": "train", "step": st.step, "epoch": st.epoch + 1, "loss": l, "ppl": ppl(l),
                     "words_per_sec": wps, "lr": st.lr, "grad_norm": norm, "seconds": st.train_seconds,
                 }));
-                if opts.progress {
+                if opts.progress && leader {
                     bar.update(
                         pass_step,
                         format!("loss {l:.3} ppl {:.1} {:.0} w/s lr {}", ppl(l), wps, st.lr),
                     );
-                } else {
+                } else if leader {
                     tracing::info!(
                         step = st.step,
                         epoch = st.epoch + 1,
@@ -507,14 +637,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
                     );
                 }
                 handle.block_on(metrics.flush(false))?;
-                (win_loss, win_words, win_secs) = (0.0, 0, 0.0);
             } else if opts.progress && pass_step.is_multiple_of(10) {
                 bar.update(pass_step, String::new());
             }
             let at_limit = cfg.max_steps > 0 && st.step >= cfg.max_steps;
             if cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every) && !at_limit
             {
-                checkpoint_now(&*backend, &st, batches.position())?;
+                let (wl, ww) = win.reduce(&mut *dist.collective)?;
+                st.epoch_loss_sum += wl;
+                st.epoch_words += ww;
+                checkpoint_now(&*backend, &st, batches.position(), dist)?;
             }
             if at_limit {
                 stopped_by = "max_steps";
@@ -524,8 +656,21 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             }
         }
         bar.finish();
+        let (wl, ww) = win.reduce(&mut *dist.collective)?;
+        st.epoch_loss_sum += wl;
+        st.epoch_words += ww;
+        // Every rank has consumed its lease: (positions moved) x (its streams).
+        let consumed = (batches.position() - epoch_cursor0) * mine.len() as u64;
+        dist.control.epoch_done(st.epoch, consumed)?;
         // End of epoch: validation, learning-rate schedule, best model, checkpoint.
-        let (vl, _) = evaluate(&mut *backend, &ds.valid, cfg.eval_batch, cfg.bptt, handle)?;
+        let (vl, _) = evaluate(
+            &mut *backend,
+            &ds.valid,
+            cfg.eval_batch,
+            cfg.bptt,
+            handle,
+            &mut *dist.collective,
+        )?;
         let train_loss = st.epoch_loss_sum / st.epoch_words.max(1) as f64;
         let rec = EpochRecord {
             epoch: st.epoch + 1,
@@ -536,14 +681,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             valid_ppl: ppl(vl),
             seconds: epoch_t0.elapsed().as_secs_f64(),
         };
-        tracing::info!(
-            epoch = rec.epoch,
-            train_ppl = format!("{:.2}", ppl(train_loss)),
-            valid_ppl = format!("{:.2}", rec.valid_ppl),
-            lr = st.lr,
-            words_per_sec = format!("{:.0}", st.epoch_words as f64 / epoch_train_secs.max(1e-9)),
-            "epoch done"
-        );
+        if leader {
+            tracing::info!(
+                epoch = rec.epoch,
+                train_ppl = format!("{:.2}", ppl(train_loss)),
+                valid_ppl = format!("{:.2}", rec.valid_ppl),
+                lr = st.lr,
+                words_per_sec =
+                    format!("{:.0}", st.epoch_words as f64 / epoch_train_secs.max(1e-9)),
+                "epoch done"
+            );
+        }
         metrics.push(serde_json::json!({
             "kind": "valid", "step": st.step, "epoch": rec.epoch, "loss": vl, "ppl": rec.valid_ppl,
             "train_loss": train_loss, "lr": st.lr, "seconds": st.train_seconds,
@@ -553,16 +701,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
             st.best_valid_loss = Some(vl);
             st.best_params = Some(backend.params()?);
             st.best_cells = Some(backend.allocation()?);
-            save(&*backend, &st, 0, &opts.out.join("best"), false)?;
+            if leader {
+                let dir = opts.out.join("best");
+                let meta = save(&*backend, &st, 0, &dir, None, false)?;
+                handle.block_on(checkpoint::commit(&dir, &meta))?;
+            }
         } else if cfg.lr_schedule.is_empty() {
             st.lr /= cfg.lr_decay;
         }
         if cfg.realloc_after(st.epoch + 1, st.reallocations) {
-            let allocator = opts.allocator.as_deref().ok_or_else(|| {
-                Error::Config(
-                    "realloc_every is set but this program provides no word allocator".into(),
-                )
-            })?;
             let ro = ReallocOptions {
                 batch: b,
                 bptt: cfg.bptt,
@@ -570,21 +717,29 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
                 carry: cfg.realloc_carry.parse::<Carry>()?,
                 check: cfg.realloc_check,
                 move_cost: cfg.realloc_move_cost,
-                allocator,
             };
-            let rep = crate::realloc::reallocate(&mut *backend, &ds.train, &ro, handle)?;
+            let rep = crate::realloc::reallocate(
+                &mut *backend,
+                &ds.train,
+                &ro,
+                handle,
+                dist,
+                st.reallocations + 1,
+            )?;
             st.reallocations += 1;
-            tracing::info!(
-                epoch = st.epoch + 1,
-                solver = %rep.solver,
-                objective_before = format!("{:.4}", rep.objective_before),
-                objective_after = format!("{:.4}", rep.objective_after),
-                lower_bound = format!("{:.4}", rep.lower_bound),
-                words_moved = rep.words_moved,
-                train_loss_after = ?rep.train_loss_after,
-                seconds = format!("{:.1}", rep.seconds_tables + rep.seconds_solve),
-                "reallocated"
-            );
+            if leader {
+                tracing::info!(
+                    epoch = st.epoch + 1,
+                    solver = %rep.solver,
+                    objective_before = format!("{:.4}", rep.objective_before),
+                    objective_after = format!("{:.4}", rep.objective_after),
+                    lower_bound = format!("{:.4}", rep.lower_bound),
+                    words_moved = rep.words_moved,
+                    train_loss_after = ?rep.train_loss_after,
+                    seconds = format!("{:.1}", rep.seconds_tables + rep.seconds_solve),
+                    "reallocated"
+                );
+            }
             let mut line = serde_json::to_value(&rep).map_err(|e| Error::Data(e.to_string()))?;
             if let Some(o) = line.as_object_mut() {
                 o.insert("kind".into(), "realloc".into());
@@ -598,7 +753,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         st.epoch_loss_sum = 0.0;
         st.epoch_words = 0;
         cursor = 0;
-        checkpoint_now(&*backend, &st, 0)?;
+        checkpoint_now(&*backend, &st, 0, dist)?;
         handle.block_on(metrics.flush(true))?;
         if cfg.max_steps > 0 && st.step >= cfg.max_steps {
             stopped_by = "max_steps";
@@ -609,6 +764,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     // Stopped inside an epoch: keep a checkpoint to continue from, and validate where we
     // are for the report. That validation does not enter the run's state (best model, lr
     // schedule), so stopping and resuming trains exactly as an uninterrupted run.
+    let (wl, ww) = win.reduce(&mut *dist.collective)?;
+    st.epoch_loss_sum += wl;
+    st.epoch_words += ww;
     let epochs_completed = st.history.len() as u64;
     let partial = stopped_by == "max_steps" && st.epoch_words > 0;
     let train_loss = if st.epoch_words > 0 {
@@ -619,8 +777,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
     let mut valid_loss = st.best_valid_loss.unwrap_or(f64::INFINITY);
     let mut test_params = st.best_params.take().zip(st.best_cells.take());
     if partial {
-        checkpoint_now(&*backend, &st, cursor)?;
-        let (vl, _) = evaluate(&mut *backend, &ds.valid, cfg.eval_batch, cfg.bptt, handle)?;
+        checkpoint_now(&*backend, &st, cursor, dist)?;
+        let (vl, _) = evaluate(
+            &mut *backend,
+            &ds.valid,
+            cfg.eval_batch,
+            cfg.bptt,
+            handle,
+            &mut *dist.collective,
+        )?;
         metrics.push(serde_json::json!({
             "kind": "valid", "step": st.step, "epoch": st.epoch + 1, "loss": vl, "ppl": ppl(vl),
             "train_loss": train_loss, "lr": st.lr, "seconds": st.train_seconds, "partial_epoch": true,
@@ -634,7 +799,14 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         backend.set_params(p)?;
         backend.set_allocation(cells)?;
     }
-    let (test_loss, _) = evaluate(&mut *backend, &ds.test, cfg.eval_batch, cfg.bptt, handle)?;
+    let (test_loss, _) = evaluate(
+        &mut *backend,
+        &ds.test,
+        cfg.eval_batch,
+        cfg.bptt,
+        handle,
+        &mut *dist.collective,
+    )?;
     metrics.push(serde_json::json!({
         "kind": "test", "step": st.step, "epoch": st.epoch, "loss": test_loss, "ppl": ppl(test_loss),
         "seconds": st.train_seconds,
@@ -656,10 +828,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Su
         stopped_by: stopped_by.into(),
         vocab_size: vocab.len(),
         backend: backend.name(),
+        world_size: world,
+        control_seconds: dist.control.rpc_seconds(),
         config: cfg.clone(),
         history: st.history.clone(),
     };
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Data(e.to_string()))?;
-    handle.block_on(opts.out.put("summary.json", Bytes::from(json)))?;
+    if leader {
+        let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Data(e.to_string()))?;
+        handle.block_on(opts.out.put("summary.json", Bytes::from(json)))?;
+    }
+    // The model each rank ends with (the test evaluation may have loaded the best one).
+    let final_sum = params_checksum(&backend.params()?);
+    dist.control
+        .finish(leader.then_some(&summary), &final_sum)?;
     Ok(summary)
 }

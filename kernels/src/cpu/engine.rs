@@ -190,6 +190,34 @@ pub struct Engine<T: Real> {
     cells: Vec<u32>,
     states: BTreeMap<StreamId, State<T>>,
     ws: Workspace<T>,
+    /// This rank's streams are columns `offset..offset + B` of a `global`-stream batch
+    /// (data parallelism); dropout masks are keyed by the global position, so ranks draw
+    /// exactly the masks one process with the whole batch would.
+    shard: Option<(usize, usize)>,
+}
+
+/// Dropout multipliers for rows `rows` (each `w` wide) of a time-major [S, B] block whose
+/// row r is step r / B, stream r % B; keyed by the row's index in the global batch.
+#[allow(clippy::too_many_arguments)]
+fn fill_mask<T: Real>(
+    rng: &Philox,
+    site: u64,
+    rows: std::ops::Range<usize>,
+    w: usize,
+    b: usize,
+    shard: Option<(usize, usize)>,
+    p: f64,
+    ms: &mut [T],
+) {
+    match shard {
+        None => simd::dropout_mask(rng, site, (rows.start * w) as u64, p, ms),
+        Some((off, global)) => {
+            for (k, r) in rows.enumerate() {
+                let g = (r / b) * global + off + r % b;
+                simd::dropout_mask(rng, site, (g * w) as u64, p, &mut ms[k * w..(k + 1) * w]);
+            }
+        }
+    }
 }
 
 impl<T: Real> Engine<T> {
@@ -216,6 +244,7 @@ impl<T: Real> Engine<T> {
             cells: Vec::new(),
             states: BTreeMap::new(),
             ws: Workspace::default(),
+            shard: None,
         };
         e.init_params(seed);
         e.cells = random_allocation(&dims, seed);
@@ -224,6 +253,21 @@ impl<T: Real> Engine<T> {
 
     pub fn dims(&self) -> &ModelDims {
         &self.layout.dims
+    }
+
+    /// Declare this engine's batches to be streams `offset..offset + batch` of a
+    /// `global`-stream batch (one rank of a data-parallel job); `None` (the default) for
+    /// a whole batch.
+    pub fn set_shard(&mut self, shard: Option<(usize, usize)>) -> Result<()> {
+        if let Some((off, global)) = shard
+            && off >= global
+        {
+            return Err(Error::Config(format!(
+                "stream offset {off} outside a batch of {global}"
+            )));
+        }
+        self.shard = shard.filter(|&(off, global)| !(off == 0 && global == 0));
+        Ok(())
     }
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
@@ -526,6 +570,7 @@ impl<T: Real> Engine<T> {
         };
         let rng = Philox::new(self.seed, Purpose::Dropout);
         let p_drop = self.dropout;
+        let shard = self.shard;
         let (below, above) = ws.layers.split_at_mut(l);
         let lw = &mut above[0];
         // Dense input source (read-only) and the buffers to fill with the dropped input.
@@ -562,10 +607,13 @@ impl<T: Real> Engine<T> {
                         mask.slice_mut(pr.start * inp..pr.end * inp),
                     )
                 };
-                simd::dropout_mask(
+                fill_mask(
                     &rng,
                     step * 64 + l as u64,
-                    (pr.start * inp) as u64,
+                    pr.clone(),
+                    inp,
+                    bb,
+                    shard,
                     p_drop,
                     ms,
                 );
@@ -836,6 +884,7 @@ impl<T: Real> Engine<T> {
         let losses_sh = Shared::new(&mut losses);
         let rng = Philox::new(self.seed, Purpose::Dropout);
         let p_drop = self.dropout;
+        let shard = self.shard;
         self.team.run(|tid, bar| {
             let pr = part_range(tb, nt, tid);
             // Top output after dropout (both parities of the own head rows).
@@ -849,10 +898,13 @@ impl<T: Real> Engine<T> {
                             mask.slice_mut(r.start * m..r.end * m),
                         )
                     };
-                    simd::dropout_mask(
+                    fill_mask(
                         &rng,
                         step * 64 + d.layers as u64,
-                        (r.start * m) as u64,
+                        r.clone(),
+                        m,
+                        bb,
+                        shard,
                         p_drop,
                         ms,
                     );

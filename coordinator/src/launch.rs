@@ -1,0 +1,255 @@
+//! Launching a distributed job: `lightrnn coordinator` (the control plane on its own),
+//! `lightrnn worker` (one rank, on any host that reaches the coordinator), and
+//! `lightrnn train --workers N`, which runs the coordinator in this process and N worker
+//! processes of this same program on loopback.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tokio::runtime::Handle;
+
+use lightrnn_worker::remote::{WorkerOptions, run_worker};
+use lightrnn_worker::store::Location;
+use lightrnn_worker::train::Summary;
+
+use crate::cli::{ConfigArgs, resolve_config};
+use crate::server::{JobSpec, bind, run_job};
+
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Text files or a prepared dataset (path or object-store URL).
+    #[arg(long)]
+    pub data: String,
+    /// Run directory (path or object-store URL).
+    #[arg(long)]
+    pub out: String,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Backend the workers use: auto or cpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// gRPC address to serve on.
+    #[arg(long, default_value = "0.0.0.0:29400")]
+    pub listen: String,
+    /// Workers in the job (torchrun's WORLD_SIZE).
+    #[arg(long, env = "WORLD_SIZE")]
+    pub world_size: usize,
+    /// Heartbeat interval of the workers, in milliseconds; a worker silent for 3 of them
+    /// is lost.
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+    /// Deadline of every collective read and write on the workers, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub collective_timeout_s: u64,
+    /// How long the group may take to form, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub join_timeout_s: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// The coordinator, http://HOST:PORT (default: http://$MASTER_ADDR:$MASTER_PORT).
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// This worker's rank (torchrun's RANK); assigned by the coordinator when absent.
+    #[arg(long, env = "RANK")]
+    pub rank: Option<usize>,
+    /// CPU threads for the backend (default: the job's config).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Host or address the other workers reach this one at (default: this machine's
+    /// address on the route to the coordinator).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Seconds to keep trying to reach the coordinator and to wait for the group.
+    #[arg(long, default_value_t = 600)]
+    pub connect_timeout_s: u64,
+}
+
+fn job_spec(
+    config: &ConfigArgs,
+    data: &str,
+    out: &str,
+    resume: bool,
+    backend: &str,
+    world: usize,
+    handle: &Handle,
+) -> Result<JobSpec> {
+    let cfg = resolve_config(config)?;
+    // Fail here, not in every worker, on a backend this build lacks.
+    backend.parse::<lightrnn_kernels::BackendKind>()?;
+    let allocator = if cfg.realloc_every > 0 {
+        Some(crate::commands::allocator(
+            &cfg.realloc_solver,
+            cfg.threads,
+        )?)
+    } else {
+        None
+    };
+    let (data, out) = (Location::parse(data)?, Location::parse(out)?);
+    let mut spec = handle.block_on(JobSpec::prepare(cfg, &data, &out, resume, world))?;
+    spec.allocator = allocator;
+    spec.backend = backend.to_string();
+    Ok(spec)
+}
+
+fn summary_line(s: &Summary, out: &str, stats: &crate::server::JobStats) -> String {
+    serde_json::json!({
+        "train_loss": s.train_loss, "train_ppl": s.train_ppl, "valid_ppl": s.valid_ppl,
+        "test_ppl": s.test_ppl, "words_per_sec": s.words_per_sec, "params": s.params,
+        "seconds": s.seconds, "steps": s.steps, "epochs_completed": s.epochs_completed,
+        "stopped_by": s.stopped_by, "out": out, "workers": s.world_size,
+        "control_seconds": s.control_seconds, "coordinator_rpcs": stats.rpcs,
+        "tokens_accounted": stats.tokens_accounted, "params_sha256": stats.params_sha256,
+        "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
+    })
+    .to_string()
+}
+
+/// `lightrnn coordinator`: serve one job until it ends.
+pub fn coordinator(a: &CoordinatorArgs, handle: &Handle) -> Result<String> {
+    let mut spec = job_spec(
+        &a.config,
+        &a.data,
+        &a.out,
+        a.resume,
+        &a.backend,
+        a.world_size,
+        handle,
+    )?;
+    spec.heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
+    spec.heartbeat_timeout = spec.heartbeat * 3;
+    spec.collective_timeout = Duration::from_secs(a.collective_timeout_s.max(1));
+    spec.join_timeout = Duration::from_secs(a.join_timeout_s.max(1));
+    let addr: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not HOST:PORT", a.listen))?;
+    let out = spec.out.url().to_string();
+    let outcome = handle.block_on(async move {
+        let incoming = bind(addr)?;
+        tracing::info!(listen = %addr, world = spec.world_size, run = %spec.run_id, "coordinator serving");
+        let signal = Box::pin(async {
+            let _ = tokio::signal::ctrl_c().await;
+            "the coordinator was interrupted".to_string()
+        });
+        run_job(spec, incoming, signal).await
+    })?;
+    Ok(summary_line(&outcome.summary, &out, &outcome.stats))
+}
+
+/// `lightrnn worker`: join a job and train as one of its ranks.
+pub fn worker(a: &WorkerArgs, handle: &Handle) -> Result<String> {
+    let coordinator = match &a.coordinator {
+        Some(c) => c.clone(),
+        None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
+            (Ok(h), Ok(p)) => format!("http://{h}:{p}"),
+            _ => bail!("give --coordinator http://HOST:PORT (or set MASTER_ADDR and MASTER_PORT)"),
+        },
+    };
+    let opts = WorkerOptions {
+        coordinator,
+        rank: a.rank,
+        advertise: a.advertise.clone(),
+        threads: a.threads,
+        connect_timeout: Duration::from_secs(a.connect_timeout_s.max(1)),
+    };
+    let s = run_worker(&opts, handle)?;
+    Ok(serde_json::to_string(&s)?)
+}
+
+/// Kills the worker processes it holds when dropped (the job failed, or this process is
+/// unwinding), so no worker outlives its job.
+struct Children(Arc<Mutex<Vec<Child>>>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        if let Ok(mut cs) = self.0.lock() {
+            for c in cs.iter_mut() {
+                if let Ok(None) = c.try_wait() {
+                    let _ = c.kill();
+                }
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// `lightrnn train --workers N`: the coordinator here, N worker processes on loopback.
+pub fn train_workers(
+    config: &ConfigArgs,
+    data: &str,
+    out: &str,
+    resume: bool,
+    backend: &str,
+    workers: usize,
+    handle: &Handle,
+) -> Result<String> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let spec = job_spec(config, data, out, resume, backend, workers, handle)?;
+    let threads = if spec.cfg.threads > 0 {
+        spec.cfg.threads
+    } else {
+        (std::thread::available_parallelism().map_or(2, |n| n.get()) / workers).max(1)
+    };
+    let incoming = handle.block_on(async { bind("127.0.0.1:0".parse().expect("literal")) })?;
+    let addr = incoming.local_addr().context("coordinator address")?;
+    let url = format!("http://{addr}");
+    let exe = std::env::current_exe().context("locating this program to start workers")?;
+    let children = Children(Arc::new(Mutex::new(Vec::new())));
+    for rank in 0..workers {
+        let child = Command::new(&exe)
+            .args(["worker", "--coordinator", &url, "--rank"])
+            .arg(rank.to_string())
+            .args(["--threads", &threads.to_string()])
+            .env_remove("RANK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
+        children.0.lock().expect("fresh lock").push(child);
+    }
+    tracing::info!(workers, coordinator = %url, threads_per_worker = threads, "workers started");
+    // A worker process that exits before the job ends (crash, kill) ends the job at once.
+    let watched = children.0.clone();
+    let died = Box::pin(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(mut cs) = watched.lock() else {
+                return "worker bookkeeping failed".to_string();
+            };
+            for (rank, c) in cs.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait()
+                    && !status.success()
+                {
+                    return format!("worker process {rank} exited: {status}");
+                }
+            }
+        }
+    });
+    let outcome = handle.block_on(run_job(spec, incoming, died))?;
+    // The workers exit once their Finish is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all_done = children
+            .0
+            .lock()
+            .map(|mut cs| cs.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_)))))
+            .unwrap_or(true);
+        if all_done || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(children);
+    Ok(summary_line(&outcome.summary, out, &outcome.stats))
+}

@@ -1,0 +1,240 @@
+//! A rank's place in a job: its [`Collective`] (gradients, loss sums, the LSTM state of
+//! checkpoints) and its [`Control`] channel to whoever owns the job (data leases, epoch
+//! barriers, the central reallocation, checkpoint commits, the end of the run).
+//!
+//! A single-process run is a job of one rank with [`Dist::local`]: the identity collective
+//! and a control that does everything in-process. A worker of a distributed job gets a
+//! TCP ring and a gRPC control to the coordinator (`crate::remote`); the training loop is
+//! the same code in both cases.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use lightrnn_kernels::{LossTables, State};
+use tokio::runtime::Handle;
+
+use crate::checkpoint::{self, Meta};
+use crate::collective::{Collective, Single, share};
+use crate::realloc::{Allocate, Solved};
+use crate::store::Location;
+use crate::train::Summary;
+use crate::{Error, Result};
+
+/// What a rank asks of the job's owner. Calls are blocking (the training thread).
+pub trait Control: Send {
+    /// The streams of the `streams`-stream global batch this rank trains on in `epoch`,
+    /// starting at stream position `cursor`.
+    fn lease(&mut self, epoch: u64, streams: usize, cursor: u64) -> Result<Range<usize>>;
+    /// Wait until every rank has finished `epoch`'s data; `tokens` is what this rank
+    /// consumed of its lease (the job's data accounting).
+    fn epoch_done(&mut self, epoch: u64, tokens: u64) -> Result<()>;
+    /// Hand over this rank's partial loss tables; returns the allocation solved from the
+    /// sum of every rank's tables (the same on all ranks).
+    fn allocate(
+        &mut self,
+        round: u64,
+        tables: LossTables,
+        current: &[u32],
+        move_cost: f64,
+    ) -> Result<Solved>;
+    /// Make the checkpoint in `dir` exist once every rank reached `step`; rank 0 wrote
+    /// its objects and passes the manifest, the others pass `None`. `params_sha256`
+    /// ([`params_checksum`]) lets the owner check that all ranks hold the same model.
+    fn commit(
+        &mut self,
+        step: u64,
+        dir: &Location,
+        meta: Option<&Meta>,
+        params_sha256: &str,
+    ) -> Result<()>;
+    /// Where the rank is (read by the heartbeat; called every step, so cheap). Fails when
+    /// the job has been ended under this rank.
+    fn progress(&self, _step: u64, _epoch: u64, _cursor: u64) -> Result<()> {
+        Ok(())
+    }
+    /// The run is over; rank 0 passes the summary; every rank its final parameters'
+    /// checksum.
+    fn finish(&mut self, summary: Option<&Summary>, params_sha256: &str) -> Result<()>;
+    /// Seconds the training thread has spent in calls to the job's owner.
+    fn rpc_seconds(&self) -> f64 {
+        0.0
+    }
+}
+
+/// The collective and the control of one rank.
+pub struct Dist {
+    pub collective: Box<dyn Collective>,
+    pub control: Box<dyn Control>,
+}
+
+impl Dist {
+    /// A job of one rank in this process; `allocator` solves reallocations here.
+    pub fn local(allocator: Option<Arc<dyn Allocate>>, handle: Handle) -> Self {
+        Self {
+            collective: Box::new(Single),
+            control: Box::new(LocalControl { allocator, handle }),
+        }
+    }
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+    pub fn world(&self) -> usize {
+        self.collective.world()
+    }
+    /// Rank 0 writes the run's shared objects (metrics, summary, best model, checkpoints).
+    pub fn is_leader(&self) -> bool {
+        self.rank() == 0
+    }
+}
+
+/// The control of a single-process run.
+pub struct LocalControl {
+    allocator: Option<Arc<dyn Allocate>>,
+    handle: Handle,
+}
+
+impl Control for LocalControl {
+    fn lease(&mut self, _epoch: u64, streams: usize, _cursor: u64) -> Result<Range<usize>> {
+        Ok(0..streams)
+    }
+    fn epoch_done(&mut self, _epoch: u64, _tokens: u64) -> Result<()> {
+        Ok(())
+    }
+    fn allocate(
+        &mut self,
+        _round: u64,
+        tables: LossTables,
+        current: &[u32],
+        move_cost: f64,
+    ) -> Result<Solved> {
+        let a = self.allocator.as_deref().ok_or_else(|| {
+            Error::Config("realloc_every is set but this program provides no word allocator".into())
+        })?;
+        crate::realloc::solve(&tables, current, move_cost, a)
+    }
+    fn commit(
+        &mut self,
+        _step: u64,
+        dir: &Location,
+        meta: Option<&Meta>,
+        _params_sha256: &str,
+    ) -> Result<()> {
+        let meta =
+            meta.ok_or_else(|| Error::Config("a single-rank commit needs the manifest".into()))?;
+        self.handle.block_on(checkpoint::commit(dir, meta))
+    }
+    fn finish(&mut self, _summary: Option<&Summary>, _params_sha256: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// SHA-256 (hex) of parameters in PyTorch layout: equal on all ranks of a healthy job.
+pub fn params_checksum(params: &[f32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for x in params {
+        h.update(x.to_le_bytes());
+    }
+    crate::vocab::hex(&h.finalize())
+}
+
+/// The whole batch's carried state [layers, B, hidden] from every rank's share of it
+/// (each rank holds streams `share(B, world, rank)`); the same on all ranks.
+pub fn gather_state(
+    coll: &mut dyn Collective,
+    local: Option<&State<f32>>,
+    global_batch: usize,
+    layers: usize,
+    hidden: usize,
+) -> Result<Option<State<f32>>> {
+    let mine = share(global_batch, coll.world(), coll.rank());
+    // Ranks without a state yet (before their first step) contribute zeros, the state a
+    // fresh stream starts from.
+    let mut flags = [f32::from(local.is_some())];
+    coll.all_reduce_sum(&mut flags)?;
+    if flags[0] == 0.0 {
+        return Ok(None);
+    }
+    let n = layers * global_batch * hidden;
+    let (mut h, mut c) = (vec![0f32; n], vec![0f32; n]);
+    if let Some(st) = local {
+        if st.batch != mine.len() || st.h.len() != layers * st.batch * hidden {
+            return Err(Error::Data(format!(
+                "rank {} holds a state of {} streams, its share is {}",
+                coll.rank(),
+                st.batch,
+                mine.len()
+            )));
+        }
+        for l in 0..layers {
+            let dst = (l * global_batch + mine.start) * hidden;
+            let src = l * st.batch * hidden;
+            let len = st.batch * hidden;
+            h[dst..dst + len].copy_from_slice(&st.h[src..src + len]);
+            c[dst..dst + len].copy_from_slice(&st.c[src..src + len]);
+        }
+    }
+    // Every element is non-zero on at most one rank: the sum is an exact gather.
+    coll.all_reduce_sum(&mut h)?;
+    coll.all_reduce_sum(&mut c)?;
+    Ok(Some(State {
+        batch: global_batch,
+        h,
+        c,
+    }))
+}
+
+/// Streams `range` of a whole batch's state [layers, B, hidden].
+pub fn slice_state(
+    st: &State<f32>,
+    range: Range<usize>,
+    layers: usize,
+    hidden: usize,
+) -> Result<State<f32>> {
+    if range.end > st.batch || st.h.len() != layers * st.batch * hidden {
+        return Err(Error::Data(format!(
+            "a state of {} streams has no streams {range:?}",
+            st.batch
+        )));
+    }
+    let b = range.len();
+    let (mut h, mut c) = (Vec::with_capacity(layers * b * hidden), Vec::new());
+    c.reserve(layers * b * hidden);
+    for l in 0..layers {
+        let s = (l * st.batch + range.start) * hidden;
+        h.extend_from_slice(&st.h[s..s + b * hidden]);
+        c.extend_from_slice(&st.c[s..s + b * hidden]);
+    }
+    Ok(State { batch: b, h, c })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sliced_state_gathers_back_to_the_whole() {
+        let (layers, b, hid) = (2, 5, 3);
+        let whole = State {
+            batch: b,
+            h: (0..layers * b * hid).map(|x| x as f32).collect(),
+            c: (0..layers * b * hid).map(|x| -(x as f32)).collect(),
+        };
+        let part = slice_state(&whole, 1..3, layers, hid).unwrap();
+        assert_eq!(part.batch, 2);
+        assert_eq!(part.h[..3], [3.0, 4.0, 5.0]);
+        assert_eq!(part.h[6..9], [18.0, 19.0, 20.0]);
+        let mut single = Single;
+        let back = gather_state(&mut single, Some(&whole), b, layers, hid)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.h, whole.h);
+        assert_eq!(back.c, whole.c);
+        assert!(slice_state(&whole, 4..6, layers, hid).is_err());
+        assert!(
+            gather_state(&mut single, None, b, layers, hid)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
