@@ -86,6 +86,7 @@ impl JobSpec {
                 cfg.batch, cfg.eval_batch
             )));
         }
+        cfg.groups_for(world_size)?;
         let prep = PrepareOptions {
             text: cfg.text_options(),
             vocab_size: cfg.vocab_size,

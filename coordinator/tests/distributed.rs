@@ -70,10 +70,12 @@ fn two_workers_follow_one_worker_step_for_step() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");
     corpus(&data, 2500);
-    let run = |name: &str, workers: Option<&str>| {
+    let run = |name: &str, workers: Option<&str>, groups: &str| {
         let out = tmp.path().join(name);
         let mut args = vec![
             "train",
+            "--set",
+            groups,
             "--preset",
             "tiny",
             "--set",
@@ -98,9 +100,9 @@ fn two_workers_follow_one_worker_step_for_step() {
         assert_eq!(code, 0, "{name}: {err}");
         (json(&stdout), step_losses(&out))
     };
-    let (alone, l_alone) = run("alone", None);
-    let (one, l_one) = run("one", Some("1"));
-    let (two, l_two) = run("two", Some("2"));
+    let (alone, l_alone) = run("alone", None, "grad_groups=0");
+    let (one, l_one) = run("one", Some("1"), "grad_groups=0");
+    let (two, l_two) = run("two", Some("2"), "grad_groups=0");
     assert_eq!(l_alone.len(), 60);
     // One worker through the coordinator is the single-process run, bit for bit.
     assert_eq!(l_alone, l_one);
@@ -116,6 +118,15 @@ fn two_workers_follow_one_worker_step_for_step() {
         assert!(close(a, b, 1e-4), "{k}: {a} vs {b}");
     }
     assert_eq!(two["workers"], 2);
+    // With two gradient groups the run does not depend on the worker count at all: one
+    // worker computing both groups ends with the very parameters two workers do.
+    let (one_g2, l_one_g2) = run("one-g2", Some("1"), "grad_groups=2");
+    let (two_g2, l_two_g2) = run("two-g2", Some("2"), "grad_groups=2");
+    assert_eq!(one_g2["params_sha256"], two_g2["params_sha256"]);
+    for (a, b) in l_one_g2.iter().zip(&l_two_g2) {
+        assert!(close(*a, *b, 1e-12), "{a} vs {b}");
+    }
+    assert_ne!(one["params_sha256"], one_g2["params_sha256"]);
     // Both ranks reported the same parameter checksum at every commit and at the end.
     assert_eq!(two["params_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(two["checkpoints_committed"], 3, "{two}");

@@ -184,6 +184,22 @@ pub fn gather_state(
     }))
 }
 
+/// Consecutive groups of streams' states [layers, b_i, hidden] as one state of all their
+/// streams, in order.
+pub fn concat_states(parts: &[State<f32>], layers: usize, hidden: usize) -> State<f32> {
+    let b: usize = parts.iter().map(|p| p.batch).sum();
+    let (mut h, mut c) = (Vec::with_capacity(layers * b * hidden), Vec::new());
+    c.reserve(layers * b * hidden);
+    for l in 0..layers {
+        for p in parts {
+            let s = l * p.batch * hidden;
+            h.extend_from_slice(&p.h[s..s + p.batch * hidden]);
+            c.extend_from_slice(&p.c[s..s + p.batch * hidden]);
+        }
+    }
+    State { batch: b, h, c }
+}
+
 /// Streams `range` of a whole batch's state [layers, B, hidden].
 pub fn slice_state(
     st: &State<f32>,
@@ -231,6 +247,15 @@ mod tests {
         assert_eq!(back.h, whole.h);
         assert_eq!(back.c, whole.c);
         assert!(slice_state(&whole, 4..6, layers, hid).is_err());
+        let parts: Vec<State<f32>> = [0..2, 2..3, 3..5]
+            .into_iter()
+            .map(|r| slice_state(&whole, r, layers, hid).unwrap())
+            .collect();
+        let joined = concat_states(&parts, layers, hid);
+        assert_eq!(
+            (joined.batch, &joined.h, &joined.c),
+            (b, &whole.h, &whole.c)
+        );
         assert!(
             gather_state(&mut single, None, b, layers, hid)
                 .unwrap()

@@ -60,6 +60,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// CPU threads (0 = all cores).
     pub threads: usize,
+    /// Gradient groups: the global batch's streams are cut into this many equal groups,
+    /// each run forward/backward on its own, their gradients summed in a fixed pairwise
+    /// order. With G a power of two and W workers dividing it (W = 1 or 2), the results
+    /// are bit-identical whatever W is. 0: one group per worker (the fastest).
+    pub grad_groups: usize,
     // Bookkeeping.
     /// Steps between metrics lines (and log lines when not on a terminal).
     pub log_every: u64,
@@ -114,6 +119,7 @@ impl Default for TrainConfig {
             adagrad_initial_accumulator: 0.0,
             seed: 1111,
             threads: 0,
+            grad_groups: 0,
             log_every: 100,
             checkpoint_every: 0,
             keep_checkpoints: 3,
@@ -240,7 +246,29 @@ impl TrainConfig {
         if self.realloc_max_table_gib.is_nan() || self.realloc_max_table_gib <= 0.0 {
             return bad("realloc_max_table_gib must be positive".into());
         }
+        if self.grad_groups > 0 && !self.batch.is_multiple_of(self.grad_groups) {
+            return bad(format!(
+                "batch {} must be a multiple of grad_groups {}",
+                self.batch, self.grad_groups
+            ));
+        }
         Ok(())
+    }
+
+    /// Gradient groups of a job of `world` ranks (see `grad_groups`).
+    pub fn groups_for(&self, world: usize) -> Result<usize> {
+        let g = if self.grad_groups == 0 {
+            world
+        } else {
+            self.grad_groups
+        };
+        if world == 0 || !g.is_multiple_of(world) || !self.batch.is_multiple_of(g) {
+            return Err(Error::Config(format!(
+                "{world} workers need grad_groups (now {}) to be a multiple of {world}, and batch {} to be a multiple of the groups",
+                self.grad_groups, self.batch
+            )));
+        }
+        Ok(g)
     }
 
     /// Learning rate at the start of epoch `epoch` (0-based), if a schedule is set.

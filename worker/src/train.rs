@@ -15,11 +15,11 @@ use tokio::runtime::Handle;
 
 use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
 use lightrnn_kernels::optim::clip_coefficient;
-use lightrnn_kernels::{Backend, Batch, ModelDims, StreamId};
+use lightrnn_kernels::{Backend, Batch, LossSums, ModelDims, StreamId};
 
 use crate::batches::Batches;
 use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
-use crate::cluster::{Dist, gather_state, params_checksum, slice_state};
+use crate::cluster::{Dist, concat_states, gather_state, params_checksum, slice_state};
 use crate::collective::{Collective, share};
 use crate::config::TrainConfig;
 use crate::dataset::{Dataset, PrepareOptions};
@@ -274,6 +274,86 @@ struct LoopState {
     history: Vec<EpochRecord>,
 }
 
+/// Carried training state of gradient group `g` of this rank.
+fn group_stream(g: usize) -> StreamId {
+    if g == 0 {
+        TRAIN_STREAM
+    } else {
+        16 + g as StreamId
+    }
+}
+
+/// This rank's part of one training step: forward/backward of each of its `gpr` gradient
+/// groups (streams `first + g * gs ..` of the `global`-stream batch, gs = bl / gpr), their
+/// gradients summed pairwise ((a + b) + (c + d) ...) and left in the backend, so that a
+/// rank holding two groups computes exactly what two ranks holding one each get from
+/// the all-reduce. `buf`: [t + 1, bl] time-major.
+#[allow(clippy::too_many_arguments)]
+fn train_groups(
+    backend: &mut dyn Backend,
+    buf: &[u32],
+    t: usize,
+    bl: usize,
+    gpr: usize,
+    first: usize,
+    global: usize,
+    step: u64,
+    scale: f32,
+    gbuf: &mut Vec<u32>,
+) -> Result<LossSums> {
+    let shard = |off: usize| (bl != global || gpr > 1).then_some((off, global));
+    if gpr == 1 {
+        backend.set_shard(shard(first))?;
+        let batch = Batch {
+            inputs: &buf[..t * bl],
+            targets: &buf[bl..],
+            steps: t,
+            batch: bl,
+            stream: group_stream(0),
+        };
+        return Ok(backend.train_step(&batch, step, scale)?);
+    }
+    let gs = bl / gpr;
+    let mut total = LossSums::default();
+    // (tree level, gradient): equal levels are combined as soon as both exist.
+    let mut stack: Vec<(u32, Vec<f32>)> = Vec::new();
+    for g in 0..gpr {
+        gbuf.clear();
+        for k in 0..=t {
+            gbuf.extend_from_slice(&buf[k * bl + g * gs..k * bl + (g + 1) * gs]);
+        }
+        backend.set_shard(shard(first + g * gs))?;
+        let batch = Batch {
+            inputs: &gbuf[..t * gs],
+            targets: &gbuf[gs..],
+            steps: t,
+            batch: gs,
+            stream: group_stream(g),
+        };
+        total.add(&backend.train_step(&batch, step, scale)?);
+        let mut cur = (0u32, backend.grads_flat_mut()?.to_vec());
+        while let Some(top) = stack.last()
+            && top.0 == cur.0
+        {
+            let (level, mut a) = stack.pop().expect("just seen");
+            for (x, y) in a.iter_mut().zip(&cur.1) {
+                *x += y;
+            }
+            cur = (level + 1, a);
+        }
+        stack.push(cur);
+    }
+    let (_, mut sum) = stack.pop().expect("at least one group");
+    while let Some((_, mut a)) = stack.pop() {
+        for (x, y) in a.iter_mut().zip(&sum) {
+            *x += y;
+        }
+        sum = a;
+    }
+    backend.grads_flat_mut()?.copy_from_slice(&sum);
+    Ok(total)
+}
+
 /// Running (loss, words, seconds) of the steps since the last log line. Each rank sums
 /// its own streams; [`Window::reduce`] turns them into the job's figures.
 #[derive(Default)]
@@ -319,6 +399,9 @@ pub fn train_rank(
             cfg.batch, cfg.eval_batch
         )));
     }
+    // Gradient groups in the job and on this rank.
+    let groups = cfg.groups_for(world)?;
+    let gpr = groups / world;
     let started = Instant::now();
     let prep = PrepareOptions {
         text: cfg.text_options(),
@@ -437,6 +520,7 @@ pub fn train_rank(
     let mut session_words = 0u64;
     let mut session_train_secs = 0.0f64;
     let mut win = Window::default();
+    let mut gbuf = Vec::new();
     let save = |backend: &dyn Backend,
                 st: &LoopState,
                 cursor: u64,
@@ -496,7 +580,12 @@ pub fn train_rank(
             .out
             .join("checkpoints")
             .join(&checkpoint::dir_name(st.step));
-        let local = backend.state(TRAIN_STREAM)?;
+        let parts: Option<Vec<_>> = (0..gpr)
+            .map(|g| backend.state(group_stream(g)))
+            .collect::<lightrnn_kernels::Result<Vec<_>>>()?
+            .into_iter()
+            .collect();
+        let local = parts.map(|p| concat_states(&p, dims.layers, dims.hidden));
         let state = gather_state(
             &mut *dist.collective,
             local.as_ref(),
@@ -529,9 +618,6 @@ pub fn train_rank(
             )));
         }
         let mine = leased;
-        if world > 1 {
-            backend.set_shard(Some((mine.start, b)))?;
-        }
         let mut batches = Batches::streams(
             ds.train.clone(),
             handle.clone(),
@@ -540,14 +626,20 @@ pub fn train_rank(
             cfg.bptt,
             cursor,
         )?;
+        let gsize = mine.len() / gpr;
         if cursor == 0 {
-            backend.reset_state(TRAIN_STREAM);
+            for g in 0..gpr {
+                backend.reset_state(group_stream(g));
+            }
         }
-        if let Some(gs) = resume_state.take() {
-            backend.set_state(
-                TRAIN_STREAM,
-                slice_state(&gs, mine.clone(), dims.layers, dims.hidden)?,
-            )?;
+        if let Some(whole) = resume_state.take() {
+            for g in 0..gpr {
+                let first = mine.start + g * gsize;
+                backend.set_state(
+                    group_stream(g),
+                    slice_state(&whole, first..first + gsize, dims.layers, dims.hidden)?,
+                )?;
+            }
         }
         if let Some(lr) = cfg.scheduled_lr(st.epoch) {
             st.lr = lr;
@@ -569,18 +661,21 @@ pub fn train_rank(
             let Some(t) = batches.next_batch(&mut buf)? else {
                 break;
             };
-            let bl = mine.len();
-            let batch = Batch {
-                inputs: &buf[..t * bl],
-                targets: &buf[bl..],
-                steps: t,
-                batch: bl,
-                stream: TRAIN_STREAM,
-            };
-            // Gradients of the mean over the whole batch's words: each rank scales its
+            // Gradients of the mean over the whole batch's words: each group scales its
             // sum by the global count, so the all-reduced sum is the global mean.
             let words = (t * b) as u64;
-            let loss = backend.train_step(&batch, st.step, 1.0 / words as f32)?;
+            let loss = train_groups(
+                &mut *backend,
+                &buf,
+                t,
+                mine.len(),
+                gpr,
+                mine.start,
+                b,
+                st.step,
+                1.0 / words as f32,
+                &mut gbuf,
+            )?;
             if world > 1 {
                 dist.collective.all_reduce_sum(backend.grads_flat_mut()?)?;
             }
