@@ -58,6 +58,8 @@ pub enum Command {
     Coordinator(crate::launch::CoordinatorArgs),
     /// Join a distributed job as one worker (rank).
     Worker(crate::launch::WorkerArgs),
+    /// The CUDA devices and libraries this build can use (JSON), or why there are none.
+    Devices,
 }
 
 /// How text is read, for `vocab` and `shard` (the same options must be given to both).
@@ -318,6 +320,22 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                 return Ok(names.join("\n"));
             }
             Ok(resolve_config(a)?.to_toml())
+        }
+        Command::Devices => {
+            use lightrnn_kernels::device::{cuda_devices, cuda_libraries};
+            let libs: serde_json::Map<String, serde_json::Value> = cuda_libraries()
+                .into_iter()
+                .map(|(n, ok)| (n.to_string(), ok.into()))
+                .collect();
+            let (devices, reason) = match cuda_devices() {
+                Ok(d) => (serde_json::to_value(d)?, serde_json::Value::Null),
+                Err(e) => (serde_json::json!([]), e.to_string().into()),
+            };
+            Ok(serde_json::json!({
+                "cuda_build": cfg!(feature = "cuda"), "cuda_libraries": libs,
+                "cuda_devices": devices, "reason": reason,
+            })
+            .to_string())
         }
         Command::Coordinator(a) => crate::launch::coordinator(a, handle),
         Command::Worker(a) => crate::launch::worker(a, handle),

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod device;
 pub mod layout;
 pub mod optim;
 mod real;
