@@ -24,6 +24,10 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Seconds a SIGTERM/SIGINT leaves training to stop at a common step and write its
+    /// checkpoint before the process gives up (exit status 1).
+    #[arg(long, default_value_t = 25, global = true)]
+    pub grace_s: u64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -276,6 +280,9 @@ pub struct BenchArgs {
     pub backend: String,
 }
 
+/// Set when the process is asked to stop (SIGTERM, SIGINT).
+pub type Stop = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
 /// The effective configuration of a command line.
 pub fn resolve_config(a: &ConfigArgs) -> Result<TrainConfig> {
     let base = match (&a.preset, &a.config) {
@@ -309,7 +316,7 @@ async fn load_vocab(url: &str) -> lightrnn_worker::Result<lightrnn_worker::vocab
     lightrnn_worker::vocab::Vocab::parse(text, &full)
 }
 
-pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
+pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
     match &cli.command {
         Command::Config(a) => {
             if a.list {
@@ -337,17 +344,9 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
             })
             .to_string())
         }
-        Command::Coordinator(a) => crate::launch::coordinator(a, handle),
-        Command::Worker(a) => crate::launch::worker(a, handle),
-        Command::Train(a) if a.workers.is_some() => crate::launch::train_workers(
-            &a.config,
-            &a.data,
-            &a.out,
-            a.resume,
-            &a.backend,
-            a.workers.unwrap_or(1),
-            handle,
-        ),
+        Command::Coordinator(a) => crate::launch::coordinator(a, handle, stop),
+        Command::Worker(a) => crate::launch::worker(a, handle, stop),
+        Command::Train(a) if a.workers.is_some() => crate::launch::train_workers(a, handle, stop),
         Command::Train(a) => {
             let cfg = resolve_config(&a.config)?;
             let opts = RunOptions {
@@ -365,6 +364,7 @@ pub fn run(cli: &Cli, handle: &Handle) -> Result<String> {
                 } else {
                     None
                 },
+                stop: Some(stop.clone()),
             };
             let s = train(&cfg, &opts, handle)?;
             let line = serde_json::json!({

@@ -15,8 +15,10 @@ use lightrnn_worker::remote::{WorkerOptions, run_worker};
 use lightrnn_worker::store::Location;
 use lightrnn_worker::train::Summary;
 
-use crate::cli::{ConfigArgs, resolve_config};
-use crate::server::{JobSpec, bind, run_job};
+use std::sync::atomic::Ordering;
+
+use crate::cli::{ConfigArgs, Stop, resolve_config};
+use crate::server::{External, JobSpec, bind, run_job};
 
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorArgs {
@@ -40,7 +42,7 @@ pub struct CoordinatorArgs {
     /// Workers in the job (torchrun's WORLD_SIZE).
     #[arg(long, env = "WORLD_SIZE")]
     pub world_size: usize,
-    /// Heartbeat interval of the workers, in milliseconds; a worker silent for 3 of them
+    /// Heartbeat interval of the workers, in milliseconds; a worker silent for 5 of them
     /// is lost.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
@@ -50,6 +52,13 @@ pub struct CoordinatorArgs {
     /// How long the group may take to form, in seconds.
     #[arg(long, default_value_t = 600)]
     pub join_timeout_s: u64,
+    /// Times the group may re-form after lost workers before the job fails.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u64,
+    /// File holding the bearer token workers must present (or LIGHTRNN_TOKEN). Required
+    /// when listening beyond loopback.
+    #[arg(long)]
+    pub token_file: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -70,6 +79,36 @@ pub struct WorkerArgs {
     /// Seconds to keep trying to reach the coordinator and to wait for the group.
     #[arg(long, default_value_t = 600)]
     pub connect_timeout_s: u64,
+    /// File holding the coordinator's bearer token (or LIGHTRNN_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<String>,
+}
+
+/// The bearer token from a file (trimmed) or the LIGHTRNN_TOKEN variable.
+fn token(file: &Option<String>) -> Result<Option<String>> {
+    let t = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {f}"))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("LIGHTRNN_TOKEN").ok(),
+    };
+    match t {
+        Some(t) if t.len() < 16 => bail!("the bearer token must have at least 16 characters"),
+        t => Ok(t),
+    }
+}
+
+/// A fresh random token for a job on loopback.
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the job's token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 fn job_spec(
@@ -108,12 +147,13 @@ fn summary_line(s: &Summary, out: &str, stats: &crate::server::JobStats) -> Stri
         "control_seconds": s.control_seconds, "coordinator_rpcs": stats.rpcs,
         "tokens_accounted": stats.tokens_accounted, "params_sha256": stats.params_sha256,
         "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
+        "generation": stats.generation, "restarts": stats.restarts,
     })
     .to_string()
 }
 
 /// `lightrnn coordinator`: serve one job until it ends.
-pub fn coordinator(a: &CoordinatorArgs, handle: &Handle) -> Result<String> {
+pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     let mut spec = job_spec(
         &a.config,
         &a.data,
@@ -124,20 +164,34 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle) -> Result<String> {
         handle,
     )?;
     spec.heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
-    spec.heartbeat_timeout = spec.heartbeat * 3;
+    spec.heartbeat_timeout = spec.heartbeat * 5;
     spec.collective_timeout = Duration::from_secs(a.collective_timeout_s.max(1));
     spec.join_timeout = Duration::from_secs(a.join_timeout_s.max(1));
+    spec.max_restarts = a.max_restarts;
     let addr: std::net::SocketAddr = a
         .listen
         .parse()
         .with_context(|| format!("--listen {:?} is not HOST:PORT", a.listen))?;
+    spec.token = token(&a.token_file)?;
+    if spec.token.is_none() && !addr.ip().is_loopback() {
+        bail!(
+            "listening on {addr} needs a bearer token: set LIGHTRNN_TOKEN or --token-file \
+             (give the workers the same; traffic is not encrypted, keep it on a private network)"
+        );
+    }
     let out = spec.out.url().to_string();
     let outcome = handle.block_on(async move {
         let incoming = bind(addr)?;
         tracing::info!(listen = %addr, world = spec.world_size, run = %spec.run_id, "coordinator serving");
-        let signal = Box::pin(async {
-            let _ = tokio::signal::ctrl_c().await;
-            "the coordinator was interrupted".to_string()
+        // SIGTERM/SIGINT: the workers stop at a common step with a checkpoint.
+        let stop = stop.clone();
+        let signal: External = Box::new(|job| {
+            Box::pin(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                job.request_stop();
+            })
         });
         run_job(spec, incoming, signal).await
     })?;
@@ -145,7 +199,7 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle) -> Result<String> {
 }
 
 /// `lightrnn worker`: join a job and train as one of its ranks.
-pub fn worker(a: &WorkerArgs, handle: &Handle) -> Result<String> {
+pub fn worker(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     let coordinator = match &a.coordinator {
         Some(c) => c.clone(),
         None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
@@ -159,6 +213,8 @@ pub fn worker(a: &WorkerArgs, handle: &Handle) -> Result<String> {
         advertise: a.advertise.clone(),
         threads: a.threads,
         connect_timeout: Duration::from_secs(a.connect_timeout_s.max(1)),
+        stop: stop.clone(),
+        token: token(&a.token_file)?,
     };
     let s = run_worker(&opts, handle)?;
     Ok(serde_json::to_string(&s)?)
@@ -182,19 +238,18 @@ impl Drop for Children {
 }
 
 /// `lightrnn train --workers N`: the coordinator here, N worker processes on loopback.
-pub fn train_workers(
-    config: &ConfigArgs,
-    data: &str,
-    out: &str,
-    resume: bool,
-    backend: &str,
-    workers: usize,
-    handle: &Handle,
-) -> Result<String> {
+pub fn train_workers(a: &crate::cli::TrainArgs, handle: &Handle, stop: &Stop) -> Result<String> {
+    let workers = a.workers.unwrap_or(1);
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let spec = job_spec(config, data, out, resume, backend, workers, handle)?;
+    let out = a.out.as_str();
+    let mut spec = job_spec(
+        &a.config, &a.data, out, a.resume, &a.backend, workers, handle,
+    )?;
+    // Only this process and its workers know the job's token.
+    let job_token = random_token()?;
+    spec.token = Some(job_token.clone());
     let threads = if spec.cfg.threads > 0 {
         spec.cfg.threads
     } else {
@@ -204,39 +259,68 @@ pub fn train_workers(
     let addr = incoming.local_addr().context("coordinator address")?;
     let url = format!("http://{addr}");
     let exe = std::env::current_exe().context("locating this program to start workers")?;
-    let children = Children(Arc::new(Mutex::new(Vec::new())));
-    for rank in 0..workers {
-        let child = Command::new(&exe)
+    let spawn = move |rank: usize| -> std::io::Result<Child> {
+        Command::new(&exe)
             .args(["worker", "--coordinator", &url, "--rank"])
             .arg(rank.to_string())
             .args(["--threads", &threads.to_string()])
             .env_remove("RANK")
+            .env("LIGHTRNN_TOKEN", &job_token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting worker {rank} ({})", exe.display()))?;
+    };
+    let children = Children(Arc::new(Mutex::new(Vec::new())));
+    for rank in 0..workers {
+        let child = spawn(rank).with_context(|| format!("starting worker {rank}"))?;
         children.0.lock().expect("fresh lock").push(child);
     }
-    tracing::info!(workers, coordinator = %url, threads_per_worker = threads, "workers started");
-    // A worker process that exits before the job ends (crash, kill) ends the job at once.
+    tracing::info!(workers, coordinator = %addr, threads_per_worker = threads, "workers started");
+    // A worker process that exits before its job is done is a lost worker: the group
+    // re-forms with a replacement process for its rank (up to the job's restart limit).
     let watched = children.0.clone();
-    let died = Box::pin(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let Ok(mut cs) = watched.lock() else {
-                return "worker bookkeeping failed".to_string();
-            };
-            for (rank, c) in cs.iter_mut().enumerate() {
-                if let Ok(Some(status)) = c.try_wait()
-                    && !status.success()
-                {
-                    return format!("worker process {rank} exited: {status}");
+    let stop = stop.clone();
+    let watch: External = Box::new(move |job| {
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if job.failed() {
+                    return;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    job.request_stop();
+                }
+                let Ok(mut cs) = watched.lock() else {
+                    job.fault("worker bookkeeping failed".into());
+                    return;
+                };
+                for (rank, c) in cs.iter_mut().enumerate() {
+                    let Ok(Some(status)) = c.try_wait() else {
+                        continue;
+                    };
+                    if status.success() {
+                        continue;
+                    }
+                    job.process_exited(c.id(), format!("worker process {rank} exited: {status}"));
+                    if job.failed() {
+                        return;
+                    }
+                    match spawn(rank) {
+                        Ok(n) => {
+                            tracing::warn!(rank, pid = n.id(), "replacement worker started");
+                            *c = n;
+                        }
+                        Err(e) => {
+                            job.fault(format!("cannot start a replacement for worker {rank}: {e}"));
+                            return;
+                        }
+                    }
                 }
             }
-        }
+        })
     });
-    let outcome = handle.block_on(run_job(spec, incoming, died))?;
+    let outcome = handle.block_on(run_job(spec, incoming, watch))?;
     // The workers exit once their Finish is answered.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

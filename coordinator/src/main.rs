@@ -1,7 +1,12 @@
 //! `lightrnn`: parse, install logging, run the command, print its result.
 
 use clap::Parser;
-use lightrnn_coordinator::cli::{Cli, LogFormat, run};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lightrnn_coordinator::cli::{Cli, LogFormat, Stop, run};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -27,7 +32,37 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match run(&cli, rt.handle()) {
+    // SIGTERM/SIGINT: training stops at its next step with a checkpoint (all ranks of a
+    // job at the same step) and exits 0; past the grace period the process gives up.
+    let stop: Stop = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, grace) = (stop.clone(), Duration::from_secs(cli.grace_s));
+        rt.spawn(async move {
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SIGTERM handler");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "stop requested: checkpointing at the next step"
+            );
+            stop.store(true, Ordering::Relaxed);
+            tokio::time::sleep(grace).await;
+            eprintln!(
+                "error: the stop did not complete within the {} s grace period",
+                grace.as_secs()
+            );
+            std::process::exit(1);
+        });
+    }
+    match run(&cli, rt.handle(), &stop) {
         Ok(out) => {
             println!("{out}");
             std::process::ExitCode::SUCCESS

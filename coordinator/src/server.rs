@@ -9,11 +9,16 @@
 //! reallocation and streams the allocation back; commits each checkpoint (its manifest,
 //! after checking the objects rank 0 wrote) once every rank has reached its step.
 //!
-//! Faults have one path, [`Job::fault`]: a missed heartbeat deadline, a rank's `Fail`, a
-//! data-accounting mismatch, a failed solve or commit, a group that does not form in
-//! time. It ends the job; waiting RPCs return ABORTED and heartbeats answer `abort`, so
-//! no worker waits on a dead job. Requests of another generation are refused
-//! (FAILED_PRECONDITION): a stale worker cannot act on the job.
+//! Faults have two paths. A lost worker ([`Job::lose_worker`]: a missed heartbeat
+//! deadline, a rank's retryable `Fail` such as a broken collective, a worker process that
+//! exited) ends the current *generation*: the coordinator forgets the group, and the
+//! workers that are left and replacements join a new generation that resumes from the
+//! last committed checkpoint (up to `max_restarts` times; restarts are counted by
+//! cause). Anything else ([`Job::fault`]: a data-accounting mismatch, a failed solve or
+//! commit, ranks that disagree on the parameters, a group that does not form in time,
+//! restarts exhausted) ends the job. Either way every waiting RPC returns at once and
+//! heartbeats answer, so no worker waits on a dead group. Requests of another
+//! generation are refused (FAILED_PRECONDITION): a stale worker cannot act on the job.
 //!
 //! The rank-ordered table sum keeps every rank's partial tables until the last arrives:
 //! world x V x (R + C) x 4 bytes on the coordinator.
@@ -57,7 +62,7 @@ pub struct JobSpec {
     pub backend: String,
     pub world_size: usize,
     pub heartbeat: Duration,
-    /// A rank silent for this long is lost (3 heartbeats unless set).
+    /// A rank silent for this long is lost (5 heartbeats unless set).
     pub heartbeat_timeout: Duration,
     /// Deadline of every collective read and write on the workers.
     pub collective_timeout: Duration,
@@ -67,6 +72,12 @@ pub struct JobSpec {
     /// Tokens of the training split (data accounting).
     pub train_tokens: u64,
     pub run_id: String,
+    /// New generations after lost workers before the job gives up.
+    pub max_restarts: u64,
+    /// Words in the dataset's vocabulary (the loss tables' V).
+    pub vocab: usize,
+    /// Calls must present this bearer token (`None`: no authentication, loopback only).
+    pub token: Option<String>,
 }
 
 impl JobSpec {
@@ -124,12 +135,15 @@ impl JobSpec {
             backend: "auto".into(),
             world_size,
             heartbeat,
-            heartbeat_timeout: heartbeat * 3,
+            heartbeat_timeout: heartbeat * 5,
             collective_timeout: Duration::from_secs(120),
             join_timeout: Duration::from_secs(600),
             allocator: None,
             train_tokens: ds.train.tokens(),
             run_id,
+            max_restarts: 3,
+            vocab: ds.vocab.len(),
+            token: None,
         })
     }
 }
@@ -138,6 +152,8 @@ struct Member {
     addr: String,
     last_seen: Instant,
     step: u64,
+    /// The worker's process id (with the host: which process died).
+    pid: u32,
 }
 
 #[derive(Default)]
@@ -183,6 +199,52 @@ struct State {
     final_sums: Vec<String>,
     summary: Option<String>,
     failed: Option<String>,
+    /// When the current generation began (the join deadline counts from here).
+    generation_started: Instant,
+    /// Why the last generation ended.
+    last_cause: String,
+    /// The checkpoint a new generation resumes from (the last one committed).
+    resume_from: Option<String>,
+}
+
+impl State {
+    fn new(world: usize, generation: u64, resume_from: Option<String>) -> Self {
+        Self {
+            generation,
+            members: (0..world).map(|_| None).collect(),
+            formed: false,
+            epochs: BTreeMap::new(),
+            rounds: BTreeMap::new(),
+            commits: BTreeMap::new(),
+            finished: vec![false; world],
+            final_sums: vec![String::new(); world],
+            summary: None,
+            failed: None,
+            generation_started: Instant::now(),
+            last_cause: String::new(),
+            resume_from,
+        }
+    }
+}
+
+/// Fail the job while holding the state lock, so that no waiter sees the state that
+/// revealed the fault before the fault itself (bump after releasing the lock).
+fn fail_locked(st: &mut State, why: String) {
+    if st.failed.is_none() {
+        tracing::error!(generation = st.generation, cause = %why, "job failed");
+        st.failed = Some(why);
+    }
+}
+
+/// A parameter checksum as the workers send it: 64 hex digits.
+fn valid_sum(s: &str) -> Result<(), Status> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "params_sha256 is not 64 hex digits",
+        ))
+    }
 }
 
 /// The first disagreement between the ranks' parameter checksums.
@@ -194,8 +256,8 @@ fn diverged(sums: &[String]) -> Option<String> {
         .map(|(r, s)| {
             format!(
                 "the ranks hold different parameters: rank 0 {}, rank {r} {}",
-                &first[..first.len().min(12)],
-                &s[..s.len().min(12)]
+                first.chars().take(12).collect::<String>(),
+                s.chars().take(12).collect::<String>()
             )
         })
 }
@@ -210,15 +272,21 @@ pub struct JobStats {
     pub checkpoints_committed: u64,
     /// Checksum of the parameters every rank ended with (verified equal).
     pub params_sha256: String,
+    /// New generations started, by cause (heartbeat, worker_failed, process_exit).
+    pub restarts: BTreeMap<String, u64>,
+    pub generation: u64,
+    /// Tokens of each completed epoch (of the surviving trajectory).
+    pub epoch_tokens: BTreeMap<u64, u64>,
 }
 
 /// One job's shared state behind the service.
 pub struct Job {
     spec: JobSpec,
+    /// A stop was requested (SIGTERM): heartbeats tell the workers.
+    stop: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     version: watch::Sender<u64>,
     stats: Mutex<JobStats>,
-    started: Instant,
 }
 
 type Guard<'a> = std::sync::MutexGuard<'a, State>;
@@ -226,23 +294,16 @@ type Guard<'a> = std::sync::MutexGuard<'a, State>;
 impl Job {
     pub fn new(spec: JobSpec) -> Arc<Self> {
         let w = spec.world_size;
+        let resume_from = spec.checkpoint.as_ref().map(|c| c.url().to_string());
         Arc::new(Self {
             spec,
-            state: Mutex::new(State {
-                generation: 1,
-                members: (0..w).map(|_| None).collect(),
-                formed: false,
-                epochs: BTreeMap::new(),
-                rounds: BTreeMap::new(),
-                commits: BTreeMap::new(),
-                finished: vec![false; w],
-                final_sums: vec![String::new(); w],
-                summary: None,
-                failed: None,
-            }),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            state: Mutex::new(State::new(w, 1, resume_from)),
             version: watch::channel(0).0,
-            stats: Mutex::new(JobStats::default()),
-            started: Instant::now(),
+            stats: Mutex::new(JobStats {
+                generation: 1,
+                ..Default::default()
+            }),
         })
     }
 
@@ -262,7 +323,7 @@ impl Job {
         }
     }
 
-    /// The one way a job fails: record why (the first cause wins), wake every waiter.
+    /// The job cannot go on: record why (the first cause wins), wake every waiter.
     pub fn fault(&self, why: String) {
         let mut st = self.lock();
         if st.failed.is_none() {
@@ -271,6 +332,77 @@ impl Job {
         }
         drop(st);
         self.bump();
+    }
+
+    /// A worker of `generation` is gone (`kind`: heartbeat, worker_failed,
+    /// process_exit): end that generation and let the group re-form from the last
+    /// committed checkpoint, or fail the job once `max_restarts` are used up. Reports
+    /// about a generation that has already ended are ignored (one loss, one restart).
+    pub fn lose_worker(&self, generation: u64, kind: &str, why: String) {
+        let mut st = self.lock();
+        if st.failed.is_some() || st.generation != generation || st.finished.iter().all(|&f| f) {
+            return;
+        }
+        let used: u64 = self
+            .stats
+            .lock()
+            .map(|s| s.restarts.values().sum())
+            .unwrap_or(0);
+        if used >= self.spec.max_restarts {
+            drop(st);
+            self.fault(format!(
+                "{why} (giving up after {used} restarts, --max-restarts {})",
+                self.spec.max_restarts
+            ));
+            return;
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            *s.restarts.entry(kind.to_string()).or_default() += 1;
+            s.generation = generation + 1;
+        }
+        let resume_from = st.resume_from.clone();
+        tracing::warn!(
+            generation,
+            cause = %why,
+            resume_from = resume_from.as_deref().unwrap_or("the start"),
+            "generation ended: the group re-forms"
+        );
+        *st = State::new(self.spec.world_size, generation + 1, resume_from);
+        st.last_cause = why;
+        drop(st);
+        self.bump();
+    }
+
+    /// A worker process on this machine exited (`--workers N`): a lost worker if it is a
+    /// member of the current generation, nothing otherwise (its loss was handled).
+    pub fn process_exited(&self, pid: u32, why: String) {
+        let generation = {
+            let st = self.lock();
+            let member = st.members.iter().flatten().any(|m| m.pid == pid);
+            if !member {
+                return;
+            }
+            st.generation
+        };
+        self.lose_worker(generation, "process_exit", why);
+    }
+
+    /// Ask the workers to stop at a common step with a checkpoint (preemption); the job
+    /// then finishes as usual, with `stopped_by: "signal"`.
+    pub fn request_stop(&self) {
+        if !self.stop.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!("stop requested: the workers checkpoint at their next step");
+        }
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Whether the job has failed for good.
+    pub fn failed(&self) -> bool {
+        self.lock().failed.is_some()
     }
 
     /// Refuse requests of another generation, from unknown ranks, or to a failed job.
@@ -296,6 +428,7 @@ impl Job {
     /// ends every wait.
     async fn wait_for<T>(
         &self,
+        generation: u64,
         mut ready: impl FnMut(&mut State) -> Option<Result<T, Status>>,
     ) -> Result<T, Status> {
         loop {
@@ -304,6 +437,12 @@ impl Job {
                 let mut st = self.lock();
                 if let Some(f) = &st.failed {
                     return Err(Status::aborted(f.clone()));
+                }
+                if st.generation != generation {
+                    return Err(Status::failed_precondition(format!(
+                        "generation {generation} ended ({}): join again",
+                        st.last_cause
+                    )));
                 }
                 if let Some(r) = ready(&mut st) {
                     return r;
@@ -320,17 +459,17 @@ impl Job {
         let mut tick = tokio::time::interval(self.spec.heartbeat);
         loop {
             tick.tick().await;
-            let cause = {
+            let (generation, lost, cause) = {
                 let st = self.lock();
                 if st.failed.is_some() || st.finished.iter().all(|&f| f) {
                     return;
                 }
-                if !st.formed {
+                let cause = if !st.formed {
                     let n = st.members.iter().flatten().count();
-                    (self.started.elapsed() > self.spec.join_timeout).then(|| {
+                    (st.generation_started.elapsed() > self.spec.join_timeout).then(|| {
                         format!(
-                            "only {n} of {} workers joined within {:?}",
-                            self.spec.world_size, self.spec.join_timeout
+                            "only {n} of {} workers joined generation {} within {:?}",
+                            self.spec.world_size, st.generation, self.spec.join_timeout
                         )
                     })
                 } else {
@@ -346,11 +485,18 @@ impl Job {
                             )
                         })
                     })
-                }
+                };
+                (st.generation, st.formed, cause)
             };
-            if let Some(c) = cause {
-                self.fault(c);
-                return;
+            match cause {
+                // A silent rank of a formed group is a lost worker; a group that does
+                // not form in time ends the job.
+                Some(c) if lost => self.lose_worker(generation, "heartbeat", c),
+                Some(c) => {
+                    self.fault(c);
+                    return;
+                }
+                None => {}
             }
         }
     }
@@ -359,12 +505,18 @@ impl Job {
     fn start_solve(self: &Arc<Self>, round: u64) {
         let job = self.clone();
         tokio::spawn(async move {
-            let (parts, cells, move_cost) = {
+            let (generation, parts, cells, move_cost) = {
                 let mut st = job.lock();
+                let generation = st.generation;
                 let Some(r) = st.rounds.get_mut(&round) else {
                     return;
                 };
-                (std::mem::take(&mut r.parts), r.cells.take(), r.move_cost)
+                (
+                    generation,
+                    std::mem::take(&mut r.parts),
+                    r.cells.take(),
+                    r.move_cost,
+                )
             };
             let allocator = job.spec.allocator.clone();
             let solved = tokio::task::spawn_blocking(move || -> Result<Solved> {
@@ -396,9 +548,14 @@ impl Job {
                     if let Ok(mut x) = job.stats.lock() {
                         x.reallocations += 1;
                     }
-                    if let Some(r) = job.lock().rounds.get_mut(&round) {
+                    let mut st = job.lock();
+                    // A solve of an ended generation is dropped with it.
+                    if st.generation == generation
+                        && let Some(r) = st.rounds.get_mut(&round)
+                    {
                         r.result = Some(Arc::new(s));
                     }
+                    drop(st);
                     job.bump();
                 }
                 Ok(Err(e)) => job.fault(format!("reallocation round {round}: {e}")),
@@ -411,16 +568,25 @@ impl Job {
     fn start_commit(self: &Arc<Self>, step: u64) {
         let job = self.clone();
         tokio::spawn(async move {
-            let (dir, meta) = {
+            let (generation, dir, meta) = {
                 let st = job.lock();
                 let Some(c) = st.commits.get(&step) else {
                     return;
                 };
-                (c.dir.clone(), c.meta.clone().unwrap_or_default())
+                (
+                    st.generation,
+                    c.dir.clone(),
+                    c.meta.clone().unwrap_or_default(),
+                )
             };
             let r: Result<()> = async {
                 let loc = Location::parse(&dir)?;
-                if !loc.url().starts_with(job.spec.out.url()) {
+                let expected = job
+                    .spec
+                    .out
+                    .join("checkpoints")
+                    .join(&checkpoint::dir_name(step));
+                if loc.url() != expected.url() {
                     return Err(Error::Control(format!(
                         "checkpoint {dir} lies outside the run {}",
                         job.spec.out
@@ -443,9 +609,14 @@ impl Job {
                     if let Ok(mut x) = job.stats.lock() {
                         x.checkpoints_committed += 1;
                     }
-                    if let Some(c) = job.lock().commits.get_mut(&step) {
-                        c.done = true;
+                    let mut st = job.lock();
+                    if st.generation == generation {
+                        st.resume_from = Some(dir.clone());
+                        if let Some(c) = st.commits.get_mut(&step) {
+                            c.done = true;
+                        }
                     }
+                    drop(st);
                     job.bump();
                 }
                 Err(e) => job.fault(format!("committing the checkpoint of step {step}: {e}")),
@@ -480,7 +651,7 @@ impl Coordinator for Service {
             )));
         }
         let w = job.spec.world_size;
-        let rank = {
+        let (rank, generation) = {
             let mut st = job.lock();
             if let Some(f) = &st.failed {
                 return Err(Status::aborted(f.clone()));
@@ -515,25 +686,31 @@ impl Coordinator for Service {
                 addr: r.collective_addr.clone(),
                 last_seen: Instant::now(),
                 step: 0,
+                pid: r.pid,
             });
             tracing::info!(rank, addr = %r.collective_addr, host = %r.host, pid = r.pid, "worker joined");
             if st.members.iter().all(|m| m.is_some()) {
+                // Early joiners waited for the others: their heartbeat clocks start now.
+                let now = Instant::now();
+                for m in st.members.iter_mut().flatten() {
+                    m.last_seen = now;
+                }
                 st.formed = true;
                 tracing::info!(world = w, generation = st.generation, "group formed");
             }
-            rank
+            (rank, st.generation)
         };
         job.bump();
         let spec = &job.spec;
-        let (generation, peers) = job
-            .wait_for(|st| {
+        let (peers, resume_from) = job
+            .wait_for(generation, |st| {
                 st.formed.then(|| {
                     Ok((
-                        st.generation,
                         st.members
                             .iter()
                             .map(|m| m.as_ref().map(|m| m.addr.clone()).unwrap_or_default())
                             .collect::<Vec<_>>(),
+                        st.resume_from.clone(),
                     ))
                 })
             })
@@ -550,11 +727,8 @@ impl Coordinator for Service {
             config_toml: spec.cfg.to_toml(),
             data: spec.data.url().to_string(),
             out: spec.out.url().to_string(),
-            checkpoint: spec
-                .checkpoint
-                .as_ref()
-                .map(|c| c.url().to_string())
-                .unwrap_or_default(),
+            checkpoint: resume_from.unwrap_or_default(),
+            restart: generation > 1,
             backend: spec.backend.clone(),
             heartbeat_ms: spec.heartbeat.as_millis() as u64,
             collective_timeout_ms: spec.collective_timeout.as_millis() as u64,
@@ -569,14 +743,20 @@ impl Coordinator for Service {
         let r = req.into_inner();
         let mut st = self.job.lock();
         if let Some(f) = &st.failed {
-            return Ok(Response::new(HeartbeatReply { abort: f.clone() }));
+            return Ok(Response::new(HeartbeatReply {
+                abort: f.clone(),
+                stop: false,
+            }));
         }
         self.job.check(&st, r.generation, r.rank)?;
         if let Some(m) = st.members[r.rank as usize].as_mut() {
             m.last_seen = Instant::now();
             m.step = r.step;
         }
-        Ok(Response::new(HeartbeatReply::default()))
+        Ok(Response::new(HeartbeatReply {
+            abort: String::new(),
+            stop: self.job.stop.load(std::sync::atomic::Ordering::Relaxed),
+        }))
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
@@ -596,15 +776,19 @@ impl Coordinator for Service {
             None => {
                 let per_stream = job.spec.train_tokens / r.streams.max(1);
                 acc.geometry = Some(geometry);
-                acc.expected = per_stream.saturating_sub(1).saturating_sub(r.cursor) * r.streams;
+                acc.expected = per_stream
+                    .saturating_sub(1)
+                    .saturating_sub(r.cursor)
+                    .saturating_mul(r.streams);
             }
             Some(g) if g != geometry => {
                 let why = format!(
                     "epoch {}: rank {} asks for {} streams from position {}, another rank for {} from {}",
                     r.epoch, r.rank, r.streams, r.cursor, g.0, g.1
                 );
+                fail_locked(&mut st, why.clone());
                 drop(st);
-                job.fault(why.clone());
+                job.bump();
                 return Err(Status::aborted(why));
             }
             Some(_) => {}
@@ -641,7 +825,7 @@ impl Coordinator for Service {
                 )));
             }
             acc.done[r.rank as usize] = true;
-            acc.tokens += r.tokens;
+            acc.tokens = acc.tokens.saturating_add(r.tokens);
             let mut bad = None;
             if acc.done.iter().all(|&d| d) && !acc.checked {
                 acc.checked = true;
@@ -650,23 +834,32 @@ impl Coordinator for Service {
                         "epoch {}: the ranks consumed {} tokens, the epoch's leases hold {}",
                         r.epoch, acc.tokens, acc.expected
                     ));
+                    fail_locked(&mut st, bad.clone().unwrap_or_default());
                 } else {
-                    tracing::info!(epoch = r.epoch, tokens = acc.tokens, "epoch accounted");
+                    // The tokens before the lease's cursor were consumed by an earlier
+                    // generation or session and are certified by the checkpoint the
+                    // cursor comes from; those since were counted here.
+                    let (streams, cursor) = acc.geometry.unwrap_or_default();
+                    let epoch_tokens = acc.tokens.saturating_add(cursor.saturating_mul(streams));
+                    tracing::info!(epoch = r.epoch, tokens = epoch_tokens, "epoch accounted");
                     if let Ok(mut x) = job.stats.lock() {
-                        x.epochs_accounted += 1;
-                        x.tokens_accounted += acc.tokens;
+                        // An epoch finished again after a rollback replaces its count:
+                        // the model kept only the second pass.
+                        x.epoch_tokens.insert(r.epoch, epoch_tokens);
+                        x.epochs_accounted = x.epoch_tokens.len() as u64;
+                        x.tokens_accounted = x.epoch_tokens.values().sum();
                     }
                 }
             }
             bad
         };
-        match mismatch {
-            Some(why) => job.fault(why),
-            None => job.bump(),
+        job.bump();
+        if let Some(why) = mismatch {
+            return Err(Status::aborted(why));
         }
         let epoch = r.epoch;
         let tokens = job
-            .wait_for(|st| {
+            .wait_for(r.generation, |st| {
                 let acc = st.epochs.get(&epoch)?;
                 acc.done.iter().all(|&d| d).then_some(Ok(acc.tokens))
             })
@@ -684,6 +877,8 @@ impl Coordinator for Service {
         let mut tables: Option<LossTables> = None;
         let mut cells: Vec<u32> = Vec::new();
         let mut head: Option<TableChunk> = None;
+        // Elements received per kind: a push must cover every table exactly.
+        let mut got = [0usize; 4];
         while let Some(ch) = s.next().await {
             let ch = ch?;
             let h = match &head {
@@ -691,6 +886,23 @@ impl Coordinator for Service {
                 None => {
                     let st = job.lock();
                     job.check(&st, ch.generation, ch.rank)?;
+                    // Refuse before allocating anything: a second push of the rank, or
+                    // tables of another size than this job's.
+                    if st.rounds.get(&ch.round).is_some_and(|r| {
+                        r.solving || r.parts.get(ch.rank as usize).is_some_and(|p| p.is_some())
+                    }) {
+                        return Err(Status::already_exists(format!(
+                            "rank {} pushed round {} already",
+                            ch.rank, ch.round
+                        )));
+                    }
+                    drop(st);
+                    if ch.vocab != job.spec.vocab as u64 {
+                        return Err(Status::invalid_argument(format!(
+                            "tables of {} words for a vocabulary of {}",
+                            ch.vocab, job.spec.vocab
+                        )));
+                    }
                     let (v, rr, cc) = (ch.vocab as usize, ch.rows as usize, ch.cols as usize);
                     let c = &job.spec.cfg;
                     let d = lightrnn_kernels::ModelDims::square(v, c.emb, c.hidden, c.layers)
@@ -699,6 +911,13 @@ impl Coordinator for Service {
                         return Err(Status::invalid_argument(format!(
                             "tables of {v} x ({rr} + {cc}) do not fit this job's {} x {} table",
                             d.rows, d.cols
+                        )));
+                    }
+                    let bytes = (v * (rr + cc) * 4) as f64;
+                    if bytes > c.realloc_max_table_gib * (1u64 << 30) as f64 {
+                        return Err(Status::resource_exhausted(format!(
+                            "loss tables of {:.1} GiB exceed realloc_max_table_gib",
+                            bytes / (1u64 << 30) as f64
                         )));
                     }
                     tables = Some(LossTables {
@@ -718,10 +937,18 @@ impl Coordinator for Service {
             if (ch.generation, ch.rank, ch.round) != (h.generation, h.rank, h.round) {
                 return Err(Status::invalid_argument("chunks of several pushes in one"));
             }
-            let t = tables.as_mut().expect("set with head");
+            let Some(t) = tables.as_mut() else {
+                return Err(Status::internal("tables missing after the first chunk"));
+            };
             let off = ch.offset as usize;
             let bad = || Status::invalid_argument(format!("table chunk at {off} out of range"));
             let kind = TableKind::try_from(ch.kind).unwrap_or(TableKind::Unspecified);
+            let size = if kind == TableKind::Counts { 8 } else { 4 };
+            if !ch.data.len().is_multiple_of(size) {
+                return Err(Status::invalid_argument("table chunk of a partial element"));
+            }
+            let end = off.checked_add(ch.data.len() / size).ok_or_else(bad)?;
+            got[(kind as usize).clamp(1, 4) - 1] += end - off;
             match kind {
                 TableKind::Rows | TableKind::Cols => {
                     let dst = if kind == TableKind::Rows {
@@ -729,22 +956,19 @@ impl Coordinator for Service {
                     } else {
                         &mut t.lc
                     };
-                    let n = ch.data.len() / 4;
-                    let dst = dst.get_mut(off..off + n).ok_or_else(bad)?;
+                    let dst = dst.get_mut(off..end).ok_or_else(bad)?;
                     for (d, b) in dst.iter_mut().zip(ch.data.chunks_exact(4)) {
                         *d = f32::from_le_bytes(b.try_into().expect("4 bytes"));
                     }
                 }
                 TableKind::Counts => {
-                    let n = ch.data.len() / 8;
-                    let dst = t.counts.get_mut(off..off + n).ok_or_else(bad)?;
+                    let dst = t.counts.get_mut(off..end).ok_or_else(bad)?;
                     for (d, b) in dst.iter_mut().zip(ch.data.chunks_exact(8)) {
                         *d = u64::from_le_bytes(b.try_into().expect("8 bytes"));
                     }
                 }
                 TableKind::Cells => {
-                    let n = ch.data.len() / 4;
-                    if off != cells.len() || off + n > t.vocab {
+                    if off != cells.len() || end > t.vocab {
                         return Err(bad());
                     }
                     cells.extend(
@@ -761,6 +985,18 @@ impl Coordinator for Service {
         let (Some(h), Some(t)) = (head, tables) else {
             return Err(Status::invalid_argument("an empty push"));
         };
+        // Chunks may overlap or miss parts: the element counts must match exactly.
+        if got[0] != t.lr.len() || got[1] != t.lc.len() || got[2] != t.counts.len() {
+            return Err(Status::invalid_argument(format!(
+                "an incomplete push: {} of {} row, {} of {} column, {} of {} count elements",
+                got[0],
+                t.lr.len(),
+                got[1],
+                t.lc.len(),
+                got[2],
+                t.counts.len()
+            )));
+        }
         let w = job.spec.world_size;
         let all_in = {
             let mut st = job.lock();
@@ -814,7 +1050,9 @@ impl Coordinator for Service {
         }
         let round = r.round;
         let solved = job
-            .wait_for(|st| st.rounds.get(&round).and_then(|x| x.result.clone()).map(Ok))
+            .wait_for(r.generation, |st| {
+                st.rounds.get(&round).and_then(|x| x.result.clone()).map(Ok)
+            })
             .await?;
         let report = serde_json::to_string(&solved.report)
             .map_err(|e| Status::internal(format!("report: {e}")))?;
@@ -852,10 +1090,17 @@ impl Coordinator for Service {
         job.count_rpc();
         let r = req.into_inner();
         let w = job.spec.world_size;
+        valid_sum(&r.params_sha256)?;
         let ready = {
             let mut st = job.lock();
             job.check(&st, r.generation, r.rank)?;
             let c = st.commits.entry(r.step).or_default();
+            if c.done || c.arrived.get(r.rank as usize) == Some(&true) {
+                return Err(Status::failed_precondition(format!(
+                    "step {} is committed already, or rank {} asked twice",
+                    r.step, r.rank
+                )));
+            }
             if c.arrived.is_empty() {
                 c.arrived = vec![false; w];
                 c.sums = vec![String::new(); w];
@@ -879,8 +1124,9 @@ impl Coordinator for Service {
             if ready && let Some(why) = diverged(&c.sums) {
                 // Never commit a checkpoint the ranks disagree on.
                 let why = format!("step {}: {why}", r.step);
+                fail_locked(&mut st, why.clone());
                 drop(st);
-                job.fault(why.clone());
+                job.bump();
                 return Err(Status::aborted(why));
             }
             if ready {
@@ -895,8 +1141,10 @@ impl Coordinator for Service {
             job.start_commit(r.step);
         }
         let step = r.step;
-        job.wait_for(|st| st.commits.get(&step).and_then(|c| c.done.then_some(Ok(()))))
-            .await?;
+        job.wait_for(r.generation, |st| {
+            st.commits.get(&step).and_then(|c| c.done.then_some(Ok(())))
+        })
+        .await?;
         Ok(Response::new(CommitReply {}))
     }
 
@@ -905,6 +1153,7 @@ impl Coordinator for Service {
         job.count_rpc();
         let r = req.into_inner();
         {
+            valid_sum(&r.params_sha256)?;
             let mut st = job.lock();
             job.check(&st, r.generation, r.rank)?;
             st.finished[r.rank as usize] = true;
@@ -915,9 +1164,11 @@ impl Coordinator for Service {
             if st.finished.iter().all(|&f| f) {
                 match diverged(&st.final_sums) {
                     Some(why) => {
+                        let why = format!("at the end of the run: {why}");
+                        fail_locked(&mut st, why.clone());
                         drop(st);
-                        job.fault(format!("at the end of the run: {why}"));
-                        return Ok(Response::new(FinishReply {}));
+                        job.bump();
+                        return Err(Status::aborted(why));
                     }
                     None => {
                         if let Ok(mut x) = job.stats.lock() {
@@ -939,16 +1190,12 @@ impl Coordinator for Service {
                 return Err(Status::failed_precondition("stale generation"));
             }
         }
-        self.job.fault(format!(
-            "rank {} failed ({}): {}",
-            r.rank,
-            if r.retryable {
-                "retryable"
-            } else {
-                "not retryable"
-            },
-            r.error
-        ));
+        let why = format!("rank {} failed: {}", r.rank, r.error);
+        if r.retryable {
+            self.job.lose_worker(r.generation, "worker_failed", why);
+        } else {
+            self.job.fault(why);
+        }
         Ok(Response::new(FailReply {}))
     }
 }
@@ -966,25 +1213,26 @@ pub fn bind(addr: std::net::SocketAddr) -> Result<TcpIncoming> {
         .map_err(|e| Error::Io(format!("coordinator: cannot listen on {addr}: {e}")))
 }
 
+/// What watches the job from outside (worker processes, signals) and reports to it
+/// through [`Job::process_exited`], [`Job::lose_worker`] or [`Job::fault`].
+pub type External =
+    Box<dyn FnOnce(Arc<Job>) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
 /// Serve `spec`'s job on `incoming` until every rank has finished (the summary) or the
-/// job fails (the first cause). `external` ends the job when it completes, with its
-/// output as the cause (a worker process that died, a signal).
+/// job fails (the first cause), re-forming the group after lost workers.
 pub async fn run_job(
     spec: JobSpec,
     incoming: TcpIncoming,
-    external: Pin<Box<dyn std::future::Future<Output = String> + Send>>,
+    external: External,
 ) -> Result<JobOutcome> {
     let job = Job::new(spec);
-    let watcher = {
-        let job = job.clone();
-        tokio::spawn(async move {
-            let why = external.await;
-            job.fault(why);
-        })
-    };
-    let svc = CoordinatorServer::new(Service { job: job.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let watcher = tokio::spawn(external(job.clone()));
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(Service { job: job.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        lightrnn_proto::auth::RequireToken::new(job.spec.token.as_deref()),
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -995,14 +1243,22 @@ pub async fn run_job(
     );
     let monitor = tokio::spawn(job.clone().monitor());
     let w = job.spec.world_size;
-    let outcome = job
-        .wait_for(|st| {
-            st.finished
-                .iter()
-                .all(|&f| f)
-                .then(|| Ok(st.summary.clone().unwrap_or_default()))
-        })
-        .await;
+    // Across generations: a re-formed group ends the wait of the one before.
+    let outcome = loop {
+        let generation = job.generation();
+        let r = job
+            .wait_for(generation, |st| {
+                st.finished
+                    .iter()
+                    .all(|&f| f)
+                    .then(|| Ok(st.summary.clone().unwrap_or_default()))
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => continue,
+            r => break r,
+        }
+    };
     monitor.abort();
     watcher.abort();
     // Let the last replies (Finish, Fail, heartbeats answering `abort`) reach the workers.
@@ -1013,7 +1269,12 @@ pub async fn run_job(
     }))
     .await;
     let _ = stop_tx.send(());
-    let _ = server.await;
+    // A worker stalled in a stream must not keep the coordinator from exiting.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
+        Err(_) => tracing::warn!("gRPC requests still open after the job ended: dropped"),
+        _ => {}
+    }
     let stats = job.stats.lock().map(|s| s.clone()).unwrap_or_default();
     match outcome {
         Ok(json) => {

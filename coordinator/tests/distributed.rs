@@ -176,64 +176,151 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn a_killed_worker_ends_the_job_with_an_error_not_a_hang() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 6000);
-    let port = free_port().to_string();
-    let out = tmp.path().join("run");
-    let coord = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
-        .args([
-            "coordinator",
-            "--preset",
-            "tiny",
-            "--set",
-            "epochs=50",
-            "--set",
-            "threads=1",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--world-size",
-            "2",
-            "--heartbeat-ms",
-            "200",
-            "--collective-timeout-s",
-            "5",
-        ])
+/// A coordinator for 2 workers on a free loopback port, with fast fault detection.
+fn coordinator(data: &Path, out: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "coordinator",
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=12",
+        "--set",
+        "threads=1",
+        "--set",
+        "checkpoint_every=40",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--world-size",
+        "2",
+        "--heartbeat-ms",
+        "200",
+        "--collective-timeout-s",
+        "5",
+        "--join-timeout-s",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let worker = |rank: &str| {
-        Command::new(env!("CARGO_BIN_EXE_lightrnn"))
-            .args(["worker", "--coordinator", &url, "--threads", "1"])
-            .env("RANK", rank)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let w0 = worker("0");
-    let mut w1 = worker("1");
-    // Wait until the job trains (rank 0 writes metrics), then kill rank 1 outright.
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+fn worker(url: &str, rank: usize) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .args(["worker", "--coordinator", url, "--threads", "1"])
+        .env("RANK", rank.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until rank 0 has committed a checkpoint: the group trains.
+fn wait_training(out: &Path) {
     let t0 = Instant::now();
-    while !out.join("metrics.jsonl").exists() {
+    while !out.join("checkpoints").exists() {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the job never started"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn chaos_a_worker_killed_at_a_random_step_is_replaced_and_the_run_ends_as_without_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    // The fault-free run.
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &[]);
+    let ws = [worker(&url, 0), worker(&url, 1)];
+    let c = c.wait_with_output().unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let clean = json(&String::from_utf8_lossy(&c.stdout));
+    for w in ws {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    // Three trials: SIGKILL one worker after a seeded random delay, start a replacement.
+    let mut x = 2024u64;
+    let mut restarted = 0;
+    for trial in 0..3 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(50 + (x >> 33) % 600);
+        let victim = ((x >> 20) % 2) as usize;
+        let out = tmp.path().join(format!("chaos-{trial}"));
+        let (c, url) = coordinator(&data, &out, &[]);
+        let mut ws = vec![worker(&url, 0), worker(&url, 1)];
+        wait_training(&out);
+        std::thread::sleep(delay);
+        ws[victim].kill().unwrap();
+        ws[victim].wait().unwrap();
+        ws.push(worker(&url, victim));
+        let c = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&c.stderr);
+        assert!(c.status.success(), "trial {trial}: {err}");
+        let s = json(&String::from_utf8_lossy(&c.stdout));
+        for w in ws
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, w)| w)
+        {
+            let o = w.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        if s["generation"] == 1 {
+            // The run ended before the kill landed: nothing to check.
+            continue;
+        }
+        assert!(err.contains("generation ended"), "{err}");
+        restarted += 1;
+        // Same world size, resumed from a committed checkpoint: the run ends exactly
+        // where the fault-free one does, and every epoch's tokens were counted once.
+        for k in [
+            "valid_ppl",
+            "test_ppl",
+            "train_loss",
+            "steps",
+            "tokens_accounted",
+        ] {
+            assert_eq!(s[k], clean[k], "trial {trial}: {k}: {s} vs {clean}");
+        }
+        assert_eq!(s["params_sha256"], clean["params_sha256"]);
+    }
+    assert!(
+        restarted >= 2,
+        "only {restarted} of 3 kills landed before the end"
+    );
+}
+
+#[test]
+fn with_no_restarts_left_a_killed_worker_ends_the_job_with_an_error_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    let out = tmp.path().join("run");
+    let (c, url) = coordinator(&data, &out, &["--max-restarts", "0"]);
+    let w0 = worker(&url, 0);
+    let mut w1 = worker(&url, 1);
+    wait_training(&out);
     w1.kill().unwrap();
     w1.wait().unwrap();
     let killed = Instant::now();
-    let c = coord.wait_with_output().unwrap();
+    let c = c.wait_with_output().unwrap();
     let w0 = w0.wait_with_output().unwrap();
     assert!(
         killed.elapsed() < Duration::from_secs(30),
@@ -242,16 +329,17 @@ fn a_killed_worker_ends_the_job_with_an_error_not_a_hang() {
     );
     let err = String::from_utf8_lossy(&c.stderr);
     assert_eq!(c.status.code(), Some(1), "{err}");
-    assert!(err.contains("rank"), "{err}");
+    assert!(err.contains("rank") && err.contains("giving up"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!w0.status.success());
     assert!(!String::from_utf8_lossy(&w0.stderr).contains("panicked"));
 }
 
 #[test]
-fn stale_generations_and_strangers_are_refused() {
+fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
     use lightrnn_coordinator::server::{JobSpec, bind, run_job};
     use lightrnn_proto::CoordinatorClient;
+    use lightrnn_proto::auth::BearerToken;
     use lightrnn_proto::v1::{FailRequest, HeartbeatRequest, JoinRequest};
     use lightrnn_worker::config::TrainConfig;
     use lightrnn_worker::store::Location;
@@ -262,7 +350,7 @@ fn stale_generations_and_strangers_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = TrainConfig::preset("tiny").unwrap();
-        let spec = JobSpec::prepare(
+        let mut spec = JobSpec::prepare(
             cfg,
             &Location::parse(data.to_str().unwrap()).unwrap(),
             &Location::parse(tmp.path().join("run").to_str().unwrap()).unwrap(),
@@ -271,10 +359,26 @@ fn stale_generations_and_strangers_are_refused() {
         )
         .await
         .unwrap();
+        let token = "a-test-token-of-some-length";
+        spec.token = Some(token.into());
         let incoming = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let url = format!("http://{}", incoming.local_addr().unwrap());
-        let job = tokio::spawn(run_job(spec, incoming, Box::pin(std::future::pending())));
-        let mut c = CoordinatorClient::connect(url).await.unwrap();
+        let job = tokio::spawn(run_job(
+            spec,
+            incoming,
+            Box::new(|_| Box::pin(std::future::pending())),
+        ));
+        let client = |t: Option<&'static str>| {
+            let url = url.clone();
+            async move {
+                let ch = tonic::transport::Endpoint::from_shared(url)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                CoordinatorClient::with_interceptor(ch, BearerToken::new(t).unwrap())
+            }
+        };
         let join = |rank: i64, version: &str| JoinRequest {
             rank,
             collective_addr: "127.0.0.1:1".into(),
@@ -282,6 +386,16 @@ fn stale_generations_and_strangers_are_refused() {
             pid: 1,
             version: version.into(),
         };
+        // No token, a wrong token: refused before anything else is looked at.
+        for t in [None, Some("a-wrong-token-of-some-length")] {
+            let e = client(t)
+                .await
+                .join(join(-1, env!("CARGO_PKG_VERSION")))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+        let mut c = client(Some(token)).await;
         let e = c.join(join(-1, "0.0.0-other")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         let r = c
@@ -329,4 +443,107 @@ fn stale_generations_and_strangers_are_refused() {
         let e = r.err().expect("the job failed").to_string();
         assert!(e.contains("disk on fire") && e.contains("rank 0"), "{e}");
     });
+}
+
+#[test]
+fn sigterm_stops_at_a_common_step_with_a_checkpoint_and_the_resumed_run_ends_as_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    for workers in [Some("2"), None] {
+        let args = |out: &Path, resume: bool| {
+            let mut a: Vec<String> = [
+                "train",
+                "--preset",
+                "tiny",
+                "--set",
+                "epochs=10",
+                "--set",
+                "threads=1",
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(n) = workers {
+                a.extend(["--workers".into(), n.into()]);
+            }
+            if resume {
+                a.push("--resume".into());
+            }
+            a
+        };
+        let name = workers.unwrap_or("alone");
+        let clean_out = tmp.path().join(format!("clean-{name}"));
+        let a = args(&clean_out, false);
+        let (code, out, err) = lightrnn(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{err}");
+        let clean = json(&out);
+        // Stop after the first epoch's checkpoint, in the middle of the second epoch or so.
+        let run = tmp.path().join(format!("stopped-{name}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+            .args(args(&run, false))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_training(&run);
+        std::thread::sleep(Duration::from_millis(150));
+        let sent = Instant::now();
+        let k = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(k.success());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(
+            sent.elapsed() < Duration::from_secs(25),
+            "{name}: past the grace period"
+        );
+        let stopped = json(&String::from_utf8_lossy(&o.stdout));
+        if stopped["stopped_by"] == "epochs" {
+            continue; // finished before the signal: nothing to check
+        }
+        assert_eq!(stopped["stopped_by"], "signal", "{name}: {stopped}");
+        assert!(stopped["steps"].as_u64().unwrap() < clean["steps"].as_u64().unwrap());
+        // The same command with --resume continues from the stop's checkpoint and ends
+        // exactly where the uninterrupted run did.
+        let a = args(&run, true);
+        let (code, out, err) = lightrnn(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{name}: {err}");
+        let resumed = json(&out);
+        for k in ["steps", "valid_ppl", "test_ppl", "train_loss"] {
+            assert_eq!(resumed[k], clean[k], "{name}: {k}: {resumed} vs {clean}");
+        }
+        if workers.is_some() {
+            assert_eq!(resumed["params_sha256"], clean["params_sha256"]);
+        }
+    }
+}
+
+#[test]
+fn a_coordinator_beyond_loopback_needs_a_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 300);
+    let (code, _, err) = lightrnn(&[
+        "coordinator",
+        "--preset",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("run").to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+        "--world-size",
+        "1",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("needs a bearer token"), "{err}");
 }

@@ -14,7 +14,7 @@ fn cli(args: &[&str], rt: &tokio::runtime::Runtime) -> Result<Value, String> {
     let mut all = vec!["lightrnn"];
     all.extend_from_slice(args);
     let c = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
-    let out = run(&c, rt.handle()).map_err(|e| format!("{e:#}"))?;
+    let out = run(&c, rt.handle(), &Default::default()).map_err(|e| format!("{e:#}"))?;
     serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
 }
 
@@ -263,6 +263,7 @@ fn memory_store_run_and_bad_text() {
         backend: lightrnn_kernels::BackendKind::Cpu,
         progress: false,
         allocator: None,
+        stop: None,
     };
     let handle = rt.handle().clone();
     let s = std::thread::spawn(move || train(&cfg, &opts, &handle))
@@ -348,7 +349,7 @@ fn bench_and_config_commands() {
         "epochs=9",
     ];
     let c = Cli::try_parse_from(all.drain(..)).unwrap();
-    let text = run(&c, rt.handle()).unwrap();
+    let text = run(&c, rt.handle(), &Default::default()).unwrap();
     let cfg = TrainConfig::from_toml(&text, "printed").unwrap();
     assert_eq!((cfg.epochs, cfg.hidden), (9, 200));
     assert!(

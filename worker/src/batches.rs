@@ -130,6 +130,11 @@ impl Batches {
         (self.n - 1).div_ceil(self.t as u64)
     }
 
+    /// Whether the pass is over (no batch left).
+    pub fn exhausted(&self) -> bool {
+        self.pos >= self.n - 1
+    }
+
     /// Position of the next input inside each stream (the resume cursor).
     pub fn position(&self) -> u64 {
         self.pos

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::runtime::Handle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use lightrnn_kernels::LossTables;
 use lightrnn_kernels::backend::BackendKind;
+use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
     AllocationRequest, CommitRequest, EpochDoneRequest, FailRequest, FinishRequest,
     HeartbeatRequest, JoinReply, JoinRequest, LeaseRequest, TableChunk, TableKind,
@@ -51,13 +52,19 @@ pub struct WorkerOptions {
     pub threads: Option<usize>,
     /// How long to keep trying to reach the coordinator, and to wait for the group.
     pub connect_timeout: Duration,
+    /// Set by this process's signal handler, or by the coordinator through heartbeats:
+    /// stop at the next step all ranks agree on, with a checkpoint.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The coordinator's bearer token, when it requires one.
+    pub token: Option<String>,
 }
 
 fn status(what: &str, s: tonic::Status) -> Error {
     Error::Control(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
-async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>> {
+async fn connect(url: &str, timeout: Duration, token: Option<&str>) -> Result<Client> {
+    let auth = BearerToken::new(token).map_err(Error::Config)?;
     let ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::Config(format!("coordinator address {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -67,7 +74,7 @@ async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Chann
     loop {
         match ep.connect().await {
             Ok(ch) => {
-                return Ok(CoordinatorClient::new(ch)
+                return Ok(CoordinatorClient::with_interceptor(ch, auth)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES));
             }
@@ -129,7 +136,7 @@ impl Shared {
 
 /// [`Control`] through the coordinator's RPCs.
 pub struct RemoteControl {
-    client: CoordinatorClient<Channel>,
+    client: Client,
     handle: Handle,
     generation: u64,
     rank: u32,
@@ -139,7 +146,7 @@ pub struct RemoteControl {
 
 impl RemoteControl {
     /// Run one RPC on the runtime from the training thread, timing it.
-    fn call<T, F>(&mut self, f: impl FnOnce(CoordinatorClient<Channel>) -> F) -> Result<T>
+    fn call<T, F>(&mut self, f: impl FnOnce(Client) -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
@@ -371,11 +378,12 @@ impl Control for RemoteControl {
 /// Heartbeats every `every` until the training ends (the task is aborted) or the
 /// coordinator ends the job or stays unreachable for 3 intervals.
 async fn heartbeat(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     generation: u64,
     rank: u32,
     every: Duration,
     shared: Arc<Shared>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(every);
@@ -389,10 +397,14 @@ async fn heartbeat(
             epoch: shared.epoch.load(Ordering::Relaxed),
             cursor: shared.cursor.load(Ordering::Relaxed),
         };
-        match tokio::time::timeout(every * 2, client.heartbeat(req)).await {
+        match tokio::time::timeout(every, client.heartbeat(req)).await {
             Ok(Ok(r)) => {
                 last_ok = Instant::now();
-                let abort = r.into_inner().abort;
+                let r = r.into_inner();
+                if r.stop {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                let abort = r.abort;
                 if !abort.is_empty() {
                     shared.set_abort(format!("the job was ended: {abort}"));
                     return;
@@ -420,32 +432,90 @@ async fn heartbeat(
 /// Join the job at `opts.coordinator`, train as the rank it assigns, and return the
 /// run's summary (the same on every rank). Blocking; call it from a thread that may block.
 pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
-    let mut client = handle.block_on(connect(&opts.coordinator, opts.connect_timeout))?;
+    let mut client = handle.block_on(connect(
+        &opts.coordinator,
+        opts.connect_timeout,
+        opts.token.as_deref(),
+    ))?;
     let ip = route_to(&opts.coordinator)?;
-    let listener = TcpRing::bind(SocketAddr::new(ip, 0))?;
+    let mut rank = opts.rank;
+    // A lost peer ends a generation; the coordinator re-forms the group (or gives up,
+    // and then refuses the next join). Bounded in case it keeps re-forming.
+    for attempt in 1..=100u32 {
+        match generation(&mut client, opts, ip, &mut rank, handle) {
+            Ok(s) => return Ok(s),
+            Err((e, true)) if e.retryable() => {
+                tracing::warn!(attempt, error = %e, "the group broke: joining again");
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Err(Error::Control(
+        "the group re-formed 100 times without finishing".into(),
+    ))
+}
+
+/// Join one generation of the job and train in it. The error says whether the worker
+/// had joined (a broken generation, worth rejoining) or not (refused).
+fn generation(
+    client: &mut Client,
+    opts: &WorkerOptions,
+    ip: std::net::IpAddr,
+    rank_hint: &mut Option<usize>,
+    handle: &Handle,
+) -> std::result::Result<Summary, (Error, bool)> {
+    let refused = |e: Error| (e, false);
+    // With an advertised name the address peers use may be another interface (or NAT):
+    // listen on all of them.
+    let bind_ip = match (&opts.advertise, ip) {
+        (None, ip) => ip,
+        (Some(_), std::net::IpAddr::V4(_)) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        (Some(_), std::net::IpAddr::V6(_)) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let listener = TcpRing::bind(SocketAddr::new(bind_ip, 0)).map_err(refused)?;
     let port = listener
         .local_addr()
-        .map_err(|e| Error::Io(format!("collective listener: {e}")))?
+        .map_err(|e| refused(Error::Io(format!("collective listener: {e}"))))?
         .port();
     let advertised = match &opts.advertise {
         Some(h) => format!("{h}:{port}"),
         None => SocketAddr::new(ip, port).to_string(),
     };
     let join = JoinRequest {
-        rank: opts.rank.map_or(-1, |r| r as i64),
+        rank: rank_hint.map_or(-1, |r| r as i64),
         collective_addr: advertised.clone(),
         host: std::env::var("HOSTNAME").unwrap_or_default(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let wait = opts.connect_timeout;
-    let reply: JoinReply = handle.block_on(async {
-        tokio::time::timeout(wait, client.join(join))
-            .await
-            .map_err(|_| Error::Control(format!("the group did not form within {wait:?} (join)")))?
-            .map(|r| r.into_inner())
-            .map_err(|s| status("join", s))
-    })?;
+    let reply: JoinReply = handle
+        .block_on(async {
+            let deadline = Instant::now() + wait;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let r = tokio::time::timeout(left, client.join(join.clone()))
+                    .await
+                    .map_err(|_| {
+                        Error::Control(format!("the group did not form within {wait:?} (join)"))
+                    })?;
+                match r {
+                    Ok(r) => return Ok(r.into_inner()),
+                    // A replacement can arrive before the coordinator has noticed the
+                    // worker it replaces: the group re-forms within a few heartbeats.
+                    Err(s)
+                        if s.code() == tonic::Code::ResourceExhausted
+                            && Instant::now() + Duration::from_millis(300) < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Err(s) => return Err(status("join", s)),
+                }
+            }
+        })
+        .map_err(refused)?;
+    // A survivor keeps its rank in the next generation.
+    *rank_hint = Some(reply.rank as usize);
     let (rank, world, generation) = (
         reply.rank as usize,
         reply.world_size as usize,
@@ -453,7 +523,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     );
     let span = tracing::info_span!("worker", rank, generation, run = %reply.run_id);
     let _g = span.enter();
-    tracing::info!(world, collective = %advertised, "joined");
+    tracing::info!(world, collective = %advertised, restart = reply.restart, resume_from = %reply.checkpoint, "joined");
     let peers: Vec<SocketAddr> = reply
         .peers
         .iter()
@@ -463,7 +533,8 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| Error::Config(format!("peer address {p:?} does not resolve")))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_>>()
+        .map_err(refused)?;
     let shared = Arc::new(Shared::default());
     let hb = handle.spawn(heartbeat(
         client.clone(),
@@ -471,6 +542,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
         reply.rank,
         Duration::from_millis(reply.heartbeat_ms.max(10)),
         shared.clone(),
+        opts.stop.clone(),
     ));
     let result = (|| {
         let ring = TcpRing::connect(
@@ -486,7 +558,9 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
         let run = RunOptions {
             data: Location::parse(&reply.data)?,
             out: Location::parse(&reply.out)?,
-            resume: false,
+            // A re-formed group continues the run in place (from the checkpoint, or
+            // from the start when none was committed).
+            resume: reply.restart,
             checkpoint: if reply.checkpoint.is_empty() {
                 None
             } else {
@@ -495,6 +569,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
             backend: reply.backend.parse::<BackendKind>()?,
             progress: false,
             allocator: None,
+            stop: Some(opts.stop.clone()),
         };
         let mut dist = Dist {
             collective: Box::new(ring),
@@ -524,5 +599,5 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
             tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await
         });
     }
-    result
+    result.map_err(|e| (e, true))
 }

@@ -50,6 +50,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// The word allocator for reallocation (needed when `realloc_every` > 0).
     pub allocator: Option<Arc<dyn Allocate>>,
+    /// Set (by a signal handler, or the coordinator) to stop at the next step with a
+    /// checkpoint. The ranks of a job agree on the step through their collective.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -65,14 +68,21 @@ impl std::fmt::Debug for RunOptions {
     }
 }
 
-/// The end-of-run report (`summary.json` and the final stdout line).
+/// The end-of-run report (`summary.json` and the final stdout line). Figures a run did
+/// not measure (a stop by signal skips evaluation) are NaN, written as `null`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub valid_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub valid_ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_ppl: f64,
     /// Training words per second of this session (evaluation and checkpoints excluded).
     pub words_per_sec: f64,
@@ -96,6 +106,10 @@ pub struct Summary {
     pub control_seconds: f64,
     pub config: TrainConfig,
     pub history: Vec<EpochRecord>,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn one() -> usize {
@@ -612,9 +626,11 @@ pub fn train_rank(
             break;
         }
         let leased = dist.control.lease(st.epoch, b, cursor)?;
-        if leased.len() * world != b {
+        // Checkpoint states and loss tables assume this split.
+        if leased != share(b, world, rank) {
             return Err(Error::Config(format!(
-                "leased streams {leased:?} are not a 1/{world} share of the batch of {b}"
+                "leased streams {leased:?} are not rank {rank}'s share {:?} of the batch of {b}",
+                share(b, world, rank)
             )));
         }
         let mine = leased;
@@ -632,7 +648,11 @@ pub fn train_rank(
                 backend.reset_state(group_stream(g));
             }
         }
-        if let Some(whole) = resume_state.take() {
+        // A checkpoint taken at an epoch's end (cursor 0) holds the state the streams
+        // ended with; the next epoch starts from zeros, as an uninterrupted run does.
+        if let Some(whole) = resume_state.take()
+            && cursor > 0
+        {
             for g in 0..gpr {
                 let first = mine.start + g * gsize;
                 backend.set_state(
@@ -680,9 +700,9 @@ pub fn train_rank(
                 dist.collective.all_reduce_sum(backend.grads_flat_mut()?)?;
             }
             let norm = backend.grad_norm()?;
-            // The norm is the same on every rank (and NaN wherever a rank's loss is not
-            // finite), so all ranks stop together.
-            if !norm.is_finite() || !loss.total().is_finite() {
+            // The norm is the same on every rank (NaN wherever any rank's loss is not
+            // finite): all ranks decide alike and stop together.
+            if !norm.is_finite() {
                 return Err(Error::Diverged(format!(
                     "training loss is {} (gradient norm {norm}) at step {} (lr {}): lower lr or clip",
                     loss.total(),
@@ -736,7 +756,11 @@ pub fn train_rank(
                 bar.update(pass_step, String::new());
             }
             let at_limit = cfg.max_steps > 0 && st.step >= cfg.max_steps;
-            if cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every) && !at_limit
+            // The epoch's last batch gets its checkpoint at the epoch's end, at this step.
+            if cfg.checkpoint_every > 0
+                && st.step.is_multiple_of(cfg.checkpoint_every)
+                && !at_limit
+                && !batches.exhausted()
             {
                 let (wl, ww) = win.reduce(&mut *dist.collective)?;
                 st.epoch_loss_sum += wl;
@@ -748,6 +772,23 @@ pub fn train_rank(
                 cursor = batches.position();
                 bar.finish();
                 break 'epochs;
+            }
+            // A stop request (SIGTERM, or the coordinator's) on any rank stops all of
+            // them after this same step.
+            if let Some(flag) = &opts.stop {
+                let mut want = [f32::from(flag.load(std::sync::atomic::Ordering::Relaxed))];
+                if world > 1 {
+                    dist.collective.all_reduce_sum(&mut want)?;
+                }
+                if want[0] > 0.0 {
+                    if leader {
+                        tracing::warn!(step = st.step, "stop requested: checkpointing here");
+                    }
+                    stopped_by = "signal";
+                    cursor = batches.position();
+                    bar.finish();
+                    break 'epochs;
+                }
             }
         }
         bar.finish();
@@ -863,7 +904,8 @@ pub fn train_rank(
     st.epoch_loss_sum += wl;
     st.epoch_words += ww;
     let epochs_completed = st.history.len() as u64;
-    let partial = stopped_by == "max_steps" && st.epoch_words > 0;
+    let signalled = stopped_by == "signal";
+    let partial = (stopped_by == "max_steps" || signalled) && st.epoch_words > 0;
     let train_loss = if st.epoch_words > 0 {
         st.epoch_loss_sum / st.epoch_words as f64
     } else {
@@ -871,7 +913,14 @@ pub fn train_rank(
     };
     let mut valid_loss = st.best_valid_loss.unwrap_or(f64::INFINITY);
     let mut test_params = st.best_params.take().zip(st.best_cells.take());
-    if partial {
+    if signalled {
+        // Preemption: the checkpoint is what matters inside the grace period; the
+        // evaluations are left to the resumed run.
+        if partial {
+            checkpoint_now(&*backend, &st, cursor, dist)?;
+        }
+        handle.block_on(metrics.flush(true))?;
+    } else if partial {
         checkpoint_now(&*backend, &st, cursor, dist)?;
         let (vl, _) = evaluate(
             &mut *backend,
@@ -890,23 +939,28 @@ pub fn train_rank(
             test_params = None; // the current parameters
         }
     }
-    if let Some((p, cells)) = &test_params {
-        backend.set_params(p)?;
-        backend.set_allocation(cells)?;
-    }
-    let (test_loss, _) = evaluate(
-        &mut *backend,
-        &ds.test,
-        cfg.eval_batch,
-        cfg.bptt,
-        handle,
-        &mut *dist.collective,
-    )?;
-    metrics.push(serde_json::json!({
-        "kind": "test", "step": st.step, "epoch": st.epoch, "loss": test_loss, "ppl": ppl(test_loss),
-        "seconds": st.train_seconds,
-    }));
-    handle.block_on(metrics.flush(true))?;
+    let test_loss = if signalled {
+        f64::NAN
+    } else {
+        if let Some((p, cells)) = &test_params {
+            backend.set_params(p)?;
+            backend.set_allocation(cells)?;
+        }
+        let (test_loss, _) = evaluate(
+            &mut *backend,
+            &ds.test,
+            cfg.eval_batch,
+            cfg.bptt,
+            handle,
+            &mut *dist.collective,
+        )?;
+        metrics.push(serde_json::json!({
+            "kind": "test", "step": st.step, "epoch": st.epoch, "loss": test_loss, "ppl": ppl(test_loss),
+            "seconds": st.train_seconds,
+        }));
+        handle.block_on(metrics.flush(true))?;
+        test_loss
+    };
     let summary = Summary {
         train_loss,
         train_ppl: ppl(train_loss),
