@@ -600,7 +600,7 @@ impl Job {
                         meta.step
                     )));
                 }
-                checkpoint::commit(&loc, &meta).await
+                checkpoint::commit(&loc, &meta, true).await
             }
             .await;
             match r {

@@ -148,10 +148,10 @@ fn serialize(
     safetensors::serialize(views?, Some(info)).map_err(|e| st_err(url, e))
 }
 
-/// Write a checkpoint into `dir` (objects first, `meta.json` last).
+/// Write a checkpoint into `dir` (objects first, `meta.json` last, replacing any).
 pub async fn save(dir: &Location, req: SaveRequest<'_>) -> Result<()> {
     let meta = write_objects(dir, req).await?;
-    commit(dir, &meta).await
+    commit(dir, &meta, false).await
 }
 
 /// Write every object of a checkpoint but its manifest; returns the manifest listing them
@@ -232,8 +232,12 @@ pub async fn write_objects(dir: &Location, req: SaveRequest<'_>) -> Result<Meta>
 }
 
 /// Make the checkpoint in `dir` exist: check that every object the manifest lists is
-/// there with its size, then write `meta.json`.
-pub async fn commit(dir: &Location, meta: &Meta) -> Result<()> {
+/// there with its size, then write `meta.json` — with `create_only`, by a conditional
+/// put that never replaces another step's manifest. The same step's (a step replayed
+/// after a restart, or the epoch-end work of a run stopped at its epoch's last batch)
+/// is replaced: its objects have just been rewritten, so only the new manifest
+/// describes them.
+pub async fn commit(dir: &Location, meta: &Meta, create_only: bool) -> Result<()> {
     let url = dir.url().to_string();
     for f in &meta.files {
         match dir.head(&f.name).await? {
@@ -251,7 +255,32 @@ pub async fn commit(dir: &Location, meta: &Meta) -> Result<()> {
         }
     }
     let json = serde_json::to_vec_pretty(meta).map_err(|e| st_err(&url, e))?;
-    dir.put(META, Bytes::from(json)).await
+    if !create_only {
+        return dir.put(META, Bytes::from(json)).await;
+    }
+    if dir.put_new(META, Bytes::from(json)).await? {
+        return Ok(());
+    }
+    let existing: Option<Meta> = dir
+        .get(META)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    match existing {
+        Some(e) if e.step == meta.step => {
+            tracing::warn!(checkpoint = %url, step = meta.step, "replacing the manifest of a replayed step");
+            let json = serde_json::to_vec_pretty(meta).map_err(|e| st_err(&url, e))?;
+            dir.put(META, Bytes::from(json)).await
+        }
+        Some(e) => Err(st_err(
+            &url,
+            format!("a checkpoint of step {} is committed here already", e.step),
+        )),
+        None => Err(st_err(
+            &url,
+            "a manifest that does not parse is committed here already",
+        )),
+    }
 }
 
 /// Read and verify the checkpoint in `dir`.
@@ -467,9 +496,13 @@ pub async fn resolve(path: &Location) -> Result<Checkpoint> {
     }
 }
 
-/// Delete all but the newest `keep` checkpoints.
-pub async fn prune(run: &Location, keep: usize) -> Result<()> {
-    for (_, dir) in list(run).await?.into_iter().skip(keep) {
+/// Delete all but the newest `keep` checkpoints, and those whose step is a multiple of
+/// `keep_every` (0: none kept that way).
+pub async fn prune(run: &Location, keep: usize, keep_every: u64) -> Result<()> {
+    for (step, dir) in list(run).await?.into_iter().skip(keep) {
+        if keep_every > 0 && step.is_multiple_of(keep_every) {
+            continue;
+        }
         // meta.json first: a half-deleted checkpoint must not look valid.
         dir.delete(META).await?;
         let parent = dir.parent();

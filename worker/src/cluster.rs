@@ -121,7 +121,7 @@ impl Control for LocalControl {
     ) -> Result<()> {
         let meta =
             meta.ok_or_else(|| Error::Config("a single-rank commit needs the manifest".into()))?;
-        self.handle.block_on(checkpoint::commit(dir, meta))
+        self.handle.block_on(checkpoint::commit(dir, meta, true))
     }
     fn finish(&mut self, _summary: Option<&Summary>, _params_sha256: &str) -> Result<()> {
         Ok(())

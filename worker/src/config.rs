@@ -72,6 +72,8 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept (the newest ones).
     pub keep_checkpoints: usize,
+    /// Also keep every checkpoint whose step is a multiple of this (0: none).
+    pub keep_every: u64,
     // Word reallocation.
     /// Reallocate after every this many epochs (0 = never).
     pub realloc_every: u64,
@@ -123,6 +125,7 @@ impl Default for TrainConfig {
             log_every: 100,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            keep_every: 0,
             lr_schedule: Vec::new(),
             realloc_every: 0,
             realloc_start: 0,

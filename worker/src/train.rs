@@ -615,7 +615,11 @@ pub fn train_rank(
         let sum = params_checksum(&backend.params()?);
         dist.control.commit(st.step, &dir, meta.as_ref(), &sum)?;
         if leader {
-            handle.block_on(checkpoint::prune(&opts.out, cfg.keep_checkpoints))?;
+            handle.block_on(checkpoint::prune(
+                &opts.out,
+                cfg.keep_checkpoints,
+                cfg.keep_every,
+            ))?;
             tracing::info!(step = st.step, dir = %dir, seconds = t.elapsed().as_secs_f64(), "checkpoint written");
         }
         Ok(())
@@ -840,7 +844,7 @@ pub fn train_rank(
             if leader {
                 let dir = opts.out.join("best");
                 let meta = save(&*backend, &st, 0, &dir, None, false)?;
-                handle.block_on(checkpoint::commit(&dir, &meta))?;
+                handle.block_on(checkpoint::commit(&dir, &meta, false))?;
             }
         } else if cfg.lr_schedule.is_empty() {
             st.lr /= cfg.lr_decay;
