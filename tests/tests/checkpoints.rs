@@ -72,7 +72,8 @@ fn torn_and_hostile_checkpoints_are_errors_or_skipped_never_panics() {
     let run_loc = Location::parse(run_dir.to_str().unwrap()).unwrap();
 
     // Torn checkpoints newer than the good one: each is skipped, step 12 is used.
-    let torn: [(&str, fn(&std::path::Path)); 3] = [
+    type Tear = fn(&std::path::Path);
+    let torn: [(&str, Tear); 3] = [
         ("manifest missing", |d| {
             std::fs::remove_file(d.join("meta.json")).unwrap()
         }),
