@@ -200,15 +200,17 @@ pub struct ConfigArgs {
     pub list: bool,
 }
 
+/// What a training run is: its config, data, run directory and backend (`train` and
+/// `coordinator`).
 #[derive(Args, Debug, Clone)]
-pub struct TrainArgs {
+pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Directory (or file://, memory:// URL) with *train*, *valid*, *test* text files, or a
+    /// Directory or object-store URL with *train*, *valid*, *test* text files, or a
     /// prepared dataset.
     #[arg(long)]
     pub data: String,
-    /// Run directory: checkpoints, metrics.jsonl, summary.json.
+    /// Run directory (path or object-store URL): checkpoints, metrics.jsonl, summary.json.
     #[arg(long)]
     pub out: String,
     /// Continue from the newest checkpoint in --out.
@@ -217,6 +219,12 @@ pub struct TrainArgs {
     /// auto or cpu.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Train data-parallel in N worker processes on this machine, through a coordinator
     /// in this process (the config's batch is the global batch, split evenly).
     #[arg(long)]
@@ -347,7 +355,8 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
         Command::Coordinator(a) => crate::launch::coordinator(a, handle, stop),
         Command::Worker(a) => crate::launch::worker(a, handle, stop),
         Command::Train(a) if a.workers.is_some() => crate::launch::train_workers(a, handle, stop),
-        Command::Train(a) => {
+        Command::Train(t) => {
+            let a = &t.run;
             let cfg = resolve_config(&a.config)?;
             let opts = RunOptions {
                 data: Location::parse(&a.data)?,

@@ -17,25 +17,13 @@ use lightrnn_worker::train::Summary;
 
 use std::sync::atomic::Ordering;
 
-use crate::cli::{ConfigArgs, Stop, resolve_config};
+use crate::cli::{RunArgs, Stop, resolve_config};
 use crate::server::{External, JobSpec, bind, run_job};
 
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorArgs {
     #[command(flatten)]
-    pub config: ConfigArgs,
-    /// Text files or a prepared dataset (path or object-store URL).
-    #[arg(long)]
-    pub data: String,
-    /// Run directory (path or object-store URL).
-    #[arg(long)]
-    pub out: String,
-    /// Continue from the newest checkpoint in --out.
-    #[arg(long)]
-    pub resume: bool,
-    /// Backend the workers use: auto or cpu.
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
+    pub run: RunArgs,
     /// gRPC address to serve on.
     #[arg(long, default_value = "0.0.0.0:29400")]
     pub listen: String,
@@ -111,15 +99,14 @@ fn random_token() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn job_spec(
-    config: &ConfigArgs,
-    data: &str,
-    out: &str,
-    resume: bool,
-    backend: &str,
-    world: usize,
-    handle: &Handle,
-) -> Result<JobSpec> {
+fn job_spec(run: &RunArgs, world: usize, handle: &Handle) -> Result<JobSpec> {
+    let RunArgs {
+        config,
+        data,
+        out,
+        resume,
+        backend,
+    } = run;
     let cfg = resolve_config(config)?;
     // Fail here, not in every worker, on a backend this build lacks.
     backend.parse::<lightrnn_kernels::BackendKind>()?;
@@ -132,7 +119,7 @@ fn job_spec(
         None
     };
     let (data, out) = (Location::parse(data)?, Location::parse(out)?);
-    let mut spec = handle.block_on(JobSpec::prepare(cfg, &data, &out, resume, world))?;
+    let mut spec = handle.block_on(JobSpec::prepare(cfg, &data, &out, *resume, world))?;
     spec.allocator = allocator;
     spec.backend = backend.to_string();
     Ok(spec)
@@ -154,15 +141,7 @@ fn summary_line(s: &Summary, out: &str, stats: &crate::server::JobStats) -> Stri
 
 /// `lightrnn coordinator`: serve one job until it ends.
 pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> {
-    let mut spec = job_spec(
-        &a.config,
-        &a.data,
-        &a.out,
-        a.resume,
-        &a.backend,
-        a.world_size,
-        handle,
-    )?;
+    let mut spec = job_spec(&a.run, a.world_size, handle)?;
     spec.heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
     spec.heartbeat_timeout = spec.heartbeat * 5;
     spec.collective_timeout = Duration::from_secs(a.collective_timeout_s.max(1));
@@ -243,10 +222,8 @@ pub fn train_workers(a: &crate::cli::TrainArgs, handle: &Handle, stop: &Stop) ->
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let out = a.out.as_str();
-    let mut spec = job_spec(
-        &a.config, &a.data, out, a.resume, &a.backend, workers, handle,
-    )?;
+    let out = a.run.out.as_str();
+    let mut spec = job_spec(&a.run, workers, handle)?;
     // Only this process and its workers know the job's token.
     let job_token = random_token()?;
     spec.token = Some(job_token.clone());

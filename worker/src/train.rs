@@ -378,13 +378,17 @@ struct Window {
 }
 
 impl Window {
-    /// The job's (loss sum, words) of the window, summed over the ranks; resets it.
-    fn reduce(&mut self, coll: &mut dyn Collective) -> Result<(f64, u64)> {
+    /// The job's (loss sum, words) of the window, summed over the ranks and added to the
+    /// epoch's running sums in `st`; resets the window.
+    fn fold_into(&mut self, st: &mut LoopState, coll: &mut dyn Collective) -> Result<(f64, u64)> {
         let mut s = [self.loss, self.words as f64];
         coll.all_reduce_sum_f64(&mut s)?;
         self.loss = 0.0;
         self.words = 0;
-        Ok((s[0], s[1] as u64))
+        let (l, w) = (s[0], s[1] as u64);
+        st.epoch_loss_sum += l;
+        st.epoch_words += w;
+        Ok((l, w))
     }
 }
 
@@ -728,9 +732,7 @@ pub fn train_rank(
             dist.control
                 .progress(st.step, st.epoch, batches.position())?;
             if st.step.is_multiple_of(cfg.log_every) {
-                let (wl, ww) = win.reduce(&mut *dist.collective)?;
-                st.epoch_loss_sum += wl;
-                st.epoch_words += ww;
+                let (wl, ww) = win.fold_into(&mut st, &mut *dist.collective)?;
                 let l = wl / ww.max(1) as f64;
                 let wps = ww as f64 / win.secs.max(1e-9);
                 win.secs = 0.0;
@@ -766,9 +768,7 @@ pub fn train_rank(
                 && !at_limit
                 && !batches.exhausted()
             {
-                let (wl, ww) = win.reduce(&mut *dist.collective)?;
-                st.epoch_loss_sum += wl;
-                st.epoch_words += ww;
+                win.fold_into(&mut st, &mut *dist.collective)?;
                 checkpoint_now(&*backend, &st, batches.position(), dist)?;
             }
             if at_limit {
@@ -796,9 +796,7 @@ pub fn train_rank(
             }
         }
         bar.finish();
-        let (wl, ww) = win.reduce(&mut *dist.collective)?;
-        st.epoch_loss_sum += wl;
-        st.epoch_words += ww;
+        win.fold_into(&mut st, &mut *dist.collective)?;
         // Every rank has consumed its lease: (positions moved) x (its streams).
         let consumed = (batches.position() - epoch_cursor0) * mine.len() as u64;
         dist.control.epoch_done(st.epoch, consumed)?;
@@ -904,9 +902,7 @@ pub fn train_rank(
     // Stopped inside an epoch: keep a checkpoint to continue from, and validate where we
     // are for the report. That validation does not enter the run's state (best model, lr
     // schedule), so stopping and resuming trains exactly as an uninterrupted run.
-    let (wl, ww) = win.reduce(&mut *dist.collective)?;
-    st.epoch_loss_sum += wl;
-    st.epoch_words += ww;
+    win.fold_into(&mut st, &mut *dist.collective)?;
     let epochs_completed = st.history.len() as u64;
     let signalled = stopped_by == "signal";
     let partial = (stopped_by == "max_steps" || signalled) && st.epoch_words > 0;
