@@ -75,6 +75,10 @@ pub struct TextArgs {
     /// Longest accepted line in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_line_bytes: usize,
+    /// Lines that are not UTF-8, hold control bytes or exceed the limit: "error" stops,
+    /// "skip" leaves them out and counts them.
+    #[arg(long, default_value = "error", value_parser = ["error", "skip"])]
+    pub bad_lines: String,
     /// Inputs read at once (0 = the number of cores).
     #[arg(long, default_value_t = 0)]
     pub parallel: usize,
@@ -85,6 +89,7 @@ impl TextArgs {
         lightrnn_worker::text::TextOptions {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
+            bad_lines: self.bad_lines.parse().unwrap_or_default(),
         }
     }
 

@@ -31,6 +31,10 @@ pub struct TrainConfig {
     // Data.
     pub lowercase: bool,
     pub max_line_bytes: usize,
+    /// Lines that are not UTF-8, hold control bytes (NUL...) or exceed max_line_bytes:
+    /// "error" stops with the object and line named, "skip" leaves them out and counts
+    /// them.
+    pub bad_lines: String,
     pub shard_tokens: u64,
     // Optimisation.
     pub epochs: u64,
@@ -104,6 +108,7 @@ impl Default for TrainConfig {
             dropout: 0.0,
             lowercase: false,
             max_line_bytes: 1 << 20,
+            bad_lines: "error".into(),
             shard_tokens: crate::shards::SHARD_TOKENS,
             epochs: 1,
             max_steps: 0,
@@ -223,6 +228,7 @@ impl TrainConfig {
             );
         }
         self.optimizer_rule()?;
+        self.bad_lines.parse::<crate::text::BadLines>()?;
         if self
             .lr_schedule
             .iter()
@@ -318,6 +324,7 @@ impl TrainConfig {
         crate::text::TextOptions {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
+            bad_lines: self.bad_lines.parse().unwrap_or_default(),
         }
     }
 }

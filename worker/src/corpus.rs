@@ -19,7 +19,7 @@ use futures::StreamExt;
 use crate::dataset::VOCAB_FILE;
 use crate::shards::{Manifest, ShardWriter, Source};
 use crate::store::Location;
-use crate::text::{EOS, LineReader, TextOptions};
+use crate::text::{EOS, LineReader, Skipped, TextOptions};
 use crate::vocab::Vocab;
 use crate::{Error, Result};
 
@@ -35,6 +35,17 @@ pub struct Input {
 impl Input {
     pub fn url(&self) -> String {
         self.loc.url_of(&self.name)
+    }
+
+    /// Read the object as text, at the version listed (a changed object is refused).
+    pub async fn open(&self, opts: &TextOptions) -> Result<LineReader> {
+        LineReader::open_version(
+            &self.loc,
+            &self.name,
+            opts,
+            Some((self.size, self.e_tag.as_deref())),
+        )
+        .await
     }
 }
 
@@ -160,6 +171,8 @@ pub struct Counted {
     pub lines: u64,
     /// Words including one `<eos>` per line.
     pub tokens: u64,
+    /// Lines left out (`bad_lines = "skip"`), by reason.
+    pub skipped: Skipped,
     pub types: usize,
     pub seconds: f64,
     pub mb_per_sec: f64,
@@ -169,8 +182,8 @@ async fn count_one(
     input: Input,
     opts: TextOptions,
     meter: Arc<Meter>,
-) -> Result<(HashMap<String, u64>, u64, u64)> {
-    let mut r = LineReader::open(&input.loc, &input.name, &opts).await?;
+) -> Result<(HashMap<String, u64>, u64, u64, Skipped)> {
+    let mut r = input.open(&opts).await?;
     let mut counts: HashMap<String, u64> = HashMap::new();
     let mut line = String::new();
     let (mut tokens, mut reported) = (0u64, 0u64);
@@ -190,11 +203,14 @@ async fn count_one(
         }
     }
     meter.add(r.bytes() - reported);
-    let lines = r.line_no();
+    let lines = r.lines();
     if lines > 0 {
         *counts.entry(EOS.to_string()).or_insert(0) += lines;
     }
-    Ok((counts, tokens + lines, lines))
+    if r.skipped().lines() > 0 {
+        tracing::warn!(input = %r.url(), skipped = ?r.skipped(), "bad lines skipped");
+    }
+    Ok((counts, tokens + lines, lines, r.skipped()))
 }
 
 /// Word counts over all inputs (one `<eos>` per line), `parallel` inputs at a time.
@@ -212,11 +228,13 @@ pub async fn count_words(
     }))
     .buffer_unordered(parallel.max(1));
     let mut counts: HashMap<String, u64> = HashMap::new();
-    let (mut tokens, mut lines) = (0u64, 0u64);
+    let (mut tokens, mut lines, mut skipped) = (0u64, 0u64, Skipped::default());
     while let Some(joined) = tasks.next().await {
-        let (c, t, l) = joined.map_err(|e| Error::Data(format!("counting task failed: {e}")))??;
+        let (c, t, l, s) =
+            joined.map_err(|e| Error::Data(format!("counting task failed: {e}")))??;
         tokens += t;
         lines += l;
+        skipped.add(&s);
         if counts.is_empty() {
             counts = c;
             continue;
@@ -231,6 +249,7 @@ pub async fn count_words(
         bytes: total,
         lines,
         tokens,
+        skipped,
         types: counts.len(),
         seconds: meter.seconds(),
         mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
@@ -260,7 +279,7 @@ async fn ids_of(
     vocab: Arc<Vocab>,
     meter: Arc<Meter>,
 ) -> Result<(Vec<u32>, Source)> {
-    let mut r = LineReader::open(&input.loc, &input.name, &opts).await?;
+    let mut r = input.open(&opts).await?;
     let mut ids = Vec::with_capacity((input.size / 5) as usize);
     let mut line = String::new();
     let mut reported = 0u64;
@@ -277,7 +296,8 @@ async fn ids_of(
         url: input.url(),
         bytes: input.size,
         e_tag: input.e_tag.clone(),
-        lines: r.line_no(),
+        lines: r.lines(),
+        skipped: r.skipped(),
     };
     Ok((ids, source))
 }
@@ -291,6 +311,8 @@ pub struct Sharded {
     pub tokens: u64,
     pub shards: usize,
     pub unk_tokens: u64,
+    /// Lines left out (`bad_lines = "skip"`), by reason.
+    pub skipped: Skipped,
     pub seconds: f64,
     pub mb_per_sec: f64,
 }
@@ -329,11 +351,13 @@ pub async fn write_shards(
     let mut sources = Vec::new();
     let unk = vocab.unk();
     let mut unk_tokens = 0u64;
+    let mut skipped = Skipped::default();
     while let Some(joined) = tasks.next().await {
         let (ids, source) =
             joined.map_err(|e| Error::Data(format!("tokenising task failed: {e}")))??;
         unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
         writer.extend(&ids).await?;
+        skipped.add(&source.skipped);
         sources.push(source);
     }
     let m = writer.finish(sources, text_options).await?;
@@ -345,6 +369,7 @@ pub async fn write_shards(
         tokens: m.tokens,
         shards: m.shards.len(),
         unk_tokens,
+        skipped,
         seconds: meter.seconds(),
         mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
     };
@@ -439,5 +464,68 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("a.txt") && e.contains("line 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn skipped_lines_are_counted_the_same_in_both_passes() {
+        let src = Location::parse("memory://corpus-tests/skip").unwrap();
+        put(&src, "a.txt", "a b\nnul \u{0} here\nb c\n").await;
+        src.put("b.txt", Bytes::from_static(b"\xff\nc\n"))
+            .await
+            .unwrap();
+        let inputs = expand_inputs(&["memory://corpus-tests/skip".to_string()])
+            .await
+            .unwrap();
+        let opts = TextOptions {
+            bad_lines: crate::text::BadLines::Skip,
+            ..Default::default()
+        };
+        let out = Location::parse("memory://corpus-tests/skip-out").unwrap();
+        let (vocab, counted) = build_vocab(&inputs, &out, &opts, 0, 2, false)
+            .await
+            .unwrap();
+        // a b <eos> b c <eos> c <eos>
+        assert_eq!((counted.tokens, counted.lines), (8, 3));
+        assert_eq!(vocab.count(vocab.eos()), 3);
+        assert_eq!(
+            (counted.skipped.control_bytes, counted.skipped.invalid_utf8),
+            (1, 1)
+        );
+        let vocab = Arc::new(vocab);
+        let (m, st) = write_shards(
+            &inputs,
+            vocab.clone(),
+            &out,
+            "train",
+            1,
+            &opts,
+            serde_json::Value::Null,
+            2,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.tokens, 8);
+        assert_eq!(st.skipped, counted.skipped);
+        assert_eq!(m.sources[0].skipped.control_bytes, 1);
+        assert_eq!(m.sources[1].skipped.invalid_utf8, 1);
+        // A corpus replaced between the passes is refused, not tokenised half new.
+        put(&src, "a.txt", "a b\nb c c\n").await;
+        let e = write_shards(
+            &inputs,
+            vocab,
+            &out,
+            "train",
+            1,
+            &opts,
+            serde_json::Value::Null,
+            2,
+            false,
+        )
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("a.txt changed"), "{e}");
     }
 }

@@ -189,6 +189,7 @@ mod tests {
             text: TextOptions {
                 lowercase: false,
                 max_line_bytes: 1 << 20,
+                ..Default::default()
             },
             vocab_size: 0,
             shard_tokens: 1 << 20,

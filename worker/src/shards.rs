@@ -27,7 +27,11 @@ pub struct Source {
     pub url: String,
     pub bytes: u64,
     pub e_tag: Option<String>,
+    /// Lines read (each one `<eos>`).
     pub lines: u64,
+    /// Lines left out (`bad_lines = "skip"`), by reason.
+    #[serde(default)]
+    pub skipped: crate::text::Skipped,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -2,11 +2,16 @@
 //! word_language_model convention, and how perplexities on PTB are counted).
 //!
 //! Text is streamed from object storage chunk by chunk; a line is never longer in memory
-//! than `max_line_bytes`. Bad input is an error that names the object and the line: bytes
-//! that are not UTF-8, a line over the limit, an empty object.
+//! than `max_line_bytes`, whatever the object holds (a multi-gigabyte line is read past in
+//! constant memory). Bad lines (bytes that are not UTF-8, control bytes such as NUL, a
+//! line over the limit) are an error that names the object and the line, or, with
+//! `bad_lines = "skip"`, skipped and counted by reason. An empty object is an error, and
+//! an object is read only at the version (size and ETag) it had when it was listed, so a
+//! corpus replaced under a running job is refused rather than read half old, half new.
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
 
 use crate::store::Location;
 use crate::{Error, Result};
@@ -16,12 +21,39 @@ pub const EOS: &str = "<eos>";
 /// Any word outside the vocabulary.
 pub const UNK: &str = "<unk>";
 
+/// What to do with a line that cannot be used as text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadLines {
+    /// Stop with an error naming the object and the line.
+    #[default]
+    Error,
+    /// Leave the line out and count it (reported per reason).
+    Skip,
+}
+
+impl std::str::FromStr for BadLines {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "error" => Ok(Self::Error),
+            "skip" => Ok(Self::Skip),
+            other => Err(Error::Config(format!(
+                "bad_lines {other:?}: expected error or skip"
+            ))),
+        }
+    }
+}
+
 /// How text is read.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TextOptions {
     pub lowercase: bool,
     /// Longest accepted line in bytes (without its newline).
     pub max_line_bytes: usize,
+    #[serde(default)]
+    pub bad_lines: BadLines,
 }
 
 impl Default for TextOptions {
@@ -29,8 +61,41 @@ impl Default for TextOptions {
         Self {
             lowercase: false,
             max_line_bytes: 1 << 20,
+            bad_lines: BadLines::Error,
         }
     }
+}
+
+/// Lines left out with `bad_lines = "skip"`, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// Lines holding bytes that are not UTF-8.
+    pub invalid_utf8: u64,
+    /// Lines holding a control byte (NUL, or any other below 0x20 but tab, LF, VT, FF,
+    /// CR; or DEL).
+    pub control_bytes: u64,
+    /// Lines longer than `max_line_bytes`.
+    pub too_long: u64,
+    /// Bytes of all skipped lines.
+    pub bytes: u64,
+}
+
+impl Skipped {
+    pub fn lines(&self) -> u64 {
+        self.invalid_utf8 + self.control_bytes + self.too_long
+    }
+
+    pub fn add(&mut self, o: &Skipped) {
+        self.invalid_utf8 += o.invalid_utf8;
+        self.control_bytes += o.control_bytes;
+        self.too_long += o.too_long;
+        self.bytes += o.bytes;
+    }
+}
+
+/// A control byte that has no business in text (whitespace controls are fine).
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && !matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r')) || b == 0x7f
 }
 
 /// Reads one text object line by line.
@@ -40,40 +105,84 @@ pub struct LineReader {
     chunk: bytes::Bytes,
     at: usize,
     pending: Vec<u8>,
+    /// Physical lines seen (returned and skipped).
     line_no: u64,
+    /// Lines returned.
+    lines: u64,
     bytes: u64,
+    /// Bytes of the line being read, with its newline.
+    line_bytes: u64,
+    /// Size of the object at the version being read.
+    size: u64,
     max: usize,
     lowercase: bool,
+    bad: BadLines,
+    skipped: Skipped,
     done: bool,
 }
 
 impl LineReader {
+    /// Open object `name` at its current version.
     pub async fn open(loc: &Location, name: &str, opts: &TextOptions) -> Result<Self> {
+        Self::open_version(loc, name, opts, None).await
+    }
+
+    /// Open object `name`, which must still be the version (`size`, ETag) seen when it
+    /// was listed; `None` takes the current version.
+    pub async fn open_version(
+        loc: &Location,
+        name: &str,
+        opts: &TextOptions,
+        expect: Option<(u64, Option<&str>)>,
+    ) -> Result<Self> {
         let url = loc.url_of(name);
         let meta = loc
             .head(name)
             .await?
             .ok_or_else(|| Error::NotFound(url.clone()))?;
+        if let Some((size, tag)) = expect
+            && (meta.size != size || (tag.is_some() && meta.e_tag.as_deref() != tag))
+        {
+            return Err(Error::Data(format!(
+                "{url} changed after it was listed ({size} bytes then, {} now): the input must not change while a job reads it",
+                meta.size
+            )));
+        }
         if meta.size == 0 {
             return Err(Error::Data(format!("{url} is empty")));
         }
         Ok(Self {
             url,
-            chunks: loc.stream(name).await?,
+            chunks: loc.stream_version(name, meta.e_tag.as_deref()).await?,
             chunk: bytes::Bytes::new(),
             at: 0,
             pending: Vec::new(),
             line_no: 0,
+            lines: 0,
             bytes: 0,
+            line_bytes: 0,
+            size: meta.size,
             max: opts.max_line_bytes,
             lowercase: opts.lowercase,
+            bad: opts.bad_lines,
+            skipped: Skipped::default(),
             done: false,
         })
     }
 
-    /// Number of the line last returned (1-based).
+    /// Physical number of the line last returned or skipped (1-based).
     pub fn line_no(&self) -> u64 {
         self.line_no
+    }
+
+    /// Lines returned so far (each one `<eos>`).
+    pub fn lines(&self) -> u64 {
+        self.lines
+    }
+
+    /// Lines skipped so far, by reason.
+    pub fn skipped(&self) -> Skipped {
+        self.skipped
     }
 
     /// Bytes consumed so far.
@@ -85,10 +194,30 @@ impl LineReader {
         &self.url
     }
 
-    /// Read the next line into `out` (without its newline); false at the end.
+    /// Read the next usable line into `out` (without its newline); false at the end.
     pub async fn next_line(&mut self, out: &mut String) -> Result<bool> {
-        self.pending.clear();
         loop {
+            match self.raw_line().await? {
+                None => return Ok(false),
+                Some(None) => continue, // skipped
+                Some(Some(())) => {
+                    if self.take_line(out)? {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next physical line into `pending`: `None` at the end, `Some(None)` for an
+    /// over-long line that was skipped, `Some(Some(()))` for a line in `pending`.
+    async fn raw_line(&mut self) -> Result<Option<Option<()>>> {
+        self.pending.clear();
+        self.line_bytes = 0;
+        // Reading past an over-long line (skip mode).
+        let mut discarding = false;
+        let mut found = false;
+        while !found {
             if self.at == self.chunk.len() {
                 if self.done {
                     break;
@@ -101,57 +230,100 @@ impl LineReader {
                     }
                     None => {
                         self.done = true;
+                        if self.bytes != self.size {
+                            return Err(Error::Data(format!(
+                                "{} changed while it was read ({} bytes listed, {} read): the input must not change while a job reads it",
+                                self.url, self.size, self.bytes
+                            )));
+                        }
                         break;
                     }
                 }
             }
             let rest = &self.chunk[self.at..];
-            let (part, found) = match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => (&rest[..i], true),
-                None => (rest, false),
+            let part = match memchr::memchr(b'\n', rest) {
+                Some(i) => {
+                    found = true;
+                    &rest[..i]
+                }
+                None => rest,
             };
-            if self.pending.len() + part.len() > self.max {
-                return Err(Error::Data(format!(
-                    "{} line {}: longer than the limit of {} bytes (max_line_bytes)",
-                    self.url,
-                    self.line_no + 1,
-                    self.max
-                )));
+            if !discarding && self.pending.len() + part.len() > self.max {
+                if self.bad == BadLines::Error {
+                    return Err(Error::Data(format!(
+                        "{} line {}: longer than the limit of {} bytes (max_line_bytes; bad_lines = \"skip\" leaves such lines out)",
+                        self.url,
+                        self.line_no + 1,
+                        self.max
+                    )));
+                }
+                discarding = true;
+                self.pending.clear();
+            } else if !discarding {
+                self.pending.extend_from_slice(part);
             }
-            self.pending.extend_from_slice(part);
-            self.at += part.len() + found as usize;
-            self.bytes += (part.len() + found as usize) as u64;
-            if found {
-                return self.finish_line(out).map(|_| true);
-            }
+            let used = (part.len() + found as usize) as u64;
+            self.at += used as usize;
+            self.bytes += used;
+            self.line_bytes += used;
         }
-        if self.pending.is_empty() {
-            return Ok(false);
+        if discarding {
+            self.line_no += 1;
+            self.skipped.too_long += 1;
+            self.skipped.bytes += self.line_bytes;
+            return Ok(Some(None));
         }
-        // A last line without a newline is still a line.
-        self.finish_line(out).map(|_| true)
+        // At the end nothing is left; a last line without a newline is still a line.
+        if !found && self.pending.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Some(())))
     }
 
-    fn finish_line(&mut self, out: &mut String) -> Result<()> {
+    /// Check and decode the line in `pending` into `out`; false when it was skipped.
+    fn take_line(&mut self, out: &mut String) -> Result<bool> {
         self.line_no += 1;
         if self.pending.last() == Some(&b'\r') {
             self.pending.pop();
         }
-        let s = std::str::from_utf8(&self.pending).map_err(|e| {
-            Error::Data(format!(
-                "{} line {}: invalid UTF-8 at byte {} of the line",
-                self.url,
-                self.line_no,
-                e.valid_up_to() + 1
+        let bad = if let Some(i) = self.pending.iter().position(|&b| is_control(b)) {
+            Some((
+                &mut self.skipped.control_bytes,
+                format!(
+                    "control byte 0x{:02x} at byte {} of the line",
+                    self.pending[i],
+                    i + 1
+                ),
             ))
-        })?;
+        } else if let Err(e) = std::str::from_utf8(&self.pending) {
+            Some((
+                &mut self.skipped.invalid_utf8,
+                format!("invalid UTF-8 at byte {} of the line", e.valid_up_to() + 1),
+            ))
+        } else {
+            None
+        };
+        if let Some((count, what)) = bad {
+            if self.bad == BadLines::Error {
+                return Err(Error::Data(format!(
+                    "{} line {}: {what} (bad_lines = \"skip\" leaves such lines out)",
+                    self.url, self.line_no
+                )));
+            }
+            *count += 1;
+            self.skipped.bytes += self.line_bytes;
+            return Ok(false);
+        }
+        // Checked above.
+        let s = std::str::from_utf8(&self.pending).unwrap_or_default();
         out.clear();
         if self.lowercase {
             out.push_str(&s.to_lowercase());
         } else {
             out.push_str(s);
         }
-        Ok(())
+        self.lines += 1;
+        Ok(true)
     }
 }
 
@@ -159,6 +331,15 @@ impl LineReader {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    async fn huge_lines(loc: &Location, opts: TextOptions) -> Result<Vec<String>> {
+        let mut r = LineReader::open(loc, "huge.txt", &opts).await?;
+        let (mut out, mut s) = (Vec::new(), String::new());
+        while r.next_line(&mut s).await? {
+            out.push(s.clone());
+        }
+        Ok(out)
+    }
 
     async fn lines(content: &'static [u8], opts: TextOptions) -> Result<Vec<String>> {
         let loc = Location::parse("memory://text-tests").unwrap();
@@ -219,5 +400,143 @@ mod tests {
             LineReader::open(&loc, "missing", &TextOptions::default()).await,
             Err(Error::NotFound(_))
         ));
+    }
+
+    fn skip() -> TextOptions {
+        TextOptions {
+            bad_lines: BadLines::Skip,
+            max_line_bytes: 10,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn control_bytes_are_an_error_or_a_counted_skip() {
+        let e = lines(b"ok\nnul\x00inside\n", TextOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("control byte 0x00"),
+            "{e}"
+        );
+        // Whitespace controls are text.
+        assert_eq!(
+            lines(b"a\tb\x0bc\x0cd\r\n", TextOptions::default())
+                .await
+                .unwrap(),
+            vec!["a\tb\x0bc\x0cd"]
+        );
+    }
+
+    #[tokio::test]
+    async fn skip_mode_leaves_bad_lines_out_and_counts_them_by_reason() {
+        let loc = Location::parse("memory://text-tests").unwrap();
+        let body: &'static [u8] =
+            b"good one\nbad \xff\nnul\x00\nthis line is far too long\nesc\x1b[0m\n\nlast";
+        loc.put("mixed", Bytes::from_static(body)).await.unwrap();
+        let mut r = LineReader::open(&loc, "mixed", &skip()).await.unwrap();
+        let (mut got, mut s) = (Vec::new(), String::new());
+        while r.next_line(&mut s).await.unwrap() {
+            got.push((r.line_no(), s.clone()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (1, "good one".into()),
+                (6, String::new()),
+                (7, "last".into())
+            ]
+        );
+        assert_eq!(r.lines(), 3);
+        assert_eq!(
+            r.skipped(),
+            Skipped {
+                invalid_utf8: 1,
+                control_bytes: 2,
+                too_long: 1,
+                bytes: 6 + 5 + 26 + 8,
+            }
+        );
+        assert_eq!(r.bytes(), body.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn an_object_changed_since_listing_or_during_the_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap()).unwrap();
+        let line = "word ".repeat(20) + "\n";
+        let text = line.repeat(20_000); // 2 MB, read in many chunks
+        loc.put("corpus.txt", Bytes::from(text.clone()))
+            .await
+            .unwrap();
+        let m = loc.head("corpus.txt").await.unwrap().unwrap();
+        let opts = TextOptions::default();
+        // Listed at another size: refused before reading.
+        let e = LineReader::open_version(&loc, "corpus.txt", &opts, Some((m.size + 1, None)))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("changed after it was listed"), "{e}");
+        // Cut short while being read (in place, same file): refused at the end.
+        let mut r = LineReader::open_version(
+            &loc,
+            "corpus.txt",
+            &opts,
+            Some((m.size, m.e_tag.as_deref())),
+        )
+        .await
+        .unwrap();
+        let mut s = String::new();
+        assert!(r.next_line(&mut s).await.unwrap());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("corpus.txt"))
+            .unwrap()
+            .set_len(text.len() as u64 / 2)
+            .unwrap();
+        let e = loop {
+            match r.next_line(&mut s).await {
+                Ok(true) => continue,
+                Ok(false) => panic!("a shortened object read to its end without an error"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(e.contains("changed while it was read"), "{e}");
+    }
+
+    /// A line of several gigabytes (a sparse file: no disk used) is refused at the limit,
+    /// or read past in constant memory and counted.
+    #[tokio::test]
+    async fn a_multi_gigabyte_line_is_bounded() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.txt");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"first line\nstart of a huge line ").unwrap();
+        let huge = 9u64 << 29; // 4.5 GiB
+        f.seek(SeekFrom::Start(huge)).unwrap();
+        f.write_all(b" end of it\nlast line\n").unwrap();
+        drop(f);
+        let loc = Location::parse(dir.path().to_str().unwrap()).unwrap();
+        let e = huge_lines(&loc, TextOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("1048576 bytes"), "{e}");
+        let opts = TextOptions {
+            bad_lines: BadLines::Skip,
+            ..Default::default()
+        };
+        let mut r = LineReader::open(&loc, "huge.txt", &opts).await.unwrap();
+        let (mut got, mut s) = (Vec::new(), String::new());
+        while r.next_line(&mut s).await.unwrap() {
+            got.push(s.clone());
+            assert!(r.pending.capacity() <= 2 << 20, "a line was buffered whole");
+        }
+        assert_eq!(got, vec!["first line", "last line"]);
+        assert_eq!(r.skipped().too_long, 1);
+        assert_eq!(r.skipped().bytes, huge);
     }
 }
