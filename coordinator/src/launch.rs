@@ -272,6 +272,14 @@ pub fn train_workers(a: &crate::cli::TrainArgs, handle: &Handle, stop: &Stop) ->
                     job.fault("worker bookkeeping failed".into());
                     return;
                 };
+                // A worker that stopped answering but did not exit (stalled, stopped,
+                // stuck in the kernel) is killed; the loop below then replaces it.
+                for pid in job.take_stalled() {
+                    if let Some(c) = cs.iter_mut().find(|c| c.id() == pid) {
+                        tracing::warn!(pid, "killing a stalled worker");
+                        let _ = c.kill();
+                    }
+                }
                 for (rank, c) in cs.iter_mut().enumerate() {
                     let Ok(Some(status)) = c.try_wait() else {
                         continue;

@@ -287,6 +287,9 @@ pub struct Job {
     state: Mutex<State>,
     version: watch::Sender<u64>,
     stats: Mutex<JobStats>,
+    /// Processes of ranks lost to missed heartbeats: alive but stalled (a launcher that
+    /// started them kills them and starts replacements).
+    stalled: Mutex<Vec<u32>>,
 }
 
 type Guard<'a> = std::sync::MutexGuard<'a, State>;
@@ -304,6 +307,7 @@ impl Job {
                 generation: 1,
                 ..Default::default()
             }),
+            stalled: Mutex::new(Vec::new()),
         })
     }
 
@@ -395,6 +399,14 @@ impl Job {
         }
     }
 
+    /// Process ids of workers lost to missed heartbeats since the last call.
+    pub fn take_stalled(&self) -> Vec<u32> {
+        self.stalled
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
     /// The current generation.
     pub fn generation(&self) -> u64 {
         self.lock().generation
@@ -477,9 +489,13 @@ impl Job {
                         let m = m.as_ref()?;
                         let silent = m.last_seen.elapsed();
                         (!st.finished[r] && silent > self.spec.heartbeat_timeout).then(|| {
+                            if let Ok(mut v) = self.stalled.lock() {
+                                v.push(m.pid);
+                            }
                             format!(
-                                "rank {r} ({}) missed its heartbeats for {:.1} s (last at step {})",
+                                "rank {r} ({}, pid {}) missed its heartbeats for {:.1} s (last at step {})",
                                 m.addr,
+                                m.pid,
                                 silent.as_secs_f64(),
                                 m.step
                             )
@@ -625,6 +641,39 @@ impl Job {
     }
 }
 
+/// A rank taken by a worker waiting in Join for its group to form.
+struct Slot {
+    job: Arc<Job>,
+    generation: u64,
+    rank: usize,
+    /// The worker's collective address (host and port: unique among live workers).
+    addr: String,
+    armed: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut st = self.job.lock();
+        if st.generation != self.generation || st.formed {
+            return;
+        }
+        let m = &mut st.members[self.rank];
+        if m.as_ref().is_some_and(|m| m.addr == self.addr) {
+            *m = None;
+            tracing::warn!(
+                rank = self.rank,
+                addr = %self.addr,
+                "a worker left before its group formed: its rank is free again"
+            );
+            drop(st);
+            self.job.bump();
+        }
+    }
+}
+
 /// The tonic service over a [`Job`].
 #[derive(Clone)]
 pub struct Service {
@@ -701,6 +750,15 @@ impl Coordinator for Service {
             (rank, st.generation)
         };
         job.bump();
+        // A worker that goes away while waiting for the others (its call is dropped)
+        // frees its rank for another.
+        let mut slot = Slot {
+            job: job.clone(),
+            generation,
+            rank,
+            addr: r.collective_addr.clone(),
+            armed: true,
+        };
         let spec = &job.spec;
         let (peers, resume_from) = job
             .wait_for(generation, |st| {
@@ -715,6 +773,7 @@ impl Coordinator for Service {
                 })
             })
             .await?;
+        slot.armed = false;
         // The wait may have been long: the heartbeat clock starts now.
         if let Some(m) = job.lock().members[rank].as_mut() {
             m.last_seen = Instant::now();

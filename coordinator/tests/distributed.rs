@@ -547,3 +547,131 @@ fn a_coordinator_beyond_loopback_needs_a_token() {
     assert_eq!(code, 1);
     assert!(err.contains("needs a bearer token"), "{err}");
 }
+
+fn train_args(data: &Path, out: &Path) -> Vec<String> {
+    [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=12",
+        "--set",
+        "threads=1",
+        "--set",
+        "checkpoint_every=40",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--workers",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A worker that stops answering without dying (SIGSTOP: a hung process, a frozen VM)
+/// is declared lost by its missed heartbeats; the survivor is let out of its collective
+/// at once, the launcher kills the stalled process and starts a replacement, and the run
+/// ends exactly as the fault-free one.
+#[test]
+fn a_stalled_worker_is_killed_and_replaced_and_the_run_ends_as_without_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    let a = train_args(&data, &tmp.path().join("clean"));
+    let (code, out, err) = lightrnn(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let clean = json(&out);
+
+    let run = tmp.path().join("stalled");
+    let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .args(train_args(&data, &run))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_training(&run);
+    let kids = Command::new("pgrep")
+        .args(["-P", &child.id().to_string()])
+        .output()
+        .unwrap();
+    let victim = String::from_utf8_lossy(&kids.stdout)
+        .lines()
+        .next()
+        .expect("a worker process")
+        .trim()
+        .to_string();
+    let stopped = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &victim])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let s = json(&String::from_utf8_lossy(&o.stdout));
+    eprintln!(
+        "stalled run: generation {}, ended {:?} after the stop",
+        s["generation"],
+        stopped.elapsed()
+    );
+    if s["generation"] == 1 {
+        // Finished before the stop landed (the run is short): nothing to check.
+        assert!(stopped.elapsed() < Duration::from_secs(10), "{err}");
+        return;
+    }
+    assert!(
+        err.contains("missed its heartbeats") && err.contains("killing a stalled worker"),
+        "{err}"
+    );
+    assert_eq!(s["restarts"]["heartbeat"], 1, "{s}");
+    // Detection takes 5 heartbeats (10 s); the survivor does not wait out its collective
+    // deadline (120 s): the coordinator's verdict shuts its ring down.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        stopped.elapsed()
+    );
+    for k in [
+        "valid_ppl",
+        "test_ppl",
+        "train_loss",
+        "steps",
+        "tokens_accounted",
+    ] {
+        assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
+    }
+    assert_eq!(s["params_sha256"], clean["params_sha256"]);
+}
+
+/// A worker that joins and dies before the rest of its group arrives frees its rank:
+/// the group forms with the next worker, with no restart and no wait for a deadline.
+#[test]
+fn a_worker_lost_before_its_group_forms_frees_its_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2000);
+    let out = tmp.path().join("run");
+    let (c, url) = coordinator(&data, &out, &["--set", "epochs=2"]);
+    let mut early = worker(&url, 1);
+    // Joined (and waiting for rank 0) once it has listened long enough; then it dies.
+    std::thread::sleep(Duration::from_secs(3));
+    early.kill().unwrap();
+    early.wait().unwrap();
+    let ws = [worker(&url, 0), worker(&url, 1)];
+    let c = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(c.status.success(), "{err}");
+    assert!(err.contains("its rank is free again"), "{err}");
+    let s = json(&String::from_utf8_lossy(&c.stdout));
+    assert_eq!(s["generation"], 1, "{s}");
+    for w in ws {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}

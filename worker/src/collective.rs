@@ -95,6 +95,19 @@ pub struct TcpRing {
     recv_buf: Vec<u8>,
 }
 
+/// Breaks a ring from another thread: its connections are shut down, so a rank blocked
+/// in a collective with a stalled peer returns an error at once instead of at its
+/// deadline (used when the coordinator ends the generation).
+pub struct RingBreaker(Vec<TcpStream>);
+
+impl RingBreaker {
+    pub fn break_ring(&self) {
+        for s in &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// First bytes of every connection: the protocol and the sender's rank.
 const HELLO: &[u8; 8] = b"LRNRING1";
 
@@ -198,6 +211,18 @@ impl TcpRing {
         ring.left = Some(left);
         ring.right = Some(right);
         Ok(ring)
+    }
+
+    /// A handle that shuts this ring's connections down from another thread.
+    pub fn breaker(&self) -> Result<RingBreaker> {
+        let mut v = Vec::new();
+        for s in [&self.left, &self.right].into_iter().flatten() {
+            v.push(
+                s.try_clone()
+                    .map_err(|e| Error::Io(format!("ring: cloning a connection: {e}")))?,
+            );
+        }
+        Ok(RingBreaker(v))
     }
 
     /// Chunk `c` of a buffer of `n` elements cut into `world` parts.

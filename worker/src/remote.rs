@@ -119,6 +119,9 @@ struct Shared {
     cursor: AtomicU64,
     /// Why the job ended under us (set by the heartbeat task).
     abort: Mutex<Option<String>>,
+    /// Shuts the ring down when the job ends under us, so a collective blocked on a
+    /// stalled peer returns at once.
+    breaker: Mutex<Option<crate::collective::RingBreaker>>,
 }
 
 impl Shared {
@@ -127,6 +130,12 @@ impl Shared {
             && a.is_none()
         {
             *a = Some(why);
+            drop(a);
+            if let Ok(b) = self.breaker.lock()
+                && let Some(b) = b.as_ref()
+            {
+                b.break_ring();
+            }
         }
     }
     fn aborted(&self) -> Option<String> {
@@ -551,6 +560,17 @@ fn generation(
             listener,
             Duration::from_millis(reply.collective_timeout_ms.max(100)),
         )?;
+        if let Ok(mut b) = shared.breaker.lock() {
+            *b = Some(ring.breaker()?);
+        }
+        if shared.aborted().is_some() {
+            // Ended while the ring was being built.
+            if let Ok(b) = shared.breaker.lock()
+                && let Some(b) = b.as_ref()
+            {
+                b.break_ring();
+            }
+        }
         let mut cfg = TrainConfig::from_toml(&reply.config_toml, "the coordinator's config")?;
         if let Some(t) = opts.threads {
             cfg.threads = t;
@@ -587,7 +607,10 @@ fn generation(
     hb.abort();
     if let Err(e) = &result {
         // Prefer the coordinator's reason when the job was ended under us.
-        let msg = e.to_string();
+        let msg = match shared.aborted() {
+            Some(why) if matches!(e, Error::Io(_)) => format!("{why} (then: {e})"),
+            _ => e.to_string(),
+        };
         tracing::error!(error = %msg, "training failed");
         let req = FailRequest {
             generation,
