@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command: installs the S3-compatible test server (moto, from PyPI, into
 # .venv-test/), starts it on 127.0.0.1, runs the workspace tests against it, stops it.
-# Extra arguments go to `cargo test`.
+# Extra arguments go to `cargo test`. The TLS tests make their certificates with the
+# openssl command line tool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v openssl >/dev/null || { echo "scripts/test.sh: the openssl command line tool is needed (apt-get install openssl)" >&2; exit 1; }
 MOTO_VERSION=5.2.5
 VENV=.venv-test
 if ! "$VENV/bin/python" -c "import moto, flask" 2>/dev/null; then

@@ -43,10 +43,24 @@ pub struct CoordinatorArgs {
     /// Times the group may re-form after lost workers before the job fails.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u64,
-    /// File holding the bearer token workers must present (or LIGHTRNN_TOKEN). Required
-    /// when listening beyond loopback.
+    /// File holding the bearer token workers must present (or LIGHTRNN_TOKEN). Beyond
+    /// loopback, a token or mutual TLS (--tls-client-ca) is required.
     #[arg(long)]
     pub token_file: Option<String>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); required beyond loopback
+    /// unless --allow-plaintext.
+    #[arg(long, env = "LIGHTRNN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "LIGHTRNN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "LIGHTRNN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<String>,
+    /// Serve beyond loopback without TLS (traffic then travels in the clear: only on a
+    /// network that is private or encrypted underneath, e.g. a service mesh).
+    #[arg(long)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -70,6 +84,50 @@ pub struct WorkerArgs {
     /// File holding the coordinator's bearer token (or LIGHTRNN_TOKEN).
     #[arg(long)]
     pub token_file: Option<String>,
+    /// The CA that signed an https:// coordinator's certificate (PEM).
+    #[arg(long, env = "LIGHTRNN_TLS_CA")]
+    pub tls_ca: Option<String>,
+    /// This worker's certificate chain for mutual TLS (PEM).
+    #[arg(long, env = "LIGHTRNN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "LIGHTRNN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+/// The coordinator's TLS settings from its flags (None: plaintext).
+fn server_tls(a: &CoordinatorArgs) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Ok(None);
+    };
+    crate::tls::server_config(cert, key, a.tls_client_ca.as_deref()).map(Some)
+}
+
+/// A worker's TLS settings from its flags (None: plaintext).
+fn client_tls(a: &WorkerArgs) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let Some(ca) = &a.tls_ca else {
+        if a.tls_cert.is_some() {
+            bail!("--tls-cert needs --tls-ca (the CA that signed the coordinator's certificate)");
+        }
+        return Ok(None);
+    };
+    crate::tls::crypto_provider();
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(crate::tls::read_pem(ca, "CA")?));
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        cfg = cfg.identity(Identity::from_pem(
+            crate::tls::read_pem(cert, "TLS certificate")?,
+            crate::tls::read_pem(key, "TLS key")?,
+        ));
+    }
+    if let Some(d) = &a.tls_domain {
+        cfg = cfg.domain_name(d.clone());
+    }
+    Ok(Some(cfg))
 }
 
 /// The bearer token from a file (trimmed) or the LIGHTRNN_TOKEN variable.
@@ -152,11 +210,24 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<
         .parse()
         .with_context(|| format!("--listen {:?} is not HOST:PORT", a.listen))?;
     spec.token = token(&a.token_file)?;
-    if spec.token.is_none() && !addr.ip().is_loopback() {
-        bail!(
-            "listening on {addr} needs a bearer token: set LIGHTRNN_TOKEN or --token-file \
-             (give the workers the same; traffic is not encrypted, keep it on a private network)"
-        );
+    spec.tls = server_tls(a)?;
+    if !addr.ip().is_loopback() {
+        if spec.token.is_none() && a.tls_client_ca.is_none() {
+            bail!(
+                "listening on {addr} needs authentication: a bearer token (LIGHTRNN_TOKEN or \
+                 --token-file, given to the workers too) or mutual TLS (--tls-client-ca)"
+            );
+        }
+        if spec.tls.is_none() && !a.allow_plaintext {
+            bail!(
+                "listening on {addr} needs TLS: --tls-cert and --tls-key (workers then use \
+                 https:// and --tls-ca), or --allow-plaintext on a network that is private or \
+                 encrypted underneath"
+            );
+        }
+        if spec.tls.is_none() {
+            tracing::warn!(listen = %addr, "serving without TLS (--allow-plaintext): traffic, the token included, travels in the clear");
+        }
     }
     let out = spec.out.url().to_string();
     let outcome = handle.block_on(async move {
@@ -182,7 +253,10 @@ pub fn worker(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     let coordinator = match &a.coordinator {
         Some(c) => c.clone(),
         None => match (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT")) {
-            (Ok(h), Ok(p)) => format!("http://{h}:{p}"),
+            (Ok(h), Ok(p)) => {
+                let scheme = if a.tls_ca.is_some() { "https" } else { "http" };
+                format!("{scheme}://{h}:{p}")
+            }
             _ => bail!("give --coordinator http://HOST:PORT (or set MASTER_ADDR and MASTER_PORT)"),
         },
     };
@@ -194,6 +268,7 @@ pub fn worker(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
         connect_timeout: Duration::from_secs(a.connect_timeout_s.max(1)),
         stop: stop.clone(),
         token: token(&a.token_file)?,
+        tls: client_tls(a)?,
     };
     let s = run_worker(&opts, handle)?;
     Ok(serde_json::to_string(&s)?)

@@ -78,6 +78,9 @@ pub struct JobSpec {
     pub vocab: usize,
     /// Calls must present this bearer token (`None`: no authentication, loopback only).
     pub token: Option<String>,
+    /// Serve over TLS with this configuration (identity and, for mutual TLS, client
+    /// verification; see [`crate::tls`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl JobSpec {
@@ -144,6 +147,7 @@ impl JobSpec {
             max_restarts: 3,
             vocab: ds.vocab.len(),
             token: None,
+            tls: None,
         })
     }
 }
@@ -1293,13 +1297,16 @@ pub async fn run_job(
         lightrnn_proto::auth::RequireToken::new(job.spec.token.as_deref()),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let shutdown = async {
+        let _ = stop_rx.await;
+    };
+    let router = tonic::transport::Server::builder().add_service(svc);
+    let server = match job.spec.tls.clone() {
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(crate::tls::accept(incoming, tls), shutdown),
+        ),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown)),
+    };
     let monitor = tokio::spawn(job.clone().monitor());
     let w = job.spec.world_size;
     // Across generations: a re-formed group ends the wait of the one before.

@@ -527,25 +527,211 @@ fn sigterm_stops_at_a_common_step_with_a_checkpoint_and_the_resumed_run_ends_as_
 }
 
 #[test]
-fn a_coordinator_beyond_loopback_needs_a_token() {
+fn a_coordinator_beyond_loopback_needs_authentication_and_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");
     corpus(&data, 300);
-    let (code, _, err) = lightrnn(&[
-        "coordinator",
-        "--preset",
-        "tiny",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        tmp.path().join("run").to_str().unwrap(),
-        "--listen",
-        "0.0.0.0:0",
-        "--world-size",
-        "1",
-    ]);
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let run = tmp.path().join("run");
+    let beyond = |extra: &[&str]| {
+        let mut a = vec![
+            "coordinator",
+            "--preset",
+            "tiny",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+            "--world-size",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        lightrnn(&a)
+    };
+    let (code, _, err) = beyond(&[]);
     assert_eq!(code, 1);
-    assert!(err.contains("needs a bearer token"), "{err}");
+    assert!(err.contains("needs authentication"), "{err}");
+    let (code, _, err) = beyond(&["--token-file", token.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("needs TLS") && err.contains("--allow-plaintext"),
+        "{err}"
+    );
+}
+
+/// Runs openssl (the CLI) in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command line tool (to make test certificates)");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate signed
+/// by it, and a rogue client certificate signed by another CA.
+fn pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "rogue-ca"] {
+        let mut a = vec!["req", "-x509"];
+        a.extend_from_slice(&ec);
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN={ca}"),
+        );
+        a.extend_from_slice(&["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+        openssl(dir, &a);
+    }
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, ca, ext) in [
+        ("server", "ca", "server.ext"),
+        ("client", "ca", "client.ext"),
+        ("rogue", "rogue-ca", "client.ext"),
+    ] {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let subj = format!("/CN={name}");
+        let mut a = vec!["req"];
+        a.extend_from_slice(&ec);
+        a.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &a);
+        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ],
+        );
+    }
+}
+
+/// Mutual TLS: workers with a certificate from the job's CA train; a plaintext client,
+/// one without a certificate and one whose certificate another CA signed are refused
+/// (and take no rank).
+#[test]
+fn mutual_tls_admits_the_job_s_workers_and_refuses_everyone_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2000);
+    let pk = tmp.path().join("pki");
+    pki(&pk);
+    let f = |n: &str| pk.join(n).to_str().unwrap().to_string();
+    let (c, url) = coordinator(
+        &data,
+        &tmp.path().join("run"),
+        &[
+            "--set",
+            "epochs=2",
+            "--tls-cert",
+            &f("server.pem"),
+            "--tls-key",
+            &f("server.key"),
+            "--tls-client-ca",
+            &f("ca.pem"),
+        ],
+    );
+    let https = url.replace("http://", "https://");
+    let run_worker = |url: &str, rank: usize, extra: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+            .args(["worker", "--coordinator", url, "--threads", "1"])
+            .args(["--connect-timeout-s", "4"])
+            .args(extra)
+            .env("RANK", rank.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let strangers = [
+        run_worker(&url, 0, &[]),
+        run_worker(&https, 0, &s(&["--tls-ca", &f("ca.pem")])),
+        run_worker(
+            &https,
+            1,
+            &s(&[
+                "--tls-ca",
+                &f("ca.pem"),
+                "--tls-cert",
+                &f("rogue.pem"),
+                "--tls-key",
+                &f("rogue.key"),
+            ]),
+        ),
+    ];
+    for (k, w) in strangers.into_iter().enumerate() {
+        let o = w.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "stranger {k} was let in: {err}");
+        let why = err.lines().last().unwrap_or_default().to_string();
+        eprintln!("stranger {k}: {why}");
+        assert!(
+            why.contains("coordinator") && !why.contains("usage"),
+            "stranger {k}: {err}"
+        );
+    }
+    let good = s(&[
+        "--tls-ca",
+        &f("ca.pem"),
+        "--tls-cert",
+        &f("client.pem"),
+        "--tls-key",
+        &f("client.key"),
+    ]);
+    let ws = [run_worker(&https, 0, &good), run_worker(&https, 1, &good)];
+    let c = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(c.status.success(), "{err}");
+    // Each refusal is logged with the peer.
+    assert!(
+        err.matches("refused a TLS connection").count() >= 3,
+        "{err}"
+    );
+    let summary = json(&String::from_utf8_lossy(&c.stdout));
+    assert_eq!(summary["generation"], 1, "{summary}");
+    assert!(summary["test_ppl"].as_f64().unwrap() > 1.0);
+    for w in ws {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 fn train_args(data: &Path, out: &Path) -> Vec<String> {

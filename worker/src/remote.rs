@@ -57,19 +57,45 @@ pub struct WorkerOptions {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// The coordinator's bearer token, when it requires one.
     pub token: Option<String>,
+    /// TLS to an `https://` coordinator: the CA that signed its certificate and, for
+    /// mutual TLS, this worker's identity.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 fn status(what: &str, s: tonic::Status) -> Error {
     Error::Control(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
-async fn connect(url: &str, timeout: Duration, token: Option<&str>) -> Result<Client> {
+async fn connect(
+    url: &str,
+    timeout: Duration,
+    token: Option<&str>,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Client> {
     let auth = BearerToken::new(token).map_err(Error::Config)?;
-    let ep = Endpoint::from_shared(url.to_string())
+    let mut ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::Config(format!("coordinator address {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
+    match (url.starts_with("https://"), tls) {
+        (true, Some(t)) => {
+            ep = ep
+                .tls_config(t.clone())
+                .map_err(|e| Error::Config(format!("TLS to {url}: {e}")))?;
+        }
+        (true, None) => {
+            return Err(Error::Config(format!(
+                "{url} is TLS: give the CA that signed its certificate (--tls-ca)"
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(Error::Config(format!(
+                "TLS settings were given but {url} is not https://"
+            )));
+        }
+        (false, None) => {}
+    }
     let deadline = Instant::now() + timeout;
     loop {
         match ep.connect().await {
@@ -445,6 +471,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
         &opts.coordinator,
         opts.connect_timeout,
         opts.token.as_deref(),
+        opts.tls.as_ref(),
     ))?;
     let ip = route_to(&opts.coordinator)?;
     let mut rank = opts.rank;
@@ -518,7 +545,26 @@ fn generation(
                     {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
-                    Err(s) => return Err(status("join", s)),
+                    Err(s) => {
+                        let hint = match s.code() {
+                            tonic::Code::Unknown
+                            | tonic::Code::Internal
+                            | tonic::Code::Unavailable
+                            | tonic::Code::Cancelled => {
+                                if opts.coordinator.starts_with("https://") {
+                                    "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
+                                } else {
+                                    "; if the coordinator serves TLS, use https:// and --tls-ca"
+                                }
+                            }
+                            _ => "",
+                        };
+                        return Err(Error::Control(format!(
+                            "join: {} ({:?}){hint}",
+                            s.message(),
+                            s.code()
+                        )));
+                    }
                 }
             }
         })
