@@ -27,9 +27,15 @@ pub struct CoordinatorArgs {
     /// gRPC address to serve on.
     #[arg(long, default_value = "0.0.0.0:29400")]
     pub listen: String,
-    /// Workers in the job (torchrun's WORLD_SIZE).
-    #[arg(long, env = "WORLD_SIZE")]
-    pub world_size: usize,
+    /// Workers in the job (torchrun's WORLD_SIZE): N, or MIN:MAX for an elastic job
+    /// that forms with MIN to MAX workers, re-forms with the survivors after a loss and
+    /// grows at a checkpoint when more workers ask to join.
+    #[arg(long, env = "WORLD_SIZE", value_parser = parse_world)]
+    pub world_size: (usize, usize),
+    /// An elastic job's group forms once at least MIN workers have joined and none has
+    /// joined for this many seconds (MAX workers form it at once).
+    #[arg(long, default_value_t = 10)]
+    pub form_wait_s: u64,
     /// Heartbeat interval of the workers, in milliseconds; a worker silent for 5 of them
     /// is lost.
     #[arg(long, default_value_t = 2000)]
@@ -130,6 +136,23 @@ fn client_tls(a: &WorkerArgs) -> Result<Option<tonic::transport::ClientTlsConfig
     Ok(Some(cfg))
 }
 
+/// `N` or `MIN:MAX` workers.
+fn parse_world(s: &str) -> std::result::Result<(usize, usize), String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: expected N or MIN:MAX workers"))
+    };
+    let (min, max) = match s.split_once(':') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: expected 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
+}
+
 /// The bearer token from a file (trimmed) or the LIGHTRNN_TOKEN variable.
 fn token(file: &Option<String>) -> Result<Option<String>> {
     let t = match file {
@@ -157,7 +180,7 @@ fn random_token() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn job_spec(run: &RunArgs, world: usize, handle: &Handle) -> Result<JobSpec> {
+fn job_spec(run: &RunArgs, world: (usize, usize), handle: &Handle) -> Result<JobSpec> {
     let RunArgs {
         config,
         data,
@@ -193,6 +216,7 @@ fn summary_line(s: &Summary, out: &str, stats: &crate::server::JobStats) -> Stri
         "tokens_accounted": stats.tokens_accounted, "params_sha256": stats.params_sha256,
         "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
         "generation": stats.generation, "restarts": stats.restarts,
+        "grows": stats.grows, "worlds": stats.worlds,
     })
     .to_string()
 }
@@ -200,6 +224,7 @@ fn summary_line(s: &Summary, out: &str, stats: &crate::server::JobStats) -> Stri
 /// `lightrnn coordinator`: serve one job until it ends.
 pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     let mut spec = job_spec(&a.run, a.world_size, handle)?;
+    spec.form_wait = Duration::from_secs(a.form_wait_s);
     spec.heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
     spec.heartbeat_timeout = spec.heartbeat * 5;
     spec.collective_timeout = Duration::from_secs(a.collective_timeout_s.max(1));
@@ -232,7 +257,7 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<
     let out = spec.out.url().to_string();
     let outcome = handle.block_on(async move {
         let incoming = bind(addr)?;
-        tracing::info!(listen = %addr, world = spec.world_size, run = %spec.run_id, "coordinator serving");
+        tracing::info!(listen = %addr, min_world = spec.min_world, world = spec.world_size, run = %spec.run_id, "coordinator serving");
         // SIGTERM/SIGINT: the workers stop at a common step with a checkpoint.
         let stop = stop.clone();
         let signal: External = Box::new(|job| {
@@ -298,7 +323,7 @@ pub fn train_workers(a: &crate::cli::TrainArgs, handle: &Handle, stop: &Stop) ->
         bail!("--workers must be at least 1");
     }
     let out = a.run.out.as_str();
-    let mut spec = job_spec(&a.run, workers, handle)?;
+    let mut spec = job_spec(&a.run, (workers, workers), handle)?;
     // Only this process and its workers know the job's token.
     let job_token = random_token()?;
     spec.token = Some(job_token.clone());

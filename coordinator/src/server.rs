@@ -1,7 +1,9 @@
 //! The coordinator: the tonic service that owns one distributed training job.
 //!
 //! It prepares the dataset once, waits for `world_size` workers (ranks assigned in join
-//! order or taken from the workers' RANK), hands each the config, the data and run
+//! order or taken from the workers' RANK; an elastic job forms with any number from
+//! `min_world` up once no worker has joined for `form_wait`, and ranks are then
+//! renumbered 0..n in that order), hands each the config, the data and run
 //! locations, the checkpoint to resume from and every rank's collective address; leases
 //! each rank its share of every epoch's streams and checks at the epoch barrier that the
 //! ranks together consumed exactly the epoch's tokens; sums the ranks' partial loss tables
@@ -14,7 +16,9 @@
 //! exited) ends the current *generation*: the coordinator forgets the group, and the
 //! workers that are left and replacements join a new generation that resumes from the
 //! last committed checkpoint (up to `max_restarts` times; restarts are counted by
-//! cause). Anything else ([`Job::fault`]: a data-accounting mismatch, a failed solve or
+//! cause). An elastic group that formed below `world_size` grows when a worker asks to
+//! join: at its next committed checkpoint it re-forms with the newcomer (a "grow"
+//! generation, not counted as a restart). Anything else ([`Job::fault`]: a data-accounting mismatch, a failed solve or
 //! commit, ranks that disagree on the parameters, a group that does not form in time,
 //! restarts exhausted) ends the job. Either way every waiting RPC returns at once and
 //! heartbeats answer, so no worker waits on a dead group. Requests of another
@@ -60,7 +64,13 @@ pub struct JobSpec {
     /// The checkpoint the job resumes from.
     pub checkpoint: Option<Location>,
     pub backend: String,
+    /// Workers in the job: the most (an elastic job forms with fewer, see `min_world`).
     pub world_size: usize,
+    /// The fewest workers a generation forms with (= `world_size` unless elastic).
+    pub min_world: usize,
+    /// An elastic generation with at least `min_world` workers forms once no worker has
+    /// joined for this long.
+    pub form_wait: Duration,
     pub heartbeat: Duration,
     /// A rank silent for this long is lost (5 heartbeats unless set).
     pub heartbeat_timeout: Duration,
@@ -91,16 +101,23 @@ impl JobSpec {
         data: &Location,
         out: &Location,
         resume: bool,
-        world_size: usize,
+        (min_world, world_size): (usize, usize),
     ) -> Result<Self> {
         cfg.validate()?;
-        if world_size == 0 || !cfg.batch.is_multiple_of(world_size) || cfg.eval_batch < world_size {
+        if min_world == 0 || min_world > world_size {
             return Err(Error::Config(format!(
-                "batch {} must split evenly over {world_size} workers, and eval_batch {} must give each at least one stream",
-                cfg.batch, cfg.eval_batch
+                "world size {min_world}:{world_size}: expected 1 <= MIN <= MAX"
             )));
         }
-        cfg.groups_for(world_size)?;
+        for w in min_world..=world_size {
+            if !cfg.batch.is_multiple_of(w) || cfg.eval_batch < w {
+                return Err(Error::Config(format!(
+                    "batch {} must split evenly over {w} workers, and eval_batch {} must give each at least one stream",
+                    cfg.batch, cfg.eval_batch
+                )));
+            }
+            cfg.groups_for(w)?;
+        }
         let prep = PrepareOptions {
             text: cfg.text_options(),
             vocab_size: cfg.vocab_size,
@@ -137,6 +154,8 @@ impl JobSpec {
             checkpoint,
             backend: "auto".into(),
             world_size,
+            min_world,
+            form_wait: Duration::from_secs(10),
             heartbeat,
             heartbeat_timeout: heartbeat * 5,
             collective_timeout: Duration::from_secs(120),
@@ -193,8 +212,18 @@ struct CommitSt {
 
 struct State {
     generation: u64,
+    /// Before the group forms, one slot per possible rank (`world_size`); after, exactly
+    /// the formed group's ranks.
     members: Vec<Option<Member>>,
     formed: bool,
+    /// Ranks of the formed group (`world_size` until it forms).
+    world: usize,
+    /// When the last worker joined this generation (an elastic group forms after a
+    /// quiet `form_wait`).
+    last_join: Instant,
+    /// When a worker last asked to join the formed group (an elastic group below its
+    /// maximum then grows at its next checkpoint).
+    knocked: Option<Instant>,
     epochs: BTreeMap<u64, EpochAcc>,
     rounds: BTreeMap<u64, Round>,
     commits: BTreeMap<u64, CommitSt>,
@@ -217,6 +246,9 @@ impl State {
             generation,
             members: (0..world).map(|_| None).collect(),
             formed: false,
+            world,
+            last_join: Instant::now(),
+            knocked: None,
             epochs: BTreeMap::new(),
             rounds: BTreeMap::new(),
             commits: BTreeMap::new(),
@@ -281,6 +313,10 @@ pub struct JobStats {
     pub generation: u64,
     /// Tokens of each completed epoch (of the surviving trajectory).
     pub epoch_tokens: BTreeMap<u64, u64>,
+    /// Workers in each generation's group.
+    pub worlds: BTreeMap<u64, usize>,
+    /// Generations started to take in workers that asked to join (elastic growth).
+    pub grows: u64,
 }
 
 /// One job's shared state behind the service.
@@ -342,11 +378,53 @@ impl Job {
         self.bump();
     }
 
+    /// Form this generation's group when it can: every slot taken, or (elastic) at
+    /// least `min_world` workers and no join for `form_wait`. The members are renumbered
+    /// 0..n in slot order. True when it formed now.
+    fn try_form(&self, st: &mut State) -> bool {
+        if st.formed {
+            return false;
+        }
+        let n = st.members.iter().flatten().count();
+        let (min, max) = (self.spec.min_world, self.spec.world_size);
+        let quiet = min < max && n >= min && st.last_join.elapsed() >= self.spec.form_wait;
+        if n < max && !quiet {
+            return false;
+        }
+        let members: Vec<Option<Member>> = std::mem::take(&mut st.members)
+            .into_iter()
+            .flatten()
+            .map(Some)
+            .collect();
+        st.members = members;
+        st.world = n;
+        st.finished = vec![false; n];
+        st.final_sums = vec![String::new(); n];
+        // Early joiners waited for the others: their heartbeat clocks start now.
+        let now = Instant::now();
+        for m in st.members.iter_mut().flatten() {
+            m.last_seen = now;
+        }
+        st.formed = true;
+        if let Ok(mut s) = self.stats.lock() {
+            s.worlds.insert(st.generation, n);
+        }
+        tracing::info!(world = n, max, generation = st.generation, "group formed");
+        true
+    }
+
     /// A worker of `generation` is gone (`kind`: heartbeat, worker_failed,
     /// process_exit): end that generation and let the group re-form from the last
     /// committed checkpoint, or fail the job once `max_restarts` are used up. Reports
     /// about a generation that has already ended are ignored (one loss, one restart).
     pub fn lose_worker(&self, generation: u64, kind: &str, why: String) {
+        self.new_generation(generation, Some(kind), why);
+    }
+
+    /// End `generation` and let the group re-form from the last committed checkpoint:
+    /// after a lost worker (`restart`: its cause, counted against `max_restarts`), or to
+    /// take in workers that asked to join (`None`).
+    fn new_generation(&self, generation: u64, restart: Option<&str>, why: String) {
         let mut st = self.lock();
         if st.failed.is_some() || st.generation != generation || st.finished.iter().all(|&f| f) {
             return;
@@ -356,7 +434,7 @@ impl Job {
             .lock()
             .map(|s| s.restarts.values().sum())
             .unwrap_or(0);
-        if used >= self.spec.max_restarts {
+        if restart.is_some() && used >= self.spec.max_restarts {
             drop(st);
             self.fault(format!(
                 "{why} (giving up after {used} restarts, --max-restarts {})",
@@ -365,7 +443,10 @@ impl Job {
             return;
         }
         if let Ok(mut s) = self.stats.lock() {
-            *s.restarts.entry(kind.to_string()).or_default() += 1;
+            match restart {
+                Some(kind) => *s.restarts.entry(kind.to_string()).or_default() += 1,
+                None => s.grows += 1,
+            }
             s.generation = generation + 1;
         }
         let resume_from = st.resume_from.clone();
@@ -398,8 +479,18 @@ impl Job {
     /// Ask the workers to stop at a common step with a checkpoint (preemption); the job
     /// then finishes as usual, with `stopped_by: "signal"`.
     pub fn request_stop(&self) {
-        if !self.stop.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if self.stop.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let formed = self.lock().formed;
+        if formed {
             tracing::warn!("stop requested: the workers checkpoint at their next step");
+        } else {
+            // No group trains: nothing to checkpoint, nothing to wait for.
+            self.fault(
+                "stopped by a signal before the group formed (the run's checkpoints are unchanged)"
+                    .into(),
+            );
         }
     }
 
@@ -429,7 +520,7 @@ impl Job {
                 st.generation
             )));
         }
-        if rank as usize >= self.spec.world_size || st.members[rank as usize].is_none() {
+        if st.members.get(rank as usize).is_none_or(|m| m.is_none()) {
             return Err(Status::permission_denied(format!(
                 "rank {rank} has not joined this job"
             )));
@@ -476,7 +567,12 @@ impl Job {
         loop {
             tick.tick().await;
             let (generation, lost, cause) = {
-                let st = self.lock();
+                let mut st = self.lock();
+                if self.try_form(&mut st) {
+                    drop(st);
+                    self.bump();
+                    continue;
+                }
                 if st.failed.is_some() || st.finished.iter().all(|&f| f) {
                     return;
                 }
@@ -485,7 +581,7 @@ impl Job {
                     (st.generation_started.elapsed() > self.spec.join_timeout).then(|| {
                         format!(
                             "only {n} of {} workers joined generation {} within {:?}",
-                            self.spec.world_size, st.generation, self.spec.join_timeout
+                            self.spec.min_world, st.generation, self.spec.join_timeout
                         )
                     })
                 } else {
@@ -630,14 +726,33 @@ impl Job {
                         x.checkpoints_committed += 1;
                     }
                     let mut st = job.lock();
+                    let mut grow = None;
                     if st.generation == generation {
                         st.resume_from = Some(dir.clone());
                         if let Some(c) = st.commits.get_mut(&step) {
                             c.done = true;
                         }
+                        // A worker is still asking to join (it retries every 300 ms).
+                        if st.world < job.spec.world_size
+                            && st
+                                .knocked
+                                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+                        {
+                            grow = Some(st.world);
+                        }
                     }
                     drop(st);
                     job.bump();
+                    if let Some(n) = grow {
+                        job.new_generation(
+                            generation,
+                            None,
+                            format!(
+                                "a worker asked to join the group of {n} (up to {}): the group grows from the checkpoint of step {step}",
+                                job.spec.world_size
+                            ),
+                        );
+                    }
                 }
                 Err(e) => job.fault(format!("committing the checkpoint of step {step}: {e}")),
             }
@@ -710,6 +825,15 @@ impl Coordinator for Service {
                 return Err(Status::aborted(f.clone()));
             }
             if st.formed {
+                if st.world < w {
+                    // Elastic and below its maximum: the group takes this worker in at
+                    // its next checkpoint (the worker keeps asking meanwhile).
+                    st.knocked = Some(Instant::now());
+                    return Err(Status::resource_exhausted(format!(
+                        "the group of generation {} trains with {} of up to {w} workers: it takes this one in at its next checkpoint",
+                        st.generation, st.world
+                    )));
+                }
                 return Err(Status::resource_exhausted(format!(
                     "the group of generation {} is complete ({w} workers)",
                     st.generation
@@ -742,15 +866,8 @@ impl Coordinator for Service {
                 pid: r.pid,
             });
             tracing::info!(rank, addr = %r.collective_addr, host = %r.host, pid = r.pid, "worker joined");
-            if st.members.iter().all(|m| m.is_some()) {
-                // Early joiners waited for the others: their heartbeat clocks start now.
-                let now = Instant::now();
-                for m in st.members.iter_mut().flatten() {
-                    m.last_seen = now;
-                }
-                st.formed = true;
-                tracing::info!(world = w, generation = st.generation, "group formed");
-            }
+            st.last_join = Instant::now();
+            job.try_form(&mut st);
             (rank, st.generation)
         };
         job.bump();
@@ -764,17 +881,32 @@ impl Coordinator for Service {
             armed: true,
         };
         let spec = &job.spec;
-        let (peers, resume_from) = job
+        let me = r.collective_addr.clone();
+        let (rank, world, peers, resume_from) = job
             .wait_for(generation, |st| {
-                st.formed.then(|| {
-                    Ok((
-                        st.members
-                            .iter()
-                            .map(|m| m.as_ref().map(|m| m.addr.clone()).unwrap_or_default())
-                            .collect::<Vec<_>>(),
-                        st.resume_from.clone(),
-                    ))
-                })
+                if !st.formed {
+                    return None;
+                }
+                // The formed group's ranks (renumbered when an elastic group formed
+                // below its maximum).
+                let Some(rank) = st
+                    .members
+                    .iter()
+                    .position(|m| m.as_ref().is_some_and(|m| m.addr == me))
+                else {
+                    return Some(Err(Status::internal(
+                        "this worker is missing from its group",
+                    )));
+                };
+                Some(Ok((
+                    rank,
+                    st.world,
+                    st.members
+                        .iter()
+                        .map(|m| m.as_ref().map(|m| m.addr.clone()).unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                    st.resume_from.clone(),
+                )))
             })
             .await?;
         slot.armed = false;
@@ -785,7 +917,7 @@ impl Coordinator for Service {
         Ok(Response::new(JoinReply {
             generation,
             rank: rank as u32,
-            world_size: w as u32,
+            world_size: world as u32,
             peers,
             config_toml: spec.cfg.to_toml(),
             data: spec.data.url().to_string(),
@@ -826,9 +958,9 @@ impl Coordinator for Service {
         let job = &self.job;
         job.count_rpc();
         let r = req.into_inner();
-        let w = job.spec.world_size;
         let mut st = job.lock();
         job.check(&st, r.generation, r.rank)?;
+        let w = st.world;
         let acc = st.epochs.entry(r.epoch).or_default();
         if acc.leased.is_empty() {
             acc.leased = vec![false; w];
@@ -1060,10 +1192,10 @@ impl Coordinator for Service {
                 t.counts.len()
             )));
         }
-        let w = job.spec.world_size;
         let all_in = {
             let mut st = job.lock();
             job.check(&st, h.generation, h.rank)?;
+            let w = st.world;
             let round = st.rounds.entry(h.round).or_default();
             if round.parts.is_empty() {
                 round.parts = (0..w).map(|_| None).collect();
@@ -1152,11 +1284,11 @@ impl Coordinator for Service {
         let job = &self.job;
         job.count_rpc();
         let r = req.into_inner();
-        let w = job.spec.world_size;
         valid_sum(&r.params_sha256)?;
         let ready = {
             let mut st = job.lock();
             job.check(&st, r.generation, r.rank)?;
+            let w = st.world;
             let c = st.commits.entry(r.step).or_default();
             if c.done || c.arrived.get(r.rank as usize) == Some(&true) {
                 return Err(Status::failed_precondition(format!(

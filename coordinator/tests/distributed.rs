@@ -193,8 +193,6 @@ fn coordinator(data: &Path, out: &Path, extra: &[&str]) -> (std::process::Child,
         data.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--world-size",
-        "2",
         "--heartbeat-ms",
         "500",
         "--collective-timeout-s",
@@ -206,6 +204,9 @@ fn coordinator(data: &Path, out: &Path, extra: &[&str]) -> (std::process::Child,
     .map(|s| s.to_string())
     .collect();
     args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+    if !extra.contains(&"--world-size") {
+        args.extend(["--world-size".into(), "2".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
         .args(&args)
@@ -355,7 +356,7 @@ fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
             &Location::parse(data.to_str().unwrap()).unwrap(),
             &Location::parse(tmp.path().join("run").to_str().unwrap()).unwrap(),
             false,
-            1,
+            (1, 1),
         )
         .await
         .unwrap();
@@ -859,5 +860,65 @@ fn a_worker_lost_before_its_group_forms_frees_its_rank() {
     for w in ws {
         let o = w.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// An elastic job (`--world-size 1:2`): a worker is killed and not replaced, so the
+/// survivor re-forms the group alone; a new worker then asks to join and the group grows
+/// back to two at its next checkpoint. With `grad_groups=2` one and two workers compute
+/// bit-identical steps, so the run ends exactly as a single process does.
+#[test]
+fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    let common = [
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=16",
+        "--set",
+        "threads=1",
+        "--set",
+        "checkpoint_every=40",
+        "--set",
+        "grad_groups=2",
+    ];
+    let clean_out = tmp.path().join("clean");
+    let mut a = vec!["train", "--data", data.to_str().unwrap()];
+    a.extend_from_slice(&["--out", clean_out.to_str().unwrap()]);
+    a.extend_from_slice(&common);
+    let (code, out, err) = lightrnn(&a);
+    assert_eq!(code, 0, "{err}");
+    let clean = json(&out);
+
+    let run = tmp.path().join("elastic");
+    let mut extra = vec!["--world-size", "1:2", "--form-wait-s", "2"];
+    extra.extend_from_slice(&common[2..]);
+    let (c, url) = coordinator(&data, &run, &extra);
+    let mut w1 = worker(&url, 1);
+    let w0 = worker(&url, 0);
+    wait_training(&run);
+    w1.kill().unwrap();
+    w1.wait().unwrap();
+    // The survivor trains alone for a while; then a newcomer knocks.
+    std::thread::sleep(Duration::from_secs(4));
+    let newcomer = worker(&url, 1);
+    let c = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(c.status.success(), "{err}");
+    let s = json(&String::from_utf8_lossy(&c.stdout));
+    eprintln!("elastic run: {s}");
+    for w in [w0, newcomer] {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(s["worlds"]["1"], 2, "{s}");
+    assert_eq!(s["worlds"]["2"], 1, "the survivor did not go on alone: {s}");
+    assert_eq!(s["grows"], 1, "the group did not grow back: {s}");
+    assert_eq!(s["worlds"]["3"], 2, "{s}");
+    assert_eq!(s["workers"], 2, "{s}");
+    for k in ["valid_ppl", "test_ppl", "train_loss", "steps"] {
+        assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
     }
 }
