@@ -224,6 +224,9 @@ pub struct RunArgs {
     /// auto or cpu.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9400).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -379,8 +382,26 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
                     None
                 },
                 stop: Some(stop.clone()),
+                report: None,
             };
-            let s = train(&cfg, &opts, handle)?;
+            let mut opts = opts;
+            let server = match &a.metrics_addr {
+                Some(addr) => {
+                    let sink: lightrnn_worker::cluster::ReportSink = Default::default();
+                    opts.report = Some(sink.clone());
+                    let listener = handle.block_on(crate::metrics::bind(addr))?;
+                    Some(handle.spawn(crate::metrics::serve(
+                        listener,
+                        std::sync::Arc::new(move || crate::metrics::single_process(&sink)),
+                    )))
+                }
+                None => None,
+            };
+            let s = train(&cfg, &opts, handle);
+            if let Some(h) = server {
+                h.abort();
+            }
+            let s = s?;
             let line = serde_json::json!({
                 "train_loss": s.train_loss, "train_ppl": s.train_ppl, "valid_ppl": s.valid_ppl,
                 "test_ppl": s.test_ppl, "words_per_sec": s.words_per_sec, "params": s.params,

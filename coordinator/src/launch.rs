@@ -187,6 +187,7 @@ fn job_spec(run: &RunArgs, world: (usize, usize), handle: &Handle) -> Result<Job
         out,
         resume,
         backend,
+        metrics_addr: _,
     } = run;
     let cfg = resolve_config(config)?;
     // Fail here, not in every worker, on a backend this build lacks.
@@ -255,6 +256,10 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<
         }
     }
     let out = spec.out.url().to_string();
+    let metrics = match &a.run.metrics_addr {
+        Some(m) => Some(handle.block_on(crate::metrics::bind(m))?),
+        None => None,
+    };
     let outcome = handle.block_on(async move {
         let incoming = bind(addr)?;
         tracing::info!(listen = %addr, min_world = spec.min_world, world = spec.world_size, run = %spec.run_id, "coordinator serving");
@@ -268,7 +273,7 @@ pub fn coordinator(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<
                 job.request_stop();
             })
         });
-        run_job(spec, incoming, signal).await
+        run_job(spec, incoming, with_metrics(metrics, signal)).await
     })?;
     Ok(summary_line(&outcome.summary, &out, &outcome.stats))
 }
@@ -297,6 +302,25 @@ pub fn worker(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     };
     let s = run_worker(&opts, handle)?;
     Ok(serde_json::to_string(&s)?)
+}
+
+/// `watch` with the metrics endpoint served beside it while the job runs.
+fn with_metrics(listener: Option<tokio::net::TcpListener>, watch: External) -> External {
+    Box::new(move |job| {
+        Box::pin(async move {
+            let metrics = {
+                let job = job.clone();
+                async move {
+                    match listener {
+                        Some(l) => crate::metrics::serve(l, Arc::new(move || job.snapshot())).await,
+                        None => std::future::pending().await,
+                    }
+                }
+            };
+            // Ends when the job does (run_job aborts its watcher).
+            let ((), ()) = tokio::join!(metrics, watch(job));
+        })
+    })
 }
 
 /// Kills the worker processes it holds when dropped (the job failed, or this process is
@@ -405,7 +429,11 @@ pub fn train_workers(a: &crate::cli::TrainArgs, handle: &Handle, stop: &Stop) ->
             }
         })
     });
-    let outcome = handle.block_on(run_job(spec, incoming, watch))?;
+    let metrics = match &a.run.metrics_addr {
+        Some(m) => Some(handle.block_on(crate::metrics::bind(m))?),
+        None => None,
+    };
+    let outcome = handle.block_on(run_job(spec, incoming, with_metrics(metrics, watch)))?;
     // The workers exit once their Finish is answered.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

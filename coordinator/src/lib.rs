@@ -7,5 +7,6 @@ pub mod alloc;
 pub mod cli;
 pub mod commands;
 pub mod launch;
+pub mod metrics;
 pub mod server;
 pub mod tls;

@@ -177,6 +177,8 @@ struct Member {
     step: u64,
     /// The worker's process id (with the host: which process died).
     pid: u32,
+    /// Its latest figures (from heartbeats).
+    report: Option<lightrnn_worker::cluster::Report>,
 }
 
 #[derive(Default)]
@@ -491,6 +493,42 @@ impl Job {
                 "stopped by a signal before the group formed (the run's checkpoints are unchanged)"
                     .into(),
             );
+        }
+    }
+
+    /// The job's figures for `/metrics`.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let st = self.lock();
+        let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let ranks = if st.formed {
+            st.members
+                .iter()
+                .enumerate()
+                .filter_map(|(rank, m)| {
+                    let m = m.as_ref()?;
+                    Some(crate::metrics::RankView {
+                        rank,
+                        step: m.step,
+                        heartbeat_age: Some(m.last_seen.elapsed().as_secs_f64()),
+                        report: m.report.clone(),
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        crate::metrics::Snapshot {
+            run_id: self.spec.run_id.clone(),
+            world: if st.formed { st.world } else { 0 },
+            max_world: self.spec.world_size,
+            generation: st.generation,
+            ranks,
+            restarts: stats.restarts,
+            grows: stats.grows,
+            tokens_accounted: stats.tokens_accounted,
+            checkpoints_committed: stats.checkpoints_committed,
+            reallocations: stats.reallocations,
+            rpcs: stats.rpcs,
         }
     }
 
@@ -864,6 +902,7 @@ impl Coordinator for Service {
                 last_seen: Instant::now(),
                 step: 0,
                 pid: r.pid,
+                report: None,
             });
             tracing::info!(rank, addr = %r.collective_addr, host = %r.host, pid = r.pid, "worker joined");
             st.last_join = Instant::now();
@@ -947,6 +986,21 @@ impl Coordinator for Service {
         if let Some(m) = st.members[r.rank as usize].as_mut() {
             m.last_seen = Instant::now();
             m.step = r.step;
+            if let Some(p) = r.report {
+                m.report = Some(lightrnn_worker::cluster::Report {
+                    step: p.step,
+                    epoch: p.epoch,
+                    loss: p.loss,
+                    words_per_sec: p.words_per_sec,
+                    global_words_per_sec: p.global_words_per_sec,
+                    valid_ppl: p.valid_ppl,
+                    lr: p.lr,
+                    checkpoint_step: p.checkpoint_step,
+                    checkpoint_seconds: p.checkpoint_seconds,
+                    checkpoint_bytes: p.checkpoint_bytes,
+                    checkpoints: p.checkpoints,
+                });
+            }
         }
         Ok(Response::new(HeartbeatReply {
             abort: String::new(),

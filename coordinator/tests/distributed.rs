@@ -922,3 +922,120 @@ fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
         assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
     }
 }
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// `--metrics-addr` serves Prometheus metrics while the job trains: with workers
+/// (from the coordinator, fed by heartbeats) and in a single process.
+#[test]
+fn the_metrics_endpoint_shows_the_job_while_it_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    for workers in ["2", "1"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let out = tmp.path().join(format!("run-{workers}"));
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=200",
+            "--set",
+            "threads=1",
+            "--set",
+            "log_every=10",
+            "--set",
+            "checkpoint_every=40",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--metrics-addr",
+            &addr,
+        ];
+        if workers == "2" {
+            args.extend_from_slice(&["--workers", "2"]);
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let body = loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no metrics with a checkpoint within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            if let Some(b) = http_get(&addr, "/metrics")
+                && b.contains("lightrnn_checkpoint_bytes")
+                && b.contains("lightrnn_valid_perplexity")
+            {
+                break b;
+            }
+        };
+        let (world, ranks): (&str, &[&str]) = if workers == "2" {
+            ("2", &["0", "1"])
+        } else {
+            ("1", &["0"])
+        };
+        assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
+        assert!(
+            body.contains("Content-Type: text/plain; version=0.0.4"),
+            "{body}"
+        );
+        for want in [
+            format!("lightrnn_world_size {world}\n"),
+            "lightrnn_generation 1\n".to_string(),
+            "lightrnn_restarts_total{cause=\"heartbeat\"} 0\n".to_string(),
+            "lightrnn_heartbeat_misses_total 0\n".to_string(),
+            "# TYPE lightrnn_words_per_second gauge\n".to_string(),
+            "lightrnn_train_perplexity ".to_string(),
+            "lightrnn_checkpoint_step ".to_string(),
+            "lightrnn_checkpoint_seconds ".to_string(),
+        ] {
+            assert!(
+                body.contains(&want),
+                "{workers} workers: no {want:?} in\n{body}"
+            );
+        }
+        for r in ranks {
+            let want = format!("lightrnn_rank_words_per_second{{rank=\"{r}\"}} ");
+            assert!(
+                body.contains(&want),
+                "{workers} workers: no {want:?} in\n{body}"
+            );
+            if workers == "2" {
+                let want = format!("lightrnn_rank_heartbeat_age_seconds{{rank=\"{r}\"}} ");
+                assert!(body.contains(&want), "no {want:?} in\n{body}");
+            }
+        }
+        let step: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("lightrnn_step "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(step >= 40.0, "{body}");
+        let missing = http_get(&addr, "/nothing").unwrap();
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        // Stop the run (with its checkpoint).
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}

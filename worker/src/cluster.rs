@@ -20,6 +20,33 @@ use crate::store::Location;
 use crate::train::Summary;
 use crate::{Error, Result};
 
+/// Where a rank is and how fast it goes: what the job's metrics (`/metrics`) show.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u64,
+    /// Training loss (nats per word) of the last logging window, over all ranks.
+    pub loss: f64,
+    /// Words per second of this rank over the last logging window.
+    pub words_per_sec: f64,
+    /// Words per second of the whole job over the last logging window.
+    pub global_words_per_sec: f64,
+    /// Validation perplexity after the last epoch (0: none yet).
+    pub valid_ppl: f64,
+    pub lr: f64,
+    /// The last checkpoint this rank saw committed: its step, the seconds it took
+    /// (state gathering, writing, commit) and its bytes (rank 0 knows them).
+    pub checkpoint_step: u64,
+    pub checkpoint_seconds: f64,
+    pub checkpoint_bytes: u64,
+    /// Checkpoints committed in this session.
+    pub checkpoints: u64,
+}
+
+/// Where a single-process run publishes its [`Report`] (for a metrics endpoint).
+pub type ReportSink = Arc<std::sync::Mutex<Option<Report>>>;
+
 /// What a rank asks of the job's owner. Calls are blocking (the training thread).
 pub trait Control: Send {
     /// The streams of the `streams`-stream global batch this rank trains on in `epoch`,
@@ -52,6 +79,9 @@ pub trait Control: Send {
     fn progress(&self, _step: u64, _epoch: u64, _cursor: u64) -> Result<()> {
         Ok(())
     }
+    /// The rank's figures for the job's metrics (at logging points, epoch ends and
+    /// checkpoints; cheap).
+    fn report(&mut self, _report: &Report) {}
     /// The run is over; rank 0 passes the summary; every rank its final parameters'
     /// checksum.
     fn finish(&mut self, summary: Option<&Summary>, params_sha256: &str) -> Result<()>;
@@ -69,10 +99,19 @@ pub struct Dist {
 
 impl Dist {
     /// A job of one rank in this process; `allocator` solves reallocations here.
-    pub fn local(allocator: Option<Arc<dyn Allocate>>, handle: Handle) -> Self {
+    /// Its [`Report`]s go to `sink` when given.
+    pub fn local(
+        allocator: Option<Arc<dyn Allocate>>,
+        handle: Handle,
+        sink: Option<ReportSink>,
+    ) -> Self {
         Self {
             collective: Box::new(Single),
-            control: Box::new(LocalControl { allocator, handle }),
+            control: Box::new(LocalControl {
+                allocator,
+                handle,
+                sink,
+            }),
         }
     }
     pub fn rank(&self) -> usize {
@@ -91,9 +130,17 @@ impl Dist {
 pub struct LocalControl {
     allocator: Option<Arc<dyn Allocate>>,
     handle: Handle,
+    sink: Option<ReportSink>,
 }
 
 impl Control for LocalControl {
+    fn report(&mut self, report: &Report) {
+        if let Some(s) = &self.sink
+            && let Ok(mut g) = s.lock()
+        {
+            *g = Some(report.clone());
+        }
+    }
     fn lease(&mut self, _epoch: u64, streams: usize, _cursor: u64) -> Result<Range<usize>> {
         Ok(0..streams)
     }

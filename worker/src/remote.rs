@@ -148,6 +148,8 @@ struct Shared {
     /// Shuts the ring down when the job ends under us, so a collective blocked on a
     /// stalled peer returns at once.
     breaker: Mutex<Option<crate::collective::RingBreaker>>,
+    /// The training thread's latest figures, sent with the next heartbeat.
+    report: Mutex<Option<crate::cluster::Report>>,
 }
 
 impl Shared {
@@ -408,6 +410,12 @@ impl Control for RemoteControl {
     fn rpc_seconds(&self) -> f64 {
         self.rpc_seconds
     }
+
+    fn report(&mut self, report: &crate::cluster::Report) {
+        if let Ok(mut r) = self.shared.report.lock() {
+            *r = Some(report.clone());
+        }
+    }
 }
 
 /// Heartbeats every `every` until the training ends (the task is aborted) or the
@@ -431,6 +439,21 @@ async fn heartbeat(
             step: shared.step.load(Ordering::Relaxed),
             epoch: shared.epoch.load(Ordering::Relaxed),
             cursor: shared.cursor.load(Ordering::Relaxed),
+            report: shared.report.lock().ok().and_then(|r| r.clone()).map(|r| {
+                lightrnn_proto::v1::Report {
+                    step: r.step,
+                    epoch: r.epoch,
+                    loss: r.loss,
+                    words_per_sec: r.words_per_sec,
+                    global_words_per_sec: r.global_words_per_sec,
+                    valid_ppl: r.valid_ppl,
+                    lr: r.lr,
+                    checkpoint_step: r.checkpoint_step,
+                    checkpoint_seconds: r.checkpoint_seconds,
+                    checkpoint_bytes: r.checkpoint_bytes,
+                    checkpoints: r.checkpoints,
+                }
+            }),
         };
         match tokio::time::timeout(every, client.heartbeat(req)).await {
             Ok(Ok(r)) => {
@@ -636,6 +659,7 @@ fn generation(
             progress: false,
             allocator: None,
             stop: Some(opts.stop.clone()),
+            report: None,
         };
         let mut dist = Dist {
             collective: Box::new(ring),

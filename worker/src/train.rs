@@ -19,7 +19,7 @@ use lightrnn_kernels::{Backend, Batch, LossSums, ModelDims, StreamId};
 
 use crate::batches::Batches;
 use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
-use crate::cluster::{Dist, concat_states, gather_state, params_checksum, slice_state};
+use crate::cluster::{Dist, Report, concat_states, gather_state, params_checksum, slice_state};
 use crate::collective::{Collective, share};
 use crate::config::TrainConfig;
 use crate::dataset::{Dataset, PrepareOptions};
@@ -53,6 +53,8 @@ pub struct RunOptions {
     /// Set (by a signal handler, or the coordinator) to stop at the next step with a
     /// checkpoint. The ranks of a job agree on the step through their collective.
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A single-process run publishes its progress here (a metrics endpoint reads it).
+    pub report: Option<crate::cluster::ReportSink>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -394,7 +396,7 @@ impl Window {
 
 /// Train a LightRNN model as `cfg` says in this process alone; blocking.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Summary> {
-    let mut dist = Dist::local(opts.allocator.clone(), handle.clone());
+    let mut dist = Dist::local(opts.allocator.clone(), handle.clone(), opts.report.clone());
     train_rank(cfg, opts, handle, &mut dist)
 }
 
@@ -537,6 +539,7 @@ pub fn train_rank(
     let mut stopped_by = "epochs";
     let mut session_words = 0u64;
     let mut session_train_secs = 0.0f64;
+    let mut report = Report::default();
     let mut win = Window::default();
     let mut gbuf = Vec::new();
     let save = |backend: &dyn Backend,
@@ -591,7 +594,8 @@ pub fn train_rank(
     let checkpoint_now = |backend: &dyn Backend,
                           st: &LoopState,
                           cursor: u64,
-                          dist: &mut Dist|
+                          dist: &mut Dist,
+                          report: &mut Report|
      -> Result<()> {
         let t = Instant::now();
         let dir = opts
@@ -618,6 +622,14 @@ pub fn train_rank(
         };
         let sum = params_checksum(&backend.params()?);
         dist.control.commit(st.step, &dir, meta.as_ref(), &sum)?;
+        report.step = st.step;
+        report.checkpoint_step = st.step;
+        report.checkpoint_seconds = t.elapsed().as_secs_f64();
+        report.checkpoint_bytes = meta
+            .as_ref()
+            .map_or(0, |m| m.files.iter().map(|f| f.bytes).sum());
+        report.checkpoints += 1;
+        dist.control.report(report);
         if leader {
             handle.block_on(checkpoint::prune(
                 &opts.out,
@@ -732,9 +744,17 @@ pub fn train_rank(
             dist.control
                 .progress(st.step, st.epoch, batches.position())?;
             if st.step.is_multiple_of(cfg.log_every) {
+                let mine = win.words;
                 let (wl, ww) = win.fold_into(&mut st, &mut *dist.collective)?;
                 let l = wl / ww.max(1) as f64;
                 let wps = ww as f64 / win.secs.max(1e-9);
+                report.step = st.step;
+                report.epoch = st.epoch;
+                report.loss = l;
+                report.words_per_sec = mine as f64 / win.secs.max(1e-9);
+                report.global_words_per_sec = wps;
+                report.lr = st.lr;
+                dist.control.report(&report);
                 win.secs = 0.0;
                 metrics.push(serde_json::json!({
                     "kind": "train", "step": st.step, "epoch": st.epoch + 1, "loss": l, "ppl": ppl(l),
@@ -769,7 +789,7 @@ pub fn train_rank(
                 && !batches.exhausted()
             {
                 win.fold_into(&mut st, &mut *dist.collective)?;
-                checkpoint_now(&*backend, &st, batches.position(), dist)?;
+                checkpoint_now(&*backend, &st, batches.position(), dist, &mut report)?;
             }
             if at_limit {
                 stopped_by = "max_steps";
@@ -834,6 +854,9 @@ pub fn train_rank(
             "kind": "valid", "step": st.step, "epoch": rec.epoch, "loss": vl, "ppl": rec.valid_ppl,
             "train_loss": train_loss, "lr": st.lr, "seconds": st.train_seconds,
         }));
+        report.valid_ppl = rec.valid_ppl;
+        report.epoch = rec.epoch;
+        dist.control.report(&report);
         st.history.push(rec);
         if st.best_valid_loss.is_none_or(|b| vl < b) {
             st.best_valid_loss = Some(vl);
@@ -891,7 +914,7 @@ pub fn train_rank(
         st.epoch_loss_sum = 0.0;
         st.epoch_words = 0;
         cursor = 0;
-        checkpoint_now(&*backend, &st, 0, dist)?;
+        checkpoint_now(&*backend, &st, 0, dist, &mut report)?;
         handle.block_on(metrics.flush(true))?;
         if cfg.max_steps > 0 && st.step >= cfg.max_steps {
             stopped_by = "max_steps";
@@ -917,11 +940,11 @@ pub fn train_rank(
         // Preemption: the checkpoint is what matters inside the grace period; the
         // evaluations are left to the resumed run.
         if partial {
-            checkpoint_now(&*backend, &st, cursor, dist)?;
+            checkpoint_now(&*backend, &st, cursor, dist, &mut report)?;
         }
         handle.block_on(metrics.flush(true))?;
     } else if partial {
-        checkpoint_now(&*backend, &st, cursor, dist)?;
+        checkpoint_now(&*backend, &st, cursor, dist, &mut report)?;
         let (vl, _) = evaluate(
             &mut *backend,
             &ds.valid,
