@@ -54,6 +54,9 @@ pub enum Command {
     Tables(TablesArgs),
     /// Show which words share the rows of a checkpoint's table.
     Inspect(InspectArgs),
+    /// Write a checkpoint as safetensors weights, vocabulary, config and model.json (and
+    /// word vectors in the word2vec text format) for other tools.
+    Export(ExportArgs),
     /// Count the words of many text files or objects in parallel and write vocab.txt.
     Vocab(VocabArgs),
     /// Tokenise many text files or objects in parallel into u32 shards and a manifest.
@@ -187,6 +190,20 @@ pub struct InspectArgs {
     /// Words per row.
     #[arg(long, default_value_t = 12)]
     pub words: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// A checkpoint, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Directory or object-store URL to write into.
+    #[arg(long)]
+    pub out: String,
+    /// Also write vectors.txt: each word's row vector joined to its column vector, in
+    /// the word2vec text format (gensim's KeyedVectors.load_word2vec_format reads it).
+    #[arg(long)]
+    pub word_vectors: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -490,6 +507,10 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
                 .url_of(&lightrnn_worker::shards::Manifest::object_name(&m.split))
                 .into();
             Ok(j.to_string())
+        }
+        Command::Export(a) => {
+            let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
+            crate::commands::export(&ck, &Location::parse(&a.out)?, a.word_vectors, handle)
         }
         Command::Inspect(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;

@@ -480,3 +480,126 @@ fn vocab_and_shard_make_a_dataset_train_reads() {
     assert_eq!(code, 1);
     assert!(err.contains("nope") && !err.contains("panicked"), "{err}");
 }
+
+/// The Python interpreter with numpy and safetensors (scripts/test.sh installs them).
+fn python() -> String {
+    std::env::var("LIGHTRNN_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "this test needs Python with numpy and safetensors: run scripts/test.sh (it \
+             installs them), or set LIGHTRNN_TEST_PYTHON=/path/to/python"
+        )
+    })
+}
+
+/// `lightrnn export` writes what other tools read: the documented numpy scorer
+/// (scripts/lightrnn_score.py, safetensors + numpy) gives the loss `lightrnn eval` gives,
+/// and vectors.txt is word2vec text holding each word's row vector joined to its column
+/// vector.
+#[test]
+fn export_round_trips_through_python_and_word2vec_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    corpus(&data);
+    let run = tmp.path().join("run");
+    let (code, _, err) = lightrnn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "epochs=2",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let out = tmp.path().join("export");
+    let (code, stdout, err) = lightrnn(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--word-vectors",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rep: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(rep["files"].as_array().unwrap().len(), 5, "{rep}");
+    let text = data.join("c.test.txt");
+    let (code, stdout, err) = lightrnn(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--batch",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ours: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lightrnn_score.py");
+    let py = Command::new(python())
+        .arg(&script)
+        .arg(&out)
+        .arg(&text)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let theirs: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&py.stdout).trim()).unwrap();
+    assert_eq!(ours["words"], theirs["words"]);
+    let (a, b) = (
+        ours["loss"].as_f64().unwrap(),
+        theirs["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * a, "lightrnn {a} vs numpy {b}");
+
+    // word2vec text: "V DIM", then one word and DIM numbers per line; the vector is the
+    // word's row vector joined to its column vector (read back through Python here too).
+    let vectors = std::fs::read_to_string(out.join("vectors.txt")).unwrap();
+    let mut lines = vectors.lines();
+    let head: Vec<usize> = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let vocab = std::fs::read_to_string(out.join("vocab.txt")).unwrap();
+    assert_eq!(head[0], vocab.lines().count());
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), head[0]);
+    for r in &rows {
+        assert_eq!(r.split(' ').count(), head[1] + 1, "{r}");
+    }
+    let check = r#"
+import sys, numpy as np
+from safetensors.numpy import load_file
+d = sys.argv[1]
+t = load_file(d + "/model.safetensors")
+lines = open(d + "/vectors.txt", encoding="utf-8").read().split("\n")[1:-1]
+n = t["emb_r.weight"].shape[1]
+for w, line in enumerate(lines):
+    v = np.array([float(x) for x in line.split(" ")[1:]], dtype=np.float32)
+    want = np.concatenate([t["emb_r.weight"][t["row"][w]], t["emb_c.weight"][t["col"][w]]])
+    assert v.shape == (2 * n,) and np.array_equal(v, want), w
+print(len(lines))
+"#;
+    let py = Command::new(python())
+        .args(["-c", check])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout).trim(),
+        head[0].to_string()
+    );
+}
