@@ -57,6 +57,8 @@ pub enum Command {
     /// Write a checkpoint as safetensors weights, vocabulary, config and model.json (and
     /// word vectors in the word2vec text format) for other tools.
     Export(ExportArgs),
+    /// Generate text from a checkpoint (row first, then column given the row).
+    Sample(SampleArgs),
     /// Count the words of many text files or objects in parallel and write vocab.txt.
     Vocab(VocabArgs),
     /// Tokenise many text files or objects in parallel into u32 shards and a manifest.
@@ -190,6 +192,28 @@ pub struct InspectArgs {
     /// Words per row.
     #[arg(long, default_value_t = 12)]
     pub words: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// A checkpoint, or a run directory (its best model when it has one, else its newest
+    /// checkpoint).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Words to continue (words outside the vocabulary read as <unk>).
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Words to generate (<eos> ends a line).
+    #[arg(long, default_value_t = 50)]
+    pub words: usize,
+    /// Softmax temperature of both factors (below 1: safer, above 1: wilder).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Draw among the k most probable words only (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -511,6 +535,29 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
         Command::Export(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
             crate::commands::export(&ck, &Location::parse(&a.out)?, a.word_vectors, handle)
+        }
+        Command::Sample(a) => {
+            let loc = Location::parse(&a.checkpoint)?;
+            // A run directory: its best model (what its test perplexity measured).
+            let best = loc.join("best");
+            let from = if handle.block_on(best.head("meta.json"))?.is_some() {
+                best
+            } else {
+                loc
+            };
+            let ck = handle.block_on(checkpoint::resolve(&from))?;
+            let opts = lightrnn_worker::sample::SampleOptions {
+                temperature: a.temperature,
+                top_k: a.top_k,
+                seed: a.seed,
+            };
+            let t0 = std::time::Instant::now();
+            let text = lightrnn_worker::sample::sample(&ck, &a.prompt, a.words, opts)?;
+            Ok(serde_json::to_string(&serde_json::json!({
+                "prompt": a.prompt, "text": text, "words": a.words, "temperature": a.temperature,
+                "top_k": a.top_k, "seed": a.seed, "checkpoint": ck.url,
+                "seconds": t0.elapsed().as_secs_f64(),
+            }))?)
         }
         Command::Inspect(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;

@@ -525,6 +525,28 @@ fn export_round_trips_through_python_and_word2vec_text() {
     assert_eq!(code, 0, "{err}");
     let rep: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(rep["files"].as_array().unwrap().len(), 5, "{rep}");
+    // Sampling from the same run: top-1 is greedy, whatever the seed.
+    let greedy = |seed: &str| {
+        let (code, out, err) = lightrnn(&[
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            "one two",
+            "--words",
+            "12",
+            "--top-k",
+            "1",
+            "--seed",
+            seed,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let g = greedy("1");
+    assert_eq!(g, greedy("2"));
+    assert!(g.split_whitespace().count() >= 6, "{g:?}");
     let text = data.join("c.test.txt");
     let (code, stdout, err) = lightrnn(&[
         "eval",

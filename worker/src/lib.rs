@@ -22,6 +22,7 @@ pub mod eval;
 pub mod npy;
 pub mod realloc;
 pub mod remote;
+pub mod sample;
 pub mod shards;
 pub mod store;
 pub mod text;
