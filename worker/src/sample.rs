@@ -310,9 +310,10 @@ impl<'a> Sampler<'a> {
         let mut out = vec![f64::NEG_INFINITY; self.dims.vocab];
         for r in (0..self.dims.rows).filter(|&r| self.row_any[r]) {
             let (_, lp_c) = self.columns(r);
-            for c in 0..self.dims.cols {
-                if let Some(w) = self.word_of_cell[r * self.dims.cols + c] {
-                    out[w as usize] = lp_r[r] + lp_c[c];
+            let cells = &self.word_of_cell[r * self.dims.cols..(r + 1) * self.dims.cols];
+            for (cell, lc) in cells.iter().zip(&lp_c) {
+                if let Some(w) = cell {
+                    out[*w as usize] = lp_r[r] + lc;
                 }
             }
         }
