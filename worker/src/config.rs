@@ -15,6 +15,15 @@ pub const PRESETS: &[(&str, &str)] = &[
         "ptb-small-realloc",
         include_str!("../presets/ptb-small-realloc.toml"),
     ),
+    ("ptb-medium", include_str!("../presets/ptb-medium.toml")),
+    (
+        "billion-word-512",
+        include_str!("../presets/billion-word-512.toml"),
+    ),
+    (
+        "billion-word-1024",
+        include_str!("../presets/billion-word-1024.toml"),
+    ),
     ("tiny", include_str!("../presets/tiny.toml")),
 ];
 
@@ -335,6 +344,16 @@ mod tests {
 
     #[test]
     fn presets_parse_and_overrides_apply() {
+        for (name, _) in PRESETS {
+            let c = TrainConfig::preset(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            // Every preset round-trips through its TOML (as stored in checkpoints).
+            assert_eq!(TrainConfig::from_toml(&c.to_toml(), name).unwrap(), c);
+        }
+        let c = TrainConfig::preset("billion-word-1024").unwrap();
+        assert_eq!(
+            (c.emb, c.hidden, c.batch, c.bad_lines.as_str()),
+            (1024, 1024, 128, "skip")
+        );
         let c = TrainConfig::preset("ptb-small").unwrap();
         assert_eq!(
             (c.emb, c.hidden, c.layers, c.batch, c.epochs),
