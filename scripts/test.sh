@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs the S3-compatible test server (moto, from PyPI, into
-# .venv-test/, with numpy and safetensors for the export test), starts it on 127.0.0.1, runs the workspace tests against it, stops it.
+# .venv-test/, with numpy, safetensors and PyYAML for the export and deploy tests), starts it on 127.0.0.1, runs the workspace tests against it, stops it.
 # Extra arguments go to `cargo test`. The TLS tests make their certificates with the
 # openssl command line tool.
 set -euo pipefail
@@ -9,12 +9,14 @@ command -v openssl >/dev/null || { echo "scripts/test.sh: the openssl command li
 MOTO_VERSION=5.2.5
 NUMPY_VERSION=2.4.6
 SAFETENSORS_VERSION=0.8.0
+PYYAML_VERSION=6.0.4
 VENV=.venv-test
-if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml" 2>/dev/null; then
   python3 -m venv "$VENV"
-  # moto: the S3 tests' server; numpy + safetensors: the export round-trip test.
+  # moto: the S3 tests' server; numpy + safetensors: the export round-trip test; PyYAML:
+  # the deployment templates' test.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
-    "numpy==$NUMPY_VERSION" "safetensors==$SAFETENSORS_VERSION"
+    "numpy==$NUMPY_VERSION" "safetensors==$SAFETENSORS_VERSION" "pyyaml==$PYYAML_VERSION"
 fi
 export LIGHTRNN_TEST_PYTHON="$PWD/$VENV/bin/python"
 PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -32,21 +32,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    // SIGTERM/SIGINT: training stops at its next step with a checkpoint (all ranks of a
-    // job at the same step) and exits 0; past the grace period the process gives up.
+    // SIGTERM/SIGINT (and SIGUSR1, SLURM's warning signal): training stops at its next
+    // step with a checkpoint (all ranks of a job at the same step) and exits 0; past the grace period the process gives up.
     let stop: Stop = Arc::new(AtomicBool::new(false));
     {
         let (stop, grace) = (stop.clone(), Duration::from_secs(cli.grace_s));
         rt.spawn(async move {
-            let mut term = match signal(SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "no SIGTERM handler");
+            let (mut term, mut usr1) = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::user_defined1()),
+            ) {
+                (Ok(t), Ok(u)) => (t, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "no SIGTERM/SIGUSR1 handler");
                     return;
                 }
             };
             tokio::select! {
                 _ = term.recv() => {}
+                _ = usr1.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::warn!(
