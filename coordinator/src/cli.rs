@@ -59,6 +59,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Generate text from a checkpoint (row first, then column given the row).
     Sample(SampleArgs),
+    /// Draw a run's curves (and a checkpoint's allocation) as PNG pictures.
+    Plot(PlotArgs),
     /// Count the words of many text files or objects in parallel and write vocab.txt.
     Vocab(VocabArgs),
     /// Tokenise many text files or objects in parallel into u32 shards and a manifest.
@@ -192,6 +194,23 @@ pub struct InspectArgs {
     /// Words per row.
     #[arg(long, default_value_t = 12)]
     pub words: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// A run's metrics.jsonl (path or object-store URL), or its run directory.
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// PNG file for the curves.
+    #[arg(long, default_value = "curves.png")]
+    pub out: String,
+    /// Also draw this checkpoint's allocation (a checkpoint, or a run directory: its
+    /// newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// PNG file for the allocation.
+    #[arg(long, default_value = "allocation.png")]
+    pub allocation_out: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -535,6 +554,42 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
         Command::Export(a) => {
             let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
             crate::commands::export(&ck, &Location::parse(&a.out)?, a.word_vectors, handle)
+        }
+        Command::Plot(a) => {
+            if a.metrics.is_none() && a.checkpoint.is_none() {
+                bail!("give --metrics (curves) and/or --checkpoint (the allocation)");
+            }
+            let mut written = serde_json::Map::new();
+            if let Some(m) = &a.metrics {
+                let (text, origin) = handle.block_on(async {
+                    // The file itself, or a run directory holding metrics.jsonl.
+                    let (parent, name) = lightrnn_worker::eval::split_object(m)?;
+                    if name.ends_with(".jsonl") && parent.head(&name).await?.is_some() {
+                        return Ok::<_, anyhow::Error>((parent.get(&name).await?, m.clone()));
+                    }
+                    let run = Location::parse(m)?;
+                    let origin = run.url_of("metrics.jsonl");
+                    Ok((run.get("metrics.jsonl").await?, origin))
+                })?;
+                let text = String::from_utf8(text.to_vec())
+                    .with_context(|| format!("{origin} is not UTF-8"))?;
+                let curves = crate::plot::read_curves(&text, &origin)?;
+                let title = std::path::Path::new(m.trim_end_matches('/'))
+                    .file_name()
+                    .map_or_else(|| m.clone(), |n| n.to_string_lossy().into_owned());
+                crate::plot::curves_png(&curves, &title, std::path::Path::new(&a.out))?;
+                written.insert("curves".into(), a.out.clone().into());
+                written.insert("train_points".into(), curves.train.len().into());
+                written.insert("reallocations".into(), curves.reallocs.len().into());
+            }
+            if let Some(c) = &a.checkpoint {
+                let ck = handle.block_on(checkpoint::resolve(&Location::parse(c)?))?;
+                let (w, h) =
+                    crate::plot::allocation_png(&ck, std::path::Path::new(&a.allocation_out))?;
+                written.insert("allocation".into(), a.allocation_out.clone().into());
+                written.insert("allocation_size".into(), serde_json::json!([w, h]));
+            }
+            Ok(serde_json::Value::Object(written).to_string())
         }
         Command::Sample(a) => {
             let loc = Location::parse(&a.checkpoint)?;

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod commands;
 pub mod launch;
 pub mod metrics;
+pub mod plot;
 pub mod server;
 pub mod tls;

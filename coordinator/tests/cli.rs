@@ -547,6 +547,30 @@ fn export_round_trips_through_python_and_word2vec_text() {
     let g = greedy("1");
     assert_eq!(g, greedy("2"));
     assert!(g.split_whitespace().count() >= 6, "{g:?}");
+    // Pictures of the same run: curves from its metrics, its allocation.
+    let (curves, alloc) = (tmp.path().join("c.png"), tmp.path().join("a.png"));
+    let (code, stdout, err) = lightrnn(&[
+        "plot",
+        "--metrics",
+        run.to_str().unwrap(),
+        "--out",
+        curves.to_str().unwrap(),
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--allocation-out",
+        alloc.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rep: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(rep["train_points"].as_u64().unwrap() > 0, "{rep}");
+    for p in [&curves, &alloc] {
+        let png = std::fs::read(p).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 2000, "{} bytes", png.len());
+    }
+    let (code, _, err) = lightrnn(&["plot", "--metrics", data.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("metrics.jsonl"), "{err}");
     let text = data.join("c.test.txt");
     let (code, stdout, err) = lightrnn(&[
         "eval",

@@ -1,0 +1,270 @@
+//! `lightrnn plot`: PNG pictures of a run, drawn in pure Rust (plotters with the DejaVu
+//! font embedded, so no system fonts or C libraries are needed).
+//!
+//! - Curves from `metrics.jsonl`: training perplexity (every logging window) and
+//!   validation perplexity (every epoch) against the step, a dashed
+//!   vertical line at every word reallocation, the test perplexity in the title, and
+//!   words per second below.
+//! - The allocation of a checkpoint: the R x C table with every cell shaded by the log
+//!   count of the word it holds (empty cells white), so one sees which rows the frequent
+//!   words gather in.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use lightrnn_worker::checkpoint::Checkpoint;
+
+/// What the curves show, read from `metrics.jsonl`.
+#[derive(Debug, Default)]
+pub struct Curves {
+    /// (step, perplexity) of each logging window.
+    pub train: Vec<(f64, f64)>,
+    /// (step, perplexity) after each epoch (and at a stop inside one).
+    pub valid: Vec<(f64, f64)>,
+    /// (step, words per second) of each logging window.
+    pub speed: Vec<(f64, f64)>,
+    /// Steps after which words were reallocated.
+    pub reallocs: Vec<f64>,
+    pub test_ppl: Option<f64>,
+}
+
+/// Parse the JSON lines of a run's metrics (unknown kinds and fields are ignored; a line
+/// that is not JSON is an error naming it).
+pub fn read_curves(text: &str, origin: &str) -> Result<Curves> {
+    let mut c = Curves::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{origin} line {}: not JSON", i + 1))?;
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        let (Some(step), kind) = (num("step"), v.get("kind").and_then(|k| k.as_str())) else {
+            continue;
+        };
+        match kind {
+            Some("train") => {
+                if let Some(p) = num("ppl").filter(|p| p.is_finite()) {
+                    c.train.push((step, p));
+                }
+                if let Some(w) = num("words_per_sec").filter(|w| w.is_finite()) {
+                    c.speed.push((step, w));
+                }
+            }
+            Some("valid") => {
+                if let Some(p) = num("ppl").filter(|p| p.is_finite()) {
+                    c.valid.push((step, p));
+                }
+            }
+            Some("realloc") => c.reallocs.push(step),
+            Some("test") => c.test_ppl = num("ppl"),
+            _ => {}
+        }
+    }
+    if c.train.is_empty() && c.valid.is_empty() {
+        bail!("{origin}: no training or validation lines to plot");
+    }
+    Ok(c)
+}
+
+fn font() {
+    // Registering twice is harmless; the font is a valid TrueType file.
+    let _ =
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+}
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing the picture: {e:?}")
+}
+
+/// Training and validation curves, reallocations, speed: a 1200 x 900 PNG at `out`.
+pub fn curves_png(c: &Curves, title: &str, out: &Path) -> Result<()> {
+    font();
+    let root = BitMapBackend::new(out, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let (top, bottom) = root.split_vertically(600);
+    let all = c.train.iter().chain(&c.valid);
+    let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let lo = all
+        .clone()
+        .map(|p| p.1)
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0);
+    let hi = all.map(|p| p.1).fold(1.0, f64::max);
+    // Linear: early windows can be far above the rest; cap the axis at 6x the lowest
+    // point so the later curve stays readable (higher points are clipped).
+    let hi = hi.min(lo * 6.0);
+    let (lo, hi) = (lo * 0.9, (hi * 1.05).max(lo * 1.5));
+    let caption = match c.test_ppl {
+        Some(t) => format!("{title}: test perplexity {t:.1}"),
+        None => title.to_string(),
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(caption, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_step, lo..hi)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("perplexity")
+        .y_labels(12)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(draw_err)?;
+    let green = RGBColor(0, 140, 60);
+    for (k, &s) in c.reallocs.iter().enumerate() {
+        // Dashed: short segments up the full height (log steps).
+        let n = 40;
+        let seg = chart
+            .draw_series((0..n).step_by(2).map(|i| {
+                let y = |j: f64| lo + (hi - lo) * j / n as f64;
+                PathElement::new(
+                    vec![(s, y(i as f64)), (s, y(i as f64 + 1.0))],
+                    green.stroke_width(2),
+                )
+            }))
+            .map_err(draw_err)?;
+        if k == 0 {
+            seg.label("word reallocation").legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
+            });
+        }
+    }
+    chart
+        .draw_series(LineSeries::new(c.train.iter().copied(), &BLUE))
+        .map_err(draw_err)?
+        .label("train (logging windows)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            c.valid.iter().copied(),
+            RED.stroke_width(2),
+        ))
+        .map_err(draw_err)?
+        .label("validation")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .draw_series(c.valid.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+        .map_err(draw_err)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+
+    let top_speed = c.speed.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut speed = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_step, 0f64..top_speed)
+        .map_err(draw_err)?;
+    speed
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("words / s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(draw_err)?;
+    speed
+        .draw_series(LineSeries::new(c.speed.iter().copied(), &BLACK))
+        .map_err(draw_err)?;
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+/// A viridis-like colour for t in [0, 1] (dark blue to yellow).
+fn shade(t: f64) -> RGBColor {
+    const STOPS: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// The allocation of `ck` as a PNG at `out`: one square per cell, shaded by the log count
+/// of its word (white: empty). Returns the image size.
+pub fn allocation_png(ck: &Checkpoint, out: &Path) -> Result<(u32, u32)> {
+    font();
+    let d = ck.meta.dims;
+    let cell = (720 / d.rows.max(d.cols)).clamp(1, 24) as u32;
+    let (w, h) = (d.cols as u32 * cell, d.rows as u32 * cell);
+    let (left, top) = (20u32, 50u32);
+    let root = BitMapBackend::new(out, (w + 2 * left, h + top + 20)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    root.draw(&Text::new(
+        format!(
+            "{} words in a {} x {} table, step {}, {} reallocation(s); shade: log count",
+            d.vocab, d.rows, d.cols, ck.meta.step, ck.meta.reallocations
+        ),
+        (left as i32, 15),
+        ("sans-serif", 18),
+    ))
+    .map_err(draw_err)?;
+    let max = (0..d.vocab as u32)
+        .map(|i| ck.vocab.count(i))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let area = root.margin(top, 20, left, left);
+    for (word, &c) in ck.cells.iter().enumerate() {
+        let (r, col) = (c as usize / d.cols, c as usize % d.cols);
+        let t = ((ck.vocab.count(word as u32) as f64 + 1.0).ln() / (max + 1.0).ln()).sqrt();
+        let (x, y) = ((col as u32 * cell) as i32, (r as u32 * cell) as i32);
+        area.draw(&Rectangle::new(
+            [(x, y), (x + cell as i32, y + cell as i32)],
+            shade(t).filled(),
+        ))
+        .map_err(draw_err)?;
+    }
+    root.present().map_err(draw_err)?;
+    Ok((w + 2 * left, h + top + 20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_metrics_lines_and_refuses_garbage() {
+        let text = r#"{"kind":"train","step":10,"ppl":300.0,"words_per_sec":1000.0}
+{"kind":"train","step":20,"ppl":200.0,"words_per_sec":1100.0}
+{"kind":"valid","step":20,"ppl":210.0}
+{"kind":"realloc","step":20,"round":1}
+{"kind":"test","step":20,"ppl":205.0}
+"#;
+        let c = read_curves(text, "m").unwrap();
+        assert_eq!(c.train, vec![(10.0, 300.0), (20.0, 200.0)]);
+        assert_eq!(c.valid, vec![(20.0, 210.0)]);
+        assert_eq!(c.reallocs, vec![20.0]);
+        assert_eq!(c.test_ppl, Some(205.0));
+        let e = read_curves("{\"kind\":\"train\"}\nnot json\n", "m.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.jsonl line 2"), "{e}");
+        assert!(read_curves("", "m").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.png");
+        curves_png(&c, "run", &p).unwrap();
+        let png = std::fs::read(&p).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1200);
+    }
+}
