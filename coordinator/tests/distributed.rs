@@ -1039,3 +1039,65 @@ fn the_metrics_endpoint_shows_the_job_while_it_trains() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+/// A stop that lands on a step whose checkpoint was just committed (here every step has
+/// one) keeps that checkpoint instead of writing the step twice, and the run resumes.
+#[test]
+fn a_stop_on_a_checkpointed_step_keeps_that_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 3000);
+    let run = tmp.path().join("run");
+    let args = |resume: bool| {
+        let mut a = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=30",
+            "--set",
+            "max_steps=400",
+            "--set",
+            "threads=1",
+            "--set",
+            "checkpoint_every=1",
+            "--set",
+            "keep_checkpoints=2",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--workers",
+            "2",
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .args(args(false))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_training(&run);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("committed already"), "{err}");
+    let stopped = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(stopped["generation"], 1, "{stopped}");
+    eprintln!("stopped at step {}", stopped["steps"]);
+    if stopped["stopped_by"] != "signal" {
+        return; // finished before the signal
+    }
+    let a = args(true);
+    let (code, out, err) = lightrnn(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["stopped_by"], "max_steps");
+}

@@ -153,3 +153,49 @@ fn torn_and_hostile_checkpoints_are_errors_or_skipped_never_panics() {
     let again = rt.block_on(checkpoint::load(&loc)).unwrap();
     assert_eq!(again.meta.step, 12);
 }
+
+/// The same model is the same bytes: two identical runs write byte-identical checkpoint
+/// objects (a rank that rewrites a committed step, or a replayed step, cannot make its
+/// manifest's checksums wrong).
+#[test]
+fn identical_runs_write_byte_identical_checkpoints() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 6, 300);
+    let mut dirs = Vec::new();
+    for k in 0..2 {
+        let run_dir = tmp.path().join(format!("run{k}"));
+        let args = [
+            "lightrnn",
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "max_steps=8",
+            "--set",
+            "optimizer=adam",
+            "--set",
+            "lr=0.01",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
+        ];
+        let c = Cli::try_parse_from(args).unwrap();
+        run(&c, rt.handle(), &Default::default()).unwrap();
+        dirs.push(run_dir.join("checkpoints").join(checkpoint::dir_name(8)));
+    }
+    for name in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.safetensors",
+        "vocab.txt",
+    ] {
+        let (a, b) = (
+            std::fs::read(dirs[0].join(name)).unwrap(),
+            std::fs::read(dirs[1].join(name)).unwrap(),
+        );
+        assert!(a == b, "{name} differs between identical runs");
+    }
+}

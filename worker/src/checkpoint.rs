@@ -185,12 +185,19 @@ pub async fn write_objects(dir: &Location, req: SaveRequest<'_>) -> Result<Meta>
         vec![d.vocab],
         i64_bytes(req.cells.iter().map(|&c| (c % cols) as i64)),
     ));
-    let info: HashMap<String, String> = [
-        ("format".to_string(), "lightrnn".to_string()),
-        ("vocab_sha256".to_string(), req.vocab.sha256()),
-        ("rows".to_string(), d.rows.to_string()),
-        ("cols".to_string(), d.cols.to_string()),
-    ]
+    // One metadata entry: safetensors writes its metadata map in the map's (random)
+    // iteration order, and a checkpoint's bytes must not depend on it (the same model
+    // always has the same SHA-256, whoever writes it and how often).
+    let info: HashMap<String, String> = [(
+        "lightrnn".to_string(),
+        serde_json::json!({
+            "format": "lightrnn",
+            "vocab_sha256": req.vocab.sha256(),
+            "rows": d.rows,
+            "cols": d.cols,
+        })
+        .to_string(),
+    )]
     .into();
     let mut objects: Vec<(&str, Vec<u8>)> = vec![(MODEL, serialize(&tensors, info, &url)?)];
     if let Some(o) = req.optimizer {

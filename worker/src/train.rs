@@ -936,15 +936,19 @@ pub fn train_rank(
     };
     let mut valid_loss = st.best_valid_loss.unwrap_or(f64::INFINITY);
     let mut test_params = st.best_params.take().zip(st.best_cells.take());
+    // A stop right after a periodic checkpoint finds this very step committed already.
+    let committed_here = report.checkpoints > 0 && report.checkpoint_step == st.step;
     if signalled {
         // Preemption: the checkpoint is what matters inside the grace period; the
         // evaluations are left to the resumed run.
-        if partial {
+        if partial && !committed_here {
             checkpoint_now(&*backend, &st, cursor, dist, &mut report)?;
         }
         handle.block_on(metrics.flush(true))?;
     } else if partial {
-        checkpoint_now(&*backend, &st, cursor, dist, &mut report)?;
+        if !committed_here {
+            checkpoint_now(&*backend, &st, cursor, dist, &mut report)?;
+        }
         let (vl, _) = evaluate(
             &mut *backend,
             &ds.valid,
