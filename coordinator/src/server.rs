@@ -987,19 +987,7 @@ impl Coordinator for Service {
             m.last_seen = Instant::now();
             m.step = r.step;
             if let Some(p) = r.report {
-                m.report = Some(lightrnn_worker::cluster::Report {
-                    step: p.step,
-                    epoch: p.epoch,
-                    loss: p.loss,
-                    words_per_sec: p.words_per_sec,
-                    global_words_per_sec: p.global_words_per_sec,
-                    valid_ppl: p.valid_ppl,
-                    lr: p.lr,
-                    checkpoint_step: p.checkpoint_step,
-                    checkpoint_seconds: p.checkpoint_seconds,
-                    checkpoint_bytes: p.checkpoint_bytes,
-                    checkpoints: p.checkpoints,
-                });
+                m.report = Some(p.into());
             }
         }
         Ok(Response::new(HeartbeatReply {

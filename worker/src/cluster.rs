@@ -44,6 +44,42 @@ pub struct Report {
     pub checkpoints: u64,
 }
 
+impl From<&Report> for lightrnn_proto::v1::Report {
+    fn from(r: &Report) -> Self {
+        Self {
+            step: r.step,
+            epoch: r.epoch,
+            loss: r.loss,
+            words_per_sec: r.words_per_sec,
+            global_words_per_sec: r.global_words_per_sec,
+            valid_ppl: r.valid_ppl,
+            lr: r.lr,
+            checkpoint_step: r.checkpoint_step,
+            checkpoint_seconds: r.checkpoint_seconds,
+            checkpoint_bytes: r.checkpoint_bytes,
+            checkpoints: r.checkpoints,
+        }
+    }
+}
+
+impl From<lightrnn_proto::v1::Report> for Report {
+    fn from(p: lightrnn_proto::v1::Report) -> Self {
+        Self {
+            step: p.step,
+            epoch: p.epoch,
+            loss: p.loss,
+            words_per_sec: p.words_per_sec,
+            global_words_per_sec: p.global_words_per_sec,
+            valid_ppl: p.valid_ppl,
+            lr: p.lr,
+            checkpoint_step: p.checkpoint_step,
+            checkpoint_seconds: p.checkpoint_seconds,
+            checkpoint_bytes: p.checkpoint_bytes,
+            checkpoints: p.checkpoints,
+        }
+    }
+}
+
 /// Where a single-process run publishes its [`Report`] (for a metrics endpoint).
 pub type ReportSink = Arc<std::sync::Mutex<Option<Report>>>;
 

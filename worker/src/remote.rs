@@ -439,21 +439,11 @@ async fn heartbeat(
             step: shared.step.load(Ordering::Relaxed),
             epoch: shared.epoch.load(Ordering::Relaxed),
             cursor: shared.cursor.load(Ordering::Relaxed),
-            report: shared.report.lock().ok().and_then(|r| r.clone()).map(|r| {
-                lightrnn_proto::v1::Report {
-                    step: r.step,
-                    epoch: r.epoch,
-                    loss: r.loss,
-                    words_per_sec: r.words_per_sec,
-                    global_words_per_sec: r.global_words_per_sec,
-                    valid_ppl: r.valid_ppl,
-                    lr: r.lr,
-                    checkpoint_step: r.checkpoint_step,
-                    checkpoint_seconds: r.checkpoint_seconds,
-                    checkpoint_bytes: r.checkpoint_bytes,
-                    checkpoints: r.checkpoints,
-                }
-            }),
+            report: shared
+                .report
+                .lock()
+                .ok()
+                .and_then(|r| r.as_ref().map(Into::into)),
         };
         match tokio::time::timeout(every, client.heartbeat(req)).await {
             Ok(Ok(r)) => {
