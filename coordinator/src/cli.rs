@@ -281,7 +281,7 @@ pub struct RunArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// auto or cpu.
+    /// auto, cpu, cuda or cuda:N (auto: the CPU in this version).
     #[arg(long, default_value = "auto")]
     pub backend: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9400).
@@ -405,7 +405,7 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             Ok(resolve_config(a)?.to_toml())
         }
         Command::Devices => {
-            use lightrnn_kernels::device::{cuda_devices, cuda_libraries};
+            use lightrnn_kernels::cuda::device::{cuda_devices, cuda_libraries};
             let libs: serde_json::Map<String, serde_json::Value> = cuda_libraries()
                 .into_iter()
                 .map(|(n, ok)| (n.to_string(), ok.into()))
@@ -433,14 +433,6 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
                 checkpoint: None,
                 backend: backend_kind(&a.backend)?,
                 progress: std::io::stderr().is_terminal(),
-                allocator: if cfg.realloc_every > 0 {
-                    Some(crate::commands::allocator(
-                        &cfg.realloc_solver,
-                        cfg.threads,
-                    )?)
-                } else {
-                    None
-                },
                 stop: Some(stop.clone()),
                 report: None,
             };
@@ -487,11 +479,11 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             Ok(serde_json::to_string(&r)?)
         }
         Command::Allocate(a) => {
-            let opts = crate::alloc::SolveOptions {
+            let opts = lightrnn_alloc::SolveOptions {
                 threads: a.threads,
                 candidates: a.candidates,
             };
-            let solver: crate::alloc::Solver = a.solver.parse()?;
+            let solver: lightrnn_alloc::Solver = a.solver.parse()?;
             let r =
                 crate::commands::allocate(&a.row_loss, &a.col_loss, solver, &a.out, &opts, handle)?;
             Ok(r.to_string())

@@ -1,19 +1,17 @@
 //! The allocation-related commands: `allocate`, `tables`, `inspect`.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
+use lightrnn_kernels::{BackendKind, BackendOptions, ModelConfig, open_backend};
 use lightrnn_worker::checkpoint::Checkpoint;
 use lightrnn_worker::dataset::{Dataset, PrepareOptions};
 use lightrnn_worker::eval::split_object;
 use lightrnn_worker::npy;
 use lightrnn_worker::store::Location;
 
-use crate::alloc::{Problem, SolveOptions, Solver, solve};
+use lightrnn_alloc::{Problem, SolveOptions, Solver, solve};
 
 /// Peak resident set size of this process in MiB (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
@@ -119,9 +117,8 @@ pub fn tables(
         dims: ck.meta.dims,
         dropout: 0.0,
         seed: ck.meta.rng_seed,
-        threads,
     };
-    let mut be = open_backend(BackendKind::Auto, &mcfg)?;
+    let mut be = open_backend(&BackendOptions::new(BackendKind::Auto, threads), &mcfg)?;
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let max = (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64;
@@ -138,7 +135,7 @@ pub fn tables(
     let d = ck.meta.dims;
     let counts: Vec<i64> = t.counts.iter().map(|&c| c as i64).collect();
     let cells: Vec<i64> = ck.cells.iter().map(|&c| c as i64).collect();
-    let objective = t.cost(&ck.cells);
+    let objective = Problem::new(d.vocab, d.rows, d.cols, &t.lr, &t.lc)?.total(&ck.cells);
     handle.block_on(async {
         out.put(
             "L_r.npy",
@@ -272,19 +269,4 @@ pub fn export(
         "out": out.url(), "files": written, "bytes": bytes, "vocab": d.vocab,
         "step": ck.meta.step, "seconds": t0.elapsed().as_secs_f64(),
     }))?)
-}
-
-/// The trainer's allocator for a configuration.
-pub fn allocator(
-    solver: &str,
-    threads: usize,
-) -> Result<Arc<dyn lightrnn_worker::realloc::Allocate>> {
-    let solver: Solver = solver.parse().context("realloc_solver")?;
-    Ok(Arc::new(crate::alloc::TableAllocator {
-        solver,
-        opts: SolveOptions {
-            threads,
-            ..Default::default()
-        },
-    }))
 }

@@ -191,18 +191,9 @@ fn job_spec(run: &RunArgs, world: (usize, usize), handle: &Handle) -> Result<Job
     } = run;
     let cfg = resolve_config(config)?;
     // Fail here, not in every worker, on a backend this build lacks.
-    backend.parse::<lightrnn_kernels::BackendKind>()?;
-    let allocator = if cfg.realloc_every > 0 {
-        Some(crate::commands::allocator(
-            &cfg.realloc_solver,
-            cfg.threads,
-        )?)
-    } else {
-        None
-    };
+    lightrnn_kernels::check_backend(backend.parse()?)?;
     let (data, out) = (Location::parse(data)?, Location::parse(out)?);
     let mut spec = handle.block_on(JobSpec::prepare(cfg, &data, &out, *resume, world))?;
-    spec.allocator = allocator;
     spec.backend = backend.to_string();
     Ok(spec)
 }

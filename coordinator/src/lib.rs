@@ -3,7 +3,6 @@
 //! subcommands parse and validate their arguments into the worker's configuration types
 //! and call into the libraries.
 
-pub mod alloc;
 pub mod cli;
 pub mod commands;
 pub mod launch;

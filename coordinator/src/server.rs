@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions};
 use lightrnn_kernels::LossTables;
 use lightrnn_proto::v1::{
     AllocationChunk, AllocationRequest, CommitReply, CommitRequest, EpochDoneReply,
@@ -49,7 +50,6 @@ use lightrnn_worker::checkpoint::{self, Meta};
 use lightrnn_worker::collective::share;
 use lightrnn_worker::config::TrainConfig;
 use lightrnn_worker::dataset::{Dataset, PrepareOptions};
-use lightrnn_worker::realloc::{Allocate, Solved, solve};
 use lightrnn_worker::store::Location;
 use lightrnn_worker::train::Summary;
 use lightrnn_worker::{Error, Result};
@@ -78,7 +78,6 @@ pub struct JobSpec {
     pub collective_timeout: Duration,
     /// How long the group may take to form.
     pub join_timeout: Duration,
-    pub allocator: Option<Arc<dyn Allocate>>,
     /// Tokens of the training split (data accounting).
     pub train_tokens: u64,
     pub run_id: String,
@@ -160,7 +159,6 @@ impl JobSpec {
             heartbeat_timeout: heartbeat * 5,
             collective_timeout: Duration::from_secs(120),
             join_timeout: Duration::from_secs(600),
-            allocator: None,
             train_tokens: ds.train.tokens(),
             run_id,
             max_restarts: 3,
@@ -198,7 +196,7 @@ struct Round {
     cells: Option<Vec<u32>>,
     move_cost: f64,
     solving: bool,
-    result: Option<Arc<Solved>>,
+    result: Option<Arc<Reallocation>>,
 }
 
 #[derive(Default)]
@@ -672,8 +670,15 @@ impl Job {
                     r.move_cost,
                 )
             };
-            let allocator = job.spec.allocator.clone();
-            let solved = tokio::task::spawn_blocking(move || -> Result<Solved> {
+            let opts = RoundOptions {
+                solver: job.spec.cfg.realloc_solver,
+                solve: SolveOptions {
+                    threads: job.spec.cfg.threads,
+                    ..Default::default()
+                },
+                move_cost,
+            };
+            let solved = tokio::task::spawn_blocking(move || -> Result<Reallocation> {
                 let mut it = parts.into_iter().flatten();
                 let mut sum = it
                     .next()
@@ -683,9 +688,7 @@ impl Job {
                 }
                 let cells =
                     cells.ok_or_else(|| Error::Control("rank 0 sent no allocation".into()))?;
-                let a = allocator
-                    .ok_or_else(|| Error::Config("the coordinator has no word allocator".into()))?;
-                solve(&sum, &cells, move_cost, &*a)
+                Ok(lightrnn_alloc::reallocate(&sum, &cells, &opts)?)
             })
             .await;
             match solved {

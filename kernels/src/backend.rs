@@ -1,19 +1,180 @@
-//! The Backend boundary: whole layers per call, parameters and gradients exchanged in
-//! PyTorch's layout. The trainer drives a `Box<dyn Backend>` and never sees the device.
+//! The Backend boundary: whole layers per call, and the types that cross it.
 //!
-//! A training step is `input_forward` -> `lstm_forward(0..L)` -> `heads(Some(scale))` ->
-//! `lstm_backward(L-1..=0)` -> (all-reduce) -> `grad_norm` -> `optimizer_step`; the
-//! provided methods [`Backend::train_step`] and [`Backend::eval_batch`] spell it out.
+//! # Design
+//!
+//! **What lives where.** A backend owns everything a step touches: the parameters and
+//! their gradients (one flat buffer each, in the backend's internal layout), the
+//! optimizer's buffers, the word -> cell table, the carried LSTM state of every
+//! [`Stream`], the activations of the batch in flight, the gradient groups' partial sums
+//! and the loss tables of a reallocation round. On a GPU all of that is device memory.
+//! The host keeps the data pipeline, the schedule (learning rate, epochs, checkpoints)
+//! and the collective. What crosses the boundary per step is small: the batch's word ids
+//! going in, and [`LossSums`] and the gradient norm coming out; parameters and state
+//! cross it only for checkpoints, resumption and reallocation, in PyTorch's layout
+//! ([`crate::layout::ParamLayout`]), so every backend's checkpoints are the same bytes.
+//!
+//! **The call order of a training step.**
+//!
+//! 1. [`Backend::train_step`]: for each gradient group of the rank's streams
+//!    ([`Shard::groups`]), input preparation, the LSTM layers forward over 2T steps, the
+//!    row and column heads with their fused log-softmax + NLL and its gradient, the
+//!    layers backward; the groups' gradients are summed pairwise in a fixed order into
+//!    the gradient buffer (buffers kept between steps: no allocation per step).
+//! 2. [`Backend::all_reduce_grads`]: the backend hands its gradient buffer, where it
+//!    lies ([`GradsMut`]), to the job's collective, which sums it over the ranks in
+//!    place. A device buffer is never copied to the host to be summed.
+//! 3. [`Backend::clip_and_step`]: global norm, clipping coefficient and the optimizer
+//!    update; the norm is the step's one host synchronisation.
+//!
+//! Evaluation is [`Backend::eval_batch`] (forward and loss, no dropout, no gradient). A
+//! reallocation round is [`Backend::begin_loss_tables`], one
+//! [`Backend::accumulate_loss_tables`] per batch of the pass (the tables accumulate inside
+//! the backend), and [`Backend::take_loss_tables`] once at its end.
+//!
+//! **Who owns which buffer.** The caller owns the word ids of a [`Batch`] (borrowed for
+//! the call), the [`LossSums`] and [`LossTables`] it receives, and copies of parameters,
+//! allocation and state it asks for. Everything else is the backend's; [`GradsMut`]
+//! lends its gradient buffer to the collective for the duration of one all-reduce.
 
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::{Batch, Engine, LossSums, Pass, State, StreamId};
 use crate::layout::{ModelDims, ParamLayout};
 use crate::optim::Optimizer;
 use crate::tables::LossTables;
 use crate::{Error, Result};
+
+/// A set of carried LSTM states: each stream set remembers where its streams are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stream {
+    /// Training streams of gradient group `g` (group 0 when the rank is one group).
+    Train(u32),
+    /// Validation and test passes (reset before and after each).
+    Eval,
+    /// The loss-table pass of a reallocation round.
+    Tables,
+}
+
+impl Default for Stream {
+    /// The training streams of a rank that trains in one group.
+    fn default() -> Self {
+        Stream::Train(0)
+    }
+}
+
+/// One truncated-BPTT batch. With a token stream `w` split into B streams, inputs are
+/// w[i..i+T] and targets w[i+1..i+T+1] of each stream (two overlapping views of one
+/// [T+1, B] buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// [steps, batch] input word ids x, time-major.
+    pub inputs: &'a [u32],
+    /// [steps, batch] target word ids y (the words to predict after reading x).
+    pub targets: &'a [u32],
+    /// T, words predicted per stream.
+    pub steps: usize,
+    /// B, streams.
+    pub batch: usize,
+    /// Whose carried state to start from and update. A training batch of several gradient
+    /// groups starting at `Train(k)` carries group g's state in `Train(k + g)`.
+    pub stream: Stream,
+}
+
+/// Training (dropout on, keyed by the global step) or evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Train { step: u64 },
+    Eval,
+}
+
+/// Summed losses of one batch (nats).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSums {
+    /// Sum over targets of -log P_r[r(y)].
+    pub row: f64,
+    /// Sum over targets of -log P_c[c(y)].
+    pub col: f64,
+    /// Number of targets (T * B).
+    pub words: u64,
+}
+
+impl LossSums {
+    pub fn total(&self) -> f64 {
+        self.row + self.col
+    }
+    pub fn add(&mut self, o: &LossSums) {
+        self.row += o.row;
+        self.col += o.col;
+        self.words += o.words;
+    }
+}
+
+/// Carried LSTM state of `batch` streams: h, c [layers, batch, hidden].
+#[derive(Clone, Debug, PartialEq)]
+pub struct State<T> {
+    pub batch: usize,
+    pub h: Vec<T>,
+    pub c: Vec<T>,
+}
+
+/// Where a rank's streams sit in the job's global batch, and how its gradient is formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// The rank's streams are `offset..offset + B` of the job's batch of `global` streams;
+    /// dropout masks are keyed by the global stream index, so the ranks of a job together
+    /// draw what one process with the whole batch would. `global = 0`: the rank holds the
+    /// whole batch.
+    pub offset: usize,
+    pub global: usize,
+    /// Gradient groups: the rank's B streams are cut into this many equal groups, each run
+    /// forward and backward on its own, and their gradients summed pairwise
+    /// ((g0 + g1) + (g2 + g3) ...), so a rank holding two groups computes exactly what two
+    /// ranks holding one each get from the all-reduce.
+    pub groups: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self::WHOLE
+    }
+}
+
+impl Shard {
+    /// One rank with the whole batch in one group.
+    pub const WHOLE: Shard = Shard {
+        offset: 0,
+        global: 0,
+        groups: 1,
+    };
+}
+
+/// A gradient buffer lent to a collective for one in-place all-reduce.
+pub enum GradsMut<'a> {
+    /// Host memory (the CPU backend).
+    Host(&'a mut [f32]),
+    /// A CUDA backend's buffer on its device.
+    Device(crate::cuda::DeviceGrads<'a>),
+}
+
+impl GradsMut<'_> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            GradsMut::Host(s) => s.len(),
+            GradsMut::Device(d) => d.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a backend needs from the job's collective: its gradient buffer summed over the
+/// ranks, in place, with the same bits on every rank.
+pub trait GradReduce {
+    fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> Result<()>;
+}
 
 /// What a backend needs to build a model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -23,8 +184,6 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Seeds the initial parameters, the initial allocation and the dropout masks.
     pub seed: u64,
-    /// CPU threads (0 = all cores).
-    pub threads: usize,
 }
 
 /// Optimizer buffers in PyTorch layout, as saved in checkpoints.
@@ -37,13 +196,17 @@ pub struct OptimizerState {
     pub buffers: Vec<(String, Vec<f32>)>,
 }
 
-/// Which backend to run on.
+/// Which device to run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// The best available backend (the CPU in this build).
+    /// The best available backend (the CPU in this version: CUDA once it has kernels).
     Auto,
     Cpu,
+    /// CUDA device `ordinal` (`cuda` = `cuda:0`).
+    Cuda {
+        ordinal: usize,
+    },
 }
 
 impl FromStr for BackendKind {
@@ -52,20 +215,57 @@ impl FromStr for BackendKind {
         match s {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Err(Error::Backend(
-                "this build of lightrnn has no CUDA backend; use --backend cpu or auto".into(),
-            )),
-            other => Err(Error::Config(format!(
-                "unknown backend {other:?} (expected auto or cpu)"
-            ))),
+            "cuda" => Ok(Self::Cuda { ordinal: 0 }),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Self::Cuda { ordinal }),
+                _ => Err(Error::Config(format!(
+                    "unknown backend {other:?} (expected auto, cpu, cuda or cuda:N)"
+                ))),
+            },
         }
     }
 }
 
-/// Build the backend `kind` for `cfg`.
-pub fn open_backend(kind: BackendKind, cfg: &ModelConfig) -> Result<Box<dyn Backend>> {
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+        }
+    }
+}
+
+/// Where a model runs: the device and the host resources of the CPU backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    /// CPU backend threads (0 = one per core).
+    pub threads: usize,
+}
+
+impl BackendOptions {
+    pub fn new(kind: BackendKind, threads: usize) -> Self {
+        Self { kind, threads }
+    }
+}
+
+/// Whether this build and machine can run `kind`, asked before any data is read: the
+/// error says why not.
+pub fn check_backend(kind: BackendKind) -> Result<()> {
     match kind {
-        BackendKind::Auto | BackendKind::Cpu => Ok(Box::new(CpuBackend::new(cfg)?)),
+        BackendKind::Auto | BackendKind::Cpu => Ok(()),
+        BackendKind::Cuda { ordinal } => Err(crate::cuda::CudaBackend::unavailable(ordinal)),
+    }
+}
+
+/// Build the backend `opts` names for `cfg`.
+pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn Backend>> {
+    match opts.kind {
+        BackendKind::Auto | BackendKind::Cpu => {
+            Ok(Box::new(crate::cpu::CpuBackend::new(cfg, opts.threads)?))
+        }
+        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, ordinal)?)),
     }
 }
 
@@ -78,27 +278,24 @@ pub trait Backend: Send {
         self.layout().dims
     }
 
-    /// Parameters, PyTorch layout, flat in [`ParamLayout`] order.
+    /// Parameters, PyTorch layout, flat in [`ParamLayout`] order (a host copy).
     fn params(&self) -> Result<Vec<f32>>;
     fn set_params(&mut self, torch: &[f32]) -> Result<()>;
-    /// Gradients of the last backward pass, PyTorch layout.
+    /// Gradients of the last training step, PyTorch layout (a host copy, for tests and
+    /// inspection; the training step never reads it).
     fn grads(&self) -> Result<Vec<f32>>;
-    /// The flat gradient buffer in the backend's own layout, for an all-reduce between
-    /// identical backends (all ranks use the same layout).
-    fn grads_flat_mut(&mut self) -> Result<&mut [f32]>;
 
     /// word -> cell (row * C + col).
     fn allocation(&self) -> Result<Vec<u32>>;
     fn set_allocation(&mut self, cells: &[u32]) -> Result<()>;
 
     /// The carried LSTM state of a stream set, if it has one.
-    fn state(&self, stream: StreamId) -> Result<Option<State<f32>>>;
-    fn set_state(&mut self, stream: StreamId, state: State<f32>) -> Result<()>;
-    fn reset_state(&mut self, stream: StreamId);
-    /// This rank's batches are streams `offset..offset + B` of a `global`-stream batch:
-    /// dropout masks follow the global stream index, so the ranks of a data-parallel job
-    /// together draw what one process with the whole batch would. `None`: whole batches.
-    fn set_shard(&mut self, shard: Option<(usize, usize)>) -> Result<()>;
+    fn state(&self, stream: Stream) -> Result<Option<State<f32>>>;
+    fn set_state(&mut self, stream: Stream, state: State<f32>) -> Result<()>;
+    fn reset_state(&mut self, stream: Stream);
+    /// Where this rank's streams sit in the job's batch and in how many gradient groups
+    /// they train ([`Shard::WHOLE`] until set).
+    fn set_shard(&mut self, shard: Shard) -> Result<()>;
 
     /// Map the batch's words to table ids and targets, load the stream's state.
     fn input_forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()>;
@@ -109,16 +306,27 @@ pub trait Backend: Send {
     fn heads(&mut self, grad_scale: Option<f32>) -> Result<LossSums>;
     /// LSTM layer `layer` backward (layer 0 also yields the input tables' gradient).
     fn lstm_backward(&mut self, layer: usize) -> Result<()>;
-    /// After an evaluation forward: add the batch's full -log-softmax rows and columns
-    /// into the loss tables of its target words; returns the batch's losses.
-    fn loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums>;
 
-    /// Global L2 norm of the gradients.
-    fn grad_norm(&mut self) -> Result<f64>;
-    /// One update with gradients multiplied by `gscale` (clipping).
-    fn optimizer_step(&mut self, rule: &Optimizer, lr: f64, gscale: f64) -> Result<()>;
+    /// Forward and backward of this rank's training batch in its gradient groups
+    /// ([`Shard::groups`]), the groups' gradients summed in their fixed order into the
+    /// gradient buffer; gradients of `grad_scale` * summed NLL. Returns the summed losses.
+    fn train_step(&mut self, batch: &Batch<'_>, step: u64, grad_scale: f32) -> Result<LossSums>;
+    /// Sum the gradient buffer over the ranks of `coll`, in place where it lies.
+    fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()>;
+    /// Global L2 norm of the gradients, then one update with them scaled by the clipping
+    /// coefficient min(1, max_norm / (norm + 1e-6)) (`max_norm <= 0`: no clipping).
+    /// Returns the norm; a norm that is not finite applies no update (the caller stops).
+    fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<f64>;
     fn optimizer_state(&self) -> Result<Option<OptimizerState>>;
     fn set_optimizer_state(&mut self, state: OptimizerState) -> Result<()>;
+
+    /// Start a loss-table pass: zeroed tables for every word (refused beyond `max_bytes`).
+    fn begin_loss_tables(&mut self, max_bytes: u64) -> Result<()>;
+    /// One batch of the pass: an evaluation forward, then the batch's full -log-softmax
+    /// rows and columns added into the tables of its target words. Returns its losses.
+    fn accumulate_loss_tables(&mut self, batch: &Batch<'_>) -> Result<LossSums>;
+    /// End the pass: the accumulated tables (read once per round).
+    fn take_loss_tables(&mut self) -> Result<LossTables>;
 
     /// Forward through every layer.
     fn forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {
@@ -129,142 +337,9 @@ pub trait Backend: Send {
         Ok(())
     }
 
-    /// Forward and backward of one training batch; gradients of `grad_scale` * summed NLL.
-    fn train_step(&mut self, batch: &Batch<'_>, step: u64, grad_scale: f32) -> Result<LossSums> {
-        self.forward(batch, Pass::Train { step })?;
-        let loss = self.heads(Some(grad_scale))?;
-        for l in (0..self.dims().layers).rev() {
-            self.lstm_backward(l)?;
-        }
-        Ok(loss)
-    }
-
-    /// One batch of a loss-table pass: evaluation forward, then [`Backend::loss_tables`].
-    fn accumulate_batch(&mut self, batch: &Batch<'_>, tables: &mut LossTables) -> Result<LossSums> {
-        self.forward(batch, Pass::Eval)?;
-        self.loss_tables(tables)
-    }
-
     /// Summed losses of one evaluation batch (no dropout, no gradients).
     fn eval_batch(&mut self, batch: &Batch<'_>) -> Result<LossSums> {
         self.forward(batch, Pass::Eval)?;
         self.heads(None)
-    }
-}
-
-/// The CPU backend: [`Engine<f32>`].
-pub struct CpuBackend {
-    engine: Engine<f32>,
-}
-
-impl CpuBackend {
-    pub fn new(cfg: &ModelConfig) -> Result<Self> {
-        Ok(Self {
-            engine: Engine::new(cfg.dims, cfg.dropout, cfg.seed, cfg.threads)?,
-        })
-    }
-
-    pub fn engine(&self) -> &Engine<f32> {
-        &self.engine
-    }
-}
-
-impl Backend for CpuBackend {
-    fn name(&self) -> String {
-        let isa = if cfg!(target_arch = "x86_64") {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    "avx512"
-                } else if std::arch::is_x86_feature_detected!("avx2") {
-                    "avx2"
-                } else {
-                    "baseline"
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            "baseline"
-        } else {
-            "baseline"
-        };
-        format!("cpu ({} threads, {isa}, f32)", self.engine.threads())
-    }
-    fn layout(&self) -> &ParamLayout {
-        self.engine.layout()
-    }
-    fn params(&self) -> Result<Vec<f32>> {
-        Ok(self.engine.params_torch())
-    }
-    fn set_params(&mut self, torch: &[f32]) -> Result<()> {
-        self.engine.set_params_torch(torch)
-    }
-    fn grads(&self) -> Result<Vec<f32>> {
-        Ok(self.engine.grads_torch())
-    }
-    fn grads_flat_mut(&mut self) -> Result<&mut [f32]> {
-        Ok(self.engine.grads_mut())
-    }
-    fn allocation(&self) -> Result<Vec<u32>> {
-        Ok(self.engine.allocation().to_vec())
-    }
-    fn set_allocation(&mut self, cells: &[u32]) -> Result<()> {
-        self.engine.set_allocation(cells)
-    }
-    fn state(&self, stream: StreamId) -> Result<Option<State<f32>>> {
-        Ok(self.engine.state(stream).cloned())
-    }
-    fn set_state(&mut self, stream: StreamId, state: State<f32>) -> Result<()> {
-        self.engine.set_state(stream, state)
-    }
-    fn reset_state(&mut self, stream: StreamId) {
-        self.engine.reset_state(stream)
-    }
-    fn set_shard(&mut self, shard: Option<(usize, usize)>) -> Result<()> {
-        self.engine.set_shard(shard)
-    }
-    fn input_forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {
-        self.engine.input_forward(batch, pass)
-    }
-    fn lstm_forward(&mut self, layer: usize) -> Result<()> {
-        self.engine.lstm_forward(layer)
-    }
-    fn heads(&mut self, grad_scale: Option<f32>) -> Result<LossSums> {
-        self.engine.heads(grad_scale)
-    }
-    fn lstm_backward(&mut self, layer: usize) -> Result<()> {
-        self.engine.lstm_backward(layer)
-    }
-    fn loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums> {
-        self.engine.accumulate_loss_tables(tables)
-    }
-    fn grad_norm(&mut self) -> Result<f64> {
-        Ok(self.engine.grad_norm())
-    }
-    fn optimizer_step(&mut self, rule: &Optimizer, lr: f64, gscale: f64) -> Result<()> {
-        self.engine.optimizer_step(rule, lr, gscale)
-    }
-    fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
-        Ok(self
-            .engine
-            .optimizer_state()
-            .map(|(rule, updates, bufs)| OptimizerState {
-                rule,
-                updates,
-                buffers: bufs.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
-            }))
-    }
-    fn set_optimizer_state(&mut self, state: OptimizerState) -> Result<()> {
-        let names = state.rule.state_names();
-        let mut bufs = Vec::with_capacity(names.len());
-        for name in names {
-            let b = state
-                .buffers
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| Error::Shape(format!("optimizer state lacks buffer {name:?}")))?;
-            bufs.push(b.1.clone());
-        }
-        self.engine
-            .set_optimizer_state(state.rule, state.updates, bufs)
     }
 }

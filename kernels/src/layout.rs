@@ -1,21 +1,19 @@
-//! Model shape and parameter layout.
+//! Model shape, parameter layout and word allocations, shared by every backend.
 //!
 //! Parameters travel in PyTorch's layout (names and shapes of the reference `LightRNN`
 //! module: `emb_r.weight`, `lstm.weight_ih_l0`, ..., gates i,f,g,o stacked along rows), so a
-//! checkpoint's tensors load into `torch.nn.LSTM` one to one. Inside a backend they live in
-//! one flat buffer (one all-reduce, one optimizer loop, one norm) in the *internal* layout,
-//! which differs only in the order of the LSTM gate rows: units are grouped in blocks of
-//! [`GATE_BLOCK`], and a block's rows are its i, f, g, o rows in turn. A contiguous range of
-//! whole blocks then owns a contiguous range of gate rows, so a thread computes the gates
-//! of its own hidden units with one GEMM, and the cell's pointwise math reads the four gates
-//! of a unit block as four contiguous vectors.
+//! checkpoint's tensors load into `torch.nn.LSTM` one to one. [`ParamLayout`] says where
+//! each tensor sits in one flat buffer (one all-reduce, one optimizer loop, one norm); a
+//! backend may store the rows of an LSTM gate tensor ([`RowOrder::Gates`]) in its own
+//! order (the CPU's is in [`crate::cpu::layout`]) and converts at the boundary.
+//!
+//! An allocation is the word -> cell table (cell = row * C + col): V distinct cells of the
+//! R x C table ([`check_allocation`]); training starts from [`random_allocation`].
 
 use serde::{Deserialize, Serialize};
 
+use crate::rng::{Philox, Purpose};
 use crate::{Error, Result};
-
-/// Hidden units per gate block of the internal layout (one 256-bit vector of f32).
-pub const GATE_BLOCK: usize = 8;
 
 /// The sizes that fix a LightRNN model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,12 +89,12 @@ impl ModelDims {
     }
 }
 
-/// How a parameter's rows are stored inside a backend.
+/// What a parameter's rows are, for backends that store them in an order of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowOrder {
-    /// Same as PyTorch.
+    /// Rows stored as PyTorch stores them by every backend.
     Plain,
-    /// LSTM gate rows [4m, width]: PyTorch's i,f,g,o blocks of m rows, stored block-interleaved.
+    /// LSTM gate rows [4m, width]: PyTorch's i, f, g, o blocks of m rows.
     Gates { hidden: usize },
 }
 
@@ -110,7 +108,7 @@ pub struct ParamSpec {
     /// Offset in the flat buffer (same in both layouts).
     pub offset: usize,
     pub order: RowOrder,
-    /// How [`crate::cpu`] initialises it.
+    /// How the backends initialise it.
     pub init: Init,
 }
 
@@ -266,66 +264,46 @@ impl ParamLayout {
         let b = 2 + 4 * self.dims.layers;
         [b, b + 1, b + 2, b + 3]
     }
+}
 
-    /// Copy a flat buffer from PyTorch layout to internal layout.
-    pub fn to_internal<T: Copy>(&self, torch: &[T], internal: &mut [T]) {
-        self.permute(torch, internal, true)
+/// A uniformly random word -> cell table drawn from `seed` (the paper's initial allocation).
+pub fn random_allocation(dims: &ModelDims, seed: u64) -> Vec<u32> {
+    let mut cells: Vec<u32> = (0..(dims.rows * dims.cols) as u32).collect();
+    Philox::new(seed, Purpose::Allocation)
+        .stream(0)
+        .shuffle(&mut cells);
+    cells.truncate(dims.vocab);
+    cells
+}
+
+/// Check that `cells` assigns the V words distinct cells of the R x C table.
+pub fn check_allocation(dims: &ModelDims, cells: &[u32]) -> Result<()> {
+    check_cells(dims.vocab, dims.rows * dims.cols, cells)
+}
+
+/// Check that `cells` gives each of `vocab` words its own cell below `table_cells`.
+pub fn check_cells(vocab: usize, table_cells: usize, cells: &[u32]) -> Result<()> {
+    if cells.len() != vocab {
+        return Err(Error::Shape(format!(
+            "allocation has {} words, the model {vocab}",
+            cells.len(),
+        )));
     }
-
-    /// Copy a flat buffer from internal layout to PyTorch layout.
-    pub fn to_torch<T: Copy>(&self, internal: &[T], torch: &mut [T]) {
-        self.permute(internal, torch, false)
-    }
-
-    fn permute<T: Copy>(&self, src: &[T], dst: &mut [T], to_internal: bool) {
-        assert_eq!(src.len(), self.total);
-        assert_eq!(dst.len(), self.total);
-        for s in &self.specs {
-            let (a, b) = (&src[s.range()], &mut dst[s.range()]);
-            match s.order {
-                RowOrder::Plain => b.copy_from_slice(a),
-                RowOrder::Gates { hidden } => {
-                    let width = s.len() / (4 * hidden);
-                    for gate in 0..4 {
-                        for u in 0..hidden {
-                            let t = (gate * hidden + u) * width;
-                            let i = internal_gate_row(hidden, gate, u) * width;
-                            let (from, to) = if to_internal { (t, i) } else { (i, t) };
-                            b[to..to + width].copy_from_slice(&a[from..from + width]);
-                        }
-                    }
-                }
-            }
+    let mut seen = vec![false; table_cells];
+    for (w, &c) in cells.iter().enumerate() {
+        let c = c as usize;
+        if c >= table_cells {
+            return Err(Error::Shape(format!(
+                "word {w} is allocated cell {c}, outside the {table_cells}-cell table"
+            )));
+        }
+        if std::mem::replace(&mut seen[c], true) {
+            return Err(Error::Shape(format!(
+                "cell {c} is allocated to two words (one is {w})"
+            )));
         }
     }
-}
-
-/// Internal row of (gate, unit) for a layer of `hidden` units: units are grouped in blocks
-/// of [`GATE_BLOCK`] (the last block may be shorter); a block starting at unit u0 with
-/// `bs` units owns rows 4*u0 .. 4*(u0+bs), gate g at 4*u0 + g*bs + (u - u0).
-#[inline]
-pub fn internal_gate_row(hidden: usize, gate: usize, unit: usize) -> usize {
-    let u0 = unit / GATE_BLOCK * GATE_BLOCK;
-    let bs = GATE_BLOCK.min(hidden - u0);
-    4 * u0 + gate * bs + (unit - u0)
-}
-
-/// Split `hidden` units into `parts` contiguous ranges on gate-block boundaries, as evenly
-/// as blocks allow. Some ranges are empty when there are more parts than blocks.
-pub fn split_units(hidden: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
-    let blocks = hidden.div_ceil(GATE_BLOCK);
-    (0..parts)
-        .map(|p| {
-            let b0 = blocks * p / parts;
-            let b1 = blocks * (p + 1) / parts;
-            (b0 * GATE_BLOCK).min(hidden)..(b1 * GATE_BLOCK).min(hidden)
-        })
-        .collect()
-}
-
-/// The `p`-th of `parts` contiguous, nearly equal ranges of `0..n`.
-pub fn part_range(n: usize, parts: usize, p: usize) -> std::ops::Range<usize> {
-    (n * p / parts)..(n * (p + 1) / parts)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -351,42 +329,19 @@ mod tests {
     }
 
     #[test]
-    fn gate_permutation_round_trips_and_is_bijective() {
-        for hidden in [1usize, 5, 8, 13, 24] {
-            let mut seen = vec![false; 4 * hidden];
-            for g in 0..4 {
-                for u in 0..hidden {
-                    let r = internal_gate_row(hidden, g, u);
-                    assert!(!seen[r]);
-                    seen[r] = true;
-                }
-            }
-            let dims = ModelDims::square(20, 3, hidden, 2).unwrap();
-            let lay = ParamLayout::new(dims);
-            let torch: Vec<u32> = (0..lay.total as u32).collect();
-            let mut int = vec![0; lay.total];
-            let mut back = vec![0; lay.total];
-            lay.to_internal(&torch, &mut int);
-            lay.to_torch(&int, &mut back);
-            assert_eq!(torch, back);
-        }
-    }
-
-    #[test]
-    fn unit_split_is_on_block_boundaries() {
-        let s = split_units(200, 2);
-        assert_eq!(s, vec![0..96, 96..200]);
-        let s = split_units(5, 3);
-        assert_eq!(s.iter().map(|r| r.len()).sum::<usize>(), 5);
-        for parts in 1..5 {
-            let s = split_units(100, parts);
-            assert_eq!(s[0].start, 0);
-            assert_eq!(s[parts - 1].end, 100);
-            for w in s.windows(2) {
-                assert_eq!(w[0].end, w[1].start);
-                assert_eq!(w[0].end % GATE_BLOCK, 0);
-            }
-        }
+    fn random_allocations_are_valid_and_bad_ones_refused() {
+        let d = ModelDims::square(10, 4, 4, 1).unwrap();
+        let a = random_allocation(&d, 3);
+        check_allocation(&d, &a).unwrap();
+        assert_ne!(a, random_allocation(&d, 4));
+        let msg = |cells: &[u32]| check_allocation(&d, cells).unwrap_err().to_string();
+        assert!(msg(&a[..9]).contains("9 words"));
+        let mut twice = a.clone();
+        twice[1] = twice[0];
+        assert!(msg(&twice).contains("two words"));
+        let mut outside = a;
+        outside[2] = 16;
+        assert!(msg(&outside).contains("outside the 16-cell table"));
     }
 
     #[test]

@@ -1,30 +1,40 @@
 //! lightrnn-kernels: the math of LightRNN (Li et al., NeurIPS 2016).
 //!
-//! - [`Backend`]: the one boundary the trainer talks to, coarse per-layer methods (input
-//!   preparation, LSTM layer forward/backward, fused output heads, optimizer step).
-//! - [`cpu`]: the CPU backend ([`cpu::Engine`], generic over f32/f64; AVX-512/AVX2 chosen at
-//!   run time; GEMMs through the `gemm` crate).
-//! - [`layout`]: model dimensions and the parameter layout (PyTorch names and shapes).
-//! - [`rng`]: Philox counter-based random numbers.
-//! - [`optim`]: SGD, Adam, Adagrad and gradient clipping.
+//! - [`backend`]: the one boundary the trainer talks to ([`Backend`], coarse per-layer
+//!   methods, and the types that cross it), with its design note: what lives on the host
+//!   and on the device, the call order of a step, who owns which buffer.
+//! - [`cpu`]: the CPU backend ([`cpu::CpuBackend`] over [`cpu::Engine`], generic over
+//!   f32/f64; AVX-512/AVX2 chosen at run time; GEMMs through the `gemm` crate), its
+//!   internal layout.
+//! - [`cuda`]: the CUDA device listing and the CUDA backend type (present in every build).
+//! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes) and
+//!   word allocations; [`tables`]: the loss tables of a reallocation round.
+//! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
+//!   gradient clipping.
 
 pub mod backend;
 pub mod cpu;
-pub mod device;
+pub mod cuda;
 pub mod layout;
 pub mod optim;
 mod real;
 pub mod rng;
 pub mod tables;
 
-pub use backend::{Backend, BackendKind, CpuBackend, ModelConfig, open_backend};
-pub use cpu::{Batch, LossSums, Pass, State, StreamId};
-pub use layout::{ModelDims, ParamLayout, ParamSpec};
+pub use backend::{
+    Backend, BackendKind, BackendOptions, Batch, GradReduce, GradsMut, LossSums, ModelConfig,
+    OptimizerState, Pass, Shard, State, Stream, check_backend, open_backend,
+};
+pub use cpu::CpuBackend;
+pub use layout::{
+    ModelDims, ParamLayout, ParamSpec, check_allocation, check_cells, random_allocation,
+};
 pub use optim::Optimizer;
 pub use real::{Real, exp_f32};
 pub use tables::LossTables;
 
-/// Errors of the kernels crate.
+/// Errors of the kernels crate: what failed, and ([`Error::retryable`]) whether the same
+/// work may succeed when tried again.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Sizes that do not fit together (a caller bug or a corrupt checkpoint).
@@ -36,6 +46,24 @@ pub enum Error {
     /// The backend cannot run (missing device, missing library, thread start failure).
     #[error("backend unavailable: {0}")]
     Backend(String),
+    /// A CUDA driver, runtime or library call failed while running.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    /// The device has no room for the model, its optimizer or its activations.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    /// The job's collective failed (a lost peer, a broken connection, a deadline).
+    #[error("{0}")]
+    Collective(String),
+}
+
+impl Error {
+    /// Whether retrying (on a re-formed group, from the last checkpoint) may succeed: a
+    /// lost peer or a device fault may not happen again; a shape, a setting, a missing
+    /// device or a model too large for the device will.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Error::Cuda(_) | Error::Collective(_))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

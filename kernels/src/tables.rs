@@ -57,16 +57,4 @@ impl LossTables {
         }
         Ok(())
     }
-
-    /// Total loss of an allocation under these tables: sum_w L_r[w, r(w)] + L_c[w, c(w)].
-    pub fn cost(&self, cells: &[u32]) -> f64 {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(w, &cell)| {
-                let (i, j) = (cell as usize / self.cols, cell as usize % self.cols);
-                self.lr[w * self.rows + i] as f64 + self.lc[w * self.cols + j] as f64
-            })
-            .sum()
-    }
 }

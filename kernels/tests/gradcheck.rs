@@ -4,9 +4,10 @@
 //! between layers and on the top output, hidden sizes that are not a multiple of the gate
 //! block, more threads than gate blocks, a non-zero carried state).
 
-use lightrnn_kernels::cpu::{Batch, Engine, Pass, State, simd};
+use lightrnn_kernels::cpu::{Engine, simd};
 use lightrnn_kernels::rng::{Philox, Purpose};
 use lightrnn_kernels::{Backend, CpuBackend, ModelConfig, ModelDims};
+use lightrnn_kernels::{Batch, Pass, State, Stream};
 
 fn randn(seed: u64, n: usize, scale: f64) -> Vec<f64> {
     let mut s = Philox::new(seed, Purpose::Other).stream(0);
@@ -148,13 +149,13 @@ fn loss_and_grads(
     state: &State<f64>,
     grads: bool,
 ) -> f64 {
-    e.set_state(0, state.clone()).unwrap();
+    e.set_state(Stream::Train(0), state.clone()).unwrap();
     let batch = Batch {
         inputs: x,
         targets: y,
         steps: case.t,
         batch: case.b,
-        stream: 0,
+        stream: Stream::Train(0),
     };
     e.input_forward(&batch, Pass::Train { step: 5 }).unwrap();
     for l in 0..case.dims.layers {
@@ -286,12 +287,14 @@ fn f32_backend_tracks_f64_engine() {
     let (t, b) = (6, 5);
     for dropout in [0.0, 0.25] {
         let mut e = Engine::<f64>::new(dims, dropout, 3, 2).unwrap();
-        let mut be = CpuBackend::new(&ModelConfig {
-            dims,
-            dropout,
-            seed: 3,
-            threads: 2,
-        })
+        let mut be = CpuBackend::new(
+            &ModelConfig {
+                dims,
+                dropout,
+                seed: 3,
+            },
+            2,
+        )
         .unwrap();
         let p = e.params_torch();
         be.set_params(&p.iter().map(|&v| v as f32).collect::<Vec<_>>())
@@ -304,7 +307,7 @@ fn f32_backend_tracks_f64_engine() {
             targets: y,
             steps: t,
             batch: b,
-            stream: 0,
+            stream: Stream::Train(0),
         };
         let l64 = {
             e.input_forward(&batch, Pass::Train { step: 2 }).unwrap();

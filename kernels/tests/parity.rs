@@ -3,8 +3,9 @@
 //! the expected loss, gradients and final state. The f64 engine must agree to rounding;
 //! the f32 CPU backend to 1e-5 (loss) and 1e-4 (gradients), relative.
 
-use lightrnn_kernels::cpu::{Batch, Engine, Pass, State};
+use lightrnn_kernels::cpu::Engine;
 use lightrnn_kernels::{Backend, CpuBackend, ModelConfig, ModelDims, Real};
+use lightrnn_kernels::{Batch, Pass, State, Stream};
 use serde_json::Value;
 
 struct Fixture {
@@ -89,7 +90,7 @@ fn run_engine<T: Real>(f: &Fixture, threads: usize) -> (f64, Vec<f64>, Vec<f64>,
             .collect::<Vec<T>>()
     };
     e.set_state(
-        0,
+        Stream::Train(0),
         State {
             batch: f.b,
             h: conv("h0"),
@@ -103,7 +104,7 @@ fn run_engine<T: Real>(f: &Fixture, threads: usize) -> (f64, Vec<f64>, Vec<f64>,
         targets: &y,
         steps: f.t,
         batch: f.b,
-        stream: 0,
+        stream: Stream::Train(0),
     };
     e.input_forward(&batch, Pass::Train { step: 0 }).unwrap();
     for l in 0..f.dims.layers {
@@ -114,7 +115,7 @@ fn run_engine<T: Real>(f: &Fixture, threads: usize) -> (f64, Vec<f64>, Vec<f64>,
     for l in (0..f.dims.layers).rev() {
         e.lstm_backward(l).unwrap();
     }
-    let st = e.state(0).unwrap();
+    let st = e.state(Stream::Train(0)).unwrap();
     let to64 = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
     (
         loss.total() / words,
@@ -156,9 +157,8 @@ fn f32_cpu_backend_matches_pytorch_reference() {
             dims: f.dims,
             dropout: 0.0,
             seed: 1,
-            threads,
         };
-        let mut be = CpuBackend::new(&cfg).unwrap();
+        let mut be = CpuBackend::new(&cfg, threads).unwrap();
         let p: Vec<f32> = f
             .params(be.layout())
             .into_iter()
@@ -173,7 +173,7 @@ fn f32_cpu_backend_matches_pytorch_reference() {
                 .collect::<Vec<f32>>()
         };
         be.set_state(
-            0,
+            Stream::Train(0),
             State {
                 batch: f.b,
                 h: conv("h0"),
@@ -187,7 +187,7 @@ fn f32_cpu_backend_matches_pytorch_reference() {
             targets: &y,
             steps: f.t,
             batch: f.b,
-            stream: 0,
+            stream: Stream::Train(0),
         };
         let words = (f.t * f.b) as f32;
         let loss = be.train_step(&batch, 0, 1.0 / words).unwrap();
@@ -207,7 +207,7 @@ fn f32_cpu_backend_matches_pytorch_reference() {
         }
         // Evaluation of the same batch from the same state gives the same loss.
         be.set_state(
-            0,
+            Stream::Train(0),
             State {
                 batch: f.b,
                 h: conv("h0"),

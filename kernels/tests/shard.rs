@@ -3,8 +3,9 @@
 //! add up to the whole-batch engine's and their gradients sum to its gradient.
 
 use lightrnn_kernels::ModelDims;
-use lightrnn_kernels::cpu::{Batch, Engine, Pass};
+use lightrnn_kernels::cpu::Engine;
 use lightrnn_kernels::rng::{Philox, Purpose};
+use lightrnn_kernels::{Batch, Pass, Stream};
 
 #[test]
 fn two_half_batches_with_shards_equal_the_whole_batch_under_dropout() {
@@ -26,7 +27,7 @@ fn two_half_batches_with_shards_equal_the_whole_batch_under_dropout() {
             targets: &buf[bb..],
             steps: t,
             batch: bb,
-            stream: 0,
+            stream: Stream::Train(0),
         };
         e.input_forward(&batch, Pass::Train { step: 3 }).unwrap();
         for l in 0..2 {

@@ -2,7 +2,8 @@
 //! entries at the word's own cell add up to the batch loss, and f32/f64 and thread counts
 //! agree.
 
-use lightrnn_kernels::cpu::{Batch, Engine, Pass};
+use lightrnn_kernels::cpu::Engine;
+use lightrnn_kernels::{Batch, Pass, Stream};
 use lightrnn_kernels::{LossTables, ModelDims};
 
 fn tables_for(
@@ -20,7 +21,7 @@ fn tables_for(
         targets,
         steps: t,
         batch: b,
-        stream: 0,
+        stream: Stream::Train(0),
     };
     e.input_forward(&batch, Pass::Eval).unwrap();
     for l in 0..2 {

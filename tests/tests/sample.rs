@@ -34,7 +34,6 @@ fn trained() -> checkpoint::Checkpoint {
         checkpoint: None,
         backend: lightrnn_kernels::BackendKind::Cpu,
         progress: false,
-        allocator: None,
         stop: None,
         report: None,
     };

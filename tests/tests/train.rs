@@ -262,7 +262,6 @@ fn memory_store_run_and_bad_text() {
         checkpoint: None,
         backend: lightrnn_kernels::BackendKind::Cpu,
         progress: false,
-        allocator: None,
         stop: None,
         report: None,
     };

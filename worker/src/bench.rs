@@ -10,10 +10,10 @@
 
 use serde::Serialize;
 
-use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
-use lightrnn_kernels::optim::clip_coefficient;
 use lightrnn_kernels::rng::{Philox, Purpose};
-use lightrnn_kernels::{Batch, ModelDims};
+use lightrnn_kernels::{
+    BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Stream, open_backend,
+};
 
 use crate::Result;
 use crate::config::TrainConfig;
@@ -102,12 +102,11 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let (_, rss_before) = rss_mib();
     let dims = ModelDims::square(o.vocab, o.emb, o.hidden, o.layers)?;
     let mut be = open_backend(
-        o.backend,
+        &BackendOptions::new(o.backend, o.threads),
         &ModelConfig {
             dims,
             dropout: o.dropout,
             seed: o.seed,
-            threads: o.threads,
         },
     )?;
     let cfg = TrainConfig {
@@ -134,14 +133,13 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
             targets: &buf[b..],
             steps: t,
             batch: b,
-            stream: 0,
+            stream: Stream::Train(0),
         };
         let loss = be
             .train_step(&batch, step as u64, 1.0 / words as f32)?
             .total()
             / words;
-        let norm = be.grad_norm()?;
-        be.optimizer_step(&rule, o.lr, clip_coefficient(norm, o.clip))?;
+        be.clip_and_step(&rule, o.lr, o.clip)?;
         if step >= o.warmup {
             times.push(t0.elapsed().as_secs_f64());
             if first.is_nan() {

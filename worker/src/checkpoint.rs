@@ -391,7 +391,7 @@ pub async fn load(dir: &Location) -> Result<Checkpoint> {
         }
         cells.push((r as usize * meta.dims.cols + c as usize) as u32);
     }
-    lightrnn_kernels::cpu::check_allocation(&meta.dims, &cells).map_err(|e| bad(e.to_string()))?;
+    lightrnn_kernels::check_allocation(&meta.dims, &cells).map_err(|e| bad(e.to_string()))?;
     let optimizer = match (&meta.optimizer, objects.get(OPTIMIZER)) {
         (Some(rule), Some(bytes)) => {
             let st =

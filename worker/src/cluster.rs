@@ -15,10 +15,10 @@ use tokio::runtime::Handle;
 
 use crate::checkpoint::{self, Meta};
 use crate::collective::{Collective, Single, share};
-use crate::realloc::{Allocate, Solved};
 use crate::store::Location;
 use crate::train::Summary;
 use crate::{Error, Result};
+use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions, Solver};
 
 /// Where a rank is and how fast it goes: what the job's metrics (`/metrics`) show.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -99,7 +99,7 @@ pub trait Control: Send {
         tables: LossTables,
         current: &[u32],
         move_cost: f64,
-    ) -> Result<Solved>;
+    ) -> Result<Reallocation>;
     /// Make the checkpoint in `dir` exist once every rank reached `step`; rank 0 wrote
     /// its objects and passes the manifest, the others pass `None`. `params_sha256`
     /// ([`params_checksum`]) lets the owner check that all ranks hold the same model.
@@ -134,17 +134,14 @@ pub struct Dist {
 }
 
 impl Dist {
-    /// A job of one rank in this process; `allocator` solves reallocations here.
-    /// Its [`Report`]s go to `sink` when given.
-    pub fn local(
-        allocator: Option<Arc<dyn Allocate>>,
-        handle: Handle,
-        sink: Option<ReportSink>,
-    ) -> Self {
+    /// A job of one rank in this process; reallocations are solved here with `solver`
+    /// on `threads` threads (0 = all cores). Its [`Report`]s go to `sink` when given.
+    pub fn local(solver: Solver, threads: usize, handle: Handle, sink: Option<ReportSink>) -> Self {
         Self {
             collective: Box::new(Single),
             control: Box::new(LocalControl {
-                allocator,
+                solver,
+                threads,
                 handle,
                 sink,
             }),
@@ -164,7 +161,8 @@ impl Dist {
 
 /// The control of a single-process run.
 pub struct LocalControl {
-    allocator: Option<Arc<dyn Allocate>>,
+    solver: Solver,
+    threads: usize,
     handle: Handle,
     sink: Option<ReportSink>,
 }
@@ -189,11 +187,16 @@ impl Control for LocalControl {
         tables: LossTables,
         current: &[u32],
         move_cost: f64,
-    ) -> Result<Solved> {
-        let a = self.allocator.as_deref().ok_or_else(|| {
-            Error::Config("realloc_every is set but this program provides no word allocator".into())
-        })?;
-        crate::realloc::solve(&tables, current, move_cost, a)
+    ) -> Result<Reallocation> {
+        let opts = RoundOptions {
+            solver: self.solver,
+            solve: SolveOptions {
+                threads: self.threads,
+                ..Default::default()
+            },
+            move_cost,
+        };
+        Ok(lightrnn_alloc::reallocate(&tables, current, &opts)?)
     }
     fn commit(
         &mut self,

@@ -15,10 +15,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use lightrnn_kernels::{GradReduce, GradsMut};
+
 use crate::{Error, Result};
 
-/// What data-parallel training needs from its ranks.
-pub trait Collective: Send {
+/// What data-parallel training needs from its ranks. A backend reduces its gradient
+/// buffer through the [`GradReduce`] side, wherever that buffer lies.
+pub trait Collective: GradReduce + Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Element-wise sum over the ranks, in place; every rank gets the same bits.
@@ -66,8 +69,29 @@ pub fn share(n: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// The gradient all-reduce of a collective that sums host memory: a device buffer needs a
+/// device collective (NCCL) instead.
+fn reduce_host(coll: &mut dyn Collective, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+    match grads {
+        GradsMut::Host(buf) => coll
+            .all_reduce_sum(buf)
+            .map_err(|e| lightrnn_kernels::Error::Collective(e.to_string())),
+        GradsMut::Device(_) => Err(lightrnn_kernels::Error::Config(format!(
+            "rank {} of {}: this collective sums host memory; a CUDA backend's gradients are reduced on the device (NCCL)",
+            coll.rank(),
+            coll.world()
+        ))),
+    }
+}
+
 /// A job of one rank: every collective is the identity.
 pub struct Single;
+
+impl GradReduce for Single {
+    fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+        reduce_host(self, grads)
+    }
+}
 
 impl Collective for Single {
     fn rank(&self) -> usize {
@@ -266,6 +290,12 @@ impl TcpRing {
         self.recv_buf
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
+impl GradReduce for TcpRing {
+    fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+        reduce_host(self, grads)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use lightrnn_alloc::Solver;
 use lightrnn_kernels::Optimizer;
 
 use crate::{Error, Result};
@@ -95,7 +96,7 @@ pub struct TrainConfig {
     /// Most reallocations in a run (0 = no limit).
     pub realloc_rounds: u64,
     /// "scalable", "exact" or "greedy".
-    pub realloc_solver: String,
+    pub realloc_solver: Solver,
     /// Vectors that follow their words: "inputs", "none" or "all" (see docs/allocation.md).
     pub realloc_carry: String,
     /// Measure the training loss right after each move (one more pass over the data).
@@ -144,7 +145,7 @@ impl Default for TrainConfig {
             realloc_every: 0,
             realloc_start: 0,
             realloc_rounds: 0,
-            realloc_solver: "scalable".into(),
+            realloc_solver: Solver::Scalable,
             realloc_carry: "inputs".into(),
             realloc_check: false,
             realloc_move_cost: 0.0,
@@ -246,12 +247,6 @@ impl TrainConfig {
             return bad(format!(
                 "lr_schedule {:?}: every learning rate must be positive",
                 self.lr_schedule
-            ));
-        }
-        if !["scalable", "exact", "greedy"].contains(&self.realloc_solver.as_str()) {
-            return bad(format!(
-                "realloc_solver {:?}: expected scalable, exact or greedy",
-                self.realloc_solver
             ));
         }
         self.realloc_carry.parse::<crate::realloc::Carry>()?;
@@ -400,6 +395,19 @@ mod tests {
                 .with_overrides(&["realloc_carry=some".into()])
                 .is_err()
         );
+        let e = TrainConfig::default()
+            .with_overrides(&["realloc_solver=hungarian".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("realloc_solver") && e.contains("scalable"),
+            "{e}"
+        );
+        let exact = TrainConfig::default()
+            .with_overrides(&["realloc_solver=exact".into()])
+            .unwrap();
+        assert_eq!(exact.realloc_solver, Solver::Exact);
+        assert!(exact.to_toml().contains("realloc_solver = \"exact\""));
     }
 
     #[test]

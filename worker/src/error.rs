@@ -26,7 +26,10 @@ pub enum Error {
     #[error("checkpoint {url}: {msg}")]
     Checkpoint { url: String, msg: String },
     #[error(transparent)]
-    Kernel(#[from] lightrnn_kernels::Error),
+    Kernel(lightrnn_kernels::Error),
+    /// Loss tables the solvers cannot use, or a solver that failed.
+    #[error(transparent)]
+    Alloc(#[from] lightrnn_alloc::AllocError),
     /// The training loop stopped because its loss is no longer finite.
     #[error("{0}")]
     Diverged(String),
@@ -38,6 +41,16 @@ pub enum Error {
     /// The coordinator refused a request, could not be reached, or ended the job.
     #[error("coordinator: {0}")]
     Control(String),
+}
+
+impl From<lightrnn_kernels::Error> for Error {
+    /// A collective's failure inside a backend call is the collective's error it was.
+    fn from(e: lightrnn_kernels::Error) -> Self {
+        match e {
+            lightrnn_kernels::Error::Collective(msg) => Error::Io(msg),
+            e => Error::Kernel(e),
+        }
+    }
 }
 
 impl Error {
@@ -56,6 +69,7 @@ impl Error {
             ),
             // A lost peer or coordinator: a re-formed group may go on.
             Error::Task(_) | Error::Io(_) | Error::Control(_) => true,
+            Error::Kernel(e) => e.retryable(),
             _ => false,
         }
     }

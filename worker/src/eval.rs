@@ -3,7 +3,7 @@
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
+use lightrnn_kernels::{BackendKind, BackendOptions, ModelConfig, open_backend};
 
 use crate::checkpoint::Checkpoint;
 use crate::shards::SplitReader;
@@ -55,9 +55,8 @@ pub fn eval_file(
         dims: ck.meta.dims,
         dropout: 0.0,
         seed: ck.meta.rng_seed,
-        threads,
     };
-    let mut be = open_backend(backend, &mcfg)?;
+    let mut be = open_backend(&BackendOptions::new(backend, threads), &mcfg)?;
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let b = batch.unwrap_or(cfg.eval_batch);

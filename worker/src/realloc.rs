@@ -1,5 +1,7 @@
-//! Word reallocation between epochs: the loss-table pass, the call to an allocator (the
-//! coordinator's solvers), and the update of the model to the new word -> cell table.
+//! Word reallocation between epochs, a rank's part: the loss-table pass over its streams,
+//! the central step ([`lightrnn_alloc::reallocate`], run by whoever owns the job, through
+//! [`crate::cluster::Control::allocate`]), and the update of the model to the new word ->
+//! cell table.
 //!
 //! What moves with a word. The allocation objective is the training loss with the
 //! hidden states held fixed, i.e. it places every word in the cell whose *output* row and
@@ -14,10 +16,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::{Backend, Batch, LossTables, ParamLayout, StreamId};
+use lightrnn_alloc::Report;
+
+use lightrnn_kernels::{Backend, Batch, LossTables, ParamLayout, Stream};
 
 use crate::batches::Batches;
 use crate::cluster::Dist;
@@ -25,21 +28,6 @@ use crate::collective::share;
 use crate::shards::SplitReader;
 use crate::train::evaluate;
 use crate::{Error, Result};
-
-/// Carried state of the loss-table pass.
-pub const TABLE_STREAM: StreamId = 2;
-
-/// A new allocation and what the solver reports about it.
-pub struct Allocation {
-    pub cells: Vec<u32>,
-    pub solver: String,
-    pub stats: serde_json::Value,
-}
-
-/// Something that turns loss tables into a word -> cell table (the coordinator's solvers).
-pub trait Allocate: Send + Sync {
-    fn allocate(&self, tables: &LossTables, current: &[u32]) -> Result<Allocation>;
-}
 
 /// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
 /// streams of `bptt` steps (all of them, or one rank's share), accumulating the loss
@@ -53,8 +41,8 @@ pub fn loss_tables(
     max_bytes: u64,
     handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
-    let mut tables = LossTables::new(&backend.dims(), max_bytes)?;
-    backend.reset_state(TABLE_STREAM);
+    backend.begin_loss_tables(max_bytes)?;
+    backend.reset_state(Stream::Tables);
     let b = streams.len();
     let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
     let mut buf = Vec::new();
@@ -65,14 +53,14 @@ pub fn loss_tables(
             targets: &buf[b..],
             steps: t,
             batch: b,
-            stream: TABLE_STREAM,
+            stream: Stream::Tables,
         };
-        let l = backend.accumulate_batch(&bt, &mut tables)?;
+        let l = backend.accumulate_loss_tables(&bt)?;
         total += l.total();
         words += l.words;
     }
-    backend.reset_state(TABLE_STREAM);
-    Ok((tables, total, words))
+    backend.reset_state(Stream::Tables);
+    Ok((backend.take_loss_tables()?, total, words))
 }
 
 /// Which vectors follow the words.
@@ -159,27 +147,6 @@ pub fn carry_vectors(
     Ok(())
 }
 
-/// What one reallocation did (a metrics line).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Report {
-    pub solver: String,
-    /// Mean training loss per word under the old allocation (the table pass).
-    pub train_loss_before: f64,
-    /// sum_w L_r[w, r(w)] + L_c[w, c(w)] per word, old and new allocation.
-    pub objective_before: f64,
-    pub objective_after: f64,
-    /// Per word: sum_w min_i L_r + min_j L_c.
-    pub lower_bound: f64,
-    pub words_moved: usize,
-    /// Measured training loss per word right after the move (when asked for).
-    pub train_loss_after: Option<f64>,
-    pub seconds_tables: f64,
-    pub seconds_solve: f64,
-    /// The solver found nothing better than the current allocation, which stays.
-    pub kept_current: bool,
-    pub stats: serde_json::Value,
-}
-
 /// Options of one reallocation.
 pub struct ReallocOptions {
     pub batch: usize,
@@ -191,77 +158,6 @@ pub struct ReallocOptions {
     /// Nats per occurrence charged for changing a word's row, and again for changing its
     /// column: only words whose predicted gain exceeds it move.
     pub move_cost: f64,
-}
-
-/// A solved allocation with what applying it needs (the global word counts) and its report.
-#[derive(Clone, Debug)]
-pub struct Solved {
-    pub cells: Vec<u32>,
-    pub counts: Vec<u64>,
-    pub report: Report,
-}
-
-/// The central step: the summed loss tables of all ranks -> a new allocation (kept as is
-/// when the solver finds nothing better) and its figures. Runs wherever the tables are:
-/// in the process of a single-rank run, on the coordinator for a distributed one.
-pub fn solve(
-    tables: &LossTables,
-    old: &[u32],
-    move_cost: f64,
-    allocator: &dyn Allocate,
-) -> Result<Solved> {
-    let t1 = Instant::now();
-    // Keeping the row keeps the row vectors, keeping the column the column vectors: the
-    // cost of moving is separable, a discount on the current row and column.
-    let discounted = (move_cost > 0.0).then(|| {
-        let mut t = tables.clone();
-        for (w, &cell) in old.iter().enumerate() {
-            let (i, j) = (cell as usize / t.cols, cell as usize % t.cols);
-            let d = (move_cost * t.counts[w] as f64) as f32;
-            t.lr[w * t.rows + i] -= d;
-            t.lc[w * t.cols + j] -= d;
-        }
-        t
-    });
-    let solve_on = discounted.as_ref().unwrap_or(tables);
-    let mut a = allocator.allocate(solve_on, old)?;
-    // A heuristic solver can return something worse than where the words are: keep them.
-    let kept = solve_on.cost(&a.cells) >= solve_on.cost(old);
-    if kept {
-        a.cells = old.to_vec();
-    }
-    drop(discounted);
-    let seconds_solve = t1.elapsed().as_secs_f64();
-    let words: f64 = tables.counts.iter().sum::<u64>().max(1) as f64;
-    let lower: f64 = (0..tables.vocab)
-        .map(|w| {
-            let r = tables.lr[w * tables.rows..(w + 1) * tables.rows]
-                .iter()
-                .fold(f32::INFINITY, |m, &x| m.min(x));
-            let c = tables.lc[w * tables.cols..(w + 1) * tables.cols]
-                .iter()
-                .fold(f32::INFINITY, |m, &x| m.min(x));
-            r as f64 + c as f64
-        })
-        .sum();
-    let report = Report {
-        solver: a.solver.clone(),
-        train_loss_before: tables.cost(old) / words,
-        objective_before: tables.cost(old) / words,
-        objective_after: tables.cost(&a.cells) / words,
-        lower_bound: lower / words,
-        words_moved: old.iter().zip(&a.cells).filter(|(x, y)| x != y).count(),
-        train_loss_after: None,
-        seconds_tables: 0.0,
-        seconds_solve,
-        kept_current: kept,
-        stats: a.stats,
-    };
-    Ok(Solved {
-        cells: a.cells,
-        counts: tables.counts.clone(),
-        report,
-    })
 }
 
 /// Loss tables (this rank's streams) -> allocation solved over all ranks' tables (by
@@ -290,7 +186,7 @@ pub fn reallocate(
     let seconds_tables = t0.elapsed().as_secs_f64();
     let old = backend.allocation()?;
     let solved = dist.control.allocate(round, tables, &old, o.move_cost)?;
-    lightrnn_kernels::cpu::check_allocation(&backend.dims(), &solved.cells)?;
+    lightrnn_kernels::check_allocation(&backend.dims(), &solved.cells)?;
     if solved.counts.len() != old.len() {
         return Err(Error::Data(format!(
             "the allocation came with {} word counts for {} words",

@@ -32,10 +32,10 @@ use crate::checkpoint::Meta;
 use crate::cluster::{Control, Dist};
 use crate::collective::TcpRing;
 use crate::config::TrainConfig;
-use crate::realloc::{Report, Solved};
 use crate::store::Location;
 use crate::train::{RunOptions, Summary, train_rank};
 use crate::{Error, Result};
+use lightrnn_alloc::{Reallocation, Report};
 
 /// How to reach the coordinator and present this worker.
 #[derive(Clone, Debug)]
@@ -274,7 +274,7 @@ impl Control for RemoteControl {
         tables: LossTables,
         current: &[u32],
         move_cost: f64,
-    ) -> Result<Solved> {
+    ) -> Result<Reallocation> {
         let head = TableChunk {
             generation: self.generation,
             rank: self.rank,
@@ -344,7 +344,7 @@ impl Control for RemoteControl {
         })?;
         let report: Report = serde_json::from_str(report.as_deref().unwrap_or(""))
             .map_err(|e| Error::Control(format!("the allocation's report: {e}")))?;
-        Ok(Solved {
+        Ok(Reallocation {
             cells,
             counts,
             report,
@@ -647,7 +647,6 @@ fn generation(
             },
             backend: reply.backend.parse::<BackendKind>()?,
             progress: false,
-            allocator: None,
             stop: Some(opts.stop.clone()),
             report: None,
         };

@@ -13,9 +13,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::backend::{BackendKind, ModelConfig, open_backend};
-use lightrnn_kernels::optim::clip_coefficient;
-use lightrnn_kernels::{Backend, Batch, LossSums, ModelDims, StreamId};
+use lightrnn_kernels::{
+    Backend, BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Shard, Stream,
+    open_backend,
+};
 
 use crate::batches::Batches;
 use crate::checkpoint::{self, EpochRecord, Meta, SaveRequest};
@@ -23,15 +24,10 @@ use crate::cluster::{Dist, Report, concat_states, gather_state, params_checksum,
 use crate::collective::{Collective, share};
 use crate::config::TrainConfig;
 use crate::dataset::{Dataset, PrepareOptions};
-use crate::realloc::{Allocate, Carry, ReallocOptions};
+use crate::realloc::{Carry, ReallocOptions};
 use crate::shards::SplitReader;
 use crate::store::Location;
 use crate::{Error, Result};
-
-/// Carried state of the training streams.
-pub const TRAIN_STREAM: StreamId = 0;
-/// Carried state of evaluation passes (reset before each).
-pub const EVAL_STREAM: StreamId = 1;
 
 /// Where a run reads and writes, and how it reports.
 #[derive(Clone)]
@@ -48,8 +44,6 @@ pub struct RunOptions {
     pub backend: BackendKind,
     /// Draw a progress bar (a terminal); otherwise log lines every `log_every` steps.
     pub progress: bool,
-    /// The word allocator for reallocation (needed when `realloc_every` > 0).
-    pub allocator: Option<Arc<dyn Allocate>>,
     /// Set (by a signal handler, or the coordinator) to stop at the next step with a
     /// checkpoint. The ranks of a job agree on the step through their collective.
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -65,7 +59,6 @@ impl std::fmt::Debug for RunOptions {
             .field("resume", &self.resume)
             .field("checkpoint", &self.checkpoint)
             .field("backend", &self.backend)
-            .field("allocator", &self.allocator.is_some())
             .finish()
     }
 }
@@ -217,7 +210,7 @@ pub fn evaluate(
     handle: &Handle,
     coll: &mut dyn Collective,
 ) -> Result<(f64, u64)> {
-    backend.reset_state(EVAL_STREAM);
+    backend.reset_state(Stream::Eval);
     let mine = share(eval_batch, coll.world(), coll.rank());
     let b = mine.len();
     let mut batches = Batches::streams(split.clone(), handle.clone(), eval_batch, mine, bptt, 0)?;
@@ -229,13 +222,13 @@ pub fn evaluate(
             targets: &buf[b..],
             steps: t,
             batch: b,
-            stream: EVAL_STREAM,
+            stream: Stream::Eval,
         };
         let l = backend.eval_batch(&batch)?;
         total += l.total();
         words += l.words;
     }
-    backend.reset_state(EVAL_STREAM);
+    backend.reset_state(Stream::Eval);
     let mut sums = [total, words as f64];
     coll.all_reduce_sum_f64(&mut sums)?;
     Ok((sums[0] / sums[1].max(1.0), sums[1] as u64))
@@ -290,86 +283,6 @@ struct LoopState {
     history: Vec<EpochRecord>,
 }
 
-/// Carried training state of gradient group `g` of this rank.
-fn group_stream(g: usize) -> StreamId {
-    if g == 0 {
-        TRAIN_STREAM
-    } else {
-        16 + g as StreamId
-    }
-}
-
-/// This rank's part of one training step: forward/backward of each of its `gpr` gradient
-/// groups (streams `first + g * gs ..` of the `global`-stream batch, gs = bl / gpr), their
-/// gradients summed pairwise ((a + b) + (c + d) ...) and left in the backend, so that a
-/// rank holding two groups computes exactly what two ranks holding one each get from
-/// the all-reduce. `buf`: [t + 1, bl] time-major.
-#[allow(clippy::too_many_arguments)]
-fn train_groups(
-    backend: &mut dyn Backend,
-    buf: &[u32],
-    t: usize,
-    bl: usize,
-    gpr: usize,
-    first: usize,
-    global: usize,
-    step: u64,
-    scale: f32,
-    gbuf: &mut Vec<u32>,
-) -> Result<LossSums> {
-    let shard = |off: usize| (bl != global || gpr > 1).then_some((off, global));
-    if gpr == 1 {
-        backend.set_shard(shard(first))?;
-        let batch = Batch {
-            inputs: &buf[..t * bl],
-            targets: &buf[bl..],
-            steps: t,
-            batch: bl,
-            stream: group_stream(0),
-        };
-        return Ok(backend.train_step(&batch, step, scale)?);
-    }
-    let gs = bl / gpr;
-    let mut total = LossSums::default();
-    // (tree level, gradient): equal levels are combined as soon as both exist.
-    let mut stack: Vec<(u32, Vec<f32>)> = Vec::new();
-    for g in 0..gpr {
-        gbuf.clear();
-        for k in 0..=t {
-            gbuf.extend_from_slice(&buf[k * bl + g * gs..k * bl + (g + 1) * gs]);
-        }
-        backend.set_shard(shard(first + g * gs))?;
-        let batch = Batch {
-            inputs: &gbuf[..t * gs],
-            targets: &gbuf[gs..],
-            steps: t,
-            batch: gs,
-            stream: group_stream(g),
-        };
-        total.add(&backend.train_step(&batch, step, scale)?);
-        let mut cur = (0u32, backend.grads_flat_mut()?.to_vec());
-        while let Some(top) = stack.last()
-            && top.0 == cur.0
-        {
-            let (level, mut a) = stack.pop().expect("just seen");
-            for (x, y) in a.iter_mut().zip(&cur.1) {
-                *x += y;
-            }
-            cur = (level + 1, a);
-        }
-        stack.push(cur);
-    }
-    let (_, mut sum) = stack.pop().expect("at least one group");
-    while let Some((_, mut a)) = stack.pop() {
-        for (x, y) in a.iter_mut().zip(&sum) {
-            *x += y;
-        }
-        sum = a;
-    }
-    backend.grads_flat_mut()?.copy_from_slice(&sum);
-    Ok(total)
-}
-
 /// Running (loss, words, seconds) of the steps since the last log line. Each rank sums
 /// its own streams; [`Window::reduce`] turns them into the job's figures.
 #[derive(Default)]
@@ -396,7 +309,12 @@ impl Window {
 
 /// Train a LightRNN model as `cfg` says in this process alone; blocking.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, handle: &Handle) -> Result<Summary> {
-    let mut dist = Dist::local(opts.allocator.clone(), handle.clone(), opts.report.clone());
+    let mut dist = Dist::local(
+        cfg.realloc_solver,
+        cfg.threads,
+        handle.clone(),
+        opts.report.clone(),
+    );
     train_rank(cfg, opts, handle, &mut dist)
 }
 
@@ -423,6 +341,8 @@ pub fn train_rank(
     let groups = cfg.groups_for(world)?;
     let gpr = groups / world;
     let started = Instant::now();
+    // A backend this build or machine cannot run fails before any data is read.
+    lightrnn_kernels::check_backend(opts.backend)?;
     let prep = PrepareOptions {
         text: cfg.text_options(),
         vocab_size: cfg.vocab_size,
@@ -463,9 +383,8 @@ pub fn train_rank(
         dims,
         dropout: cfg.dropout,
         seed: cfg.seed,
-        threads: cfg.threads,
     };
-    let mut backend = open_backend(opts.backend, &mcfg)?;
+    let mut backend = open_backend(&BackendOptions::new(opts.backend, cfg.threads), &mcfg)?;
     let rule = cfg.optimizer_rule()?;
     let n_params = backend.layout().total;
     let mut st = LoopState {
@@ -541,7 +460,6 @@ pub fn train_rank(
     let mut session_train_secs = 0.0f64;
     let mut report = Report::default();
     let mut win = Window::default();
-    let mut gbuf = Vec::new();
     let save = |backend: &dyn Backend,
                 st: &LoopState,
                 cursor: u64,
@@ -603,7 +521,7 @@ pub fn train_rank(
             .join("checkpoints")
             .join(&checkpoint::dir_name(st.step));
         let parts: Option<Vec<_>> = (0..gpr)
-            .map(|g| backend.state(group_stream(g)))
+            .map(|g| backend.state(Stream::Train(g as u32)))
             .collect::<lightrnn_kernels::Result<Vec<_>>>()?
             .into_iter()
             .collect();
@@ -663,9 +581,14 @@ pub fn train_rank(
             cursor,
         )?;
         let gsize = mine.len() / gpr;
+        backend.set_shard(Shard {
+            offset: mine.start,
+            global: b,
+            groups: gpr,
+        })?;
         if cursor == 0 {
             for g in 0..gpr {
-                backend.reset_state(group_stream(g));
+                backend.reset_state(Stream::Train(g as u32));
             }
         }
         // A checkpoint taken at an epoch's end (cursor 0) holds the state the streams
@@ -676,7 +599,7 @@ pub fn train_rank(
             for g in 0..gpr {
                 let first = mine.start + g * gsize;
                 backend.set_state(
-                    group_stream(g),
+                    Stream::Train(g as u32),
                     slice_state(&whole, first..first + gsize, dims.layers, dims.hidden)?,
                 )?;
             }
@@ -704,24 +627,21 @@ pub fn train_rank(
             // Gradients of the mean over the whole batch's words: each group scales its
             // sum by the global count, so the all-reduced sum is the global mean.
             let words = (t * b) as u64;
-            let loss = train_groups(
-                &mut *backend,
-                &buf,
-                t,
-                mine.len(),
-                gpr,
-                mine.start,
-                b,
-                st.step,
-                1.0 / words as f32,
-                &mut gbuf,
-            )?;
+            let bl = mine.len();
+            let batch = Batch {
+                inputs: &buf[..t * bl],
+                targets: &buf[bl..],
+                steps: t,
+                batch: bl,
+                stream: Stream::Train(0),
+            };
+            let loss = backend.train_step(&batch, st.step, 1.0 / words as f32)?;
             if world > 1 {
-                dist.collective.all_reduce_sum(backend.grads_flat_mut()?)?;
+                backend.all_reduce_grads(&mut *dist.collective)?;
             }
-            let norm = backend.grad_norm()?;
+            let norm = backend.clip_and_step(&rule, st.lr, cfg.clip)?;
             // The norm is the same on every rank (NaN wherever any rank's loss is not
-            // finite): all ranks decide alike and stop together.
+            // finite): all ranks decide alike and stop together, with no update applied.
             if !norm.is_finite() {
                 return Err(Error::Diverged(format!(
                     "training loss is {} (gradient norm {norm}) at step {} (lr {}): lower lr or clip",
@@ -730,7 +650,6 @@ pub fn train_rank(
                     st.lr
                 )));
             }
-            backend.optimizer_step(&rule, st.lr, clip_coefficient(norm, cfg.clip))?;
             st.step += 1;
             pass_step += 1;
             let dt = t0.elapsed().as_secs_f64();

@@ -13,7 +13,7 @@
 //!
 //! Work split: every parallel region runs on all threads of the [`Team`]; in the LSTM
 //! regions thread k owns a contiguous range of hidden units (whole gate blocks, see
-//! [`crate::layout`]) and thus a contiguous range of gate rows, computes them for all 2T
+//! [`super::layout`]) and thus a contiguous range of gate rows, computes them for all 2T
 //! steps, and meets the other threads once per step at the barrier (h_s or dG_s complete).
 //!
 //! Layer 0 without input dropout never materialises its input: its input projection is
@@ -25,62 +25,15 @@
 use std::collections::BTreeMap;
 
 use super::gemm::{Mat, gemm};
+use super::layout::{part_range, split_units, to_internal, to_torch};
 use super::simd;
 use super::team::{Shared, Team};
-use crate::layout::{ModelDims, ParamLayout, part_range, split_units};
+use crate::backend::{Batch, LossSums, Pass, State, Stream};
+use crate::layout::{ModelDims, ParamLayout, check_allocation, random_allocation};
 use crate::optim::{self, Optimizer};
 use crate::rng::{Philox, Purpose};
 use crate::tables::LossTables;
 use crate::{Error, Real, Result};
-
-/// Identifies a set of carried LSTM states (training streams, evaluation streams, ...).
-pub type StreamId = u32;
-
-/// One truncated-BPTT batch. With a token stream `w` split into B streams, inputs are
-/// w[i..i+T] and targets w[i+1..i+T+1] of each stream (two overlapping views of one
-/// [T+1, B] buffer).
-#[derive(Clone, Copy, Debug)]
-pub struct Batch<'a> {
-    /// [steps, batch] input word ids x, time-major.
-    pub inputs: &'a [u32],
-    /// [steps, batch] target word ids y (the words to predict after reading x).
-    pub targets: &'a [u32],
-    /// T, words predicted per stream.
-    pub steps: usize,
-    /// B, streams.
-    pub batch: usize,
-    /// Whose carried state to start from and update.
-    pub stream: StreamId,
-}
-
-/// Training (dropout on, keyed by the global step) or evaluation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pass {
-    Train { step: u64 },
-    Eval,
-}
-
-/// Summed losses of one batch (nats).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LossSums {
-    /// Sum over targets of -log P_r[r(y)].
-    pub row: f64,
-    /// Sum over targets of -log P_c[c(y)].
-    pub col: f64,
-    /// Number of targets (T * B).
-    pub words: u64,
-}
-
-impl LossSums {
-    pub fn total(&self) -> f64 {
-        self.row + self.col
-    }
-    pub fn add(&mut self, o: &LossSums) {
-        self.row += o.row;
-        self.col += o.col;
-        self.words += o.words;
-    }
-}
 
 /// What the heads compute besides the loss.
 #[derive(Clone, Copy, Debug)]
@@ -91,14 +44,6 @@ enum HeadMode<T> {
     Loss,
     /// The full -log-softmax rows, left in the logit buffers for the loss tables.
     Table,
-}
-
-/// Carried LSTM state of `batch` streams: h, c [layers, batch, hidden].
-#[derive(Clone, Debug, PartialEq)]
-pub struct State<T> {
-    pub batch: usize,
-    pub h: Vec<T>,
-    pub c: Vec<T>,
 }
 
 #[derive(Default)]
@@ -121,7 +66,7 @@ struct LayerWs<T> {
 struct Workspace<T> {
     steps: usize,
     batch: usize,
-    stream: StreamId,
+    stream: Stream,
     pass: Option<Pass>,
     /// Inputs are dropped out (training with dropout > 0).
     dropout: bool,
@@ -188,7 +133,7 @@ pub struct Engine<T: Real> {
     shadow_ok: bool,
     /// word -> cell (row * C + col).
     cells: Vec<u32>,
-    states: BTreeMap<StreamId, State<T>>,
+    states: BTreeMap<Stream, State<T>>,
     ws: Workspace<T>,
     /// This rank's streams are columns `offset..offset + B` of a `global`-stream batch
     /// (data parallelism); dropout masks are keyed by the global position, so ranks draw
@@ -292,14 +237,14 @@ impl<T: Real> Engine<T> {
                 };
             }
         }
-        self.layout.to_internal(&torch, &mut self.params);
+        to_internal(&self.layout, &torch, &mut self.params);
         self.shadow_ok = false;
     }
 
     /// Parameters in PyTorch layout.
     pub fn params_torch(&self) -> Vec<T> {
         let mut t = vec![T::ZERO; self.layout.total];
-        self.layout.to_torch(&self.params, &mut t);
+        to_torch(&self.layout, &self.params, &mut t);
         t
     }
 
@@ -312,7 +257,7 @@ impl<T: Real> Engine<T> {
                 self.layout.total
             )));
         }
-        self.layout.to_internal(torch, &mut self.params);
+        to_internal(&self.layout, torch, &mut self.params);
         self.shadow_ok = false;
         Ok(())
     }
@@ -367,13 +312,28 @@ impl<T: Real> Engine<T> {
     /// Gradients of the last backward pass, PyTorch layout.
     pub fn grads_torch(&self) -> Vec<T> {
         let mut t = vec![T::ZERO; self.layout.total];
-        self.layout.to_torch(&self.grads, &mut t);
+        to_torch(&self.layout, &self.grads, &mut t);
         t
     }
 
-    /// The flat gradient buffer (internal layout): for all-reduce across ranks.
-    pub fn grads_mut(&mut self) -> &mut [T] {
+    /// The flat gradient buffer (internal layout), lent to the collective.
+    pub(crate) fn grads_mut(&mut self) -> &mut [T] {
         &mut self.grads
+    }
+
+    /// Exchange the gradient buffer with `other` (same length): how the gradient groups'
+    /// partial sums are kept without copying. Every backward pass overwrites the whole
+    /// buffer, so what `other` held before does not matter.
+    pub(crate) fn swap_grads(&mut self, other: &mut Vec<T>) -> Result<()> {
+        if other.len() != self.grads.len() {
+            return Err(Error::Shape(format!(
+                "gradient buffer of {} values for a model of {}",
+                other.len(),
+                self.grads.len()
+            )));
+        }
+        std::mem::swap(&mut self.grads, other);
+        Ok(())
     }
 
     /// word -> cell (row * C + col).
@@ -389,11 +349,11 @@ impl<T: Real> Engine<T> {
         Ok(())
     }
 
-    pub fn state(&self, stream: StreamId) -> Option<&State<T>> {
+    pub fn state(&self, stream: Stream) -> Option<&State<T>> {
         self.states.get(&stream)
     }
 
-    pub fn set_state(&mut self, stream: StreamId, state: State<T>) -> Result<()> {
+    pub fn set_state(&mut self, stream: Stream, state: State<T>) -> Result<()> {
         let d = &self.layout.dims;
         let n = d.layers * state.batch * d.hidden;
         if state.h.len() != n || state.c.len() != n {
@@ -410,7 +370,7 @@ impl<T: Real> Engine<T> {
     }
 
     /// Forget the carried state (the next batch starts from zeros).
-    pub fn reset_state(&mut self, stream: StreamId) {
+    pub fn reset_state(&mut self, stream: Stream) {
         self.states.remove(&stream);
     }
 
@@ -464,7 +424,7 @@ impl<T: Real> Engine<T> {
             }
             Some(st) => {
                 return Err(Error::Shape(format!(
-                    "stream {} carries state for {} streams, the batch has {bb} (reset it first)",
+                    "stream {:?} carries state for {} streams, the batch has {bb} (reset it first)",
                     batch.stream, st.batch
                 )));
             }
@@ -1333,23 +1293,6 @@ impl<T: Real> Engine<T> {
         simd::sum_sq(&self.grads).sqrt()
     }
 
-    /// Multiply every gradient by `s`.
-    pub fn scale_grads(&mut self, s: T) {
-        for g in &mut self.grads {
-            *g *= s;
-        }
-    }
-
-    /// The optimizer rule in use, if any update or state load happened.
-    pub fn optimizer(&self) -> Option<Optimizer> {
-        self.opt.as_ref().map(|o| o.rule)
-    }
-
-    /// Updates applied so far by the current rule.
-    pub fn optimizer_updates(&self) -> u64 {
-        self.opt.as_ref().map_or(0, |o| o.updates)
-    }
-
     /// Apply one update with gradient `grads * gscale` (gscale carries the clipping).
     pub fn optimizer_step(&mut self, rule: &Optimizer, lr: f64, gscale: f64) -> Result<()> {
         let total = self.layout.total;
@@ -1412,7 +1355,7 @@ impl<T: Real> Engine<T> {
             .zip(&o.bufs)
             .map(|(name, b)| {
                 let mut t = vec![T::ZERO; self.layout.total];
-                self.layout.to_torch(b, &mut t);
+                to_torch(&self.layout, b, &mut t);
                 (*name, t)
             })
             .collect();
@@ -1439,7 +1382,7 @@ impl<T: Real> Engine<T> {
             .into_iter()
             .map(|t| {
                 let mut i = vec![T::ZERO; self.layout.total];
-                self.layout.to_internal(&t, &mut i);
+                to_internal(&self.layout, &t, &mut i);
                 i
             })
             .collect();
@@ -1450,11 +1393,6 @@ impl<T: Real> Engine<T> {
         });
         Ok(())
     }
-
-    /// Target words of the batch in flight, in head-row order t*B + b.
-    pub fn batch_targets(&self) -> &[u32] {
-        &self.ws.words
-    }
 }
 
 /// Named optimizer buffers (PyTorch layout).
@@ -1464,41 +1402,4 @@ pub type NamedBuffers<T> = Vec<(&'static str, Vec<T>)>;
 #[inline(always)]
 pub fn row_of(tt: usize, bb: usize, s: usize, b: usize) -> usize {
     (((s & 1) * tt) + (s >> 1)) * bb + b
-}
-
-/// A uniformly random word -> cell table drawn from `seed` (the paper's initial allocation).
-pub fn random_allocation(dims: &ModelDims, seed: u64) -> Vec<u32> {
-    let mut cells: Vec<u32> = (0..(dims.rows * dims.cols) as u32).collect();
-    Philox::new(seed, Purpose::Allocation)
-        .stream(0)
-        .shuffle(&mut cells);
-    cells.truncate(dims.vocab);
-    cells
-}
-
-/// Check that `cells` assigns the V words distinct cells of the R x C table.
-pub fn check_allocation(dims: &ModelDims, cells: &[u32]) -> Result<()> {
-    if cells.len() != dims.vocab {
-        return Err(Error::Shape(format!(
-            "allocation has {} words, the model {}",
-            cells.len(),
-            dims.vocab
-        )));
-    }
-    let n = dims.rows * dims.cols;
-    let mut seen = vec![false; n];
-    for (w, &c) in cells.iter().enumerate() {
-        let c = c as usize;
-        if c >= n {
-            return Err(Error::Shape(format!(
-                "word {w} is allocated cell {c}, outside the {n}-cell table"
-            )));
-        }
-        if std::mem::replace(&mut seen[c], true) {
-            return Err(Error::Shape(format!(
-                "cell {c} is allocated to two words (one is {w})"
-            )));
-        }
-    }
-    Ok(())
 }

@@ -3,8 +3,8 @@
 //! kernel is compiled three times (AVX-512, AVX2+FMA, baseline) and picks one at run time,
 //! so one binary is fast on any x86-64 and correct everywhere.
 
+use super::layout::GATE_BLOCK;
 use crate::Real;
-use crate::layout::GATE_BLOCK;
 use crate::rng::Philox;
 
 /// Defines `pub fn $name<T: Real>(args)` that runs `$body` compiled for the best

@@ -1,3 +1,7 @@
+//! lightrnn-alloc: word allocation, called by a single-process run and by the coordinator
+//! alike. [`round::reallocate`] is the central step of a reallocation round (move cost,
+//! solve, keep-if-better, report); [`solve`] the solvers behind it.
+//!
 //! Word allocation: assign the V words to distinct cells of the R x C table minimising
 //! sum_w L_r[w, r(w)] + L_c[w, c(w)] — a linear assignment of V words to R*C cells
 //! whose cost is separable: cost(w, (i, j)) = L_r[w, i] + L_c[w, j].
@@ -20,8 +24,11 @@ mod exact;
 mod greedy;
 mod improve;
 mod prices;
+pub mod round;
 mod sap;
 mod scalable;
+
+pub use round::{Reallocation, Report, RoundOptions, reallocate};
 
 use serde::Serialize;
 
@@ -156,23 +163,8 @@ impl<'a, T: Elem> Problem<'a, T> {
 
     /// A complete allocation: V distinct cells of the table.
     pub fn check(&self, cells: &[u32]) -> Result<()> {
-        if cells.len() != self.vocab {
-            return Err(AllocError::Solver(format!(
-                "allocation covers {} of {} words",
-                cells.len(),
-                self.vocab
-            )));
-        }
-        let mut seen = vec![false; self.cells()];
-        for (w, &c) in cells.iter().enumerate() {
-            let c = c as usize;
-            if c >= seen.len() || std::mem::replace(&mut seen[c], true) {
-                return Err(AllocError::Solver(format!(
-                    "word {w}: cell {c} is outside the table or taken twice"
-                )));
-            }
-        }
-        Ok(())
+        lightrnn_kernels::check_cells(self.vocab, self.cells(), cells)
+            .map_err(|e| AllocError::Solver(e.to_string()))
     }
 }
 
@@ -501,34 +493,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-/// The solvers as the trainer's word allocator.
-pub struct TableAllocator {
-    pub solver: Solver,
-    pub opts: SolveOptions,
-}
-
-impl lightrnn_worker::realloc::Allocate for TableAllocator {
-    fn allocate(
-        &self,
-        t: &lightrnn_kernels::LossTables,
-        _current: &[u32],
-    ) -> lightrnn_worker::Result<lightrnn_worker::realloc::Allocation> {
-        let p = Problem::new(t.vocab, t.rows, t.cols, &t.lr, &t.lc)
-            .map_err(|e| lightrnn_worker::Error::Data(format!("loss tables: {e}")))?;
-        let s = solve(&p, self.solver, &self.opts)
-            .map_err(|e| lightrnn_worker::Error::Data(format!("{e}")))?;
-        let mut stats = s.stats.clone();
-        if let Some(o) = stats.as_object_mut() {
-            o.insert("cost".into(), s.cost.into());
-            o.insert("dual_bound".into(), s.dual_bound.into());
-        }
-        Ok(lightrnn_worker::realloc::Allocation {
-            cells: s.cells,
-            solver: self.solver.name().into(),
-            stats,
-        })
     }
 }

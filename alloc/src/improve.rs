@@ -223,7 +223,7 @@ mod tests {
             (64, 8, 8, 4),
             (40, 7, 9, 5),
         ] {
-            let (lr, lc) = crate::alloc::testutil::tables(v, r, c, seed);
+            let (lr, lc) = crate::testutil::tables(v, r, c, seed);
             let p = Problem::new(v, r, c, &lr, &lc).unwrap();
             // A deliberately bad start: words in reverse cell order.
             let mut x: Vec<u32> = (0..v as u32).map(|w| (r * c) as u32 - 1 - w).collect();
@@ -239,7 +239,7 @@ mod tests {
                 out.gain,
                 before - after
             );
-            assert!(after <= crate::alloc::testutil::brute_force(&p) * 1.5);
+            assert!(after <= crate::testutil::brute_force(&p) * 1.5);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Which accelerators this machine has, as this build can see them. With the `cuda`
+//! Which CUDA devices and libraries this machine has, as this build can see them. With the `cuda`
 //! feature the CUDA driver library is looked for at run time (never linked), so the
 //! same binary runs, and says why, on machines without a GPU or driver; every check
 //! happens before any driver call (cudarc's own calls panic when the library is absent).
