@@ -1,6 +1,7 @@
 //! lightrnn-alloc: word allocation, called by a single-process run and by the coordinator
 //! alike. [`round::reallocate`] is the central step of a reallocation round (move cost,
-//! solve, keep-if-better, report); [`solve`] the solvers behind it.
+//! solve, keep-if-better, report); [`solve`] the solvers behind it; [`carry`] what the
+//! ranks do with their vectors when the words move.
 //!
 //! Word allocation: assign the V words to distinct cells of the R x C table minimising
 //! sum_w L_r[w, r(w)] + L_c[w, c(w)] — a linear assignment of V words to R*C cells
@@ -19,6 +20,7 @@
 //!   in order of their expected loss, then columns row by row): the baseline.
 
 mod auction;
+pub mod carry;
 mod decompose;
 mod exact;
 mod greedy;
@@ -28,6 +30,7 @@ pub mod round;
 mod sap;
 mod scalable;
 
+pub use carry::{Carry, carry_vectors};
 pub use round::{Reallocation, Report, RoundOptions, reallocate};
 
 use serde::Serialize;

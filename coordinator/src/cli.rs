@@ -7,11 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::BackendKind;
-use lightrnn_worker::bench::{BenchOptions, bench};
 use lightrnn_worker::checkpoint;
 use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::eval::eval_file;
-use lightrnn_worker::store::Location;
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::train::bench::{BenchOptions, bench};
+use lightrnn_worker::train::eval::eval_file;
 use lightrnn_worker::train::{RunOptions, train};
 
 #[derive(Parser, Debug)]
@@ -92,8 +92,8 @@ pub struct TextArgs {
 }
 
 impl TextArgs {
-    fn options(&self) -> lightrnn_worker::text::TextOptions {
-        lightrnn_worker::text::TextOptions {
+    fn options(&self) -> lightrnn_worker::data::text::TextOptions {
+        lightrnn_worker::data::text::TextOptions {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),
@@ -140,7 +140,7 @@ pub struct ShardArgs {
     #[arg(long, default_value = "train")]
     pub split: String,
     /// Tokens per shard.
-    #[arg(long, default_value_t = lightrnn_worker::shards::SHARD_TOKENS)]
+    #[arg(long, default_value_t = lightrnn_worker::data::shards::SHARD_TOKENS)]
     pub shard_tokens: u64,
     #[command(flatten)]
     pub text: TextArgs,
@@ -378,8 +378,8 @@ fn backend_kind(s: &str) -> Result<BackendKind> {
 
 /// Run one parsed command; returns what goes to stdout.
 /// A vocabulary from a vocab.txt object or a location holding one.
-async fn load_vocab(url: &str) -> lightrnn_worker::Result<lightrnn_worker::vocab::Vocab> {
-    use lightrnn_worker::dataset::VOCAB_FILE;
+async fn load_vocab(url: &str) -> lightrnn_worker::Result<lightrnn_worker::data::vocab::Vocab> {
+    use lightrnn_worker::data::vocab::VOCAB_FILE;
     let loc = Location::parse(url)?;
     let (loc, name) = match loc.parent() {
         Some(parent) if parent.head(&loc.name()).await?.is_some() => (parent, loc.name()),
@@ -389,7 +389,7 @@ async fn load_vocab(url: &str) -> lightrnn_worker::Result<lightrnn_worker::vocab
     let full = loc.url_of(&name);
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| lightrnn_worker::Error::Data(format!("{full}: not UTF-8")))?;
-    lightrnn_worker::vocab::Vocab::parse(text, &full)
+    lightrnn_worker::data::vocab::Vocab::parse(text, &full)
 }
 
 pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
@@ -439,7 +439,7 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             let mut opts = opts;
             let server = match &a.metrics_addr {
                 Some(addr) => {
-                    let sink: lightrnn_worker::cluster::ReportSink = Default::default();
+                    let sink: lightrnn_worker::report::ReportSink = Default::default();
                     opts.report = Some(sink.clone());
                     let listener = handle.block_on(crate::metrics::bind(addr))?;
                     Some(handle.spawn(crate::metrics::serve(
@@ -495,9 +495,9 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
         Command::Vocab(a) => {
             let bar = std::io::stderr().is_terminal();
             let (vocab, counted) = handle.block_on(async {
-                let inputs = lightrnn_worker::corpus::expand_inputs(&a.input).await?;
+                let inputs = lightrnn_worker::data::corpus::expand_inputs(&a.input).await?;
                 let out = Location::parse(&a.out)?;
-                lightrnn_worker::corpus::build_vocab(
+                lightrnn_worker::data::corpus::build_vocab(
                     &inputs,
                     &out,
                     &a.text.options(),
@@ -511,17 +511,17 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             j["vocab_size"] = vocab.len().into();
             j["vocab_sha256"] = vocab.sha256().into();
             j["out"] = Location::parse(&a.out)?
-                .url_of(lightrnn_worker::dataset::VOCAB_FILE)
+                .url_of(lightrnn_worker::data::vocab::VOCAB_FILE)
                 .into();
             Ok(j.to_string())
         }
         Command::Shard(a) => {
             let bar = std::io::stderr().is_terminal();
             let (m, st) = handle.block_on(async {
-                let inputs = lightrnn_worker::corpus::expand_inputs(&a.input).await?;
+                let inputs = lightrnn_worker::data::corpus::expand_inputs(&a.input).await?;
                 let vocab = load_vocab(&a.vocab).await?;
                 let out = Location::parse(&a.out)?;
-                lightrnn_worker::corpus::write_shards(
+                lightrnn_worker::data::corpus::write_shards(
                     &inputs,
                     std::sync::Arc::new(vocab),
                     &out,
@@ -539,7 +539,9 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             })?;
             let mut j = serde_json::to_value(&st)?;
             j["manifest"] = Location::parse(&a.out)?
-                .url_of(&lightrnn_worker::shards::Manifest::object_name(&m.split))
+                .url_of(&lightrnn_worker::data::shards::Manifest::object_name(
+                    &m.split,
+                ))
                 .into();
             Ok(j.to_string())
         }
@@ -555,7 +557,7 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
             if let Some(m) = &a.metrics {
                 let (text, origin) = handle.block_on(async {
                     // The file itself, or a run directory holding metrics.jsonl.
-                    let (parent, name) = lightrnn_worker::eval::split_object(m)?;
+                    let (parent, name) = lightrnn_worker::data::store::split_object(m)?;
                     if name.ends_with(".jsonl") && parent.head(&name).await?.is_some() {
                         return Ok::<_, anyhow::Error>((parent.get(&name).await?, m.clone()));
                     }

@@ -6,16 +6,16 @@ use tokio::runtime::Handle;
 
 use lightrnn_kernels::{BackendKind, BackendOptions, ModelConfig, open_backend};
 use lightrnn_worker::checkpoint::Checkpoint;
-use lightrnn_worker::dataset::{Dataset, PrepareOptions};
-use lightrnn_worker::eval::split_object;
-use lightrnn_worker::npy;
-use lightrnn_worker::store::Location;
+use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_worker::data::npy;
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::data::store::split_object;
 
 use lightrnn_alloc::{Problem, SolveOptions, Solver, solve};
 
 /// Peak resident set size of this process in MiB (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
-    lightrnn_worker::bench::rss_mib().0
+    lightrnn_worker::train::bench::rss_mib().0
 }
 
 fn read_npy(path: &str, handle: &Handle) -> Result<npy::Array> {
@@ -122,7 +122,7 @@ pub fn tables(
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let max = (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64;
-    let (t, total, words) = lightrnn_worker::realloc::loss_tables(
+    let (t, total, words) = lightrnn_worker::train::realloc::loss_tables(
         &mut *be,
         &ds.train,
         cfg.batch,
@@ -214,7 +214,7 @@ pub fn export(
         "vocab": d.vocab, "rows": d.rows, "cols": d.cols, "emb": d.emb, "hidden": d.hidden,
         "layers": d.layers,
         "cell_of_word": "row[w] * cols + col[w]",
-        "eos": lightrnn_worker::text::EOS, "unk": lightrnn_worker::text::UNK,
+        "eos": lightrnn_worker::data::text::EOS, "unk": lightrnn_worker::data::text::UNK,
         "lowercase": cfg.lowercase,
         "step": ck.meta.step, "reallocations": ck.meta.reallocations,
         "checkpoint": ck.url,

@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::remote::{WorkerOptions, run_worker};
-use lightrnn_worker::store::Location;
-use lightrnn_worker::train::Summary;
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::rank::{WorkerOptions, run_worker};
+use lightrnn_worker::report::Summary;
 
 use std::sync::atomic::Ordering;
 

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lightrnn_worker::cluster::Report;
+use lightrnn_worker::report::RankReport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -22,7 +22,7 @@ pub struct RankView {
     pub step: u64,
     /// Seconds since its last heartbeat (None: no heartbeats in this process).
     pub heartbeat_age: Option<f64>,
-    pub report: Option<Report>,
+    pub report: Option<RankReport>,
 }
 
 /// Everything `/metrics` shows, taken at one instant.
@@ -241,7 +241,7 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 /// The snapshot of a single-process run from its published report.
-pub fn single_process(sink: &lightrnn_worker::cluster::ReportSink) -> Snapshot {
+pub fn single_process(sink: &lightrnn_worker::report::ReportSink) -> Snapshot {
     let report = sink.lock().ok().and_then(|r| r.clone());
     let r = report.clone().unwrap_or_default();
     Snapshot {
@@ -344,7 +344,7 @@ mod tests {
                     rank: 0,
                     step: 10,
                     heartbeat_age: Some(0.5),
-                    report: Some(Report {
+                    report: Some(RankReport {
                         loss: 1.0,
                         words_per_sec: 5.0,
                         global_words_per_sec: 10.0,

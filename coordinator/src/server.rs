@@ -47,11 +47,11 @@ use lightrnn_proto::v1::{
 };
 use lightrnn_proto::{CHUNK_BYTES, Coordinator, CoordinatorServer, MAX_MESSAGE_BYTES};
 use lightrnn_worker::checkpoint::{self, Meta};
-use lightrnn_worker::collective::share;
 use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::dataset::{Dataset, PrepareOptions};
-use lightrnn_worker::store::Location;
-use lightrnn_worker::train::Summary;
+use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::dist::collective::share;
+use lightrnn_worker::report::Summary;
 use lightrnn_worker::{Error, Result};
 
 /// Everything the coordinator hands out and enforces for one job.
@@ -176,7 +176,7 @@ struct Member {
     /// The worker's process id (with the host: which process died).
     pid: u32,
     /// Its latest figures (from heartbeats).
-    report: Option<lightrnn_worker::cluster::Report>,
+    report: Option<lightrnn_worker::report::RankReport>,
 }
 
 #[derive(Default)]

@@ -199,7 +199,7 @@ fn bad_input_fails_cleanly() {
 }
 
 fn write_npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
-    std::fs::write(path, lightrnn_worker::npy::encode_f32(shape, v)).unwrap();
+    std::fs::write(path, lightrnn_worker::data::npy::encode_f32(shape, v)).unwrap();
 }
 
 #[test]
@@ -248,7 +248,8 @@ fn allocate_reads_npy_tables_and_writes_a_permutation() {
         }
         assert!(j["cost"].as_f64().unwrap() >= j["relaxation_bound"].as_f64().unwrap());
         assert!(j["relaxation_bound"].as_f64().unwrap() >= j["lower_bound"].as_f64().unwrap());
-        let a = lightrnn_worker::npy::decode(std::fs::read(&out).unwrap().into(), "out").unwrap();
+        let a =
+            lightrnn_worker::data::npy::decode(std::fs::read(&out).unwrap().into(), "out").unwrap();
         let mut cells = a.to_i64().unwrap();
         assert_eq!(cells.len(), v);
         cells.sort();

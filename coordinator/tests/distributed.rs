@@ -343,7 +343,7 @@ fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
     use lightrnn_proto::auth::BearerToken;
     use lightrnn_proto::v1::{FailRequest, HeartbeatRequest, JoinRequest};
     use lightrnn_worker::config::TrainConfig;
-    use lightrnn_worker::store::Location;
+    use lightrnn_worker::data::store::Location;
 
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");

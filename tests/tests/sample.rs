@@ -5,8 +5,8 @@
 use lightrnn_tests::runtime;
 use lightrnn_worker::checkpoint;
 use lightrnn_worker::config::TrainConfig;
+use lightrnn_worker::data::store::Location;
 use lightrnn_worker::sample::{SampleOptions, Sampler, sample};
-use lightrnn_worker::store::Location;
 use lightrnn_worker::train::{RunOptions, train};
 
 fn trained() -> checkpoint::Checkpoint {

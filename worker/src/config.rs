@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use lightrnn_alloc::Solver;
+use lightrnn_alloc::{Carry, Solver};
 use lightrnn_kernels::Optimizer;
 
 use crate::{Error, Result};
@@ -98,7 +98,7 @@ pub struct TrainConfig {
     /// "scalable", "exact" or "greedy".
     pub realloc_solver: Solver,
     /// Vectors that follow their words: "inputs", "none" or "all" (see docs/allocation.md).
-    pub realloc_carry: String,
+    pub realloc_carry: Carry,
     /// Measure the training loss right after each move (one more pass over the data).
     pub realloc_check: bool,
     /// Nats per occurrence charged for moving a word to another row, and again to another
@@ -119,7 +119,7 @@ impl Default for TrainConfig {
             lowercase: false,
             max_line_bytes: 1 << 20,
             bad_lines: "error".into(),
-            shard_tokens: crate::shards::SHARD_TOKENS,
+            shard_tokens: crate::data::shards::SHARD_TOKENS,
             epochs: 1,
             max_steps: 0,
             batch: 20,
@@ -146,7 +146,7 @@ impl Default for TrainConfig {
             realloc_start: 0,
             realloc_rounds: 0,
             realloc_solver: Solver::Scalable,
-            realloc_carry: "inputs".into(),
+            realloc_carry: Carry::Inputs,
             realloc_check: false,
             realloc_move_cost: 0.0,
             realloc_max_table_gib: 16.0,
@@ -238,7 +238,7 @@ impl TrainConfig {
             );
         }
         self.optimizer_rule()?;
-        self.bad_lines.parse::<crate::text::BadLines>()?;
+        self.bad_lines.parse::<crate::data::text::BadLines>()?;
         if self
             .lr_schedule
             .iter()
@@ -249,7 +249,6 @@ impl TrainConfig {
                 self.lr_schedule
             ));
         }
-        self.realloc_carry.parse::<crate::realloc::Carry>()?;
         if !(self.realloc_move_cost >= 0.0 && self.realloc_move_cost.is_finite()) {
             return bad(format!(
                 "realloc_move_cost {} must be >= 0",
@@ -324,8 +323,8 @@ impl TrainConfig {
         }
     }
 
-    pub fn text_options(&self) -> crate::text::TextOptions {
-        crate::text::TextOptions {
+    pub fn text_options(&self) -> crate::data::text::TextOptions {
+        crate::data::text::TextOptions {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),

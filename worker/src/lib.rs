@@ -1,33 +1,23 @@
-//! lightrnn-worker: one rank of a LightRNN training job.
+//! lightrnn-worker: one rank of a LightRNN training job. Its modules, each using only
+//! those listed before it:
 //!
-//! - [`store`]: object-storage locations (local directories, `file://`, `memory://`);
-//! - [`text`], [`vocab`], [`shards`], [`dataset`]: text -> vocabulary -> verified u32
-//!   shards, and [`batches`], the streaming truncated-BPTT batcher;
+//! - [`data`]: object storage, text, vocabulary, shards, datasets, batches;
 //! - [`config`]: the training configuration and presets;
-//! - [`train`]: the training loop; [`checkpoint`]: safetensors checkpoints;
-//! - [`eval`] and [`bench`]: evaluation of a checkpoint and the throughput benchmark;
-//! - [`corpus`]: parallel vocabulary counting and sharding of many inputs;
-//! - [`collective`]: the `Collective` trait and a TCP ring all-reduce between processes.
+//! - [`report`]: what a run reports (metrics lines, the summary, a rank's figures);
+//! - [`checkpoint`]: the checkpoint format, its manifest and commit;
+//! - [`dist`]: collectives, the control channel to the job's owner, heartbeats, the wire;
+//! - [`train`]: the trainer, evaluation, the rank's part of reallocation, the benchmark;
+//! - [`sample`]: text generation from a checkpoint;
+//! - [`rank`]: a worker process of a distributed job (join, ring, heartbeat, train).
 
-pub mod batches;
-pub mod bench;
 pub mod checkpoint;
-pub mod cluster;
-pub mod collective;
 pub mod config;
-pub mod corpus;
-pub mod dataset;
+pub mod data;
+pub mod dist;
 mod error;
-pub mod eval;
-pub mod npy;
-pub mod realloc;
-pub mod remote;
+pub mod rank;
+pub mod report;
 pub mod sample;
-pub mod shards;
-pub mod store;
-pub mod text;
 pub mod train;
-pub mod vocab;
-pub mod zipf;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use lightrnn_kernels::rng::{Philox, PhiloxStream, Purpose};
 use lightrnn_kernels::{ModelDims, ParamLayout};
 
 use crate::checkpoint::Checkpoint;
-use crate::text::EOS;
+use crate::data::text::EOS;
 use crate::{Error, Result};
 
 /// How words are drawn.

@@ -1,13 +1,11 @@
-//! A worker process of a distributed job: it reaches the coordinator over gRPC, joins
-//! (rank, world size, config, the other ranks' collective addresses), forms the TCP ring
-//! with its peers, heartbeats on a task of its own, and runs the training loop with a
-//! [`Control`] whose every call is an RPC to the coordinator.
+//! The control channel of a worker to its coordinator over gRPC: connecting (TLS, bearer
+//! token), joining a generation, the [`Control`] whose every call is an RPC, and the
+//! heartbeat task that runs beside the training thread.
 //!
 //! Faults: a refused or failed RPC, a heartbeat that cannot get through for
-//! `3 x heartbeat` or that the coordinator answers with `abort`, and any collective error
-//! all end the training loop with an error; the worker then tells the coordinator why
-//! (`Fail`, best effort) and exits non-zero. Nothing waits forever: the ring has
-//! deadlines and the heartbeat task aborts a worker whose coordinator is gone.
+//! `3 x heartbeat` or that the coordinator answers with `abort` all end the training loop
+//! with an error (the heartbeat task breaks the ring so a blocked collective returns at
+//! once). Nothing waits forever.
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::ops::Range;
@@ -19,54 +17,27 @@ use futures::StreamExt;
 use tokio::runtime::Handle;
 use tonic::transport::Endpoint;
 
+use lightrnn_alloc::{Reallocation, Report};
 use lightrnn_kernels::LossTables;
-use lightrnn_kernels::backend::BackendKind;
 use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
-    AllocationRequest, CommitRequest, EpochDoneRequest, FailRequest, FinishRequest,
-    HeartbeatRequest, JoinReply, JoinRequest, LeaseRequest, TableChunk, TableKind,
+    AllocationRequest, CommitRequest, EpochDoneRequest, FinishRequest, HeartbeatRequest, JoinReply,
+    JoinRequest, LeaseRequest, TableChunk, TableKind,
 };
 use lightrnn_proto::{CHUNK_BYTES, CoordinatorClient, MAX_MESSAGE_BYTES};
 
+use super::control::Control;
+use super::ring::RingBreaker;
 use crate::checkpoint::Meta;
-use crate::cluster::{Control, Dist};
-use crate::collective::TcpRing;
-use crate::config::TrainConfig;
-use crate::store::Location;
-use crate::train::{RunOptions, Summary, train_rank};
+use crate::data::store::Location;
+use crate::report::{RankReport, Summary};
 use crate::{Error, Result};
-use lightrnn_alloc::{Reallocation, Report};
-
-/// How to reach the coordinator and present this worker.
-#[derive(Clone, Debug)]
-pub struct WorkerOptions {
-    /// `http://HOST:PORT` of the coordinator.
-    pub coordinator: String,
-    /// The rank to take (torchrun's RANK), or any.
-    pub rank: Option<usize>,
-    /// Host name or address the other ranks reach this worker's collective at (default:
-    /// this machine's address on the route to the coordinator).
-    pub advertise: Option<String>,
-    /// CPU threads for the backend, overriding the job's config (several workers on one
-    /// machine share its cores).
-    pub threads: Option<usize>,
-    /// How long to keep trying to reach the coordinator, and to wait for the group.
-    pub connect_timeout: Duration,
-    /// Set by this process's signal handler, or by the coordinator through heartbeats:
-    /// stop at the next step all ranks agree on, with a checkpoint.
-    pub stop: Arc<std::sync::atomic::AtomicBool>,
-    /// The coordinator's bearer token, when it requires one.
-    pub token: Option<String>,
-    /// TLS to an `https://` coordinator: the CA that signed its certificate and, for
-    /// mutual TLS, this worker's identity.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
-}
 
 fn status(what: &str, s: tonic::Status) -> Error {
     Error::Control(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
-async fn connect(
+pub async fn connect(
     url: &str,
     timeout: Duration,
     token: Option<&str>,
@@ -115,7 +86,7 @@ async fn connect(
 }
 
 /// The address this machine uses to reach `url`'s host (no packet is sent).
-fn route_to(url: &str) -> Result<std::net::IpAddr> {
+pub fn route_to(url: &str) -> Result<std::net::IpAddr> {
     let u = url::Url::parse(url).map_err(|e| Error::Config(format!("{url:?}: {e}")))?;
     let host = u.host_str().unwrap_or("127.0.0.1");
     let port = u.port_or_known_default().unwrap_or(80);
@@ -139,7 +110,7 @@ fn route_to(url: &str) -> Result<std::net::IpAddr> {
 
 /// What the heartbeat task and the training thread share.
 #[derive(Default)]
-struct Shared {
+pub struct Shared {
     step: AtomicU64,
     epoch: AtomicU64,
     cursor: AtomicU64,
@@ -147,12 +118,23 @@ struct Shared {
     abort: Mutex<Option<String>>,
     /// Shuts the ring down when the job ends under us, so a collective blocked on a
     /// stalled peer returns at once.
-    breaker: Mutex<Option<crate::collective::RingBreaker>>,
+    breaker: Mutex<Option<RingBreaker>>,
     /// The training thread's latest figures, sent with the next heartbeat.
-    report: Mutex<Option<crate::cluster::Report>>,
+    report: Mutex<Option<RankReport>>,
 }
 
 impl Shared {
+    /// Install the ring's breaker; a job ended while the ring was being built breaks it
+    /// at once.
+    pub fn set_breaker(&self, b: RingBreaker) {
+        if let Ok(mut slot) = self.breaker.lock() {
+            if self.aborted().is_some() {
+                b.break_ring();
+            }
+            *slot = Some(b);
+        }
+    }
+
     fn set_abort(&self, why: String) {
         if let Ok(mut a) = self.abort.lock()
             && a.is_none()
@@ -166,7 +148,8 @@ impl Shared {
             }
         }
     }
-    fn aborted(&self) -> Option<String> {
+    /// Why the job was ended under this worker, if it was.
+    pub fn aborted(&self) -> Option<String> {
         self.abort.lock().ok().and_then(|a| a.clone())
     }
 }
@@ -182,6 +165,24 @@ pub struct RemoteControl {
 }
 
 impl RemoteControl {
+    /// The control of rank `rank` in `generation`, sharing `shared` with its heartbeat.
+    pub fn new(
+        client: Client,
+        handle: Handle,
+        generation: u64,
+        rank: u32,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            client,
+            handle,
+            generation,
+            rank,
+            shared,
+            rpc_seconds: 0.0,
+        }
+    }
+
     /// Run one RPC on the runtime from the training thread, timing it.
     fn call<T, F>(&mut self, f: impl FnOnce(Client) -> F) -> Result<T>
     where
@@ -411,7 +412,7 @@ impl Control for RemoteControl {
         self.rpc_seconds
     }
 
-    fn report(&mut self, report: &crate::cluster::Report) {
+    fn report(&mut self, report: &RankReport) {
         if let Ok(mut r) = self.shared.report.lock() {
             *r = Some(report.clone());
         }
@@ -420,7 +421,7 @@ impl Control for RemoteControl {
 
 /// Heartbeats every `every` until the training ends (the task is aborted) or the
 /// coordinator ends the job or stays unreachable for 3 intervals.
-async fn heartbeat(
+pub async fn heartbeat(
     mut client: Client,
     generation: u64,
     rank: u32,
@@ -477,69 +478,25 @@ async fn heartbeat(
     }
 }
 
-/// Join the job at `opts.coordinator`, train as the rank it assigns, and return the
-/// run's summary (the same on every rank). Blocking; call it from a thread that may block.
-pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
-    let mut client = handle.block_on(connect(
-        &opts.coordinator,
-        opts.connect_timeout,
-        opts.token.as_deref(),
-        opts.tls.as_ref(),
-    ))?;
-    let ip = route_to(&opts.coordinator)?;
-    let mut rank = opts.rank;
-    // A lost peer ends a generation; the coordinator re-forms the group (or gives up,
-    // and then refuses the next join). Bounded in case it keeps re-forming.
-    for attempt in 1..=100u32 {
-        match generation(&mut client, opts, ip, &mut rank, handle) {
-            Ok(s) => return Ok(s),
-            Err((e, true)) if e.retryable() => {
-                tracing::warn!(attempt, error = %e, "the group broke: joining again");
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
-    Err(Error::Control(
-        "the group re-formed 100 times without finishing".into(),
-    ))
-}
-
-/// Join one generation of the job and train in it. The error says whether the worker
-/// had joined (a broken generation, worth rejoining) or not (refused).
-fn generation(
+/// Join the job's current generation with this worker's collective address `advertised`
+/// (as rank `rank` when given); waits up to `wait` for the group to form. A refusal says
+/// what to check (TLS, token, version).
+pub fn join(
     client: &mut Client,
-    opts: &WorkerOptions,
-    ip: std::net::IpAddr,
-    rank_hint: &mut Option<usize>,
+    coordinator: &str,
+    advertised: &str,
+    rank: Option<usize>,
+    wait: Duration,
     handle: &Handle,
-) -> std::result::Result<Summary, (Error, bool)> {
-    let refused = |e: Error| (e, false);
-    // With an advertised name the address peers use may be another interface (or NAT):
-    // listen on all of them.
-    let bind_ip = match (&opts.advertise, ip) {
-        (None, ip) => ip,
-        (Some(_), std::net::IpAddr::V4(_)) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        (Some(_), std::net::IpAddr::V6(_)) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let listener = TcpRing::bind(SocketAddr::new(bind_ip, 0)).map_err(refused)?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| refused(Error::Io(format!("collective listener: {e}"))))?
-        .port();
-    let advertised = match &opts.advertise {
-        Some(h) => format!("{h}:{port}"),
-        None => SocketAddr::new(ip, port).to_string(),
-    };
+) -> Result<JoinReply> {
     let join = JoinRequest {
-        rank: rank_hint.map_or(-1, |r| r as i64),
-        collective_addr: advertised.clone(),
+        rank: rank.map_or(-1, |r| r as i64),
+        collective_addr: advertised.to_string(),
         host: std::env::var("HOSTNAME").unwrap_or_default(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let wait = opts.connect_timeout;
-    let reply: JoinReply = handle
-        .block_on(async {
+    handle.block_on(async {
             let deadline = Instant::now() + wait;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -564,7 +521,7 @@ fn generation(
                             | tonic::Code::Internal
                             | tonic::Code::Unavailable
                             | tonic::Code::Cancelled => {
-                                if opts.coordinator.starts_with("https://") {
+                                if coordinator.starts_with("https://") {
                                     "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
                                 } else {
                                     "; if the coordinator serves TLS, use https:// and --tls-ca"
@@ -581,105 +538,4 @@ fn generation(
                 }
             }
         })
-        .map_err(refused)?;
-    // A survivor keeps its rank in the next generation.
-    *rank_hint = Some(reply.rank as usize);
-    let (rank, world, generation) = (
-        reply.rank as usize,
-        reply.world_size as usize,
-        reply.generation,
-    );
-    let span = tracing::info_span!("worker", rank, generation, run = %reply.run_id);
-    let _g = span.enter();
-    tracing::info!(world, collective = %advertised, restart = reply.restart, resume_from = %reply.checkpoint, "joined");
-    let peers: Vec<SocketAddr> = reply
-        .peers
-        .iter()
-        .map(|p| {
-            p.to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| Error::Config(format!("peer address {p:?} does not resolve")))
-        })
-        .collect::<Result<_>>()
-        .map_err(refused)?;
-    let shared = Arc::new(Shared::default());
-    let hb = handle.spawn(heartbeat(
-        client.clone(),
-        generation,
-        reply.rank,
-        Duration::from_millis(reply.heartbeat_ms.max(10)),
-        shared.clone(),
-        opts.stop.clone(),
-    ));
-    let result = (|| {
-        let ring = TcpRing::connect(
-            rank,
-            &peers,
-            listener,
-            Duration::from_millis(reply.collective_timeout_ms.max(100)),
-        )?;
-        if let Ok(mut b) = shared.breaker.lock() {
-            *b = Some(ring.breaker()?);
-        }
-        if shared.aborted().is_some() {
-            // Ended while the ring was being built.
-            if let Ok(b) = shared.breaker.lock()
-                && let Some(b) = b.as_ref()
-            {
-                b.break_ring();
-            }
-        }
-        let mut cfg = TrainConfig::from_toml(&reply.config_toml, "the coordinator's config")?;
-        if let Some(t) = opts.threads {
-            cfg.threads = t;
-        }
-        let run = RunOptions {
-            data: Location::parse(&reply.data)?,
-            out: Location::parse(&reply.out)?,
-            // A re-formed group continues the run in place (from the checkpoint, or
-            // from the start when none was committed).
-            resume: reply.restart,
-            checkpoint: if reply.checkpoint.is_empty() {
-                None
-            } else {
-                Some(Location::parse(&reply.checkpoint)?)
-            },
-            backend: reply.backend.parse::<BackendKind>()?,
-            progress: false,
-            stop: Some(opts.stop.clone()),
-            report: None,
-        };
-        let mut dist = Dist {
-            collective: Box::new(ring),
-            control: Box::new(RemoteControl {
-                client: client.clone(),
-                handle: handle.clone(),
-                generation,
-                rank: reply.rank,
-                shared: shared.clone(),
-                rpc_seconds: 0.0,
-            }),
-        };
-        train_rank(&cfg, &run, handle, &mut dist)
-    })();
-    hb.abort();
-    if let Err(e) = &result {
-        // Prefer the coordinator's reason when the job was ended under us.
-        let msg = match shared.aborted() {
-            Some(why) if matches!(e, Error::Io(_)) => format!("{why} (then: {e})"),
-            _ => e.to_string(),
-        };
-        tracing::error!(error = %msg, "training failed");
-        let req = FailRequest {
-            generation,
-            rank: reply.rank,
-            error: msg,
-            retryable: e.retryable(),
-        };
-        let _ = handle.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await
-        });
-    }
-    result.map_err(|e| (e, true))
 }

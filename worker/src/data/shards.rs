@@ -9,8 +9,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::Location;
-use crate::vocab::{Vocab, hex};
+use super::store::Location;
+use super::vocab::{Vocab, hex};
 use crate::{Error, Result};
 
 pub const MANIFEST_FORMAT: &str = "lightrnn.shards";
@@ -31,7 +31,7 @@ pub struct Source {
     pub lines: u64,
     /// Lines left out (`bad_lines = "skip"`), by reason.
     #[serde(default)]
-    pub skipped: crate::text::Skipped,
+    pub skipped: super::text::Skipped,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use lightrnn_kernels::{
 
 use crate::Result;
 use crate::config::TrainConfig;
-use crate::zipf::Zipf;
+use crate::data::zipf::Zipf;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {

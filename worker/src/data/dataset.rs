@@ -9,15 +9,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{Input, count_words, write_shards};
-use crate::shards::{Manifest, SplitReader};
-use crate::store::Location;
-use crate::text::TextOptions;
-use crate::vocab::Vocab;
+use super::corpus::{Input, count_words, write_shards};
+use super::shards::{Manifest, SplitReader};
+use super::store::Location;
+use super::text::TextOptions;
+use super::vocab::VOCAB_FILE;
+use super::vocab::Vocab;
 use crate::{Error, Result};
 
 pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
-pub const VOCAB_FILE: &str = "vocab.txt";
 
 /// How text becomes shards.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,7 +133,7 @@ async fn cached_matches(
 }
 
 /// Count words, build the vocabulary, write shards and manifests (manifests last), with
-/// the inputs of each split read in parallel ([`crate::corpus`]).
+/// the inputs of each split read in parallel ([`super::corpus`]).
 async fn prepare(
     data: &Location,
     sources: &SplitSources,

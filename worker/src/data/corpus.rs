@@ -16,11 +16,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::dataset::VOCAB_FILE;
-use crate::shards::{Manifest, ShardWriter, Source};
-use crate::store::Location;
-use crate::text::{EOS, LineReader, Skipped, TextOptions};
-use crate::vocab::Vocab;
+use super::shards::{Manifest, ShardWriter, Source};
+use super::store::Location;
+use super::text::{EOS, LineReader, Skipped, TextOptions};
+use super::vocab::VOCAB_FILE;
+use super::vocab::Vocab;
 use crate::{Error, Result};
 
 /// One text object to read.
@@ -379,7 +379,7 @@ pub async fn write_shards(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shards::SplitReader;
+    use crate::data::shards::SplitReader;
 
     async fn put(loc: &Location, name: &str, text: &str) {
         loc.put(name, Bytes::from(text.to_string())).await.unwrap();
@@ -477,7 +477,7 @@ mod tests {
             .await
             .unwrap();
         let opts = TextOptions {
-            bad_lines: crate::text::BadLines::Skip,
+            bad_lines: crate::data::text::BadLines::Skip,
             ..Default::default()
         };
         let out = Location::parse("memory://corpus-tests/skip-out").unwrap();

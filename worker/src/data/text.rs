@@ -13,7 +13,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::store::Location;
+use super::store::Location;
 use crate::{Error, Result};
 
 /// End of a line (counted as a word, as in PTB perplexities).

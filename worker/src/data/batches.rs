@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use crate::shards::SplitReader;
+use super::shards::SplitReader;
 use crate::{Error, Result};
 
 /// Concurrent range reads per fetch.
@@ -237,9 +237,9 @@ impl Drop for Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shards::ShardWriter;
-    use crate::store::Location;
-    use crate::vocab::Vocab;
+    use crate::data::shards::ShardWriter;
+    use crate::data::store::Location;
+    use crate::data::vocab::Vocab;
     use std::collections::HashMap;
 
     fn setup(total: u32) -> (Arc<SplitReader>, Vec<u32>, tokio::runtime::Runtime) {

@@ -8,8 +8,11 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::text::{EOS, UNK};
+use super::text::{EOS, UNK};
 use crate::{Error, Result};
+
+/// Name of the vocabulary object beside a dataset's shards and in checkpoints.
+pub const VOCAB_FILE: &str = "vocab.txt";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Vocab {

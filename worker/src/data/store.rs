@@ -425,6 +425,16 @@ fn file_chunks(
     .boxed()
 }
 
+/// Split "dir/name" (a path or URL) into its location and object name.
+pub fn split_object(s: &str) -> Result<(Location, String)> {
+    let (dir, name) = s.rsplit_once('/').unwrap_or((".", s));
+    if name.is_empty() {
+        return Err(Error::Config(format!("{s}: names a directory, not a file")));
+    }
+    let dir = if dir.is_empty() { "/" } else { dir };
+    Ok((Location::parse(dir)?, name.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,55 @@
+//! The manifest of a checkpoint (`meta.json`): everything besides tensors that a run
+//! needs to continue exactly, and the size and SHA-256 of every other object. Written
+//! last: a directory without one is not a checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+use lightrnn_kernels::{ModelDims, Optimizer};
+
+use crate::config::TrainConfig;
+use crate::report::EpochRecord;
+
+pub const FORMAT: &str = "lightrnn.checkpoint";
+pub const META: &str = "meta.json";
+
+/// One object of a checkpoint as its manifest lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Everything besides tensors that a run needs to continue exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    /// Updates applied so far.
+    pub step: u64,
+    /// Epoch in progress (0-based).
+    pub epoch: u64,
+    /// Position inside every training stream where the epoch continues.
+    pub cursor: u64,
+    pub config: TrainConfig,
+    pub dims: ModelDims,
+    pub vocab_size: usize,
+    pub vocab_sha256: String,
+    /// Dropout masks are Philox draws keyed by (seed, step, site): the seed and the
+    /// step are the whole RNG state.
+    pub rng_seed: u64,
+    pub optimizer: Option<Optimizer>,
+    pub optimizer_updates: u64,
+    pub lr: f64,
+    pub best_valid_loss: Option<f64>,
+    /// Running training loss of the epoch in progress.
+    pub epoch_loss_sum: f64,
+    pub epoch_words: u64,
+    /// Training seconds so far (all sessions).
+    pub seconds: f64,
+    pub history: Vec<EpochRecord>,
+    /// Word reallocations so far.
+    #[serde(default)]
+    pub reallocations: u64,
+    pub files: Vec<FileEntry>,
+}

@@ -1,0 +1,21 @@
+//! The data pipeline of a rank, from object storage to batches; nothing here knows the
+//! model. In dependency order:
+//!
+//! - [`store`]: object-storage locations (local directories, `file://`, `memory://`,
+//!   `s3://`, `gs://`, `az://`);
+//! - [`text`]: hostile-input-safe line reading; [`vocab`]: the vocabulary and its file;
+//! - [`shards`]: verified u32 token shards and their manifests;
+//! - [`corpus`]: many inputs counted and sharded in parallel (`vocab`, `shard`);
+//! - [`dataset`]: a training corpus (vocabulary + train/valid/test), prepared once;
+//! - [`batches`]: the streaming truncated-BPTT batcher;
+//! - [`npy`]: NumPy `.npy` tables; [`zipf`]: the synthetic corpus of the benchmark.
+
+pub mod batches;
+pub mod corpus;
+pub mod dataset;
+pub mod npy;
+pub mod shards;
+pub mod store;
+pub mod text;
+pub mod vocab;
+pub mod zipf;

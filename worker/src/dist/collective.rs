@@ -1,0 +1,120 @@
+//! Collectives between the ranks of a data-parallel job: the [`Collective`] trait the
+//! training loop sums its gradients (through the backend's [`GradReduce`] side), loss
+//! sums and checkpoint states through, [`Single`] for a job of one rank, and [`share`],
+//! how a batch's streams are split over the ranks. The TCP ring between processes is in
+//! [`super::ring`].
+
+use lightrnn_kernels::{GradReduce, GradsMut};
+
+use crate::Result;
+
+/// What data-parallel training needs from its ranks. A backend reduces its gradient
+/// buffer through the [`GradReduce`] side, wherever that buffer lies.
+pub trait Collective: GradReduce + Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over the ranks, in place; every rank gets the same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Rank `root`'s buffer, copied to every rank.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()> {
+        let mut x = [0.0f32];
+        self.all_reduce_sum(&mut x)
+    }
+    /// Element-wise f64 sum (loss sums, word counts): every rank's values are broadcast
+    /// bit-exactly and summed in rank order, so all ranks get the same bits. Meant for
+    /// short vectors (one broadcast per rank).
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let mut total = vec![0f64; buf.len()];
+        let mut bits = vec![0f32; 2 * buf.len()];
+        for root in 0..self.world() {
+            if root == self.rank() {
+                for (k, x) in buf.iter().enumerate() {
+                    let u = x.to_bits();
+                    bits[2 * k] = f32::from_bits(u as u32);
+                    bits[2 * k + 1] = f32::from_bits((u >> 32) as u32);
+                }
+            }
+            self.broadcast(&mut bits, root)?;
+            for (k, t) in total.iter_mut().enumerate() {
+                let u = bits[2 * k].to_bits() as u64 | ((bits[2 * k + 1].to_bits() as u64) << 32);
+                *t += f64::from_bits(u);
+            }
+        }
+        buf.copy_from_slice(&total);
+        Ok(())
+    }
+}
+
+/// Rank `rank`'s share of `n` items (streams of a batch) split over `world` ranks as
+/// evenly as possible: the first `n % world` ranks take one more.
+pub fn share(n: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (n / world.max(1), n % world.max(1));
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+/// The gradient all-reduce of a collective that sums host memory: a device buffer needs a
+/// device collective (NCCL) instead.
+pub(super) fn reduce_host(
+    coll: &mut dyn Collective,
+    grads: GradsMut<'_>,
+) -> lightrnn_kernels::Result<()> {
+    match grads {
+        GradsMut::Host(buf) => coll
+            .all_reduce_sum(buf)
+            .map_err(|e| lightrnn_kernels::Error::Collective(e.to_string())),
+        GradsMut::Device(_) => Err(lightrnn_kernels::Error::Config(format!(
+            "rank {} of {}: this collective sums host memory; a CUDA backend's gradients are reduced on the device (NCCL)",
+            coll.rank(),
+            coll.world()
+        ))),
+    }
+}
+
+/// A job of one rank: every collective is the identity.
+pub struct Single;
+
+impl GradReduce for Single {
+    fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+        reduce_host(self, grads)
+    }
+}
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_every_item_once() {
+        for (n, w) in [(20, 2), (10, 3), (5, 5), (7, 4)] {
+            let mut next = 0;
+            for r in 0..w {
+                let s = share(n, w, r);
+                assert_eq!(s.start, next);
+                assert!(s.len() == n / w || s.len() == n / w + 1);
+                next = s.end;
+            }
+            assert_eq!(next, n);
+        }
+    }
+}

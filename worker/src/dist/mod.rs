@@ -1,0 +1,17 @@
+//! How a rank takes part in a job, below the training loop:
+//!
+//! - [`collective`]: the [`collective::Collective`] trait, the one-rank identity and how
+//!   a batch's streams are shared out; [`ring`]: the TCP ring of CPU workers;
+//! - [`state`]: the carried LSTM state of checkpoints gathered across ranks, and the
+//!   parameter checksum;
+//! - [`control`]: the [`control::Control`] channel to the job's owner and [`control::Dist`],
+//!   a rank's collective and control together (in-process for a single-process run);
+//! - [`remote`]: the control channel over gRPC to a coordinator, with its heartbeats;
+//! - [`wire`]: conversions between the wire's messages and the domain types.
+
+pub mod collective;
+pub mod control;
+pub mod remote;
+pub mod ring;
+pub mod state;
+pub mod wire;

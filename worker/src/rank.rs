@@ -1,0 +1,220 @@
+//! A worker process of a distributed job: it reaches the coordinator over gRPC, joins
+//! (rank, world size, config, the other ranks' collective addresses), forms the TCP ring
+//! with its peers, heartbeats on a task of its own, and runs the training loop with the
+//! coordinator as the job's owner ([`crate::dist::remote`]).
+//!
+//! Faults: any error of the training loop ends the generation for this worker; it tells
+//! the coordinator why (`Fail`, best effort, saying whether retrying may help) and joins
+//! the next generation when the coordinator re-forms the group, or exits non-zero.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use lightrnn_kernels::BackendKind;
+use lightrnn_proto::auth::Client;
+use lightrnn_proto::v1::{FailRequest, JoinReply};
+
+use crate::config::TrainConfig;
+use crate::data::store::Location;
+use crate::dist::control::Dist;
+use crate::dist::remote::{RemoteControl, Shared, connect, heartbeat, join, route_to};
+use crate::dist::ring::TcpRing;
+use crate::report::Summary;
+use crate::train::{RunOptions, train_rank};
+use crate::{Error, Result};
+
+/// How to reach the coordinator and present this worker.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// `http://HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    /// The rank to take (torchrun's RANK), or any.
+    pub rank: Option<usize>,
+    /// Host name or address the other ranks reach this worker's collective at (default:
+    /// this machine's address on the route to the coordinator).
+    pub advertise: Option<String>,
+    /// CPU threads for the backend, overriding the job's config (several workers on one
+    /// machine share its cores).
+    pub threads: Option<usize>,
+    /// How long to keep trying to reach the coordinator, and to wait for the group.
+    pub connect_timeout: Duration,
+    /// Set by this process's signal handler, or by the coordinator through heartbeats:
+    /// stop at the next step all ranks agree on, with a checkpoint.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The coordinator's bearer token, when it requires one.
+    pub token: Option<String>,
+    /// TLS to an `https://` coordinator: the CA that signed its certificate and, for
+    /// mutual TLS, this worker's identity.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// Join the job at `opts.coordinator`, train as the rank it assigns, and return the
+/// run's summary (the same on every rank). Blocking; call it from a thread that may block.
+pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
+    let mut client = handle.block_on(connect(
+        &opts.coordinator,
+        opts.connect_timeout,
+        opts.token.as_deref(),
+        opts.tls.as_ref(),
+    ))?;
+    let ip = route_to(&opts.coordinator)?;
+    let mut rank = opts.rank;
+    // A lost peer ends a generation; the coordinator re-forms the group (or gives up,
+    // and then refuses the next join). Bounded in case it keeps re-forming.
+    for attempt in 1..=100u32 {
+        match generation(&mut client, opts, ip, &mut rank, handle) {
+            Ok(s) => return Ok(s),
+            Err((e, true)) if e.retryable() => {
+                tracing::warn!(attempt, error = %e, "the group broke: joining again");
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Err(Error::Control(
+        "the group re-formed 100 times without finishing".into(),
+    ))
+}
+
+/// Join one generation of the job and train in it. The error says whether the worker
+/// had joined (a broken generation, worth rejoining) or not (refused).
+fn generation(
+    client: &mut Client,
+    opts: &WorkerOptions,
+    ip: std::net::IpAddr,
+    rank_hint: &mut Option<usize>,
+    handle: &Handle,
+) -> std::result::Result<Summary, (Error, bool)> {
+    let refused = |e: Error| (e, false);
+    let (listener, advertised) = listen(opts, ip).map_err(refused)?;
+    let reply = join(
+        client,
+        &opts.coordinator,
+        &advertised,
+        *rank_hint,
+        opts.connect_timeout,
+        handle,
+    )
+    .map_err(refused)?;
+    // A survivor keeps its rank in the next generation.
+    *rank_hint = Some(reply.rank as usize);
+    let (rank, generation) = (reply.rank as usize, reply.generation);
+    let span = tracing::info_span!("worker", rank, generation, run = %reply.run_id);
+    let _g = span.enter();
+    tracing::info!(world = reply.world_size, collective = %advertised, restart = reply.restart, resume_from = %reply.checkpoint, "joined");
+    let peers = resolve_peers(&reply.peers).map_err(refused)?;
+    let shared = Arc::new(Shared::default());
+    let hb = handle.spawn(heartbeat(
+        client.clone(),
+        generation,
+        reply.rank,
+        Duration::from_millis(reply.heartbeat_ms.max(10)),
+        shared.clone(),
+        opts.stop.clone(),
+    ));
+    let result = train_in_group(client, opts, &reply, &peers, listener, &shared, handle);
+    hb.abort();
+    if let Err(e) = &result {
+        // Prefer the coordinator's reason when the job was ended under us.
+        let msg = match shared.aborted() {
+            Some(why) if matches!(e, Error::Io(_)) => format!("{why} (then: {e})"),
+            _ => e.to_string(),
+        };
+        tracing::error!(error = %msg, "training failed");
+        let req = FailRequest {
+            generation,
+            rank: reply.rank,
+            error: msg,
+            retryable: e.retryable(),
+        };
+        let _ = handle.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await
+        });
+    }
+    result.map_err(|e| (e, true))
+}
+
+/// The collective's listener and the address the other ranks reach it at.
+fn listen(opts: &WorkerOptions, ip: std::net::IpAddr) -> Result<(TcpListener, String)> {
+    // With an advertised name the address peers use may be another interface (or NAT):
+    // listen on all of them.
+    let bind_ip = match (&opts.advertise, ip) {
+        (None, ip) => ip,
+        (Some(_), std::net::IpAddr::V4(_)) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        (Some(_), std::net::IpAddr::V6(_)) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let listener = TcpRing::bind(SocketAddr::new(bind_ip, 0))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::Io(format!("collective listener: {e}")))?
+        .port();
+    let advertised = match &opts.advertise {
+        Some(h) => format!("{h}:{port}"),
+        None => SocketAddr::new(ip, port).to_string(),
+    };
+    Ok((listener, advertised))
+}
+
+fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>> {
+    peers
+        .iter()
+        .map(|p| {
+            p.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| Error::Config(format!("peer address {p:?} does not resolve")))
+        })
+        .collect()
+}
+
+/// Form the ring with the generation's peers and run the training loop in it.
+fn train_in_group(
+    client: &Client,
+    opts: &WorkerOptions,
+    reply: &JoinReply,
+    peers: &[SocketAddr],
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    handle: &Handle,
+) -> Result<Summary> {
+    let ring = TcpRing::connect(
+        reply.rank as usize,
+        peers,
+        listener,
+        Duration::from_millis(reply.collective_timeout_ms.max(100)),
+    )?;
+    shared.set_breaker(ring.breaker()?);
+    let mut cfg = TrainConfig::from_toml(&reply.config_toml, "the coordinator's config")?;
+    if let Some(t) = opts.threads {
+        cfg.threads = t;
+    }
+    let run = RunOptions {
+        data: Location::parse(&reply.data)?,
+        out: Location::parse(&reply.out)?,
+        // A re-formed group continues the run in place (from the checkpoint, or from the
+        // start when none was committed).
+        resume: reply.restart,
+        checkpoint: if reply.checkpoint.is_empty() {
+            None
+        } else {
+            Some(Location::parse(&reply.checkpoint)?)
+        },
+        backend: reply.backend.parse::<BackendKind>()?,
+        progress: false,
+        stop: Some(opts.stop.clone()),
+        report: None,
+    };
+    let mut dist = Dist {
+        collective: Box::new(ring),
+        control: Box::new(RemoteControl::new(
+            client.clone(),
+            handle.clone(),
+            reply.generation,
+            reply.rank,
+            shared.clone(),
+        )),
+    };
+    train_rank(&cfg, &run, handle, &mut dist)
+}

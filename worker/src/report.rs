@@ -1,0 +1,239 @@
+//! What a run reports, as types every side shares: the lines of `metrics.jsonl`
+//! ([`MetricsLine`], written by the trainer, read by `lightrnn plot`), the end-of-run
+//! [`Summary`] (`summary.json`, the last stdout line, the coordinator's outcome), the
+//! [`EpochRecord`]s of its history (also in every checkpoint), and a rank's
+//! [`RankReport`] (heartbeats, `/metrics`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+
+/// Validation result of one epoch (kept for the summary).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub step: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub valid_loss: f64,
+    pub valid_ppl: f64,
+    pub seconds: f64,
+}
+
+/// Why a run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoppedBy {
+    /// Every epoch of the config ran.
+    Epochs,
+    /// The step budget (`max_steps`) was reached.
+    MaxSteps,
+    /// A stop was requested (SIGTERM, SIGINT, SIGUSR1, or the coordinator's).
+    Signal,
+}
+
+/// The end-of-run report (`summary.json` and the final stdout line). Figures a run did
+/// not measure (a stop by signal skips evaluation) are NaN, written as `null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    #[serde(deserialize_with = "nan_if_null")]
+    pub train_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub train_ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub valid_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub valid_ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub test_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub test_ppl: f64,
+    /// Training words per second of this session (evaluation and checkpoints excluded).
+    pub words_per_sec: f64,
+    pub params: usize,
+    /// Wall-clock seconds of this session.
+    pub seconds: f64,
+    /// Training seconds over all sessions of the run.
+    pub train_seconds: f64,
+    pub steps: u64,
+    pub epochs_completed: u64,
+    pub stopped_by: StoppedBy,
+    pub vocab_size: usize,
+    pub backend: String,
+    /// Ranks that trained (data-parallel).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Seconds rank 0's training thread spent in calls to the coordinator (0 when it ran
+    /// alone).
+    #[serde(default)]
+    pub control_seconds: f64,
+    pub config: TrainConfig,
+    pub history: Vec<EpochRecord>,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One line of `metrics.jsonl`, tagged by `kind`. Lines of kinds this version does not
+/// know read as [`MetricsLine::Other`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricsLine {
+    /// A logging window of training steps.
+    Train(TrainLine),
+    /// Validation after an epoch (or at a stop inside one).
+    Valid(ValidLine),
+    /// The test evaluation at the end of the run.
+    Test(TestLine),
+    /// A word reallocation.
+    Realloc(ReallocLine),
+    #[serde(other)]
+    Other,
+}
+
+impl MetricsLine {
+    /// The step the line was written at (None for unknown kinds).
+    pub fn step(&self) -> Option<u64> {
+        match self {
+            Self::Train(l) => Some(l.step),
+            Self::Valid(l) => Some(l.step),
+            Self::Test(l) => Some(l.step),
+            Self::Realloc(l) => Some(l.step),
+            Self::Other => None,
+        }
+    }
+}
+
+/// Loss per word `loss` as a perplexity.
+pub fn ppl(loss: f64) -> f64 {
+    loss.exp()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainLine {
+    pub step: u64,
+    /// 1-based epoch in progress.
+    pub epoch: u64,
+    /// Mean training loss per word of the window, over all ranks.
+    pub loss: f64,
+    pub ppl: f64,
+    /// Words per second of the whole job over the window.
+    pub words_per_sec: f64,
+    pub lr: f64,
+    /// Gradient norm of the window's last step (before clipping).
+    pub grad_norm: f64,
+    /// Training seconds of the run so far.
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValidLine {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub ppl: f64,
+    /// Mean training loss per word of the epoch.
+    pub train_loss: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    /// Measured at a stop inside an epoch (not an epoch's end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial_epoch: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TestLine {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub ppl: f64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReallocLine {
+    pub step: u64,
+    /// The epoch after which the words moved (1-based).
+    pub epoch: u64,
+    /// Reallocation round (1, 2, ...).
+    pub round: u64,
+    #[serde(flatten)]
+    pub report: lightrnn_alloc::Report,
+}
+
+/// Where a rank is and how fast it goes: what the job's metrics (`/metrics`) show.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RankReport {
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u64,
+    /// Training loss (nats per word) of the last logging window, over all ranks.
+    pub loss: f64,
+    /// Words per second of this rank over the last logging window.
+    pub words_per_sec: f64,
+    /// Words per second of the whole job over the last logging window.
+    pub global_words_per_sec: f64,
+    /// Validation perplexity after the last epoch (0: none yet).
+    pub valid_ppl: f64,
+    pub lr: f64,
+    /// The last checkpoint this rank saw committed: its step, the seconds it took
+    /// (state gathering, writing, commit) and its bytes (rank 0 knows them).
+    pub checkpoint_step: u64,
+    pub checkpoint_seconds: f64,
+    pub checkpoint_bytes: u64,
+    /// Checkpoints committed in this session.
+    pub checkpoints: u64,
+}
+
+/// Where a single-process run publishes its [`RankReport`] (for a metrics endpoint).
+pub type ReportSink = std::sync::Arc<std::sync::Mutex<Option<RankReport>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_lines_round_trip_and_unknown_kinds_are_kept_apart() {
+        let lines = [
+            MetricsLine::Train(TrainLine {
+                step: 10,
+                epoch: 1,
+                loss: 5.0,
+                ppl: ppl(5.0),
+                words_per_sec: 1e4,
+                lr: 20.0,
+                grad_norm: 0.5,
+                seconds: 1.5,
+            }),
+            MetricsLine::Valid(ValidLine {
+                step: 10,
+                epoch: 1,
+                loss: 5.1,
+                ppl: ppl(5.1),
+                train_loss: 5.0,
+                lr: 20.0,
+                seconds: 1.5,
+                partial_epoch: true,
+            }),
+        ];
+        for l in &lines {
+            let text = serde_json::to_value(l).unwrap().to_string();
+            let back: MetricsLine = serde_json::from_str(&text).unwrap();
+            assert_eq!(&back, l);
+        }
+        // The tag comes with the other keys, sorted, as metrics.jsonl has always had it.
+        let text = serde_json::to_value(&lines[0]).unwrap().to_string();
+        assert!(
+            text.starts_with(r#"{"epoch":1,"grad_norm":0.5,"kind":"train""#),
+            "{text}"
+        );
+        let other: MetricsLine = serde_json::from_str(r#"{"kind":"future","step":3}"#).unwrap();
+        assert_eq!((other.clone(), other.step()), (MetricsLine::Other, None));
+        assert!(serde_json::from_str::<MetricsLine>(r#"{"kind":"train","step":3}"#).is_err());
+    }
+}

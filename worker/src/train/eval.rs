@@ -1,0 +1,100 @@
+//! Evaluation: the mean loss per word of a split (validation and test in training, the
+//! loss after a reallocation) over the ranks of a job, and `lightrnn eval`, the
+//! perplexity of a checkpoint on a text file.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use lightrnn_kernels::{
+    Backend, BackendKind, BackendOptions, Batch, ModelConfig, Stream, open_backend,
+};
+
+use crate::checkpoint::Checkpoint;
+use crate::data::batches::Batches;
+use crate::data::shards::SplitReader;
+use crate::data::store::split_object;
+use crate::data::text::LineReader;
+use crate::dist::collective::{Collective, Single, share};
+use crate::{Error, Result};
+
+/// Mean loss per word over a split (fresh state, no dropout), in `eval_batch` streams
+/// shared out over the ranks of `coll`; every rank gets the same result.
+pub fn evaluate(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    eval_batch: usize,
+    bptt: usize,
+    handle: &Handle,
+    coll: &mut dyn Collective,
+) -> Result<(f64, u64)> {
+    backend.reset_state(Stream::Eval);
+    let mine = share(eval_batch, coll.world(), coll.rank());
+    let b = mine.len();
+    let mut batches = Batches::streams(split.clone(), handle.clone(), eval_batch, mine, bptt, 0)?;
+    let mut buf = Vec::new();
+    let (mut total, mut words) = (0.0, 0u64);
+    while let Some(t) = batches.next_batch(&mut buf)? {
+        let batch = Batch {
+            inputs: &buf[..t * b],
+            targets: &buf[b..],
+            steps: t,
+            batch: b,
+            stream: Stream::Eval,
+        };
+        let l = backend.eval_batch(&batch)?;
+        total += l.total();
+        words += l.words;
+    }
+    backend.reset_state(Stream::Eval);
+    let mut sums = [total, words as f64];
+    coll.all_reduce_sum_f64(&mut sums)?;
+    Ok((sums[0] / sums[1].max(1.0), sums[1] as u64))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub ppl: f64,
+    pub loss: f64,
+    pub words: u64,
+}
+
+/// Tokenise `file` with the checkpoint's vocabulary and evaluate it with `batch` streams.
+pub fn eval_file(
+    ck: &Checkpoint,
+    file: &str,
+    batch: Option<usize>,
+    threads: usize,
+    backend: BackendKind,
+    handle: &Handle,
+) -> Result<EvalReport> {
+    let cfg = &ck.meta.config;
+    let (loc, name) = split_object(file)?;
+    let ids = handle.block_on(async {
+        let mut r = LineReader::open(&loc, &name, &cfg.text_options()).await?;
+        let mut ids = Vec::new();
+        let mut line = String::new();
+        while r.next_line(&mut line).await? {
+            ids.extend(line.split_whitespace().map(|w| ck.vocab.id(w)));
+            ids.push(ck.vocab.eos());
+        }
+        Ok::<_, Error>(ids)
+    })?;
+    let split = SplitReader::in_memory(&name, ids, &ck.vocab)?;
+    let mcfg = ModelConfig {
+        dims: ck.meta.dims,
+        dropout: 0.0,
+        seed: ck.meta.rng_seed,
+    };
+    let mut be = open_backend(&BackendOptions::new(backend, threads), &mcfg)?;
+    be.set_params(&ck.params)?;
+    be.set_allocation(&ck.cells)?;
+    let b = batch.unwrap_or(cfg.eval_batch);
+    let (loss, words) = evaluate(&mut *be, &split, b, cfg.bptt, handle, &mut Single)?;
+    Ok(EvalReport {
+        ppl: loss.exp(),
+        loss,
+        words,
+    })
+}

@@ -1,0 +1,72 @@
+//! `metrics.jsonl`: one [`MetricsLine`] per line, rewritten whole (object stores have no
+//! append) at most every few seconds, and at epoch ends and the end of the run. Only the
+//! leader writes. A resumed run keeps the lines up to its checkpoint's step.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::data::store::Location;
+use crate::report::MetricsLine;
+use crate::{Error, Result};
+
+const METRICS: &str = "metrics.jsonl";
+
+pub(super) struct MetricsFile {
+    out: Location,
+    enabled: bool,
+    lines: Vec<String>,
+    dirty: bool,
+    last_flush: Instant,
+}
+
+impl MetricsFile {
+    pub(super) async fn open(
+        out: &Location,
+        resume_step: Option<u64>,
+        enabled: bool,
+    ) -> Result<Self> {
+        let mut lines = Vec::new();
+        if enabled
+            && let Some(step) = resume_step
+            && let Ok(b) = out.get(METRICS).await
+        {
+            for l in String::from_utf8_lossy(&b).lines() {
+                let keep = serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step);
+                if keep {
+                    lines.push(l.to_string());
+                }
+            }
+        }
+        Ok(Self {
+            out: out.clone(),
+            enabled,
+            lines,
+            dirty: true,
+            last_flush: Instant::now(),
+        })
+    }
+
+    /// Add a line; its keys are written in sorted order.
+    pub(super) fn push(&mut self, line: &MetricsLine) -> Result<()> {
+        let v = serde_json::to_value(line).map_err(|e| Error::Data(e.to_string()))?;
+        self.lines.push(v.to_string());
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Write the file if lines were added: now with `force`, else at most every 10 s.
+    pub(super) async fn flush(&mut self, force: bool) -> Result<()> {
+        if self.enabled && self.dirty && (force || self.last_flush.elapsed().as_secs() >= 10) {
+            let mut s = self.lines.join("\n");
+            s.push('\n');
+            self.out.put(METRICS, Bytes::from(s)).await?;
+            self.dirty = false;
+            self.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! What a run is given besides its config: where it reads and writes, on which backend,
+//! how it shows progress, and how it is told to stop.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use lightrnn_kernels::BackendKind;
+
+use crate::data::store::Location;
+use crate::report::ReportSink;
+
+/// Where a run reads and writes, and how it reports.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Text directory or prepared dataset.
+    pub data: Location,
+    /// Run directory: checkpoints, metrics, summary, tokenised-data cache.
+    pub out: Location,
+    /// Continue from the newest checkpoint in `out` (start fresh when there is none).
+    pub resume: bool,
+    /// Continue from exactly this checkpoint (the coordinator resolves it once for all
+    /// ranks); overrides `resume`.
+    pub checkpoint: Option<Location>,
+    pub backend: BackendKind,
+    /// Draw a progress bar (a terminal); otherwise log lines every `log_every` steps.
+    pub progress: bool,
+    /// Set (by a signal handler, or the coordinator) to stop at the next step with a
+    /// checkpoint. The ranks of a job agree on the step through their collective.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// A single-process run publishes its progress here (a metrics endpoint reads it).
+    pub report: Option<ReportSink>,
+}

@@ -1,0 +1,127 @@
+//! Word reallocation between epochs, a rank's part: the loss-table pass over its streams
+//! (the tables accumulate in the backend), the central step ([`lightrnn_alloc::reallocate`],
+//! run by whoever owns the job, through [`crate::dist::control::Control::allocate`]), and
+//! the update of the model to the new word -> cell table ([`lightrnn_alloc::carry`]).
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::runtime::Handle;
+
+use lightrnn_alloc::{Carry, Report, carry_vectors};
+use lightrnn_kernels::{Backend, Batch, LossTables, Stream};
+
+use super::eval::evaluate;
+use crate::data::batches::Batches;
+use crate::data::shards::SplitReader;
+use crate::dist::collective::share;
+use crate::dist::control::Dist;
+use crate::{Error, Result};
+
+/// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
+/// streams of `bptt` steps (all of them, or one rank's share), accumulating the loss
+/// tables. Returns them, the summed loss and the words predicted.
+pub fn loss_tables(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    streams: std::ops::Range<usize>,
+    bptt: usize,
+    max_bytes: u64,
+    handle: &Handle,
+) -> Result<(LossTables, f64, u64)> {
+    backend.begin_loss_tables(max_bytes)?;
+    backend.reset_state(Stream::Tables);
+    let b = streams.len();
+    let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
+    let mut buf = Vec::new();
+    let (mut total, mut words) = (0.0, 0u64);
+    while let Some(t) = batches.next_batch(&mut buf)? {
+        let bt = Batch {
+            inputs: &buf[..t * b],
+            targets: &buf[b..],
+            steps: t,
+            batch: b,
+            stream: Stream::Tables,
+        };
+        let l = backend.accumulate_loss_tables(&bt)?;
+        total += l.total();
+        words += l.words;
+    }
+    backend.reset_state(Stream::Tables);
+    Ok((backend.take_loss_tables()?, total, words))
+}
+
+/// Options of one reallocation.
+pub struct ReallocOptions {
+    pub batch: usize,
+    pub bptt: usize,
+    pub max_table_bytes: u64,
+    pub carry: Carry,
+    /// Also measure the training loss after the move (one more pass).
+    pub check: bool,
+    /// Nats per occurrence charged for changing a word's row, and again for changing its
+    /// column: only words whose predicted gain exceeds it move.
+    pub move_cost: f64,
+}
+
+/// Loss tables (this rank's streams) -> allocation solved over all ranks' tables (by
+/// `control`) -> vectors carried -> model updated, identically on every rank.
+pub fn reallocate(
+    backend: &mut dyn Backend,
+    train: &Arc<SplitReader>,
+    o: &ReallocOptions,
+    handle: &Handle,
+    dist: &mut Dist,
+    round: u64,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let streams = share(o.batch, dist.world(), dist.rank());
+    let (tables, total, words) = loss_tables(
+        backend,
+        train,
+        o.batch,
+        streams,
+        o.bptt,
+        o.max_table_bytes,
+        handle,
+    )?;
+    let mut sums = [total, words as f64];
+    dist.collective.all_reduce_sum_f64(&mut sums)?;
+    let seconds_tables = t0.elapsed().as_secs_f64();
+    let old = backend.allocation()?;
+    let solved = dist.control.allocate(round, tables, &old, o.move_cost)?;
+    lightrnn_kernels::check_allocation(&backend.dims(), &solved.cells)?;
+    if solved.counts.len() != old.len() {
+        return Err(Error::Data(format!(
+            "the allocation came with {} word counts for {} words",
+            solved.counts.len(),
+            old.len()
+        )));
+    }
+    let mut report = solved.report;
+    report.train_loss_before = sums[0] / sums[1].max(1.0);
+    report.seconds_tables = seconds_tables;
+    let mut params = backend.params()?;
+    carry_vectors(
+        backend.layout(),
+        &mut params,
+        &old,
+        &solved.cells,
+        &solved.counts,
+        o.carry,
+    )?;
+    backend.set_params(&params)?;
+    backend.set_allocation(&solved.cells)?;
+    if o.check {
+        let (l, _) = evaluate(
+            backend,
+            train,
+            o.batch,
+            o.bptt,
+            handle,
+            &mut *dist.collective,
+        )?;
+        report.train_loss_after = Some(l);
+    }
+    Ok(report)
+}
