@@ -14,9 +14,9 @@
 
 use rayon::prelude::*;
 
+use super::cells::{self, Relaxation};
 use super::prices::bin_auction;
 use super::sap::{Graph, Sap};
-use super::scalable::{self, Relaxation};
 use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 pub fn solve<T: Elem>(
@@ -30,7 +30,7 @@ pub fn solve<T: Elem>(
     let (r, c) = (p.rows, p.cols);
     let mut cells = vec![u32::MAX; p.vocab];
     let mut taken = vec![false; p.cells()];
-    let ord = scalable::order(p);
+    let ord = cells::order(p);
     let h = heavy.min(p.vocab);
     let mut heavy_stats = serde_json::Value::Null;
     if h > 0 {
@@ -41,8 +41,8 @@ pub fn solve<T: Elem>(
             lc.extend_from_slice(&p.lc[w * c..(w + 1) * c]);
         }
         let sub = Problem::new(h, r, c, &lr, &lc)?;
-        let sub_rel = scalable::relaxation(&sub);
-        let (sub_cells, stats) = scalable::cell_solve(&sub, &sub_rel, &SolveOptions::default())?;
+        let sub_rel = cells::relaxation(&sub);
+        let (sub_cells, stats) = cells::cell_solve(&sub, &sub_rel, &SolveOptions::default())?;
         for (&w, &cell) in ord[..h].iter().zip(&sub_cells) {
             cells[w as usize] = cell;
             taken[cell as usize] = true;

@@ -12,8 +12,8 @@
 
 use rayon::prelude::*;
 
+use super::cells::{Relaxation, candidates, order, priced_auction};
 use super::sap::{Graph, Sap};
-use super::scalable::{Relaxation, candidates, order, priced_auction};
 use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 /// Violations kept per word and round.

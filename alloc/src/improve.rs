@@ -48,6 +48,23 @@ enum Move {
     Chain(u32),
 }
 
+/// Every word's best cells, its `kr` best rows x `kc` best columns: [V, kr * kc].
+fn best_cells<T: Elem>(p: &Problem<'_, T>, kr: usize, kc: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let (r, c) = (p.rows, p.cols);
+    (0..p.vocab)
+        .into_par_iter()
+        .map_init(Vec::new, |buf, w| {
+            let rows = smallest(r, kr, |i| p.lr(w, i), buf);
+            let cols = smallest(c, kc, |j| p.lc(w, j), buf);
+            rows.iter()
+                .flat_map(|&i| cols.iter().map(move |&j| i * c as u32 + j))
+                .collect::<Vec<u32>>()
+        })
+        .flatten_iter()
+        .collect()
+}
+
 /// Improve `x` (word -> cell, complete) in place; `order` lists the words heaviest first.
 /// Each word looks at its best `k` rows x best `k` columns, and the occupant of such a
 /// cell at its own `k` x `k` best cells (chains of three words).
@@ -58,7 +75,6 @@ pub fn improve<T: Elem>(
     k: usize,
     max_sweeps: usize,
 ) -> Improved {
-    use rayon::prelude::*;
     let (r, c) = (p.rows, p.cols);
     let (kr, kc) = (k.min(r), k.min(c));
     let mut owner = vec![NONE; p.cells()];
@@ -68,18 +84,7 @@ pub fn improve<T: Elem>(
     let mut free: Vec<u32> = (0..p.cells() as u32)
         .filter(|&cell| owner[cell as usize] == NONE)
         .collect();
-    // Every word's best cells (kr x kc), computed once.
-    let tops: Vec<u32> = (0..p.vocab)
-        .into_par_iter()
-        .map_init(Vec::new, |buf, w| {
-            let rows = smallest(r, kr, |i| p.lr(w, i), buf);
-            let cols = smallest(c, kc, |j| p.lc(w, j), buf);
-            rows.iter()
-                .flat_map(|&i| cols.iter().map(move |&j| i * c as u32 + j))
-                .collect::<Vec<u32>>()
-        })
-        .flatten_iter()
-        .collect();
+    let tops = best_cells(p, kr, kc);
     let kk = kr * kc;
     let scale = order
         .first()

@@ -21,6 +21,7 @@
 
 mod auction;
 pub mod carry;
+mod cells;
 mod decompose;
 mod exact;
 mod greedy;
@@ -236,7 +237,7 @@ pub fn solve<T: Elem>(p: &Problem<'_, T>, solver: Solver, opts: &SolveOptions) -
         .build()
         .map_err(|e| AllocError::Solver(format!("cannot start threads: {e}")))?;
     let (cells, dual_bound, stats, relaxation_bound) = pool.install(|| {
-        let rel = scalable::relaxation(p);
+        let rel = crate::cells::relaxation(p);
         tracing::info!(
             seconds = rel.seconds,
             bids = rel.bids,
@@ -469,7 +470,7 @@ mod tests {
             let (lr, lc) = testutil::tables(v, r, c, seed);
             let p = Problem::new(v, r, c, &lr, &lc).unwrap();
             let best = testutil::brute_force(&p);
-            let rel = scalable::relaxation(&p);
+            let rel = crate::cells::relaxation(&p);
             assert!(
                 rel.bound <= best * (1.0 + 1e-12),
                 "bound {} vs {best}",

@@ -1101,3 +1101,58 @@ fn a_stop_on_a_checkpointed_step_keeps_that_checkpoint() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["stopped_by"], "max_steps");
 }
+
+/// A distributed run resumed after it finished (the deploy templates always pass
+/// `--resume`) trains nothing: the workers report the stored summary and no object of
+/// the run changes.
+#[test]
+fn resuming_a_finished_distributed_run_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = (tmp.path().join("data"), tmp.path().join("run"));
+    // Long enough that max_steps stops the run inside its epoch.
+    corpus(&data, 2000);
+    let mut args = vec![
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_steps=20",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--workers",
+        "2",
+    ];
+    let (code, first, err) = lightrnn(&args);
+    assert_eq!(code, 0, "{err}");
+    let files = |dir: &Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if !p.ends_with("data") {
+                        todo.push(p);
+                    }
+                } else {
+                    v.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let before = files(&out);
+    args.push("--resume");
+    let (code, again, err) = lightrnn(&args);
+    assert_eq!(code, 0, "{err}");
+    let (first, again) = (json(&first), json(&again));
+    for k in ["steps", "test_ppl", "valid_ppl", "train_loss", "stopped_by"] {
+        assert_eq!(again[k], first[k], "{k}: {again} vs {first}");
+    }
+    assert_eq!(first["stopped_by"], "max_steps", "{first}");
+    assert_eq!(again["checkpoints_committed"], 0, "{again}");
+    assert!(files(&out) == before, "the resumed run changed its objects");
+}

@@ -36,14 +36,12 @@
 //! allocation and state it asks for. Everything else is the backend's; [`GradsMut`]
 //! lends its gradient buffer to the collective for the duration of one all-reduce.
 
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::layout::{ModelDims, ParamLayout};
 use crate::optim::Optimizer;
 use crate::tables::LossTables;
-use crate::{Error, Result};
 
 /// A set of carried LSTM states: each stream set remembers where its streams are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -154,7 +152,7 @@ pub enum GradsMut<'a> {
     /// Host memory (the CPU backend).
     Host(&'a mut [f32]),
     /// A CUDA backend's buffer on its device.
-    Device(crate::cuda::DeviceGrads<'a>),
+    Device(DeviceGrads<'a>),
 }
 
 impl GradsMut<'_> {
@@ -167,6 +165,24 @@ impl GradsMut<'_> {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A CUDA backend's gradient buffer, lent to a collective (NCCL) for an in-place
+/// all-reduce on the backend's stream. This version has no CUDA kernels, so no backend
+/// creates one yet: the type has no values.
+pub struct DeviceGrads<'a> {
+    never: std::convert::Infallible,
+    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl DeviceGrads<'_> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        match self.never {}
+    }
+    pub fn is_empty(&self) -> bool {
+        match self.never {}
     }
 }
 
@@ -194,79 +210,6 @@ pub struct OptimizerState {
     pub updates: u64,
     /// (name, values): e.g. ("exp_avg", [...]) for Adam.
     pub buffers: Vec<(String, Vec<f32>)>,
-}
-
-/// Which device to run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// The best available backend (the CPU in this version: CUDA once it has kernels).
-    Auto,
-    Cpu,
-    /// CUDA device `ordinal` (`cuda` = `cuda:0`).
-    Cuda {
-        ordinal: usize,
-    },
-}
-
-impl FromStr for BackendKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda { ordinal: 0 }),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(ordinal)) => Ok(Self::Cuda { ordinal }),
-                _ => Err(Error::Config(format!(
-                    "unknown backend {other:?} (expected auto, cpu, cuda or cuda:N)"
-                ))),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
-        }
-    }
-}
-
-/// Where a model runs: the device and the host resources of the CPU backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendOptions {
-    pub kind: BackendKind,
-    /// CPU backend threads (0 = one per core).
-    pub threads: usize,
-}
-
-impl BackendOptions {
-    pub fn new(kind: BackendKind, threads: usize) -> Self {
-        Self { kind, threads }
-    }
-}
-
-/// Whether this build and machine can run `kind`, asked before any data is read: the
-/// error says why not.
-pub fn check_backend(kind: BackendKind) -> Result<()> {
-    match kind {
-        BackendKind::Auto | BackendKind::Cpu => Ok(()),
-        BackendKind::Cuda { ordinal } => Err(crate::cuda::CudaBackend::unavailable(ordinal)),
-    }
-}
-
-/// Build the backend `opts` names for `cfg`.
-pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn Backend>> {
-    match opts.kind {
-        BackendKind::Auto | BackendKind::Cpu => {
-            Ok(Box::new(crate::cpu::CpuBackend::new(cfg, opts.threads)?))
-        }
-        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, ordinal)?)),
-    }
 }
 
 /// The coarse, per-layer interface every backend implements.

@@ -6,7 +6,8 @@
 //! - [`cpu`]: the CPU backend ([`cpu::CpuBackend`] over [`cpu::Engine`], generic over
 //!   f32/f64; AVX-512/AVX2 chosen at run time; GEMMs through the `gemm` crate), its
 //!   internal layout.
-//! - [`cuda`]: the CUDA device listing and the CUDA backend type (present in every build).
+//! - [`cuda`]: the CUDA device listing and the CUDA backend type (present in every build);
+//!   [`select`]: which backend a `--backend` names, and opening it.
 //! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes) and
 //!   word allocations; [`tables`]: the loss tables of a reallocation round.
 //! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
@@ -19,11 +20,12 @@ pub mod layout;
 pub mod optim;
 mod real;
 pub mod rng;
+pub mod select;
 pub mod tables;
 
 pub use backend::{
-    Backend, BackendKind, BackendOptions, Batch, GradReduce, GradsMut, LossSums, ModelConfig,
-    OptimizerState, Pass, Shard, State, Stream, check_backend, open_backend,
+    Backend, Batch, DeviceGrads, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass,
+    Shard, State, Stream,
 };
 pub use cpu::CpuBackend;
 pub use layout::{
@@ -31,6 +33,7 @@ pub use layout::{
 };
 pub use optim::Optimizer;
 pub use real::{Real, exp_f32};
+pub use select::{BackendKind, BackendOptions, check_backend, open_backend};
 pub use tables::LossTables;
 
 /// Errors of the kernels crate: what failed, and ([`Error::retryable`]) whether the same

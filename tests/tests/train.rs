@@ -361,3 +361,77 @@ fn bench_and_config_commands() {
         .contains("ptb-small")
     );
 }
+
+/// Every object of a run directory but the tokenised-data cache, with its bytes.
+fn run_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if rel.starts_with("data") {
+                continue;
+            }
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Re-running a finished run with `--resume` (what the deploy templates do) trains
+/// nothing: it prints the run's summary and leaves every object as it was, whether the
+/// run ended at max_steps inside an epoch or after its last epoch (through the coordinator:
+/// coordinator/tests/distributed.rs).
+#[test]
+fn resuming_a_finished_run_reports_it_without_training() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 4, 600);
+    let d = data.to_str().unwrap();
+    for (name, limit) in [("steps", "max_steps=30"), ("epochs", "epochs=1")] {
+        let out = tmp.path().join(name);
+        let o = out.to_str().unwrap();
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            limit,
+            "--set",
+            "log_every=10",
+            "--data",
+            d,
+            "--out",
+            o,
+        ];
+        let first = cli(&args, &rt).unwrap();
+        let before = run_files(&out);
+        args.push("--resume");
+        let again = cli(&args, &rt).unwrap();
+        for k in [
+            "steps",
+            "test_ppl",
+            "valid_ppl",
+            "train_loss",
+            "stopped_by",
+            "epochs_completed",
+        ] {
+            assert_eq!(again[k], first[k], "{name}: {k}: {again} vs {first}");
+        }
+        let after = run_files(&out);
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>(),
+            "{name}: objects added or removed"
+        );
+        for (k, v) in &before {
+            assert!(after[k] == *v, "{name}: {k} changed");
+        }
+    }
+}

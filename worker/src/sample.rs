@@ -11,11 +11,13 @@
 //! branch and bound over rows in order of P_r (a row whose P_r is below the k-th best word
 //! so far cannot hold a better one), then one is drawn in proportion to its probability.
 //!
-//! The LSTM runs here, on the CPU, one step at a time (batch 1) from the checkpoint's
-//! PyTorch-layout parameters; it is independent of the training backends.
+//! The LSTM runs on the CPU one step at a time (batch 1) with the kernels' single-stream
+//! inference ([`lightrnn_kernels::cpu::infer`]): the same cell, layout and products the
+//! backend evaluates with, so a word's probability here is the one `eval` measures.
 
+use lightrnn_kernels::ModelDims;
+use lightrnn_kernels::cpu::infer::{Head, Input, StepState, Stepper};
 use lightrnn_kernels::rng::{Philox, PhiloxStream, Purpose};
-use lightrnn_kernels::{ModelDims, ParamLayout};
 
 use crate::checkpoint::Checkpoint;
 use crate::data::text::EOS;
@@ -30,29 +32,19 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
-#[derive(Clone)]
-struct LstmState {
-    h: Vec<Vec<f32>>,
-    c: Vec<Vec<f32>>,
-}
-
 /// A model ready to generate, with its LSTM state.
 pub struct Sampler<'a> {
     ck: &'a Checkpoint,
     dims: ModelDims,
-    layout: ParamLayout,
+    stepper: Stepper,
     /// Word of each cell (row * cols + col), if any.
     word_of_cell: Vec<Option<u32>>,
     /// Whether every cell of a row holds a word.
     row_full: Vec<bool>,
     row_any: Vec<bool>,
-    state: LstmState,
+    state: StepState,
     rng: PhiloxStream,
     opts: SampleOptions,
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// log softmax of `z / t`, in f64.
@@ -80,13 +72,10 @@ impl<'a> Sampler<'a> {
             )));
         }
         let dims = ck.meta.dims;
-        let layout = ParamLayout::new(dims);
-        if ck.params.len() != layout.total {
-            return Err(Error::Checkpoint {
-                url: ck.url.clone(),
-                msg: "parameters do not match the model's dimensions".into(),
-            });
-        }
+        let stepper = Stepper::new(dims, &ck.params).map_err(|e| Error::Checkpoint {
+            url: ck.url.clone(),
+            msg: e.to_string(),
+        })?;
         let mut word_of_cell = vec![None; dims.rows * dims.cols];
         for (w, &cell) in ck.cells.iter().enumerate() {
             let slot = word_of_cell
@@ -111,25 +100,21 @@ impl<'a> Sampler<'a> {
                     .any(Option::is_some)
             })
             .collect();
-        let zero = vec![vec![0f32; dims.hidden]; dims.layers];
         let mut s = Self {
             ck,
             dims,
-            layout,
+            state: stepper.zero_state(),
+            stepper,
             word_of_cell,
             row_full,
             row_any,
-            state: LstmState {
-                h: zero.clone(),
-                c: zero,
-            },
             rng: Philox::new(opts.seed, Purpose::Other).stream(0),
             opts,
         };
         // Text starts after a line: the column input of the last <eos>.
         let eos = ck.vocab.eos();
         let (_, c) = s.cell_of(eos);
-        s.state = s.step(&s.state, s.input("emb_c.weight", c));
+        s.state = s.stepper.step(&s.state, Input::Col(c));
         Ok(s)
     }
 
@@ -138,84 +123,22 @@ impl<'a> Sampler<'a> {
         (cell / self.dims.cols, cell % self.dims.cols)
     }
 
-    fn tensor(&self, name: &str) -> &[f32] {
-        let s = self.layout.spec(name).expect("a tensor of the layout");
-        &self.ck.params[s.range()]
-    }
-
-    fn input(&self, table: &str, i: usize) -> &[f32] {
-        let n = self.dims.emb;
-        &self.tensor(table)[i * n..(i + 1) * n]
-    }
-
-    /// One LSTM step from `st` on input `x` (gates i, f, g, o as torch.nn.LSTM).
-    fn step(&self, st: &LstmState, x: &[f32]) -> LstmState {
-        let m = self.dims.hidden;
-        let mut out = st.clone();
-        let mut x = x.to_vec();
-        for l in 0..self.dims.layers {
-            let wih = self.tensor(&format!("lstm.weight_ih_l{l}"));
-            let whh = self.tensor(&format!("lstm.weight_hh_l{l}"));
-            let bih = self.tensor(&format!("lstm.bias_ih_l{l}"));
-            let bhh = self.tensor(&format!("lstm.bias_hh_l{l}"));
-            let k = x.len();
-            let h = &st.h[l];
-            let g: Vec<f32> = (0..4 * m)
-                .map(|j| {
-                    let a: f32 = wih[j * k..(j + 1) * k]
-                        .iter()
-                        .zip(&x)
-                        .map(|(w, v)| w * v)
-                        .sum();
-                    let b: f32 = whh[j * m..(j + 1) * m]
-                        .iter()
-                        .zip(h)
-                        .map(|(w, v)| w * v)
-                        .sum();
-                    a + b + bih[j] + bhh[j]
-                })
-                .collect();
-            for u in 0..m {
-                let (i, f, gg, o) = (g[u], g[m + u], g[2 * m + u], g[3 * m + u]);
-                let c = sigmoid(f) * st.c[l][u] + sigmoid(i) * gg.tanh();
-                out.c[l][u] = c;
-                out.h[l][u] = sigmoid(o) * c.tanh();
-            }
-            x = out.h[l].clone();
-        }
-        out
-    }
-
-    /// Log-probabilities (tempered) of an output layer from the state's top layer.
-    fn head(&self, st: &LstmState, which: &str, k: usize) -> Vec<f64> {
-        let m = self.dims.hidden;
-        let w = self.tensor(&format!("{which}.weight"));
-        let b = self.tensor(&format!("{which}.bias"));
-        let h = &st.h[self.dims.layers - 1];
-        let z: Vec<f32> = (0..k)
-            .map(|i| {
-                w[i * m..(i + 1) * m]
-                    .iter()
-                    .zip(h)
-                    .map(|(a, x)| a * x)
-                    .sum::<f32>()
-                    + b[i]
-            })
-            .collect();
-        log_softmax(&z, self.opts.temperature)
+    /// Log-probabilities (tempered) of a head at state `st`.
+    fn head(&self, st: &StepState, head: Head) -> Vec<f64> {
+        log_softmax(&self.stepper.logits(st, head), self.opts.temperature)
     }
 
     /// Read word `w` (its row step, then its column step).
     pub fn feed(&mut self, w: u32) {
         let (r, c) = self.cell_of(w);
-        let s = self.step(&self.state, self.input("emb_r.weight", r));
-        self.state = self.step(&s, self.input("emb_c.weight", c));
+        let s = self.stepper.step(&self.state, Input::Row(r));
+        self.state = self.stepper.step(&s, Input::Col(c));
     }
 
     /// Column log-probabilities of row `r` (and the state after its row step).
-    fn columns(&self, r: usize) -> (LstmState, Vec<f64>) {
-        let s = self.step(&self.state, self.input("emb_r.weight", r));
-        let lp = self.head(&s, "out_c", self.dims.cols);
+    fn columns(&self, r: usize) -> (StepState, Vec<f64>) {
+        let s = self.stepper.step(&self.state, Input::Row(r));
+        let lp = self.head(&s, Head::Cols);
         (s, lp)
     }
 
@@ -240,7 +163,7 @@ impl<'a> Sampler<'a> {
 
     /// The next word's (log P(w), word) candidates: every word, or the top k.
     fn candidates(&self) -> Vec<(f64, usize, usize)> {
-        let lp_r = self.head(&self.state, "out_r", self.dims.rows);
+        let lp_r = self.head(&self.state, Head::Rows);
         let k = self.opts.top_k;
         if k == 0 {
             // Rows weighed by P_r(r) * (mass of their occupied columns).
@@ -306,7 +229,7 @@ impl<'a> Sampler<'a> {
     /// log P(w) for every word of the vocabulary at the current state (tempered), for
     /// tests and scoring: sums to 1 over the vocabulary.
     pub fn word_log_probs(&self) -> Vec<f64> {
-        let lp_r = self.head(&self.state, "out_r", self.dims.rows);
+        let lp_r = self.head(&self.state, Head::Rows);
         let mut out = vec![f64::NEG_INFINITY; self.dims.vocab];
         for r in (0..self.dims.rows).filter(|&r| self.row_any[r]) {
             let (_, lp_c) = self.columns(r);

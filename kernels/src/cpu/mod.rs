@@ -3,8 +3,12 @@
 //! [`crate::Backend`] boundary, which also keeps the gradient groups' partial sums and the
 //! loss tables of a reallocation round.
 
+mod backward;
 mod engine;
+mod forward;
 pub mod gemm;
+mod heads;
+pub mod infer;
 pub mod layout;
 pub mod simd;
 pub mod team;

@@ -1,16 +1,15 @@
 //! The CUDA side of the boundary, present in every build so that no call site needs a
 //! `cfg`: [`device`] lists the devices and libraries (with the `cuda` feature, found at
-//! run time, never linked), [`CudaBackend`] is the backend type `--backend cuda` opens,
-//! and [`DeviceGrads`] is a gradient buffer on a device as a collective receives it.
+//! run time, never linked), and [`CudaBackend`] is the backend type `--backend cuda`
+//! opens.
 //!
 //! This version has no CUDA kernels: opening the backend says why it cannot run (built
-//! without CUDA, no driver, no such device, no kernels yet), so neither type has values
-//! yet and their trait implementations are empty matches.
+//! without CUDA, no driver, no such device, no kernels yet), so the type has no values
+//! yet and its trait implementation is empty matches.
 
 pub mod device;
 
 use std::convert::Infallible;
-use std::marker::PhantomData;
 
 use crate::backend::{
     Backend, Batch, GradReduce, LossSums, ModelConfig, OptimizerState, Pass, Shard, State, Stream,
@@ -19,23 +18,6 @@ use crate::layout::ParamLayout;
 use crate::optim::Optimizer;
 use crate::tables::LossTables;
 use crate::{Error, Result};
-
-/// A CUDA backend's gradient buffer, lent to a collective (NCCL) for an in-place
-/// all-reduce on the backend's stream.
-pub struct DeviceGrads<'a> {
-    never: Infallible,
-    _buffer: PhantomData<&'a mut [f32]>,
-}
-
-impl DeviceGrads<'_> {
-    /// Elements in the buffer.
-    pub fn len(&self) -> usize {
-        match self.never {}
-    }
-    pub fn is_empty(&self) -> bool {
-        match self.never {}
-    }
-}
 
 /// The LightRNN model on one CUDA device.
 pub struct CudaBackend {

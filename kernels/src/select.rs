@@ -1,0 +1,82 @@
+//! Device selection: which backend a [`BackendKind`] names, whether this build and
+//! machine can run it, and opening it for a model.
+
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, ModelConfig};
+use crate::{Error, Result};
+
+/// Which device to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The best available backend (the CPU in this version: CUDA once it has kernels).
+    Auto,
+    Cpu,
+    /// CUDA device `ordinal` (`cuda` = `cuda:0`).
+    Cuda {
+        ordinal: usize,
+    },
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda { ordinal: 0 }),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Self::Cuda { ordinal }),
+                _ => Err(Error::Config(format!(
+                    "unknown backend {other:?} (expected auto, cpu, cuda or cuda:N)"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+        }
+    }
+}
+
+/// Where a model runs: the device and the host resources of the CPU backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    /// CPU backend threads (0 = one per core).
+    pub threads: usize,
+}
+
+impl BackendOptions {
+    pub fn new(kind: BackendKind, threads: usize) -> Self {
+        Self { kind, threads }
+    }
+}
+
+/// Whether this build and machine can run `kind`, asked before any data is read: the
+/// error says why not.
+pub fn check_backend(kind: BackendKind) -> Result<()> {
+    match kind {
+        BackendKind::Auto | BackendKind::Cpu => Ok(()),
+        BackendKind::Cuda { ordinal } => Err(crate::cuda::CudaBackend::unavailable(ordinal)),
+    }
+}
+
+/// Build the backend `opts` names for `cfg`.
+pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn Backend>> {
+    match opts.kind {
+        BackendKind::Auto | BackendKind::Cpu => {
+            Ok(Box::new(crate::cpu::CpuBackend::new(cfg, opts.threads)?))
+        }
+        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, ordinal)?)),
+    }
+}
