@@ -33,6 +33,7 @@ pub struct RoundOptions {
 /// step fills the objective and solver figures; the ranks add the measured losses and
 /// the table pass's time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub solver: String,
     /// Mean training loss per word under the old allocation (the table pass).
@@ -52,6 +53,31 @@ pub struct Report {
     /// The solver's own figures (rounds, candidate edges, ...), with its `cost` and
     /// `dual_bound` on the tables it solved (discounted by the move cost).
     pub stats: serde_json::Value,
+}
+
+impl Report {
+    /// A report with nothing measured (NaN figures): what a line missing them reads as.
+    pub fn unmeasured() -> Self {
+        Self {
+            solver: String::new(),
+            train_loss_before: f64::NAN,
+            objective_before: f64::NAN,
+            objective_after: f64::NAN,
+            lower_bound: f64::NAN,
+            words_moved: 0,
+            train_loss_after: None,
+            seconds_tables: f64::NAN,
+            seconds_solve: f64::NAN,
+            kept_current: false,
+            stats: serde_json::Value::Null,
+        }
+    }
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Self::unmeasured()
+    }
 }
 
 /// The outcome of a round: the new allocation, the word counts the ranks weigh carried

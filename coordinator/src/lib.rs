@@ -1,12 +1,29 @@
-//! lightrnn-coordinator: the `lightrnn` program. On one machine, `train` runs the whole job
-//! in this process (the embedded default: CPU backend, local object store); the
-//! subcommands parse and validate their arguments into the worker's configuration types
-//! and call into the libraries.
+//! lightrnn-coordinator: the control plane of a distributed job and the `lightrnn`
+//! program. On one machine, `train` runs the whole job in this process (the embedded
+//! default: CPU backend, local object store); with `--workers N` a coordinator here and N
+//! worker processes.
+//!
+//! - [`job`]: one job's protocol (spec, state, faults, epochs, rounds, commits);
+//!   [`service`]: its tonic service; [`serve`]: serving it until it ends;
+//! - [`launch`]: jobs launched from this process (worker processes, metrics);
+//! - [`cli`]: the arguments and the dispatch to [`commands`], one module per subcommand;
+//! - [`metrics`]: the Prometheus endpoint; [`plot`]: PNG pictures; [`tls`]: TLS;
+//! - [`signals`]: the stop flag that SIGTERM, SIGINT and SIGUSR1 set.
 
 pub mod cli;
 pub mod commands;
+mod error;
+pub mod job;
 pub mod launch;
 pub mod metrics;
 pub mod plot;
-pub mod server;
+pub mod serve;
+pub mod service;
+pub mod signals;
 pub mod tls;
+
+pub use error::{Error, Result};
+
+/// Set when the process is asked to stop (SIGTERM, SIGINT, SIGUSR1): training stops at a
+/// step all ranks agree on, with a checkpoint.
+pub type Stop = std::sync::Arc<std::sync::atomic::AtomicBool>;

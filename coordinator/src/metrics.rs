@@ -320,11 +320,16 @@ pub async fn serve(listener: TcpListener, snapshot: Arc<dyn Fn() -> Snapshot + S
 }
 
 /// Bind `addr` for the metrics endpoint.
-pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: &str) -> crate::Result<TcpListener> {
     let l = TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: cannot listen: {e}"))?;
-    tracing::info!(url = %format!("http://{}/metrics", l.local_addr()?), "metrics endpoint");
+        .map_err(|e| crate::Error::Io {
+            what: format!("--metrics-addr {addr}: cannot listen"),
+            source: e,
+        })?;
+    if let Ok(a) = l.local_addr() {
+        tracing::info!(url = %format!("http://{a}/metrics"), "metrics endpoint");
+    }
     Ok(l)
 }
 

@@ -11,11 +11,13 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use lightrnn_worker::checkpoint::Checkpoint;
+use lightrnn_worker::report::MetricsLine;
+
+use crate::{Error, Result};
 
 /// What the curves show, read from `metrics.jsonl`.
 #[derive(Debug, Default)]
@@ -31,41 +33,40 @@ pub struct Curves {
     pub test_ppl: Option<f64>,
 }
 
-/// Parse the JSON lines of a run's metrics (unknown kinds and fields are ignored; a line
-/// that is not JSON is an error naming it).
+/// Parse the lines of a run's metrics (lines of kinds this version does not know are
+/// skipped; a line that is not a metrics line is an error naming it).
 pub fn read_curves(text: &str, origin: &str) -> Result<Curves> {
     let mut c = Curves::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{origin} line {}: not JSON", i + 1))?;
-        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
-        let (Some(step), kind) = (num("step"), v.get("kind").and_then(|k| k.as_str())) else {
-            continue;
-        };
-        match kind {
-            Some("train") => {
-                if let Some(p) = num("ppl").filter(|p| p.is_finite()) {
-                    c.train.push((step, p));
+        let l: MetricsLine = serde_json::from_str(line).map_err(|e| {
+            Error::Usage(format!("{origin} line {}: not a metrics line: {e}", i + 1))
+        })?;
+        match l {
+            MetricsLine::Train(t) => {
+                if t.ppl.is_finite() {
+                    c.train.push((t.step as f64, t.ppl));
                 }
-                if let Some(w) = num("words_per_sec").filter(|w| w.is_finite()) {
-                    c.speed.push((step, w));
+                if t.words_per_sec.is_finite() {
+                    c.speed.push((t.step as f64, t.words_per_sec));
                 }
             }
-            Some("valid") => {
-                if let Some(p) = num("ppl").filter(|p| p.is_finite()) {
-                    c.valid.push((step, p));
+            MetricsLine::Valid(v) => {
+                if v.ppl.is_finite() {
+                    c.valid.push((v.step as f64, v.ppl));
                 }
             }
-            Some("realloc") => c.reallocs.push(step),
-            Some("test") => c.test_ppl = num("ppl"),
-            _ => {}
+            MetricsLine::Realloc(r) => c.reallocs.push(r.step as f64),
+            MetricsLine::Test(t) => c.test_ppl = Some(t.ppl),
+            MetricsLine::Other => {}
         }
     }
     if c.train.is_empty() && c.valid.is_empty() {
-        bail!("{origin}: no training or validation lines to plot");
+        return Err(Error::Usage(format!(
+            "{origin}: no training or validation lines to plot"
+        )));
     }
     Ok(c)
 }
@@ -76,8 +77,8 @@ fn font() {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
 }
 
-fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("drawing the picture: {e:?}")
+fn draw_err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::Plot(format!("{e:?}"))
 }
 
 /// Training and validation curves, reallocations, speed: a 1200 x 900 PNG at `out`.

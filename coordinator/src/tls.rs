@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -15,8 +14,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::TcpIncoming;
 
+use crate::error::IoContext;
+use crate::{Error, Result};
+
 /// A handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tls(msg: String) -> Error {
+    Error::Tls(msg)
+}
 
 /// Selects rustls's crypto provider for this process (ring, as tonic's TLS is built
 /// with), once; two providers are linked, so rustls cannot pick one by itself.
@@ -26,9 +32,11 @@ pub fn crypto_provider() {
 
 /// A PEM file's bytes (refused when it holds no PEM block).
 pub fn read_pem(path: &str, what: &str) -> Result<Vec<u8>> {
-    let b = std::fs::read(path).with_context(|| format!("reading the {what} {path}"))?;
+    let b = std::fs::read(path).doing(|| format!("reading the {what} {path}"))?;
     if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
-        bail!("{path}: the {what} is not PEM (no -----BEGIN line)");
+        return Err(tls(format!(
+            "{path}: the {what} is not PEM (no -----BEGIN line)"
+        )));
     }
     Ok(b)
 }
@@ -37,9 +45,9 @@ fn certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read_pem(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{path}: the {what} does not parse: {e}"))?;
+        .map_err(|e| tls(format!("{path}: the {what} does not parse: {e}")))?;
     if certs.is_empty() {
-        bail!("{path}: the {what} holds no certificate");
+        return Err(tls(format!("{path}: the {what} holds no certificate")));
     }
     Ok(certs)
 }
@@ -54,32 +62,32 @@ pub fn server_config(
     crypto_provider();
     let chain = certs(cert, "TLS certificate")?;
     let key_der = PrivateKeyDer::from_pem_slice(&read_pem(key, "TLS key")?)
-        .map_err(|e| anyhow::anyhow!("{key}: the TLS key does not parse: {e}"))?;
+        .map_err(|e| tls(format!("{key}: the TLS key does not parse: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
+        .map_err(|e| tls(format!("TLS protocol versions: {e}")))?;
     let builder = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in certs(ca, "client CA")? {
                 roots
                     .add(c)
-                    .map_err(|e| anyhow::anyhow!("{ca}: the client CA is not usable: {e}"))?;
+                    .map_err(|e| tls(format!("{ca}: the client CA is not usable: {e}")))?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .build()
-            .map_err(|e| anyhow::anyhow!("{ca}: the client CA is not usable: {e}"))?;
+            .map_err(|e| tls(format!("{ca}: the client CA is not usable: {e}")))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder
         .with_single_cert(chain, key_der)
-        .map_err(|e| anyhow::anyhow!("{cert} with {key}: {e}"))?;
+        .map_err(|e| tls(format!("{cert} with {key}: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }

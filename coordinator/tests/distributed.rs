@@ -338,7 +338,8 @@ fn with_no_restarts_left_a_killed_worker_ends_the_job_with_an_error_not_a_hang()
 
 #[test]
 fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
-    use lightrnn_coordinator::server::{JobSpec, bind, run_job};
+    use lightrnn_coordinator::job::JobSpec;
+    use lightrnn_coordinator::serve::{bind, run_job};
     use lightrnn_proto::CoordinatorClient;
     use lightrnn_proto::auth::BearerToken;
     use lightrnn_proto::v1::{FailRequest, HeartbeatRequest, JoinRequest};

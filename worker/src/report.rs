@@ -71,6 +71,21 @@ pub struct Summary {
     pub history: Vec<EpochRecord>,
 }
 
+impl Summary {
+    /// The one JSON line a training command prints: the summary's main figures and the
+    /// run directory `out`.
+    pub fn line(&self, out: &str) -> serde_json::Value {
+        serde_json::json!({
+            "train_loss": self.train_loss, "train_ppl": self.train_ppl,
+            "valid_ppl": self.valid_ppl, "test_ppl": self.test_ppl,
+            "words_per_sec": self.words_per_sec, "params": self.params,
+            "seconds": self.seconds, "steps": self.steps,
+            "epochs_completed": self.epochs_completed, "stopped_by": self.stopped_by,
+            "out": out,
+        })
+    }
+}
+
 fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
@@ -80,7 +95,8 @@ fn one() -> usize {
 }
 
 /// One line of `metrics.jsonl`, tagged by `kind`. Lines of kinds this version does not
-/// know read as [`MetricsLine::Other`].
+/// know read as [`MetricsLine::Other`]; a field a line lacks (one written by another
+/// tool) reads as not measured: NaN, or 0 for counts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum MetricsLine {
@@ -115,6 +131,7 @@ pub fn ppl(loss: f64) -> f64 {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainLine {
     pub step: u64,
     /// 1-based epoch in progress.
@@ -132,6 +149,7 @@ pub struct TrainLine {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ValidLine {
     pub step: u64,
     pub epoch: u64,
@@ -147,6 +165,7 @@ pub struct ValidLine {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TestLine {
     pub step: u64,
     pub epoch: u64,
@@ -156,6 +175,7 @@ pub struct TestLine {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReallocLine {
     pub step: u64,
     /// The epoch after which the words moved (1-based).
@@ -164,6 +184,59 @@ pub struct ReallocLine {
     pub round: u64,
     #[serde(flatten)]
     pub report: lightrnn_alloc::Report,
+}
+
+impl Default for TrainLine {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            loss: f64::NAN,
+            ppl: f64::NAN,
+            words_per_sec: f64::NAN,
+            lr: f64::NAN,
+            grad_norm: f64::NAN,
+            seconds: f64::NAN,
+        }
+    }
+}
+
+impl Default for ValidLine {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            loss: f64::NAN,
+            ppl: f64::NAN,
+            train_loss: f64::NAN,
+            lr: f64::NAN,
+            seconds: f64::NAN,
+            partial_epoch: false,
+        }
+    }
+}
+
+impl Default for TestLine {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            loss: f64::NAN,
+            ppl: f64::NAN,
+            seconds: f64::NAN,
+        }
+    }
+}
+
+impl Default for ReallocLine {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            round: 0,
+            report: lightrnn_alloc::Report::unmeasured(),
+        }
+    }
 }
 
 /// Where a rank is and how fast it goes: what the job's metrics (`/metrics`) show.
@@ -234,6 +307,18 @@ mod tests {
         );
         let other: MetricsLine = serde_json::from_str(r#"{"kind":"future","step":3}"#).unwrap();
         assert_eq!((other.clone(), other.step()), (MetricsLine::Other, None));
-        assert!(serde_json::from_str::<MetricsLine>(r#"{"kind":"train","step":3}"#).is_err());
+        // A partial line (another tool's) reads with the rest unmeasured.
+        let MetricsLine::Train(t) = serde_json::from_str(r#"{"kind":"train","step":3}"#).unwrap()
+        else {
+            panic!("a train line");
+        };
+        assert!(t.step == 3 && t.ppl.is_nan());
+        let MetricsLine::Realloc(r) =
+            serde_json::from_str(r#"{"kind":"realloc","step":20,"round":1}"#).unwrap()
+        else {
+            panic!("a realloc line");
+        };
+        assert!(r.round == 1 && r.report.objective_after.is_nan());
+        assert!(serde_json::from_str::<MetricsLine>(r#"{"kind":"train","step":"x"}"#).is_err());
     }
 }

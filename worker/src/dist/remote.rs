@@ -17,17 +17,18 @@ use futures::StreamExt;
 use tokio::runtime::Handle;
 use tonic::transport::Endpoint;
 
-use lightrnn_alloc::{Reallocation, Report};
+use lightrnn_alloc::Reallocation;
 use lightrnn_kernels::LossTables;
 use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
     AllocationRequest, CommitRequest, EpochDoneRequest, FinishRequest, HeartbeatRequest, JoinReply,
-    JoinRequest, LeaseRequest, TableChunk, TableKind,
+    JoinRequest, LeaseRequest, TableChunk,
 };
-use lightrnn_proto::{CHUNK_BYTES, CoordinatorClient, MAX_MESSAGE_BYTES};
+use lightrnn_proto::{CoordinatorClient, MAX_MESSAGE_BYTES};
 
 use super::control::Control;
 use super::ring::RingBreaker;
+use super::wire;
 use crate::checkpoint::Meta;
 use crate::data::store::Location;
 use crate::report::{RankReport, Summary};
@@ -195,47 +196,6 @@ impl RemoteControl {
     }
 }
 
-fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    v.iter().flat_map(|&x| f(x)).collect()
-}
-
-/// The chunks of one rank's tables: rows, columns, counts and (rank 0) the current cells.
-fn table_chunks(
-    tables: LossTables,
-    cells: Vec<u32>,
-    head: TableChunk,
-) -> impl Iterator<Item = TableChunk> + Send + 'static {
-    let per = |bytes: usize| (CHUNK_BYTES / bytes).max(1);
-    let mut parts: Vec<(TableKind, usize, usize)> = Vec::new();
-    for (kind, len, size) in [
-        (TableKind::Rows, tables.lr.len(), 4),
-        (TableKind::Cols, tables.lc.len(), 4),
-        (TableKind::Counts, tables.counts.len(), 8),
-        (TableKind::Cells, cells.len(), 4),
-    ] {
-        let n = per(size);
-        let mut off = 0;
-        while off < len {
-            parts.push((kind, off, (off + n).min(len)));
-            off += n;
-        }
-    }
-    parts.into_iter().map(move |(kind, a, b)| {
-        let data = match kind {
-            TableKind::Rows => le_bytes(&tables.lr[a..b], f32::to_le_bytes),
-            TableKind::Cols => le_bytes(&tables.lc[a..b], f32::to_le_bytes),
-            TableKind::Counts => le_bytes(&tables.counts[a..b], u64::to_le_bytes),
-            _ => le_bytes(&cells[a..b], u32::to_le_bytes),
-        };
-        TableChunk {
-            kind: kind as i32,
-            offset: a as u64,
-            data,
-            ..head.clone()
-        }
-    })
-}
-
 impl Control for RemoteControl {
     fn lease(&mut self, epoch: u64, streams: usize, cursor: u64) -> Result<Range<usize>> {
         let req = LeaseRequest {
@@ -292,7 +252,7 @@ impl Control for RemoteControl {
         } else {
             Vec::new()
         };
-        let chunks = futures::stream::iter(table_chunks(tables, cells, head));
+        let chunks = futures::stream::iter(wire::table_chunks(tables, cells, head));
         self.call(|mut c| async move {
             c.push_loss_tables(chunks)
                 .await
@@ -304,47 +264,18 @@ impl Control for RemoteControl {
             rank: self.rank,
             round,
         };
-        let (report, cells, counts) = self.call(|mut c| async move {
+        let (cells, counts, report) = self.call(|mut c| async move {
             let mut s = c
                 .fetch_allocation(req)
                 .await
                 .map_err(|s| status("fetching the allocation", s))?
                 .into_inner();
-            let mut report = None;
-            let (mut cells, mut counts) = (vec![0u32; vocab], vec![0u64; vocab]);
-            let (mut got_cells, mut got_counts) = (0usize, 0usize);
+            let mut got = wire::AllocationAssembly::new(vocab);
             while let Some(ch) = s.next().await {
-                let ch = ch.map_err(|s| status("fetching the allocation", s))?;
-                if !ch.report_json.is_empty() {
-                    report = Some(ch.report_json);
-                }
-                let off = ch.offset as usize;
-                let bad = || Error::Control(format!("allocation chunk at {off} out of range"));
-                if ch.kind == TableKind::Cells as i32 {
-                    let n = ch.data.len() / 4;
-                    let dst = cells.get_mut(off..off + n).ok_or_else(bad)?;
-                    for (d, b) in dst.iter_mut().zip(ch.data.chunks_exact(4)) {
-                        *d = u32::from_le_bytes(b.try_into().expect("4 bytes"));
-                    }
-                    got_cells += n;
-                } else if ch.kind == TableKind::Counts as i32 {
-                    let n = ch.data.len() / 8;
-                    let dst = counts.get_mut(off..off + n).ok_or_else(bad)?;
-                    for (d, b) in dst.iter_mut().zip(ch.data.chunks_exact(8)) {
-                        *d = u64::from_le_bytes(b.try_into().expect("8 bytes"));
-                    }
-                    got_counts += n;
-                }
+                got.add(ch.map_err(|s| status("fetching the allocation", s))?)?;
             }
-            if got_cells != vocab || got_counts != vocab {
-                return Err(Error::Control(format!(
-                    "the allocation arrived incomplete ({got_cells} cells, {got_counts} counts of {vocab})"
-                )));
-            }
-            Ok((report, cells, counts))
+            got.finish()
         })?;
-        let report: Report = serde_json::from_str(report.as_deref().unwrap_or(""))
-            .map_err(|e| Error::Control(format!("the allocation's report: {e}")))?;
         Ok(Reallocation {
             cells,
             counts,
@@ -359,16 +290,12 @@ impl Control for RemoteControl {
         meta: Option<&Meta>,
         params_sha256: &str,
     ) -> Result<()> {
-        let meta_json = match meta {
-            Some(m) => serde_json::to_string(m).map_err(|e| Error::Data(e.to_string()))?,
-            None => String::new(),
-        };
         let req = CommitRequest {
             generation: self.generation,
             rank: self.rank,
             step,
             dir: dir.url().to_string(),
-            meta_json,
+            manifest: meta.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
         self.call(|mut c| async move {
@@ -390,14 +317,10 @@ impl Control for RemoteControl {
     }
 
     fn finish(&mut self, summary: Option<&Summary>, params_sha256: &str) -> Result<()> {
-        let summary_json = match summary {
-            Some(s) => serde_json::to_string(s).map_err(|e| Error::Data(e.to_string()))?,
-            None => String::new(),
-        };
         let req = FinishRequest {
             generation: self.generation,
             rank: self.rank,
-            summary_json,
+            summary: summary.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
         self.call(|mut c| async move {

@@ -1,0 +1,138 @@
+//! One module per subcommand of `lightrnn`, each with its arguments (clap derive) and a
+//! `run` that validates them into the libraries' types and returns what goes to stdout;
+//! and the argument types several commands share.
+
+pub mod allocate;
+pub mod bench;
+pub mod config;
+pub mod coordinator;
+pub mod devices;
+pub mod eval;
+pub mod export;
+pub mod inspect;
+pub mod plot;
+pub mod sample;
+pub mod shard;
+pub mod tables;
+pub mod train;
+pub mod vocab;
+pub mod worker;
+
+use clap::Args;
+
+use lightrnn_kernels::BackendKind;
+use lightrnn_worker::config::TrainConfig;
+
+use crate::Result;
+use crate::error::{IoContext, usage};
+
+/// Which configuration a command uses: a preset or a TOML file, with overrides.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Built-in preset (see `lightrnn config --list`).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Override one key, e.g. --set max_steps=200 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// List the built-in presets.
+    #[arg(long)]
+    pub list: bool,
+}
+
+/// The effective configuration of a command line.
+pub fn resolve_config(a: &ConfigArgs) -> Result<TrainConfig> {
+    let base = match (&a.preset, &a.config) {
+        (Some(p), _) => TrainConfig::preset(p)?,
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).doing(|| format!("reading {f}"))?;
+            TrainConfig::from_toml(&text, f)?
+        }
+        (None, None) => TrainConfig::preset("ptb-small")?,
+    };
+    Ok(base.with_overrides(&a.set)?)
+}
+
+/// What a training run is: its config, data, run directory and backend (`train` and
+/// `coordinator`).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Directory or object-store URL with *train*, *valid*, *test* text files, or a
+    /// prepared dataset.
+    #[arg(long)]
+    pub data: String,
+    /// Run directory (path or object-store URL): checkpoints, metrics.jsonl, summary.json.
+    #[arg(long)]
+    pub out: String,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// auto, cpu, cuda or cuda:N (auto: the CPU in this version).
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9400).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+}
+
+pub fn backend_kind(s: &str) -> Result<BackendKind> {
+    Ok(s.parse()?)
+}
+
+/// How text is read, for `vocab` and `shard` (the same options must be given to both).
+#[derive(Args, Debug, Clone)]
+pub struct TextArgs {
+    /// Lowercase every line before splitting.
+    #[arg(long)]
+    pub lowercase: bool,
+    /// Longest accepted line in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_line_bytes: usize,
+    /// Lines that are not UTF-8, hold control bytes or exceed the limit: "error" stops,
+    /// "skip" leaves them out and counts them.
+    #[arg(long, default_value = "error", value_parser = ["error", "skip"])]
+    pub bad_lines: String,
+    /// Inputs read at once (0 = the number of cores).
+    #[arg(long, default_value_t = 0)]
+    pub parallel: usize,
+}
+
+impl TextArgs {
+    pub fn options(&self) -> lightrnn_worker::data::text::TextOptions {
+        lightrnn_worker::data::text::TextOptions {
+            lowercase: self.lowercase,
+            max_line_bytes: self.max_line_bytes,
+            bad_lines: self.bad_lines.parse().unwrap_or_default(),
+        }
+    }
+
+    pub fn parallel(&self) -> usize {
+        if self.parallel > 0 {
+            self.parallel
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// The bearer token from a file (trimmed) or the LIGHTRNN_TOKEN variable.
+pub fn bearer_token(file: &Option<String>) -> Result<Option<String>> {
+    let t = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .doing(|| format!("reading the token file {f}"))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("LIGHTRNN_TOKEN").ok(),
+    };
+    match t {
+        Some(t) if t.len() < 16 => usage("the bearer token must have at least 16 characters"),
+        t => Ok(t),
+    }
+}

@@ -1,0 +1,75 @@
+//! `lightrnn shard`: many text files or objects tokenised in parallel into verified u32
+//! shards and a manifest.
+
+use clap::Args;
+use tokio::runtime::Handle;
+
+use lightrnn_worker::data::corpus::{expand_inputs, write_shards};
+use lightrnn_worker::data::shards::{Manifest, SHARD_TOKENS};
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::data::vocab::{VOCAB_FILE, Vocab};
+
+use super::TextArgs;
+use crate::Result;
+
+#[derive(Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Text objects or prefixes, concatenated in the order given (prefixes in name order).
+    #[arg(long, required = true)]
+    pub input: Vec<String>,
+    /// The vocabulary: a vocab.txt object, or a location holding one.
+    #[arg(long)]
+    pub vocab: String,
+    /// Output location: SPLIT-NNNNN.u32 shards, SPLIT.manifest.json and vocab.txt.
+    #[arg(long)]
+    pub out: String,
+    /// Split name (train, valid, test, ...).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = SHARD_TOKENS)]
+    pub shard_tokens: u64,
+    #[command(flatten)]
+    pub text: TextArgs,
+}
+
+/// A vocabulary from a vocab.txt object or a location holding one.
+async fn load_vocab(url: &str) -> lightrnn_worker::Result<Vocab> {
+    let loc = Location::parse(url)?;
+    let (loc, name) = match loc.parent() {
+        Some(parent) if parent.head(&loc.name()).await?.is_some() => (parent, loc.name()),
+        _ => (loc, VOCAB_FILE.to_string()),
+    };
+    let bytes = loc.get(&name).await?;
+    let full = loc.url_of(&name);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| lightrnn_worker::Error::Data(format!("{full}: not UTF-8")))?;
+    Vocab::parse(text, &full)
+}
+
+pub fn run(a: &ShardArgs, handle: &Handle) -> Result<String> {
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let out = Location::parse(&a.out)?;
+    let (m, st) = handle.block_on(async {
+        let inputs = expand_inputs(&a.input).await?;
+        let vocab = load_vocab(&a.vocab).await?;
+        write_shards(
+            &inputs,
+            std::sync::Arc::new(vocab),
+            &out,
+            &a.split,
+            a.shard_tokens,
+            &a.text.options(),
+            serde_json::json!({
+                "text": a.text.options(),
+                "shard_tokens": a.shard_tokens,
+            }),
+            a.text.parallel(),
+            bar,
+        )
+        .await
+    })?;
+    let mut j = serde_json::to_value(&st)?;
+    j["manifest"] = out.url_of(&Manifest::object_name(&m.split)).into();
+    Ok(j.to_string())
+}

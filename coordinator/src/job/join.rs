@@ -1,0 +1,211 @@
+//! Joining a generation, staying in it (heartbeats) and leaving it (`Fail`).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+use tonic::Status;
+
+use lightrnn_proto::v1::{FailRequest, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest};
+
+use super::Job;
+use super::state::Member;
+
+/// A rank taken by a worker waiting in Join for its group to form: dropped (the worker's
+/// call went away) before the group forms, it frees the rank for another worker.
+struct Slot {
+    job: Arc<Job>,
+    generation: u64,
+    rank: usize,
+    /// The worker's collective address (host and port: unique among live workers).
+    addr: String,
+    armed: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut st = self.job.lock();
+        if st.generation != self.generation || st.formed {
+            return;
+        }
+        let m = &mut st.members[self.rank];
+        if m.as_ref().is_some_and(|m| m.addr == self.addr) {
+            *m = None;
+            tracing::warn!(
+                rank = self.rank,
+                addr = %self.addr,
+                "a worker left before its group formed: its rank is free again"
+            );
+            drop(st);
+            self.job.bump();
+        }
+    }
+}
+
+impl Job {
+    /// Take a rank in the forming generation and wait until the group forms; the reply
+    /// says everything the worker needs to train in it.
+    pub async fn join(self: &Arc<Self>, r: JoinRequest) -> Result<JoinReply, Status> {
+        self.count_rpc();
+        let me = env!("CARGO_PKG_VERSION");
+        if r.version != me {
+            return Err(Status::invalid_argument(format!(
+                "worker version {} differs from the coordinator's {me}",
+                r.version
+            )));
+        }
+        let (rank, generation) = self.take_rank(&r)?;
+        self.bump();
+        let mut slot = Slot {
+            job: self.clone(),
+            generation,
+            rank,
+            addr: r.collective_addr.clone(),
+            armed: true,
+        };
+        let me = r.collective_addr.clone();
+        let (rank, world, peers, resume_from) = self
+            .wait_for(generation, |st| {
+                if !st.formed {
+                    return None;
+                }
+                // The formed group's ranks (renumbered when an elastic group formed
+                // below its maximum).
+                let Some(rank) = st
+                    .members
+                    .iter()
+                    .position(|m| m.as_ref().is_some_and(|m| m.addr == me))
+                else {
+                    return Some(Err(Status::internal(
+                        "this worker is missing from its group",
+                    )));
+                };
+                let peers = st
+                    .members
+                    .iter()
+                    .map(|m| m.as_ref().map(|m| m.addr.clone()).unwrap_or_default())
+                    .collect::<Vec<_>>();
+                Some(Ok((rank, st.world, peers, st.resume_from.clone())))
+            })
+            .await?;
+        slot.armed = false;
+        // The wait may have been long: the heartbeat clock starts now.
+        if let Some(m) = self.lock().members[rank].as_mut() {
+            m.last_seen = Instant::now();
+        }
+        let spec = &self.spec;
+        Ok(JoinReply {
+            generation,
+            rank: rank as u32,
+            world_size: world as u32,
+            peers,
+            config_toml: spec.cfg.to_toml(),
+            data: spec.data.url().to_string(),
+            out: spec.out.url().to_string(),
+            checkpoint: resume_from.unwrap_or_default(),
+            restart: generation > 1,
+            backend: spec.backend.clone(),
+            heartbeat_ms: spec.heartbeat.as_millis() as u64,
+            collective_timeout_ms: spec.collective_timeout.as_millis() as u64,
+            run_id: spec.run_id.clone(),
+        })
+    }
+
+    /// The rank a joining worker takes in the forming generation (its own RANK, or the
+    /// lowest free one), or why it cannot join now.
+    fn take_rank(&self, r: &JoinRequest) -> Result<(usize, u64), Status> {
+        let w = self.spec.world_size;
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(Status::aborted(f.clone()));
+        }
+        if st.formed {
+            if st.world < w {
+                // Elastic and below its maximum: the group takes this worker in at its
+                // next checkpoint (the worker keeps asking meanwhile).
+                st.knocked = Some(Instant::now());
+                return Err(Status::resource_exhausted(format!(
+                    "the group of generation {} trains with {} of up to {w} workers: it takes this one in at its next checkpoint",
+                    st.generation, st.world
+                )));
+            }
+            return Err(Status::resource_exhausted(format!(
+                "the group of generation {} is complete ({w} workers)",
+                st.generation
+            )));
+        }
+        let rank = if r.rank >= 0 {
+            let k = r.rank as usize;
+            if k >= w {
+                return Err(Status::invalid_argument(format!(
+                    "rank {k} in a world of {w}"
+                )));
+            }
+            if st.members[k].is_some() {
+                return Err(Status::already_exists(format!(
+                    "rank {k} has joined already"
+                )));
+            }
+            k
+        } else {
+            // Requested ranks first: assign the lowest rank no one holds or asked for.
+            st.members
+                .iter()
+                .position(|m| m.is_none())
+                .ok_or_else(|| Status::resource_exhausted("no free rank"))?
+        };
+        st.members[rank] = Some(Member {
+            addr: r.collective_addr.clone(),
+            last_seen: Instant::now(),
+            step: 0,
+            pid: r.pid,
+            report: None,
+        });
+        tracing::info!(rank, addr = %r.collective_addr, host = %r.host, pid = r.pid, "worker joined");
+        st.last_join = Instant::now();
+        self.try_form(&mut st);
+        Ok((rank, st.generation))
+    }
+
+    /// A rank is alive at `step`; the reply says whether the job goes on and whether it
+    /// is asked to stop.
+    pub fn heartbeat(&self, r: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Ok(HeartbeatReply {
+                abort: f.clone(),
+                stop: false,
+            });
+        }
+        self.check(&st, r.generation, r.rank)?;
+        if let Some(m) = st.members[r.rank as usize].as_mut() {
+            m.last_seen = Instant::now();
+            m.step = r.step;
+            if let Some(p) = r.report {
+                m.report = Some(p.into());
+            }
+        }
+        Ok(HeartbeatReply {
+            abort: String::new(),
+            stop: self.stop.load(Ordering::Relaxed),
+        })
+    }
+
+    /// A rank cannot go on: a lost worker when retrying may help, the end of the job
+    /// otherwise.
+    pub fn fail(&self, r: FailRequest) -> Result<(), Status> {
+        if r.generation != self.generation() {
+            return Err(Status::failed_precondition("stale generation"));
+        }
+        let why = format!("rank {} failed: {}", r.rank, r.error);
+        if r.retryable {
+            self.lose_worker(r.generation, "worker_failed", why);
+        } else {
+            self.fault(why);
+        }
+        Ok(())
+    }
+}

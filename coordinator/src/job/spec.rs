@@ -1,0 +1,148 @@
+//! What one job is: its config, data, run directory, group size and timeouts, and its
+//! security settings. Prepared once, before any worker joins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lightrnn_worker::checkpoint;
+use lightrnn_worker::config::TrainConfig;
+use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_worker::data::store::Location;
+use lightrnn_worker::{Error, Result};
+
+/// Everything the coordinator hands out and enforces for one job.
+#[derive(Clone)]
+pub struct JobSpec {
+    pub cfg: TrainConfig,
+    /// The prepared dataset.
+    pub data: Location,
+    pub out: Location,
+    /// The checkpoint the job resumes from.
+    pub checkpoint: Option<Location>,
+    pub backend: String,
+    /// Workers in the job: the most (an elastic job forms with fewer, see `min_world`).
+    pub world_size: usize,
+    /// The fewest workers a generation forms with (= `world_size` unless elastic).
+    pub min_world: usize,
+    /// An elastic generation with at least `min_world` workers forms once no worker has
+    /// joined for this long.
+    pub form_wait: Duration,
+    pub heartbeat: Duration,
+    /// A rank silent for this long is lost (5 heartbeats unless set).
+    pub heartbeat_timeout: Duration,
+    /// Deadline of every collective read and write on the workers.
+    pub collective_timeout: Duration,
+    /// How long the group may take to form.
+    pub join_timeout: Duration,
+    /// Tokens of the training split (data accounting).
+    pub train_tokens: u64,
+    pub run_id: String,
+    /// New generations after lost workers before the job gives up.
+    pub max_restarts: u64,
+    /// Words in the dataset's vocabulary (the loss tables' V).
+    pub vocab: usize,
+    /// Calls must present this bearer token (`None`: no authentication, loopback only).
+    pub token: Option<String>,
+    /// Serve over TLS with this configuration (identity and, for mutual TLS, client
+    /// verification; see [`crate::tls`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl JobSpec {
+    /// A job over the prepared dataset `data` (train split of `train_tokens` tokens, `vocab`
+    /// words) with the default timeouts, no authentication, no TLS.
+    pub fn new(
+        cfg: TrainConfig,
+        data: Location,
+        out: Location,
+        (min_world, world_size): (usize, usize),
+        train_tokens: u64,
+        vocab: usize,
+    ) -> Self {
+        let heartbeat = Duration::from_secs(2);
+        let run_id = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
+        Self {
+            cfg,
+            data,
+            out,
+            checkpoint: None,
+            backend: "auto".into(),
+            world_size,
+            min_world,
+            form_wait: Duration::from_secs(10),
+            heartbeat,
+            heartbeat_timeout: heartbeat * 5,
+            collective_timeout: Duration::from_secs(120),
+            join_timeout: Duration::from_secs(600),
+            train_tokens,
+            run_id,
+            max_restarts: 3,
+            vocab,
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// Prepare the dataset (once, for all workers) and find the checkpoint to resume from;
+    /// refuses to start a new run over an existing one.
+    pub async fn prepare(
+        cfg: TrainConfig,
+        data: &Location,
+        out: &Location,
+        resume: bool,
+        (min_world, world_size): (usize, usize),
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if min_world == 0 || min_world > world_size {
+            return Err(Error::Config(format!(
+                "world size {min_world}:{world_size}: expected 1 <= MIN <= MAX"
+            )));
+        }
+        for w in min_world..=world_size {
+            if !cfg.batch.is_multiple_of(w) || cfg.eval_batch < w {
+                return Err(Error::Config(format!(
+                    "batch {} must split evenly over {w} workers, and eval_batch {} must give each at least one stream",
+                    cfg.batch, cfg.eval_batch
+                )));
+            }
+            cfg.groups_for(w)?;
+        }
+        let prep = PrepareOptions {
+            text: cfg.text_options(),
+            vocab_size: cfg.vocab_size,
+            shard_tokens: cfg.shard_tokens,
+        };
+        let ds = Dataset::open_or_prepare(data, &out.join("data"), &prep).await?;
+        let newest = checkpoint::list(out).await?.into_iter().next();
+        let checkpoint = match (resume, newest) {
+            (false, Some((step, dir))) => {
+                return Err(Error::Config(format!(
+                    "{out} already holds a run (checkpoint {dir} at step {step}): pass --resume to continue it, or choose another --out"
+                )));
+            }
+            (false, None) => None,
+            (true, _) => match checkpoint::newest(out).await? {
+                Some(ck) => Some(Location::parse(&ck.url)?),
+                None => {
+                    tracing::info!(out = %out, "no checkpoint to resume from: starting a new run");
+                    None
+                }
+            },
+        };
+        let mut spec = Self::new(
+            cfg,
+            ds.loc.clone(),
+            out.clone(),
+            (min_world, world_size),
+            ds.train.tokens(),
+            ds.vocab.len(),
+        );
+        spec.checkpoint = checkpoint;
+        Ok(spec)
+    }
+}

@@ -1,0 +1,87 @@
+//! Serving one job: the gRPC listener (plaintext or TLS, bearer-token authentication),
+//! the job's monitor, whatever watches it from outside (worker processes, signals,
+//! metrics), until every rank has finished or the job fails.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::server::TcpIncoming;
+
+use lightrnn_proto::{CoordinatorServer, MAX_MESSAGE_BYTES};
+use lightrnn_worker::report::Summary;
+
+use crate::job::{Job, JobSpec, JobStats};
+use crate::service::Service;
+use crate::{Error, Result};
+
+/// What a finished job reports.
+pub struct JobOutcome {
+    pub summary: Summary,
+    pub stats: JobStats,
+}
+
+/// Bind the coordinator's gRPC listener (port 0 picks one).
+pub fn bind(addr: std::net::SocketAddr) -> Result<TcpIncoming> {
+    TcpIncoming::bind(addr)
+        .map(|i| i.with_nodelay(Some(true)))
+        .map_err(|e| Error::Io {
+            what: format!("coordinator: cannot listen on {addr}"),
+            source: e,
+        })
+}
+
+/// What watches the job from outside (worker processes, signals) and reports to it
+/// through [`Job::process_exited`], [`Job::lose_worker`] or [`Job::fault`].
+pub type External =
+    Box<dyn FnOnce(Arc<Job>) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
+/// Serve `spec`'s job on `incoming` until every rank has finished (the summary) or the
+/// job fails (the first cause), re-forming the group after lost workers.
+pub async fn run_job(
+    spec: JobSpec,
+    incoming: TcpIncoming,
+    external: External,
+) -> Result<JobOutcome> {
+    let job = Job::new(spec);
+    let watcher = tokio::spawn(external(job.clone()));
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(Service::new(job.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        lightrnn_proto::auth::RequireToken::new(job.spec().token.as_deref()),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async {
+        let _ = stop_rx.await;
+    };
+    let router = tonic::transport::Server::builder().add_service(svc);
+    let server = match job.spec().tls.clone() {
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(crate::tls::accept(incoming, tls), shutdown),
+        ),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown)),
+    };
+    let monitor = tokio::spawn(job.clone().monitor());
+    let outcome = job.outcome().await;
+    monitor.abort();
+    watcher.abort();
+    // Let the last replies (Finish, Fail, heartbeats answering `abort`) reach the workers.
+    let linger = if outcome.is_ok() { 50 } else { 1500 };
+    tokio::time::sleep(Duration::from_millis(linger)).await;
+    let _ = stop_tx.send(());
+    // A worker stalled in a stream must not keep the coordinator from exiting.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
+        Err(_) => tracing::warn!("gRPC requests still open after the job ended: dropped"),
+        _ => {}
+    }
+    let stats = job.stats();
+    match outcome {
+        Ok(summary) => {
+            tracing::info!(world = job.spec().world_size, stats = ?stats, "job finished");
+            Ok(JobOutcome { summary, stats })
+        }
+        Err(s) => Err(Error::Job(s.message().to_string())),
+    }
+}
