@@ -3,16 +3,27 @@
 //! per second of the job and of each rank, loss and perplexities, restarts by cause,
 //! heartbeat ages and misses, the last committed checkpoint with its seconds and bytes.
 //! A distributed job renders them from the coordinator's state and the ranks' heartbeat
-//! reports; a single-process run from its own report.
+//! reports; a single-process run from its own report. The figures are read at scrape
+//! time (a prometheus-client collector over a [`Snapshot`]); HTTP is hyper's, routed by
+//! axum.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::Error as FmtError;
 use std::sync::Arc;
-use std::time::Duration;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use lightrnn_worker::report::RankReport;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// One rank as the metrics show it.
 #[derive(Clone, Debug, Default)]
@@ -42,202 +53,253 @@ pub struct Snapshot {
     pub rpcs: u64,
 }
 
-struct Out(String);
+type Source = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP lightrnn_{name} {help}");
-        let _ = writeln!(self.0, "# TYPE lightrnn_{name} {kind}");
-    }
-    fn value(&mut self, name: &str, labels: &str, v: f64) {
-        let v = if v.is_finite() {
-            format!("{v}")
-        } else if v.is_nan() {
-            "NaN".into()
-        } else if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        };
-        if labels.is_empty() {
-            let _ = writeln!(self.0, "lightrnn_{name} {v}");
-        } else {
-            let _ = writeln!(self.0, "lightrnn_{name}{{{labels}}} {v}");
-        }
-    }
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
-        self.family(name, kind, help);
-        self.value(name, "", v);
+/// The collector that reads a [`Snapshot`] at every scrape.
+struct Job(Source);
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("lightrnn job metrics")
     }
 }
 
-/// A label value with `\`, `"` and newlines escaped.
-fn label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: N,
+) -> Result<(), FmtError> {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// A counter `name` (exposed as `name_total`).
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), FmtError> {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// A family of gauges or counters with one label.
+fn family<N: Copy>(
+    e: &mut DescriptorEncoder,
+    (name, help, kind): (&str, &str, MetricType),
+    label: &str,
+    items: impl IntoIterator<Item = (String, N)>,
+) -> Result<(), FmtError>
+where
+    ConstGauge<N>: EncodeMetric,
+    ConstCounter<N>: EncodeMetric,
+{
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (l, v) in items {
+        let labels = [(label.to_string(), l)];
+        let f = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(f)?,
+            _ => ConstGauge::new(v).encode(f)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Job {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), FmtError> {
+        let s = (self.0)();
+        let gauges = MetricType::Gauge;
+        family(
+            &mut e,
+            ("info", "The run (always 1).", gauges),
+            "run_id",
+            [(s.run_id.clone(), 1u64)],
+        )?;
+        gauge(
+            &mut e,
+            "world_size",
+            "Workers in the current group (0 while it forms).",
+            s.world as u64,
+        )?;
+        gauge(
+            &mut e,
+            "max_world_size",
+            "Most workers the job takes.",
+            s.max_world as u64,
+        )?;
+        gauge(
+            &mut e,
+            "generation",
+            "Current generation of the group (a new one after each re-formation).",
+            s.generation,
+        )?;
+        let step = s.ranks.iter().map(|r| r.step).max().unwrap_or(0);
+        gauge(&mut e, "step", "Optimizer steps taken.", step)?;
+        if let Some(r) = s.ranks.first().and_then(|r| r.report.as_ref()) {
+            lead_rank(&mut e, r)?;
+        }
+        ranks(&mut e, &s)?;
+        job_counters(&mut e, &s)
+    }
+}
+
+/// The job's figures as rank 0 reports them.
+fn lead_rank(e: &mut DescriptorEncoder, r: &RankReport) -> Result<(), FmtError> {
+    gauge(e, "epoch", "Epochs completed.", r.epoch)?;
+    gauge(
+        e,
+        "words_per_second",
+        "Words per second of the whole job over the last logging window.",
+        r.global_words_per_sec,
+    )?;
+    gauge(
+        e,
+        "train_loss",
+        "Training loss (nats per word) of the last logging window.",
+        r.loss,
+    )?;
+    gauge(
+        e,
+        "train_perplexity",
+        "Training perplexity of the last logging window.",
+        r.loss.exp(),
+    )?;
+    if r.valid_ppl > 0.0 {
+        gauge(
+            e,
+            "valid_perplexity",
+            "Validation perplexity after the last epoch.",
+            r.valid_ppl,
+        )?;
+    }
+    gauge(e, "learning_rate", "Current learning rate.", r.lr)?;
+    if r.checkpoints > 0 {
+        gauge(
+            e,
+            "checkpoint_step",
+            "Step of the last committed checkpoint.",
+            r.checkpoint_step,
+        )?;
+        gauge(
+            e,
+            "checkpoint_seconds",
+            "Seconds the last checkpoint took (gather, write, commit).",
+            r.checkpoint_seconds,
+        )?;
+        gauge(
+            e,
+            "checkpoint_bytes",
+            "Bytes of the last checkpoint.",
+            r.checkpoint_bytes,
+        )?;
+    }
+    Ok(())
+}
+
+/// Every rank's step, speed and heartbeat age.
+fn ranks(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
+    let g = MetricType::Gauge;
+    family(
+        e,
+        ("rank_step", "Step of each rank (from its heartbeats).", g),
+        "rank",
+        s.ranks.iter().map(|r| (r.rank.to_string(), r.step)),
+    )?;
+    family(
+        e,
+        (
+            "rank_words_per_second",
+            "Words per second of each rank over its last logging window (a straggler shows here).",
+            g,
+        ),
+        "rank",
+        s.ranks
+            .iter()
+            .filter_map(|r| Some((r.rank.to_string(), r.report.as_ref()?.words_per_sec))),
+    )?;
+    if s.ranks.iter().any(|r| r.heartbeat_age.is_some()) {
+        family(
+            e,
+            (
+                "rank_heartbeat_age_seconds",
+                "Seconds since each rank's last heartbeat.",
+                g,
+            ),
+            "rank",
+            s.ranks
+                .iter()
+                .filter_map(|r| Some((r.rank.to_string(), r.heartbeat_age?))),
+        )?;
+    }
+    Ok(())
+}
+
+/// The control plane's counters.
+fn job_counters(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
+    let restarts = |cause: &str| s.restarts.get(cause).copied().unwrap_or(0);
+    family(
+        e,
+        (
+            "restarts",
+            "Re-formations of the group after lost workers, by cause.",
+            MetricType::Counter,
+        ),
+        "cause",
+        ["heartbeat", "worker_failed", "process_exit"].map(|c| (c.to_string(), restarts(c))),
+    )?;
+    counter(
+        e,
+        "heartbeat_misses",
+        "Workers declared lost for missing their heartbeats.",
+        restarts("heartbeat"),
+    )?;
+    counter(
+        e,
+        "grows",
+        "Re-formations that took in workers asking to join (elastic).",
+        s.grows,
+    )?;
+    counter(
+        e,
+        "checkpoints_committed",
+        "Checkpoints committed.",
+        s.checkpoints_committed,
+    )?;
+    counter(
+        e,
+        "tokens_accounted",
+        "Training tokens certified by the epoch barriers.",
+        s.tokens_accounted,
+    )?;
+    counter(
+        e,
+        "reallocations",
+        "Word reallocations solved.",
+        s.reallocations,
+    )?;
+    counter(
+        e,
+        "coordinator_rpcs",
+        "Calls the coordinator served (heartbeats excluded).",
+        s.rpcs,
+    )
+}
+
+/// The registry of the endpoint: the job's figures under the `lightrnn_` prefix.
+fn registry(source: Source) -> Registry {
+    let mut r = Registry::with_prefix("lightrnn");
+    r.register_collector(Box::new(Job(source)));
+    r
 }
 
 /// The snapshot in the Prometheus text format.
 pub fn render(s: &Snapshot) -> String {
-    let mut o = Out(String::new());
-    o.family("info", "gauge", "The run (always 1).");
-    o.value("info", &format!("run_id=\"{}\"", label(&s.run_id)), 1.0);
-    o.one(
-        "world_size",
-        "gauge",
-        "Workers in the current group (0 while it forms).",
-        s.world as f64,
-    );
-    o.one(
-        "max_world_size",
-        "gauge",
-        "Most workers the job takes.",
-        s.max_world as f64,
-    );
-    o.one(
-        "generation",
-        "gauge",
-        "Current generation of the group (a new one after each re-formation).",
-        s.generation as f64,
-    );
-    let lead = s.ranks.first().and_then(|r| r.report.clone());
-    let step = s.ranks.iter().map(|r| r.step).max().unwrap_or(0);
-    o.one("step", "gauge", "Optimizer steps taken.", step as f64);
-    if let Some(r) = &lead {
-        o.one("epoch", "gauge", "Epochs completed.", r.epoch as f64);
-        o.one(
-            "words_per_second",
-            "gauge",
-            "Words per second of the whole job over the last logging window.",
-            r.global_words_per_sec,
-        );
-        o.one(
-            "train_loss",
-            "gauge",
-            "Training loss (nats per word) of the last logging window.",
-            r.loss,
-        );
-        o.one(
-            "train_perplexity",
-            "gauge",
-            "Training perplexity of the last logging window.",
-            r.loss.exp(),
-        );
-        if r.valid_ppl > 0.0 {
-            o.one(
-                "valid_perplexity",
-                "gauge",
-                "Validation perplexity after the last epoch.",
-                r.valid_ppl,
-            );
-        }
-        o.one("learning_rate", "gauge", "Current learning rate.", r.lr);
-        if r.checkpoints > 0 {
-            o.one(
-                "checkpoint_step",
-                "gauge",
-                "Step of the last committed checkpoint.",
-                r.checkpoint_step as f64,
-            );
-            o.one(
-                "checkpoint_seconds",
-                "gauge",
-                "Seconds the last checkpoint took (gather, write, commit).",
-                r.checkpoint_seconds,
-            );
-            o.one(
-                "checkpoint_bytes",
-                "gauge",
-                "Bytes of the last checkpoint.",
-                r.checkpoint_bytes as f64,
-            );
-        }
+    let s = s.clone();
+    expose(&registry(Arc::new(move || s.clone())))
+}
+
+fn expose(r: &Registry) -> String {
+    let mut out = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut out, r) {
+        Ok(()) => out,
+        Err(_) => String::new(),
     }
-    o.family(
-        "rank_step",
-        "gauge",
-        "Step of each rank (from its heartbeats).",
-    );
-    for r in &s.ranks {
-        o.value("rank_step", &format!("rank=\"{}\"", r.rank), r.step as f64);
-    }
-    o.family(
-        "rank_words_per_second",
-        "gauge",
-        "Words per second of each rank over its last logging window (a straggler shows here).",
-    );
-    for r in &s.ranks {
-        if let Some(rep) = &r.report {
-            o.value(
-                "rank_words_per_second",
-                &format!("rank=\"{}\"", r.rank),
-                rep.words_per_sec,
-            );
-        }
-    }
-    if s.ranks.iter().any(|r| r.heartbeat_age.is_some()) {
-        o.family(
-            "rank_heartbeat_age_seconds",
-            "gauge",
-            "Seconds since each rank's last heartbeat.",
-        );
-        for r in &s.ranks {
-            if let Some(a) = r.heartbeat_age {
-                o.value(
-                    "rank_heartbeat_age_seconds",
-                    &format!("rank=\"{}\"", r.rank),
-                    a,
-                );
-            }
-        }
-    }
-    o.family(
-        "restarts_total",
-        "counter",
-        "Re-formations of the group after lost workers, by cause.",
-    );
-    for cause in ["heartbeat", "worker_failed", "process_exit"] {
-        let n = s.restarts.get(cause).copied().unwrap_or(0);
-        o.value("restarts_total", &format!("cause=\"{cause}\""), n as f64);
-    }
-    o.one(
-        "heartbeat_misses_total",
-        "counter",
-        "Workers declared lost for missing their heartbeats.",
-        s.restarts.get("heartbeat").copied().unwrap_or(0) as f64,
-    );
-    o.one(
-        "grows_total",
-        "counter",
-        "Re-formations that took in workers asking to join (elastic).",
-        s.grows as f64,
-    );
-    o.one(
-        "checkpoints_committed_total",
-        "counter",
-        "Checkpoints committed.",
-        s.checkpoints_committed as f64,
-    );
-    o.one(
-        "tokens_accounted_total",
-        "counter",
-        "Training tokens certified by the epoch barriers.",
-        s.tokens_accounted as f64,
-    );
-    o.one(
-        "reallocations_total",
-        "counter",
-        "Word reallocations solved.",
-        s.reallocations as f64,
-    );
-    o.one(
-        "coordinator_rpcs_total",
-        "counter",
-        "Calls the coordinator served (heartbeats excluded).",
-        s.rpcs as f64,
-    );
-    o.0
 }
 
 /// The snapshot of a single-process run from its published report.
@@ -260,61 +322,52 @@ pub fn single_process(sink: &lightrnn_worker::report::ReportSink) -> Snapshot {
     }
 }
 
-/// Serve `GET /metrics` on `listener` with `snapshot()` until the task is aborted.
-pub async fn serve(listener: TcpListener, snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let snapshot = snapshot.clone();
-        tokio::spawn(async move {
-            // The request head (bounded); the body of a GET is empty.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let head = tokio::time::timeout(Duration::from_secs(5), async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+/// Serve `GET /metrics` on `listener` with `snapshot()` until the task is aborted. Each
+/// connection answers one request and closes (scrapers reconnect; nothing is held open).
+pub async fn serve(listener: TcpListener, snapshot: Source) {
+    let reg = Arc::new(registry(snapshot));
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let reg = reg.clone();
+                async move {
+                    (
+                        [
+                            (
+                                header::CONTENT_TYPE,
+                                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                            ),
+                            (header::CONNECTION, "close"),
+                        ],
+                        expose(&reg),
+                    )
                 }
-            })
-            .await;
-            if head.is_err() {
-                return;
+            }),
+        )
+        .route("/", get(|| async { "lightrnn: metrics at /metrics\n" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() });
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accepting a connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
             }
-            let line = String::from_utf8_lossy(&buf);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render(&snapshot()),
-                ),
-                ("GET", "/") => (
-                    "200 OK",
-                    "text/plain; charset=utf-8",
-                    "lightrnn: metrics at /metrics\n".to_string(),
-                ),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "not found\n".into(),
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain; charset=utf-8",
-                    "only GET\n".into(),
-                ),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .title_case_headers(true)
+                .keep_alive(false)
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(io, svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics endpoint: a connection failed");
+            }
         });
     }
 }
@@ -374,9 +427,9 @@ mod tests {
             "lightrnn_world_size 2\n",
             "lightrnn_generation 3\n",
             "lightrnn_step 10\n",
-            "lightrnn_words_per_second 10\n",
+            "lightrnn_words_per_second 10.0\n",
             "lightrnn_train_perplexity 2.718281828459045\n",
-            "lightrnn_rank_words_per_second{rank=\"0\"} 5\n",
+            "lightrnn_rank_words_per_second{rank=\"0\"} 5.0\n",
             "lightrnn_rank_heartbeat_age_seconds{rank=\"1\"} 1.5\n",
             "lightrnn_restarts_total{cause=\"heartbeat\"} 2\n",
             "lightrnn_heartbeat_misses_total 2\n",

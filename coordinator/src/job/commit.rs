@@ -58,7 +58,9 @@ impl Job {
         let meta = match r.manifest.map(Meta::try_from).transpose() {
             Ok(m) => m,
             Err(e) => {
-                return Err(self.refuse(format!("step {}: rank {}'s manifest: {e}", r.step, r.rank)));
+                return Err(
+                    self.refuse(format!("step {}: rank {}'s manifest: {e}", r.step, r.rank))
+                );
             }
         };
         let ready = {

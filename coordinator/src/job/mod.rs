@@ -234,3 +234,6 @@ impl Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

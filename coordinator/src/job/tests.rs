@@ -1,0 +1,204 @@
+//! The job's state machine in process, under paused tokio time: heartbeat loss, the end
+//! of a generation and the fencing of its workers, the epoch barrier's accounting, a
+//! group that does not form, an elastic group that forms below its maximum.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Code;
+
+use lightrnn_proto::v1::{EpochDoneRequest, HeartbeatRequest, JoinRequest, LeaseRequest};
+use lightrnn_worker::config::TrainConfig;
+use lightrnn_worker::data::store::Location;
+
+use super::{Job, JobSpec};
+
+fn spec(world: (usize, usize)) -> JobSpec {
+    let cfg = TrainConfig::preset("tiny").unwrap();
+    let loc = |s: &str| Location::parse(&format!("memory://job-tests/{s}")).unwrap();
+    JobSpec::new(cfg, loc("data"), loc("run"), world, 1000, 100)
+}
+
+fn join_req(pid: u32) -> JoinRequest {
+    JoinRequest {
+        rank: -1,
+        collective_addr: format!("127.0.0.1:{}", 1000 + pid),
+        host: "test".into(),
+        pid,
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+fn heartbeat(generation: u64, rank: u32) -> HeartbeatRequest {
+    HeartbeatRequest {
+        generation,
+        rank,
+        ..Default::default()
+    }
+}
+
+/// `n` workers join; their (rank, pid) in the formed group.
+async fn form(job: &Arc<Job>, pids: &[u32]) -> Vec<(u32, u32)> {
+    let joins: Vec<_> = pids
+        .iter()
+        .map(|&pid| {
+            let job = job.clone();
+            tokio::spawn(async move { (job.join(join_req(pid)).await, pid) })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for j in joins {
+        let (r, pid) = j.await.unwrap();
+        out.push((r.unwrap().rank, pid));
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_rank_ends_the_generation_and_its_workers_are_fenced() {
+    let job = Job::new(spec((2, 2)));
+    tokio::spawn(job.clone().monitor());
+    let ranks = form(&job, &[11, 12]).await;
+    assert_eq!(job.generation(), 1);
+    let silent_pid = ranks.iter().find(|(r, _)| *r == 1).unwrap().1;
+    // Rank 0 heartbeats every 2 s; rank 1 never does: lost after 5 heartbeats (10 s).
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        job.heartbeat(heartbeat(1, 0)).unwrap();
+        assert_eq!(job.generation(), 1, "lost too early");
+    }
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = job.heartbeat(heartbeat(job.generation(), 0));
+    }
+    assert_eq!(job.generation(), 2);
+    let stats = job.stats();
+    assert_eq!(stats.restarts.get("heartbeat"), Some(&1), "{stats:?}");
+    assert_eq!(job.take_stalled(), vec![silent_pid]);
+    assert!(!job.failed());
+    // Generation 1's workers are fenced from every call.
+    let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let lease = LeaseRequest {
+        generation: 1,
+        rank: 0,
+        epoch: 0,
+        streams: 8,
+        cursor: 0,
+    };
+    assert_eq!(
+        job.lease(lease).unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    // The next generation forms from the survivor and a replacement, and trains.
+    let ranks = form(&job, &[11, 13]).await;
+    assert_eq!(ranks.len(), 2);
+    assert!(job.heartbeat(heartbeat(2, 0)).unwrap().abort.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_are_bounded_and_heartbeats_then_say_why() {
+    let mut s = spec((1, 1));
+    s.max_restarts = 1;
+    let job = Job::new(s);
+    tokio::spawn(job.clone().monitor());
+    for generation in 1..=2 {
+        form(&job, &[20 + generation as u32]).await;
+        assert_eq!(job.generation(), generation);
+        tokio::time::sleep(Duration::from_secs(13)).await;
+    }
+    assert!(job.failed());
+    let why = job.heartbeat(heartbeat(2, 0)).unwrap().abort;
+    assert!(why.contains("giving up after 1 restarts"), "{why}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_epoch_barrier_counts_every_token_once() {
+    let job = Job::new(spec((2, 2)));
+    tokio::spawn(job.clone().monitor());
+    form(&job, &[31, 32]).await;
+    // 1000 tokens in 4 streams: 250 per stream, 249 positions of targets each.
+    let lease = |rank: u32, epoch: u64| LeaseRequest {
+        generation: 1,
+        rank,
+        epoch,
+        streams: 4,
+        cursor: 0,
+    };
+    let done = |rank: u32, epoch: u64, tokens: u64| EpochDoneRequest {
+        generation: 1,
+        rank,
+        epoch,
+        tokens,
+    };
+    for rank in 0..2 {
+        let r = job.lease(lease(rank, 0)).unwrap();
+        assert_eq!(
+            (r.stream_begin, r.stream_end),
+            (2 * rank as u64, 2 * rank as u64 + 2)
+        );
+    }
+    let first = {
+        let job = job.clone();
+        tokio::spawn(async move { job.epoch_done(done(0, 0, 498)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!first.is_finished(), "the barrier waits for every rank");
+    assert_eq!(job.epoch_done(done(1, 0, 498)).await.unwrap(), 996);
+    assert_eq!(first.await.unwrap().unwrap(), 996);
+    assert_eq!(job.stats().tokens_accounted, 996);
+    // Another epoch that misses a token ends the job, for every rank.
+    for rank in 0..2 {
+        job.lease(lease(rank, 1)).unwrap();
+    }
+    let first = {
+        let job = job.clone();
+        tokio::spawn(async move { job.epoch_done(done(0, 1, 498)).await })
+    };
+    let e = job.epoch_done(done(1, 1, 497)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(
+        e.message()
+            .contains("consumed 995 tokens, the epoch's leases hold 996"),
+        "{e:?}"
+    );
+    assert_eq!(first.await.unwrap().unwrap_err().code(), Code::Aborted);
+    assert!(job.failed());
+    // A second report of the same epoch is refused, not counted.
+    let job = Job::new(spec((1, 1)));
+    form(&job, &[41]).await;
+    job.lease(LeaseRequest {
+        rank: 0,
+        ..lease(0, 0)
+    })
+    .unwrap();
+    assert_eq!(job.epoch_done(done(0, 0, 996)).await.unwrap(), 996);
+    let e = job.epoch_done(done(0, 0, 996)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(job.stats().tokens_accounted, 996);
+}
+
+#[tokio::test(start_paused = true)]
+async fn groups_that_do_not_form_end_the_job_and_elastic_ones_form_below_their_maximum() {
+    let mut s = spec((2, 2));
+    s.join_timeout = Duration::from_secs(30);
+    let job = Job::new(s);
+    tokio::spawn(job.clone().monitor());
+    let waiting = {
+        let job = job.clone();
+        tokio::spawn(async move { job.join(join_req(51)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let e = waiting.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(e.message().contains("only 1 of 2 workers joined"), "{e:?}");
+    // Elastic 1..3: one worker, and no other for form_wait (10 s): a group of one.
+    let job = Job::new(spec((1, 3)));
+    tokio::spawn(job.clone().monitor());
+    let r = job.join(join_req(61)).await.unwrap();
+    assert_eq!((r.rank, r.world_size), (0, 1));
+    // The formed group below its maximum takes newcomers at its next checkpoint only.
+    let e = job.join(join_req(62)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("next checkpoint"), "{e:?}");
+}
