@@ -267,6 +267,18 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Whether the batches split over `world` ranks: the batch evenly, every rank at
+    /// least one evaluation stream, and the gradient groups (see [`Self::groups_for`]).
+    pub fn check_world(&self, world: usize) -> Result<()> {
+        if world == 0 || !self.batch.is_multiple_of(world) || self.eval_batch < world {
+            return Err(Error::Config(format!(
+                "batch {} must split evenly over {world} ranks, and eval_batch {} must give each at least one stream",
+                self.batch, self.eval_batch
+            )));
+        }
+        self.groups_for(world).map(|_| ())
+    }
+
     /// Gradient groups of a job of `world` ranks (see `grad_groups`).
     pub fn groups_for(&self, world: usize) -> Result<usize> {
         let g = if self.grad_groups == 0 {

@@ -104,13 +104,7 @@ impl JobSpec {
             )));
         }
         for w in min_world..=world_size {
-            if !cfg.batch.is_multiple_of(w) || cfg.eval_batch < w {
-                return Err(Error::Config(format!(
-                    "batch {} must split evenly over {w} workers, and eval_batch {} must give each at least one stream",
-                    cfg.batch, cfg.eval_batch
-                )));
-            }
-            cfg.groups_for(w)?;
+            cfg.check_world(w)?;
         }
         let prep = PrepareOptions {
             text: cfg.text_options(),

@@ -349,37 +349,24 @@ pub trait Elem: Copy + Default {
     fn get(b: &[u8]) -> Self;
 }
 
-impl Elem for f32 {
-    const BYTES: usize = 4;
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-    fn get(b: &[u8]) -> Self {
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
+/// `Elem` for a primitive with `to_le_bytes` / `from_le_bytes` of `N` bytes.
+macro_rules! le_elem {
+    ($($t:ty: $n:literal),*) => {$(
+        impl Elem for $t {
+            const BYTES: usize = $n;
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(b: &[u8]) -> Self {
+                let mut a = [0u8; $n];
+                a.copy_from_slice(&b[..$n]);
+                <$t>::from_le_bytes(a)
+            }
+        }
+    )*};
 }
 
-impl Elem for u32 {
-    const BYTES: usize = 4;
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-    fn get(b: &[u8]) -> Self {
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-}
-
-impl Elem for u64 {
-    const BYTES: usize = 8;
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-    fn get(b: &[u8]) -> Self {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[..8]);
-        u64::from_le_bytes(a)
-    }
-}
+le_elem!(f32: 4, u32: 4, u64: 8);
 
 /// The element ranges that cut `len` elements of `T` into chunks of at most
 /// [`CHUNK_BYTES`] (at least one element each).

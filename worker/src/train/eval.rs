@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::{
-    Backend, BackendKind, BackendOptions, Batch, ModelConfig, Stream, open_backend,
+    Backend, BackendKind, BackendOptions, Batch, LossSums, ModelConfig, Stream, open_backend,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -29,25 +29,17 @@ pub fn evaluate(
     handle: &Handle,
     coll: &mut dyn Collective,
 ) -> Result<(f64, u64)> {
-    backend.reset_state(Stream::Eval);
     let mine = share(eval_batch, coll.world(), coll.rank());
-    let b = mine.len();
-    let mut batches = Batches::streams(split.clone(), handle.clone(), eval_batch, mine, bptt, 0)?;
-    let mut buf = Vec::new();
-    let (mut total, mut words) = (0.0, 0u64);
-    while let Some(t) = batches.next_batch(&mut buf)? {
-        let batch = Batch {
-            inputs: &buf[..t * b],
-            targets: &buf[b..],
-            steps: t,
-            batch: b,
-            stream: Stream::Eval,
-        };
-        let l = backend.eval_batch(&batch)?;
-        total += l.total();
-        words += l.words;
-    }
-    backend.reset_state(Stream::Eval);
+    let (total, words) = pass(
+        backend,
+        split,
+        eval_batch,
+        mine,
+        bptt,
+        Stream::Eval,
+        handle,
+        |be, b| be.eval_batch(b),
+    )?;
     let mut sums = [total, words as f64];
     coll.all_reduce_sum_f64(&mut sums)?;
     Ok((sums[0] / sums[1].max(1.0), sums[1] as u64))
@@ -58,6 +50,41 @@ pub struct EvalReport {
     pub ppl: f64,
     pub loss: f64,
     pub words: u64,
+}
+
+/// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
+/// streams of `bptt` steps, from fresh state in `stream` (reset again after it): `each`
+/// runs every batch. Returns the summed loss and the words predicted.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pass(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    streams: std::ops::Range<usize>,
+    bptt: usize,
+    stream: Stream,
+    handle: &Handle,
+    mut each: impl FnMut(&mut dyn Backend, &Batch<'_>) -> lightrnn_kernels::Result<LossSums>,
+) -> Result<(f64, u64)> {
+    backend.reset_state(stream);
+    let b = streams.len();
+    let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
+    let mut buf = Vec::new();
+    let (mut total, mut words) = (0.0, 0u64);
+    while let Some(t) = batches.next_batch(&mut buf)? {
+        let bt = Batch {
+            inputs: &buf[..t * b],
+            targets: &buf[b..],
+            steps: t,
+            batch: b,
+            stream,
+        };
+        let l = each(&mut *backend, &bt)?;
+        total += l.total();
+        words += l.words;
+    }
+    backend.reset_state(stream);
+    Ok((total, words))
 }
 
 /// Tokenise `file` with the checkpoint's vocabulary and evaluate it with `batch` streams.

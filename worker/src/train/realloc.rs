@@ -8,10 +8,9 @@ use std::time::Instant;
 use tokio::runtime::Handle;
 
 use lightrnn_alloc::{Carry, Report, carry_vectors};
-use lightrnn_kernels::{Backend, Batch, LossTables, Stream};
+use lightrnn_kernels::{Backend, LossTables, Stream};
 
-use super::eval::evaluate;
-use crate::data::batches::Batches;
+use super::eval::{evaluate, pass};
 use crate::data::shards::SplitReader;
 use crate::dist::collective::share;
 use crate::dist::control::Dist;
@@ -30,24 +29,16 @@ pub fn loss_tables(
     handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
     backend.begin_loss_tables(max_bytes)?;
-    backend.reset_state(Stream::Tables);
-    let b = streams.len();
-    let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
-    let mut buf = Vec::new();
-    let (mut total, mut words) = (0.0, 0u64);
-    while let Some(t) = batches.next_batch(&mut buf)? {
-        let bt = Batch {
-            inputs: &buf[..t * b],
-            targets: &buf[b..],
-            steps: t,
-            batch: b,
-            stream: Stream::Tables,
-        };
-        let l = backend.accumulate_loss_tables(&bt)?;
-        total += l.total();
-        words += l.words;
-    }
-    backend.reset_state(Stream::Tables);
+    let (total, words) = pass(
+        backend,
+        split,
+        batch,
+        streams,
+        bptt,
+        Stream::Tables,
+        handle,
+        |be, b| be.accumulate_loss_tables(b),
+    )?;
     Ok((backend.take_loss_tables()?, total, words))
 }
 

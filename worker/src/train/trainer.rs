@@ -126,12 +126,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         cfg.validate()?;
         let world = dist.world();
-        if !cfg.batch.is_multiple_of(world) || cfg.eval_batch < world {
-            return Err(Error::Config(format!(
-                "batch {} must split evenly over {world} ranks, and eval_batch {} must give each at least one stream",
-                cfg.batch, cfg.eval_batch
-            )));
-        }
+        cfg.check_world(world)?;
         let gpr = cfg.groups_for(world)? / world;
         let started = Instant::now();
         // A backend this build or machine cannot run fails before any data is read.
