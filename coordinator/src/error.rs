@@ -29,7 +29,7 @@ pub enum Error {
     #[error("drawing the picture: {0}")]
     Plot(String),
     /// The job ended with this cause.
-    #[error("{0}")]
+    #[error("coordinator: {0}")]
     Job(String),
 }
 

@@ -188,6 +188,8 @@ fn watch_children(cs: Arc<Mutex<Vec<Child>>>, spawn: Spawn, stop: Stop) -> Exter
     Box::new(move |job| {
         Box::pin(async move {
             let mut early = vec![0u32; cs.lock().map_or(0, |c| c.len())];
+            // Stalled workers this launcher killed: their exits are not early deaths.
+            let mut killed = std::collections::HashSet::new();
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 if job.failed() {
@@ -206,6 +208,7 @@ fn watch_children(cs: Arc<Mutex<Vec<Child>>>, spawn: Spawn, stop: Stop) -> Exter
                     if let Some(c) = cs.iter_mut().find(|c| c.id() == pid) {
                         tracing::warn!(pid, "killing a stalled worker");
                         let _ = c.kill();
+                        killed.insert(pid);
                     }
                 }
                 for (rank, c) in cs.iter_mut().enumerate() {
@@ -216,7 +219,7 @@ fn watch_children(cs: Arc<Mutex<Vec<Child>>>, spawn: Spawn, stop: Stop) -> Exter
                         continue;
                     }
                     let why = format!("worker process {rank} exited: {status}");
-                    if job.process_exited(c.id(), why.clone()) {
+                    if job.process_exited(c.id(), why.clone()) || killed.remove(&c.id()) {
                         early[rank] = 0;
                     } else {
                         early[rank] += 1;

@@ -55,13 +55,16 @@ impl Job {
     pub async fn commit(self: &Arc<Self>, r: CommitRequest) -> Result<(), Status> {
         self.count_rpc();
         valid_sum(&r.params_sha256)?;
-        let meta = match r.manifest.map(Meta::try_from).transpose() {
+        self.check(&self.lock(), r.generation, r.rank)?;
+        // Only rank 0's manifest is committed (the others' are ignored).
+        let meta = match r
+            .manifest
+            .filter(|_| r.rank == 0)
+            .map(Meta::try_from)
+            .transpose()
+        {
             Ok(m) => m,
-            Err(e) => {
-                return Err(
-                    self.refuse(format!("step {}: rank {}'s manifest: {e}", r.step, r.rank))
-                );
-            }
+            Err(e) => return Err(self.refuse(format!("step {}: rank 0's manifest: {e}", r.step))),
         };
         let ready = {
             let mut st = self.lock();
@@ -124,9 +127,15 @@ impl Job {
     pub fn finish(&self, r: FinishRequest) -> Result<(), Status> {
         self.count_rpc();
         valid_sum(&r.params_sha256)?;
-        let summary = match r.summary.map(Summary::try_from).transpose() {
+        self.check(&self.lock(), r.generation, r.rank)?;
+        let summary = match r
+            .summary
+            .filter(|_| r.rank == 0)
+            .map(Summary::try_from)
+            .transpose()
+        {
             Ok(s) => s,
-            Err(e) => return Err(self.refuse(format!("rank {}'s summary: {e}", r.rank))),
+            Err(e) => return Err(self.refuse(format!("rank 0's summary: {e}"))),
         };
         {
             let mut st = self.lock();

@@ -66,6 +66,47 @@ impl CpuBackend {
         Ok(loss)
     }
 
+    /// The groups of a training batch in turn (group g: streams g * B/G.. of the batch,
+    /// dropout keyed at `offset` + g * B/G of `global`, state in `Train(first + g)`), their
+    /// gradients folded into the pairwise sum, left in the engine's gradient buffer.
+    fn grouped_step(
+        &mut self,
+        batch: &Batch<'_>,
+        tokens: &mut Vec<u32>,
+        first: u32,
+        (offset, global): (usize, usize),
+        step: u64,
+        scale: f32,
+    ) -> Result<LossSums> {
+        let (bl, t, groups) = (batch.batch, batch.steps, self.shard.groups);
+        let gs = bl / groups;
+        let mut total = LossSums::default();
+        for g in 0..groups {
+            tokens.clear();
+            for k in 0..=t {
+                let row: &[u32] = if k < t {
+                    &batch.inputs[k * bl..(k + 1) * bl]
+                } else {
+                    &batch.targets[(t - 1) * bl..t * bl]
+                };
+                tokens.extend_from_slice(&row[g * gs..(g + 1) * gs]);
+            }
+            // Several groups: every group's dropout is keyed by its global position.
+            self.engine.set_shard(Some((offset + g * gs, global)))?;
+            let group = Batch {
+                inputs: &tokens[..t * gs],
+                targets: &tokens[gs..],
+                steps: t,
+                batch: gs,
+                stream: Stream::Train(first + g as u32),
+            };
+            total.add(&self.forward_backward(&group, step, scale)?);
+            self.push_partial()?;
+        }
+        self.finish_partials()?;
+        Ok(total)
+    }
+
     /// Fold the gradient just computed into the pairwise sum: equal tree levels are
     /// combined as soon as both exist ((a + b) + (c + d) ...).
     fn push_partial(&mut self) -> Result<()> {
@@ -205,7 +246,7 @@ impl Backend for CpuBackend {
                 batch.stream
             )));
         };
-        let (gs, t) = (bl / groups, batch.steps);
+        let t = batch.steps;
         // The batch's [T + 1, B] buffer: inputs are its first T rows, targets its last T.
         if batch.inputs.len() != t * bl || batch.targets.len() != t * bl {
             return Err(Error::Shape(format!(
@@ -213,33 +254,14 @@ impl Backend for CpuBackend {
                 t * bl
             )));
         }
-        let mut total = LossSums::default();
-        let mut tokens = std::mem::take(&mut self.group_tokens);
-        for g in 0..groups {
-            tokens.clear();
-            for k in 0..=t {
-                let row: &[u32] = if k < t {
-                    &batch.inputs[k * bl..(k + 1) * bl]
-                } else {
-                    &batch.targets[(t - 1) * bl..t * bl]
-                };
-                tokens.extend_from_slice(&row[g * gs..(g + 1) * gs]);
-            }
-            self.engine.set_shard(keyed(offset + g * gs))?;
-            let group = Batch {
-                inputs: &tokens[..t * gs],
-                targets: &tokens[gs..],
-                steps: t,
-                batch: gs,
-                stream: Stream::Train(first + g as u32),
-            };
-            let r = self.forward_backward(&group, step, scale);
-            total.add(&r?);
-            self.push_partial()?;
+        // Partial sums left by a step that failed half-way are not this step's.
+        while let Some((_, b)) = self.partial.pop() {
+            self.spare.push(b);
         }
+        let mut tokens = std::mem::take(&mut self.group_tokens);
+        let r = self.grouped_step(batch, &mut tokens, first, (offset, global), step, scale);
         self.group_tokens = tokens;
-        self.finish_partials()?;
-        Ok(total)
+        r
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()> {

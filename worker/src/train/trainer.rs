@@ -227,20 +227,31 @@ impl<'a> Trainer<'a> {
     }
 
     /// A finished run resumed again: its summary as it ended (summary.json), or, when it
-    /// stopped before writing one, its last evaluations now; nothing is trained.
+    /// stopped before writing one, its last evaluations now; nothing is trained. Every
+    /// rank takes the same path: the stored summary only when all ranks read it.
     fn report_finished(self, done: StoppedBy) -> Result<Summary> {
-        let stored = self
-            .block_on(self.opts.out.get("summary.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
-            .filter(|s| s.steps == self.st.step);
-        let Some(summary) = stored else {
-            tracing::info!(step = self.st.step, "the run is finished: evaluating it");
-            return self.finish(done);
+        let stored = match self.block_on(self.opts.out.get("summary.json")) {
+            Ok(b) => serde_json::from_slice::<Summary>(&b)
+                .ok()
+                .filter(|s| s.steps == self.st.step),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let mut have = [f32::from(stored.is_some())];
+        if self.dist.world() > 1 {
+            self.dist.collective.all_reduce_sum(&mut have)?;
+        }
+        let summary = match stored {
+            Some(s) if have[0] as usize == self.dist.world() => s,
+            _ => {
+                tracing::info!(step = self.st.step, "the run is finished: evaluating it");
+                return self.finish(done);
+            }
         };
         if self.dist.is_leader() {
             tracing::info!(step = summary.steps, stopped_by = ?summary.stopped_by, out = %self.opts.out, "the run is finished: nothing to train");
         }
+        // The checksum of the model in the checkpoint (every rank loaded the same).
         let sum = params_checksum(&self.backend.params()?);
         let leader = self.dist.is_leader();
         self.dist.control.finish(leader.then_some(&summary), &sum)?;
