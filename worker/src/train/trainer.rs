@@ -187,7 +187,7 @@ impl<'a> Trainer<'a> {
             return self.report_finished(done);
         }
         if self.dist.is_leader() {
-            self.block_on(
+            self.handle.block_on(
                 self.opts
                     .out
                     .put("config.toml", Bytes::from(self.cfg.to_toml())),
@@ -211,10 +211,6 @@ impl<'a> Trainer<'a> {
         self.finish(stopped)
     }
 
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.handle.block_on(f)
-    }
-
     /// Whether the resumed run had spent its budget already.
     fn finished(&self) -> Option<StoppedBy> {
         if self.st.step == 0 {
@@ -230,7 +226,7 @@ impl<'a> Trainer<'a> {
     /// stopped before writing one, its last evaluations now; nothing is trained. Every
     /// rank takes the same path: the stored summary only when all ranks read it.
     fn report_finished(self, done: StoppedBy) -> Result<Summary> {
-        let stored = match self.block_on(self.opts.out.get("summary.json")) {
+        let stored = match self.handle.block_on(self.opts.out.get("summary.json")) {
             Ok(b) => serde_json::from_slice::<Summary>(&b)
                 .ok()
                 .filter(|s| s.steps == self.st.step),
