@@ -230,12 +230,19 @@ pub(super) const CELL_AUCTION_MAX: usize = 65_536;
 
 /// Free cells offered to each stuck word at first.
 const REPAIR_CANDIDATES: usize = 16;
+/// Open cells listed per word when its repair candidates are all taken.
+const REST_LIST: usize = 64;
+/// Taken cells the search for a word's cheapest open cells passes before it scans the
+/// whole table, per cell wanted.
+const SEARCH_FACTOR: usize = 32;
 
 /// Words the relaxation auction looks at (a regular sample beyond that).
 const RELAX_SAMPLE: usize = 100_000;
 
 /// Widening rounds for words the candidates cannot place, and the search budget per word.
 const WIDEN_ROUNDS: usize = 2;
+/// Searches after which a pass whose searches mostly failed counts as congested.
+const CONGESTED_AFTER: usize = 1024;
 const MAX_POPS: u64 = 4096;
 const WIDEN_WORK: u64 = 512;
 
@@ -302,17 +309,24 @@ fn pass<T: Elem>(p: &Problem<'_, T>, g: &mut Graph, price: &mut [f64]) -> Result
         // about as well at a fraction of the time.
         for round in 0..WIDEN_ROUNDS {
             let budget = MAX_POPS << (3 * round);
-            if round > 0 && left.len() as u64 * budget > WIDEN_WORK * p.vocab as u64 {
-                unplaced = left.len();
-                break;
-            }
             let mut failed = Vec::new();
-            for w in left {
-                if !sap.augment_capped(g, w as usize, budget) {
+            // A congested table (nearly uniform losses: every word wants the same few
+            // cells) makes most searches fail at any budget; once most of them have,
+            // the rest get a small one and the repair pass places the words they miss,
+            // in a fraction of the time.
+            let mut b = budget;
+            for (tried, w) in left.into_iter().enumerate() {
+                if !sap.augment_capped(g, w as usize, b) {
                     failed.push(w);
                 }
+                if tried + 1 >= CONGESTED_AFTER && 2 * failed.len() > tried + 1 {
+                    b = budget.min(MAX_POPS / 16);
+                }
             }
-            if failed.is_empty() || round + 1 == WIDEN_ROUNDS {
+            // The next round would not run (too much work): no widening for it either.
+            let next_budget = MAX_POPS << (3 * (round + 1));
+            let too_much = failed.len() as u64 * next_budget > WIDEN_WORK * p.vocab as u64;
+            if failed.is_empty() || round + 1 == WIDEN_ROUNDS || too_much {
                 unplaced = failed.len();
                 break;
             }
@@ -390,21 +404,20 @@ fn repair<T: Elem>(p: &Problem<'_, T>, x: &mut [u32]) -> Result<usize> {
                 "fewer free cells than unplaced words".into(),
             ));
         }
-        let lists: Vec<Vec<(u32, f64)>> = stuck
+        // Free index of every cell (NONE: taken).
+        let mut slot = vec![NONE; p.cells()];
+        for (k, &c) in free.iter().enumerate() {
+            slot[c as usize] = k as u32;
+        }
+        let mut lists: Vec<Vec<(u32, f64)>> = stuck
             .par_iter()
             .map(|&w| {
-                let mut all: Vec<(f64, u32)> = free
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &c)| (p.cost(w, c as usize), i as u32))
-                    .collect();
-                let mm = REPAIR_CANDIDATES.min(all.len());
-                all.select_nth_unstable_by(mm - 1, |a, b| a.0.total_cmp(&b.0));
-                all.truncate(mm);
-                all.into_iter().map(|(x, i)| (i, x)).collect()
+                cheapest_open(p, w, REPAIR_CANDIDATES, p.cells() - free.len(), &|c| {
+                    slot[c]
+                })
             })
             .collect();
-        let lg = Graph::new(lists, 0, free.len());
+        let lg = Graph::new(lists.clone(), 0, free.len());
         let mut sap = Sap::new(stuck.len(), vec![0.0; free.len()]);
         let mut rest = Vec::new();
         for k in 0..stuck.len() {
@@ -420,23 +433,120 @@ fn repair<T: Elem>(p: &Problem<'_, T>, x: &mut [u32]) -> Result<usize> {
             }
         }
         rest.sort_by(|&a, &b| p.cost(stuck[b], 0).total_cmp(&p.cost(stuck[a], 0)));
-        let mut open: Vec<u32> = (0..free.len() as u32)
-            .filter(|&i| !used[i as usize])
-            .collect();
+        // Each word's list holds the cheapest cells that were open when it was made,
+        // cheapest first; cells are only ever taken, so the first one still open is the
+        // cheapest open cell of all. A word whose list is all taken gets a new one from
+        // the open cells: O(free cells) then, not for every word.
+        let open_list = |w: usize, used: &[bool]| -> Vec<(u32, f64)> {
+            let taken = p.cells() - free.len() + used.iter().filter(|&&u| u).count();
+            cheapest_open(p, w, REST_LIST, taken, &|c| {
+                let k = slot[c];
+                if k != NONE && !used[k as usize] {
+                    k
+                } else {
+                    NONE
+                }
+            })
+        };
         for k in rest {
             let w = stuck[k];
-            let (at, _) = open
-                .par_iter()
-                .enumerate()
-                .map(|(a, &i)| (a, p.cost(w, free[i as usize] as usize)))
-                .reduce(
-                    || (usize::MAX, f64::INFINITY),
-                    |a, b| if b.1 < a.1 { b } else { a },
-                );
-            x[w] = free[open.swap_remove(at) as usize];
+            let mut list = std::mem::take(&mut lists[k]);
+            loop {
+                list.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+                if let Some(&(i, _)) = list.iter().find(|e| !used[e.0 as usize]) {
+                    used[i as usize] = true;
+                    x[w] = free[i as usize];
+                    break;
+                }
+                list = open_list(w, &used);
+                if list.is_empty() {
+                    return Err(AllocError::Solver("no free cell left for a word".into()));
+                }
+            }
         }
     }
     Ok(stuck.len())
+}
+
+/// Word `w`'s `m` cheapest open cells as (`open(cell)`, cost), cheapest first; `open`
+/// gives a cell's index among the open cells, NONE for a taken one. The cost being
+/// separable, cells come in increasing cost from the word's rows and columns sorted by
+/// their losses (a frontier over row rank x column rank), so a table with free cells
+/// near the word's best ones is searched in O(R log R + C log C), not O(R * C). With
+/// `taken` cells taken the frontier meets at most `taken` of them before the m-th open
+/// one; where that could be more than an eighth of the table it stops after
+/// `SEARCH_FACTOR * m` taken cells and scans the whole table instead.
+fn cheapest_open<T: Elem>(
+    p: &Problem<'_, T>,
+    w: usize,
+    m: usize,
+    taken: usize,
+    open: &(dyn Fn(usize) -> u32 + Sync),
+) -> Vec<(u32, f64)> {
+    let limit = if taken + m <= p.cells() / 8 {
+        taken + m
+    } else {
+        SEARCH_FACTOR * m
+    };
+    let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let mut rows: Vec<(f64, u32)> = (0..p.rows).map(|i| (p.lr(w, i), i as u32)).collect();
+    let mut cols: Vec<(f64, u32)> = (0..p.cols).map(|j| (p.lc(w, j), j as u32)).collect();
+    rows.sort_unstable_by(by);
+    cols.sort_unstable_by(by);
+    let mut heap = std::collections::BinaryHeap::new();
+    heap.push(std::cmp::Reverse((
+        Ordered(rows[0].0 + cols[0].0),
+        0u32,
+        0u32,
+    )));
+    let mut out = Vec::with_capacity(m);
+    let mut seen = 0usize;
+    while let Some(std::cmp::Reverse((_, a, b))) = heap.pop() {
+        let (a, b) = (a as usize, b as usize);
+        let cell = rows[a].1 as usize * p.cols + cols[b].1 as usize;
+        let k = open(cell);
+        if k != NONE {
+            out.push((k, p.cost(w, cell)));
+            if out.len() == m {
+                return out;
+            }
+        }
+        seen += 1;
+        if seen > limit {
+            break;
+        }
+        if b == 0 && a + 1 < rows.len() {
+            heap.push(std::cmp::Reverse((
+                Ordered(rows[a + 1].0 + cols[0].0),
+                a as u32 + 1,
+                0,
+            )));
+        }
+        if b + 1 < cols.len() {
+            heap.push(std::cmp::Reverse((
+                Ordered(rows[a].0 + cols[b + 1].0),
+                a as u32,
+                b as u32 + 1,
+            )));
+        }
+    }
+    if out.len() < m && seen > limit {
+        // Crowded near the word's best cells: every open cell, the m cheapest.
+        let mut all: Vec<(f64, u32)> = (0..p.cells())
+            .filter_map(|c| {
+                let k = open(c);
+                (k != NONE).then(|| (p.cost(w, c), k))
+            })
+            .collect();
+        let mm = m.min(all.len());
+        if mm > 0 {
+            all.select_nth_unstable_by(mm - 1, by);
+        }
+        all.truncate(mm);
+        all.sort_unstable_by(by);
+        return all.into_iter().map(|(c, k)| (k, c)).collect();
+    }
+    out
 }
 
 /// Each word's `m` cheapest cells over the whole table under cell prices `price`:

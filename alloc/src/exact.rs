@@ -18,6 +18,10 @@ use super::{AllocError, Elem, Problem, Result, SolveOptions};
 
 /// Violations kept per word and round.
 const PER_WORD: usize = 8;
+/// The most candidate edges per word the exact solver holds (its memory bound: 16 bytes
+/// an edge); tables so tied that the certificate needs more are refused, the scalable
+/// solver solves them.
+pub const MAX_EDGES_PER_WORD: usize = 1024;
 
 /// Pairs whose reduced cost is below -tol: (word, cell, cost), the most negative first per word.
 fn certificate<T: Elem>(p: &Problem<'_, T>, sap: &Sap, tol: f64) -> Vec<(u32, u32, f64)> {
@@ -55,16 +59,43 @@ fn certificate<T: Elem>(p: &Problem<'_, T>, sap: &Sap, tol: f64) -> Vec<(u32, u3
         .collect()
 }
 
-/// The `m` cells of least reduced cost for word `w` over the whole table.
-fn best_cells<T: Elem>(p: &Problem<'_, T>, v: &[f64], w: usize, m: usize) -> Vec<(u32, u32, f64)> {
+/// Refuse a graph beyond the memory bound.
+fn check_edges(g: &Graph, vocab: usize) -> Result<()> {
+    if g.edges() > MAX_EDGES_PER_WORD * vocab.max(1) {
+        return Err(AllocError::Solver(format!(
+            "exact: the tables are so tied that the optimality certificate needs more than \
+             {MAX_EDGES_PER_WORD} candidate cells per word (its memory bound); the scalable \
+             solver handles such tables"
+        )));
+    }
+    Ok(())
+}
+
+/// The `m` cells of least reduced cost for word `w` over the whole table, among those
+/// not in `have` (its edges already: on tied tables the cheapest cells would be the
+/// same ones again, and the widening would never end).
+fn best_cells<T: Elem>(
+    p: &Problem<'_, T>,
+    v: &[f64],
+    w: usize,
+    m: usize,
+    have: &[u32],
+) -> Vec<(u32, u32, f64)> {
+    let mut have = have.to_vec();
+    have.sort_unstable();
     let mut all: Vec<(f64, u32)> = (0..p.cells())
+        .filter(|&cell| have.binary_search(&(cell as u32)).is_err())
         .map(|cell| (p.cost(w, cell) - v[cell], cell as u32))
         .collect();
+    if all.is_empty() {
+        return Vec::new();
+    }
     let m = m.min(all.len());
     all.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
-    all.truncate(m);
-    all.into_iter()
-        .map(|(_, cell)| (w as u32, cell, p.cost(w, cell as usize)))
+    // A new vector of m edges (an in-place collect would keep all cells' capacity).
+    all[..m]
+        .iter()
+        .map(|&(_, cell)| (w as u32, cell, p.cost(w, cell as usize)))
         .collect()
 }
 
@@ -122,9 +153,14 @@ pub fn solve<T: Elem>(
             widened += failed.len();
             let extra: Vec<(u32, u32, f64)> = failed
                 .par_iter()
-                .flat_map_iter(|&w| best_cells(p, &sap.v, w as usize, 4 * PER_WORD))
+                .flat_map_iter(|&w| {
+                    let w = w as usize;
+                    let have = &g.cell[g.start[w]..g.start[w + 1]];
+                    best_cells(p, &sap.v, w, 4 * PER_WORD, have)
+                })
                 .collect();
             g = g.with_extra(extra);
+            check_edges(&g, p.vocab)?;
             free = failed;
         }
         let viol = certificate(p, &sap, tol);
@@ -141,6 +177,7 @@ pub fn solve<T: Elem>(
         let mut words: Vec<u32> = viol.iter().map(|e| e.0).collect();
         words.dedup();
         g = g.with_extra(viol);
+        check_edges(&g, p.vocab)?;
         for &w in &words {
             sap.unmatch(w as usize);
         }

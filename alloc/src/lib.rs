@@ -51,6 +51,9 @@ impl Elem for f64 {
     }
 }
 
+/// Headroom of the solvers' sums over the largest table entry, per word and cell.
+const LIMIT_FACTOR: f64 = 8.0;
+
 /// An allocation problem: loss tables [V, R] and [V, C], row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct Problem<'a, T> {
@@ -94,10 +97,29 @@ impl<'a, T: Elem> Problem<'a, T> {
                 lc.len()
             ));
         }
+        // The solvers sum costs over words and along augmenting paths, and prices
+        // move by cost differences: every such figure stays below LIMIT_FACTOR *
+        // (V + R*C) * the largest |entry|, which must be a finite f64.
+        let limit = f64::MAX / (LIMIT_FACTOR * (vocab + rows * cols) as f64);
         for (name, t, width) in [("row", lr, rows), ("column", lc, cols)] {
             if let Some(k) = t.iter().position(|x| !x.is_finite()) {
                 return bad(format!(
                     "{name} table: entry [{}, {}] is not finite",
+                    k / width,
+                    k % width
+                ));
+            }
+            let (k, big) = t
+                .iter()
+                .map(|&x| Into::<f64>::into(x).abs())
+                .enumerate()
+                .fold((0, 0.0f64), |a, (k, x)| if x > a.1 { (k, x) } else { a });
+            if big > limit {
+                return bad(format!(
+                    "{name} table: entry [{}, {}] = {big:e} is too large: the allocation's \
+                     sums would overflow f64 (entries must stay below {limit:.3e} for \
+                     V = {vocab} in {rows} x {cols}); divide both tables by one constant, \
+                     which does not change the allocation",
                     k / width,
                     k % width
                 ));
@@ -228,6 +250,36 @@ pub struct Solution {
     pub dual_bound: Option<f64>,
     /// Solver-specific figures (rounds, candidate edges, repairs, ...).
     pub stats: serde_json::Value,
+}
+
+/// The most heap a scalable or greedy solve takes beyond its tables, on any values
+/// (nearly uniform and tied tables included; tested in tests/memory.rs): 4 KiB per word,
+/// 64 bytes per cell and 16 MiB. The exact solver adds at most 48 bytes for each of its
+/// candidate edges, which it caps at 1024 per word (tables more tied than that are refused by it).
+pub fn solve_memory_bound(vocab: usize, cells: usize) -> u64 {
+    4096 * vocab as u64 + 64 * cells as u64 + (16 << 20)
+}
+
+/// [`solve_memory_bound`] for `solver`, the exact solver's edges included.
+pub fn solver_memory_bound(solver: Solver, vocab: usize, cells: usize) -> u64 {
+    let edges = match solver {
+        Solver::Exact => 48 * (exact::MAX_EDGES_PER_WORD * vocab) as u64,
+        _ => 0,
+    };
+    solve_memory_bound(vocab, cells) + edges
+}
+
+/// The memory of a reallocation round's central step on [`LossTables`] of V x (R + C):
+/// the tables, a discounted copy when moves cost something, and the solve.
+pub fn round_memory_bound(vocab: usize, rows: usize, cols: usize, move_cost: f64) -> u64 {
+    let tables = tables_bytes(vocab, rows, cols);
+    let copies = if move_cost > 0.0 { 2 } else { 1 };
+    copies * tables + solve_memory_bound(vocab, rows * cols)
+}
+
+/// Bytes of [`LossTables`] of V x (R + C) (f32 tables and u64 counts).
+pub fn tables_bytes(vocab: usize, rows: usize, cols: usize) -> u64 {
+    (vocab * (rows + cols) * 4 + vocab * 8) as u64
 }
 
 /// Solve `p` with `solver`.
