@@ -199,3 +199,70 @@ fn identical_runs_write_byte_identical_checkpoints() {
         assert!(a == b, "{name} differs between identical runs");
     }
 }
+
+/// A manifest that lies about its numbers (step, epoch, cursor, vocabulary size, counts)
+/// is refused on `--resume` with the file and the field named; the honest one resumes.
+#[test]
+fn a_manifest_that_lies_is_refused_on_resume_naming_the_field() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 6, 600);
+    let run_dir = tmp.path().join("run");
+    let args = |steps: &str, resume: bool| {
+        let mut a: Vec<String> = [
+            "lightrnn",
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            steps,
+            "--set",
+            "checkpoint_every=6",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let c = Cli::try_parse_from(args("max_steps=6", false)).unwrap();
+    run(&c, rt.handle(), &Default::default()).unwrap();
+    let good = run_dir.join("checkpoints").join(checkpoint::dir_name(6));
+    let meta_path = good.join("meta.json");
+    let honest = std::fs::read(&meta_path).unwrap();
+    let lies: [(&str, serde_json::Value); 7] = [
+        ("step", u64::MAX.into()),
+        ("step", 7.into()),
+        ("cursor", (1u64 << 40).into()),
+        ("epoch", 1_000_000.into()),
+        ("vocab_size", 3.into()),
+        ("optimizer_updates", 1_000.into()),
+        ("lr", (-1.0).into()),
+    ];
+    for (field, value) in lies {
+        let mut meta: serde_json::Value = serde_json::from_slice(&honest).unwrap();
+        meta[field] = value.clone();
+        std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let c = Cli::try_parse_from(args("max_steps=12", true)).unwrap();
+        let e = run(&c, rt.handle(), &Default::default())
+            .err()
+            .unwrap_or_else(|| panic!("{field} = {value} was believed"))
+            .to_string();
+        assert!(
+            e.contains("meta.json") && e.contains(field) && e.contains("step-000000000006"),
+            "{field} = {value}: {e}"
+        );
+    }
+    std::fs::write(&meta_path, &honest).unwrap();
+    let c = Cli::try_parse_from(args("max_steps=12", true)).unwrap();
+    let out = run(&c, rt.handle(), &Default::default()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["steps"], 12, "{out}");
+}

@@ -435,3 +435,105 @@ fn resuming_a_finished_run_reports_it_without_training() {
         }
     }
 }
+
+/// The epoch-end checkpoint is committed before the epoch's reallocation round, marked
+/// as having the round pending: a run that dies in the round (out of memory, a solver
+/// error, a lost rank) resumes from it, runs the round first and ends exactly where the
+/// run without the failure did, with the round recorded once.
+#[test]
+fn a_run_that_dies_in_its_reallocation_round_resumes_from_the_epoch_and_redoes_it() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 8, 600);
+    let args = |out: &std::path::Path, resume: bool| {
+        let mut a = vec![
+            "train".to_string(),
+            "--preset".into(),
+            "tiny".into(),
+            "--set".into(),
+            "epochs=3".into(),
+            "--set".into(),
+            "realloc_every=1".into(),
+            "--set".into(),
+            "realloc_rounds=1".into(),
+            "--set".into(),
+            "keep_checkpoints=10".into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let clean_dir = tmp.path().join("clean");
+    let a = strs(&args(&clean_dir, false));
+    let clean = cli(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &rt).unwrap();
+    let rounds = |d: &std::path::Path| metrics(d).iter().filter(|v| v["kind"] == "realloc").count();
+    assert_eq!(rounds(&clean_dir), 1);
+    // The checkpoint of epoch 1 has the round pending; a run that died in the round
+    // left only it (and what came before).
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(clean_dir.join("summary.json")).unwrap()).unwrap();
+    let first = summary["history"][0]["step"].as_u64().unwrap();
+    let ck = clean_dir
+        .join("checkpoints")
+        .join(checkpoint::dir_name(first));
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(ck.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["realloc_pending"], true, "{meta}");
+    assert_eq!(meta["reallocations"], 0);
+    let died = tmp.path().join("died");
+    for (rel, bytes) in run_files(&clean_dir) {
+        let keep = match rel.strip_prefix("checkpoints/step-") {
+            Some(r) => r[..12].parse::<u64>().unwrap() <= first,
+            None => rel == "metrics.jsonl" || rel == "config.toml",
+        };
+        if keep {
+            let p = died.join(&rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        }
+    }
+    copy_data(&clean_dir, &died);
+    // out/best as the dying run left it: epoch 1's model (the first epoch is the best
+    // so far), saved before the round.
+    let best = died.join("best");
+    std::fs::create_dir_all(&best).unwrap();
+    for e in std::fs::read_dir(&ck).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, best.join(p.file_name().unwrap())).unwrap();
+    }
+    let a = strs(&args(&died, true));
+    let resumed = cli(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &rt).unwrap();
+    for k in ["steps", "valid_ppl", "test_ppl", "train_loss"] {
+        assert_eq!(resumed[k], clean[k], "{k}: {resumed} vs {clean}");
+    }
+    assert_eq!(rounds(&died), 1, "the round is recorded once");
+    let last = checkpoint::dir_name(clean["steps"].as_u64().unwrap());
+    let model = |d: &std::path::Path| {
+        std::fs::read(d.join("checkpoints").join(&last).join("model.safetensors")).unwrap()
+    };
+    assert!(model(&died) == model(&clean_dir), "the final models differ");
+}
+
+/// The prepared dataset of a run directory, copied.
+fn copy_data(from: &std::path::Path, to: &std::path::Path) {
+    let mut todo = vec![from.join("data")];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let q = to.join(p.strip_prefix(from).unwrap());
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                std::fs::create_dir_all(q.parent().unwrap()).unwrap();
+                std::fs::copy(&p, q).unwrap();
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use lightrnn_alloc::{Carry, Solver};
 use lightrnn_kernels::Optimizer;
 
-use crate::{Error, Result};
+use crate::{Error, Result, clip, clip_lines};
 
 /// Built-in presets: (name, TOML text).
 pub const PRESETS: &[(&str, &str)] = &[
@@ -154,6 +154,56 @@ impl Default for TrainConfig {
     }
 }
 
+/// The largest configuration file read.
+pub const CONFIG_MAX_BYTES: usize = 1 << 20;
+
+/// `value` as the kind of TOML value `old` is (an integer where a float is wanted is
+/// that float), or what the key wants, in words.
+fn same_kind(key: &str, old: &toml::Value, value: toml::Value) -> Result<toml::Value, String> {
+    use toml::Value as V;
+    match (old, value) {
+        (V::Integer(_), V::Integer(n)) if n >= 0 => Ok(V::Integer(n)),
+        (V::Integer(_), _) => Err("a whole number".into()),
+        (V::Float(_), V::Float(x)) => Ok(V::Float(x)),
+        (V::Float(_), V::Integer(n)) => Ok(V::Float(n as f64)),
+        (V::Float(_), _) => Err("a number".into()),
+        (V::Boolean(_), V::Boolean(b)) => Ok(V::Boolean(b)),
+        (V::Boolean(_), _) => Err("true or false".into()),
+        (V::String(_), V::String(t)) => Ok(V::String(t)),
+        // A setting that is a word (solver, optimizer, ...) given as a number, say.
+        (V::String(_), other) => Ok(V::String(other.to_string())),
+        (V::Array(_), V::Array(a)) => Ok(V::Array(a)),
+        (V::Array(_), _) => Err(format!("a list in TOML syntax, e.g. {key}=[1.0, 0.5]")),
+        (_, other) => Ok(other),
+    }
+}
+
+/// The key closest to `typo` by edit distance, when it is close (at most 2 edits, or a
+/// third of the word).
+fn nearest<'a>(typo: &str, keys: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let dist = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    };
+    if typo.len() > 64 {
+        return None;
+    }
+    keys.map(|k| (dist(typo, k), k))
+        .min()
+        .filter(|&(d, _)| d <= 2.max(typo.chars().count() / 3))
+        .map(|(_, k)| k)
+}
+
 impl TrainConfig {
     /// A preset by name.
     pub fn preset(name: &str) -> Result<Self> {
@@ -168,7 +218,15 @@ impl TrainConfig {
     }
 
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        let c: Self = toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        if text.len() > CONFIG_MAX_BYTES {
+            return Err(Error::Config(format!(
+                "{origin} is {} bytes; a configuration is at most {} KiB",
+                text.len(),
+                CONFIG_MAX_BYTES >> 10
+            )));
+        }
+        let c: Self = toml::from_str(text)
+            .map_err(|e| Error::Config(clip_lines(&format!("{origin}: {e}"))))?;
         c.validate()?;
         Ok(c)
     }
@@ -182,20 +240,29 @@ impl TrainConfig {
         for s in sets {
             let (k, v) = s
                 .split_once('=')
-                .ok_or_else(|| Error::Config(format!("--set {s:?}: expected key=value")))?;
+                .ok_or_else(|| Error::Config(format!("--set {:?}: expected key=value", clip(s))))?;
             let (k, v) = (k.trim(), v.trim());
-            if !table.contains_key(k) {
-                return Err(Error::Config(format!("--set {s:?}: unknown key {k:?}")));
-            }
+            let Some(old) = table.get(k) else {
+                let hint = nearest(k, table.keys().map(String::as_str))
+                    .map(|n| format!(" (did you mean {n}?)"))
+                    .unwrap_or_default();
+                return Err(Error::Config(format!(
+                    "--set: unknown key {:?}{hint}; `lightrnn config --list` shows them all",
+                    clip(k)
+                )));
+            };
             let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
                 Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(v.to_string())),
                 Err(_) => toml::Value::String(v.to_string()),
             };
+            let value = same_kind(k, old, value).map_err(|want| {
+                Error::Config(format!("--set {k}={}: {k} must be {want}", clip(v)))
+            })?;
             table.insert(k.to_string(), value);
         }
         let c: Self = table
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("--set: {e}")))?;
+            .map_err(|e: toml::de::Error| Error::Config(clip_lines(&format!("--set: {e}"))))?;
         c.validate()?;
         Ok(c)
     }

@@ -76,3 +76,51 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The most characters of a user's input an error message quotes.
+pub const QUOTE_MAX: usize = 200;
+
+/// `text` shortened for an error message: at most [`QUOTE_MAX`] characters, the rest
+/// replaced by a count, so hostile input (a 100 MB value, a 40 KB line) is never echoed
+/// whole.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    clip_at(text, QUOTE_MAX)
+}
+
+/// `text` cut after `max` characters, the rest replaced by a count.
+pub fn clip_at(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!(
+            "{}… ({} more bytes)",
+            &text[..cut],
+            text.len() - cut
+        )),
+    }
+}
+
+/// Every line of a message clipped by [`clip`] (parsers' messages quote the input
+/// line they failed on).
+pub fn clip_lines(message: &str) -> String {
+    message.lines().map(clip).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_input_is_clipped_with_its_size_and_short_input_kept() {
+        assert_eq!(clip("abc"), "abc");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(QUOTE_MAX)));
+        assert!(
+            c.ends_with(&format!("({} more bytes)", 2 * (1000 - QUOTE_MAX))),
+            "{c}"
+        );
+        let two = format!("{}\nshort", "x".repeat(5000));
+        let c = clip_lines(&two);
+        assert!(c.len() < 300 && c.ends_with("\nshort"), "{c}");
+    }
+}

@@ -20,4 +20,4 @@ pub mod report;
 pub mod sample;
 pub mod train;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, clip, clip_at, clip_lines};

@@ -32,6 +32,17 @@ pub enum StoppedBy {
     Signal,
 }
 
+impl StoppedBy {
+    /// The name `summary.json` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epochs => "epochs",
+            Self::MaxSteps => "max_steps",
+            Self::Signal => "signal",
+        }
+    }
+}
+
 /// The end-of-run report (`summary.json` and the final stdout line). Figures a run did
 /// not measure (a stop by signal skips evaluation) are NaN, written as `null`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

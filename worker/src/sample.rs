@@ -248,6 +248,25 @@ impl<'a> Sampler<'a> {
 /// Generate `words` words after `prompt` (whitespace-separated; words outside the
 /// vocabulary read as `<unk>`). `<eos>` comes out as a line break.
 pub fn sample(ck: &Checkpoint, prompt: &str, words: usize, opts: SampleOptions) -> Result<String> {
+    let mut out = String::new();
+    sample_into(ck, prompt, words, opts, &mut |piece| {
+        out.push_str(piece);
+        true
+    })?;
+    Ok(out)
+}
+
+/// [`sample`] as it goes: `emit` receives each piece of the text (a word with the space
+/// before it, or a line break) as soon as it is drawn, and ends the generation by
+/// returning false (its reader went away). Memory stays constant in `words`. Returns
+/// the words drawn.
+pub fn sample_into(
+    ck: &Checkpoint,
+    prompt: &str,
+    words: usize,
+    opts: SampleOptions,
+    emit: &mut dyn FnMut(&str) -> bool,
+) -> Result<usize> {
     let mut s = Sampler::new(ck, opts)?;
     let text = if ck.meta.config.lowercase {
         prompt.to_lowercase()
@@ -257,18 +276,25 @@ pub fn sample(ck: &Checkpoint, prompt: &str, words: usize, opts: SampleOptions) 
     for w in text.split_whitespace() {
         s.feed(ck.vocab.id(w));
     }
-    let mut out = String::new();
-    for _ in 0..words {
+    let mut line_start = true;
+    let mut piece = String::new();
+    for n in 0..words {
         let w = s.next_word();
         let word = ck.vocab.word(w);
+        piece.clear();
         if word == EOS {
-            out.push('\n');
+            piece.push('\n');
+            line_start = true;
         } else {
-            if !out.is_empty() && !out.ends_with('\n') {
-                out.push(' ');
+            if !line_start {
+                piece.push(' ');
             }
-            out.push_str(word);
+            piece.push_str(word);
+            line_start = false;
+        }
+        if !emit(&piece) {
+            return Ok(n + 1);
         }
     }
-    Ok(out)
+    Ok(words)
 }

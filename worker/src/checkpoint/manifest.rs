@@ -51,5 +51,10 @@ pub struct Meta {
     /// Word reallocations so far.
     #[serde(default)]
     pub reallocations: u64,
+    /// The epoch ended with a reallocation round still to run (the checkpoint is taken
+    /// before the round, so a round that fails loses nothing): a resumed run runs it
+    /// before its first step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub realloc_pending: bool,
     pub files: Vec<FileEntry>,
 }

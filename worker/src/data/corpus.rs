@@ -208,7 +208,16 @@ async fn count_one(
         *counts.entry(EOS.to_string()).or_insert(0) += lines;
     }
     if r.skipped().lines() > 0 {
-        tracing::warn!(input = %r.url(), skipped = ?r.skipped(), "bad lines skipped");
+        let s = r.skipped();
+        tracing::warn!(
+            input = %r.url(),
+            lines = s.lines(),
+            invalid_utf8 = s.invalid_utf8,
+            control_bytes = s.control_bytes,
+            too_long = s.too_long,
+            bytes = s.bytes,
+            "bad lines skipped"
+        );
     }
     Ok((counts, tokens + lines, lines, r.skipped()))
 }

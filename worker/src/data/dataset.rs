@@ -70,6 +70,18 @@ impl Dataset {
         cache: &Location,
         opts: &PrepareOptions,
     ) -> Result<Self> {
+        if let Some(p) = data.local_path() {
+            let what = if !p.exists() {
+                "does not exist"
+            } else if !p.is_dir() {
+                "is a file; expected a directory of *train*, *valid* and *test* text files or a prepared dataset"
+            } else {
+                ""
+            };
+            if !what.is_empty() {
+                return Err(Error::Data(format!("{}: {what}", p.display())));
+            }
+        }
         if Self::is_prepared(data).await? {
             return Self::open(data).await;
         }

@@ -202,6 +202,11 @@ impl Location {
         &self.url
     }
 
+    /// The local directory this location names, when it is on the local filesystem.
+    pub fn local_path(&self) -> Option<std::path::PathBuf> {
+        self.url.starts_with('/').then(|| self.url.clone().into())
+    }
+
     /// URL of object `name` here, for messages.
     pub fn url_of(&self, name: &str) -> String {
         format!("{}/{}", self.url, name)

@@ -37,6 +37,11 @@ pub trait Control: Send {
         current: &[u32],
         move_cost: f64,
     ) -> Result<Reallocation>;
+    /// Whether [`Control::allocate`] solves in this process (a single-rank run), so
+    /// that a round's memory includes the solve's.
+    fn solves_locally(&self) -> bool {
+        false
+    }
     /// Make the checkpoint in `dir` exist once every rank reached `step`; rank 0 wrote
     /// its objects and passes the manifest, the others pass `None`. `params_sha256`
     /// ([`params_checksum`]) lets the owner check that all ranks hold the same model.
@@ -114,6 +119,9 @@ impl Control for LocalControl {
     }
     fn lease(&mut self, _epoch: u64, streams: usize, _cursor: u64) -> Result<Range<usize>> {
         Ok(0..streams)
+    }
+    fn solves_locally(&self) -> bool {
+        true
     }
     fn epoch_done(&mut self, _epoch: u64, _tokens: u64) -> Result<()> {
         Ok(())

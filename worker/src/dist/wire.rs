@@ -180,6 +180,7 @@ impl From<&Meta> for v1::Manifest {
             seconds: m.seconds,
             history: m.history.iter().map(Into::into).collect(),
             reallocations: m.reallocations,
+            realloc_pending: m.realloc_pending,
             files: m
                 .files
                 .iter()
@@ -216,6 +217,7 @@ impl TryFrom<v1::Manifest> for Meta {
             seconds: m.seconds,
             history: m.history.into_iter().map(Into::into).collect(),
             reallocations: m.reallocations,
+            realloc_pending: m.realloc_pending,
             files: m
                 .files
                 .into_iter()
@@ -387,6 +389,26 @@ pub fn encode<T: Elem>(values: &[T]) -> Vec<u8> {
 /// Decode the chunk `data` at element `offset` into `dst`; the elements it held. A
 /// partial element or a range outside `dst` is an error.
 pub fn decode_into<T: Elem>(dst: &mut [T], offset: u64, data: &[u8]) -> Result<usize> {
+    each_into(dst, offset, data, |d, x| *d = x)
+}
+
+/// Add the elements of `data` to `dst` from `offset`; how many there were.
+pub fn add_into<T: Elem + std::ops::AddAssign>(
+    dst: &mut [T],
+    offset: u64,
+    data: &[u8],
+) -> Result<usize> {
+    each_into(dst, offset, data, |d, x| *d += x)
+}
+
+/// `f(dst[offset + k], element k of data)` for every element of `data`, after checking
+/// that they fit.
+fn each_into<T: Elem>(
+    dst: &mut [T],
+    offset: u64,
+    data: &[u8],
+    f: impl Fn(&mut T, T),
+) -> Result<usize> {
     if !data.len().is_multiple_of(T::BYTES) {
         return Err(bad("chunk", "it ends inside an element"));
     }
@@ -397,7 +419,7 @@ pub fn decode_into<T: Elem>(dst: &mut [T], offset: u64, data: &[u8]) -> Result<u
     let end = start.checked_add(n).ok_or_else(out_of_range)?;
     let dst = dst.get_mut(start..end).ok_or_else(out_of_range)?;
     for (d, b) in dst.iter_mut().zip(data.chunks_exact(T::BYTES)) {
-        *d = T::get(b);
+        f(d, T::get(b));
     }
     Ok(n)
 }
@@ -551,6 +573,7 @@ mod tests {
             seconds: 3.25,
             history: vec![rec.clone()],
             reallocations: 1,
+            realloc_pending: true,
             files: vec![FileEntry {
                 name: "model.safetensors".into(),
                 bytes: 42,

@@ -50,6 +50,8 @@ pub struct EvalReport {
     pub ppl: f64,
     pub loss: f64,
     pub words: u64,
+    /// Share of the text's words outside the vocabulary (read as `<unk>`).
+    pub unknown_share: f64,
 }
 
 /// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
@@ -98,16 +100,31 @@ pub fn eval_file(
 ) -> Result<EvalReport> {
     let cfg = &ck.meta.config;
     let (loc, name) = split_object(file)?;
-    let ids = handle.block_on(async {
+    let (ids, unknown, words_in) = handle.block_on(async {
         let mut r = LineReader::open(&loc, &name, &cfg.text_options()).await?;
         let mut ids = Vec::new();
+        let (mut unknown, mut words) = (0u64, 0u64);
         let mut line = String::new();
         while r.next_line(&mut line).await? {
-            ids.extend(line.split_whitespace().map(|w| ck.vocab.id(w)));
+            for w in line.split_whitespace() {
+                let id = ck.vocab.id(w);
+                unknown += u64::from(id == ck.vocab.unk());
+                words += 1;
+                ids.push(id);
+            }
             ids.push(ck.vocab.eos());
         }
-        Ok::<_, Error>(ids)
+        Ok::<_, Error>((ids, unknown, words))
     })?;
+    let b = batch.unwrap_or(cfg.eval_batch);
+    if (ids.len() / b.max(1)) < 2 {
+        return Err(Error::Data(format!(
+            "{file} has {} tokens (with line ends): too few for {b} streams of at least 2; \
+             pass --batch 1 (or a batch of at most {})",
+            ids.len(),
+            (ids.len() / 2).max(1)
+        )));
+    }
     let split = SplitReader::in_memory(&name, ids, &ck.vocab)?;
     let mcfg = ModelConfig {
         dims: ck.meta.dims,
@@ -117,11 +134,11 @@ pub fn eval_file(
     let mut be = open_backend(&BackendOptions::new(backend, threads), &mcfg)?;
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
-    let b = batch.unwrap_or(cfg.eval_batch);
     let (loss, words) = evaluate(&mut *be, &split, b, cfg.bptt, handle, &mut Single)?;
     Ok(EvalReport {
         ppl: loss.exp(),
         loss,
         words,
+        unknown_share: unknown as f64 / words_in.max(1) as f64,
     })
 }

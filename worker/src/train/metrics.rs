@@ -17,6 +17,8 @@ pub(super) struct MetricsFile {
     enabled: bool,
     lines: Vec<String>,
     dirty: bool,
+    /// Whether the file was written in this session.
+    written: bool,
     last_flush: Instant,
 }
 
@@ -46,8 +48,19 @@ impl MetricsFile {
             enabled,
             lines,
             dirty: true,
+            written: false,
             last_flush: Instant::now(),
         })
+    }
+
+    /// Remove the reallocation lines of `step` (a round run again after a resume).
+    pub(super) fn drop_realloc_at(&mut self, step: u64) {
+        self.lines.retain(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .map(|v| !(v["kind"] == "realloc" && v["step"].as_u64() == Some(step)))
+                .unwrap_or(true)
+        });
+        self.dirty = true;
     }
 
     /// Add a line; its keys are written in sorted order.
@@ -58,13 +71,16 @@ impl MetricsFile {
         Ok(())
     }
 
-    /// Write the file if lines were added: now with `force`, else at most every 10 s.
+    /// Write the file if lines were added: now with `force` or when nothing was written
+    /// yet (the file appears with the first log line), else at most every 10 s.
     pub(super) async fn flush(&mut self, force: bool) -> Result<()> {
-        if self.enabled && self.dirty && (force || self.last_flush.elapsed().as_secs() >= 10) {
+        let due = force || !self.written || self.last_flush.elapsed().as_secs() >= 10;
+        if self.enabled && self.dirty && due && !self.lines.is_empty() {
             let mut s = self.lines.join("\n");
             s.push('\n');
             self.out.put(METRICS, Bytes::from(s)).await?;
             self.dirty = false;
+            self.written = true;
             self.last_flush = Instant::now();
         }
         Ok(())

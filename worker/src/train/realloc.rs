@@ -42,6 +42,29 @@ pub fn loss_tables(
     Ok((backend.take_loss_tables()?, total, words))
 }
 
+/// Memory this machine can still give (Linux: MemAvailable), in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuse work that needs `need` bytes where this machine has less available.
+pub fn check_fits(what: &str, need: u64) -> Result<()> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match available_memory() {
+        Some(avail) if need > avail => Err(Error::Config(format!(
+            "{what} needs about {:.2} GiB of memory and {:.2} GiB are available; the \
+             epoch's checkpoint is committed: resume (--resume) where more memory is free, \
+             or train without reallocation (realloc_every = 0)",
+            gib(need),
+            gib(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Options of one reallocation.
 pub struct ReallocOptions {
     pub batch: usize,
@@ -66,6 +89,15 @@ pub fn reallocate(
     round: u64,
 ) -> Result<Report> {
     let t0 = Instant::now();
+    // A round that cannot fit is refused before the tables pass, with the figures (the
+    // epoch's checkpoint is committed already).
+    let d = backend.dims();
+    let need = if dist.control.solves_locally() {
+        lightrnn_alloc::round_memory_bound(d.vocab, d.rows, d.cols, o.move_cost)
+    } else {
+        lightrnn_alloc::tables_bytes(d.vocab, d.rows, d.cols)
+    };
+    check_fits(&format!("reallocation round {round}"), need)?;
     let streams = share(o.batch, dist.world(), dist.rank());
     let (tables, total, words) = loss_tables(
         backend,

@@ -27,6 +27,8 @@ pub(super) struct LoopState {
     pub(super) epoch_words: u64,
     pub(super) train_seconds: f64,
     pub(super) history: Vec<EpochRecord>,
+    /// The finished epoch's reallocation round is still to run.
+    pub(super) realloc_pending: bool,
 }
 
 impl LoopState {
@@ -43,6 +45,7 @@ impl LoopState {
             epoch_words: 0,
             train_seconds: 0.0,
             history: Vec::new(),
+            realloc_pending: false,
         }
     }
 }
@@ -128,6 +131,111 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// Every number of the manifest a resumed run continues from, checked against the
+/// checkpoint's own name, the run's settings and the data: a manifest that lies is an
+/// error naming its field, never a run that continues from nonsense.
+fn check_meta(ck: &Checkpoint, cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
+    let m = &ck.meta;
+    let bad = |field: &str, msg: String| {
+        Err(Error::Checkpoint {
+            url: ck.url.clone(),
+            msg: format!("meta.json: {field} {msg}"),
+        })
+    };
+    let name = ck
+        .url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("");
+    if let Some(n) = name
+        .strip_prefix("step-")
+        .and_then(|s| s.parse::<u64>().ok())
+        && n != m.step
+    {
+        return bad("step", format!("= {} in a checkpoint named {name}", m.step));
+    }
+    if m.vocab_size != ds.vocab.len() {
+        return bad(
+            "vocab_size",
+            format!(
+                "= {} but the data's vocabulary has {} words",
+                m.vocab_size,
+                ds.vocab.len()
+            ),
+        );
+    }
+    if cfg.epochs > 0 && m.epoch > cfg.epochs {
+        return bad(
+            "epoch",
+            format!("= {} is past the run's {} epochs", m.epoch, cfg.epochs),
+        );
+    }
+    if m.history.len() as u64 > m.epoch + 1 {
+        return bad(
+            "history",
+            format!(
+                "has {} epochs, more than epoch {} allows",
+                m.history.len(),
+                m.epoch
+            ),
+        );
+    }
+    // Every step advances each stream by at least one word (bptt >= 1), and a pass
+    // over the data ends at the stream's last input.
+    let per_stream = ds.train.tokens() / cfg.batch.max(1) as u64;
+    let last = per_stream.saturating_sub(1);
+    if m.cursor > last {
+        return bad(
+            "cursor",
+            format!(
+                "= {} is beyond the {last} inputs of each of the {} training streams",
+                m.cursor, cfg.batch
+            ),
+        );
+    }
+    let most = m.epoch.saturating_add(1).saturating_mul(last.max(1));
+    if m.step > most {
+        return bad(
+            "step",
+            format!(
+                "= {} is more than epoch {} at cursor {} can have taken over this data ({last} inputs per stream)",
+                m.step, m.epoch, m.cursor
+            ),
+        );
+    }
+    if m.optimizer_updates > m.step {
+        return bad(
+            "optimizer_updates",
+            format!("= {} is more than step {}", m.optimizer_updates, m.step),
+        );
+    }
+    let words = m
+        .step
+        .saturating_mul(cfg.batch as u64)
+        .saturating_mul(last.max(1));
+    if m.epoch_words > words {
+        return bad(
+            "epoch_words",
+            format!(
+                "= {} is more than {} steps can predict",
+                m.epoch_words, m.step
+            ),
+        );
+    }
+    for (field, x) in [
+        ("lr", m.lr),
+        ("epoch_loss_sum", m.epoch_loss_sum),
+        ("seconds", m.seconds),
+        ("best_valid_loss", m.best_valid_loss.unwrap_or(0.0)),
+    ] {
+        if !x.is_finite() || x < 0.0 {
+            return bad(field, format!("= {x} is not a finite number >= 0"));
+        }
+    }
+    Ok(())
+}
+
 /// What a resumed run continues with besides its backend's contents.
 pub(super) struct Resumed {
     pub(super) st: LoopState,
@@ -154,6 +262,7 @@ pub(super) fn restore(
             msg: "its vocabulary or model shape differs from this dataset's".into(),
         });
     }
+    check_meta(&ck, cfg, ds)?;
     backend.set_params(&ck.params)?;
     backend.set_allocation(&ck.cells)?;
     if let Some(o) = &ck.optimizer {
@@ -172,6 +281,7 @@ pub(super) fn restore(
         epoch_words: m.epoch_words,
         train_seconds: m.seconds,
         history: m.history.clone(),
+        realloc_pending: m.realloc_pending,
     };
     if st.best_valid_loss.is_some() {
         let best = handle.block_on(checkpoint::load(&opts.out.join("best")))?;

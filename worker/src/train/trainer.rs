@@ -154,7 +154,18 @@ impl<'a> Trainer<'a> {
             (st.step > 0).then_some(st.step),
             leader,
         ))?;
-        tracing::info!(backend = %backend.name(), params = backend.layout().total, dims = ?dims, rank = dist.rank(), world, "model ready");
+        tracing::info!(
+            backend = %backend.name(),
+            params = backend.layout().total,
+            vocab = dims.vocab,
+            table = format!("{} x {}", dims.rows, dims.cols),
+            emb = dims.emb,
+            hidden = dims.hidden,
+            layers = dims.layers,
+            rank = dist.rank(),
+            world,
+            "model ready"
+        );
         Ok(Self {
             cfg,
             opts,
@@ -192,6 +203,17 @@ impl<'a> Trainer<'a> {
                     .out
                     .put("config.toml", Bytes::from(self.cfg.to_toml())),
             )?;
+        }
+        if self.st.realloc_pending {
+            // Resumed from the checkpoint of an epoch whose round had not completed:
+            // the round's line of an earlier attempt gives way to this one's.
+            tracing::info!(
+                step = self.st.step,
+                "running the reallocation round the checkpoint left pending"
+            );
+            self.metrics.drop_realloc_at(self.st.step);
+            self.reallocation_round()?;
+            self.handle.block_on(self.metrics.flush(true))?;
         }
         let stopped = loop {
             if self.cfg.epochs > 0 && self.st.epoch >= self.cfg.epochs {
@@ -245,7 +267,7 @@ impl<'a> Trainer<'a> {
             }
         };
         if self.dist.is_leader() {
-            tracing::info!(step = summary.steps, stopped_by = ?summary.stopped_by, out = %self.opts.out, "the run is finished: nothing to train");
+            tracing::info!(step = summary.steps, stopped_by = summary.stopped_by.name(), out = %self.opts.out, "the run is finished: nothing to train");
         }
         // The checksum of the model in the checkpoint (every rank loaded the same).
         let sum = params_checksum(&self.backend.params()?);
@@ -281,9 +303,16 @@ impl<'a> Trainer<'a> {
         }
         let per_pass = batches.steps_per_pass();
         let mut pass_step = self.cursor.div_ceil(bptt as u64);
+        // The bar ends where this epoch's training will: at the pass's end, or earlier
+        // where max_steps ends the run.
+        let bar_len = if self.cfg.max_steps > 0 {
+            per_pass.min(pass_step + self.cfg.max_steps.saturating_sub(self.st.step))
+        } else {
+            per_pass
+        };
         let bar = Progress::new(
             self.opts.progress && self.dist.is_leader(),
-            per_pass,
+            bar_len,
             pass_step,
             self.st.epoch,
             self.cfg.epochs,
@@ -536,18 +565,23 @@ impl<'a> Trainer<'a> {
         } else if self.cfg.lr_schedule.is_empty() {
             self.st.lr /= self.cfg.lr_decay;
         }
-        if self
+        self.st.realloc_pending = self
             .cfg
-            .realloc_after(self.st.epoch + 1, self.st.reallocations)
-        {
-            self.reallocation_round()?;
-        }
+            .realloc_after(self.st.epoch + 1, self.st.reallocations);
         self.st.epoch += 1;
         self.st.epoch_loss_sum = 0.0;
         self.st.epoch_words = 0;
         self.cursor = 0;
+        // The epoch is committed before its reallocation round: a round that fails (out
+        // of memory, a solver error, a lost rank) leaves a checkpoint that --resume
+        // continues, running the round first.
         self.checkpoint(0)?;
-        self.handle.block_on(self.metrics.flush(true))
+        self.handle.block_on(self.metrics.flush(true))?;
+        if self.st.realloc_pending {
+            self.reallocation_round()?;
+            self.handle.block_on(self.metrics.flush(true))?;
+        }
+        Ok(())
     }
 
     /// The model after this epoch is the best so far: keep it (and, on the leader, in
@@ -565,7 +599,8 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// A reallocation round after this epoch, recorded in the metrics.
+    /// The reallocation round after the epoch just finished (`st.epoch` epochs done),
+    /// recorded in the metrics.
     fn reallocation_round(&mut self) -> Result<()> {
         let cfg = self.cfg;
         let ro = ReallocOptions {
@@ -585,9 +620,10 @@ impl<'a> Trainer<'a> {
             self.st.reallocations + 1,
         )?;
         self.st.reallocations += 1;
+        self.st.realloc_pending = false;
         if self.dist.is_leader() {
             tracing::info!(
-                epoch = self.st.epoch + 1,
+                epoch = self.st.epoch,
                 solver = %rep.solver,
                 objective_before = format!("{:.4}", rep.objective_before),
                 objective_after = format!("{:.4}", rep.objective_after),
@@ -600,7 +636,7 @@ impl<'a> Trainer<'a> {
         }
         self.metrics.push(&MetricsLine::Realloc(ReallocLine {
             step: self.st.step,
-            epoch: self.st.epoch + 1,
+            epoch: self.st.epoch,
             round: self.st.reallocations,
             report: rep,
         }))
@@ -608,10 +644,13 @@ impl<'a> Trainer<'a> {
 
     /// Mean loss per word of a split (every rank gets the same).
     fn evaluate_split(&mut self, split: Split) -> Result<f64> {
-        let reader = match split {
-            Split::Valid => &self.ds.valid,
-            Split::Test => &self.ds.test,
+        let (reader, name) = match split {
+            Split::Valid => (&self.ds.valid, "validation"),
+            Split::Test => (&self.ds.test, "test"),
         };
+        if self.dist.is_leader() {
+            tracing::info!(split = name, words = reader.tokens(), "evaluating");
+        }
         let (loss, _) = evaluate(
             &mut *self.backend,
             reader,
@@ -652,6 +691,7 @@ impl<'a> Trainer<'a> {
             seconds: st.train_seconds,
             history: st.history.clone(),
             reallocations: st.reallocations,
+            realloc_pending: with_train_state && st.realloc_pending,
             files: vec![],
         };
         let params = self.backend.params()?;
@@ -753,6 +793,11 @@ impl<'a> Trainer<'a> {
             self.handle.block_on(self.metrics.flush(true))?;
         } else if partial {
             let vl = self.evaluate_split(Split::Valid)?;
+            if self.st.best_valid_loss.is_none_or(|b| vl < b) {
+                // The best model so far: in out/best like an epoch's (eval and sample
+                // read it), also for a run that max_steps ends inside its first epoch.
+                self.save_best(vl)?;
+            }
             self.metrics.push(&MetricsLine::Valid(ValidLine {
                 step: self.st.step,
                 epoch: self.st.epoch + 1,
