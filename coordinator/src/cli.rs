@@ -18,6 +18,7 @@ use crate::commands::train::TrainArgs;
 use crate::commands::vocab::VocabArgs;
 use crate::commands::worker::WorkerArgs;
 use crate::commands::{self, ConfigArgs};
+use crate::signals::OnStop;
 use crate::{Result, Stop};
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,17 @@ pub enum Command {
     Worker(WorkerArgs),
     /// The CUDA devices and libraries this build can use (JSON), or why there are none.
     Devices,
+}
+
+impl Command {
+    /// What a stop signal does: the commands that train checkpoint first; the others
+    /// have nothing to save and end at once.
+    pub fn on_stop(&self) -> OnStop {
+        match self {
+            Self::Train(_) | Self::Coordinator(_) | Self::Worker(_) => OnStop::Checkpoint,
+            _ => OnStop::Exit,
+        }
+    }
 }
 
 /// Run one parsed command; returns what goes to stdout.

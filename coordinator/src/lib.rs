@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod commands;
 mod error;
+pub mod guard;
 pub mod job;
 pub mod launch;
 pub mod metrics;

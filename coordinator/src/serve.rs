@@ -11,6 +11,7 @@ use tonic::transport::server::TcpIncoming;
 use lightrnn_proto::{CoordinatorServer, MAX_MESSAGE_BYTES};
 use lightrnn_worker::report::Summary;
 
+use crate::guard::{Limits, guard};
 use crate::job::{Job, JobSpec, JobStats};
 use crate::service::Service;
 use crate::{Error, Result};
@@ -55,12 +56,18 @@ pub async fn run_job(
     let shutdown = async {
         let _ = stop_rx.await;
     };
-    let router = tonic::transport::Server::builder().add_service(svc);
+    // Pings keep a live client's connection busy (the guard closes idle ones) and find
+    // dead ones.
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(svc);
+    let guarded = guard(incoming, Limits::for_world(job.spec().world_size));
     let server = match job.spec().tls.clone() {
         Some(tls) => tokio::spawn(
-            router.serve_with_incoming_shutdown(crate::tls::accept(incoming, tls), shutdown),
+            router.serve_with_incoming_shutdown(crate::tls::accept(guarded, tls), shutdown),
         ),
-        None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown)),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(guarded, shutdown)),
     };
     let monitor = tokio::spawn(job.clone().monitor());
     let outcome = job.outcome().await;
@@ -79,7 +86,16 @@ pub async fn run_job(
     let stats = job.stats();
     match outcome {
         Ok(summary) => {
-            tracing::info!(world = job.spec().world_size, stats = ?stats, "job finished");
+            tracing::info!(
+                world = job.spec().world_size,
+                generations = stats.generation,
+                restarts = stats.restarts.values().sum::<u64>(),
+                reallocations = stats.reallocations,
+                checkpoints = stats.checkpoints_committed,
+                tokens = stats.tokens_accounted,
+                rpcs = stats.rpcs,
+                "job finished"
+            );
             Ok(JobOutcome { summary, stats })
         }
         Err(s) => Err(Error::Job(s.message().to_string())),

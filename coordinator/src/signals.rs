@@ -1,7 +1,12 @@
-//! The process's stop signals: SIGTERM, SIGINT and SIGUSR1 (SLURM's warning) set the stop
-//! flag; training stops at its next step with a checkpoint (all ranks of a job at the
-//! same step) and the program exits 0; past the grace period the process gives up.
+//! The process's stop signals: SIGTERM, SIGINT, SIGHUP (the terminal went away) and
+//! SIGUSR1 (SLURM's warning). In a command that trains ([`OnStop::Checkpoint`]) they set
+//! the stop flag: training stops at its next step with a checkpoint (all ranks of a job
+//! at the same step) and the program exits 0; past the grace period the process gives
+//! up. Any other command ([`OnStop::Exit`]) has nothing to save and ends at once with
+//! status 128 + the signal's number; the files it wrote before are whole (every object
+//! is written atomically), the ones it had not written yet are absent.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,37 +16,68 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::Stop;
 
+/// What a stop signal does to the running command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStop {
+    /// Set the stop flag: the command checkpoints and ends (train, coordinator, worker).
+    Checkpoint,
+    /// End the process now: the command has nothing to save.
+    Exit,
+}
+
 /// Install the handlers on `handle`'s runtime; the flag they set.
-pub fn stop_on_signals(handle: &Handle, grace: Duration) -> Stop {
+pub fn stop_on_signals(handle: &Handle, grace: Duration, on_stop: OnStop) -> Stop {
     let stop: Stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     handle.spawn(async move {
-        let (mut term, mut usr1) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::user_defined1()),
-        ) {
-            (Ok(t), Ok(u)) => (t, u),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "no SIGTERM/SIGUSR1 handler");
-                return;
+        let kinds = [
+            (SignalKind::terminate(), "SIGTERM", 15),
+            (SignalKind::interrupt(), "SIGINT", 2),
+            (SignalKind::hangup(), "SIGHUP", 1),
+            (SignalKind::user_defined1(), "SIGUSR1", 10),
+        ];
+        let mut streams = Vec::new();
+        for (kind, name, number) in kinds {
+            match signal(kind) {
+                Ok(s) => streams.push((s, name, number)),
+                Err(e) => {
+                    tracing::warn!(error = %e, signal = name, "no handler for stop signals");
+                    return;
+                }
             }
+        }
+        let [a, b, c, d] = &mut streams[..] else {
+            return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = usr1.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let (name, number) = tokio::select! {
+            _ = a.0.recv() => (a.1, a.2),
+            _ = b.0.recv() => (b.1, b.2),
+            _ = c.0.recv() => (c.1, c.2),
+            _ = d.0.recv() => (d.1, d.2),
+        };
+        if on_stop == OnStop::Exit {
+            say(format_args!(
+                "error: stopped by {name} before the command finished"
+            ));
+            std::process::exit(128 + number);
         }
         tracing::warn!(
+            signal = name,
             grace_s = grace.as_secs(),
             "stop requested: checkpointing at the next step"
         );
         flag.store(true, Ordering::Relaxed);
         tokio::time::sleep(grace).await;
-        eprintln!(
+        say(format_args!(
             "error: the stop did not complete within the {} s grace period",
             grace.as_secs()
-        );
+        ));
         std::process::exit(1);
     });
     stop
+}
+
+/// One line on stderr, or nothing where stderr is closed.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::TcpIncoming;
+
+use crate::guard::Guarded;
 
 use crate::error::IoContext;
 use crate::{Error, Result};
@@ -95,13 +95,13 @@ pub fn server_config(
 /// The TLS connections accepted on `incoming`: handshakes run concurrently, each bounded
 /// by a deadline; a failed one is logged (peer and reason) and never reaches the server.
 pub fn accept(
-    incoming: TcpIncoming,
+    incoming: impl futures::Stream<Item = std::io::Result<Guarded>> + Send + 'static,
     cfg: Arc<rustls::ServerConfig>,
-) -> impl futures::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+) -> impl futures::Stream<Item = std::io::Result<TlsStream<Guarded>>> + Send + 'static {
     let acceptor = TlsAcceptor::from(cfg);
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<Guarded>>>(64);
     tokio::spawn(async move {
-        let mut incoming = incoming;
+        let mut incoming = Box::pin(incoming);
         while let Some(conn) = incoming.next().await {
             let tcp = match conn {
                 Ok(t) => t,
@@ -112,9 +112,7 @@ pub fn accept(
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                let peer = tcp
-                    .peer_addr()
-                    .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+                let peer = tcp.peer();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;

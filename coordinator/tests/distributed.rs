@@ -6,49 +6,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn lightrnn(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// A small corpus with structure (fixed word cycles), split three ways.
-fn corpus(dir: &Path, lines: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
-    let mut x = 12345u64;
-    let all: Vec<String> = (0..lines)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let start = (x >> 33) as usize % words.len();
-            let len = 3 + (x >> 45) as usize % 8;
-            (0..len)
-                .map(|k| words[(start + 3 * k) % words.len()].as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    let (a, b) = (lines * 8 / 10, lines * 9 / 10);
-    for (name, part) in [
-        ("d.train.txt", &all[..a]),
-        ("d.valid.txt", &all[a..b]),
-        ("d.test.txt", &all[b..]),
-    ] {
-        std::fs::write(dir.join(name), part.join("\n") + "\n").unwrap();
-    }
-}
-
-fn json(out: &str) -> serde_json::Value {
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
+mod common;
+use common::{corpus, json, lightrnn};
 
 /// The per-step training losses of a run (log_every = 1).
 fn step_losses(run: &Path) -> Vec<f64> {
@@ -1156,4 +1115,83 @@ fn resuming_a_finished_distributed_run_trains_nothing() {
     assert_eq!(first["stopped_by"], "max_steps", "{first}");
     assert_eq!(again["checkpoints_committed"], 0, "{again}");
     assert!(files(&out) == before, "the resumed run changed its objects");
+}
+
+/// Slow-client exhaustion: connections that never send the HTTP/2 preface are closed
+/// after 10 s, a peer's connections beyond its bound at once, both logged; the job's
+/// workers still join and train to the end.
+#[test]
+fn connections_that_send_nothing_are_closed_and_the_job_still_runs() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 600);
+    let out = tmp.path().join("run");
+    let (coord, url) = coordinator(&data, &out, &["--set", "epochs=1"]);
+    let addr = url.trim_start_matches("http://").to_string();
+    let t0 = Instant::now();
+    let mut idle = Vec::new();
+    while idle.len() < 100 {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(s) => idle.push(s),
+            Err(_) if t0.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the coordinator never listened: {e}"),
+        }
+    }
+    // 2 workers: at most 32 + 16 = 48 connections from this address stay open.
+    // Whether the server closes `s` within `wait` (its HTTP/2 settings frame, sent at
+    // once to an admitted connection, is read past).
+    let closed_within = |s: &std::net::TcpStream, wait: Duration| {
+        let end = Instant::now() + wait;
+        let mut b = [0u8; 256];
+        let mut r = s;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match r.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    );
+                }
+            }
+        }
+    };
+    let surplus = idle
+        .iter()
+        .skip(48)
+        .filter(|s| closed_within(s, Duration::from_millis(500)))
+        .count();
+    assert!(
+        surplus >= 50,
+        "only {surplus} of the 52 surplus connections were refused"
+    );
+    // The silent ones within the bound are closed after 10 s.
+    let silent = idle
+        .iter()
+        .take(48)
+        .filter(|s| closed_within(s, Duration::from_secs(15)))
+        .count();
+    assert!(
+        silent >= 46,
+        "only {silent} of 48 silent connections were closed"
+    );
+    drop(idle);
+    let ws = [worker(&url, 0), worker(&url, 1)];
+    let o = coord.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("too many open from this peer"), "{err}");
+    assert!(err.contains("sent nothing for 10 s"), "{err}");
+    for mut w in ws {
+        assert!(w.wait().unwrap().success());
+    }
 }

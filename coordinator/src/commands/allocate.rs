@@ -14,10 +14,10 @@ use crate::error::usage;
 
 #[derive(Args, Debug, Clone)]
 pub struct AllocateArgs {
-    /// [V, R] row losses (.npy, f32 or f64).
+    /// [V, R] row losses (.npy: float32, float64, int64 or uint32).
     #[arg(long)]
     pub row_loss: String,
-    /// [V, C] column losses (.npy, f32 or f64).
+    /// [V, C] column losses (.npy: float32, float64, int64 or uint32).
     #[arg(long)]
     pub col_loss: String,
     /// exact, scalable or greedy.
@@ -26,6 +26,9 @@ pub struct AllocateArgs {
     /// Output: the cell (row * C + col) of every word, int64 .npy.
     #[arg(long)]
     pub out: String,
+    /// Replace `--out` when it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -37,6 +40,20 @@ pub struct AllocateArgs {
 /// Peak resident set size of this process in MiB (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
     lightrnn_worker::train::bench::rss_mib().0
+}
+
+/// Refuse to replace an existing output unless `force`.
+pub fn refuse_overwrite(
+    handle: &Handle,
+    loc: &lightrnn_worker::data::store::Location,
+    name: &str,
+    what: &str,
+    force: bool,
+) -> Result<()> {
+    if !force && handle.block_on(loc.head(name))?.is_some() {
+        return usage(format!("{what} exists; pass --force to replace it"));
+    }
+    Ok(())
 }
 
 /// A `.npy` array from a path or object URL.
@@ -52,6 +69,8 @@ pub fn run(a: &AllocateArgs, handle: &Handle) -> Result<String> {
         candidates: a.candidates,
     };
     let solver: Solver = a.solver.parse()?;
+    let (loc, name) = split_object(&a.out)?;
+    refuse_overwrite(handle, &loc, &name, &a.out, a.force)?;
     let t0 = std::time::Instant::now();
     let (ta, tb) = (
         read_npy(&a.row_loss, handle)?,
@@ -78,8 +97,20 @@ pub fn run(a: &AllocateArgs, handle: &Handle) -> Result<String> {
     };
     let seconds = t1.elapsed().as_secs_f64();
     drop((ta, tb));
+    if ![sol.cost, sol.lower_bound, sol.relaxation_bound]
+        .iter()
+        .all(|x| x.is_finite())
+    {
+        return Err(crate::Error::Job(format!(
+            "coordinator: the {} solve gave a non-finite cost ({}) or bound ({}, {}); \
+             nothing was written",
+            solver.name(),
+            sol.cost,
+            sol.lower_bound,
+            sol.relaxation_bound
+        )));
+    }
     let cells: Vec<i64> = sol.cells.iter().map(|&x| x as i64).collect();
-    let (loc, name) = split_object(&a.out)?;
     handle.block_on(loc.put(&name, Bytes::from(npy::encode_i64(&cells))))?;
     Ok(serde_json::json!({
         "solver": solver.name(),

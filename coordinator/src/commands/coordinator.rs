@@ -18,8 +18,10 @@ use crate::{Error, Result, Stop};
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub run: RunArgs,
-    /// gRPC address to serve on.
-    #[arg(long, default_value = "0.0.0.0:29400")]
+    /// gRPC address to serve on (loopback unless given: serving other hosts needs
+    /// authentication and TLS, e.g. --listen 0.0.0.0:29400 with --token-file and
+    /// --tls-cert).
+    #[arg(long, default_value = "127.0.0.1:29400")]
     pub listen: String,
     /// Workers in the job (torchrun's WORLD_SIZE): N, or MIN:MAX for an elastic job
     /// that forms with MIN to MAX workers, re-forms with the survivors after a loss and
@@ -98,6 +100,31 @@ pub fn run(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> 
         resume: r.resume,
         backend: &r.backend,
     };
+    let addr: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .map_err(|e| Error::Usage(format!("--listen {:?} is not HOST:PORT: {e}", a.listen)))?;
+    // Authentication and TLS are settled before any work (the data is not read yet).
+    let token = bearer_token(&a.token_file)?;
+    let tls = server_tls(a)?;
+    if !addr.ip().is_loopback() {
+        if token.is_none() && a.tls_client_ca.is_none() {
+            return usage(format!(
+                "listening on {addr} needs authentication: a bearer token (LIGHTRNN_TOKEN or \
+                 --token-file, given to the workers too) or mutual TLS (--tls-client-ca)"
+            ));
+        }
+        if tls.is_none() && !a.allow_plaintext {
+            return usage(format!(
+                "listening on {addr} needs TLS: --tls-cert and --tls-key (workers then use \
+                 https:// and --tls-ca), or --allow-plaintext on a network that is private or \
+                 encrypted underneath"
+            ));
+        }
+        if tls.is_none() {
+            tracing::warn!(listen = %addr, "serving without TLS (--allow-plaintext): traffic, the token included, travels in the clear");
+        }
+    }
     let mut spec = job_spec(run, a.world_size, handle)?;
     spec.form_wait = Duration::from_secs(a.form_wait_s);
     spec.heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
@@ -105,30 +132,8 @@ pub fn run(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> 
     spec.collective_timeout = Duration::from_secs(a.collective_timeout_s.max(1));
     spec.join_timeout = Duration::from_secs(a.join_timeout_s.max(1));
     spec.max_restarts = a.max_restarts;
-    let addr: std::net::SocketAddr = a
-        .listen
-        .parse()
-        .map_err(|e| Error::Usage(format!("--listen {:?} is not HOST:PORT: {e}", a.listen)))?;
-    spec.token = bearer_token(&a.token_file)?;
-    spec.tls = server_tls(a)?;
-    if !addr.ip().is_loopback() {
-        if spec.token.is_none() && a.tls_client_ca.is_none() {
-            return usage(format!(
-                "listening on {addr} needs authentication: a bearer token (LIGHTRNN_TOKEN or \
-                 --token-file, given to the workers too) or mutual TLS (--tls-client-ca)"
-            ));
-        }
-        if spec.tls.is_none() && !a.allow_plaintext {
-            return usage(format!(
-                "listening on {addr} needs TLS: --tls-cert and --tls-key (workers then use \
-                 https:// and --tls-ca), or --allow-plaintext on a network that is private or \
-                 encrypted underneath"
-            ));
-        }
-        if spec.tls.is_none() {
-            tracing::warn!(listen = %addr, "serving without TLS (--allow-plaintext): traffic, the token included, travels in the clear");
-        }
-    }
+    spec.token = token;
+    spec.tls = tls;
     let out = spec.out.url().to_string();
     let metrics = metrics_listener(a.run.metrics_addr.as_deref(), handle)?;
     let outcome = handle.block_on(async move {

@@ -21,11 +21,34 @@ pub struct ExportArgs {
     /// the word2vec text format (gensim's KeyedVectors.load_word2vec_format reads it).
     #[arg(long)]
     pub word_vectors: bool,
+    /// Replace files of an earlier export in `--out`.
+    #[arg(long)]
+    pub force: bool,
 }
 
+/// The files an export writes.
+const FILES: [&str; 5] = [
+    "model.safetensors",
+    "vocab.txt",
+    "config.toml",
+    "model.json",
+    "vectors.txt",
+];
+
 pub fn run(a: &ExportArgs, handle: &Handle) -> Result<String> {
+    let out = Location::parse(&a.out)?;
+    if !a.force {
+        for name in FILES {
+            if handle.block_on(out.head(name))?.is_some() {
+                return usage(format!(
+                    "{} already holds {name} (an earlier export?); pass --force to replace it",
+                    a.out
+                ));
+            }
+        }
+    }
     let ck = handle.block_on(checkpoint::resolve(&Location::parse(&a.checkpoint)?))?;
-    export(&ck, &Location::parse(&a.out)?, a.word_vectors, handle)
+    export(&ck, &out, a.word_vectors, handle)
 }
 
 /// `lightrnn export`: a checkpoint as files other tools read: `model.safetensors` (every
@@ -58,11 +81,11 @@ pub fn export(
         "vocab_sha256": ck.meta.vocab_sha256,
     });
     let mut files = vec![
-        ("model.safetensors", model),
-        ("vocab.txt", bytes::Bytes::from(ck.vocab.to_text())),
-        ("config.toml", bytes::Bytes::from(cfg.to_toml())),
+        (FILES[0], model),
+        (FILES[1], bytes::Bytes::from(ck.vocab.to_text())),
+        (FILES[2], bytes::Bytes::from(cfg.to_toml())),
         (
-            "model.json",
+            FILES[3],
             bytes::Bytes::from(serde_json::to_string_pretty(&info)? + "\n"),
         ),
     ];
@@ -93,7 +116,7 @@ pub fn export(
             }
             text.push('\n');
         }
-        files.push(("vectors.txt", bytes::Bytes::from(text)));
+        files.push((FILES[4], bytes::Bytes::from(text)));
     }
     let mut written = Vec::new();
     let mut bytes = 0u64;

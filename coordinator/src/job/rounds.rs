@@ -16,11 +16,24 @@ use lightrnn_worker::{Error, Result};
 
 use super::Job;
 
+/// Where a push's elements go: into the round's sum as they arrive, or into the push's
+/// own tables, summed with the others' in rank order once all are in. Adding straight
+/// into the sum is exact and independent of arrival order for up to two ranks (0 + a = a,
+/// a + b = b + a), so a job of one or two ranks holds one table, not one per rank; with
+/// more ranks the rank-order sum keeps a run's numbers independent of arrival order.
+enum Sink {
+    Sum,
+    Own(LossTables),
+}
+
 /// One rank's push put back together, checked as it arrives: one push of one rank, tables
-/// of this job's size and within its memory limit, every element exactly once.
+/// of this job's size and within its memory limit, every element exactly once (each
+/// kind's chunks in order).
 struct TableAssembly {
     head: TableChunk,
-    tables: LossTables,
+    sink: Sink,
+    /// Elements per kind (rows, columns, counts).
+    lens: [usize; 3],
     cells: Vec<u32>,
     /// Elements received per kind (rows, columns, counts).
     got: [usize; 3],
@@ -30,21 +43,35 @@ fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// Zeroed tables of the job's shape (the pages are touched as they are written).
+fn zero_tables(v: usize, rr: usize, cc: usize) -> LossTables {
+    LossTables {
+        vocab: v,
+        rows: rr,
+        cols: cc,
+        lr: vec![0.0; v * rr],
+        lc: vec![0.0; v * cc],
+        counts: vec![0; v],
+    }
+}
+
 impl TableAssembly {
     /// From the push's first chunk, after the checks that come before any allocation.
     fn start(job: &Job, ch: &TableChunk) -> Result<Self, Status> {
-        {
-            let st = job.lock();
-            job.check(&st, ch.generation, ch.rank)?;
-            if st.rounds.get(&ch.round).is_some_and(|r| {
-                r.solving || r.parts.get(ch.rank as usize).is_some_and(|p| p.is_some())
-            }) {
-                return Err(Status::already_exists(format!(
-                    "rank {} pushed round {} already",
-                    ch.rank, ch.round
-                )));
-            }
-        }
+        let world =
+            {
+                let st = job.lock();
+                job.check(&st, ch.generation, ch.rank)?;
+                if st.rounds.get(&ch.round).is_some_and(|r| {
+                    r.solving || r.arrived.get(ch.rank as usize).is_some_and(|&a| a)
+                }) {
+                    return Err(Status::already_exists(format!(
+                        "rank {} pushed round {} already",
+                        ch.rank, ch.round
+                    )));
+                }
+                st.world
+            };
         if ch.vocab != job.spec.vocab as u64 {
             return Err(invalid(format!(
                 "tables of {} words for a vocabulary of {}",
@@ -67,73 +94,120 @@ impl TableAssembly {
                 bytes / (1u64 << 30) as f64
             )));
         }
+        // The round's memory here, checked when its first push arrives: the sum (or
+        // every rank's tables), a discounted copy with a move cost, the solve.
+        if !job.lock().rounds.contains_key(&ch.round) {
+            let tables = lightrnn_alloc::tables_bytes(v, rr, cc);
+            let held = if world <= 2 { 1 } else { world as u64 + 1 };
+            let need = held * tables + lightrnn_alloc::round_memory_bound(v, rr, cc, ch.move_cost)
+                - tables;
+            if let Err(e) = lightrnn_worker::train::realloc::check_fits(
+                &format!("coordinator: reallocation round {}", ch.round),
+                need,
+            ) {
+                job.fault(e.to_string());
+                return Err(Status::resource_exhausted(e.to_string()));
+            }
+        }
+        let sink = if world <= 2 {
+            let mut st = job.lock();
+            let round = st.rounds.entry(ch.round).or_default();
+            if round.sum.is_none() {
+                round.sum = Some(zero_tables(v, rr, cc));
+            }
+            Sink::Sum
+        } else {
+            Sink::Own(zero_tables(v, rr, cc))
+        };
         Ok(Self {
             head: TableChunk {
                 data: Vec::new(),
                 ..ch.clone()
             },
-            tables: LossTables {
-                vocab: v,
-                rows: rr,
-                cols: cc,
-                lr: vec![0.0; v * rr],
-                lc: vec![0.0; v * cc],
-                counts: vec![0; v],
-            },
+            sink,
+            lens: [v * rr, v * cc, v],
             cells: Vec::new(),
             got: [0; 3],
         })
     }
 
-    fn add(&mut self, ch: &TableChunk) -> Result<(), Status> {
+    fn add(&mut self, job: &Job, ch: &TableChunk) -> Result<(), Status> {
         let h = &self.head;
         if (ch.generation, ch.rank, ch.round) != (h.generation, h.rank, h.round) {
             return Err(invalid("chunks of several pushes in one"));
         }
-        let t = &mut self.tables;
-        let n = match TableKind::try_from(ch.kind) {
-            Ok(TableKind::Rows) => wire::decode_into(&mut t.lr, ch.offset, &ch.data),
-            Ok(TableKind::Cols) => wire::decode_into(&mut t.lc, ch.offset, &ch.data),
-            Ok(TableKind::Counts) => wire::decode_into(&mut t.counts, ch.offset, &ch.data),
-            Ok(TableKind::Cells) => {
-                // The cells come in order, once.
-                if ch.offset != self.cells.len() as u64 {
-                    return Err(invalid(format!(
-                        "cells chunk at {} out of order",
-                        ch.offset
-                    )));
-                }
-                let mut part = vec![0u32; ch.data.len() / 4];
-                let n = wire::decode_into(&mut part, 0, &ch.data).map_err(invalid)?;
-                if self.cells.len() + n > t.vocab {
-                    return Err(invalid("more cells than words"));
-                }
-                self.cells.extend(part);
-                return Ok(());
+        let kind = TableKind::try_from(ch.kind).map_err(|_| invalid("table chunk of no kind"))?;
+        if kind == TableKind::Cells {
+            // The cells come in order, once.
+            if ch.offset != self.cells.len() as u64 {
+                return Err(invalid(format!(
+                    "cells chunk at {} out of order",
+                    ch.offset
+                )));
             }
+            let mut part = vec![0u32; ch.data.len() / 4];
+            let n = wire::decode_into(&mut part, 0, &ch.data).map_err(invalid)?;
+            if self.cells.len() + n > self.lens[2] {
+                return Err(invalid("more cells than words"));
+            }
+            self.cells.extend(part);
+            return Ok(());
+        }
+        let k = match kind {
+            TableKind::Rows => 0,
+            TableKind::Cols => 1,
+            TableKind::Counts => 2,
             _ => return Err(invalid("table chunk of no kind")),
+        };
+        // Each kind's chunks in order: with the counts, every element exactly once.
+        if ch.offset != self.got[k] as u64 {
+            return Err(invalid(format!(
+                "{kind:?} chunk at {} out of order (expected {})",
+                ch.offset, self.got[k]
+            )));
+        }
+        let into = |t: &mut LossTables| match k {
+            0 => wire::add_into(&mut t.lr, ch.offset, &ch.data),
+            1 => wire::add_into(&mut t.lc, ch.offset, &ch.data),
+            _ => wire::add_into(&mut t.counts, ch.offset, &ch.data),
+        };
+        let n = match &mut self.sink {
+            Sink::Own(t) => into(t),
+            Sink::Sum => {
+                let mut st = job.lock();
+                job.check(&st, h.generation, h.rank)?;
+                let t = st
+                    .rounds
+                    .get_mut(&h.round)
+                    .and_then(|r| r.sum.as_mut())
+                    .ok_or_else(|| Status::aborted(format!("round {} ended", h.round)))?;
+                into(t)
+            }
         }
         .map_err(invalid)?;
-        self.got[(ch.kind - 1) as usize] += n;
+        self.got[k] += n;
         Ok(())
     }
 
-    /// The push's tables and cells; chunks may overlap or miss parts, so the element
-    /// counts must match exactly.
-    fn finish(self) -> Result<(TableChunk, LossTables, Vec<u32>), Status> {
-        let t = &self.tables;
-        if self.got != [t.lr.len(), t.lc.len(), t.counts.len()] {
+    /// The push's tables (None: they went into the round's sum) and cells; every
+    /// element must have arrived.
+    fn finish(self) -> Result<(TableChunk, Option<LossTables>, Vec<u32>), Status> {
+        if self.got != self.lens {
             return Err(invalid(format!(
                 "an incomplete push: {} of {} row, {} of {} column, {} of {} count elements",
-                self.got[0],
-                t.lr.len(),
-                self.got[1],
-                t.lc.len(),
-                self.got[2],
-                t.counts.len()
+                self.got[0], self.lens[0], self.got[1], self.lens[1], self.got[2], self.lens[2]
             )));
         }
-        Ok((self.head, self.tables, self.cells))
+        let tables = match self.sink {
+            Sink::Own(t) => Some(t),
+            Sink::Sum => None,
+        };
+        Ok((self.head, tables, self.cells))
+    }
+
+    /// Whether some of the push's elements are in the round's sum already.
+    fn in_sum(&self) -> bool {
+        matches!(self.sink, Sink::Sum) && self.got.iter().any(|&n| n > 0)
     }
 }
 
@@ -146,18 +220,31 @@ impl Job {
     {
         self.count_rpc();
         let mut push: Option<TableAssembly> = None;
-        while let Some(ch) = s.next().await {
-            let ch = ch?;
-            match &mut push {
-                Some(p) => p.add(&ch)?,
-                None => {
-                    let mut p = TableAssembly::start(self, &ch)?;
-                    p.add(&ch)?;
-                    push = Some(p);
+        let received = self.receive_push(&mut s, &mut push).await;
+        let (h, t, cells) = match received.and_then(|()| {
+            push.take()
+                .ok_or_else(|| invalid("an empty push"))?
+                .finish()
+        }) {
+            Ok(x) => x,
+            Err(e) => {
+                // Half a push in the round's sum spoils it: the group re-forms from the
+                // checkpoint taken before the round, which runs it again.
+                if let Some(p) = push.as_ref().filter(|p| p.in_sum()) {
+                    self.lose_worker(
+                        p.head.generation,
+                        "table_push",
+                        format!(
+                            "rank {}'s loss tables for round {} broke off: {}",
+                            p.head.rank,
+                            p.head.round,
+                            e.message()
+                        ),
+                    );
                 }
+                return Err(e);
             }
-        }
-        let (h, t, cells) = push.ok_or_else(|| invalid("an empty push"))?.finish()?;
+        };
         let all_in = {
             let mut st = self.lock();
             self.check(&st, h.generation, h.rank)?;
@@ -165,26 +252,28 @@ impl Job {
             let round = st.rounds.entry(h.round).or_default();
             if round.parts.is_empty() {
                 round.parts = (0..w).map(|_| None).collect();
+                round.arrived = vec![false; w];
             }
-            if round.solving || round.parts[h.rank as usize].is_some() {
+            if round.solving || round.arrived[h.rank as usize] {
                 return Err(Status::already_exists(format!(
                     "rank {} pushed round {} already",
                     h.rank, h.round
                 )));
             }
             if h.rank == 0 {
-                if cells.len() != t.vocab {
+                if cells.len() != h.vocab as usize {
                     return Err(invalid(format!(
                         "rank 0 sent {} of {} cells",
                         cells.len(),
-                        t.vocab
+                        h.vocab
                     )));
                 }
                 round.cells = Some(cells);
                 round.move_cost = h.move_cost;
             }
-            round.parts[h.rank as usize] = Some(t);
-            let all = round.parts.iter().all(|p| p.is_some());
+            round.arrived[h.rank as usize] = true;
+            round.parts[h.rank as usize] = t;
+            let all = round.arrived.iter().all(|&a| a);
             if all {
                 round.solving = true;
             }
@@ -192,6 +281,30 @@ impl Job {
         };
         if all_in {
             self.start_solve(h.round);
+        }
+        Ok(())
+    }
+
+    /// The chunks of one push, each checked and added as it arrives.
+    async fn receive_push<S>(
+        &self,
+        s: &mut S,
+        push: &mut Option<TableAssembly>,
+    ) -> Result<(), Status>
+    where
+        S: Stream<Item = Result<TableChunk, Status>> + Unpin,
+    {
+        while let Some(ch) = s.next().await {
+            let ch = ch?;
+            match push {
+                Some(p) => p.add(self, &ch)?,
+                None => {
+                    let mut p = TableAssembly::start(self, &ch)?;
+                    let added = p.add(self, &ch);
+                    *push = Some(p);
+                    added?;
+                }
+            }
         }
         Ok(())
     }
@@ -223,7 +336,7 @@ impl Job {
     fn start_solve(self: &Arc<Self>, round: u64) {
         let job = self.clone();
         tokio::spawn(async move {
-            let (generation, parts, cells, move_cost) = {
+            let (generation, sum, parts, cells, move_cost) = {
                 let mut st = job.lock();
                 let generation = st.generation;
                 let Some(r) = st.rounds.get_mut(&round) else {
@@ -231,6 +344,7 @@ impl Job {
                 };
                 (
                     generation,
+                    r.sum.take(),
                     std::mem::take(&mut r.parts),
                     r.cells.take(),
                     r.move_cost,
@@ -245,7 +359,9 @@ impl Job {
                 move_cost,
             };
             let solved = tokio::task::spawn_blocking(move || -> Result<Reallocation> {
-                let mut it = parts.into_iter().flatten();
+                // One or two ranks: their tables went into `sum` as they arrived; more:
+                // summed here in rank order.
+                let mut it = sum.into_iter().chain(parts.into_iter().flatten());
                 let mut sum = it
                     .next()
                     .ok_or_else(|| Error::Control("no loss tables arrived".into()))?;

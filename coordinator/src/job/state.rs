@@ -38,6 +38,12 @@ pub(super) struct EpochAcc {
 /// One reallocation round: each rank's partial tables until all are in, then the solve.
 #[derive(Default)]
 pub(super) struct Round {
+    /// The sum of the tables pushed so far, where they are added as they arrive (a job
+    /// of one or two ranks).
+    pub(super) sum: Option<LossTables>,
+    /// Which ranks' pushes are complete.
+    pub(super) arrived: Vec<bool>,
+    /// Each rank's tables, where they are summed in rank order once all are in.
     pub(super) parts: Vec<Option<LossTables>>,
     pub(super) cells: Option<Vec<u32>>,
     pub(super) move_cost: f64,
