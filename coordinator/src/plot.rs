@@ -103,18 +103,23 @@ pub fn curves_png(c: &Curves, title: &str, out: &Path) -> Result<()> {
         Some(t) => format!("{title}: test perplexity {t:.1}"),
         None => title.to_string(),
     };
+    // A little room right of the last point (the last validation sits on it), and no
+    // more x labels than whole steps (a short run repeated them after rounding).
+    let x_end = max_step * 1.03;
+    let x_labels = (max_step as usize + 1).clamp(2, 10);
     let mut chart = ChartBuilder::on(&top)
         .caption(caption, ("sans-serif", 24))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..max_step, lo..hi)
+        .build_cartesian_2d(0f64..x_end, lo..hi)
         .map_err(draw_err)?;
     chart
         .configure_mesh()
         .x_desc("step")
         .y_desc("perplexity")
         .y_labels(12)
+        .x_labels(x_labels)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
@@ -166,12 +171,13 @@ pub fn curves_png(c: &Curves, title: &str, out: &Path) -> Result<()> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..max_step, 0f64..top_speed)
+        .build_cartesian_2d(0f64..x_end, 0f64..top_speed)
         .map_err(draw_err)?;
     speed
         .configure_mesh()
         .x_desc("step")
         .y_desc("words / s")
+        .x_labels(x_labels)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
@@ -201,42 +207,105 @@ fn shade(t: f64) -> RGBColor {
 }
 
 /// The allocation of `ck` as a PNG at `out`: one square per cell, shaded by the log count
-/// of its word (white: empty). Returns the image size.
+/// of its word, white where no word sits; row and column indices on the axes and a colour
+/// bar of the counts on the right. Returns the image size.
 pub fn allocation_png(ck: &Checkpoint, out: &Path) -> Result<(u32, u32)> {
     font();
     let d = ck.meta.dims;
     let cell = (720 / d.rows.max(d.cols)).clamp(1, 24) as u32;
     let (w, h) = (d.cols as u32 * cell, d.rows as u32 * cell);
-    let (left, top) = (20u32, 50u32);
-    let root = BitMapBackend::new(out, (w + 2 * left, h + top + 20)).into_drawing_area();
+    // Room for the title and the column axis above, the row axis left, the colour bar
+    // and its labels right, the note on empty cells below.
+    let (left, top, right, bottom) = (60u32, 80u32, 130u32, 40u32);
+    let size = (w + left + right, h + top + bottom);
+    let root = BitMapBackend::new(out, size).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
-    root.draw(&Text::new(
+    let text = |s: String, at: (i32, i32), px: u32| {
+        root.draw(&Text::new(s, at, ("sans-serif", px)))
+            .map_err(draw_err)
+    };
+    text(
         format!(
-            "{} words in a {} x {} table, step {}, {} reallocation(s); shade: log count",
+            "{} words in a {} x {} table, step {}, {} reallocation(s)",
             d.vocab, d.rows, d.cols, ck.meta.step, ck.meta.reallocations
         ),
-        (left as i32, 15),
-        ("sans-serif", 18),
-    ))
-    .map_err(draw_err)?;
+        (left as i32, 12),
+        18,
+    )?;
     let max = (0..d.vocab as u32)
         .map(|i| ck.vocab.count(i))
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let area = root.margin(top, 20, left, left);
+    let shade_of = |count: f64| shade(((count + 1.0).ln() / (max + 1.0).ln()).sqrt());
+    let (x0, y0) = (left as i32, top as i32);
     for (word, &c) in ck.cells.iter().enumerate() {
         let (r, col) = (c as usize / d.cols, c as usize % d.cols);
-        let t = ((ck.vocab.count(word as u32) as f64 + 1.0).ln() / (max + 1.0).ln()).sqrt();
-        let (x, y) = ((col as u32 * cell) as i32, (r as u32 * cell) as i32);
-        area.draw(&Rectangle::new(
+        let (x, y) = (
+            x0 + (col as u32 * cell) as i32,
+            y0 + (r as u32 * cell) as i32,
+        );
+        root.draw(&Rectangle::new(
             [(x, y), (x + cell as i32, y + cell as i32)],
-            shade(t).filled(),
+            shade_of(ck.vocab.count(word as u32) as f64).filled(),
         ))
         .map_err(draw_err)?;
     }
+    root.draw(&Rectangle::new(
+        [(x0 - 1, y0 - 1), (x0 + w as i32, y0 + h as i32)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(draw_err)?;
+    // Axes: about 6 ticks a side, at whole indices.
+    let ticks = |n: usize| -> Vec<usize> {
+        let step = n.div_ceil(6).max(1);
+        (0..n).step_by(step).collect()
+    };
+    text("column".into(), (x0 + w as i32 / 2 - 25, y0 - 44), 14)?;
+    for j in ticks(d.cols) {
+        let x = x0 + (j as u32 * cell + cell / 2) as i32;
+        root.draw(&PathElement::new(vec![(x, y0 - 6), (x, y0 - 1)], BLACK))
+            .map_err(draw_err)?;
+        text(j.to_string(), (x - 4, y0 - 24), 13)?;
+    }
+    text("row".into(), (4, y0 - 24), 14)?;
+    for i in ticks(d.rows) {
+        let y = y0 + (i as u32 * cell + cell / 2) as i32;
+        root.draw(&PathElement::new(vec![(x0 - 6, y), (x0 - 1, y)], BLACK))
+            .map_err(draw_err)?;
+        text(i.to_string(), (x0 - 40, y - 7), 13)?;
+    }
+    // The colour bar: counts from 1 (bottom) to the largest (top), log-shaded as the cells.
+    let (bx, bw) = (x0 + w as i32 + 24, 18);
+    let bar_h = h.max(60) as i32;
+    for k in 0..bar_h {
+        let t = 1.0 - k as f64 / (bar_h - 1).max(1) as f64;
+        let count = ((max + 1.0).powf(t * t) - 1.0).max(0.0);
+        root.draw(&Rectangle::new(
+            [(bx, y0 + k), (bx + bw, y0 + k + 1)],
+            shade_of(count).filled(),
+        ))
+        .map_err(draw_err)?;
+    }
+    root.draw(&Rectangle::new(
+        [(bx, y0), (bx + bw, y0 + bar_h)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(draw_err)?;
+    text(format!("{}", max as u64), (bx + bw + 6, y0 - 6), 13)?;
+    text("0".into(), (bx + bw + 6, y0 + bar_h - 8), 13)?;
+    text("count (log)".into(), (bx - 14, y0 - 24), 14)?;
+    text(
+        format!(
+            "white: an empty cell ({} of {} cells hold no word)",
+            d.rows * d.cols - d.vocab,
+            d.rows * d.cols
+        ),
+        (x0, y0 + h as i32 + 12),
+        14,
+    )?;
     root.present().map_err(draw_err)?;
-    Ok((w + 2 * left, h + top + 20))
+    Ok(size)
 }
 
 #[cfg(test)]

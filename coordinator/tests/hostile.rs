@@ -72,7 +72,11 @@ fn a_closed_pipe_and_a_hangup_still_stop_with_a_checkpoint_that_resumes_bit_iden
     assert_eq!(code, 0, "{err}");
     let clean = json(&out);
     let mut checked = 0;
-    for (name, sig, lines_read) in [("tee", "-INT", 0usize), ("head", "-HUP", 1)] {
+    for (name, sig, lines_read) in [
+        ("tee", "-INT", 0usize),
+        ("head", "-INT", 1),
+        ("hangup", "-HUP", 1),
+    ] {
         let run = tmp.path().join(name);
         let mut child = spawn(&strs(&train_args(&data, &run, false)));
         let (mut so, mut se) = (child.stdout.take(), child.stderr.take());
