@@ -855,19 +855,48 @@ fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
     let run = tmp.path().join("elastic");
     let mut extra = vec!["--world-size", "1:2", "--form-wait-s", "2"];
     extra.extend_from_slice(&common[2..]);
-    let (c, url) = coordinator(&data, &run, &extra);
+    let (mut c, url) = coordinator(&data, &run, &extra);
+    // The coordinator's log, read as it comes: the test waits for the survivor's group
+    // to form before a newcomer knocks (on a loaded machine that takes longer than any
+    // fixed sleep).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = c.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
     let mut w1 = worker(&url, 1);
     let w0 = worker(&url, 0);
     wait_training(&run);
     w1.kill().unwrap();
     w1.wait().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120).saturating_sub(t0.elapsed()))
+            .expect("the survivor's group never formed");
+        if line.contains("group formed") && line.contains("generation=2") {
+            break;
+        }
+    }
     // The survivor trains alone for a while; then a newcomer knocks.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(2));
     let newcomer = worker(&url, 1);
-    let c = c.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&c.stderr);
-    assert!(c.status.success(), "{err}");
-    let s = json(&String::from_utf8_lossy(&c.stdout));
+    let status = c.wait().unwrap();
+    let err = reader.join().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut c.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(status.success(), "{err}");
+    let s = json(&stdout);
     eprintln!("elastic run: {s}");
     for w in [w0, newcomer] {
         let o = w.wait_with_output().unwrap();
