@@ -52,8 +52,13 @@ pub fn available_memory() -> Option<u64> {
 
 /// Refuse work that needs `need` bytes where this machine has less available.
 pub fn check_fits(what: &str, need: u64) -> Result<()> {
+    fits(what, need, available_memory())
+}
+
+/// [`check_fits`] against `available` bytes (None: unknown, allowed).
+fn fits(what: &str, need: u64, available: Option<u64>) -> Result<()> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    match available_memory() {
+    match available {
         Some(avail) if need > avail => Err(Error::Config(format!(
             "{what} needs about {:.2} GiB of memory and {:.2} GiB are available; the \
              epoch's checkpoint is committed: resume (--resume) where more memory is free, \
@@ -147,4 +152,26 @@ pub fn reallocate(
         report.train_loss_after = Some(l);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_that_cannot_fit_is_refused_with_both_figures() {
+        let gib = 1u64 << 30;
+        let e = fits("reallocation round 2", 5 * gib, Some(3 * gib))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("reallocation round 2") && e.contains("5.00 GiB") && e.contains("3.00 GiB"),
+            "{e}"
+        );
+        assert!(e.contains("--resume"), "{e}");
+        fits("r", 2 * gib, Some(3 * gib)).unwrap();
+        fits("r", u64::MAX, None).unwrap();
+        // This machine reports what it has.
+        assert!(available_memory().is_some_and(|b| b > 0));
+    }
 }
