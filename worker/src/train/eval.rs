@@ -29,7 +29,21 @@ pub fn evaluate(
     handle: &Handle,
     coll: &mut dyn Collective,
 ) -> Result<(f64, u64)> {
+    evaluate_with(backend, split, eval_batch, bptt, handle, coll, &mut |_| {})
+}
+
+/// [`evaluate`], calling `done(k)` after the k-th batch (a progress bar).
+pub fn evaluate_with(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    eval_batch: usize,
+    bptt: usize,
+    handle: &Handle,
+    coll: &mut dyn Collective,
+    done: &mut dyn FnMut(u64),
+) -> Result<(f64, u64)> {
     let mine = share(eval_batch, coll.world(), coll.rank());
+    let mut k = 0u64;
     let (total, words) = pass(
         backend,
         split,
@@ -38,7 +52,12 @@ pub fn evaluate(
         bptt,
         Stream::Eval,
         handle,
-        |be, b| be.eval_batch(b),
+        |be, b| {
+            let l = be.eval_batch(b);
+            k += 1;
+            done(k);
+            l
+        },
     )?;
     let mut sums = [total, words as f64];
     coll.all_reduce_sum_f64(&mut sums)?;

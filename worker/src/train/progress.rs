@@ -25,6 +25,14 @@ impl Progress {
         bar.set_position(pos);
         Self { bar: Some(bar) }
     }
+    /// A bar over `len` steps of work named `title` (an evaluation).
+    pub(super) fn titled(enabled: bool, len: u64, title: &str) -> Self {
+        let p = Self::new(enabled, len, 0, 0, 0);
+        if let Some(b) = &p.bar {
+            b.set_prefix(title.to_string());
+        }
+        p
+    }
     pub(super) fn update(&self, pos: u64, msg: String) {
         if let Some(b) = &self.bar {
             b.set_position(pos);

@@ -23,7 +23,7 @@ use lightrnn_kernels::{
     open_backend,
 };
 
-use super::eval::evaluate;
+use super::eval::evaluate_with;
 use super::metrics::MetricsFile;
 use super::options::RunOptions;
 use super::progress::{Progress, Window};
@@ -648,17 +648,29 @@ impl<'a> Trainer<'a> {
             Split::Valid => (&self.ds.valid, "validation"),
             Split::Test => (&self.ds.test, "test"),
         };
-        if self.dist.is_leader() {
+        let leader = self.dist.is_leader();
+        if leader {
             tracing::info!(split = name, words = reader.tokens(), "evaluating");
         }
-        let (loss, _) = evaluate(
+        let (b, bptt) = (self.cfg.eval_batch, self.cfg.bptt as u64);
+        let steps = (reader.tokens() / b.max(1) as u64)
+            .saturating_sub(1)
+            .div_ceil(bptt);
+        let bar = Progress::titled(self.opts.progress && leader, steps, name);
+        let (loss, _) = evaluate_with(
             &mut *self.backend,
             reader,
-            self.cfg.eval_batch,
+            b,
             self.cfg.bptt,
             self.handle,
             &mut *self.dist.collective,
+            &mut |k| {
+                if k.is_multiple_of(10) {
+                    bar.update(k, String::new());
+                }
+            },
         )?;
+        bar.finish();
         Ok(loss)
     }
 
