@@ -61,6 +61,11 @@ impl Philox {
         Self { key: [lo, hi] }
     }
 
+    /// The 64-bit key (what a device kernel needs to draw the same numbers).
+    pub fn key(&self) -> [u32; 2] {
+        self.key
+    }
+
     /// Four 32-bit draws at `position` (in blocks of four) of `stream`.
     #[inline(always)]
     pub fn block(&self, stream: u64, position: u64) -> [u32; 4] {

@@ -67,7 +67,7 @@ impl BackendOptions {
 pub fn check_backend(kind: BackendKind) -> Result<()> {
     match kind {
         BackendKind::Auto | BackendKind::Cpu => Ok(()),
-        BackendKind::Cuda { ordinal } => Err(crate::cuda::CudaBackend::unavailable(ordinal)),
+        BackendKind::Cuda { ordinal } => crate::cuda::CudaBackend::check(ordinal),
     }
 }
 

@@ -280,22 +280,17 @@ fn rectangular_table_and_single_step() {
     });
 }
 
-/// The f32 backend (SIMD exp, f32 GEMM) against the f64 engine on a mid-sized model.
-#[test]
-fn f32_backend_tracks_f64_engine() {
+/// An f32 backend against the f64 engine on a mid-sized model (dropout on and off).
+fn track_f64_engine(open: impl Fn(&ModelConfig) -> Box<dyn Backend>) {
     let dims = ModelDims::square(1000, 32, 40, 2).unwrap();
     let (t, b) = (6, 5);
     for dropout in [0.0, 0.25] {
         let mut e = Engine::<f64>::new(dims, dropout, 3, 2).unwrap();
-        let mut be = CpuBackend::new(
-            &ModelConfig {
-                dims,
-                dropout,
-                seed: 3,
-            },
-            2,
-        )
-        .unwrap();
+        let mut be = open(&ModelConfig {
+            dims,
+            dropout,
+            seed: 3,
+        });
         let p = e.params_torch();
         be.set_params(&p.iter().map(|&v| v as f32).collect::<Vec<_>>())
             .unwrap();
@@ -340,4 +335,19 @@ fn f32_backend_tracks_f64_engine() {
             );
         }
     }
+}
+
+/// The CPU backend (SIMD exp, f32 GEMM).
+#[test]
+fn f32_backend_tracks_f64_engine() {
+    track_f64_engine(|cfg| Box::new(CpuBackend::new(cfg, 2).unwrap()));
+}
+
+/// The CUDA backend on the emulated device (the .cu kernels, cuBLAS-semantics GEMMs).
+#[cfg(feature = "cuda")]
+#[test]
+fn emulated_cuda_backend_tracks_f64_engine() {
+    track_f64_engine(|cfg| {
+        Box::new(lightrnn_kernels::cuda::CudaBackend::emulated(cfg, 1 << 30).unwrap())
+    });
 }

@@ -148,74 +148,90 @@ fn f64_engine_matches_pytorch_reference() {
     }
 }
 
+/// One f32 backend on the fixture: a training step's loss and gradients, then an
+/// evaluation of the same batch from the same state.
+fn check_f32_backend(f: &Fixture, be: &mut dyn Backend, what: &str) {
+    let want_loss = f.v["loss"].as_f64().unwrap();
+    let p: Vec<f32> = f
+        .params(be.layout())
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    be.set_params(&p).unwrap();
+    be.set_allocation(&f.cells()).unwrap();
+    let conv = |k: &str| {
+        flat(&f.v[k])
+            .into_iter()
+            .map(|x| x as f32)
+            .collect::<Vec<f32>>()
+    };
+    be.set_state(
+        Stream::Train(0),
+        State {
+            batch: f.b,
+            h: conv("h0"),
+            c: conv("c0"),
+        },
+    )
+    .unwrap();
+    let (x, y) = (f.ids("x"), f.ids("y"));
+    let batch = Batch {
+        inputs: &x,
+        targets: &y,
+        steps: f.t,
+        batch: f.b,
+        stream: Stream::Train(0),
+    };
+    let words = (f.t * f.b) as f32;
+    let loss = be.train_step(&batch, 0, 1.0 / words).unwrap();
+    let loss = loss.total() / words as f64;
+    assert!(
+        (loss - want_loss).abs() / want_loss < 1e-5,
+        "{what}: loss {loss} vs {want_loss}"
+    );
+    let grads: Vec<f64> = be.grads().unwrap().into_iter().map(|x| x as f64).collect();
+    let layout = be.layout().clone();
+    for (s, (name, want)) in layout.specs.iter().zip(f.grads(&layout)) {
+        let e = rel_err(&grads[s.range()], &want);
+        assert!(e < 1e-4, "{what}: grad {name} relative error {e}");
+    }
+    // Evaluation of the same batch from the same state gives the same loss.
+    be.set_state(
+        Stream::Train(0),
+        State {
+            batch: f.b,
+            h: conv("h0"),
+            c: conv("c0"),
+        },
+    )
+    .unwrap();
+    let ev = be.eval_batch(&batch).unwrap();
+    assert!((ev.total() / words as f64 - want_loss).abs() / want_loss < 1e-5);
+}
+
+fn fixture_config(f: &Fixture) -> ModelConfig {
+    ModelConfig {
+        dims: f.dims,
+        dropout: 0.0,
+        seed: 1,
+    }
+}
+
 #[test]
 fn f32_cpu_backend_matches_pytorch_reference() {
     let f = load();
-    let want_loss = f.v["loss"].as_f64().unwrap();
     for threads in [1, 2] {
-        let cfg = ModelConfig {
-            dims: f.dims,
-            dropout: 0.0,
-            seed: 1,
-        };
-        let mut be = CpuBackend::new(&cfg, threads).unwrap();
-        let p: Vec<f32> = f
-            .params(be.layout())
-            .into_iter()
-            .map(|x| x as f32)
-            .collect();
-        be.set_params(&p).unwrap();
-        be.set_allocation(&f.cells()).unwrap();
-        let conv = |k: &str| {
-            flat(&f.v[k])
-                .into_iter()
-                .map(|x| x as f32)
-                .collect::<Vec<f32>>()
-        };
-        be.set_state(
-            Stream::Train(0),
-            State {
-                batch: f.b,
-                h: conv("h0"),
-                c: conv("c0"),
-            },
-        )
-        .unwrap();
-        let (x, y) = (f.ids("x"), f.ids("y"));
-        let batch = Batch {
-            inputs: &x,
-            targets: &y,
-            steps: f.t,
-            batch: f.b,
-            stream: Stream::Train(0),
-        };
-        let words = (f.t * f.b) as f32;
-        let loss = be.train_step(&batch, 0, 1.0 / words).unwrap();
-        let loss = loss.total() / words as f64;
-        assert!(
-            (loss - want_loss).abs() / want_loss < 1e-5,
-            "loss {loss} vs {want_loss}"
-        );
-        let grads: Vec<f64> = be.grads().unwrap().into_iter().map(|x| x as f64).collect();
-        let layout = be.layout().clone();
-        for (s, (name, want)) in layout.specs.iter().zip(f.grads(&layout)) {
-            let e = rel_err(&grads[s.range()], &want);
-            assert!(
-                e < 1e-4,
-                "threads {threads}: grad {name} relative error {e}"
-            );
-        }
-        // Evaluation of the same batch from the same state gives the same loss.
-        be.set_state(
-            Stream::Train(0),
-            State {
-                batch: f.b,
-                h: conv("h0"),
-                c: conv("c0"),
-            },
-        )
-        .unwrap();
-        let ev = be.eval_batch(&batch).unwrap();
-        assert!((ev.total() / words as f64 - want_loss).abs() / want_loss < 1e-5);
+        let mut be = CpuBackend::new(&fixture_config(&f), threads).unwrap();
+        check_f32_backend(&f, &mut be, &format!("cpu, {threads} threads"));
     }
+}
+
+/// The CUDA backend, on the emulated device, against the same reference.
+#[cfg(feature = "cuda")]
+#[test]
+fn emulated_cuda_backend_matches_pytorch_reference() {
+    let f = load();
+    let mut be =
+        lightrnn_kernels::cuda::CudaBackend::emulated(&fixture_config(&f), 1 << 30).unwrap();
+    check_f32_backend(&f, &mut be, "emulated cuda");
 }

@@ -1,123 +1,69 @@
-//! The CUDA side of the boundary, present in every build so that no call site needs a
-//! `cfg`: [`device`] lists the devices and libraries (with the `cuda` feature, found at
-//! run time, never linked), and [`CudaBackend`] is the backend type `--backend cuda`
-//! opens.
+//! The CUDA backend, present in every build so that no call site needs a `cfg`.
 //!
-//! This version has no CUDA kernels: opening the backend says why it cannot run (built
-//! without CUDA, no driver, no such device, no kernels yet), so the type has no values
-//! yet and its trait implementation is empty matches.
+//! - `*.cu`: the kernels, one file per op family, no `#include`, embedded in the binary
+//!   ([`layer::SOURCES`]) and compiled by NVRTC for the device at hand on first use.
+//! - [`layer`]: the device layer ([`layer::Device`]: memory, launches by name,
+//!   column-major GEMMs) with two implementations, the GPU (`gpu`, cudarc + cuBLAS) and
+//!   the emulated device (`emulated`: host memory, the same `.cu` files compiled by the
+//!   host C++ compiler under `emu/cuda_emu.h`), both behind the `cuda` feature.
+//! - [`CudaBackend`]: the LightRNN model written once over the device layer (`step`,
+//!   `workspace`); CI runs it on the emulated device against the CPU backend.
+//! - [`device`]: which devices and libraries this machine has; [`nvrtc`]: compiling the
+//!   sources (PTX, or CUBIN with ptxas's register and spill report).
+//!
+//! Without the `cuda` feature, opening the backend says "built without CUDA".
 
+mod backend;
+mod buffers;
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod emulated;
+#[cfg(feature = "cuda")]
+mod gpu;
+pub mod layer;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+mod step;
+mod workspace;
 
-use std::convert::Infallible;
+pub use backend::CudaBackend;
+pub(crate) use backend::DevState;
+pub use workspace::{activation_bytes, model_bytes};
 
-use crate::backend::{
-    Backend, Batch, GradReduce, LossSums, ModelConfig, OptimizerState, Pass, Shard, State, Stream,
-};
-use crate::layout::ParamLayout;
-use crate::optim::Optimizer;
-use crate::tables::LossTables;
-use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 
-/// The LightRNN model on one CUDA device.
-pub struct CudaBackend {
-    never: Infallible,
+/// The arithmetic of the GEMMs (accumulation is f32 in both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE f32 products.
+    Fp32,
+    /// TensorFloat-32 tensor-core products (10-bit mantissa inputs): the GPU default.
+    #[default]
+    Tf32,
 }
 
-impl CudaBackend {
-    /// Open device `ordinal` for `cfg`, or say why that cannot be done.
-    pub fn new(_cfg: &ModelConfig, ordinal: usize) -> Result<Self> {
-        Err(Self::unavailable(ordinal))
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
+        })
     }
+}
 
-    /// Why device `ordinal` cannot run a model in this build: built without CUDA, no
-    /// driver, no such device, or (this version) no CUDA kernels.
-    pub fn unavailable(ordinal: usize) -> Error {
-        let devices = match device::cuda_devices() {
-            Ok(d) => d,
-            Err(e) => return e,
-        };
-        match devices.get(ordinal) {
-            None => Error::Backend(format!(
-                "no CUDA device {ordinal}: this machine has {} (lightrnn devices lists them)",
-                devices.len()
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Err(crate::Error::Config(
+                "precision bf16 is not supported yet (use tf32 or fp32)".into(),
             )),
-            Some(d) => Error::Backend(format!(
-                "CUDA device {ordinal} ({}) is present, but this version of lightrnn has no CUDA kernels yet: use --backend cpu",
-                d.name
-            )),
+            other => Err(crate::Error::Config(format!(
+                "unknown precision {other:?} (expected fp32 or tf32)"
+            ))),
         }
-    }
-}
-
-impl Backend for CudaBackend {
-    fn name(&self) -> String {
-        match self.never {}
-    }
-    fn layout(&self) -> &ParamLayout {
-        match self.never {}
-    }
-    fn params(&self) -> Result<Vec<f32>> {
-        match self.never {}
-    }
-    fn set_params(&mut self, _: &[f32]) -> Result<()> {
-        match self.never {}
-    }
-    fn grads(&self) -> Result<Vec<f32>> {
-        match self.never {}
-    }
-    fn allocation(&self) -> Result<Vec<u32>> {
-        match self.never {}
-    }
-    fn set_allocation(&mut self, _: &[u32]) -> Result<()> {
-        match self.never {}
-    }
-    fn state(&self, _: Stream) -> Result<Option<State<f32>>> {
-        match self.never {}
-    }
-    fn set_state(&mut self, _: Stream, _: State<f32>) -> Result<()> {
-        match self.never {}
-    }
-    fn reset_state(&mut self, _: Stream) {
-        match self.never {}
-    }
-    fn set_shard(&mut self, _: Shard) -> Result<()> {
-        match self.never {}
-    }
-    fn input_forward(&mut self, _: &Batch<'_>, _: Pass) -> Result<()> {
-        match self.never {}
-    }
-    fn lstm_forward(&mut self, _: usize) -> Result<()> {
-        match self.never {}
-    }
-    fn heads(&mut self, _: Option<f32>) -> Result<LossSums> {
-        match self.never {}
-    }
-    fn lstm_backward(&mut self, _: usize) -> Result<()> {
-        match self.never {}
-    }
-    fn train_step(&mut self, _: &Batch<'_>, _: u64, _: f32) -> Result<LossSums> {
-        match self.never {}
-    }
-    fn all_reduce_grads(&mut self, _: &mut dyn GradReduce) -> Result<()> {
-        match self.never {}
-    }
-    fn clip_and_step(&mut self, _: &Optimizer, _: f64, _: f64) -> Result<f64> {
-        match self.never {}
-    }
-    fn optimizer_state(&self) -> Result<Option<OptimizerState>> {
-        match self.never {}
-    }
-    fn set_optimizer_state(&mut self, _: OptimizerState) -> Result<()> {
-        match self.never {}
-    }
-    fn begin_loss_tables(&mut self, _: u64) -> Result<()> {
-        match self.never {}
-    }
-    fn accumulate_loss_tables(&mut self, _: &Batch<'_>) -> Result<LossSums> {
-        match self.never {}
-    }
-    fn take_loss_tables(&mut self) -> Result<LossTables> {
-        match self.never {}
     }
 }

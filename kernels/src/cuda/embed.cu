@@ -1,0 +1,28 @@
+// The input tables: gathering the rows a batch reads, and the per-row sum of their
+// gradients (deterministic: each distinct row sums its uses in a fixed order, no atomics).
+
+// out[r, :] = table[ids[r], :] for r < rows.
+extern "C" __global__ void gather_rows(float* out, const float* table, const unsigned* ids,
+                                       unsigned rows, unsigned width) {
+  unsigned long long n = (unsigned long long)rows * width;
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)gridDim.x * blockDim.x) {
+    unsigned long long r = i / width, j = i % width;
+    out[i] = table[(unsigned long long)ids[r] * width + j];
+  }
+}
+
+// Block k (of the distinct ids) writes table_grad[uniq[k], :] = sum over its uses u in
+// members[starts[k] .. starts[k + 1]] (ascending storage rows) of rows_grad[u, :].
+extern "C" __global__ void scatter_rows(float* table_grad, const float* rows_grad,
+                                        const unsigned* uniq, const unsigned* starts,
+                                        const unsigned* members, unsigned width) {
+  unsigned k = blockIdx.x;
+  unsigned s0 = starts[k], s1 = starts[k + 1];
+  float* dst = table_grad + (unsigned long long)uniq[k] * width;
+  for (unsigned j = threadIdx.x; j < width; j += blockDim.x) {
+    float acc = 0.0f;
+    for (unsigned s = s0; s < s1; ++s) acc += rows_grad[(unsigned long long)members[s] * width + j];
+    dst[j] = acc;
+  }
+}

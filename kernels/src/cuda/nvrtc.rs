@@ -1,0 +1,164 @@
+//! NVRTC: the CUDA sources compiled at run time for the device at hand (PTX for
+//! `compute_XY`), or to an `sm_XY` CUBIN with ptxas's resource report (registers, spills,
+//! shared memory per kernel) for the CI check of every kernel. NVRTC needs no GPU; its
+//! library is looked for at run time (PyPI `nvidia-cuda-nvrtc`, CUDA 13.0 line).
+
+use super::layer::CudaSource;
+use crate::{Error, Result};
+
+/// What one kernel uses, from ptxas's verbose log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub kernel: String,
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+}
+
+/// A compiled source: the PTX text or CUBIN bytes, and the compiler's log.
+pub struct Compiled {
+    pub image: Vec<u8>,
+    pub log: String,
+}
+
+/// Whether the NVRTC library can be loaded on this machine.
+pub fn available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compile `src` for `arch` (`compute_90`: PTX; `sm_90`: a CUBIN, with ptxas's report).
+pub fn compile(src: &CudaSource, arch: &str) -> Result<Compiled> {
+    use cudarc::nvrtc::{result, sys};
+    if !available() {
+        return Err(Error::Backend(
+            "no NVRTC library (libnvrtc.so): install the CUDA 13.0 NVRTC (PyPI nvidia-cuda-nvrtc==13.0.88) and put its lib directory on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let cuda_err = |what: &str, e: result::NvrtcError| {
+        Error::Cuda(format!("NVRTC {what} of {}.cu: {e:?}", src.name))
+    };
+    let text = std::ffi::CString::new(src.text)
+        .map_err(|_| Error::Cuda(format!("{}.cu holds a NUL byte", src.name)))?;
+    let name = std::ffi::CString::new(format!("{}.cu", src.name))
+        .map_err(|_| Error::Cuda("source name".into()))?;
+    let prog = result::create_program(&text, Some(&name)).map_err(|e| cuda_err("creation", e))?;
+    let cubin = arch.starts_with("sm_");
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
+    if cubin {
+        opts.push("--ptxas-options=-v".into());
+    }
+    // SAFETY: `prog` is a live program; the options are valid C strings.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    // SAFETY: as above.
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|l| {
+            let bytes: Vec<u8> = l
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .unwrap_or_default();
+    let image = compiled
+        .map_err(|e| cuda_err("compilation", e))
+        .and_then(|()| {
+            if cubin {
+                let mut size = 0usize;
+                // SAFETY: live program, valid out-pointer; the buffer has the size NVRTC gave.
+                unsafe {
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| cuda_err("CUBIN size", e))?;
+                    let mut buf = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char)
+                        .result()
+                        .map_err(|e| cuda_err("CUBIN", e))?;
+                    Ok(buf)
+                }
+            } else {
+                // SAFETY: live program.
+                unsafe { result::get_ptx(prog) }
+                    .map(|p| p.iter().map(|&c| c as u8).collect())
+                    .map_err(|e| cuda_err("PTX", e))
+            }
+        });
+    // SAFETY: the program is not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    match image {
+        Ok(image) => Ok(Compiled { image, log }),
+        Err(Error::Cuda(m)) => Err(Error::Cuda(format!("{m}\n{log}"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Per-kernel resource usage from ptxas's `-v` log.
+pub fn usage(log: &str) -> Vec<Usage> {
+    let mut out: Vec<Usage> = Vec::new();
+    let num_before = |line: &str, word: &str| -> Option<u32> {
+        let i = line.find(word)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(Usage {
+                kernel,
+                ..Usage::default()
+            });
+            continue;
+        }
+        let Some(u) = out.last_mut() else { continue };
+        if line.contains("Used") && line.contains("registers") {
+            u.registers = num_before(line, "registers").unwrap_or(0);
+            u.shared_bytes = num_before(line, "bytes smem").unwrap_or(0);
+        }
+        if line.contains("spill stores") {
+            u.stack_bytes = num_before(line, "bytes stack frame").unwrap_or(0);
+            u.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+            u.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_report_is_read_per_kernel() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'softmax_nll' for 'sm_90'\n\
+ptxas info    : Function properties for softmax_nll\n\
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Used 26 registers, used 1 barriers, 32 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'col_sums' for 'sm_90'\n\
+ptxas info    : Function properties for col_sums\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 12 registers, used 0 barriers, 380 bytes cmem[0]\n";
+        let u = usage(log);
+        assert_eq!(u.len(), 2);
+        assert_eq!(
+            u[0],
+            Usage {
+                kernel: "softmax_nll".into(),
+                registers: 26,
+                spill_stores: 4,
+                spill_loads: 4,
+                shared_bytes: 32,
+                stack_bytes: 8
+            }
+        );
+        assert_eq!(
+            (u[1].registers, u[1].spill_stores, u[1].shared_bytes),
+            (12, 0, 0)
+        );
+    }
+}
