@@ -38,7 +38,9 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     let dir = root.join("src/cuda");
     println!("cargo:rerun-if-changed=src/cuda");
+    println!("cargo:rerun-if-changed=tests/cuda");
     println!("cargo:rerun-if-env-changed=LIGHTRNN_EMU_SANITIZE");
+    #[allow(unused_mut)]
     let mut sources: Vec<(String, PathBuf, Vec<String>)> = std::fs::read_dir(&dir)
         .expect("kernels/src/cuda exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -61,8 +63,12 @@ fn main() {
     }
     rs.push_str("];\n");
     std::fs::write(out.join("cuda_sources.rs"), rs).expect("OUT_DIR is writable");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        #[cfg(feature = "cuda")]
+    #[cfg(feature = "cuda")]
+    {
+        // The emulator also holds the test-only kernels with planted bugs.
+        let planted = root.join("tests/cuda/planted.cu");
+        let text = std::fs::read_to_string(&planted).expect("tests/cuda/planted.cu");
+        sources.push(("planted".into(), planted, kernel_names(&text)));
         build_emulator(&dir, &out, &sources);
     }
 }
