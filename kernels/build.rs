@@ -6,7 +6,7 @@
 //! `lightrnn_emu_launch`, with cuLaunchKernel's argument convention.
 //!
 //! `LIGHTRNN_EMU_SANITIZE=address|thread` builds the emulator with that sanitizer and one
-//! OS thread per CUDA thread (see `scripts/sanitize-emulator.sh`).
+//! OS thread per CUDA thread for `thread` (see `scripts/sanitize-emulator.sh`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -80,7 +80,9 @@ fn build_emulator(
     sources: &[(String, PathBuf, Vec<String>)],
 ) {
     let emu = dir.join("emu");
-    let mut registry = String::from("#include <vector>\n#include <string>\n#include <cstring>\n");
+    let mut registry = String::from(
+        "#include <cstring>\n#include <mutex>\n#include <string>\n#include <vector>\n",
+    );
     let mut files = Vec::new();
     for (stem, path, names) in sources {
         let mut w = format!("#include {:?}\n", path.display());
@@ -119,6 +121,9 @@ static const std::vector<emu::Entry>& kernels() {
 // Launch kernel `name` (params as for cuLaunchKernel); 0 on success, else -1 with a message.
 extern "C" int lightrnn_emu_launch(const char* name, const unsigned* grid, const unsigned* block,
                                    void** params, unsigned n_params, char* err, size_t err_len) {
+  // One launch at a time: the emulator's scheduler state and `__shared__` are global.
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
   std::string msg;
   for (const auto& k : kernels()) {
     if (std::strcmp(k.name, name) != 0) continue;
@@ -155,10 +160,11 @@ extern "C" int lightrnn_emu_launch(const char* name, const unsigned* grid, const
     }
     match std::env::var("LIGHTRNN_EMU_SANITIZE").ok().as_deref() {
         Some(s @ ("address" | "thread")) => {
-            b.define("LIGHTRNN_EMU_THREADS", None)
-                .flag(format!("-fsanitize={s}"))
-                .flag("-g")
-                .opt_level(1);
+            if s == "thread" {
+                // ThreadSanitizer needs real threads to see a race between CUDA threads.
+                b.define("LIGHTRNN_EMU_THREADS", None);
+            }
+            b.flag(format!("-fsanitize={s}")).flag("-g").opt_level(1);
             println!(
                 "cargo:rustc-link-lib=dylib={}",
                 if s == "address" { "asan" } else { "tsan" }
