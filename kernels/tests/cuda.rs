@@ -6,9 +6,9 @@
 #![cfg(feature = "cuda")]
 
 use lightrnn_kernels::cpu::simd;
-use lightrnn_kernels::cuda::CudaBackend;
 use lightrnn_kernels::cuda::emulated::Emulated;
 use lightrnn_kernels::cuda::layer::{Arg, Device, Gemm, Launch, Mem};
+use lightrnn_kernels::cuda::{CudaBackend, Precision};
 use lightrnn_kernels::optim::{self, Optimizer};
 use lightrnn_kernels::rng::{Philox, Purpose};
 use lightrnn_kernels::{Backend, Batch, CpuBackend, Error, ModelConfig, ModelDims, Shard, Stream};
@@ -41,14 +41,28 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 struct Dev {
-    d: Emulated,
+    d: Box<dyn Device>,
     keep: Vec<Mem>,
 }
 
+/// The devices every kernel test runs on: the emulated one, and GPU 0 where there is one
+/// (`scripts/gpu-check.sh` runs this file on a GPU).
+fn kinds() -> Vec<&'static str> {
+    let mut k = vec!["emulated"];
+    if lightrnn_kernels::cuda::gpu_present() {
+        k.push("gpu");
+    }
+    k
+}
+
 impl Dev {
-    fn new() -> Self {
+    fn on(kind: &str) -> Self {
+        let d: Box<dyn Device> = match kind {
+            "gpu" => lightrnn_kernels::cuda::gpu_device(0, Precision::Fp32).unwrap(),
+            _ => Box::new(Emulated::new(GIB)),
+        };
         Self {
-            d: Emulated::new(GIB),
+            d,
             keep: Vec::new(),
         }
     }
@@ -92,243 +106,251 @@ impl Dev {
 
 #[test]
 fn dropout_masks_are_the_cpu_masks_bit_for_bit() {
-    let mut d = Dev::new();
-    let (rows, width, batch, offset, global, site, p) =
-        (7usize, 13usize, 3usize, 2usize, 8usize, 77u64, 0.3);
-    let x = rand(1, rows * width, 2.0);
-    let rng = Philox::new(42, Purpose::Dropout);
-    let [k0, k1] = rng.key();
-    let (xa, out) = (d.put(&x), d.put(&vec![0f32; rows * width]));
-    let threshold = (p * 4_294_967_296.0) as u32;
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let args = [
-        out,
-        xa,
-        Arg::U32(rows as u32),
-        Arg::U32(width as u32),
-        Arg::U32(k0),
-        Arg::U32(k1),
-        Arg::U64(site),
-        Arg::U32(batch as u32),
-        Arg::U32(offset as u32),
-        Arg::U32(global as u32),
-        Arg::U32(threshold),
-        Arg::F32(keep),
-    ];
-    d.run("dropout_apply", [2, 1, 1], 32, &args).unwrap();
-    let got: Vec<f32> = d.get(out, rows * width);
-    for r in 0..rows {
-        let g = (r / batch) * global + offset + r % batch;
-        let mut mask = vec![0f32; width];
-        simd::dropout_mask(&rng, site, (g * width) as u64, p, &mut mask);
-        for j in 0..width {
-            assert_eq!(
-                got[r * width + j],
-                x[r * width + j] * mask[j],
-                "row {r} col {j}"
-            );
+    for kind in kinds() {
+        let mut d = Dev::on(kind);
+        let (rows, width, batch, offset, global, site, p) =
+            (7usize, 13usize, 3usize, 2usize, 8usize, 77u64, 0.3);
+        let x = rand(1, rows * width, 2.0);
+        let rng = Philox::new(42, Purpose::Dropout);
+        let [k0, k1] = rng.key();
+        let (xa, out) = (d.put(&x), d.put(&vec![0f32; rows * width]));
+        let threshold = (p * 4_294_967_296.0) as u32;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let args = [
+            out,
+            xa,
+            Arg::U32(rows as u32),
+            Arg::U32(width as u32),
+            Arg::U32(k0),
+            Arg::U32(k1),
+            Arg::U64(site),
+            Arg::U32(batch as u32),
+            Arg::U32(offset as u32),
+            Arg::U32(global as u32),
+            Arg::U32(threshold),
+            Arg::F32(keep),
+        ];
+        d.run("dropout_apply", [2, 1, 1], 32, &args).unwrap();
+        let got: Vec<f32> = d.get(out, rows * width);
+        for r in 0..rows {
+            let g = (r / batch) * global + offset + r % batch;
+            let mut mask = vec![0f32; width];
+            simd::dropout_mask(&rng, site, (g * width) as u64, p, &mut mask);
+            for j in 0..width {
+                assert_eq!(
+                    got[r * width + j],
+                    x[r * width + j] * mask[j],
+                    "row {r} col {j}"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn gather_and_scatter_rows_match_host_loops() {
-    let mut d = Dev::new();
-    let (table_rows, width, rows) = (11usize, 9usize, 30usize);
-    let table = rand(2, table_rows * width, 1.0);
-    let ids = rand_ids(3, rows, table_rows as u32);
-    let (ta, ia, out) = (d.put(&table), d.put(&ids), d.put(&vec![0f32; rows * width]));
-    d.run(
-        "gather_rows",
-        [3, 1, 1],
-        64,
-        &[out, ta, ia, Arg::U32(rows as u32), Arg::U32(width as u32)],
-    )
-    .unwrap();
-    let got: Vec<f32> = d.get(out, rows * width);
-    for r in 0..rows {
-        assert_eq!(
-            &got[r * width..(r + 1) * width],
-            &table[ids[r] as usize * width..][..width]
-        );
-    }
-    // Scatter: rows grouped by id, ascending.
-    let grad = rand(4, rows * width, 1.0);
-    let mut uniq: Vec<u32> = ids.clone();
-    uniq.sort();
-    uniq.dedup();
-    let (mut starts, mut members) = (vec![], vec![]);
-    for &u in &uniq {
-        starts.push(members.len() as u32);
-        members.extend((0..rows as u32).filter(|&r| ids[r as usize] == u));
-    }
-    starts.push(members.len() as u32);
-    let tg = d.put(&vec![0f32; table_rows * width]);
-    let args = [
-        tg,
-        d.put(&grad),
-        d.put(&uniq),
-        d.put(&starts),
-        d.put(&members),
-        Arg::U32(width as u32),
-    ];
-    d.run("scatter_rows", [uniq.len() as u32, 1, 1], 32, &args)
+    for kind in kinds() {
+        let mut d = Dev::on(kind);
+        let (table_rows, width, rows) = (11usize, 9usize, 30usize);
+        let table = rand(2, table_rows * width, 1.0);
+        let ids = rand_ids(3, rows, table_rows as u32);
+        let (ta, ia, out) = (d.put(&table), d.put(&ids), d.put(&vec![0f32; rows * width]));
+        d.run(
+            "gather_rows",
+            [3, 1, 1],
+            64,
+            &[out, ta, ia, Arg::U32(rows as u32), Arg::U32(width as u32)],
+        )
         .unwrap();
-    let got: Vec<f32> = d.get(tg, table_rows * width);
-    let mut want = vec![0f32; table_rows * width];
-    for r in 0..rows {
-        for j in 0..width {
-            want[ids[r] as usize * width + j] += grad[r * width + j];
+        let got: Vec<f32> = d.get(out, rows * width);
+        for r in 0..rows {
+            assert_eq!(
+                &got[r * width..(r + 1) * width],
+                &table[ids[r] as usize * width..][..width]
+            );
         }
+        // Scatter: rows grouped by id, ascending.
+        let grad = rand(4, rows * width, 1.0);
+        let mut uniq: Vec<u32> = ids.clone();
+        uniq.sort();
+        uniq.dedup();
+        let (mut starts, mut members) = (vec![], vec![]);
+        for &u in &uniq {
+            starts.push(members.len() as u32);
+            members.extend((0..rows as u32).filter(|&r| ids[r as usize] == u));
+        }
+        starts.push(members.len() as u32);
+        let tg = d.put(&vec![0f32; table_rows * width]);
+        let args = [
+            tg,
+            d.put(&grad),
+            d.put(&uniq),
+            d.put(&starts),
+            d.put(&members),
+            Arg::U32(width as u32),
+        ];
+        d.run("scatter_rows", [uniq.len() as u32, 1, 1], 32, &args)
+            .unwrap();
+        let got: Vec<f32> = d.get(tg, table_rows * width);
+        let mut want = vec![0f32; table_rows * width];
+        for r in 0..rows {
+            for j in 0..width {
+                want[ids[r] as usize * width + j] += grad[r * width + j];
+            }
+        }
+        assert!(rel(&got, &want) < 1e-6);
     }
-    assert!(rel(&got, &want) < 1e-6);
 }
 
 #[test]
 fn lstm_cell_kernels_match_the_cpu_cell() {
-    for hidden in [5usize, 8] {
-        // hidden <= one CPU gate block: the CPU's internal gate order is PyTorch's.
-        let mut d = Dev::new();
-        let batch = 6;
-        let g0 = rand(5, batch * 4 * hidden, 2.0);
-        let (bih, bhh) = (rand(6, 4 * hidden, 0.5), rand(7, 4 * hidden, 0.5));
-        let cprev = rand(8, batch * hidden, 1.0);
-        let n = batch * hidden;
-        let (ga, ca, tca, ha) = (
-            d.put(&g0),
-            d.put(&vec![0f32; n]),
-            d.put(&vec![0f32; n]),
-            d.put(&vec![0f32; n]),
-        );
-        let cpa = d.put(&cprev);
-        let args = [
-            ga,
-            d.put(&bih),
-            d.put(&bhh),
-            cpa,
-            ca,
-            tca,
-            ha,
-            Arg::U32(batch as u32),
-            Arg::U32(hidden as u32),
-        ];
-        d.run("lstm_cell_forward", [1, 1, 1], 16, &args).unwrap();
-        let bsum: Vec<f32> = bih.iter().zip(&bhh).map(|(a, b)| a + b).collect();
-        let (mut g, mut c, mut tc, mut h) =
-            (g0.clone(), vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        for b in 0..batch {
-            let r = b * hidden..(b + 1) * hidden;
-            simd::cell_forward(
-                hidden,
-                0..hidden,
-                &mut g[b * 4 * hidden..(b + 1) * 4 * hidden],
-                &bsum,
-                &[],
-                &cprev[r.clone()],
-                &mut c[r.clone()],
-                &mut tc[r.clone()],
-                &mut h[r],
+    for kind in kinds() {
+        for hidden in [5usize, 8] {
+            // hidden <= one CPU gate block: the CPU's internal gate order is PyTorch's.
+            let mut d = Dev::on(kind);
+            let batch = 6;
+            let g0 = rand(5, batch * 4 * hidden, 2.0);
+            let (bih, bhh) = (rand(6, 4 * hidden, 0.5), rand(7, 4 * hidden, 0.5));
+            let cprev = rand(8, batch * hidden, 1.0);
+            let n = batch * hidden;
+            let (ga, ca, tca, ha) = (
+                d.put(&g0),
+                d.put(&vec![0f32; n]),
+                d.put(&vec![0f32; n]),
+                d.put(&vec![0f32; n]),
             );
-        }
-        let got_g: Vec<f32> = d.get(ga, g.len());
-        for (name, a, want) in [
-            ("g", got_g, &g),
-            ("c", d.get(ca, n), &c),
-            ("tc", d.get(tca, n), &tc),
-            ("h", d.get(ha, n), &h),
-        ] {
-            assert!(
-                rel(&a, want) < 1e-5,
-                "hidden {hidden}: forward {name} {}",
-                rel(&a, want)
-            );
-        }
-        // Backward from those activations.
-        let (dh, rec, dc0) = (rand(9, n, 1.0), rand(10, n, 1.0), rand(11, n, 1.0));
-        for has_rec in [0u32, 1] {
-            let (ga2, dca) = (d.put(&g), d.put(&dc0));
+            let cpa = d.put(&cprev);
             let args = [
-                ga2,
-                d.put(&dh),
-                d.put(&rec),
-                Arg::U32(has_rec),
+                ga,
+                d.put(&bih),
+                d.put(&bhh),
                 cpa,
-                d.put(&tc),
-                dca,
+                ca,
+                tca,
+                ha,
                 Arg::U32(batch as u32),
                 Arg::U32(hidden as u32),
             ];
-            d.run("lstm_cell_backward", [1, 1, 1], 32, &args).unwrap();
-            let (mut a, mut dc) = (g.clone(), dc0.clone());
+            d.run("lstm_cell_forward", [1, 1, 1], 16, &args).unwrap();
+            let bsum: Vec<f32> = bih.iter().zip(&bhh).map(|(a, b)| a + b).collect();
+            let (mut g, mut c, mut tc, mut h) =
+                (g0.clone(), vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             for b in 0..batch {
                 let r = b * hidden..(b + 1) * hidden;
-                let rec_row: &[f32] = if has_rec == 1 { &rec[r.clone()] } else { &[] };
-                simd::cell_backward(
+                simd::cell_forward(
                     hidden,
                     0..hidden,
-                    &mut a[b * 4 * hidden..(b + 1) * 4 * hidden],
-                    &dh[r.clone()],
-                    rec_row,
+                    &mut g[b * 4 * hidden..(b + 1) * 4 * hidden],
+                    &bsum,
+                    &[],
                     &cprev[r.clone()],
-                    &tc[r.clone()],
-                    &mut dc[r],
+                    &mut c[r.clone()],
+                    &mut tc[r.clone()],
+                    &mut h[r],
                 );
             }
-            assert!(rel(&d.get(ga2, a.len()), &a) < 1e-5, "hidden {hidden}: dG");
-            assert!(rel(&d.get(dca, n), &dc) < 1e-5, "hidden {hidden}: dc");
+            let got_g: Vec<f32> = d.get(ga, g.len());
+            for (name, a, want) in [
+                ("g", got_g, &g),
+                ("c", d.get(ca, n), &c),
+                ("tc", d.get(tca, n), &tc),
+                ("h", d.get(ha, n), &h),
+            ] {
+                assert!(
+                    rel(&a, want) < 1e-5,
+                    "hidden {hidden}: forward {name} {}",
+                    rel(&a, want)
+                );
+            }
+            // Backward from those activations.
+            let (dh, rec, dc0) = (rand(9, n, 1.0), rand(10, n, 1.0), rand(11, n, 1.0));
+            for has_rec in [0u32, 1] {
+                let (ga2, dca) = (d.put(&g), d.put(&dc0));
+                let args = [
+                    ga2,
+                    d.put(&dh),
+                    d.put(&rec),
+                    Arg::U32(has_rec),
+                    cpa,
+                    d.put(&tc),
+                    dca,
+                    Arg::U32(batch as u32),
+                    Arg::U32(hidden as u32),
+                ];
+                d.run("lstm_cell_backward", [1, 1, 1], 32, &args).unwrap();
+                let (mut a, mut dc) = (g.clone(), dc0.clone());
+                for b in 0..batch {
+                    let r = b * hidden..(b + 1) * hidden;
+                    let rec_row: &[f32] = if has_rec == 1 { &rec[r.clone()] } else { &[] };
+                    simd::cell_backward(
+                        hidden,
+                        0..hidden,
+                        &mut a[b * 4 * hidden..(b + 1) * 4 * hidden],
+                        &dh[r.clone()],
+                        rec_row,
+                        &cprev[r.clone()],
+                        &tc[r.clone()],
+                        &mut dc[r],
+                    );
+                }
+                assert!(rel(&d.get(ga2, a.len()), &a) < 1e-5, "hidden {hidden}: dG");
+                assert!(rel(&d.get(dca, n), &dc) < 1e-5, "hidden {hidden}: dc");
+            }
         }
     }
 }
 
 #[test]
 fn fused_softmax_matches_the_cpu_in_every_mode() {
-    for width in [45usize, 300, 1000] {
-        let mut d = Dev::new();
-        let rows = 7;
-        let z0 = rand(12, rows * width, 4.0);
-        let bias = rand(13, width, 1.0);
-        let tgt = rand_ids(14, rows, width as u32);
-        for mode in 0..3u32 {
-            let (za, la) = (d.put(&z0), d.put(&vec![0f64; rows]));
-            let args = [
-                za,
-                d.put(&bias),
-                d.put(&tgt),
-                la,
-                Arg::U32(width as u32),
-                Arg::F32(0.25),
-                Arg::U32(mode),
-            ];
-            d.run("softmax_nll", [rows as u32, 1, 1], 256, &args)
-                .unwrap();
-            let mut z = z0.clone();
-            let mut nll = vec![0f64; rows];
-            match mode {
-                0 => {
-                    simd::softmax_nll(&mut z, width, &bias, &tgt, None, &mut nll);
-                }
-                1 => {
-                    simd::softmax_nll(&mut z, width, &bias, &tgt, Some(0.25), &mut nll);
-                }
-                _ => {
-                    simd::neg_log_softmax(&mut z, width, &bias, &tgt);
-                    for r in 0..rows {
-                        nll[r] = z[r * width + tgt[r] as usize] as f64;
+    for kind in kinds() {
+        for width in [45usize, 300, 1000] {
+            let mut d = Dev::on(kind);
+            let rows = 7;
+            let z0 = rand(12, rows * width, 4.0);
+            let bias = rand(13, width, 1.0);
+            let tgt = rand_ids(14, rows, width as u32);
+            for mode in 0..3u32 {
+                let (za, la) = (d.put(&z0), d.put(&vec![0f64; rows]));
+                let args = [
+                    za,
+                    d.put(&bias),
+                    d.put(&tgt),
+                    la,
+                    Arg::U32(width as u32),
+                    Arg::F32(0.25),
+                    Arg::U32(mode),
+                ];
+                d.run("softmax_nll", [rows as u32, 1, 1], 256, &args)
+                    .unwrap();
+                let mut z = z0.clone();
+                let mut nll = vec![0f64; rows];
+                match mode {
+                    0 => {
+                        simd::softmax_nll(&mut z, width, &bias, &tgt, None, &mut nll);
+                    }
+                    1 => {
+                        simd::softmax_nll(&mut z, width, &bias, &tgt, Some(0.25), &mut nll);
+                    }
+                    _ => {
+                        simd::neg_log_softmax(&mut z, width, &bias, &tgt);
+                        for r in 0..rows {
+                            nll[r] = z[r * width + tgt[r] as usize] as f64;
+                        }
                     }
                 }
-            }
-            assert!(
-                rel(&d.get(za, z.len()), &z) < 1e-5,
-                "width {width} mode {mode}: z"
-            );
-            let got: Vec<f64> = d.get(la, rows);
-            for r in 0..rows {
                 assert!(
-                    (got[r] - nll[r]).abs() <= 1e-5 * nll[r].abs().max(1.0),
-                    "width {width} mode {mode} row {r}: {} vs {}",
-                    got[r],
-                    nll[r]
+                    rel(&d.get(za, z.len()), &z) < 1e-5,
+                    "width {width} mode {mode}: z"
                 );
+                let got: Vec<f64> = d.get(la, rows);
+                for r in 0..rows {
+                    assert!(
+                        (got[r] - nll[r]).abs() <= 1e-5 * nll[r].abs().max(1.0),
+                        "width {width} mode {mode} row {r}: {} vs {}",
+                        got[r],
+                        nll[r]
+                    );
+                }
             }
         }
     }
@@ -336,151 +358,157 @@ fn fused_softmax_matches_the_cpu_in_every_mode() {
 
 #[test]
 fn reductions_match_host_sums() {
-    let mut d = Dev::new();
-    let (rows, cols) = (37usize, 300usize);
-    let x = rand(15, rows * cols, 1.0);
-    let (xa, out) = (d.put(&x), d.put(&vec![0f32; cols]));
-    d.run(
-        "col_sums",
-        [2, 1, 1],
-        256,
-        &[out, xa, Arg::U32(rows as u32), Arg::U32(cols as u32)],
-    )
-    .unwrap();
-    let want: Vec<f32> = (0..cols)
-        .map(|j| (0..rows).map(|r| x[r * cols + j]).sum())
-        .collect();
-    assert!(rel(&d.get(out, cols), &want) < 1e-5);
-    let n = x.len();
-    let blocks = 5;
-    let (pa, sa) = (d.put(&vec![0f64; blocks]), d.put(&[0f64; 1]));
-    d.run(
-        "sum_sq_partial",
-        [blocks as u32, 1, 1],
-        256,
-        &[pa, xa, Arg::U64(n as u64)],
-    )
-    .unwrap();
-    d.run(
-        "sum_f64",
-        [1, 1, 1],
-        256,
-        &[sa, pa, Arg::U32(blocks as u32)],
-    )
-    .unwrap();
-    let got: Vec<f64> = d.get(sa, 1);
-    assert!((got[0] - simd::sum_sq(&x)).abs() < 1e-9 * got[0]);
-    let y = rand(16, n, 1.0);
-    let ya = d.put(&y);
-    d.run("add_assign", [3, 1, 1], 256, &[xa, ya, Arg::U64(n as u64)])
+    for kind in kinds() {
+        let mut d = Dev::on(kind);
+        let (rows, cols) = (37usize, 300usize);
+        let x = rand(15, rows * cols, 1.0);
+        let (xa, out) = (d.put(&x), d.put(&vec![0f32; cols]));
+        d.run(
+            "col_sums",
+            [2, 1, 1],
+            256,
+            &[out, xa, Arg::U32(rows as u32), Arg::U32(cols as u32)],
+        )
         .unwrap();
-    let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
-    assert_eq!(d.get::<f32>(xa, n), want);
+        let want: Vec<f32> = (0..cols)
+            .map(|j| (0..rows).map(|r| x[r * cols + j]).sum())
+            .collect();
+        assert!(rel(&d.get(out, cols), &want) < 1e-5);
+        let n = x.len();
+        let blocks = 5;
+        let (pa, sa) = (d.put(&vec![0f64; blocks]), d.put(&[0f64; 1]));
+        d.run(
+            "sum_sq_partial",
+            [blocks as u32, 1, 1],
+            256,
+            &[pa, xa, Arg::U64(n as u64)],
+        )
+        .unwrap();
+        d.run(
+            "sum_f64",
+            [1, 1, 1],
+            256,
+            &[sa, pa, Arg::U32(blocks as u32)],
+        )
+        .unwrap();
+        let got: Vec<f64> = d.get(sa, 1);
+        assert!((got[0] - simd::sum_sq(&x)).abs() < 1e-9 * got[0]);
+        let y = rand(16, n, 1.0);
+        let ya = d.put(&y);
+        d.run("add_assign", [3, 1, 1], 256, &[xa, ya, Arg::U64(n as u64)])
+            .unwrap();
+        let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        assert_eq!(d.get::<f32>(xa, n), want);
+    }
 }
 
 #[test]
 fn optimizer_kernels_match_the_cpu_updates() {
-    let n = 1000;
-    let (p0, g) = (rand(17, n, 1.0), rand(18, n, 0.1));
-    let rules = [
-        Optimizer::Sgd,
-        Optimizer::Adam {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        Optimizer::Adagrad {
-            eps: 1e-10,
-            initial_accumulator: 0.1,
-        },
-    ];
-    for rule in rules {
-        let mut d = Dev::new();
-        let (lr, gs) = (0.05f64, 0.7f64);
-        let init: Vec<Vec<f32>> = (0..rule.state_names().len())
-            .map(|k| vec![rule.state_init(k) as f32; n])
-            .collect();
-        let (pa, ga) = (d.put(&p0), d.put(&g));
-        let sa: Vec<Arg> = init.iter().map(|b| d.put(b)).collect();
-        let (mut p, mut st) = (p0.clone(), init.clone());
-        for t in 1..=3u64 {
-            let f = |x: f64| Arg::F32(x as f32);
-            let nn = Arg::U64(n as u64);
-            let (kernel, args): (&'static str, Vec<Arg>) = match rule {
-                Optimizer::Sgd => ("sgd_step", vec![pa, ga, nn, f(-lr * gs)]),
-                Optimizer::Adam { beta1, beta2, eps } => {
-                    let (bc1, bc2) = (1.0 - beta1.powi(t as i32), 1.0 - beta2.powi(t as i32));
-                    (
-                        "adam_step",
-                        vec![
-                            pa,
-                            ga,
-                            sa[0],
-                            sa[1],
-                            nn,
-                            f(gs),
-                            f(beta1),
-                            f(beta2),
-                            f(1.0 - beta1),
-                            f(1.0 - beta2),
-                            f(lr / bc1),
-                            f(1.0 / bc2.sqrt()),
-                            f(eps),
-                        ],
-                    )
-                }
-                Optimizer::Adagrad { eps, .. } => (
-                    "adagrad_step",
-                    vec![pa, ga, sa[0], nn, f(gs), f(lr), f(eps)],
-                ),
-            };
-            d.run(kernel, [4, 1, 1], 256, &args).unwrap();
-            let mut views: Vec<&mut [f32]> = st.iter_mut().map(|b| b.as_mut_slice()).collect();
-            optim::update(&rule, lr, gs, t, &mut p, &g, &mut views).unwrap();
-        }
-        assert!(rel(&d.get(pa, n), &p) < 1e-6, "{rule:?}: parameters");
-        for (a, b) in sa.iter().zip(&st) {
-            assert!(rel(&d.get(*a, n), b) < 1e-6, "{rule:?}: state");
+    for kind in kinds() {
+        let n = 1000;
+        let (p0, g) = (rand(17, n, 1.0), rand(18, n, 0.1));
+        let rules = [
+            Optimizer::Sgd,
+            Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            Optimizer::Adagrad {
+                eps: 1e-10,
+                initial_accumulator: 0.1,
+            },
+        ];
+        for rule in rules {
+            let mut d = Dev::on(kind);
+            let (lr, gs) = (0.05f64, 0.7f64);
+            let init: Vec<Vec<f32>> = (0..rule.state_names().len())
+                .map(|k| vec![rule.state_init(k) as f32; n])
+                .collect();
+            let (pa, ga) = (d.put(&p0), d.put(&g));
+            let sa: Vec<Arg> = init.iter().map(|b| d.put(b)).collect();
+            let (mut p, mut st) = (p0.clone(), init.clone());
+            for t in 1..=3u64 {
+                let f = |x: f64| Arg::F32(x as f32);
+                let nn = Arg::U64(n as u64);
+                let (kernel, args): (&'static str, Vec<Arg>) = match rule {
+                    Optimizer::Sgd => ("sgd_step", vec![pa, ga, nn, f(-lr * gs)]),
+                    Optimizer::Adam { beta1, beta2, eps } => {
+                        let (bc1, bc2) = (1.0 - beta1.powi(t as i32), 1.0 - beta2.powi(t as i32));
+                        (
+                            "adam_step",
+                            vec![
+                                pa,
+                                ga,
+                                sa[0],
+                                sa[1],
+                                nn,
+                                f(gs),
+                                f(beta1),
+                                f(beta2),
+                                f(1.0 - beta1),
+                                f(1.0 - beta2),
+                                f(lr / bc1),
+                                f(1.0 / bc2.sqrt()),
+                                f(eps),
+                            ],
+                        )
+                    }
+                    Optimizer::Adagrad { eps, .. } => (
+                        "adagrad_step",
+                        vec![pa, ga, sa[0], nn, f(gs), f(lr), f(eps)],
+                    ),
+                };
+                d.run(kernel, [4, 1, 1], 256, &args).unwrap();
+                let mut views: Vec<&mut [f32]> = st.iter_mut().map(|b| b.as_mut_slice()).collect();
+                optim::update(&rule, lr, gs, t, &mut p, &g, &mut views).unwrap();
+            }
+            assert!(rel(&d.get(pa, n), &p) < 1e-6, "{rule:?}: parameters");
+            for (a, b) in sa.iter().zip(&st) {
+                assert!(rel(&d.get(*a, n), b) < 1e-6, "{rule:?}: state");
+            }
         }
     }
 }
 
 #[test]
 fn loss_table_kernel_matches_host_sums() {
-    let mut d = Dev::new();
-    let (positions, width, vocab) = (20usize, 300usize, 6usize);
-    let z = rand(19, positions * width, 3.0);
-    let words = rand_ids(20, positions, vocab as u32);
-    let mut order: Vec<u32> = (0..positions as u32).collect();
-    order.sort_by_key(|&p| (words[p as usize], p));
-    let (mut uw, mut starts) = (vec![], vec![]);
-    for (i, &p) in order.iter().enumerate() {
-        if uw.last() != Some(&words[p as usize]) {
-            uw.push(words[p as usize]);
-            starts.push(i as u32);
+    for kind in kinds() {
+        let mut d = Dev::on(kind);
+        let (positions, width, vocab) = (20usize, 300usize, 6usize);
+        let z = rand(19, positions * width, 3.0);
+        let words = rand_ids(20, positions, vocab as u32);
+        let mut order: Vec<u32> = (0..positions as u32).collect();
+        order.sort_by_key(|&p| (words[p as usize], p));
+        let (mut uw, mut starts) = (vec![], vec![]);
+        for (i, &p) in order.iter().enumerate() {
+            if uw.last() != Some(&words[p as usize]) {
+                uw.push(words[p as usize]);
+                starts.push(i as u32);
+            }
         }
-    }
-    starts.push(positions as u32);
-    let t0 = rand(21, vocab * width, 1.0);
-    let ta = d.put(&t0);
-    let args = [
-        ta,
-        d.put(&z),
-        d.put(&uw),
-        d.put(&starts),
-        d.put(&order),
-        Arg::U32(width as u32),
-    ];
-    d.run("table_accumulate", [uw.len() as u32, 2, 1], 256, &args)
-        .unwrap();
-    let mut want: Vec<f64> = t0.iter().map(|&x| x as f64).collect();
-    for p in 0..positions {
-        for j in 0..width {
-            want[words[p] as usize * width + j] += z[p * width + j] as f64;
+        starts.push(positions as u32);
+        let t0 = rand(21, vocab * width, 1.0);
+        let ta = d.put(&t0);
+        let args = [
+            ta,
+            d.put(&z),
+            d.put(&uw),
+            d.put(&starts),
+            d.put(&order),
+            Arg::U32(width as u32),
+        ];
+        d.run("table_accumulate", [uw.len() as u32, 2, 1], 256, &args)
+            .unwrap();
+        let mut want: Vec<f64> = t0.iter().map(|&x| x as f64).collect();
+        for p in 0..positions {
+            for j in 0..width {
+                want[words[p] as usize * width + j] += z[p * width + j] as f64;
+            }
         }
+        let want: Vec<f32> = want.into_iter().map(|x| x as f32).collect();
+        assert!(rel(&d.get(ta, vocab * width), &want) < 1e-6);
     }
-    let want: Vec<f32> = want.into_iter().map(|x| x as f32).collect();
-    assert!(rel(&d.get(ta, vocab * width), &want) < 1e-6);
 }
 
 /// A [T + 1, B] token buffer from a skewed random corpus.
@@ -491,11 +519,14 @@ fn tokens(seed: u64, t: usize, b: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn pair(cfg: &ModelConfig) -> (CpuBackend, CudaBackend) {
-    (
-        CpuBackend::new(cfg, 2).unwrap(),
-        CudaBackend::emulated(cfg, GIB).unwrap(),
-    )
+/// The CPU backend and a CUDA backend to hold against it, on the emulated device or on
+/// GPU 0 (FP32 GEMMs there: TF32's 10-bit products are not a parity check).
+fn pair(cfg: &ModelConfig, kind: &str) -> (CpuBackend, CudaBackend) {
+    let cuda = match kind {
+        "gpu" => CudaBackend::with_precision(cfg, 0, Precision::Fp32).unwrap(),
+        _ => CudaBackend::emulated(cfg, GIB).unwrap(),
+    };
+    (CpuBackend::new(cfg, 2).unwrap(), cuda)
 }
 
 #[test]
@@ -508,83 +539,85 @@ fn a_whole_training_step_matches_the_cpu_backend() {
             dropout,
             seed: 11,
         };
-        let (mut cpu, mut gpu) = pair(&cfg);
-        assert_eq!(
-            cpu.params().unwrap(),
-            gpu.params().unwrap(),
-            "same initialisation"
-        );
-        assert_eq!(cpu.allocation().unwrap(), gpu.allocation().unwrap());
-        let shard = Shard {
-            offset: 6,
-            global: 12,
-            groups,
-        };
-        cpu.set_shard(shard).unwrap();
-        gpu.set_shard(shard).unwrap();
-        for step in 0..3u64 {
-            let toks = tokens(step, t, b, 300);
-            let batch = Batch {
-                inputs: &toks[..t * b],
-                targets: &toks[b..],
-                steps: t,
-                batch: b,
-                stream: Stream::Train(0),
+        for kind in kinds() {
+            let (mut cpu, mut gpu) = pair(&cfg, kind);
+            assert_eq!(
+                cpu.params().unwrap(),
+                gpu.params().unwrap(),
+                "same initialisation"
+            );
+            assert_eq!(cpu.allocation().unwrap(), gpu.allocation().unwrap());
+            let shard = Shard {
+                offset: 6,
+                global: 12,
+                groups,
             };
-            let (lc, lg) = (
-                cpu.train_step(&batch, step, 0.1).unwrap(),
-                gpu.train_step(&batch, step, 0.1).unwrap(),
-            );
-            assert!(
-                (lc.total() - lg.total()).abs() < 1e-5 * lc.total(),
-                "dropout {dropout} groups {groups} step {step}: loss {} vs {}",
-                lg.total(),
-                lc.total()
-            );
-            let (gc, gg) = (cpu.grads().unwrap(), gpu.grads().unwrap());
-            for s in &cpu.layout().specs {
-                let e = rel(&gg[s.range()], &gc[s.range()]);
-                assert!(
-                    e < 1e-4,
-                    "dropout {dropout} groups {groups} step {step}: {} relative error {e}",
-                    s.name
-                );
-            }
-            let rule = Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            };
-            let (nc, ng) = (
-                cpu.clip_and_step(&rule, 1e-3, 0.5).unwrap(),
-                gpu.clip_and_step(&rule, 1e-3, 0.5).unwrap(),
-            );
-            assert!((nc - ng).abs() < 1e-5 * nc, "norm {ng} vs {nc}");
-            for k in 0..groups as u32 {
-                let (sc, sg) = (
-                    cpu.state(Stream::Train(k)).unwrap().unwrap(),
-                    gpu.state(Stream::Train(k)).unwrap().unwrap(),
+            cpu.set_shard(shard).unwrap();
+            gpu.set_shard(shard).unwrap();
+            for step in 0..3u64 {
+                let toks = tokens(step, t, b, 300);
+                let batch = Batch {
+                    inputs: &toks[..t * b],
+                    targets: &toks[b..],
+                    steps: t,
+                    batch: b,
+                    stream: Stream::Train(0),
+                };
+                let (lc, lg) = (
+                    cpu.train_step(&batch, step, 0.1).unwrap(),
+                    gpu.train_step(&batch, step, 0.1).unwrap(),
                 );
                 assert!(
-                    rel(&sg.h, &sc.h) < 1e-4 && rel(&sg.c, &sc.c) < 1e-4,
-                    "carried state of group {k}"
+                    (lc.total() - lg.total()).abs() < 1e-5 * lc.total(),
+                    "{kind}: dropout {dropout} groups {groups} step {step}: loss {} vs {}",
+                    lg.total(),
+                    lc.total()
                 );
+                let (gc, gg) = (cpu.grads().unwrap(), gpu.grads().unwrap());
+                for s in &cpu.layout().specs {
+                    let e = rel(&gg[s.range()], &gc[s.range()]);
+                    assert!(
+                        e < 1e-4,
+                        "{kind}: dropout {dropout} groups {groups} step {step}: {} relative error {e}",
+                        s.name
+                    );
+                }
+                let rule = Optimizer::Adam {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                };
+                let (nc, ng) = (
+                    cpu.clip_and_step(&rule, 1e-3, 0.5).unwrap(),
+                    gpu.clip_and_step(&rule, 1e-3, 0.5).unwrap(),
+                );
+                assert!((nc - ng).abs() < 1e-5 * nc, "norm {ng} vs {nc}");
+                for k in 0..groups as u32 {
+                    let (sc, sg) = (
+                        cpu.state(Stream::Train(k)).unwrap().unwrap(),
+                        gpu.state(Stream::Train(k)).unwrap().unwrap(),
+                    );
+                    assert!(
+                        rel(&sg.h, &sc.h) < 1e-4 && rel(&sg.c, &sc.c) < 1e-4,
+                        "carried state of group {k}"
+                    );
+                }
             }
-        }
-        let (oc, og) = (
-            cpu.optimizer_state().unwrap().unwrap(),
-            gpu.optimizer_state().unwrap().unwrap(),
-        );
-        assert_eq!(oc.updates, og.updates);
-        for ((nc, bc), (ng, bg)) in oc.buffers.iter().zip(&og.buffers) {
-            assert_eq!(nc, ng);
-            assert!(rel(bg, bc) < 1e-3, "optimizer buffer {nc}");
+            let (oc, og) = (
+                cpu.optimizer_state().unwrap().unwrap(),
+                gpu.optimizer_state().unwrap().unwrap(),
+            );
+            assert_eq!(oc.updates, og.updates);
+            for ((nc, bc), (ng, bg)) in oc.buffers.iter().zip(&og.buffers) {
+                assert_eq!(nc, ng);
+                assert!(rel(bg, bc) < 1e-3, "optimizer buffer {nc}");
+            }
         }
     }
 }
 
 /// 50 steps of the `tiny` preset (V = 2000, n = m = 32, B = 8, T = 12, SGD lr 10, clip
-/// 0.25): the emulated CUDA backend follows the CPU backend step for step.
+/// 0.25; 200 on a GPU): the CUDA backend follows the CPU backend step for step.
 #[test]
 fn fifty_tiny_preset_steps_follow_the_cpu_backend() {
     let dims = ModelDims::square(2000, 32, 32, 1).unwrap();
@@ -593,37 +626,43 @@ fn fifty_tiny_preset_steps_follow_the_cpu_backend() {
         dropout: 0.0,
         seed: 7,
     };
-    let (mut cpu, mut gpu) = pair(&cfg);
-    let (t, b) = (12usize, 8usize);
-    let mut worst = 0f64;
-    for step in 0..50u64 {
-        let toks = tokens(100 + step, t, b, 2000);
-        let batch = Batch {
-            inputs: &toks[..t * b],
-            targets: &toks[b..],
-            steps: t,
-            batch: b,
-            stream: Stream::Train(0),
-        };
-        let scale = 1.0 / (t * b) as f32;
-        let (lc, lg) = (
-            cpu.train_step(&batch, step, scale).unwrap(),
-            gpu.train_step(&batch, step, scale).unwrap(),
-        );
-        let e = (lc.total() - lg.total()).abs() / lc.total();
-        worst = worst.max(e);
+    for kind in kinds() {
+        let (mut cpu, mut gpu) = pair(&cfg, kind);
+        let (t, b) = (12usize, 8usize);
+        let steps = if kind == "gpu" { 200 } else { 50 };
+        let mut worst = 0f64;
+        for step in 0..steps {
+            let toks = tokens(100 + step, t, b, 2000);
+            let batch = Batch {
+                inputs: &toks[..t * b],
+                targets: &toks[b..],
+                steps: t,
+                batch: b,
+                stream: Stream::Train(0),
+            };
+            let scale = 1.0 / (t * b) as f32;
+            let (lc, lg) = (
+                cpu.train_step(&batch, step, scale).unwrap(),
+                gpu.train_step(&batch, step, scale).unwrap(),
+            );
+            let e = (lc.total() - lg.total()).abs() / lc.total();
+            worst = worst.max(e);
+            assert!(
+                e < 1e-4,
+                "{kind} step {step}: loss {} vs {} ({e:.2e})",
+                lg.total(),
+                lc.total()
+            );
+            cpu.clip_and_step(&Optimizer::Sgd, 10.0, 0.25).unwrap();
+            gpu.clip_and_step(&Optimizer::Sgd, 10.0, 0.25).unwrap();
+        }
+        let e = rel(&gpu.params().unwrap(), &cpu.params().unwrap());
+        println!("{kind}, {steps} steps: worst loss error {worst:.2e}, parameters {e:.2e}");
         assert!(
             e < 1e-4,
-            "step {step}: loss {} vs {} ({e:.2e})",
-            lg.total(),
-            lc.total()
+            "{kind}: parameters after {steps} steps: relative error {e}"
         );
-        cpu.clip_and_step(&Optimizer::Sgd, 10.0, 0.25).unwrap();
-        gpu.clip_and_step(&Optimizer::Sgd, 10.0, 0.25).unwrap();
     }
-    let e = rel(&gpu.params().unwrap(), &cpu.params().unwrap());
-    println!("50 steps: worst loss error {worst:.2e}, parameters {e:.2e}");
-    assert!(e < 1e-4, "parameters after 50 steps: relative error {e}");
 }
 
 #[test]
@@ -634,39 +673,41 @@ fn loss_tables_and_evaluation_match_the_cpu_backend() {
         dropout: 0.2,
         seed: 5,
     };
-    let (mut cpu, mut gpu) = pair(&cfg);
-    let (t, b) = (4usize, 5usize);
-    for be in [&mut cpu as &mut dyn Backend, &mut gpu] {
-        be.begin_loss_tables(1 << 30).unwrap();
-    }
-    for k in 0..3 {
-        let toks = tokens(50 + k, t, b, 200);
-        let batch = Batch {
-            inputs: &toks[..t * b],
-            targets: &toks[b..],
-            steps: t,
-            batch: b,
-            stream: Stream::Tables,
-        };
-        let (lc, lg) = (
-            cpu.accumulate_loss_tables(&batch).unwrap(),
-            gpu.accumulate_loss_tables(&batch).unwrap(),
+    for kind in kinds() {
+        let (mut cpu, mut gpu) = pair(&cfg, kind);
+        let (t, b) = (4usize, 5usize);
+        for be in [&mut cpu as &mut dyn Backend, &mut gpu] {
+            be.begin_loss_tables(1 << 30).unwrap();
+        }
+        for k in 0..3 {
+            let toks = tokens(50 + k, t, b, 200);
+            let batch = Batch {
+                inputs: &toks[..t * b],
+                targets: &toks[b..],
+                steps: t,
+                batch: b,
+                stream: Stream::Tables,
+            };
+            let (lc, lg) = (
+                cpu.accumulate_loss_tables(&batch).unwrap(),
+                gpu.accumulate_loss_tables(&batch).unwrap(),
+            );
+            assert!((lc.total() - lg.total()).abs() < 1e-5 * lc.total());
+            let eb = Batch {
+                stream: Stream::Eval,
+                ..batch
+            };
+            let (ec, eg) = (cpu.eval_batch(&eb).unwrap(), gpu.eval_batch(&eb).unwrap());
+            assert!((ec.total() - eg.total()).abs() < 1e-5 * ec.total());
+        }
+        let (tc, tg) = (
+            cpu.take_loss_tables().unwrap(),
+            gpu.take_loss_tables().unwrap(),
         );
-        assert!((lc.total() - lg.total()).abs() < 1e-5 * lc.total());
-        let eb = Batch {
-            stream: Stream::Eval,
-            ..batch
-        };
-        let (ec, eg) = (cpu.eval_batch(&eb).unwrap(), gpu.eval_batch(&eb).unwrap());
-        assert!((ec.total() - eg.total()).abs() < 1e-5 * ec.total());
+        assert_eq!(tc.counts, tg.counts);
+        assert!(rel(&tg.lr, &tc.lr) < 1e-5 && rel(&tg.lc, &tc.lc) < 1e-5);
+        assert!(gpu.take_loss_tables().is_err(), "tables are taken once");
     }
-    let (tc, tg) = (
-        cpu.take_loss_tables().unwrap(),
-        gpu.take_loss_tables().unwrap(),
-    );
-    assert_eq!(tc.counts, tg.counts);
-    assert!(rel(&tg.lr, &tc.lr) < 1e-5 && rel(&tg.lc, &tc.lc) < 1e-5);
-    assert!(gpu.take_loss_tables().is_err(), "tables are taken once");
 }
 
 #[test]
@@ -717,52 +758,55 @@ fn a_model_or_batch_too_large_for_the_device_is_refused_with_the_figures() {
 
 #[test]
 fn the_emulator_refuses_gemms_outside_their_buffers_and_reports_deadlocks() {
-    let mut d = Dev::new();
-    let (a, b, c) = (d.put(&[1f32; 6]), d.put(&[1f32; 6]), d.put(&[0f32; 4]));
-    let (Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(c)) = (a, b, c) else {
-        unreachable!()
-    };
-    let g = Gemm {
-        trans_a: false,
-        trans_b: false,
-        m: 2,
-        n: 2,
-        k: 3,
-        alpha: 1.0,
-        a,
-        lda: 2,
-        b,
-        ldb: 3,
-        beta: 0.0,
-        c,
-        ldc: 2,
-    };
-    d.d.gemm(&g).unwrap();
-    let got: Vec<f32> = d.get(Arg::Ptr(c), 4);
-    assert_eq!(got, vec![3.0; 4]);
-    // One column too many for C (ldc 3): 3 + 2 elements past a 4-element buffer.
-    let msg = d.d.gemm(&Gemm { ldc: 3, ..g }).unwrap_err().to_string();
-    assert!(msg.contains("gemm C") && msg.contains("overrun"), "{msg}");
-    let msg = d.d.gemm(&Gemm { lda: 1, ..g }).unwrap_err().to_string();
-    assert!(msg.contains("lda"), "{msg}");
-    // Half a block at a barrier, half gone: a deadlock error, not a hang.
-    let out = d.put(&[0f32; 64]);
-    let msg = d
-        .run("planted_partial_barrier", [1, 1, 1], 64, &[out])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("deadlock") && msg.contains("planted_partial_barrier"),
-        "{msg}"
-    );
-    // A launch with the wrong argument count is refused by the registry.
-    let msg = d
-        .run("planted_partial_barrier", [1, 1, 1], 64, &[out, out])
-        .unwrap_err()
-        .to_string();
-    assert!(msg.contains("takes 1 arguments"), "{msg}");
-    // The emulator keeps working after an error.
-    let (x, y) = (d.put(&[2f32; 256]), d.put(&[0f32; 256]));
-    d.run("planted_with_sync", [1, 1, 1], 256, &[y, x]).unwrap();
-    assert_eq!(d.get::<f32>(y, 256), vec![2.0; 256]);
+    // The emulator's own checks (a GPU would not say).
+    {
+        let mut d = Dev::on("emulated");
+        let (a, b, c) = (d.put(&[1f32; 6]), d.put(&[1f32; 6]), d.put(&[0f32; 4]));
+        let (Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(c)) = (a, b, c) else {
+            unreachable!()
+        };
+        let g = Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 1.0,
+            a,
+            lda: 2,
+            b,
+            ldb: 3,
+            beta: 0.0,
+            c,
+            ldc: 2,
+        };
+        d.d.gemm(&g).unwrap();
+        let got: Vec<f32> = d.get(Arg::Ptr(c), 4);
+        assert_eq!(got, vec![3.0; 4]);
+        // One column too many for C (ldc 3): 3 + 2 elements past a 4-element buffer.
+        let msg = d.d.gemm(&Gemm { ldc: 3, ..g }).unwrap_err().to_string();
+        assert!(msg.contains("gemm C") && msg.contains("overrun"), "{msg}");
+        let msg = d.d.gemm(&Gemm { lda: 1, ..g }).unwrap_err().to_string();
+        assert!(msg.contains("lda"), "{msg}");
+        // Half a block at a barrier, half gone: a deadlock error, not a hang.
+        let out = d.put(&[0f32; 64]);
+        let msg = d
+            .run("planted_partial_barrier", [1, 1, 1], 64, &[out])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("deadlock") && msg.contains("planted_partial_barrier"),
+            "{msg}"
+        );
+        // A launch with the wrong argument count is refused by the registry.
+        let msg = d
+            .run("planted_partial_barrier", [1, 1, 1], 64, &[out, out])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("takes 1 arguments"), "{msg}");
+        // The emulator keeps working after an error.
+        let (x, y) = (d.put(&[2f32; 256]), d.put(&[0f32; 256]));
+        d.run("planted_with_sync", [1, 1, 1], 256, &[y, x]).unwrap();
+        assert_eq!(d.get::<f32>(y, 256), vec![2.0; 256]);
+    }
 }

@@ -145,7 +145,9 @@ impl CudaBackend {
         }
     }
 
-    /// The model on `dev`: the reference initialisation and random allocation of `cfg.seed`
+    /// The model on `dev` (any [`Device`]: the GPU's, or the emulated one).
+    ///
+    /// The reference initialisation and random allocation of `cfg.seed`
     /// (the CPU backend's, so both start from the same bits).
     pub fn on(dev: Box<dyn Device>, cfg: &ModelConfig) -> Result<Self> {
         cfg.dims.validate()?;

@@ -32,6 +32,18 @@ pub use workspace::{activation_bytes, model_bytes};
 
 use serde::{Deserialize, Serialize};
 
+/// The GPU device layer of CUDA device `ordinal` on its own (the kernel parity tests run
+/// each kernel on it and on the emulated device).
+#[cfg(feature = "cuda")]
+pub fn gpu_device(ordinal: usize, precision: Precision) -> crate::Result<Box<dyn layer::Device>> {
+    Ok(Box::new(gpu::Gpu::open(ordinal, precision)?))
+}
+
+/// Whether CUDA device 0 can run the backend here (a GPU, its driver and NVRTC).
+pub fn gpu_present() -> bool {
+    CudaBackend::check(0).is_ok()
+}
+
 /// The arithmetic of the GEMMs (accumulation is f32 in both).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
