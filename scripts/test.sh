@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The test command: installs the S3-compatible test server (moto, from PyPI, into
-# .venv-test/, with numpy, safetensors and PyYAML for the export and deploy tests), starts it on 127.0.0.1, runs the workspace tests against it, stops it.
-# Extra arguments go to `cargo test`. The TLS tests make their certificates with the
+# .venv-test/, with numpy, safetensors and PyYAML for the export and deploy tests, and the
+# CUDA 13.0 NVRTC that compiles the CUDA kernels with no GPU), starts it on 127.0.0.1,
+# runs the workspace tests against it, stops it.
+# Extra arguments go to `cargo test` (e.g. `-p lightrnn-kernels --features cuda`: the CUDA
+# backend's tests on the emulated device, and its kernels through NVRTC). The TLS tests make their certificates with the
 # openssl command line tool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,14 +13,23 @@ MOTO_VERSION=5.2.5
 NUMPY_VERSION=2.4.6
 SAFETENSORS_VERSION=0.8.0
 PYYAML_VERSION=6.0.4
+# The CUDA 13.0 line: the GPU machines run driver 580 (CUDA 13.0), which loads PTX ISA 9.0
+# (what NVRTC 13.0 writes; 13.2's 9.2 it refuses).
+NVRTC_VERSION=13.0.88
 VENV=.venv-test
-if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml" 2>/dev/null; then
+NVRTC_LIB() { ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1; }
+if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml" 2>/dev/null || [[ -z "$(NVRTC_LIB)" ]]; then
   python3 -m venv "$VENV"
   # moto: the S3 tests' server; numpy + safetensors: the export round-trip test; PyYAML:
   # the deployment templates' test.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
-    "numpy==$NUMPY_VERSION" "safetensors==$SAFETENSORS_VERSION" "pyyaml==$PYYAML_VERSION"
+    "numpy==$NUMPY_VERSION" "safetensors==$SAFETENSORS_VERSION" "pyyaml==$PYYAML_VERSION" \
+    "nvidia-cuda-nvrtc==$NVRTC_VERSION"
 fi
+# NVRTC needs its lib directory on the library path (for libnvrtc-builtins); the CUDA
+# tests must find it (tests/nvrtc.rs fails instead of skipping).
+export LD_LIBRARY_PATH="$PWD/$(NVRTC_LIB)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LIGHTRNN_REQUIRE_NVRTC=1
 export LIGHTRNN_TEST_PYTHON="$PWD/$VENV/bin/python"
 PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" > "$VENV/moto.log" 2>&1 &
@@ -30,4 +42,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 export LIGHTRNN_TEST_S3_ENDPOINT="http://127.0.0.1:$PORT"
-cargo test --workspace --locked "$@"
+# The whole workspace, unless the arguments name packages.
+SCOPE=--workspace
+for a in "$@"; do [[ "$a" == -p || "$a" == --package || "$a" == --package=* ]] && SCOPE=; done
+cargo test $SCOPE --locked "$@"

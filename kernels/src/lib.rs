@@ -6,8 +6,10 @@
 //! - [`cpu`]: the CPU backend ([`cpu::CpuBackend`] over [`cpu::Engine`], generic over
 //!   f32/f64; AVX-512/AVX2 chosen at run time; GEMMs through the `gemm` crate), its
 //!   internal layout.
-//! - [`cuda`]: the CUDA device listing and the CUDA backend type (present in every build);
-//!   [`select`]: which backend a `--backend` names, and opening it.
+//! - [`cuda`]: the CUDA backend (the `.cu` kernels, the device layer with its GPU and
+//!   emulated implementations, the model written once over it; present in every build,
+//!   "built without CUDA" without the `cuda` feature); [`select`]: which backend a
+//!   `--backend` names, and opening it.
 //! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes) and
 //!   word allocations; [`tables`]: the loss tables of a reallocation round.
 //! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
@@ -28,12 +30,13 @@ pub use backend::{
     Shard, State, Stream,
 };
 pub use cpu::CpuBackend;
+pub use cuda::Precision;
 pub use layout::{
     ModelDims, ParamLayout, ParamSpec, check_allocation, check_cells, random_allocation,
 };
 pub use optim::Optimizer;
 pub use real::{Real, exp_f32};
-pub use select::{BackendKind, BackendOptions, check_backend, open_backend};
+pub use select::{BackendKind, BackendOptions, check_backend, open_backend, resolve};
 pub use tables::LossTables;
 
 /// Errors of the kernels crate: what failed, and ([`Error::retryable`]) whether the same

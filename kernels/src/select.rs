@@ -6,13 +6,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, ModelConfig};
+use crate::cuda::Precision;
 use crate::{Error, Result};
 
 /// Which device to run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// The best available backend (the CPU in this version: CUDA once it has kernels).
+    /// The best available backend: CUDA device 0 where this build and machine can run it
+    /// (a GPU, its driver and NVRTC), else the CPU.
     Auto,
     Cpu,
     /// CUDA device `ordinal` (`cuda` = `cuda:0`).
@@ -54,18 +56,37 @@ pub struct BackendOptions {
     pub kind: BackendKind,
     /// CPU backend threads (0 = one per core).
     pub threads: usize,
+    /// The CUDA backend's GEMM arithmetic (TF32 unless asked otherwise).
+    pub precision: Precision,
 }
 
 impl BackendOptions {
     pub fn new(kind: BackendKind, threads: usize) -> Self {
-        Self { kind, threads }
+        Self {
+            kind,
+            threads,
+            precision: Precision::default(),
+        }
+    }
+
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
+    }
+}
+
+/// What `auto` resolves to on this machine.
+pub fn resolve(kind: BackendKind) -> BackendKind {
+    match kind {
+        BackendKind::Auto if crate::cuda::gpu_present() => BackendKind::Cuda { ordinal: 0 },
+        BackendKind::Auto => BackendKind::Cpu,
+        other => other,
     }
 }
 
 /// Whether this build and machine can run `kind`, asked before any data is read: the
 /// error says why not.
 pub fn check_backend(kind: BackendKind) -> Result<()> {
-    match kind {
+    match resolve(kind) {
         BackendKind::Auto | BackendKind::Cpu => Ok(()),
         BackendKind::Cuda { ordinal } => crate::cuda::CudaBackend::check(ordinal),
     }
@@ -73,10 +94,14 @@ pub fn check_backend(kind: BackendKind) -> Result<()> {
 
 /// Build the backend `opts` names for `cfg`.
 pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn Backend>> {
-    match opts.kind {
+    match resolve(opts.kind) {
         BackendKind::Auto | BackendKind::Cpu => {
             Ok(Box::new(crate::cpu::CpuBackend::new(cfg, opts.threads)?))
         }
-        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, ordinal)?)),
+        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::with_precision(
+            cfg,
+            ordinal,
+            opts.precision,
+        )?)),
     }
 }

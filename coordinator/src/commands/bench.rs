@@ -46,6 +46,9 @@ pub struct BenchArgs {
     pub gemm_peak: bool,
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// GEMM arithmetic of the CUDA backend: tf32 (tensor cores) or fp32.
+    #[arg(long, default_value = "tf32")]
+    pub precision: String,
 }
 
 pub fn run(a: &BenchArgs) -> Result<String> {
@@ -67,6 +70,10 @@ pub fn run(a: &BenchArgs) -> Result<String> {
         clip: 0.25,
         gemm_peak: a.gemm_peak,
         backend: backend_kind(&a.backend)?,
+        precision: match a.precision.parse() {
+            Ok(p) => p,
+            Err(e) => return usage(e.to_string()),
+        },
     };
     if o.zipf.is_nan() || o.zipf <= 0.0 {
         return usage("--zipf must be positive");

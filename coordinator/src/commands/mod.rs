@@ -72,7 +72,7 @@ pub struct RunArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// auto, cpu, cuda or cuda:N (auto: the CPU in this version).
+    /// auto, cpu, cuda or cuda:N (auto: CUDA device 0 where one can run, else the CPU).
     #[arg(long, default_value = "auto")]
     pub backend: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9400).

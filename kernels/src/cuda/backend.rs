@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use super::buffers::{Buf, THREADS, grid_for, u32_arg};
 use super::layer::{Arg, Device};
-use super::step::HeadMode;
-use super::workspace::{Workspace, check_fits, model_bytes};
+use super::workspace::{HeadMode, Workspace, check_fits, model_bytes};
 use crate::backend::{
     Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
     State, Stream,

@@ -9,18 +9,12 @@
 use super::CudaBackend;
 use super::buffers::{Buf, THREADS, grid_for, u32_arg};
 use super::layer::{Arg, Device, Gemm, Launch};
+use super::workspace::HeadMode;
 use crate::backend::{Batch, LossSums, Pass};
 use crate::cpu::row_of;
 use crate::rng::{Philox, Purpose};
 use crate::{Error, Result};
 
-/// What the heads compute besides the loss.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum HeadMode {
-    Grad(f32),
-    Loss,
-    Table,
-}
 
 /// Row-major Y[rows, cols] (+)= X[rows, inner] W^T with W [cols, inner] row-major.
 #[allow(clippy::too_many_arguments)]

@@ -44,6 +44,15 @@ pub fn check_fits(dev: &dyn Device, bytes: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the heads compute into the logit buffers besides the loss: gradients of
+/// scale * NLL, nothing, or the full -log-softmax rows (loss tables).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HeadMode {
+    Grad(f32),
+    Loss,
+    Table,
+}
+
 /// One LSTM layer's activations, storage rows in the CPU backend's parity-major order
 /// (step s = 2t + p of stream b at row (p T + t) B + b).
 pub struct LayerBufs {

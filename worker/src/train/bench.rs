@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use lightrnn_kernels::rng::{Philox, Purpose};
 use lightrnn_kernels::{
-    BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Stream, open_backend,
+    BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Precision, Stream, open_backend,
 };
 
 use crate::Result;
@@ -40,6 +40,8 @@ pub struct BenchOptions {
     /// Also measure the machine's GEMM peak in this process.
     pub gemm_peak: bool,
     pub backend: BackendKind,
+    /// The CUDA backend's GEMM arithmetic.
+    pub precision: Precision,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -102,7 +104,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let (_, rss_before) = rss_mib();
     let dims = ModelDims::square(o.vocab, o.emb, o.hidden, o.layers)?;
     let mut be = open_backend(
-        &BackendOptions::new(o.backend, o.threads),
+        &BackendOptions::new(o.backend, o.threads).with_precision(o.precision),
         &ModelConfig {
             dims,
             dropout: o.dropout,
