@@ -36,6 +36,7 @@ fn trained() -> checkpoint::Checkpoint {
         progress: false,
         stop: None,
         report: None,
+        open: None,
     };
     let handle = rt.handle().clone();
     std::thread::spawn(move || train(&cfg, &opts, &handle))

@@ -264,6 +264,7 @@ fn memory_store_run_and_bad_text() {
         progress: false,
         stop: None,
         report: None,
+        open: None,
     };
     let handle = rt.handle().clone();
     let s = std::thread::spawn(move || train(&cfg, &opts, &handle))

@@ -205,6 +205,7 @@ fn train_in_group(
         progress: false,
         stop: Some(opts.stop.clone()),
         report: None,
+        open: None,
     };
     let mut dist = Dist {
         collective: Box::new(ring),

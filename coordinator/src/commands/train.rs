@@ -49,6 +49,7 @@ pub fn run(t: &TrainArgs, handle: &Handle, stop: &Stop) -> Result<String> {
         progress: std::io::stderr().is_terminal(),
         stop: Some(stop.clone()),
         report: None,
+        open: None,
     };
     let server = match &a.metrics_addr {
         Some(addr) => {

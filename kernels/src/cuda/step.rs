@@ -15,7 +15,6 @@ use crate::cpu::row_of;
 use crate::rng::{Philox, Purpose};
 use crate::{Error, Result};
 
-
 /// Row-major Y[rows, cols] (+)= X[rows, inner] W^T with W [cols, inner] row-major.
 #[allow(clippy::too_many_arguments)]
 fn xwt(rows: usize, cols: usize, inner: usize, x: u64, w: u64, y: u64, beta: f32) -> Gemm {

@@ -19,5 +19,5 @@ mod start;
 pub mod trainer;
 
 pub use eval::{EvalReport, eval_file, evaluate};
-pub use options::RunOptions;
+pub use options::{BackendFactory, RunOptions};
 pub use trainer::{Trainer, train, train_rank};

@@ -29,4 +29,12 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// A single-process run publishes its progress here (a metrics endpoint reads it).
     pub report: Option<ReportSink>,
+    /// Open the model with this instead of `backend`: a library user's own backend, or the
+    /// tests' CUDA backend on the emulated device.
+    pub open: Option<BackendFactory>,
 }
+
+/// Builds a backend for a model.
+pub type BackendFactory = fn(
+    &lightrnn_kernels::ModelConfig,
+) -> lightrnn_kernels::Result<Box<dyn lightrnn_kernels::Backend>>;

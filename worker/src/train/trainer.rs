@@ -130,7 +130,9 @@ impl<'a> Trainer<'a> {
         let gpr = cfg.groups_for(world)? / world;
         let started = Instant::now();
         // A backend this build or machine cannot run fails before any data is read.
-        lightrnn_kernels::check_backend(opts.backend)?;
+        if opts.open.is_none() {
+            lightrnn_kernels::check_backend(opts.backend)?;
+        }
         let ds = start::dataset(cfg, opts, handle)?;
         let resume = start::checkpoint_to_resume(opts, handle)?;
         let dims = ModelDims::square(ds.vocab.len(), cfg.emb, cfg.hidden, cfg.layers)?;
@@ -139,7 +141,10 @@ impl<'a> Trainer<'a> {
             dropout: cfg.dropout,
             seed: cfg.seed,
         };
-        let mut backend = open_backend(&BackendOptions::new(opts.backend, cfg.threads), &mcfg)?;
+        let mut backend = match opts.open {
+            Some(open) => open(&mcfg)?,
+            None => open_backend(&BackendOptions::new(opts.backend, cfg.threads), &mcfg)?,
+        };
         let (st, cursor, resume_state, committed) = match resume {
             Some(ck) => {
                 let step = ck.meta.step;
