@@ -362,18 +362,7 @@ fn reductions_match_host_sums() {
         let mut d = Dev::on(kind);
         let (rows, cols) = (37usize, 300usize);
         let x = rand(15, rows * cols, 1.0);
-        let (xa, out) = (d.put(&x), d.put(&vec![0f32; cols]));
-        d.run(
-            "col_sums",
-            [2, 1, 1],
-            256,
-            &[out, xa, Arg::U32(rows as u32), Arg::U32(cols as u32)],
-        )
-        .unwrap();
-        let want: Vec<f32> = (0..cols)
-            .map(|j| (0..rows).map(|r| x[r * cols + j]).sum())
-            .collect();
-        assert!(rel(&d.get(out, cols), &want) < 1e-5);
+        let xa = d.put(&x);
         let n = x.len();
         let blocks = 5;
         let (pa, sa) = (d.put(&vec![0f64; blocks]), d.put(&[0f64; 1]));

@@ -18,7 +18,6 @@ const BUDGETS: &[(&str, u32)] = &[
     ("lstm_cell_forward", 48),
     ("lstm_cell_backward", 40),
     ("softmax_nll", 32),
-    ("col_sums", 40),
     ("sum_sq_partial", 24),
     ("sum_f64", 24),
     ("add_assign", 16),

@@ -1,17 +1,8 @@
-// Reductions in a fixed order (the same bits on every run): bias gradients (column sums),
-// the gradient norm's sum of squares, sums of per-row losses; and the element-wise sum of
-// two gradient buffers (the gradient groups' pairwise sum).
+// Reductions in a fixed order (the same bits on every run): the gradient norm's sum of
+// squares and sums of per-row losses; and the element-wise sum of two gradient buffers
+// (the gradient groups' pairwise sum). Bias gradients are GEMMs with a ones vector.
 
 #define REDUCE_THREADS 256
-
-// out[j] = sum over r of in[r, j], in: [rows, cols]; one thread per column.
-extern "C" __global__ void col_sums(float* out, const float* in, unsigned rows, unsigned cols) {
-  unsigned j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
-  float acc = 0.0f;
-  for (unsigned r = 0; r < rows; ++r) acc += in[(unsigned long long)r * cols + j];
-  out[j] = acc;
-}
 
 // The block's sum of v in double (thread 0 gets it).
 __device__ __forceinline__ double block_sum(double v, double* buf) {

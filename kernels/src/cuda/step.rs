@@ -440,17 +440,8 @@ impl CudaBackend {
                 (&ws.zc, wc, bc, cc, tb * m, tb * m),
             ] {
                 dev.gemm(&dtx(width, m, tb, z.at(0), ht.at(hoff), g(w), 0.0))?;
-                self.launch(
-                    "col_sums",
-                    [width.div_ceil(THREADS as usize) as u32, 1, 1],
-                    THREADS,
-                    &[
-                        Arg::Ptr(g(b)),
-                        z.arg(0),
-                        u32_arg(tb, "rows")?,
-                        u32_arg(width, "cols")?,
-                    ],
-                )?;
+                // The bias gradient: the column sums of dZ, as ones[1, TB] dZ.
+                dev.gemm(&dw(1, width, tb, ws.ones.at(0), z.at(0), g(b)))?;
                 dev.gemm(&dw(tb, m, width, z.at(0), p(w), top.dh.at(dhoff)))?;
             }
             if dropout {
@@ -560,17 +551,8 @@ impl CudaBackend {
             1.0,
         ))?;
         dev.gemm(&dtx(m4, inp, sb, lw.g.at(0), x, g(lp.w_ih), 0.0))?;
-        self.launch(
-            "col_sums",
-            [m4.div_ceil(THREADS as usize) as u32, 1, 1],
-            THREADS,
-            &[
-                Arg::Ptr(g(lp.b_ih)),
-                lw.g.arg(0),
-                u32_arg(sb, "rows")?,
-                u32_arg(m4, "cols")?,
-            ],
-        )?;
+        // Both biases receive the column sums of dG: ones[1, SB] dG (one GEMM).
+        dev.gemm(&dw(1, m4, sb, ws.ones.at(0), lw.g.at(0), g(lp.b_ih)))?;
         self.grads
             .copy_from(dev, off(lp.b_hh), &self.grads, off(lp.b_ih), m4)?;
         let site = self.step_of() * 64 + l as u64;

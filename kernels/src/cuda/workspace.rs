@@ -24,7 +24,8 @@ pub fn activation_bytes(d: &ModelDims, steps: usize, batch: usize) -> u64 {
         + sb * n // dx
         + tb * (d.rows + d.cols) as u64 // zr, zc
         + 2 * l * batch as u64 * m // h0, c0
-        + 2 * batch as u64 * m; // dc, dh_rec
+        + 2 * batch as u64 * m // dc, dh_rec
+        + sb; // ones
     let u32s = sb * 3 + tb * 2 + 1 + (d.rows + d.cols) as u64; // ids, scatter, targets
     4 * f32s + 4 * u32s + 8 * 2 * tb
 }
@@ -95,6 +96,8 @@ pub struct Workspace {
     pub members: Buf<u32>,
     /// [2 TB] per-row NLL of the row head then the column head.
     pub loss_rows: Buf<f64>,
+    /// [SB] ones: bias gradients are column sums, taken as one GEMM each.
+    pub ones: Buf<f32>,
 }
 
 impl Workspace {
@@ -138,6 +141,7 @@ impl Workspace {
             starts: u(d.input_rows().min(sb) + 1)?,
             members: u(sb)?,
             loss_rows: Buf::zeros(dev, 2 * tb)?,
+            ones: Buf::from_host(dev, &vec![1.0; sb])?,
         })
     }
 }
