@@ -105,3 +105,37 @@ pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn 
         )?)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_cuda_only_where_cuda_can_run() {
+        let want = if crate::cuda::gpu_present() {
+            BackendKind::Cuda { ordinal: 0 }
+        } else {
+            BackendKind::Cpu
+        };
+        assert_eq!(resolve(BackendKind::Auto), want);
+        assert_eq!(resolve(BackendKind::Cpu), BackendKind::Cpu);
+        assert!(check_backend(BackendKind::Auto).is_ok());
+        if !crate::cuda::gpu_present() {
+            let msg = check_backend(BackendKind::Cuda { ordinal: 0 })
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("CUDA"), "{msg}");
+        }
+        assert_eq!(
+            "cuda:3".parse::<BackendKind>().unwrap(),
+            BackendKind::Cuda { ordinal: 3 }
+        );
+        assert!(
+            "bf16"
+                .parse::<Precision>()
+                .unwrap_err()
+                .to_string()
+                .contains("not supported")
+        );
+    }
+}
