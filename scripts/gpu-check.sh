@@ -9,7 +9,7 @@
 # 1M, 128 to 1024 streams) beside the PyTorch reference on the same card. Under 8 minutes
 # on an H200; each step has its own time limit so one hang cannot eat the loan.
 set -uo pipefail
-BIN=${1:-target/gpu-bin}
+BIN=$(cd "${1:-target/gpu-bin}" && pwd)
 T0=$(date +%s)
 # The image keeps CUDA and NCCL in Python's site-packages (nvidia/*/lib); cudarc looks for
 # libnccl.so, the wheel ships libnccl.so.2: link it in a temp dir.
@@ -38,7 +38,8 @@ echo "== kernel and backend parity on the GPU $(elapsed)"
 for t in nvrtc cuda parity gradcheck; do
   [[ -x "$BIN/$t-test" ]] || { echo "missing $BIN/$t-test"; status=1; continue; }
   echo "-- $t"
-  timeout 180 "$BIN/$t-test" --nocapture --test-threads 1 > "$SHIM/$t.log" 2>&1
+  # From kernels/: the tests read their fixtures relative to it on another machine.
+  (cd kernels && timeout 180 "$BIN/$t-test" --nocapture --test-threads 1) > "$SHIM/$t.log" 2>&1
   rc=$?
   grep -E "^test |test result|steps:|panicked|registers|no NVRTC" "$SHIM/$t.log"
   [[ $rc -eq 0 ]] || { status=1; echo "$t failed (status $rc):"; tail -30 "$SHIM/$t.log"; }

@@ -169,7 +169,8 @@ impl GradsMut<'_> {
 }
 
 /// A CUDA backend's gradient buffer, lent to a collective (NCCL) for an in-place
-/// all-reduce on the backend's stream. This version has no CUDA kernels, so no backend
+/// all-reduce on the backend's stream. No collective of this version sums device memory
+/// (the CUDA backend stages its gradient through the host for the TCP ring), so no backend
 /// creates one yet: the type has no values.
 pub struct DeviceGrads<'a> {
     never: std::convert::Infallible,
