@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 
+use lightrnn_kernels::BackendKind;
 use lightrnn_worker::config::TrainConfig;
 use lightrnn_worker::data::store::Location;
 
@@ -28,12 +29,37 @@ pub struct RunSpec<'a> {
 
 /// Prepare the job (dataset, checkpoint to resume from) for `world` = (MIN, MAX) workers.
 pub fn job_spec(run: RunSpec<'_>, world: (usize, usize), handle: &Handle) -> Result<JobSpec> {
-    // Fail here, not in every worker, on a backend this build or machine cannot run.
-    lightrnn_kernels::check_backend(run.backend.parse()?)?;
+    // A backend that does not parse fails here, not in every worker. Whether it can run
+    // is the workers' machines' question (a coordinator of GPU workers needs no GPU);
+    // `train --workers` asks it of this machine before it starts any (`worker_count`).
+    let _: BackendKind = run.backend.parse()?;
     let (data, out) = (Location::parse(run.data)?, Location::parse(run.out)?);
     let mut spec = handle.block_on(JobSpec::prepare(run.cfg, &data, &out, run.resume, world))?;
     spec.backend = run.backend.to_string();
     Ok(spec)
+}
+
+/// How many workers `train --workers N` starts for `backend`: N, or for a CUDA job with
+/// N = 0 one per visible GPU; a CUDA job gets one GPU per worker or is refused here.
+pub fn worker_count(workers: usize, backend: &str) -> Result<usize> {
+    let kind: BackendKind = backend.parse()?;
+    if !matches!(lightrnn_kernels::resolve(kind), BackendKind::Cuda { .. }) {
+        if workers == 0 {
+            return usage(
+                "--workers 0 starts one worker per GPU: it needs --backend cuda (or auto) on a machine with GPUs",
+            );
+        }
+        return Ok(workers);
+    }
+    lightrnn_kernels::check_backend(kind)?;
+    let gpus = lightrnn_kernels::cuda::device::cuda_devices()?.len();
+    match workers {
+        0 => Ok(gpus),
+        n if n > gpus => usage(format!(
+            "{n} workers of a CUDA job need a GPU each; this machine has {gpus} (lightrnn devices lists them)"
+        )),
+        n => Ok(n),
+    }
 }
 
 /// The one JSON line of a distributed run: its summary's figures and the job's.
@@ -140,12 +166,21 @@ pub fn train_workers(
         .doing(|| "the coordinator's address".into())?;
     let url = format!("http://{addr}");
     let exe = std::env::current_exe().doing(|| "locating this program to start workers".into())?;
+    // One GPU per worker: worker k trains on device k.
+    let per_gpu = matches!(
+        lightrnn_kernels::resolve(spec.backend.parse()?),
+        BackendKind::Cuda { .. }
+    );
     let spawn = move |rank: usize| -> std::io::Result<Child> {
-        Command::new(&exe)
-            .args(["worker", "--coordinator", &url, "--rank"])
+        let mut cmd = Command::new(&exe);
+        cmd.args(["worker", "--coordinator", &url, "--rank"])
             .arg(rank.to_string())
-            .args(["--threads", &threads.to_string()])
-            .env_remove("RANK")
+            .args(["--threads", &threads.to_string()]);
+        if per_gpu {
+            cmd.args(["--device", &rank.to_string()]);
+        }
+        cmd.env_remove("RANK")
+            .env_remove("LOCAL_RANK")
             .env("LIGHTRNN_TOKEN", &job_token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

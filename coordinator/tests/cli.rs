@@ -160,6 +160,32 @@ fn bad_input_fails_cleanly() {
             ],
             "CUDA",
         ),
+        (
+            vec![
+                "train".into(),
+                "--workers".into(),
+                "2".into(),
+                "--backend".into(),
+                "cuda".into(),
+                "--data".into(),
+                "x".into(),
+                "--out".into(),
+                "y".into(),
+            ],
+            "CUDA",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--workers".into(),
+                "0".into(),
+                "--data".into(),
+                "x".into(),
+                "--out".into(),
+                "y".into(),
+            ],
+            "one worker per GPU",
+        ),
     ];
     for (args, needle) in cases {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

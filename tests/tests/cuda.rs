@@ -122,3 +122,105 @@ fn a_tiny_run_on_the_emulated_cuda_backend_matches_the_cpu_and_its_checkpoint_re
         "test ppl after resuming on the cpu",
     );
 }
+
+/// A distributed job through the coordinator (gRPC) and the TCP ring, in this process:
+/// `workers` ranks, each opening its model with `open` (the CPU backend when `None`).
+fn job(
+    rt: &tokio::runtime::Runtime,
+    cfg: &TrainConfig,
+    data: &str,
+    out: &str,
+    workers: usize,
+    open: Option<BackendFactory>,
+) -> Summary {
+    use lightrnn_coordinator::launch::{RunSpec, job_spec};
+    use lightrnn_coordinator::serve::{bind, run_job};
+    use lightrnn_worker::rank::{WorkerOptions, run_worker};
+    let run = RunSpec {
+        cfg: cfg.clone(),
+        data,
+        out,
+        resume: false,
+        backend: "cpu",
+    };
+    let spec = job_spec(run, (workers, workers), rt.handle()).unwrap();
+    let incoming = rt
+        .block_on(async { bind("127.0.0.1:0".parse().unwrap()) })
+        .unwrap();
+    let url = format!("http://{}", incoming.local_addr().unwrap());
+    let served = rt.spawn(run_job(spec, incoming, Box::new(|_| Box::pin(async {}))));
+    let ranks: Vec<_> = (0..workers)
+        .map(|rank| {
+            let opts = WorkerOptions {
+                coordinator: url.clone(),
+                rank: Some(rank),
+                advertise: None,
+                threads: Some(1),
+                connect_timeout: std::time::Duration::from_secs(60),
+                stop: Default::default(),
+                token: None,
+                tls: None,
+                device: None,
+                open,
+            };
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || run_worker(&opts, &handle))
+        })
+        .collect();
+    for r in ranks {
+        r.join().unwrap().unwrap();
+    }
+    rt.block_on(served).unwrap().unwrap().summary
+}
+
+/// Data parallelism with the CUDA backend (gradients staged through host memory for the
+/// ring): 2 and 3 emulated-CUDA workers give the 2-CPU-worker job's figures, a
+/// reallocation round included (6 gradient groups fix the summation order at any count).
+#[test]
+fn emulated_cuda_workers_at_two_and_three_ranks_match_the_cpu_workers() {
+    let rt = lightrnn_tests::runtime();
+    let data = "memory://cuda-jobs/data";
+    let loc = Location::parse(data).unwrap();
+    let lines = lightrnn_tests::corpus_lines(9, 700, 8, 12);
+    let text = lines.join("\n") + "\n";
+    rt.block_on(async {
+        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
+            loc.put(name, bytes::Bytes::from(text.clone()))
+                .await
+                .unwrap();
+        }
+    });
+    let cfg = TrainConfig::preset("tiny")
+        .unwrap()
+        .with_overrides(&[
+            "batch=12".into(),
+            "grad_groups=6".into(),
+            "epochs=2".into(),
+            "realloc_every=1".into(),
+            "dropout=0.2".into(),
+        ])
+        .unwrap();
+    let cpu = job(&rt, &cfg, data, "memory://cuda-jobs/cpu2", 2, None);
+    assert_eq!(cpu.world_size, 2);
+    for workers in [2, 3] {
+        let out = format!("memory://cuda-jobs/cuda{workers}");
+        let gpu = job(&rt, &cfg, data, &out, workers, Some(emulated));
+        assert_eq!((gpu.world_size, gpu.steps), (workers, cpu.steps));
+        assert!(gpu.backend.starts_with("cuda: emulated"), "{}", gpu.backend);
+        close(
+            gpu.train_loss,
+            cpu.train_loss,
+            &format!("{workers} workers: train loss"),
+        );
+        close(
+            gpu.valid_ppl,
+            cpu.valid_ppl,
+            &format!("{workers} workers: valid ppl"),
+        );
+        close(
+            gpu.test_ppl,
+            cpu.test_ppl,
+            &format!("{workers} workers: test ppl"),
+        );
+    }
+}

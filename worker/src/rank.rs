@@ -49,6 +49,22 @@ pub struct WorkerOptions {
     /// TLS to an `https://` coordinator: the CA that signed its certificate and, for
     /// mutual TLS, this worker's identity.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The CUDA device this worker trains on when the job's backend is CUDA (torchrun's
+    /// LOCAL_RANK: one worker per GPU); the job's own ordinal otherwise.
+    pub device: Option<usize>,
+    /// Open the model with this instead of the job's backend (a library user's backend;
+    /// the tests' CUDA backend on the emulated device).
+    pub open: Option<crate::train::BackendFactory>,
+}
+
+/// The backend this worker opens for the job's `backend`: a CUDA job (or an `auto` one on
+/// a machine where CUDA can run) on this worker's device.
+pub fn worker_backend(job: BackendKind, device: Option<usize>) -> BackendKind {
+    match (lightrnn_kernels::resolve(job), device) {
+        (BackendKind::Cuda { .. }, Some(ordinal)) => BackendKind::Cuda { ordinal },
+        (BackendKind::Cuda { ordinal }, None) => BackendKind::Cuda { ordinal },
+        _ => job,
+    }
 }
 
 /// Join the job at `opts.coordinator`, train as the rank it assigns, and return the
@@ -201,11 +217,11 @@ fn train_in_group(
         } else {
             Some(Location::parse(&reply.checkpoint)?)
         },
-        backend: reply.backend.parse::<BackendKind>()?,
+        backend: worker_backend(reply.backend.parse::<BackendKind>()?, opts.device),
         progress: false,
         stop: Some(opts.stop.clone()),
         report: None,
-        open: None,
+        open: opts.open,
     };
     let mut dist = Dist {
         collective: Box::new(ring),
@@ -218,4 +234,23 @@ fn train_in_group(
         )),
     };
     train_rank(&cfg, &run, handle, &mut dist)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_trains_a_cuda_job_on_its_own_device() {
+        let cuda = |ordinal| BackendKind::Cuda { ordinal };
+        assert_eq!(worker_backend(cuda(0), Some(3)), cuda(3));
+        assert_eq!(worker_backend(cuda(2), None), cuda(2));
+        assert_eq!(worker_backend(BackendKind::Cpu, Some(3)), BackendKind::Cpu);
+        let auto = worker_backend(BackendKind::Auto, Some(1));
+        if lightrnn_kernels::cuda::gpu_present() {
+            assert_eq!(auto, cuda(1));
+        } else {
+            assert_eq!(auto, BackendKind::Auto);
+        }
+    }
 }

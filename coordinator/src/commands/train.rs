@@ -20,7 +20,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// Train data-parallel in N worker processes on this machine, through a coordinator
-    /// in this process (the config's batch is the global batch, split evenly).
+    /// in this process (the config's batch is the global batch, split evenly). With a
+    /// CUDA backend each worker gets its own GPU (worker k: device k); 0 = one worker per
+    /// visible GPU.
     #[arg(long)]
     pub workers: Option<usize>,
 }
@@ -29,6 +31,7 @@ pub fn run(t: &TrainArgs, handle: &Handle, stop: &Stop) -> Result<String> {
     let a = &t.run;
     let cfg = resolve_config(&a.config)?;
     if let Some(workers) = t.workers {
+        let workers = crate::launch::worker_count(workers, &a.backend)?;
         let run = RunSpec {
             cfg,
             data: &a.data,

@@ -23,6 +23,10 @@ pub struct WorkerArgs {
     /// CPU threads for the backend (default: the job's config).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The CUDA device to train on when the job's backend is CUDA (torchrun's LOCAL_RANK;
+    /// default: the job's device, 0).
+    #[arg(long, env = "LOCAL_RANK")]
+    pub device: Option<usize>,
     /// Host or address the other workers reach this one at (default: this machine's
     /// address on the route to the coordinator).
     #[arg(long)]
@@ -98,6 +102,8 @@ pub fn run(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
         stop: stop.clone(),
         token: bearer_token(&a.token_file)?,
         tls: client_tls(a)?,
+        device: a.device,
+        open: None,
     };
     let s = run_worker(&opts, handle)?;
     Ok(serde_json::to_string(&s)?)
