@@ -1,7 +1,7 @@
 //! The GPU device: cudarc's driver API (context, the legacy default stream, device memory,
-//! kernel launches), the kernels of `src/cuda/*.cu` compiled by NVRTC once per device and
-//! process (the module cache), and a cuBLAS handle for the GEMMs. Libraries are loaded at
-//! run time, so this builds without a CUDA toolkit.
+//! kernel launches), the kernels of `src/cuda/*.cu` compiled by NVRTC to an `sm_XY` CUBIN
+//! once per device and process (the module cache), and a cuBLAS handle for the GEMMs.
+//! Libraries are loaded at run time, so this builds without a CUDA toolkit.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -43,16 +43,17 @@ fn kernels(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>> {
     let (major, minor) = ctx
         .compute_capability()
         .map_err(|e| drv("compute capability", e))?;
-    let arch = format!("compute_{major}{minor}");
+    // A CUBIN for the device's own architecture, not PTX: the driver JIT-compiles only the
+    // PTX ISA of its own CUDA version or older (a 13.0 driver refuses 13.2's PTX 9.2),
+    // while a CUBIN from any NVRTC of the same major version loads (minor-version
+    // compatibility).
+    let arch = format!("sm_{major}{minor}");
     let mut modules = Vec::new();
     let mut functions = HashMap::new();
     for src in SOURCES {
-        let ptx = nvrtc::compile(src, &arch)?;
-        let text = String::from_utf8_lossy(&ptx.image)
-            .trim_end_matches('\0')
-            .to_string();
+        let cubin = nvrtc::compile(src, &arch)?;
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(text))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.image))
             .map_err(|e| drv(&format!("loading {}.cu", src.name), e))?;
         for &k in src.kernels {
             let f = module
