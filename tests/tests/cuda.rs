@@ -224,3 +224,154 @@ fn emulated_cuda_workers_at_two_and_three_ranks_match_the_cpu_workers() {
         );
     }
 }
+
+/// The global step at which [`Flaky`] fails once, and whether it has.
+static FAULT_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+static FAULTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The emulated CUDA backend with one device fault: the first training step at
+/// [`FAULT_AT`] in the process fails as a CUDA call would (a retryable error).
+struct Flaky(CudaBackend);
+
+fn flaky(cfg: &ModelConfig) -> lightrnn_kernels::Result<Box<dyn Backend>> {
+    Ok(Box::new(Flaky(CudaBackend::emulated(cfg, 1 << 30)?)))
+}
+
+use lightrnn_kernels::{
+    Batch, GradReduce, LossSums, OptimizerState, ParamLayout, Pass, Shard, State, Stream,
+};
+
+impl Backend for Flaky {
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn layout(&self) -> &ParamLayout {
+        self.0.layout()
+    }
+    fn params(&self) -> lightrnn_kernels::Result<Vec<f32>> {
+        self.0.params()
+    }
+    fn set_params(&mut self, p: &[f32]) -> lightrnn_kernels::Result<()> {
+        self.0.set_params(p)
+    }
+    fn grads(&self) -> lightrnn_kernels::Result<Vec<f32>> {
+        self.0.grads()
+    }
+    fn allocation(&self) -> lightrnn_kernels::Result<Vec<u32>> {
+        self.0.allocation()
+    }
+    fn set_allocation(&mut self, c: &[u32]) -> lightrnn_kernels::Result<()> {
+        self.0.set_allocation(c)
+    }
+    fn state(&self, s: Stream) -> lightrnn_kernels::Result<Option<State<f32>>> {
+        self.0.state(s)
+    }
+    fn set_state(&mut self, s: Stream, st: State<f32>) -> lightrnn_kernels::Result<()> {
+        self.0.set_state(s, st)
+    }
+    fn reset_state(&mut self, s: Stream) {
+        self.0.reset_state(s)
+    }
+    fn set_shard(&mut self, s: Shard) -> lightrnn_kernels::Result<()> {
+        self.0.set_shard(s)
+    }
+    fn input_forward(&mut self, b: &Batch<'_>, p: Pass) -> lightrnn_kernels::Result<()> {
+        self.0.input_forward(b, p)
+    }
+    fn lstm_forward(&mut self, l: usize) -> lightrnn_kernels::Result<()> {
+        self.0.lstm_forward(l)
+    }
+    fn heads(&mut self, g: Option<f32>) -> lightrnn_kernels::Result<LossSums> {
+        self.0.heads(g)
+    }
+    fn lstm_backward(&mut self, l: usize) -> lightrnn_kernels::Result<()> {
+        self.0.lstm_backward(l)
+    }
+    fn train_step(
+        &mut self,
+        b: &Batch<'_>,
+        step: u64,
+        s: f32,
+    ) -> lightrnn_kernels::Result<LossSums> {
+        use std::sync::atomic::Ordering;
+        if step == FAULT_AT.load(Ordering::SeqCst) && !FAULTED.swap(true, Ordering::SeqCst) {
+            return Err(lightrnn_kernels::Error::Cuda(format!(
+                "injected device fault at step {step}"
+            )));
+        }
+        self.0.train_step(b, step, s)
+    }
+    fn all_reduce_grads(&mut self, c: &mut dyn GradReduce) -> lightrnn_kernels::Result<()> {
+        self.0.all_reduce_grads(c)
+    }
+    fn clip_and_step(
+        &mut self,
+        r: &lightrnn_kernels::Optimizer,
+        lr: f64,
+        m: f64,
+    ) -> lightrnn_kernels::Result<f64> {
+        self.0.clip_and_step(r, lr, m)
+    }
+    fn optimizer_state(&self) -> lightrnn_kernels::Result<Option<OptimizerState>> {
+        self.0.optimizer_state()
+    }
+    fn set_optimizer_state(&mut self, s: OptimizerState) -> lightrnn_kernels::Result<()> {
+        self.0.set_optimizer_state(s)
+    }
+    fn begin_loss_tables(&mut self, m: u64) -> lightrnn_kernels::Result<()> {
+        self.0.begin_loss_tables(m)
+    }
+    fn accumulate_loss_tables(&mut self, b: &Batch<'_>) -> lightrnn_kernels::Result<LossSums> {
+        self.0.accumulate_loss_tables(b)
+    }
+    fn take_loss_tables(&mut self) -> lightrnn_kernels::Result<lightrnn_kernels::LossTables> {
+        self.0.take_loss_tables()
+    }
+}
+
+/// A device fault on one CUDA worker goes through the one fault path: the generation
+/// ends, the group re-forms from the last committed checkpoint, and the run ends exactly
+/// as the run without the fault (the emulated device is deterministic).
+#[test]
+fn a_device_fault_re_forms_the_group_and_the_run_ends_as_without_it() {
+    let rt = lightrnn_tests::runtime();
+    let data = "memory://cuda-fault/data";
+    let loc = Location::parse(data).unwrap();
+    let text = lightrnn_tests::corpus_lines(4, 500, 8, 12).join("\n") + "\n";
+    rt.block_on(async {
+        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
+            loc.put(name, bytes::Bytes::from(text.clone()))
+                .await
+                .unwrap();
+        }
+    });
+    let cfg = TrainConfig::preset("tiny")
+        .unwrap()
+        .with_overrides(&["dropout=0.2".into(), "checkpoint_every=8".into()])
+        .unwrap();
+    let clean = job(
+        &rt,
+        &cfg,
+        data,
+        "memory://cuda-fault/clean",
+        2,
+        Some(emulated),
+    );
+    assert!(clean.steps > 20, "{} steps", clean.steps);
+    FAULT_AT.store(19, std::sync::atomic::Ordering::SeqCst);
+    let faulted = job(
+        &rt,
+        &cfg,
+        data,
+        "memory://cuda-fault/faulted",
+        2,
+        Some(flaky),
+    );
+    assert!(
+        FAULTED.load(std::sync::atomic::Ordering::SeqCst),
+        "the fault was injected"
+    );
+    assert_eq!(faulted.steps, clean.steps);
+    assert_eq!(faulted.train_loss.to_bits(), clean.train_loss.to_bits());
+    assert_eq!(faulted.test_ppl.to_bits(), clean.test_ppl.to_bits());
+}
