@@ -12,12 +12,15 @@
 //!   `--backend` names, and opening it.
 //! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes) and
 //!   word allocations; [`tables`]: the loss tables of a reallocation round.
+//! - [`groups`]: gradient groups (how a batch is cut, the fixed-order pairwise sum),
+//!   shared by every backend.
 //! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
 //!   gradient clipping.
 
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod groups;
 pub mod layout;
 pub mod optim;
 mod real;

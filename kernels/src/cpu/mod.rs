@@ -19,6 +19,7 @@ use crate::backend::{
     Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
     State, Stream,
 };
+use crate::groups::{PairwiseSum, Plan};
 use crate::layout::ParamLayout;
 use crate::optim::{Optimizer, clip_coefficient};
 use crate::tables::LossTables;
@@ -31,10 +32,8 @@ pub struct CpuBackend {
     shard: Shard,
     /// The tokens of one gradient group, [T + 1, B / groups] (reused every step).
     group_tokens: Vec<u32>,
-    /// The pairwise sum of the groups' gradients: partial sums with their tree level, and
-    /// buffers free for the next group (kept between steps: no allocation per step).
-    partial: Vec<(u32, Vec<f32>)>,
-    spare: Vec<Vec<f32>>,
+    /// The pairwise sum of the groups' gradients.
+    sums: PairwiseSum<Vec<f32>>,
     /// The loss tables of the reallocation round in progress.
     tables: Option<LossTables>,
 }
@@ -46,8 +45,7 @@ impl CpuBackend {
             engine: Engine::new(cfg.dims, cfg.dropout, cfg.seed, threads)?,
             shard: Shard::WHOLE,
             group_tokens: Vec::new(),
-            partial: Vec::new(),
-            spare: Vec::new(),
+            sums: PairwiseSum::default(),
             tables: None,
         })
     }
@@ -66,85 +64,42 @@ impl CpuBackend {
         Ok(loss)
     }
 
-    /// The groups of a training batch in turn (group g: streams g * B/G.. of the batch,
-    /// dropout keyed at `offset` + g * B/G of `global`, state in `Train(first + g)`), their
-    /// gradients folded into the pairwise sum, left in the engine's gradient buffer.
+    /// The groups of a training batch in turn (see [`Plan::group`]), their gradients
+    /// folded into the pairwise sum, left in the engine's gradient buffer.
     fn grouped_step(
         &mut self,
         batch: &Batch<'_>,
+        plan: Plan,
+        groups: usize,
         tokens: &mut Vec<u32>,
-        first: u32,
-        (offset, global): (usize, usize),
-        step: u64,
-        scale: f32,
+        (step, scale): (u64, f32),
     ) -> Result<LossSums> {
-        let (bl, t, groups) = (batch.batch, batch.steps, self.shard.groups);
-        let gs = bl / groups;
         let mut total = LossSums::default();
         for g in 0..groups {
-            tokens.clear();
-            for k in 0..=t {
-                let row: &[u32] = if k < t {
-                    &batch.inputs[k * bl..(k + 1) * bl]
-                } else {
-                    &batch.targets[(t - 1) * bl..t * bl]
-                };
-                tokens.extend_from_slice(&row[g * gs..(g + 1) * gs]);
-            }
-            // Several groups: every group's dropout is keyed by its global position.
-            self.engine.set_shard(Some((offset + g * gs, global)))?;
-            let group = Batch {
-                inputs: &tokens[..t * gs],
-                targets: &tokens[gs..],
-                steps: t,
-                batch: gs,
-                stream: Stream::Train(first + g as u32),
-            };
+            let (group, keyed) = plan.group(batch, g, tokens);
+            self.engine.set_shard(keyed)?;
             total.add(&self.forward_backward(&group, step, scale)?);
-            self.push_partial()?;
+            // The gradient just computed goes into the pairwise sum.
+            let mut buf = self
+                .sums
+                .spare()
+                .unwrap_or_else(|| vec![0.0; self.engine.layout().total]);
+            self.engine.swap_grads(&mut buf)?;
+            self.sums.push(buf, |a, b| add_host(a, b))?;
         }
-        self.finish_partials()?;
+        let mut sum = self.sums.finish(|a, b| add_host(a, b))?;
+        self.engine.swap_grads(&mut sum)?;
+        self.sums.recycle(sum);
         Ok(total)
     }
+}
 
-    /// Fold the gradient just computed into the pairwise sum: equal tree levels are
-    /// combined as soon as both exist ((a + b) + (c + d) ...).
-    fn push_partial(&mut self) -> Result<()> {
-        let total = self.engine.layout().total;
-        let mut buf = self.spare.pop().unwrap_or_else(|| vec![0.0; total]);
-        self.engine.swap_grads(&mut buf)?;
-        let mut level = 0u32;
-        while let Some(top) = self.partial.last()
-            && top.0 == level
-        {
-            let Some((_, mut a)) = self.partial.pop() else {
-                break;
-            };
-            for (x, y) in a.iter_mut().zip(&buf) {
-                *x += y;
-            }
-            self.spare.push(std::mem::replace(&mut buf, a));
-            level += 1;
-        }
-        self.partial.push((level, buf));
-        Ok(())
+/// a += b over a gradient buffer.
+fn add_host(a: &mut [f32], b: &[f32]) -> Result<()> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
     }
-
-    /// Sum the remaining partial sums (newest first) into the engine's gradient buffer.
-    fn finish_partials(&mut self) -> Result<()> {
-        let Some((_, mut sum)) = self.partial.pop() else {
-            return Err(Error::Backend("a grouped step without groups".into()));
-        };
-        while let Some((_, mut a)) = self.partial.pop() {
-            for (x, y) in a.iter_mut().zip(&sum) {
-                *x += y;
-            }
-            self.spare.push(std::mem::replace(&mut sum, a));
-        }
-        self.engine.swap_grads(&mut sum)?;
-        self.spare.push(sum);
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The instruction set the CPU kernels run with on this machine.
@@ -193,17 +148,7 @@ impl Backend for CpuBackend {
         self.engine.reset_state(stream)
     }
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
-        if shard.groups == 0 {
-            return Err(Error::Config(
-                "a rank needs at least one gradient group".into(),
-            ));
-        }
-        if shard.global > 0 && shard.offset >= shard.global {
-            return Err(Error::Config(format!(
-                "stream offset {} outside a batch of {}",
-                shard.offset, shard.global
-            )));
-        }
+        shard.check()?;
         self.shard = shard;
         Ok(())
     }
@@ -221,45 +166,18 @@ impl Backend for CpuBackend {
     }
 
     fn train_step(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<LossSums> {
-        let Shard {
-            offset,
-            global,
-            groups,
-        } = self.shard;
-        let bl = batch.batch;
-        let global = if global == 0 { bl } else { global };
-        // Dropout keyed by the global stream index wherever the streams are not the
-        // whole batch in one piece.
-        let keyed = |off: usize| (bl != global || groups > 1).then_some((off, global));
-        if groups == 1 {
-            self.engine.set_shard(keyed(offset))?;
-            return self.forward_backward(batch, step, scale);
-        }
-        if !bl.is_multiple_of(groups) {
-            return Err(Error::Config(format!(
-                "{bl} streams do not split into {groups} gradient groups"
-            )));
-        }
-        let Stream::Train(first) = batch.stream else {
-            return Err(Error::Config(format!(
-                "gradient groups train Train streams, not {:?}",
-                batch.stream
-            )));
+        let plan = Plan::new(self.shard, batch)?;
+        let groups = match plan {
+            Plan::Whole { keyed } => {
+                self.engine.set_shard(keyed)?;
+                return self.forward_backward(batch, step, scale);
+            }
+            Plan::Groups { groups, .. } => groups,
         };
-        let t = batch.steps;
-        // The batch's [T + 1, B] buffer: inputs are its first T rows, targets its last T.
-        if batch.inputs.len() != t * bl || batch.targets.len() != t * bl {
-            return Err(Error::Shape(format!(
-                "batch of {t} steps x {bl} streams needs {} inputs and targets",
-                t * bl
-            )));
-        }
         // Partial sums left by a step that failed half-way are not this step's.
-        while let Some((_, b)) = self.partial.pop() {
-            self.spare.push(b);
-        }
+        self.sums.reset();
         let mut tokens = std::mem::take(&mut self.group_tokens);
-        let r = self.grouped_step(batch, &mut tokens, first, (offset, global), step, scale);
+        let r = self.grouped_step(batch, plan, groups, &mut tokens, (step, scale));
         self.group_tokens = tokens;
         r
     }

@@ -13,6 +13,7 @@ use crate::backend::{
     Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
     State, Stream,
 };
+use crate::groups::{PairwiseSum, Plan};
 use crate::layout::{ParamLayout, check_allocation, random_allocation};
 use crate::optim::{Optimizer, clip_coefficient};
 use crate::tables::LossTables;
@@ -72,14 +73,22 @@ pub struct CudaBackend {
     pub(super) stream: Stream,
     pub(super) pass: Option<Pass>,
     pub(super) have_head_grads: bool,
-    /// The gradient groups' pairwise sum (as the CPU backend's): partial sums with their
-    /// tree level, and free buffers.
-    partial: Vec<(u32, Buf<f32>)>,
-    spare: Vec<Buf<f32>>,
+    /// The gradient groups' pairwise sum (as the CPU backend's).
+    sums: PairwiseSum<Buf<f32>>,
     tables: Option<DevTables>,
     /// [2] loss sums / [1] squared norm read back by the host; norm partial sums.
     pub(super) scalars: Buf<f64>,
     partials: Buf<f64>,
+}
+
+/// x += y over the first `n` elements (the gradient groups' pairwise sum).
+fn add_device(dev: &dyn Device, n: usize, x: &mut Buf<f32>, y: &Buf<f32>) -> Result<()> {
+    dev.launch(&super::layer::Launch {
+        kernel: "add_assign",
+        grid: grid_for(n),
+        block: [THREADS, 1, 1],
+        args: &[x.arg(0), y.arg(0), Arg::U64(n as u64)],
+    })
 }
 
 /// Blocks of the gradient norm's first pass.
@@ -185,8 +194,7 @@ impl CudaBackend {
             stream: Stream::default(),
             pass: None,
             have_head_grads: false,
-            partial: Vec::new(),
-            spare: Vec::new(),
+            sums: PairwiseSum::default(),
             tables: None,
             scalars,
             partials,
@@ -202,86 +210,33 @@ impl CudaBackend {
         Ok(loss)
     }
 
-    /// Fold the gradient just computed into the pairwise sum (as the CPU backend).
-    fn push_partial(&mut self) -> Result<()> {
-        let mut buf = match self.spare.pop() {
-            Some(b) => b,
-            None => Buf::zeros(self.dev.as_ref(), self.layout.total)?,
-        };
-        std::mem::swap(&mut self.grads, &mut buf);
-        let mut level = 0u32;
-        while let Some(top) = self.partial.last()
-            && top.0 == level
-        {
-            let Some((_, a)) = self.partial.pop() else {
-                break;
-            };
-            self.add_into(&a, &buf)?;
-            self.spare.push(std::mem::replace(&mut buf, a));
-            level += 1;
-        }
-        self.partial.push((level, buf));
-        Ok(())
-    }
-
-    fn finish_partials(&mut self) -> Result<()> {
-        let Some((_, mut sum)) = self.partial.pop() else {
-            return Err(Error::Backend("a grouped step without groups".into()));
-        };
-        while let Some((_, a)) = self.partial.pop() {
-            self.add_into(&a, &sum)?;
-            self.spare.push(std::mem::replace(&mut sum, a));
-        }
-        std::mem::swap(&mut self.grads, &mut sum);
-        self.spare.push(sum);
-        Ok(())
-    }
-
-    /// x += y over the flat gradient length.
-    fn add_into(&self, x: &Buf<f32>, y: &Buf<f32>) -> Result<()> {
-        let n = self.layout.total;
-        self.dev.launch(&super::layer::Launch {
-            kernel: "add_assign",
-            grid: grid_for(n),
-            block: [THREADS, 1, 1],
-            args: &[x.arg(0), y.arg(0), Arg::U64(n as u64)],
-        })
-    }
-
     fn grouped_step(
         &mut self,
         batch: &Batch<'_>,
-        first: u32,
-        (offset, global): (usize, usize),
-        step: u64,
-        scale: f32,
+        plan: Plan,
+        groups: usize,
+        (step, scale): (u64, f32),
     ) -> Result<LossSums> {
-        let (bl, t, groups) = (batch.batch, batch.steps, self.shard.groups);
-        let gs = bl / groups;
         let mut total = LossSums::default();
-        let mut tokens = Vec::with_capacity((t + 1) * gs);
+        let mut tokens = Vec::new();
+        let n = self.layout.total;
         for g in 0..groups {
-            tokens.clear();
-            for k in 0..=t {
-                let row: &[u32] = if k < t {
-                    &batch.inputs[k * bl..(k + 1) * bl]
-                } else {
-                    &batch.targets[(t - 1) * bl..t * bl]
-                };
-                tokens.extend_from_slice(&row[g * gs..(g + 1) * gs]);
-            }
-            self.keyed = Some((offset + g * gs, global));
-            let group = Batch {
-                inputs: &tokens[..t * gs],
-                targets: &tokens[gs..],
-                steps: t,
-                batch: gs,
-                stream: Stream::Train(first + g as u32),
-            };
+            let (group, keyed) = plan.group(batch, g, &mut tokens);
+            self.keyed = keyed;
             total.add(&self.forward_backward(&group, step, scale)?);
-            self.push_partial()?;
+            // The gradient just computed goes into the pairwise sum.
+            let mut buf = match self.sums.spare() {
+                Some(b) => b,
+                None => Buf::zeros(self.dev.as_ref(), n)?,
+            };
+            std::mem::swap(&mut self.grads, &mut buf);
+            let dev = self.dev.as_ref();
+            self.sums.push(buf, |a, b| add_device(dev, n, a, b))?;
         }
-        self.finish_partials()?;
+        let dev = self.dev.as_ref();
+        let mut sum = self.sums.finish(|a, b| add_device(dev, n, a, b))?;
+        std::mem::swap(&mut self.grads, &mut sum);
+        self.sums.recycle(sum);
         Ok(total)
     }
 
@@ -460,17 +415,7 @@ impl Backend for CudaBackend {
         self.states.remove(&stream);
     }
     fn set_shard(&mut self, shard: Shard) -> Result<()> {
-        if shard.groups == 0 {
-            return Err(Error::Config(
-                "a rank needs at least one gradient group".into(),
-            ));
-        }
-        if shard.global > 0 && shard.offset >= shard.global {
-            return Err(Error::Config(format!(
-                "stream offset {} outside a batch of {}",
-                shard.offset, shard.global
-            )));
-        }
+        shard.check()?;
         self.shard = shard;
         Ok(())
     }
@@ -488,40 +433,17 @@ impl Backend for CudaBackend {
     }
 
     fn train_step(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<LossSums> {
-        let Shard {
-            offset,
-            global,
-            groups,
-        } = self.shard;
-        let bl = batch.batch;
-        let global = if global == 0 { bl } else { global };
-        let keyed = |off: usize| (bl != global || groups > 1).then_some((off, global));
-        if groups == 1 {
-            self.keyed = keyed(offset);
-            return self.forward_backward(batch, step, scale);
-        }
-        if !bl.is_multiple_of(groups) {
-            return Err(Error::Config(format!(
-                "{bl} streams do not split into {groups} gradient groups"
-            )));
-        }
-        let Stream::Train(first) = batch.stream else {
-            return Err(Error::Config(format!(
-                "gradient groups train Train streams, not {:?}",
-                batch.stream
-            )));
+        let plan = Plan::new(self.shard, batch)?;
+        let groups = match plan {
+            Plan::Whole { keyed } => {
+                self.keyed = keyed;
+                return self.forward_backward(batch, step, scale);
+            }
+            Plan::Groups { groups, .. } => groups,
         };
-        let t = batch.steps;
-        if batch.inputs.len() != t * bl || batch.targets.len() != t * bl {
-            return Err(Error::Shape(format!(
-                "batch of {t} steps x {bl} streams needs {} inputs and targets",
-                t * bl
-            )));
-        }
-        while let Some((_, b)) = self.partial.pop() {
-            self.spare.push(b);
-        }
-        self.grouped_step(batch, first, (offset, global), step, scale)
+        // Partial sums left by a step that failed half-way are not this step's.
+        self.sums.reset();
+        self.grouped_step(batch, plan, groups, (step, scale))
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()> {

@@ -140,30 +140,7 @@ impl CudaBackend {
     pub(super) fn prepare(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {
         let d = self.layout.dims;
         let (tt, bb) = (batch.steps, batch.batch);
-        if tt == 0 || bb == 0 {
-            return Err(Error::Shape(format!(
-                "empty batch: {tt} steps x {bb} streams"
-            )));
-        }
-        if batch.inputs.len() != tt * bb || batch.targets.len() != tt * bb {
-            return Err(Error::Shape(format!(
-                "batch of {tt} steps x {bb} streams needs {} inputs and targets, got {} and {}",
-                tt * bb,
-                batch.inputs.len(),
-                batch.targets.len()
-            )));
-        }
-        if let Some(&w) = batch
-            .inputs
-            .iter()
-            .chain(batch.targets)
-            .find(|&&w| w as usize >= d.vocab)
-        {
-            return Err(Error::Shape(format!(
-                "word id {w} is outside the vocabulary of {}",
-                d.vocab
-            )));
-        }
+        batch.check(d.vocab)?;
         if self
             .ws
             .as_ref()
