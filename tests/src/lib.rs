@@ -55,3 +55,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Put `lines` (one text for all three splits) as `PREFIX.train.txt`, `PREFIX.valid.txt`
+/// and `PREFIX.test.txt` under `data` (an object-store location, e.g. `memory://`).
+pub fn put_corpus(
+    rt: &tokio::runtime::Runtime,
+    data: &lightrnn_worker::data::store::Location,
+    prefix: &str,
+    lines: &[String],
+) {
+    let text = bytes::Bytes::from(lines.join("\n") + "\n");
+    rt.block_on(async {
+        for split in ["train", "valid", "test"] {
+            data.put(&format!("{prefix}.{split}.txt"), text.clone())
+                .await
+                .unwrap();
+        }
+    });
+}

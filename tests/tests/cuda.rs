@@ -54,14 +54,7 @@ fn a_tiny_run_on_the_emulated_cuda_backend_matches_the_cpu_and_its_checkpoint_re
     let rt = lightrnn_tests::runtime();
     let data = Location::parse("memory://cuda-tests/data").unwrap();
     let lines = lightrnn_tests::corpus_lines(5, 900, 8, 12);
-    let text = lines.join("\n") + "\n";
-    rt.block_on(async {
-        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
-            data.put(name, bytes::Bytes::from(text.clone()))
-                .await
-                .unwrap();
-        }
-    });
+    lightrnn_tests::put_corpus(&rt, &data, "a", &lines);
     // Two epochs with an exact reallocation between them, dropout on.
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
@@ -182,14 +175,7 @@ fn emulated_cuda_workers_at_two_and_three_ranks_match_the_cpu_workers() {
     let data = "memory://cuda-jobs/data";
     let loc = Location::parse(data).unwrap();
     let lines = lightrnn_tests::corpus_lines(9, 700, 8, 12);
-    let text = lines.join("\n") + "\n";
-    rt.block_on(async {
-        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
-            loc.put(name, bytes::Bytes::from(text.clone()))
-                .await
-                .unwrap();
-        }
-    });
+    lightrnn_tests::put_corpus(&rt, &loc, "a", &lines);
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
         .with_overrides(&[
@@ -337,14 +323,7 @@ fn a_device_fault_re_forms_the_group_and_the_run_ends_as_without_it() {
     let rt = lightrnn_tests::runtime();
     let data = "memory://cuda-fault/data";
     let loc = Location::parse(data).unwrap();
-    let text = lightrnn_tests::corpus_lines(4, 500, 8, 12).join("\n") + "\n";
-    rt.block_on(async {
-        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
-            loc.put(name, bytes::Bytes::from(text.clone()))
-                .await
-                .unwrap();
-        }
-    });
+    lightrnn_tests::put_corpus(&rt, &loc, "a", &lightrnn_tests::corpus_lines(4, 500, 8, 12));
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
         .with_overrides(&["dropout=0.2".into(), "checkpoint_every=8".into()])

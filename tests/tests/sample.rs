@@ -14,14 +14,7 @@ fn trained() -> checkpoint::Checkpoint {
     let data = Location::parse("memory://sample-tests/data").unwrap();
     // 8 classes x 4 words + <eos> + <unk> = 34 words: a 6 x 6 table with 2 empty cells.
     let lines = lightrnn_tests::corpus_lines(5, 800, 8, 4);
-    let text = lines.join("\n") + "\n";
-    rt.block_on(async {
-        for name in ["s.train.txt", "s.valid.txt", "s.test.txt"] {
-            data.put(name, bytes::Bytes::from(text.clone()))
-                .await
-                .unwrap();
-        }
-    });
+    lightrnn_tests::put_corpus(&rt, &data, "s", &lines);
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
         .with_overrides(&["epochs=3".into()])

@@ -238,14 +238,8 @@ fn memory_store_run_and_bad_text() {
     let rt = runtime();
     let data = Location::parse("memory://train-tests/data").unwrap();
     let lines = lightrnn_tests::corpus_lines(3, 600, 8, 10);
+    lightrnn_tests::put_corpus(&rt, &data, "a", &lines);
     let text = lines.join("\n") + "\n";
-    rt.block_on(async {
-        for name in ["a.train.txt", "a.valid.txt", "a.test.txt"] {
-            data.put(name, bytes::Bytes::from(text.clone()))
-                .await
-                .unwrap();
-        }
-    });
     let cfg = TrainConfig::preset("tiny")
         .unwrap()
         .with_overrides(&[
