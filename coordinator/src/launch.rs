@@ -32,10 +32,11 @@ pub fn job_spec(run: RunSpec<'_>, world: (usize, usize), handle: &Handle) -> Res
     // A backend that does not parse fails here, not in every worker. Whether it can run
     // is the workers' machines' question (a coordinator of GPU workers needs no GPU);
     // `train --workers` asks it of this machine before it starts any (`worker_count`).
-    let _: BackendKind = run.backend.parse()?;
+    let kind: BackendKind = run.backend.parse()?;
     let (data, out) = (Location::parse(run.data)?, Location::parse(run.out)?);
     let mut spec = handle.block_on(JobSpec::prepare(run.cfg, &data, &out, run.resume, world))?;
     spec.backend = run.backend.to_string();
+    spec.nccl_ids = crate::job::spec::nccl_ids(kind);
     Ok(spec)
 }
 

@@ -152,7 +152,7 @@ pub enum GradsMut<'a> {
     /// Host memory (the CPU backend).
     Host(&'a mut [f32]),
     /// A CUDA backend's buffer on its device.
-    Device(DeviceGrads<'a>),
+    Device(&'a mut dyn DeviceGrads),
 }
 
 impl GradsMut<'_> {
@@ -168,23 +168,41 @@ impl GradsMut<'_> {
     }
 }
 
-/// A CUDA backend's gradient buffer, lent to a collective (NCCL) for an in-place
-/// all-reduce on the backend's stream. No collective of this version sums device memory
-/// (the CUDA backend stages its gradient through the host for the TCP ring), so no backend
-/// creates one yet: the type has no values.
-pub struct DeviceGrads<'a> {
-    never: std::convert::Infallible,
-    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+/// A CUDA backend's gradient buffer, lent to a collective for one in-place all-reduce on
+/// its device (`cuda::allreduce` has the fixed-order sum and its design note).
+pub trait DeviceGrads {
+    /// Elements in the buffer.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The device the buffer lies on (for messages).
+    fn device(&self) -> String;
+    /// The buffer through host memory, for a collective that sums host memory (the TCP
+    /// ring): downloaded, handed to `reduce`, uploaded.
+    fn stage(&mut self, reduce: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()>;
+    /// The buffer summed over the ranks of `peers` on the device, in place, in a fixed
+    /// order (the gradient groups' pairwise tree continued across the ranks); every rank
+    /// gets the same bits.
+    fn all_reduce(&mut self, peers: &mut dyn Peers) -> Result<()>;
 }
 
-impl DeviceGrads<'_> {
-    /// Elements in the buffer.
-    pub fn len(&self) -> usize {
-        match self.never {}
-    }
-    pub fn is_empty(&self) -> bool {
-        match self.never {}
-    }
+/// A transport between the ranks over device memory (NCCL between GPU processes; threads
+/// of one process on the emulated device in tests): two collectives, ordered after the
+/// work already issued to the device, finished when they return. A transport with a
+/// deadline fails instead of waiting forever for a lost peer.
+pub trait Peers: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// The GPU whose memory this transport moves (`None`: the emulated device's, which is
+    /// host memory); a buffer on another device is refused.
+    fn ordinal(&self) -> Option<usize>;
+    /// `count` f32 at `send + p * count` (device addresses) go to rank p and land at its
+    /// `recv + rank * count`: afterwards rank p's `recv` holds every rank's piece p, in
+    /// rank order.
+    fn all_to_all(&mut self, send: u64, recv: u64, count: usize) -> Result<()>;
+    /// Every rank's `count` f32 at `send` land at `recv + rank * count` on every rank.
+    fn all_gather(&mut self, send: u64, recv: u64, count: usize) -> Result<()>;
 }
 
 /// What a backend needs from the job's collective: its gradient buffer summed over the

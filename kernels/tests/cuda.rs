@@ -799,3 +799,162 @@ fn the_emulator_refuses_gemms_outside_their_buffers_and_reports_deadlocks() {
         assert_eq!(d.get::<f32>(y, 256), vec![2.0; 256]);
     }
 }
+
+/// The pairwise sum of `pieces` on the host, through the gradient groups' own tree.
+fn pairwise(pieces: &[Vec<f32>]) -> Vec<f32> {
+    let mut sum = lightrnn_kernels::groups::PairwiseSum::default();
+    let add = |a: &mut Vec<f32>, b: &Vec<f32>| {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        Ok(())
+    };
+    for p in pieces {
+        sum.push(p.clone(), add).unwrap();
+    }
+    sum.finish(add).unwrap()
+}
+
+/// A rank's collective on [`ThreadPeers`]: the fixed-order device all-reduce.
+struct OnPeers(lightrnn_kernels::cuda::allreduce::ThreadPeers);
+
+impl lightrnn_kernels::GradReduce for OnPeers {
+    fn all_reduce_grads(&mut self, grads: lightrnn_kernels::GradsMut<'_>) -> Result<(), Error> {
+        match grads {
+            lightrnn_kernels::GradsMut::Device(d) => d.all_reduce(&mut self.0),
+            lightrnn_kernels::GradsMut::Host(_) => panic!("a CUDA backend lent host memory"),
+        }
+    }
+}
+
+/// The fixed-order all-reduce gives every rank the pairwise sum of the ranks' buffers, bit
+/// for bit, at sizes that do and do not divide by the world.
+#[test]
+fn the_device_all_reduce_is_the_pairwise_sum_on_every_rank() {
+    use lightrnn_kernels::cuda::allreduce::ThreadPeers;
+    let dims = ModelDims::square(60, 4, 6, 1).unwrap();
+    let cfg = ModelConfig {
+        dims,
+        dropout: 0.0,
+        seed: 3,
+    };
+    for world in [1usize, 2, 3, 5] {
+        let peers = ThreadPeers::group(world, std::time::Duration::from_secs(30));
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = peers
+                .into_iter()
+                .enumerate()
+                .map(|(r, p)| {
+                    s.spawn(move || {
+                        let mut be = CudaBackend::emulated(&cfg, GIB).unwrap();
+                        // A different gradient on every rank.
+                        let toks = tokens(r as u64, 3, 2, 60);
+                        let batch = Batch {
+                            inputs: &toks[..6],
+                            targets: &toks[2..],
+                            steps: 3,
+                            batch: 2,
+                            stream: Stream::Train(0),
+                        };
+                        be.train_step(&batch, 0, 1.0).unwrap();
+                        let mine = be.grads().unwrap();
+                        be.all_reduce_grads(&mut OnPeers(p)).unwrap();
+                        (mine, be.grads().unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mine: Vec<Vec<f32>> = results.iter().map(|r| r.0.clone()).collect();
+        let want = pairwise(&mine);
+        for (r, (_, got)) in results.iter().enumerate() {
+            assert_eq!(got, &want, "world {world}, rank {r}");
+        }
+    }
+}
+
+/// With `grad_groups` fixed, W ranks holding G / W groups each end every step with the
+/// parameters one rank holding all G groups computes, bit for bit (dropout keyed by
+/// global stream, the groups' tree continued across the ranks by the fixed-order
+/// all-reduce): the run does not depend on the GPU count.
+#[test]
+fn ranks_on_the_device_all_reduce_train_as_one_rank_with_all_the_groups() {
+    use lightrnn_kernels::cuda::allreduce::ThreadPeers;
+    let dims = ModelDims::square(120, 8, 10, 2).unwrap();
+    let cfg = ModelConfig {
+        dims,
+        dropout: 0.2,
+        seed: 5,
+    };
+    let (t, b, steps) = (4usize, 12usize, 3u64);
+    let run = |world: usize, groups: usize| -> Vec<Vec<f32>> {
+        let peers = ThreadPeers::group(world, std::time::Duration::from_secs(60));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = peers
+                .into_iter()
+                .enumerate()
+                .map(|(r, p)| {
+                    s.spawn(move || {
+                        let mut coll = OnPeers(p);
+                        let mut be = CudaBackend::emulated(&cfg, GIB).unwrap();
+                        let bl = b / world;
+                        be.set_shard(Shard {
+                            offset: r * bl,
+                            global: b,
+                            groups: groups / world,
+                        })
+                        .unwrap();
+                        for step in 0..steps {
+                            let all = tokens(200 + step, t, b, 120);
+                            // This rank's streams: columns r * bl .. (r + 1) * bl.
+                            let toks: Vec<u32> = all
+                                .chunks(b)
+                                .flat_map(|row| row[r * bl..(r + 1) * bl].iter().copied())
+                                .collect();
+                            let batch = Batch {
+                                inputs: &toks[..t * bl],
+                                targets: &toks[bl..],
+                                steps: t,
+                                batch: bl,
+                                stream: Stream::Train(0),
+                            };
+                            be.train_step(&batch, step, 1.0 / (t * b) as f32).unwrap();
+                            be.all_reduce_grads(&mut coll).unwrap();
+                            be.clip_and_step(&Optimizer::Sgd, 1.0, 0.25).unwrap();
+                        }
+                        be.params().unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    for (groups, worlds) in [(4usize, &[2usize, 4][..]), (6, &[3][..])] {
+        let one = run(1, groups).remove(0);
+        for &world in worlds {
+            for (r, p) in run(world, groups).iter().enumerate() {
+                assert!(
+                    p == &one,
+                    "{groups} groups on {world} ranks, rank {r}: parameters differ from one rank's"
+                );
+            }
+        }
+    }
+}
+
+/// Where `libnccl.so` loads (the GPU machines; `scripts/gpu-check.sh`), ids are created
+/// without a GPU, each new; where it does not, the reason names the library.
+#[test]
+fn nccl_ids_are_created_without_a_gpu_or_the_library_is_named() {
+    use lightrnn_kernels::cuda::{nccl, nccl_available, nccl_unique_id};
+    if !nccl_available() {
+        let e = nccl_unique_id().unwrap_err().to_string();
+        assert!(e.contains("libnccl.so"), "{e}");
+        println!("no libnccl.so here: {e}");
+        return;
+    }
+    let (major, minor, patch) = nccl::version().unwrap();
+    println!("NCCL {major}.{minor}.{patch}");
+    assert!(major >= 2);
+    let (a, b) = (nccl_unique_id().unwrap(), nccl_unique_id().unwrap());
+    assert_eq!(a.len(), nccl::ID_BYTES);
+    assert_ne!(a, b, "every id names a new group");
+}

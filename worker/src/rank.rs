@@ -19,6 +19,7 @@ use lightrnn_proto::v1::{FailRequest, JoinReply};
 
 use crate::config::TrainConfig;
 use crate::data::store::Location;
+use crate::dist::collective::Collective;
 use crate::dist::control::Dist;
 use crate::dist::remote::{RemoteControl, Shared, connect, heartbeat, join, route_to};
 use crate::dist::ring::TcpRing;
@@ -202,6 +203,8 @@ fn train_in_group(
         Duration::from_millis(reply.collective_timeout_ms.max(100)),
     )?;
     shared.set_breaker(ring.breaker()?);
+    let backend = worker_backend(reply.backend.parse::<BackendKind>()?, opts.device);
+    let collective = group_collective(ring, reply, backend, opts.open.is_some(), shared)?;
     let mut cfg = TrainConfig::from_toml(&reply.config_toml, "the coordinator's config")?;
     if let Some(t) = opts.threads {
         cfg.threads = t;
@@ -217,14 +220,14 @@ fn train_in_group(
         } else {
             Some(Location::parse(&reply.checkpoint)?)
         },
-        backend: worker_backend(reply.backend.parse::<BackendKind>()?, opts.device),
+        backend,
         progress: false,
         stop: Some(opts.stop.clone()),
         report: None,
         open: opts.open,
     };
     let mut dist = Dist {
-        collective: Box::new(ring),
+        collective,
         control: Box::new(RemoteControl::new(
             client.clone(),
             handle.clone(),
@@ -234,6 +237,59 @@ fn train_in_group(
         )),
     };
     train_rank(&cfg, &run, handle, &mut dist)
+}
+
+/// The generation's collective: NCCL beside the ring for a GPU worker of a CUDA job,
+/// the ring alone for CPU workers and for a worker that opens its own backend (the
+/// tests' emulated device, whose gradients the ring stages through the host).
+fn group_collective(
+    ring: TcpRing,
+    reply: &JoinReply,
+    backend: BackendKind,
+    own_backend: bool,
+    shared: &Arc<Shared>,
+) -> Result<Box<dyn Collective>> {
+    let BackendKind::Cuda { ordinal } = lightrnn_kernels::resolve(backend) else {
+        return Ok(Box::new(ring));
+    };
+    if own_backend {
+        return Ok(Box::new(ring));
+    }
+    if reply.nccl_id.is_empty() {
+        return Err(Error::Config(
+            "the coordinator sent no NCCL id for this CUDA job: it creates one only where it loads libnccl.so and was built with CUDA (see its log)".into(),
+        ));
+    }
+    nccl_collective(ring, reply, ordinal, shared)
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_collective(
+    ring: TcpRing,
+    reply: &JoinReply,
+    ordinal: usize,
+    shared: &Arc<Shared>,
+) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(crate::dist::nccl::NcclRing::join(
+        ring,
+        &reply.nccl_id,
+        ordinal,
+        reply.generation,
+        Duration::from_millis(reply.collective_timeout_ms.max(100)),
+        shared.cancel_flag(),
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_collective(
+    _: TcpRing,
+    _: &JoinReply,
+    _: usize,
+    _: &Arc<Shared>,
+) -> Result<Box<dyn Collective>> {
+    Err(Error::Config(
+        "a CUDA job's worker built without CUDA (rebuild with --features cuda)".into(),
+    ))
 }
 
 #[cfg(test)]

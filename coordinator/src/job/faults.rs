@@ -47,6 +47,17 @@ impl Job {
             m.last_seen = now;
         }
         st.formed = true;
+        // A fresh NCCL id per generation: a communicator of an ended generation cannot
+        // be joined by the next one's workers.
+        if let Some(ids) = &self.spec.nccl_ids {
+            match ids() {
+                Ok(id) => st.nccl_id = id,
+                Err(e) => st.fail(format!(
+                    "creating the NCCL id of generation {}: {e}",
+                    st.generation
+                )),
+            }
+        }
         self.stats_mut().worlds.insert(st.generation, n);
         tracing::info!(world = n, max, generation = st.generation, "group formed");
         true

@@ -67,7 +67,7 @@ impl Job {
             armed: true,
         };
         let me = r.collective_addr.clone();
-        let (rank, world, peers, resume_from) = self
+        let (rank, world, peers, resume_from, nccl_id) = self
             .wait_for(generation, |st| {
                 if !st.formed {
                     return None;
@@ -88,7 +88,13 @@ impl Job {
                     .iter()
                     .map(|m| m.as_ref().map(|m| m.addr.clone()).unwrap_or_default())
                     .collect::<Vec<_>>();
-                Some(Ok((rank, st.world, peers, st.resume_from.clone())))
+                Some(Ok((
+                    rank,
+                    st.world,
+                    peers,
+                    st.resume_from.clone(),
+                    st.nccl_id.clone(),
+                )))
             })
             .await?;
         slot.armed = false;
@@ -111,6 +117,7 @@ impl Job {
             heartbeat_ms: spec.heartbeat.as_millis() as u64,
             collective_timeout_ms: spec.collective_timeout.as_millis() as u64,
             run_id: spec.run_id.clone(),
+            nccl_id,
         })
     }
 

@@ -10,6 +10,10 @@ use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
 use lightrnn_worker::data::store::Location;
 use lightrnn_worker::{Error, Result};
 
+/// Where each generation's NCCL unique id comes from (a new one per generation: the old
+/// group's communicators can never be joined again).
+pub type NcclIds = Arc<dyn Fn() -> std::result::Result<Vec<u8>, String> + Send + Sync>;
+
 /// Everything the coordinator hands out and enforces for one job.
 #[derive(Clone)]
 pub struct JobSpec {
@@ -46,6 +50,9 @@ pub struct JobSpec {
     /// Serve over TLS with this configuration (identity and, for mutual TLS, client
     /// verification; see [`crate::tls`]).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// NCCL ids for the GPU workers of a CUDA job (`None`: the workers sum through the
+    /// TCP ring only).
+    pub nccl_ids: Option<NcclIds>,
 }
 
 impl JobSpec {
@@ -85,6 +92,7 @@ impl JobSpec {
             vocab,
             token: None,
             tls: None,
+            nccl_ids: None,
         }
     }
 
@@ -139,4 +147,25 @@ impl JobSpec {
         spec.checkpoint = checkpoint;
         Ok(spec)
     }
+}
+
+/// The NCCL ids of a job on `backend`: a CUDA (or `auto`) job gets them where this
+/// process loads NCCL. A CUDA job without them is refused by its GPU workers with the
+/// reason; the warning here says it first.
+pub fn nccl_ids(backend: lightrnn_kernels::BackendKind) -> Option<NcclIds> {
+    use lightrnn_kernels::BackendKind;
+    if matches!(backend, BackendKind::Cpu) {
+        return None;
+    }
+    if !lightrnn_kernels::cuda::nccl_available() {
+        if matches!(backend, BackendKind::Cuda { .. }) {
+            tracing::warn!(
+                "no NCCL at the coordinator (built without CUDA, or no libnccl.so on its library path): GPU workers cannot form a communicator"
+            );
+        }
+        return None;
+    }
+    Some(Arc::new(|| {
+        lightrnn_kernels::cuda::nccl_unique_id().map_err(|e| e.to_string())
+    }))
 }

@@ -91,6 +91,8 @@ pub(super) struct State {
     pub(super) last_cause: String,
     /// The checkpoint a new generation resumes from (the last one committed).
     pub(super) resume_from: Option<String>,
+    /// The NCCL unique id of this generation's communicator, once formed (empty: none).
+    pub(super) nccl_id: Vec<u8>,
 }
 
 impl State {
@@ -112,6 +114,7 @@ impl State {
             generation_started: Instant::now(),
             last_cause: String::new(),
             resume_from,
+            nccl_id: Vec::new(),
         }
     }
 

@@ -202,3 +202,78 @@ async fn groups_that_do_not_form_end_the_job_and_elastic_ones_form_below_their_m
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("next checkpoint"), "{e:?}");
 }
+
+/// Every member of a generation gets that generation's NCCL id, the next generation a new
+/// one, and a CPU job none: a communicator of an ended generation cannot be re-joined.
+#[tokio::test(start_paused = true)]
+async fn each_generation_hands_its_members_a_new_nccl_id() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let made = Arc::new(AtomicU8::new(0));
+    let mut s = spec((2, 2));
+    let m = made.clone();
+    s.nccl_ids = Some(Arc::new(move || {
+        Ok(vec![m.fetch_add(1, Ordering::SeqCst) + 1; 128])
+    }));
+    let job = Job::new(s);
+    tokio::spawn(job.clone().monitor());
+    let ids = |job: &Arc<Job>, pids: [u32; 2]| {
+        let job = job.clone();
+        async move {
+            let joins: Vec<_> = pids
+                .iter()
+                .map(|&pid| {
+                    let job = job.clone();
+                    tokio::spawn(async move { job.join(join_req(pid)).await.unwrap() })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for j in joins {
+                let r = j.await.unwrap();
+                out.push((r.generation, r.nccl_id));
+            }
+            out
+        }
+    };
+    let g1 = ids(&job, [41, 42]).await;
+    assert_eq!(g1[0], (1, vec![1u8; 128]));
+    assert_eq!(g1[0], g1[1], "both ranks of generation 1 share its id");
+    job.lose_worker(
+        1,
+        "worker_failed",
+        "rank 1: NCCL all-to-all timed out".into(),
+    );
+    assert_eq!(job.generation(), 2);
+    // A worker of generation 1 is fenced; generation 2 forms with a fresh id.
+    let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let g2 = ids(&job, [41, 43]).await;
+    assert_eq!(g2[0], (2, vec![2u8; 128]));
+    assert_eq!(g2[0], g2[1]);
+    assert_eq!(made.load(Ordering::SeqCst), 2, "one id per generation");
+
+    let cpu = Job::new(spec((1, 1)));
+    tokio::spawn(cpu.clone().monitor());
+    let r = cpu.join(join_req(50)).await.unwrap();
+    assert!(
+        r.nccl_id.is_empty(),
+        "a job without NCCL ids hands out none"
+    );
+}
+
+/// A job whose NCCL id cannot be created fails with the reason instead of forming a group
+/// its GPU workers cannot use.
+#[tokio::test(start_paused = true)]
+async fn a_failed_nccl_id_fails_the_job_with_the_reason() {
+    let mut s = spec((1, 1));
+    s.nccl_ids = Some(Arc::new(|| Err("no libnccl.so".into())));
+    let job = Job::new(s);
+    tokio::spawn(job.clone().monitor());
+    let e = job.join(join_req(60)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("NCCL id of generation 1: no libnccl.so"),
+        "{e:?}"
+    );
+    assert!(job.failed());
+}

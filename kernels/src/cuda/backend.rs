@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use super::allreduce::{Lent, Scratch};
 use super::buffers::{Buf, THREADS, grid_for, u32_arg};
 use super::layer::{Arg, Device};
 use super::workspace::{HeadMode, Workspace, check_fits, model_bytes};
@@ -79,6 +80,8 @@ pub struct CudaBackend {
     /// [2] loss sums / [1] squared norm read back by the host; norm partial sums.
     pub(super) scalars: Buf<f64>,
     partials: Buf<f64>,
+    /// The fixed-order device all-reduce's buffers.
+    reduce: Scratch,
 }
 
 /// x += y over the first `n` elements (the gradient groups' pairwise sum).
@@ -198,6 +201,7 @@ impl CudaBackend {
             tables: None,
             scalars,
             partials,
+            reduce: Scratch::default(),
         })
     }
 
@@ -447,12 +451,15 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()> {
-        // The collectives of this version sum host buffers (the TCP ring); the gradient
-        // goes down, is summed, and comes back (NCCL in place on the device is the next
-        // step). One rank alone has nothing to sum.
-        let mut host = self.grads()?;
-        coll.all_reduce_grads(GradsMut::Host(&mut host))?;
-        self.grads.upload(self.dev.as_ref(), 0, &host)
+        // Lent where it lies: NCCL sums it on the device, a host collective stages it.
+        let n = self.layout.total;
+        let mut lent = Lent {
+            dev: self.dev.as_ref(),
+            grads: &mut self.grads,
+            n,
+            scratch: &mut self.reduce,
+        };
+        coll.all_reduce_grads(GradsMut::Device(&mut lent))
     }
 
     fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<f64> {

@@ -106,6 +106,7 @@ pub struct Gpu {
     kernels: Arc<Kernels>,
     blas: Blas,
     label: String,
+    ordinal: usize,
 }
 
 impl Gpu {
@@ -145,6 +146,7 @@ impl Gpu {
             kernels,
             blas,
             label: format!("{} (sm_{major}{minor}, {precision})", info.name),
+            ordinal,
         })
     }
 
@@ -158,6 +160,10 @@ impl Gpu {
 impl Device for Gpu {
     fn name(&self) -> String {
         self.label.clone()
+    }
+
+    fn ordinal(&self) -> Option<usize> {
+        Some(self.ordinal)
     }
 
     fn memory(&self) -> Result<(usize, usize)> {

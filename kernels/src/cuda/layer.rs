@@ -142,6 +142,10 @@ impl Mem {
 pub trait Device: Send {
     /// The device, e.g. "NVIDIA H200 (sm_90, tf32)" or "emulated".
     fn name(&self) -> String;
+    /// The CUDA device ordinal of a GPU (what NCCL binds to); `None` for the emulated device.
+    fn ordinal(&self) -> Option<usize> {
+        None
+    }
     /// Free and total memory in bytes.
     fn memory(&self) -> Result<(usize, usize)>;
     /// `bytes` of zeroed memory.

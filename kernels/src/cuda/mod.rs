@@ -8,11 +8,14 @@
 //!   host C++ compiler under `emu/cuda_emu.h`), both behind the `cuda` feature.
 //! - [`CudaBackend`]: the LightRNN model written once over the device layer (`step`,
 //!   `workspace`); CI runs it on the emulated device against the CPU backend.
+//! - [`allreduce`]: the gradient buffer lent to the job's collective and the fixed-order
+//!   all-reduce over a [`allreduce::Peers`] transport (NCCL between GPU processes).
 //! - [`device`]: which devices and libraries this machine has; [`nvrtc`]: compiling the
 //!   sources (PTX, or CUBIN with ptxas's register and spill report).
 //!
 //! Without the `cuda` feature, opening the backend says "built without CUDA".
 
+pub mod allreduce;
 mod backend;
 mod buffers;
 pub mod device;
@@ -21,6 +24,8 @@ pub mod emulated;
 #[cfg(feature = "cuda")]
 mod gpu;
 pub mod layer;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 mod step;
@@ -77,5 +82,33 @@ impl std::str::FromStr for Precision {
                 "unknown precision {other:?} (expected fp32 or tf32)"
             ))),
         }
+    }
+}
+
+/// A new NCCL unique id for a group of GPU workers (the calling process hosts the
+/// group's bootstrap root until every rank has connected; no GPU needed), or why there
+/// is none here: built without CUDA, or no `libnccl.so` on the library path.
+pub fn nccl_unique_id() -> crate::Result<Vec<u8>> {
+    #[cfg(feature = "cuda")]
+    {
+        nccl::unique_id().map(|id| id.to_vec())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::Error::Backend(
+            "built without CUDA: no NCCL (rebuild with --features cuda)".into(),
+        ))
+    }
+}
+
+/// Whether this process can create NCCL ids and communicators.
+pub fn nccl_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        nccl::nccl_present()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
     }
 }

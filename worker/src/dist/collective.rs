@@ -58,21 +58,23 @@ pub fn share(n: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
-/// The gradient all-reduce of a collective that sums host memory: a device buffer needs a
-/// device collective (NCCL) instead.
+/// The gradient all-reduce of a collective that sums host memory: a device buffer is
+/// staged through the host (the CUDA backend on workers without NCCL, and the emulated
+/// device in tests; NCCL sums it on the device instead: `super::nccl`).
 pub(super) fn reduce_host(
     coll: &mut dyn Collective,
     grads: GradsMut<'_>,
 ) -> lightrnn_kernels::Result<()> {
+    let alone = coll.world() == 1;
+    let mut sum = |buf: &mut [f32]| {
+        coll.all_reduce_sum(buf)
+            .map_err(|e| lightrnn_kernels::Error::Collective(e.to_string()))
+    };
     match grads {
-        GradsMut::Host(buf) => coll
-            .all_reduce_sum(buf)
-            .map_err(|e| lightrnn_kernels::Error::Collective(e.to_string())),
-        GradsMut::Device(_) => Err(lightrnn_kernels::Error::Config(format!(
-            "rank {} of {}: this collective sums host memory; a CUDA backend's gradients are reduced on the device (NCCL)",
-            coll.rank(),
-            coll.world()
-        ))),
+        GradsMut::Host(buf) => sum(buf),
+        // One rank has nothing to sum: the buffer stays where it is.
+        GradsMut::Device(_) if alone => Ok(()),
+        GradsMut::Device(d) => d.stage(&mut sum),
     }
 }
 

@@ -1,7 +1,8 @@
 //! How a rank takes part in a job, below the training loop:
 //!
 //! - [`collective`]: the [`collective::Collective`] trait, the one-rank identity and how
-//!   a batch's streams are shared out; [`ring`]: the TCP ring of CPU workers;
+//!   a batch's streams are shared out; [`ring`]: the TCP ring of CPU workers; `nccl`
+//!   (with the `cuda` feature): NCCL for GPU workers' gradients, the ring beside it;
 //! - [`state`]: the carried LSTM state of checkpoints gathered across ranks, and the
 //!   parameter checksum;
 //! - [`control`]: the [`control::Control`] channel to the job's owner and [`control::Dist`],
@@ -11,6 +12,8 @@
 
 pub mod collective;
 pub mod control;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod remote;
 pub mod ring;
 pub mod state;

@@ -120,6 +120,8 @@ pub struct Shared {
     /// Shuts the ring down when the job ends under us, so a collective blocked on a
     /// stalled peer returns at once.
     breaker: Mutex<Option<RingBreaker>>,
+    /// Set with the abort: a pending NCCL call of this generation aborts its communicator.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
     /// The training thread's latest figures, sent with the next heartbeat.
     report: Mutex<Option<RankReport>>,
 }
@@ -142,6 +144,7 @@ impl Shared {
         {
             *a = Some(why);
             drop(a);
+            self.cancel.store(true, Ordering::Relaxed);
             if let Ok(b) = self.breaker.lock()
                 && let Some(b) = b.as_ref()
             {
@@ -149,6 +152,12 @@ impl Shared {
             }
         }
     }
+    /// The flag the generation's NCCL communicator polls (set when the job ends under
+    /// this worker).
+    pub fn cancel_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.cancel.clone()
+    }
+
     /// Why the job was ended under this worker, if it was.
     pub fn aborted(&self) -> Option<String> {
         self.abort.lock().ok().and_then(|a| a.clone())
