@@ -176,14 +176,17 @@ fn coordinator(data: &Path, out: &Path, extra: &[&str]) -> (std::process::Child,
     (child, format!("http://127.0.0.1:{port}"))
 }
 
-fn worker(url: &str, rank: usize) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_lightrnn"))
-        .args(["worker", "--coordinator", url, "--threads", "1"])
+fn worker_cmd(url: &str, rank: usize) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lightrnn"));
+    c.args(["worker", "--coordinator", url, "--threads", "1"])
         .env("RANK", rank.to_string())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    c
+}
+
+fn worker(url: &str, rank: usize) -> std::process::Child {
+    worker_cmd(url, rank).spawn().unwrap()
 }
 
 /// Wait until rank 0 has committed a checkpoint: the group trains.
@@ -200,17 +203,49 @@ fn wait_training(out: &Path) {
 
 #[test]
 fn chaos_a_worker_killed_at_a_random_step_is_replaced_and_the_run_ends_as_without_faults() {
+    chaos(&[], false);
+}
+
+/// The same with a CUDA job whose workers run on the emulated device
+/// (`LIGHTRNN_CUDA_EMULATOR=1`: the `.cu` kernels built for the host; gradients through
+/// the ring): the CUDA backend's fault path resumes exactly as the CPU's.
+#[cfg(feature = "cuda")]
+#[test]
+fn chaos_with_emulated_cuda_workers_ends_as_without_faults() {
+    chaos(&["--backend", "cuda", "--set", "epochs=2"], true);
+}
+
+/// SIGKILL one of 2 workers at a seeded random moment of each of 3 trials, start a
+/// replacement: every run that restarted ends with the fault-free run's figures and
+/// parameters, every token counted once.
+fn chaos(extra: &[&str], emulated: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");
     corpus(&data, 6000);
+    let start = |url: &str, rank: usize| {
+        let mut w = worker_cmd(url, rank);
+        if emulated {
+            w.env("LIGHTRNN_CUDA_EMULATOR", "1");
+        }
+        w.spawn().unwrap()
+    };
     // The fault-free run.
-    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &[]);
-    let ws = [worker(&url, 0), worker(&url, 1)];
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), extra);
+    let ws = [start(&url, 0), start(&url, 1)];
     let c = c.wait_with_output().unwrap();
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let clean = json(&String::from_utf8_lossy(&c.stdout));
+    if emulated {
+        let summary = std::fs::read_to_string(tmp.path().join("clean/summary.json")).unwrap();
+        let b = json(&summary)["backend"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(b.starts_with("cuda: emulated"), "{b}");
+    }
     for w in ws {
-        assert!(w.wait_with_output().unwrap().status.success());
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     // Three trials: SIGKILL one worker after a seeded random delay, start a replacement.
     let mut x = 2024u64;
@@ -222,13 +257,13 @@ fn chaos_a_worker_killed_at_a_random_step_is_replaced_and_the_run_ends_as_withou
         let delay = Duration::from_millis(50 + (x >> 33) % 600);
         let victim = ((x >> 20) % 2) as usize;
         let out = tmp.path().join(format!("chaos-{trial}"));
-        let (c, url) = coordinator(&data, &out, &[]);
-        let mut ws = vec![worker(&url, 0), worker(&url, 1)];
+        let (c, url) = coordinator(&data, &out, extra);
+        let mut ws = vec![start(&url, 0), start(&url, 1)];
         wait_training(&out);
         std::thread::sleep(delay);
         ws[victim].kill().unwrap();
         ws[victim].wait().unwrap();
-        ws.push(worker(&url, victim));
+        ws.push(start(&url, victim));
         let c = c.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&c.stderr);
         assert!(c.status.success(), "trial {trial}: {err}");

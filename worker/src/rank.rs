@@ -240,8 +240,8 @@ fn train_in_group(
 }
 
 /// The generation's collective: NCCL beside the ring for a GPU worker of a CUDA job,
-/// the ring alone for CPU workers and for a worker that opens its own backend (the
-/// tests' emulated device, whose gradients the ring stages through the host).
+/// the ring alone for CPU workers and for a worker that opens its own backend or the
+/// emulated device (the tests': the ring stages its gradients through the host).
 fn group_collective(
     ring: TcpRing,
     reply: &JoinReply,
@@ -252,7 +252,7 @@ fn group_collective(
     let BackendKind::Cuda { ordinal } = lightrnn_kernels::resolve(backend) else {
         return Ok(Box::new(ring));
     };
-    if own_backend {
+    if own_backend || lightrnn_kernels::cuda::emulator_requested() {
         return Ok(Box::new(ring));
     }
     if reply.nccl_id.is_empty() {

@@ -112,6 +112,9 @@ impl CudaBackend {
     ) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
+            if super::emulator_requested() {
+                return Self::emulated(cfg, super::EMULATOR_BYTES);
+            }
             Self::on(Box::new(super::gpu::Gpu::open(ordinal, precision)?), cfg)
         }
         #[cfg(not(feature = "cuda"))]
@@ -132,6 +135,9 @@ impl CudaBackend {
     /// Why device `ordinal` cannot run a model here: built without CUDA, no driver, or no
     /// such device; `None` when it can be opened.
     pub fn check(ordinal: usize) -> Result<()> {
+        if super::emulator_requested() {
+            return Ok(());
+        }
         let devices = super::device::cuda_devices()?;
         if devices.get(ordinal).is_none() {
             return Err(Error::Backend(format!(

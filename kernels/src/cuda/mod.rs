@@ -44,9 +44,22 @@ pub fn gpu_device(ordinal: usize, precision: Precision) -> crate::Result<Box<dyn
     Ok(Box::new(gpu::Gpu::open(ordinal, precision)?))
 }
 
-/// Whether CUDA device 0 can run the backend here (a GPU, its driver and NVRTC).
+/// Emulated device memory of a backend opened under `LIGHTRNN_CUDA_EMULATOR=1`.
+pub const EMULATOR_BYTES: usize = 16 << 30;
+
+/// `LIGHTRNN_CUDA_EMULATOR=1` (builds with the `cuda` feature): every CUDA device opens
+/// as the emulated device, so a CUDA job's processes (coordinator, workers, their fault
+/// paths) run on machines without a GPU, as the tests run them. Orders of magnitude
+/// slower than a GPU: a check of the orchestration, never a way to train. Such workers
+/// sum their gradients through the TCP ring (host staging), not NCCL.
+pub fn emulator_requested() -> bool {
+    cfg!(feature = "cuda") && std::env::var_os("LIGHTRNN_CUDA_EMULATOR").is_some_and(|v| v == "1")
+}
+
+/// Whether CUDA device 0 can run the backend here (a GPU, its driver and NVRTC; the
+/// emulator does not count).
 pub fn gpu_present() -> bool {
-    CudaBackend::check(0).is_ok()
+    !emulator_requested() && CudaBackend::check(0).is_ok()
 }
 
 /// The arithmetic of the GEMMs (accumulation is f32 in both).
