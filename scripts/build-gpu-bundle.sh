@@ -29,4 +29,6 @@ if [[ -d ../shared/peers ]]; then
   cp -r ../shared/peers "$OUT/peers"
   chmod -R u+w "$OUT/peers"
 fi
+# PTB for the job steps (the GPU machine has no network; the text is LDC's: never commit it).
+python3 scripts/fetch_ptb.py "$OUT/ptb" || echo "no PTB: gpu-check.sh's jobs use a Zipf corpus"
 du -sh "$OUT"

@@ -53,7 +53,12 @@ pub fn worker_count(workers: usize, backend: &str) -> Result<usize> {
         return Ok(workers);
     }
     lightrnn_kernels::check_backend(kind)?;
-    let gpus = lightrnn_kernels::cuda::device::cuda_devices()?.len();
+    let gpus = if lightrnn_kernels::cuda::emulator_requested() {
+        // Every worker opens its own emulated device.
+        workers.max(1)
+    } else {
+        lightrnn_kernels::cuda::device::cuda_devices()?.len()
+    };
     match workers {
         0 => Ok(gpus),
         n if n > gpus => usage(format!(
