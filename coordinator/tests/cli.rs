@@ -186,6 +186,18 @@ fn bad_input_fails_cleanly() {
             ],
             "one worker per GPU",
         ),
+        (
+            vec![
+                "train".into(),
+                "--workers".into(),
+                "auto".into(),
+                "--data".into(),
+                "x".into(),
+                "--out".into(),
+                "y".into(),
+            ],
+            "one worker per GPU",
+        ),
     ];
     for (args, needle) in cases {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

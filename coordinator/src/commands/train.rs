@@ -22,9 +22,19 @@ pub struct TrainArgs {
     /// Train data-parallel in N worker processes on this machine, through a coordinator
     /// in this process (the config's batch is the global batch, split evenly). With a
     /// CUDA backend each worker gets its own GPU (worker k: device k); 0 = one worker per
-    /// visible GPU.
-    #[arg(long)]
+    /// visible GPU (also `auto`).
+    #[arg(long, value_parser = parse_workers)]
     pub workers: Option<usize>,
+}
+
+/// `--workers N`, or `auto` (0: one worker per visible GPU).
+fn parse_workers(s: &str) -> std::result::Result<usize, String> {
+    match s {
+        "auto" => Ok(0),
+        n => n
+            .parse()
+            .map_err(|_| format!("{n:?}: expected a number of workers, or auto")),
+    }
 }
 
 pub fn run(t: &TrainArgs, handle: &Handle, stop: &Stop) -> Result<String> {
