@@ -239,8 +239,8 @@ fn train_in_group(
     train_rank(&cfg, &run, handle, &mut dist)
 }
 
-/// The generation's collective: NCCL beside the ring for a GPU worker of a CUDA job,
-/// the ring alone for CPU workers and for a worker that opens its own backend or the
+/// The generation's collective: NCCL beside the ring for a GPU worker of a CUDA job (of
+/// an `auto` job too where the coordinator sent an NCCL id), the ring alone for CPU workers and for a worker that opens its own backend or the
 /// emulated device (the tests': the ring stages its gradients through the host).
 fn group_collective(
     ring: TcpRing,
@@ -253,6 +253,17 @@ fn group_collective(
         return Ok(Box::new(ring));
     };
     if own_backend || lightrnn_kernels::cuda::emulator_requested() {
+        return Ok(Box::new(ring));
+    }
+    if reply.nccl_id.is_empty()
+        && reply.backend.parse::<BackendKind>().ok() == Some(BackendKind::Auto)
+    {
+        // `auto` asks for whatever runs: a GPU found by a worker of a coordinator without
+        // NCCL still trains, its gradients staged through the host for the ring.
+        tracing::warn!(
+            gpu = ordinal,
+            "no NCCL id from the coordinator: this GPU worker sums its gradients through the TCP ring (host staging)"
+        );
         return Ok(Box::new(ring));
     }
     if reply.nccl_id.is_empty() {
@@ -295,6 +306,37 @@ fn nccl_collective(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ring_of_one() -> TcpRing {
+        let l = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        TcpRing::connect(0, &[addr], l, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_gpu_worker_without_an_nccl_id_refuses_a_cuda_job_and_stages_an_auto_one() {
+        if lightrnn_kernels::cuda::emulator_requested() {
+            return;
+        }
+        let shared = Arc::new(Shared::default());
+        let gpu = BackendKind::Cuda { ordinal: 0 };
+        let reply = |backend: &str| JoinReply {
+            backend: backend.into(),
+            world_size: 1,
+            ..Default::default()
+        };
+        let e = group_collective(ring_of_one(), &reply("cuda"), gpu, false, &shared)
+            .err()
+            .expect("a CUDA job without an NCCL id is refused");
+        assert!(
+            !e.retryable() && e.to_string().contains("no NCCL id"),
+            "{e}"
+        );
+        let c = group_collective(ring_of_one(), &reply("auto"), gpu, false, &shared).unwrap();
+        assert_eq!((c.rank(), c.world()), (0, 1));
+        // A worker with its own backend (the tests' emulated device) uses the ring.
+        assert!(group_collective(ring_of_one(), &reply("cuda"), gpu, true, &shared).is_ok());
+    }
 
     #[test]
     fn a_worker_trains_a_cuda_job_on_its_own_device() {
