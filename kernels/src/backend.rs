@@ -176,8 +176,6 @@ pub trait DeviceGrads {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The device the buffer lies on (for messages).
-    fn device(&self) -> String;
     /// The buffer through host memory, for a collective that sums host memory (the TCP
     /// ring): downloaded, handed to `reduce`, uploaded.
     fn stage(&mut self, reduce: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()>;

@@ -240,8 +240,9 @@ fn train_in_group(
 }
 
 /// The generation's collective: NCCL beside the ring for a GPU worker of a CUDA job (of
-/// an `auto` job too where the coordinator sent an NCCL id), the ring alone for CPU workers and for a worker that opens its own backend or the
-/// emulated device (the tests': the ring stages its gradients through the host).
+/// an `auto` job too where the coordinator sent an NCCL id), the ring alone for CPU
+/// workers and for a worker that opens its own backend or the emulated device (the
+/// tests': the ring stages its gradients through the host).
 fn group_collective(
     ring: TcpRing,
     reply: &JoinReply,
@@ -255,18 +256,16 @@ fn group_collective(
     if own_backend || lightrnn_kernels::cuda::emulator_requested() {
         return Ok(Box::new(ring));
     }
-    if reply.nccl_id.is_empty()
-        && reply.backend.parse::<BackendKind>().ok() == Some(BackendKind::Auto)
-    {
-        // `auto` asks for whatever runs: a GPU found by a worker of a coordinator without
-        // NCCL still trains, its gradients staged through the host for the ring.
-        tracing::warn!(
-            gpu = ordinal,
-            "no NCCL id from the coordinator: this GPU worker sums its gradients through the TCP ring (host staging)"
-        );
-        return Ok(Box::new(ring));
-    }
     if reply.nccl_id.is_empty() {
+        if reply.backend.parse::<BackendKind>().ok() == Some(BackendKind::Auto) {
+            // `auto` asks for whatever runs: a GPU found by a worker of a coordinator
+            // without NCCL still trains, its gradients staged through the host.
+            tracing::warn!(
+                gpu = ordinal,
+                "no NCCL id from the coordinator: this GPU worker sums its gradients through the TCP ring (host staging)"
+            );
+            return Ok(Box::new(ring));
+        }
         return Err(Error::Config(
             "the coordinator sent no NCCL id for this CUDA job: it creates one only where it loads libnccl.so and was built with CUDA (see its log)".into(),
         ));

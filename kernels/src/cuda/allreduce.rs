@@ -25,8 +25,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::buffers::{Buf, THREADS, grid_for};
-use super::layer::{Arg, Device, Launch};
+use super::buffers::{Buf, add_assign};
+use super::layer::Device;
 use crate::backend::{DeviceGrads, Peers};
 use crate::groups::PairwiseSum;
 use crate::{Error, Result};
@@ -76,9 +76,6 @@ impl DeviceGrads for Lent<'_> {
     fn len(&self) -> usize {
         self.n
     }
-    fn device(&self) -> String {
-        self.dev.name()
-    }
 
     fn stage(&mut self, reduce: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
         let mut host = self.grads.download(self.dev, 0, self.n)?;
@@ -113,14 +110,7 @@ impl DeviceGrads for Lent<'_> {
         peers.all_to_all(send.at(0), recv.at(0), c)?;
         // The pieces are summed in place in `recv`, named by their offsets.
         let mut tree = PairwiseSum::default();
-        let add = |a: &mut usize, b: &usize| {
-            dev.launch(&Launch {
-                kernel: "add_assign",
-                grid: grid_for(c),
-                block: [THREADS, 1, 1],
-                args: &[recv.arg(*a), recv.arg(*b), Arg::U64(c as u64)],
-            })
-        };
+        let add = |a: &mut usize, b: &usize| add_assign(dev, recv.arg(*a), recv.arg(*b), c);
         for p in 0..w {
             tree.push(p * c, add)?;
         }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::allreduce::{Lent, Scratch};
-use super::buffers::{Buf, THREADS, grid_for, u32_arg};
+use super::buffers::{Buf, THREADS, add_assign, grid_for, u32_arg};
 use super::layer::{Arg, Device};
 use super::workspace::{HeadMode, Workspace, check_fits, model_bytes};
 use crate::backend::{
@@ -86,12 +86,7 @@ pub struct CudaBackend {
 
 /// x += y over the first `n` elements (the gradient groups' pairwise sum).
 fn add_device(dev: &dyn Device, n: usize, x: &mut Buf<f32>, y: &Buf<f32>) -> Result<()> {
-    dev.launch(&super::layer::Launch {
-        kernel: "add_assign",
-        grid: grid_for(n),
-        block: [THREADS, 1, 1],
-        args: &[x.arg(0), y.arg(0), Arg::U64(n as u64)],
-    })
+    add_assign(dev, x.arg(0), y.arg(0), n)
 }
 
 /// Blocks of the gradient norm's first pass.

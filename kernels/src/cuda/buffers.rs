@@ -116,6 +116,17 @@ pub fn grid_for(n: usize) -> [u32; 3] {
     [blocks as u32, 1, 1]
 }
 
+/// x[i] += y[i] for i < n (`add_assign`): the pairwise sums of the gradient groups and of
+/// the ranks' pieces in the device all-reduce.
+pub fn add_assign(dev: &dyn Device, x: Arg, y: Arg, n: usize) -> Result<()> {
+    dev.launch(&super::layer::Launch {
+        kernel: "add_assign",
+        grid: grid_for(n),
+        block: [THREADS, 1, 1],
+        args: &[x, y, Arg::U64(n as u64)],
+    })
+}
+
 /// `x` as a kernel's `unsigned` argument, or why it does not fit.
 pub fn u32_arg(x: usize, what: &str) -> Result<Arg> {
     u32::try_from(x)
