@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::auction;
+use super::costs::Costs;
 use super::prices::{bin_dual_bound, bin_prices};
 use super::sap::{Graph, NONE, Sap};
 use super::{AllocError, Elem, Problem, Result, SolveOptions};
@@ -27,17 +28,12 @@ pub struct Relaxation {
 }
 
 /// Typical magnitude of a word's best row loss (sets the auctions' eps).
-pub(super) fn mean_best_row<T: Elem>(p: &Problem<'_, T>) -> f64 {
-    (0..p.vocab)
+pub(super) fn mean_best_row<P: Costs>(p: &P) -> f64 {
+    (0..p.vocab())
         .into_par_iter()
-        .map(|w| {
-            (0..p.rows)
-                .map(|i| p.lr(w, i))
-                .fold(f64::INFINITY, f64::min)
-                .abs()
-        })
+        .map(|w| p.best_row(w).abs())
         .sum::<f64>()
-        / p.vocab as f64
+        / p.vocab() as f64
 }
 
 /// Prices of the relaxation from two auctions (on a regular sample of the words beyond
@@ -183,9 +179,9 @@ pub(super) fn warm_potentials<T: Elem>(
 }
 
 /// Words in decreasing order of their best cost: the heavy words are placed first.
-pub(super) fn order<T: Elem>(p: &Problem<'_, T>) -> Vec<u32> {
-    let key: Vec<f64> = (0..p.vocab).into_par_iter().map(|w| p.best(w)).collect();
-    let mut o: Vec<u32> = (0..p.vocab as u32).collect();
+pub(super) fn order<P: Costs>(p: &P) -> Vec<u32> {
+    let key: Vec<f64> = (0..p.vocab()).into_par_iter().map(|w| p.best(w)).collect();
+    let mut o: Vec<u32> = (0..p.vocab() as u32).collect();
     o.sort_by(|&a, &b| key[b as usize].total_cmp(&key[a as usize]).then(a.cmp(&b)));
     o
 }
@@ -237,7 +233,7 @@ const REST_LIST: usize = 64;
 const SEARCH_FACTOR: usize = 32;
 
 /// Words the relaxation auction looks at (a regular sample beyond that).
-const RELAX_SAMPLE: usize = 100_000;
+pub(super) const RELAX_SAMPLE: usize = 100_000;
 
 /// Widening rounds for words the candidates cannot place, and the search budget per word.
 const WIDEN_ROUNDS: usize = 2;

@@ -14,31 +14,30 @@
 
 use rayon::prelude::*;
 
-use super::cells::{self, Relaxation};
-use super::prices::bin_auction;
+use super::cells;
+use super::costs::{Costs, FreeCols};
 use super::sap::{Graph, Sap};
-use super::{AllocError, Elem, Problem, Result, SolveOptions};
+use super::{AllocError, Problem, Result, SolveOptions};
 
-pub fn solve<T: Elem>(
-    p: &Problem<'_, T>,
-    rel: &Relaxation,
+/// `beta`: the column prices of the relaxation (they rank each row's free columns).
+pub fn solve<P: Costs>(
+    p: &P,
+    beta: &[f64],
     eps: f64,
     k: usize,
     heavy: usize,
 ) -> Result<(Vec<u32>, serde_json::Value)> {
     let t0 = std::time::Instant::now();
-    let (r, c) = (p.rows, p.cols);
-    let mut cells = vec![u32::MAX; p.vocab];
+    let (r, c) = (p.rows(), p.cols());
+    let mut cells = vec![u32::MAX; p.vocab()];
     let mut taken = vec![false; p.cells()];
     let ord = cells::order(p);
-    let h = heavy.min(p.vocab);
+    let h = heavy.min(p.vocab());
     let mut heavy_stats = serde_json::Value::Null;
     if h > 0 {
         let (mut lr, mut lc) = (Vec::with_capacity(h * r), Vec::with_capacity(h * c));
         for &w in &ord[..h] {
-            let w = w as usize;
-            lr.extend_from_slice(&p.lr[w * r..(w + 1) * r]);
-            lc.extend_from_slice(&p.lc[w * c..(w + 1) * c]);
+            p.tables_of(w as usize, &mut lr, &mut lc);
         }
         let sub = Problem::new(h, r, c, &lr, &lc)?;
         let sub_rel = cells::relaxation(&sub);
@@ -56,7 +55,7 @@ pub fn solve<T: Elem>(
     let caps: Vec<usize> = (0..r)
         .map(|i| taken[i * c..(i + 1) * c].iter().filter(|&&t| !t).count())
         .collect();
-    let rows = bin_auction(tail.len(), &caps, eps, &|t, i| p.lr(tail[t] as usize, i));
+    let rows = p.row_auction(tail, &caps, eps);
     let bids = rows.bids;
     let t_rows = t0.elapsed().as_secs_f64();
     tracing::info!(
@@ -65,7 +64,6 @@ pub fn solve<T: Elem>(
         scans = rows.scans,
         "allocation: rows"
     );
-    let beta = &rel.beta;
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); r];
     for (t, &i) in rows.bin_of.iter().enumerate() {
         if i as usize >= r {
@@ -80,25 +78,18 @@ pub fn solve<T: Elem>(
         .par_iter()
         .enumerate()
         .map(|(i, ws)| {
-            let free: Vec<u32> = (0..c as u32)
+            let col_price = |l: u32, f: &[u32]| beta[f[l as usize] as usize];
+            let free_cols: Vec<u32> = (0..c as u32)
                 .filter(|&j| !taken[i * c + j as usize])
                 .collect();
+            let mut free = FreeCols::new(free_cols.clone(), c, &|l| col_price(l, &free_cols));
             let nf = free.len();
-            let lc = |w: u32, l: u32| p.lc(w as usize, free[l as usize] as usize);
+            let lc = |w: u32, l: u32| p.lc(w as usize, free_cols[l as usize] as usize);
             let kk = k.min(nf);
-            let ranked = |w: u32, m: usize, v: &dyn Fn(u32) -> f64| -> Vec<u32> {
-                let mut cs: Vec<(f64, u32)> =
-                    (0..nf as u32).map(|l| (lc(w, l) + v(l), l)).collect();
-                if m < cs.len() {
-                    cs.select_nth_unstable_by(m - 1, |a, b| a.0.total_cmp(&b.0));
-                    cs.truncate(m);
-                }
-                cs.into_iter().map(|x| x.1).collect()
-            };
             let lists: Vec<Vec<(u32, f64)>> = ws
                 .iter()
                 .map(|&w| {
-                    ranked(w, kk, &|l| beta[free[l as usize] as usize])
+                    p.ranked_cols(w as usize, &free, kk, &|l| col_price(l, &free_cols))
                         .into_iter()
                         .map(|l| (l, lc(w, l)))
                         .collect()
@@ -107,7 +98,7 @@ pub fn solve<T: Elem>(
             let mut g = Graph::new(lists, 0, nf);
             // A full row is a square problem: the column prices are a valid warm start.
             let v0 = if ws.len() == nf {
-                free.iter().map(|&j| -beta[j as usize]).collect()
+                free_cols.iter().map(|&j| -beta[j as usize]).collect()
             } else {
                 vec![0.0; nf]
             };
@@ -125,12 +116,14 @@ pub fn solve<T: Elem>(
                 if failed.is_empty() {
                     break;
                 }
-                let m = (4 * kk).saturating_mul(1 << (2 * round.min(8)));
+                let m = (4 * kk).saturating_mul(1 << (2 * round.min(8))).min(nf);
+                let v = &sap.v;
+                free.rank(&|l| -v[l as usize]);
                 let extra = failed
                     .iter()
                     .flat_map(|&t| {
                         let w = ws[t];
-                        ranked(w, m, &|l| -sap.v[l as usize])
+                        p.ranked_cols(w as usize, &free, m, &|l| -v[l as usize])
                             .into_iter()
                             .map(move |l| (t as u32, l, lc(w, l)))
                     })
@@ -140,7 +133,7 @@ pub fn solve<T: Elem>(
             }
             ws.iter()
                 .enumerate()
-                .map(|(t, &w)| (w, (i * c) as u32 + free[sap.x[t] as usize]))
+                .map(|(t, &w)| (w, (i * c) as u32 + free_cols[sap.x[t] as usize]))
                 .collect()
         })
         .collect();

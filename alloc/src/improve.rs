@@ -10,8 +10,8 @@
 //! word can be far from its good cells, while a light word sitting in one of them would
 //! lose little by trading places.
 
+use super::costs::Costs;
 use super::sap::NONE;
-use super::{Elem, Problem};
 
 /// Most free cells an ejection looks at.
 const MAX_EJECT_SCAN: usize = 1024;
@@ -21,17 +21,6 @@ pub struct Improved {
     pub moves: u64,
     pub gain: f64,
     pub sweeps: usize,
-}
-
-/// The `k` smallest entries of `f(0..n)`, as indices.
-fn smallest(n: usize, k: usize, f: impl Fn(usize) -> f64, buf: &mut Vec<(f64, u32)>) -> Vec<u32> {
-    buf.clear();
-    buf.extend((0..n).map(|i| (f(i), i as u32)));
-    let k = k.min(n);
-    if k < n {
-        buf.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
-    }
-    buf[..k].iter().map(|e| e.1).collect()
 }
 
 /// A move of word w into `cell`, and where that cell's occupant goes.
@@ -49,14 +38,13 @@ enum Move {
 }
 
 /// Every word's best cells, its `kr` best rows x `kc` best columns: [V, kr * kc].
-fn best_cells<T: Elem>(p: &Problem<'_, T>, kr: usize, kc: usize) -> Vec<u32> {
+fn best_cells<P: Costs>(p: &P, kr: usize, kc: usize) -> Vec<u32> {
     use rayon::prelude::*;
-    let (r, c) = (p.rows, p.cols);
-    (0..p.vocab)
+    let c = p.cols();
+    (0..p.vocab())
         .into_par_iter()
         .map_init(Vec::new, |buf, w| {
-            let rows = smallest(r, kr, |i| p.lr(w, i), buf);
-            let cols = smallest(c, kc, |j| p.lc(w, j), buf);
+            let (rows, cols) = p.best_sides(w, kr, kc, buf);
             rows.iter()
                 .flat_map(|&i| cols.iter().map(move |&j| i * c as u32 + j))
                 .collect::<Vec<u32>>()
@@ -68,14 +56,14 @@ fn best_cells<T: Elem>(p: &Problem<'_, T>, kr: usize, kc: usize) -> Vec<u32> {
 /// Improve `x` (word -> cell, complete) in place; `order` lists the words heaviest first.
 /// Each word looks at its best `k` rows x best `k` columns, and the occupant of such a
 /// cell at its own `k` x `k` best cells (chains of three words).
-pub fn improve<T: Elem>(
-    p: &Problem<'_, T>,
+pub fn improve<P: Costs>(
+    p: &P,
     x: &mut [u32],
     order: &[u32],
     k: usize,
     max_sweeps: usize,
 ) -> Improved {
-    let (r, c) = (p.rows, p.cols);
+    let (r, c) = (p.rows(), p.cols());
     let (kr, kc) = (k.min(r), k.min(c));
     let mut owner = vec![NONE; p.cells()];
     for (w, &cell) in x.iter().enumerate() {
@@ -220,6 +208,7 @@ pub fn improve<T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Problem;
 
     #[test]
     fn improvement_never_raises_the_cost_and_keeps_a_permutation() {

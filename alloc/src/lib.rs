@@ -22,6 +22,7 @@
 mod auction;
 pub mod carry;
 mod cells;
+mod costs;
 mod decompose;
 mod exact;
 mod greedy;
@@ -30,9 +31,11 @@ mod prices;
 pub mod round;
 mod sap;
 mod scalable;
+pub mod sparse;
 
 pub use carry::{Carry, carry_vectors};
 pub use round::{Reallocation, Report, RoundOptions, reallocate};
+pub use sparse::{SparseProblem, SparseTables, solve_sparse};
 
 use serde::Serialize;
 
@@ -282,27 +285,40 @@ pub fn tables_bytes(vocab: usize, rows: usize, cols: usize) -> u64 {
     (vocab * (rows + cols) * 4 + vocab * 8) as u64
 }
 
+/// The solvers' thread pool (0 threads = all cores).
+pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| AllocError::Solver(format!("cannot start threads: {e}")))
+}
+
+/// The relaxation and `solver` on `p`, in the current thread pool: the cells, the dual
+/// bound, the solver's figures and the relaxation bound.
+pub(crate) fn solve_in<T: Elem>(
+    p: &Problem<'_, T>,
+    solver: Solver,
+    opts: &SolveOptions,
+) -> Result<(Vec<u32>, Option<f64>, serde_json::Value, f64)> {
+    let rel = crate::cells::relaxation(p);
+    tracing::info!(
+        seconds = rel.seconds,
+        bids = rel.bids,
+        bound = rel.bound,
+        "allocation: row/column relaxation"
+    );
+    let (cells, dual, stats) = match solver {
+        Solver::Exact => exact::solve(p, &rel, opts),
+        Solver::Scalable => scalable::solve(p, &rel, opts),
+        Solver::Greedy => Ok((greedy::solve(p), None, serde_json::json!({}))),
+    }?;
+    Ok((cells, dual, stats, rel.bound))
+}
+
 /// Solve `p` with `solver`.
 pub fn solve<T: Elem>(p: &Problem<'_, T>, solver: Solver, opts: &SolveOptions) -> Result<Solution> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| AllocError::Solver(format!("cannot start threads: {e}")))?;
-    let (cells, dual_bound, stats, relaxation_bound) = pool.install(|| {
-        let rel = crate::cells::relaxation(p);
-        tracing::info!(
-            seconds = rel.seconds,
-            bids = rel.bids,
-            bound = rel.bound,
-            "allocation: row/column relaxation"
-        );
-        let (cells, dual, stats) = match solver {
-            Solver::Exact => exact::solve(p, &rel, opts),
-            Solver::Scalable => scalable::solve(p, &rel, opts),
-            Solver::Greedy => Ok((greedy::solve(p), None, serde_json::json!({}))),
-        }?;
-        Ok::<_, AllocError>((cells, dual, stats, rel.bound))
-    })?;
+    let (cells, dual_bound, stats, relaxation_bound) =
+        pool(opts.threads)?.install(|| solve_in(p, solver, opts))?;
     p.check(&cells)?;
     Ok(Solution {
         cost: p.total(&cells),
@@ -532,7 +548,7 @@ mod tests {
             let g = greedy::solve(&p);
             let greedy_cost = p.total(&g);
             for heavy in [0, 40, 100] {
-                let (cells, stats) = decompose::solve(&p, &rel, 1e-9, 4, heavy).unwrap();
+                let (cells, stats) = decompose::solve(&p, &rel.beta, 1e-9, 4, heavy).unwrap();
                 p.check(&cells).unwrap();
                 assert_eq!(stats["heavy_words"], heavy);
                 let cost = p.total(&cells);

@@ -132,6 +132,104 @@ where
     }
 }
 
+/// Costs given sparsely, for [`sparse_bin_auction`]: item t is word `words[t]`, whose
+/// cost of bin `idx[w*k + s]` is `loss[w*k + s]` (its k candidate bins) and `tail[w]` for
+/// every other bin.
+pub struct SparseCosts<'a> {
+    pub words: &'a [u32],
+    pub k: usize,
+    pub idx: &'a [u32],
+    pub loss: &'a [f32],
+    pub tail: &'a [f64],
+}
+
+/// [`bin_auction`] on sparse costs, with bids that cost O(k log bins) whatever the number
+/// of bins: a word's best bins are among its candidates and the cheapest-priced bins
+/// that are not (all at its tail cost), found in a set of the bins ordered by price.
+pub fn sparse_bin_auction(caps: &[usize], eps: f64, c: &SparseCosts<'_>) -> BinAuction {
+    use std::collections::BTreeSet;
+    let (words, bins, k) = (c.words.len(), caps.len(), c.k);
+    assert!(
+        caps.iter().sum::<usize>() >= words,
+        "bins hold fewer slots than words"
+    );
+    let mut slots: Vec<BinaryHeap<Reverse<(Price, u32)>>> = vec![BinaryHeap::new(); bins];
+    let mut price: Vec<f64> = caps
+        .iter()
+        .map(|&c| if c == 0 { f64::INFINITY } else { 0.0 })
+        .collect();
+    // Bins that can still be chosen, cheapest first.
+    let mut open: BTreeSet<(Price, u32)> = (0..bins as u32)
+        .filter(|&b| caps[b as usize] > 0)
+        .map(|b| (Price(0.0), b))
+        .collect();
+    let mut queue: Vec<u32> = (0..words as u32).rev().collect();
+    let mut bids = 0u64;
+    while let Some(t) = queue.pop() {
+        let w = c.words[t as usize] as usize;
+        let (ids, ls) = (&c.idx[w * k..(w + 1) * k], &c.loss[w * k..(w + 1) * k]);
+        let (mut b1, mut v1, mut v2) = (usize::MAX, f64::INFINITY, f64::INFINITY);
+        let mut offer = |b: usize, val: f64| {
+            if val < v1 {
+                v2 = v1;
+                v1 = val;
+                b1 = b;
+            } else if val < v2 {
+                v2 = val;
+            }
+        };
+        for (&b, &l) in ids.iter().zip(ls) {
+            offer(b as usize, f64::from(l) + price[b as usize]);
+        }
+        if c.tail[w].is_finite() {
+            let mut others = 0;
+            for &(Price(pb), b) in open.iter() {
+                if ids.contains(&b) {
+                    continue;
+                }
+                offer(b as usize, c.tail[w] + pb);
+                others += 1;
+                if others == 2 {
+                    break;
+                }
+            }
+        }
+        let gap = if v2.is_finite() { v2 - v1 } else { 0.0 };
+        let bid = price[b1] + gap + eps;
+        let heap = &mut slots[b1];
+        let cap = caps[b1];
+        if heap.len() == cap
+            && let Some(Reverse((_, out))) = heap.pop()
+        {
+            queue.push(out);
+        }
+        heap.push(Reverse((Price(bid), t)));
+        let new = if heap.len() < cap {
+            0.0
+        } else {
+            heap.peek().map_or(0.0, |r| r.0.0.0)
+        };
+        if new != price[b1] {
+            open.remove(&(Price(price[b1]), b1 as u32));
+            open.insert((Price(new), b1 as u32));
+            price[b1] = new;
+        }
+        bids += 1;
+    }
+    let mut bin_of = vec![u32::MAX; words];
+    for (b, heap) in slots.iter().enumerate() {
+        for Reverse((_, t)) in heap.iter() {
+            bin_of[*t as usize] = b as u32;
+        }
+    }
+    BinAuction {
+        price,
+        bin_of,
+        bids,
+        scans: 0,
+    }
+}
+
 /// The Lagrangian bound of the transportation problem under bin prices `price` (>= 0):
 /// sum over words of min_b (cost(w, b) + price_b) - cap * sum_b price_b. Every feasible
 /// assignment of the words to bins of capacity `cap` costs at least this much, whatever
@@ -189,6 +287,70 @@ mod tests {
             best
         }
         go(0, words, &mut caps.to_vec(), c)
+    }
+
+    /// The sparse auction is eps-optimal for the costs it represents (candidates, a tail
+    /// value elsewhere).
+    #[test]
+    fn sparse_auction_is_eps_optimal() {
+        let mut s = 777u64;
+        let mut rnd = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as f64 / (1u64 << 31) as f64
+        };
+        for (words, caps, k) in [
+            (7usize, vec![3usize, 3, 3], 2usize),
+            (9, vec![2; 5], 2),
+            (6, vec![1, 2, 0, 3, 1], 3),
+        ] {
+            let bins = caps.len();
+            for _ in 0..5 {
+                let mut idx = Vec::new();
+                let mut loss = Vec::new();
+                let mut tail = Vec::new();
+                let mut dense = vec![0.0; words * bins];
+                for w in 0..words {
+                    let mut ls: Vec<f32> = (0..k).map(|_| (5.0 * rnd()) as f32).collect();
+                    ls.sort_by(f32::total_cmp);
+                    let first = (w * 3) % bins;
+                    let t = ls[k - 1] as f64 + 3.0 * rnd();
+                    for b in 0..bins {
+                        dense[w * bins + b] = t;
+                    }
+                    for (s, l) in ls.iter().enumerate() {
+                        let b = (first + s) % bins;
+                        idx.push(b as u32);
+                        loss.push(*l);
+                        dense[w * bins + b] = *l as f64;
+                    }
+                    tail.push(t);
+                }
+                let ws: Vec<u32> = (0..words as u32).collect();
+                let eps = 1e-7;
+                let out = sparse_bin_auction(
+                    &caps,
+                    eps,
+                    &SparseCosts {
+                        words: &ws,
+                        k,
+                        idx: &idx,
+                        loss: &loss,
+                        tail: &tail,
+                    },
+                );
+                let mut load = vec![0; bins];
+                let mut total = 0.0;
+                for (w, &b) in out.bin_of.iter().enumerate() {
+                    load[b as usize] += 1;
+                    total += dense[w * bins + b as usize];
+                }
+                assert!(load.iter().zip(&caps).all(|(l, c)| l <= c));
+                let opt = brute(words, &caps, &dense);
+                assert!(total <= opt + words as f64 * eps + 1e-9, "{total} vs {opt}");
+            }
+        }
     }
 
     #[test]

@@ -5,21 +5,25 @@ use bytes::Bytes;
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_alloc::{Problem, SolveOptions, Solver, solve};
+use lightrnn_alloc::{Problem, SolveOptions, Solver, SparseTables, solve, solve_sparse};
 use lightrnn_worker::data::npy;
-use lightrnn_worker::data::store::split_object;
+use lightrnn_worker::data::store::{Location, split_object};
 
 use crate::Result;
 use crate::error::usage;
 
 #[derive(Args, Debug, Clone)]
 pub struct AllocateArgs {
+    /// A table directory: sparse tables (tables.json, rows.npy, row_loss.npy, cols.npy,
+    /// col_loss.npy, row_sum.npy, col_sum.npy) or dense ones (L_r.npy, L_c.npy).
+    #[arg(long, conflicts_with_all = ["row_loss", "col_loss"], required_unless_present_all = ["row_loss", "col_loss"])]
+    pub tables: Option<String>,
     /// [V, R] row losses (.npy: float32, float64, int64 or uint32).
-    #[arg(long)]
-    pub row_loss: String,
+    #[arg(long, requires = "col_loss")]
+    pub row_loss: Option<String>,
     /// [V, C] column losses (.npy: float32, float64, int64 or uint32).
-    #[arg(long)]
-    pub col_loss: String,
+    #[arg(long, requires = "row_loss")]
+    pub col_loss: Option<String>,
     /// exact, scalable or greedy.
     #[arg(long, default_value = "scalable")]
     pub solver: String,
@@ -72,10 +76,20 @@ pub fn run(a: &AllocateArgs, handle: &Handle) -> Result<String> {
     let (loc, name) = split_object(&a.out)?;
     refuse_overwrite(handle, &loc, &name, &a.out, a.force)?;
     let t0 = std::time::Instant::now();
-    let (ta, tb) = (
-        read_npy(&a.row_loss, handle)?,
-        read_npy(&a.col_loss, handle)?,
-    );
+    let (row_loss, col_loss) = match &a.tables {
+        Some(dir) => {
+            let d = Location::parse(dir)?;
+            if handle.block_on(d.head("tables.json"))?.is_some() {
+                return run_sparse(a, &d, solver, &opts, handle);
+            }
+            (d.url_of("L_r.npy"), d.url_of("L_c.npy"))
+        }
+        None => (
+            a.row_loss.clone().unwrap_or_default(),
+            a.col_loss.clone().unwrap_or_default(),
+        ),
+    };
+    let (ta, tb) = (read_npy(&row_loss, handle)?, read_npy(&col_loss, handle)?);
     let (v, r, c) = match (&ta.shape[..], &tb.shape[..]) {
         ([v, r], [v2, c]) if v == v2 => (*v, *r, *c),
         _ => {
@@ -97,6 +111,113 @@ pub fn run(a: &AllocateArgs, handle: &Handle) -> Result<String> {
     };
     let seconds = t1.elapsed().as_secs_f64();
     drop((ta, tb));
+    report(a, solver, &sol, seconds, t_read, (v, r, c), handle)
+}
+
+/// Sparse tables from directory `d` (docs/allocation.md, "Sparse tables").
+fn run_sparse(
+    a: &AllocateArgs,
+    d: &Location,
+    solver: Solver,
+    opts: &SolveOptions,
+    handle: &Handle,
+) -> Result<String> {
+    let t0 = std::time::Instant::now();
+    let t = read_sparse(d, handle)?;
+    let t_read = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let sol = solve_sparse(&t, solver, opts)?;
+    let seconds = t1.elapsed().as_secs_f64();
+    let shape = (t.vocab, t.rows, t.cols);
+    drop(t);
+    report(a, solver, &sol, seconds, t_read, shape, handle)
+}
+
+/// Read sparse tables: `tables.json` gives the shape, the arrays must match it.
+pub fn read_sparse(d: &Location, handle: &Handle) -> Result<SparseTables> {
+    let what = |n: &str| d.url_of(n);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&handle.block_on(d.get("tables.json"))?)
+            .map_err(|e| crate::Error::Usage(format!("{}: {e}", what("tables.json"))))?;
+    let field = |k: &str| {
+        meta[k].as_u64().map(|x| x as usize).ok_or_else(|| {
+            crate::Error::Usage(format!("{}: no integer {k:?}", what("tables.json")))
+        })
+    };
+    if meta["format"] != "lightrnn-sparse-tables" {
+        return usage(format!(
+            "{}: format is not \"lightrnn-sparse-tables\"",
+            what("tables.json")
+        ));
+    }
+    let (vocab, rows, cols) = (field("vocab")?, field("rows")?, field("cols")?);
+    let array = |n: &str, width: Option<usize>| -> Result<npy::Array> {
+        let arr = read_npy(&what(n), handle)?;
+        let ok = match (width, &arr.shape[..]) {
+            (Some(_), [v, _]) | (None, [v]) => *v == vocab,
+            _ => false,
+        };
+        if !ok {
+            return usage(format!(
+                "{}: shape {:?}, expected [{vocab}{}]",
+                what(n),
+                arr.shape,
+                if width.is_some() { ", k" } else { "" }
+            ));
+        }
+        Ok(arr)
+    };
+    let idx = |arr: &npy::Array| -> Result<Vec<u32>> {
+        arr.to_i64()?
+            .into_iter()
+            .map(|x| {
+                u32::try_from(x)
+                    .map_err(|_| crate::Error::Usage(format!("negative or huge index {x}")))
+            })
+            .collect()
+    };
+    let (ri, rl, ci, cl) = (
+        array("rows.npy", Some(0))?,
+        array("row_loss.npy", Some(0))?,
+        array("cols.npy", Some(0))?,
+        array("col_loss.npy", Some(0))?,
+    );
+    if ri.shape != rl.shape || ci.shape != cl.shape {
+        return usage(format!(
+            "{}: rows/row_loss and cols/col_loss must have the same shapes; got {:?}/{:?} and {:?}/{:?}",
+            d.url_of(""),
+            ri.shape,
+            rl.shape,
+            ci.shape,
+            cl.shape
+        ));
+    }
+    Ok(SparseTables {
+        vocab,
+        rows,
+        cols,
+        k_rows: ri.shape[1],
+        k_cols: ci.shape[1],
+        row_idx: idx(&ri)?,
+        row_loss: rl.to_f32(),
+        col_idx: idx(&ci)?,
+        col_loss: cl.to_f32(),
+        row_sum: array("row_sum.npy", None)?.to_f64(),
+        col_sum: array("col_sum.npy", None)?.to_f64(),
+    })
+}
+
+/// Write the allocation and the JSON line.
+fn report(
+    a: &AllocateArgs,
+    solver: Solver,
+    sol: &lightrnn_alloc::Solution,
+    seconds: f64,
+    t_read: f64,
+    (v, r, c): (usize, usize, usize),
+    handle: &Handle,
+) -> Result<String> {
+    let (loc, name) = split_object(&a.out)?;
     if ![sol.cost, sol.lower_bound, sol.relaxation_bound]
         .iter()
         .all(|x| x.is_finite())

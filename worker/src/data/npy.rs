@@ -14,6 +14,7 @@ pub enum Dtype {
     F32,
     F64,
     I64,
+    I32,
     U32,
 }
 
@@ -23,12 +24,13 @@ impl Dtype {
             Dtype::F32 => "<f4",
             Dtype::F64 => "<f8",
             Dtype::I64 => "<i8",
+            Dtype::I32 => "<i4",
             Dtype::U32 => "<u4",
         }
     }
     fn size(self) -> usize {
         match self {
-            Dtype::F32 | Dtype::U32 => 4,
+            Dtype::F32 | Dtype::I32 | Dtype::U32 => 4,
             Dtype::F64 | Dtype::I64 => 8,
         }
     }
@@ -86,6 +88,16 @@ pub fn encode_i64(v: &[i64]) -> Vec<u8> {
     encode(Dtype::I64, &[v.len()], &data)
 }
 
+pub fn encode_i32(shape: &[usize], v: &[i32]) -> Vec<u8> {
+    let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    encode(Dtype::I32, shape, &data)
+}
+
+pub fn encode_f64(v: &[f64]) -> Vec<u8> {
+    let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    encode(Dtype::F64, &[v.len()], &data)
+}
+
 /// Parse a `.npy` file (`what` names it in errors).
 pub fn decode(bytes: Bytes, what: &str) -> Result<Array> {
     let bad = |m: String| Error::Data(format!("{what}: {m}"));
@@ -124,6 +136,7 @@ pub fn decode(bytes: Bytes, what: &str) -> Result<Array> {
         "<f4" | "=f4" | "f4" => Dtype::F32,
         "<f8" | "=f8" | "f8" => Dtype::F64,
         "<i8" | "=i8" | "i8" => Dtype::I64,
+        "<i4" | "=i4" | "i4" => Dtype::I32,
         "<u4" | "=u4" | "u4" => Dtype::U32,
         other => {
             return Err(bad(format!(
@@ -211,6 +224,11 @@ impl Array {
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
                 .collect(),
+            Dtype::I32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect(),
             Dtype::U32 => self
                 .data
                 .chunks_exact(4)
@@ -234,6 +252,11 @@ impl Array {
                 .data
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()),
+            Dtype::I32 => Ok(self
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
                 .collect()),
             Dtype::U32 => Ok(self
                 .data
@@ -260,6 +283,11 @@ mod tests {
         let i = decode(Bytes::from(encode_i64(&[5, -1, 7])), "i").unwrap();
         assert_eq!(i.shape, vec![3]);
         assert_eq!(i.to_i64().unwrap(), vec![5, -1, 7]);
+        let j = decode(Bytes::from(encode_i32(&[1, 3], &[5, -1, 7])), "j").unwrap();
+        assert_eq!((j.dtype, &j.shape[..]), (Dtype::I32, &[1usize, 3][..]));
+        assert_eq!(j.to_i64().unwrap(), vec![5, -1, 7]);
+        let d = decode(Bytes::from(encode_f64(&[0.25, -3.0])), "d").unwrap();
+        assert_eq!(d.as_f64().unwrap(), &[0.25, -3.0]);
         // Truncated data, wrong magic, random bytes.
         assert!(decode(Bytes::from(bytes[..bytes.len() - 4].to_vec()), "t").is_err());
         assert!(decode(Bytes::from_static(b"hello world, not npy"), "t").is_err());
