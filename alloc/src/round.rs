@@ -93,6 +93,12 @@ pub struct Reallocation {
 
 /// The tables as a [`Problem`] (checked: shapes, finite values).
 fn problem(t: &LossTables) -> Result<Problem<'_, f32>> {
+    if t.words != (0..t.vocab) {
+        return Err(AllocError::Input(format!(
+            "loss tables of words {}..{} only, of a vocabulary of {}",
+            t.words.start, t.words.end, t.vocab
+        )));
+    }
     Problem::new(t.vocab, t.rows, t.cols, &t.lr, &t.lc)
         .map_err(|e| AllocError::Input(format!("loss tables: {e}")))
 }
@@ -159,6 +165,7 @@ mod tests {
             vocab: v,
             rows: r,
             cols: c,
+            words: 0..v,
             lr: lr.iter().map(|&x| x as f32).collect(),
             lc: lc.iter().map(|&x| x as f32).collect(),
             counts: (0..v as u64).map(|w| 1 + 100 / (1 + w)).collect(),

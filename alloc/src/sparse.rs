@@ -27,6 +27,8 @@
 
 use rayon::prelude::*;
 
+use lightrnn_kernels::LossTables;
+
 use super::cells::{self, CELL_AUCTION_MAX, RELAX_SAMPLE, Relaxation};
 use super::costs::{Costs, FreeCols};
 use super::prices::{BinAuction, SparseCosts, sparse_bin_auction};
@@ -168,49 +170,92 @@ impl SparseTables {
     /// Cut dense tables: each word's `k` cheapest rows and columns (ties by index) and
     /// its sums (in f64).
     pub fn from_dense<T: Elem>(p: &Problem<'_, T>, k: usize) -> Self {
-        let (kr, kc) = (k.clamp(1, p.rows), k.clamp(1, p.cols));
-        let cut = |n: usize, kk: usize, f: &dyn Fn(usize) -> f64| {
-            let mut e: Vec<(f64, u32)> = (0..n).map(|i| (f(i), i as u32)).collect();
+        let mut t = Self::empty(p.vocab, p.rows, p.cols, k);
+        t.push_cut(p.vocab, &|w, i| p.lr(w, i), &|w, j| p.lc(w, j));
+        t
+    }
+
+    /// Tables of no word yet, to be filled in word order by [`Self::push_range`]:
+    /// `k` candidates per side (at most the side's width).
+    pub fn empty(vocab: usize, rows: usize, cols: usize, k: usize) -> Self {
+        let (kr, kc) = (k.clamp(1, rows.max(1)), k.clamp(1, cols.max(1)));
+        Self {
+            vocab,
+            rows,
+            cols,
+            k_rows: kr,
+            k_cols: kc,
+            row_idx: Vec::with_capacity(vocab * kr),
+            row_loss: Vec::with_capacity(vocab * kr),
+            col_idx: Vec::with_capacity(vocab * kc),
+            col_loss: Vec::with_capacity(vocab * kc),
+            row_sum: Vec::with_capacity(vocab),
+            col_sum: Vec::with_capacity(vocab),
+        }
+    }
+
+    /// Words the tables hold so far (all of them once complete).
+    pub fn filled(&self) -> usize {
+        self.row_sum.len()
+    }
+
+    /// Append the cut of the dense tables of the next range of words (a pass of a
+    /// range-by-range build): `t.words` must start where the tables end.
+    pub fn push_range(&mut self, t: &LossTables) -> Result<()> {
+        if (t.vocab, t.rows, t.cols) != (self.vocab, self.rows, self.cols) {
+            return Err(AllocError::Input(format!(
+                "loss tables of {}x({}+{}) for sparse tables of {}x({}+{})",
+                t.vocab, t.rows, t.cols, self.vocab, self.rows, self.cols
+            )));
+        }
+        let n = t.words.len();
+        if t.words.start != self.filled() || t.lr.len() != n * t.rows || t.lc.len() != n * t.cols {
+            return Err(AllocError::Input(format!(
+                "loss tables of words {}..{} where the sparse tables end at word {}",
+                t.words.start,
+                t.words.end,
+                self.filled()
+            )));
+        }
+        let (rr, cc) = (t.rows, t.cols);
+        self.push_cut(n, &|w, i| t.lr[w * rr + i] as f64, &|w, j| {
+            t.lc[w * cc + j] as f64
+        });
+        Ok(())
+    }
+
+    /// Append `n` words whose dense entries are `lr(w, i)` and `lc(w, j)` (w from 0).
+    fn push_cut(
+        &mut self,
+        n: usize,
+        lr: &(dyn Fn(usize, usize) -> f64 + Sync),
+        lc: &(dyn Fn(usize, usize) -> f64 + Sync),
+    ) {
+        let (kr, kc) = (self.k_rows, self.k_cols);
+        let cut = |width: usize, kk: usize, f: &dyn Fn(usize) -> f64| {
+            let mut e: Vec<(f64, u32)> = (0..width).map(|i| (f(i), i as u32)).collect();
             let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
             let sum = e.iter().map(|x| x.0).sum::<f64>();
-            if kk < n {
+            if kk < width {
                 e.select_nth_unstable_by(kk - 1, by);
             }
             e.truncate(kk);
             e.sort_unstable_by(by);
             (e, sum)
         };
-        let per: Vec<_> = (0..p.vocab)
+        let (rows, cols) = (self.rows, self.cols);
+        let per: Vec<_> = (0..n)
             .into_par_iter()
-            .map(|w| {
-                (
-                    cut(p.rows, kr, &|i| p.lr(w, i)),
-                    cut(p.cols, kc, &|j| p.lc(w, j)),
-                )
-            })
+            .map(|w| (cut(rows, kr, &|i| lr(w, i)), cut(cols, kc, &|j| lc(w, j))))
             .collect();
-        let mut t = Self {
-            vocab: p.vocab,
-            rows: p.rows,
-            cols: p.cols,
-            k_rows: kr,
-            k_cols: kc,
-            row_idx: Vec::with_capacity(p.vocab * kr),
-            row_loss: Vec::with_capacity(p.vocab * kr),
-            col_idx: Vec::with_capacity(p.vocab * kc),
-            col_loss: Vec::with_capacity(p.vocab * kc),
-            row_sum: Vec::with_capacity(p.vocab),
-            col_sum: Vec::with_capacity(p.vocab),
-        };
         for ((re, rs), (ce, cs)) in per {
-            t.row_idx.extend(re.iter().map(|x| x.1));
-            t.row_loss.extend(re.iter().map(|x| x.0 as f32));
-            t.col_idx.extend(ce.iter().map(|x| x.1));
-            t.col_loss.extend(ce.iter().map(|x| x.0 as f32));
-            t.row_sum.push(rs);
-            t.col_sum.push(cs);
+            self.row_idx.extend(re.iter().map(|x| x.1));
+            self.row_loss.extend(re.iter().map(|x| x.0 as f32));
+            self.col_idx.extend(ce.iter().map(|x| x.1));
+            self.col_loss.extend(ce.iter().map(|x| x.0 as f32));
+            self.row_sum.push(rs);
+            self.col_sum.push(cs);
         }
-        t
     }
 
     /// Bytes the tables take in memory.
@@ -653,6 +698,37 @@ pub fn solve_sparse(t: &SparseTables, solver: Solver, opts: &SolveOptions) -> Re
 mod tests {
     use super::*;
     use crate::{decompose, testutil};
+
+    /// Range-by-range building (one pass per range of words) gives the cut of the whole
+    /// tables; a range that does not continue the tables is refused.
+    #[test]
+    fn ranges_pushed_in_order_give_the_cut_of_the_whole_tables() {
+        let (v, r, c) = (50usize, 8usize, 7usize);
+        let (lr, lc) = testutil::tables(v, r, c, 5);
+        let (fr, fc): (Vec<f32>, Vec<f32>) = (
+            lr.iter().map(|&x| x as f32).collect(),
+            lc.iter().map(|&x| x as f32).collect(),
+        );
+        let p = Problem::new(v, r, c, &fr, &fc).unwrap();
+        let whole = SparseTables::from_dense(&p, 3);
+        let range = |w: std::ops::Range<usize>| LossTables {
+            vocab: v,
+            rows: r,
+            cols: c,
+            lr: fr[w.start * r..w.end * r].to_vec(),
+            lc: fc[w.start * c..w.end * c].to_vec(),
+            counts: vec![1; w.len()],
+            words: w,
+        };
+        let mut t = SparseTables::empty(v, r, c, 3);
+        t.push_range(&range(0..17)).unwrap();
+        assert!(t.push_range(&range(18..30)).is_err(), "a gap");
+        assert!(t.push_range(&range(0..5)).is_err(), "a repeat");
+        t.push_range(&range(17..50)).unwrap();
+        assert_eq!(t.filled(), v);
+        assert_eq!(t, whole);
+        t.check().unwrap();
+    }
 
     /// With every entry a candidate the sparse tables are the dense ones: the exact solver
     /// proves the dense optimum; with few candidates it states a valid lower bound.

@@ -403,6 +403,70 @@ fn training_with_reallocation_tables_and_inspect() {
     for f in ["L_r.npy", "L_c.npy", "counts.npy", "alloc.npy"] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // Sparse tables, built one range of words per pass, are the cut of the dense ones.
+    let sparse = tmp.path().join("sparse");
+    let (code, stdout, err) = lightrnn(&[
+        "tables",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        sparse.to_str().unwrap(),
+        "--sparse",
+        "3",
+        "--max-table-gib",
+        "0.0000002",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(st["passes"].as_u64().unwrap() > 1, "{st}");
+    assert_eq!(st["words"], t["words"]);
+    assert!((st["loss"].as_f64().unwrap() - t["loss"].as_f64().unwrap()).abs() < 1e-9);
+    let read = |d: &Path, f: &str| {
+        lightrnn_worker::data::npy::decode(std::fs::read(d.join(f)).unwrap().into(), f).unwrap()
+    };
+    let lr = read(&out, "L_r.npy");
+    let (v, r) = (lr.shape[0], lr.shape[1]);
+    let (lr, rows, row_loss, row_sum) = (
+        lr.to_f32(),
+        read(&sparse, "rows.npy").to_i64().unwrap(),
+        read(&sparse, "row_loss.npy").to_f32(),
+        read(&sparse, "row_sum.npy").to_f64(),
+    );
+    for w in 0..v {
+        let mut e: Vec<(f32, usize)> = (0..r).map(|i| (lr[w * r + i], i)).collect();
+        e.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let want: Vec<i64> = e[..3].iter().map(|x| x.1 as i64).collect();
+        assert_eq!(rows[w * 3..w * 3 + 3], want[..], "word {w}");
+        assert_eq!(row_loss[w * 3], e[0].0, "word {w}");
+        let sum: f64 = lr[w * r..(w + 1) * r].iter().map(|&x| x as f64).sum();
+        assert!(
+            (row_sum[w] - sum).abs() <= 1e-9 * sum.abs().max(1.0),
+            "word {w}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(sparse.join("counts.npy")).unwrap(),
+        std::fs::read(out.join("counts.npy")).unwrap()
+    );
+    // `allocate` reads both directories; the lower bound (each word's best cell) is the same.
+    let mut lower = Vec::new();
+    for d in [&out, &sparse] {
+        let (code, stdout, err) = lightrnn(&[
+            "allocate",
+            "--tables",
+            d.to_str().unwrap(),
+            "--solver",
+            "exact",
+            "--out",
+            d.join("new.npy").to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let a: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        lower.push(a["lower_bound"].as_f64().unwrap());
+    }
+    assert!((lower[0] - lower[1]).abs() <= 1e-5 * lower[0], "{lower:?}");
     let (code, stdout, err) = lightrnn(&[
         "inspect",
         "--checkpoint",

@@ -29,7 +29,8 @@
 //! Evaluation is [`Backend::eval_batch`] (forward and loss, no dropout, no gradient). A
 //! reallocation round is [`Backend::begin_loss_tables`], one
 //! [`Backend::accumulate_loss_tables`] per batch of the pass (the tables accumulate inside
-//! the backend), and [`Backend::take_loss_tables`] once at its end.
+//! the backend), and [`Backend::take_loss_tables`] once at its end; a pass covers a range of
+//! word ids, so tables larger than memory take one pass per range.
 //!
 //! **Who owns which buffer.** The caller owns the word ids of a [`Batch`] (borrowed for
 //! the call), the [`LossSums`] and [`LossTables`] it receives, and copies of parameters,
@@ -280,10 +281,12 @@ pub trait Backend: Send {
     fn optimizer_state(&self) -> Result<Option<OptimizerState>>;
     fn set_optimizer_state(&mut self, state: OptimizerState) -> Result<()>;
 
-    /// Start a loss-table pass: zeroed tables for every word (refused beyond `max_bytes`).
-    fn begin_loss_tables(&mut self, max_bytes: u64) -> Result<()>;
+    /// Start a loss-table pass: zeroed tables for the words `words` (all of them:
+    /// `0..vocab`), refused beyond `max_bytes`.
+    fn begin_loss_tables(&mut self, words: std::ops::Range<usize>, max_bytes: u64) -> Result<()>;
     /// One batch of the pass: an evaluation forward, then the batch's full -log-softmax
-    /// rows and columns added into the tables of its target words. Returns its losses.
+    /// rows and columns added into the tables of its target words in the pass's range.
+    /// Returns the losses of all its words.
     fn accumulate_loss_tables(&mut self, batch: &Batch<'_>) -> Result<LossSums>;
     /// End the pass: the accumulated tables (read once per round).
     fn take_loss_tables(&mut self) -> Result<LossTables>;

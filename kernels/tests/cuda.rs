@@ -11,7 +11,9 @@ use lightrnn_kernels::cuda::layer::{Arg, Device, Gemm, Launch, Mem};
 use lightrnn_kernels::cuda::{CudaBackend, Precision};
 use lightrnn_kernels::optim::{self, Optimizer};
 use lightrnn_kernels::rng::{Philox, Purpose};
-use lightrnn_kernels::{Backend, Batch, CpuBackend, Error, ModelConfig, ModelDims, Shard, Stream};
+use lightrnn_kernels::{
+    Backend, Batch, CpuBackend, Error, LossTables, ModelConfig, ModelDims, Shard, Stream,
+};
 
 const GIB: usize = 1 << 30;
 
@@ -666,7 +668,7 @@ fn loss_tables_and_evaluation_match_the_cpu_backend() {
         let (mut cpu, mut gpu) = pair(&cfg, kind);
         let (t, b) = (4usize, 5usize);
         for be in [&mut cpu as &mut dyn Backend, &mut gpu] {
-            be.begin_loss_tables(1 << 30).unwrap();
+            be.begin_loss_tables(0..200, 1 << 30).unwrap();
         }
         for k in 0..3 {
             let toks = tokens(50 + k, t, b, 200);
@@ -696,6 +698,59 @@ fn loss_tables_and_evaluation_match_the_cpu_backend() {
         assert_eq!(tc.counts, tg.counts);
         assert!(rel(&tg.lr, &tc.lr) < 1e-5 && rel(&tg.lc, &tc.lc) < 1e-5);
         assert!(gpu.take_loss_tables().is_err(), "tables are taken once");
+    }
+}
+
+#[test]
+fn a_pass_over_a_range_of_words_holds_those_words_of_the_full_tables() {
+    let dims = ModelDims::square(200, 10, 16, 2).unwrap();
+    let cfg = ModelConfig {
+        dims,
+        dropout: 0.0,
+        seed: 7,
+    };
+    let (t, b) = (4usize, 5usize);
+    let batches: Vec<Vec<u32>> = (0..3).map(|k| tokens(60 + k, t, b, 200)).collect();
+    let run = |be: &mut dyn Backend, words: std::ops::Range<usize>, max: u64| {
+        be.begin_loss_tables(words, max)?;
+        be.reset_state(Stream::Tables);
+        for toks in &batches {
+            be.accumulate_loss_tables(&Batch {
+                inputs: &toks[..t * b],
+                targets: &toks[b..],
+                steps: t,
+                batch: b,
+                stream: Stream::Tables,
+            })?;
+        }
+        be.take_loss_tables()
+    };
+    for kind in kinds() {
+        let (mut cpu, mut gpu) = pair(&cfg, kind);
+        let full = run(&mut cpu, 0..200, 1 << 30).unwrap();
+        let range = 37..121;
+        let per_word = LossTables::bytes_per_word(&dims);
+        for be in [&mut cpu as &mut dyn Backend, &mut gpu] {
+            let part = run(be, range.clone(), 84 * per_word).unwrap();
+            assert_eq!(part.words, range);
+            assert_eq!(part.counts, full.counts[range.clone()]);
+            let (rr, cc) = (dims.rows, dims.cols);
+            let want_r = &full.lr[range.start * rr..range.end * rr];
+            let want_c = &full.lc[range.start * cc..range.end * cc];
+            assert!(rel(&part.lr, want_r) < 1e-5 && rel(&part.lc, want_c) < 1e-5);
+            assert!(
+                part.counts.iter().sum::<u64>() > 0,
+                "the range holds seen words"
+            );
+            // A range beyond the limit, empty, or past the vocabulary is refused.
+            for (w, max) in [
+                (range.clone(), 83 * per_word),
+                (5..5, 1 << 30),
+                (150..201, 1 << 30),
+            ] {
+                assert!(be.begin_loss_tables(w, max).is_err());
+            }
+        }
     }
 }
 

@@ -304,8 +304,12 @@ impl Backend for Flaky {
     fn set_optimizer_state(&mut self, s: OptimizerState) -> lightrnn_kernels::Result<()> {
         self.0.set_optimizer_state(s)
     }
-    fn begin_loss_tables(&mut self, m: u64) -> lightrnn_kernels::Result<()> {
-        self.0.begin_loss_tables(m)
+    fn begin_loss_tables(
+        &mut self,
+        w: std::ops::Range<usize>,
+        m: u64,
+    ) -> lightrnn_kernels::Result<()> {
+        self.0.begin_loss_tables(w, m)
     }
     fn accumulate_loss_tables(&mut self, b: &Batch<'_>) -> lightrnn_kernels::Result<LossSums> {
         self.0.accumulate_loss_tables(b)

@@ -133,6 +133,9 @@ fn run_sparse(
     report(a, solver, &sol, seconds, t_read, shape, handle)
 }
 
+/// The `format` of a sparse table directory's tables.json.
+pub const SPARSE_FORMAT: &str = "lightrnn-sparse-tables";
+
 /// Read sparse tables: `tables.json` gives the shape, the arrays must match it.
 pub fn read_sparse(d: &Location, handle: &Handle) -> Result<SparseTables> {
     let what = |n: &str| d.url_of(n);
@@ -144,7 +147,7 @@ pub fn read_sparse(d: &Location, handle: &Handle) -> Result<SparseTables> {
             crate::Error::Usage(format!("{}: no integer {k:?}", what("tables.json")))
         })
     };
-    if meta["format"] != "lightrnn-sparse-tables" {
+    if meta["format"] != SPARSE_FORMAT {
         return usage(format!(
             "{}: format is not \"lightrnn-sparse-tables\"",
             what("tables.json")

@@ -49,6 +49,7 @@ fn zero_tables(v: usize, rr: usize, cc: usize) -> LossTables {
         vocab: v,
         rows: rr,
         cols: cc,
+        words: 0..v,
         lr: vec![0.0; v * rr],
         lc: vec![0.0; v * cc],
         counts: vec![0; v],

@@ -27,12 +27,13 @@ impl<T: Real> Engine<T> {
     }
 
     /// Loss-table accumulation for the batch in flight (after an evaluation forward):
-    /// for every target word w, the full row distribution's -log P_r[i] is added to
-    /// `tables.lr[w, i]` and the column one's -log P_c[j] to `tables.lc[w, j]` (the row
-    /// distribution is the one after the previous word's column input, the column
-    /// distribution the one after w's row input). Each batch's contributions are summed
-    /// per word in f64 before one f32 addition per table entry, so frequent words do not
-    /// drift over a long pass.
+    /// for every target word w in the tables' range, the full row distribution's
+    /// -log P_r[i] is added to `tables.lr[w, i]` and the column one's -log P_c[j] to
+    /// `tables.lc[w, j]` (the row distribution is the one after the previous word's column
+    /// input, the column distribution the one after w's row input). Each batch's
+    /// contributions are summed per word in f64 before one f32 addition per table entry,
+    /// so frequent words do not drift over a long pass. Returns the losses of all the
+    /// batch's words, in the range or not.
     pub fn accumulate_loss_tables(&mut self, tables: &mut LossTables) -> Result<LossSums> {
         let d = self.layout.dims;
         if tables.vocab != d.vocab || tables.rows != d.rows || tables.cols != d.cols {
@@ -47,10 +48,13 @@ impl<T: Real> Engine<T> {
             ));
         }
         let loss = self.heads_impl(HeadMode::Table)?;
-        // Positions grouped by target word.
-        let tb = self.ws.steps * self.ws.batch;
-        let mut order: Vec<u32> = (0..tb as u32).collect();
+        // The positions whose target is in the tables' range, grouped by target word.
         let words = &self.ws.words;
+        let range = tables.words.clone();
+        let mut order: Vec<u32> = (0..words.len() as u32)
+            .filter(|&p| range.contains(&(words[p as usize] as usize)))
+            .collect();
+        let tb = order.len();
         order.sort_unstable_by_key(|&p| (words[p as usize], p));
         let mut groups: Vec<(u32, usize, usize)> = Vec::new(); // (word, start, end) in order
         let mut s = 0;
@@ -85,7 +89,7 @@ impl<T: Real> Engine<T> {
                         *a += x.to_f64();
                     }
                 }
-                let w = w as usize;
+                let w = w as usize - range.start;
                 // SAFETY: every word is in exactly one group, and groups are split
                 // between threads, so table rows are written by one thread each.
                 let (tr, tc) = unsafe {
@@ -103,7 +107,7 @@ impl<T: Real> Engine<T> {
             }
         });
         for &(w, s, e) in groups {
-            tables.counts[w as usize] += (e - s) as u64;
+            tables.counts[w as usize - range.start] += (e - s) as u64;
         }
         Ok(loss)
     }

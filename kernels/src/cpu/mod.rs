@@ -220,8 +220,9 @@ impl Backend for CpuBackend {
             .set_optimizer_state(state.rule, state.updates, bufs)
     }
 
-    fn begin_loss_tables(&mut self, max_bytes: u64) -> Result<()> {
-        self.tables = Some(LossTables::new(self.engine.dims(), max_bytes)?);
+    fn begin_loss_tables(&mut self, words: std::ops::Range<usize>, max_bytes: u64) -> Result<()> {
+        self.tables = None;
+        self.tables = Some(LossTables::range(self.engine.dims(), words, max_bytes)?);
         Ok(())
     }
     fn accumulate_loss_tables(&mut self, batch: &Batch<'_>) -> Result<LossSums> {

@@ -36,6 +36,8 @@ struct DevOpt {
 
 /// Loss tables of a reallocation round on the device.
 struct DevTables {
+    /// The word ids the tables hold: entry `w - words.start` is word w.
+    words: std::ops::Range<usize>,
     lr: Buf<f32>,
     lc: Buf<f32>,
     counts: Vec<u64>,
@@ -512,19 +514,18 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn begin_loss_tables(&mut self, max_bytes: u64) -> Result<()> {
+    fn begin_loss_tables(&mut self, words: std::ops::Range<usize>, max_bytes: u64) -> Result<()> {
         let d = self.layout.dims;
-        let bytes = d.vocab as u64 * (d.rows + d.cols) as u64 * 4;
-        if bytes > max_bytes {
-            // The host copy `take_loss_tables` returns has the same size: refuse as the CPU.
-            LossTables::new(&d, max_bytes)?;
-        }
         self.tables = None;
+        // The host copy `take_loss_tables` returns has the same size: refuse as the CPU.
+        let bytes = LossTables::check_range(&d, &words, max_bytes)?;
+        let n = words.len();
         check_fits(self.dev.as_ref(), bytes, "the loss tables")?;
         self.tables = Some(DevTables {
-            lr: Buf::zeros(self.dev.as_ref(), d.vocab * d.rows)?,
-            lc: Buf::zeros(self.dev.as_ref(), d.vocab * d.cols)?,
-            counts: vec![0; d.vocab],
+            words,
+            lr: Buf::zeros(self.dev.as_ref(), n * d.rows)?,
+            lc: Buf::zeros(self.dev.as_ref(), n * d.cols)?,
+            counts: vec![0; n],
         });
         Ok(())
     }
@@ -537,19 +538,26 @@ impl Backend for CudaBackend {
         }
         self.forward(batch, Pass::Eval)?;
         let loss = self.run_heads(HeadMode::Table)?;
-        // Positions grouped by target word (ascending), uploaded as (word, start) lists.
+        // The positions whose target is in the tables' range, grouped by target word
+        // (ascending), uploaded as (table entry, start) lists.
         let words = &self.host.words;
-        let mut order: Vec<u32> = (0..words.len() as u32).collect();
+        let range = self.tables.as_ref().map_or(0..0, |t| t.words.clone());
+        let mut order: Vec<u32> = (0..words.len() as u32)
+            .filter(|&p| range.contains(&(words[p as usize] as usize)))
+            .collect();
         order.sort_unstable_by_key(|&p| (words[p as usize], p));
         let (mut uw, mut starts) = (Vec::new(), Vec::new());
         for (i, &p) in order.iter().enumerate() {
-            let w = words[p as usize];
+            let w = words[p as usize] - range.start as u32;
             if uw.last() != Some(&w) {
                 uw.push(w);
                 starts.push(i as u32);
             }
         }
         starts.push(order.len() as u32);
+        if uw.is_empty() {
+            return Ok(loss);
+        }
         let dev = self.dev.as_ref();
         let (bw, bs, bp) = (
             Buf::from_host(dev, &uw)?,
@@ -593,12 +601,14 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::Backend("take_loss_tables without a loss-table pass".into()))?;
         let d = self.layout.dims;
         let dev = self.dev.as_ref();
+        let n = t.words.len();
         Ok(LossTables {
             vocab: d.vocab,
             rows: d.rows,
             cols: d.cols,
-            lr: t.lr.download(dev, 0, d.vocab * d.rows)?,
-            lc: t.lc.download(dev, 0, d.vocab * d.cols)?,
+            words: t.words,
+            lr: t.lr.download(dev, 0, n * d.rows)?,
+            lc: t.lc.download(dev, 0, n * d.cols)?,
             counts: t.counts,
         })
     }

@@ -640,6 +640,7 @@ mod tests {
             vocab: v,
             rows: 3,
             cols: 2,
+            words: 0..v,
             lr: (0..15).map(|x| x as f32 * 0.5).collect(),
             lc: (0..10).map(|x| -(x as f32)).collect(),
             counts: (0..5).map(|x| x * 1_000_000_007).collect(),

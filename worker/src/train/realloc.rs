@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::runtime::Handle;
 
-use lightrnn_alloc::{Carry, Report, carry_vectors};
+use lightrnn_alloc::{Carry, Report, SparseTables, carry_vectors};
 use lightrnn_kernels::{Backend, LossTables, Stream};
 
 use super::eval::{evaluate, pass};
@@ -28,7 +28,8 @@ pub fn loss_tables(
     max_bytes: u64,
     handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
-    backend.begin_loss_tables(max_bytes)?;
+    let vocab = backend.dims().vocab;
+    backend.begin_loss_tables(0..vocab, max_bytes)?;
     let (total, words) = pass(
         backend,
         split,
@@ -40,6 +41,80 @@ pub fn loss_tables(
         |be, b| be.accumulate_loss_tables(b),
     )?;
     Ok((backend.take_loss_tables()?, total, words))
+}
+
+/// Sparse loss tables (each word's `k` cheapest rows and columns and its exact sums,
+/// [`SparseTables`]) in bounded memory: one pass over the streams per range of word ids,
+/// each range's dense tables at most `max_bytes`, cut as they are taken. Exact (the same
+/// values as the dense tables' cut); the price is one forward pass per range,
+/// ceil(V (R + C) 4 / max_bytes) of them. Returns the tables, every word's occurrences,
+/// the summed loss and the words predicted (of one pass) and the number of passes.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_loss_tables(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    streams: std::ops::Range<usize>,
+    bptt: usize,
+    k: usize,
+    max_bytes: u64,
+    handle: &Handle,
+) -> Result<SparseBuild> {
+    let d = backend.dims();
+    let per_pass = (max_bytes / LossTables::bytes_per_word(&d)).min(d.vocab as u64) as usize;
+    if per_pass == 0 {
+        return Err(Error::Config(format!(
+            "one word's loss tables take {} bytes, more than the {max_bytes} allowed \
+             (realloc_max_table_gib)",
+            LossTables::bytes_per_word(&d)
+        )));
+    }
+    let passes = d.vocab.div_ceil(per_pass);
+    let mut out = SparseBuild {
+        tables: SparseTables::empty(d.vocab, d.rows, d.cols, k),
+        counts: Vec::with_capacity(d.vocab),
+        loss: 0.0,
+        words: 0,
+        passes,
+    };
+    for p in 0..passes {
+        let t0 = Instant::now();
+        let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
+        backend.begin_loss_tables(range.clone(), max_bytes)?;
+        let (total, words) = pass(
+            backend,
+            split,
+            batch,
+            streams.clone(),
+            bptt,
+            Stream::Tables,
+            handle,
+            |be, b| be.accumulate_loss_tables(b),
+        )?;
+        let t = backend.take_loss_tables()?;
+        out.tables.push_range(&t)?;
+        out.counts.extend_from_slice(&t.counts);
+        (out.loss, out.words) = (total, words);
+        tracing::info!(
+            pass = p + 1,
+            passes,
+            words = ?range,
+            seconds = t0.elapsed().as_secs_f64(),
+            "sparse loss tables: a range of words done"
+        );
+    }
+    Ok(out)
+}
+
+/// What [`sparse_loss_tables`] builds.
+pub struct SparseBuild {
+    pub tables: SparseTables,
+    /// [V] occurrences of each word as a target.
+    pub counts: Vec<u64>,
+    /// Summed loss and words predicted, of one pass.
+    pub loss: f64,
+    pub words: u64,
+    pub passes: usize,
 }
 
 /// Memory this machine can still give (Linux: MemAvailable), in bytes.
