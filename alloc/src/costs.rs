@@ -87,6 +87,12 @@ pub trait Costs: Sync {
         m: usize,
         price: &dyn Fn(u32) -> f64,
     ) -> Vec<u32>;
+    /// Where the tables hold only each word's candidate columns: word w's candidates
+    /// (global indices), their losses, and the one cost every other column has for it
+    /// (infinite when every column is a candidate). `None` for dense tables.
+    fn col_candidates(&self, _w: usize) -> Option<(&[u32], &[f32], f64)> {
+        None
+    }
 }
 
 /// The `k` smallest entries of `f(0..n)`, as indices (in selection order).

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::cells;
 use super::costs::{Costs, FreeCols};
-use super::sap::{Graph, Sap};
+use super::sap::{Graph, NONE, Sap};
 use super::{AllocError, Problem, Result, SolveOptions};
 
 /// `beta`: the column prices of the relaxation (they rank each row's free columns).
@@ -83,6 +83,13 @@ pub fn solve<P: Costs>(
                 .filter(|&j| !taken[i * c + j as usize])
                 .collect();
             let mut free = FreeCols::new(free_cols.clone(), c, &|l| col_price(l, &free_cols));
+            if let Some(local) = sparse_columns(p, ws, &free) {
+                return ws
+                    .iter()
+                    .zip(local)
+                    .map(|(&w, l)| (w, (i * c) as u32 + free_cols[l as usize]))
+                    .collect();
+            }
             let nf = free.len();
             let lc = |w: u32, l: u32| p.lc(w as usize, free_cols[l as usize] as usize);
             let kk = k.min(nf);
@@ -154,4 +161,55 @@ pub fn solve<P: Costs>(
         "seconds_columns": t_cols - t_rows,
     });
     Ok((cells, stats))
+}
+
+/// One row's columns on sparse tables (local indices of `free`, per word of `ws`), exact
+/// for the tables' costs: every non-candidate column costs a word the same (its tail), so
+/// its edges are its free candidate columns and one private cell at the tail's cost, and
+/// the assignment always exists. The words matched to their private cell then take the
+/// free columns left: the words of largest tail first, the columns of highest price
+/// (those most words want) first. `None` for dense tables.
+pub(crate) fn sparse_columns<P: Costs>(p: &P, ws: &[u32], free: &FreeCols) -> Option<Vec<u32>> {
+    let (n, nf) = (ws.len(), free.len());
+    let mut lists = Vec::with_capacity(n);
+    let mut tails = Vec::with_capacity(n);
+    for (t, &w) in ws.iter().enumerate() {
+        let (ids, ls, tail) = p.col_candidates(w as usize)?;
+        let mut l: Vec<(u32, f64)> = ids
+            .iter()
+            .zip(ls)
+            .filter_map(|(&j, &x)| {
+                let loc = free.local[j as usize];
+                (loc != NONE).then_some((loc, f64::from(x)))
+            })
+            .collect();
+        if tail.is_finite() {
+            l.push(((nf + t) as u32, tail));
+        }
+        lists.push(l);
+        tails.push(tail);
+    }
+    let g = Graph::new(lists, 0, nf + n);
+    let mut sap = Sap::new(n, vec![0.0; nf + n]);
+    for t in 0..n {
+        if !sap.augment(&g, t) {
+            // Only where a word with every column a candidate meets a full row: the
+            // general path decides.
+            return None;
+        }
+    }
+    let mut used = vec![false; nf];
+    for &x in &sap.x {
+        if (x as usize) < nf {
+            used[x as usize] = true;
+        }
+    }
+    let mut spare = free.by_price.iter().rev().filter(|&&l| !used[l as usize]);
+    let mut left: Vec<usize> = (0..n).filter(|&t| sap.x[t] as usize >= nf).collect();
+    left.sort_by(|&a, &b| tails[b].total_cmp(&tails[a]).then(a.cmp(&b)));
+    let mut x = sap.x;
+    for t in left {
+        x[t] = *spare.next()?;
+    }
+    Some(x)
 }

@@ -622,6 +622,10 @@ impl Costs for SparseProblem<'_> {
         }
         cs.into_iter().map(|x| x.1).collect()
     }
+    fn col_candidates(&self, w: usize) -> Option<(&[u32], &[f32], f64)> {
+        let (ids, ls) = self.col_cands(w);
+        Some((ids, ls, self.ct.estimate[w]))
+    }
 }
 
 /// Solve sparse tables (see the module's documentation for what the figures mean).
@@ -774,6 +778,70 @@ mod tests {
     /// The large-table path on sparse tables (forced by a small heavy count through the
     /// same functions) matches the dense path's quality, and its bounds stay below the
     /// dense optimum.
+    /// One row's columns on sparse tables: a word on its own cell at its tail cost
+    /// stands for any non-candidate column, so the assignment is optimal for the sparse
+    /// costs (brute force over every placement of the row's words in its free columns).
+    #[test]
+    fn a_rows_columns_on_sparse_tables_are_optimal_for_their_costs() {
+        fn best(costs: &[Vec<f64>], used: &mut Vec<bool>, t: usize) -> f64 {
+            if t == costs.len() {
+                return 0.0;
+            }
+            let mut b = f64::INFINITY;
+            for l in 0..used.len() {
+                if !used[l] {
+                    used[l] = true;
+                    b = b.min(costs[t][l] + best(costs, used, t + 1));
+                    used[l] = false;
+                }
+            }
+            b
+        }
+        let (v, r, c) = (7usize, 3usize, 9usize);
+        for seed in 0..20 {
+            let (lr, lc) = testutil::tables(v, r, c, 100 + seed);
+            let p = Problem::new(v, r, c, &lr, &lc).unwrap();
+            let t = SparseTables::from_dense(&p, 2 + seed as usize % 3);
+            let sp = SparseProblem::new(&t).unwrap();
+            // Six words in a row whose column 4 is taken: 8 free columns.
+            let cols: Vec<u32> = (0..c as u32).filter(|&j| j != 4).collect();
+            let free = FreeCols::new(cols.clone(), c, &|l| (l * 7 % 5) as f64);
+            let ws: Vec<u32> = (0..6).collect();
+            let x = decompose::sparse_columns(&sp, &ws, &free).unwrap();
+            let mut seen = x.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(
+                seen.len(),
+                ws.len(),
+                "seed {seed}: columns not distinct: {x:?}"
+            );
+            let costs: Vec<Vec<f64>> = ws
+                .iter()
+                .map(|&w| {
+                    cols.iter()
+                        .map(|&j| sp.lc(w as usize, j as usize))
+                        .collect()
+                })
+                .collect();
+            let got: f64 = x
+                .iter()
+                .enumerate()
+                .map(|(t, &l)| costs[t][l as usize])
+                .sum();
+            let opt = best(&costs, &mut vec![false; cols.len()], 0);
+            assert!(
+                (got - opt).abs() <= 1e-9 * opt.abs(),
+                "seed {seed}: {got} vs optimum {opt}"
+            );
+        }
+        // Dense tables have no candidate lists: the general path.
+        let (lr, lc) = testutil::tables(v, r, c, 1);
+        let p = Problem::new(v, r, c, &lr, &lc).unwrap();
+        let free = FreeCols::new((0..c as u32).collect(), c, &|l| l as f64);
+        assert!(decompose::sparse_columns(&p, &[0, 1], &free).is_none());
+    }
+
     #[test]
     fn large_path_on_sparse_tables_is_complete_close_and_bounded() {
         let (v, r, c) = (300usize, 18usize, 18usize);
