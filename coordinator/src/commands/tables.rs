@@ -178,7 +178,7 @@ pub fn tables_of(
 /// (docs/allocation.md, "Sparse tables"); tables.json last, so a directory with it is whole.
 pub fn write_sparse(
     t: &SparseTables,
-    put: &dyn Fn(&str, Vec<u8>) -> std::result::Result<(), lightrnn_worker::Error>,
+    put: &dyn Fn(&str, Vec<u8>) -> lightrnn_worker::Result<()>,
 ) -> Result<()> {
     let idx = |v: &[u32]| -> Result<Vec<i32>> {
         v.iter()
