@@ -29,8 +29,32 @@ pub fn loss_tables(
     handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
     let vocab = backend.dims().vocab;
-    backend.begin_loss_tables(0..vocab, max_bytes)?;
-    let (total, words) = pass(
+    range_tables(
+        backend,
+        split,
+        batch,
+        streams,
+        bptt,
+        0..vocab,
+        max_bytes,
+        handle,
+    )
+}
+
+/// [`loss_tables`] of the word ids `words` only.
+#[allow(clippy::too_many_arguments)]
+fn range_tables(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    streams: std::ops::Range<usize>,
+    bptt: usize,
+    words: std::ops::Range<usize>,
+    max_bytes: u64,
+    handle: &Handle,
+) -> Result<(LossTables, f64, u64)> {
+    backend.begin_loss_tables(words, max_bytes)?;
+    let (total, predicted) = pass(
         backend,
         split,
         batch,
@@ -40,7 +64,7 @@ pub fn loss_tables(
         handle,
         |be, b| be.accumulate_loss_tables(b),
     )?;
-    Ok((backend.take_loss_tables()?, total, words))
+    Ok((backend.take_loss_tables()?, total, predicted))
 }
 
 /// Sparse loss tables (each word's `k` cheapest rows and columns and its exact sums,
@@ -80,18 +104,16 @@ pub fn sparse_loss_tables(
     for p in 0..passes {
         let t0 = Instant::now();
         let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
-        backend.begin_loss_tables(range.clone(), max_bytes)?;
-        let (total, words) = pass(
+        let (t, total, words) = range_tables(
             backend,
             split,
             batch,
             streams.clone(),
             bptt,
-            Stream::Tables,
+            range.clone(),
+            max_bytes,
             handle,
-            |be, b| be.accumulate_loss_tables(b),
         )?;
-        let t = backend.take_loss_tables()?;
         out.tables.push_range(&t)?;
         out.counts.extend_from_slice(&t.counts);
         (out.loss, out.words) = (total, words);
