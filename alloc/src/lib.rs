@@ -34,7 +34,10 @@ mod scalable;
 pub mod sparse;
 
 pub use carry::{Carry, carry_vectors};
-pub use round::{Reallocation, Report, RoundOptions, reallocate};
+pub use round::{
+    Figures, Reallocation, Report, RoundOptions, SparsePart, SparseRound, reallocate,
+    reallocate_sparse,
+};
 pub use sparse::{SparseProblem, SparseTables, solve_sparse};
 
 use serde::Serialize;
@@ -278,6 +281,24 @@ pub fn round_memory_bound(vocab: usize, rows: usize, cols: usize, move_cost: f64
     let tables = tables_bytes(vocab, rows, cols);
     let copies = if move_cost > 0.0 { 2 } else { 1 };
     copies * tables + solve_memory_bound(vocab, rows * cols)
+}
+
+/// Bytes of [`SparseTables`] of V words with `k` candidates per side, with the counts.
+pub fn sparse_bytes(vocab: usize, rows: usize, cols: usize, k: usize) -> u64 {
+    let (kr, kc) = (k.clamp(1, rows.max(1)), k.clamp(1, cols.max(1)));
+    (vocab * (8 * (kr + kc) + 24)) as u64
+}
+
+/// The memory of a reallocation round's central step on sparse tables: the tables as
+/// their parts arrive and as the solver reads them, 512 bytes per word, 64 per cell and
+/// 16 MiB. An estimate above every peak measured (docs/benchmarks.md, section 13: 957
+/// MiB at V = 1M, k = 16, where this gives 1.1 GiB), to refuse a round before its
+/// passes where the memory is clearly not there; not a tested bound.
+pub fn sparse_round_memory_bound(vocab: usize, rows: usize, cols: usize, k: usize) -> u64 {
+    2 * sparse_bytes(vocab, rows, cols, k)
+        + 512 * vocab as u64
+        + 64 * (rows * cols) as u64
+        + (16 << 20)
 }
 
 /// Bytes of [`LossTables`] of V x (R + C) (f32 tables and u64 counts).

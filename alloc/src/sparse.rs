@@ -224,8 +224,45 @@ impl SparseTables {
         Ok(())
     }
 
+    /// Append the words of `part` (cut with the same k): its first word must be where the
+    /// tables end.
+    pub fn append(&mut self, start: usize, part: &SparseTables) -> Result<()> {
+        if (part.rows, part.cols, part.k_rows, part.k_cols)
+            != (self.rows, self.cols, self.k_rows, self.k_cols)
+        {
+            return Err(AllocError::Input(format!(
+                "a part of {} + {} candidates of {} x {} for sparse tables of {} + {} of {} x {}",
+                part.k_rows,
+                part.k_cols,
+                part.rows,
+                part.cols,
+                self.k_rows,
+                self.k_cols,
+                self.rows,
+                self.cols
+            )));
+        }
+        part.check()?;
+        let n = part.vocab;
+        if start != self.filled() || start + n > self.vocab {
+            return Err(AllocError::Input(format!(
+                "a part of words {start}..{} where the sparse tables of {} words end at word {}",
+                start + n,
+                self.vocab,
+                self.filled()
+            )));
+        }
+        self.row_idx.extend_from_slice(&part.row_idx);
+        self.row_loss.extend_from_slice(&part.row_loss);
+        self.col_idx.extend_from_slice(&part.col_idx);
+        self.col_loss.extend_from_slice(&part.col_loss);
+        self.row_sum.extend_from_slice(&part.row_sum);
+        self.col_sum.extend_from_slice(&part.col_sum);
+        Ok(())
+    }
+
     /// Append `n` words whose dense entries are `lr(w, i)` and `lc(w, j)` (w from 0).
-    fn push_cut(
+    pub(crate) fn push_cut(
         &mut self,
         n: usize,
         lr: &(dyn Fn(usize, usize) -> f64 + Sync),

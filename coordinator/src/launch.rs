@@ -79,6 +79,7 @@ pub fn summary_line(o: &JobOutcome, out: &str) -> String {
         "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
         "generation": stats.generation, "restarts": stats.restarts,
         "grows": stats.grows, "worlds": stats.worlds,
+        "realloc_bytes_in": stats.realloc_bytes_in,
     });
     if let (Some(a), Some(b)) = (j.as_object_mut(), extra.as_object()) {
         a.extend(b.clone());

@@ -11,7 +11,8 @@ use lightrnn_proto::Coordinator;
 use lightrnn_proto::v1::{
     AllocationChunk, AllocationRequest, CommitReply, CommitRequest, EpochDoneReply,
     EpochDoneRequest, FailReply, FailRequest, FinishReply, FinishRequest, HeartbeatReply,
-    HeartbeatRequest, JoinReply, JoinRequest, LeaseReply, LeaseRequest, PushReply, TableChunk,
+    HeartbeatRequest, JoinReply, JoinRequest, LeaseReply, LeaseRequest, PushReply, SparseChunk,
+    TableChunk,
 };
 
 use crate::job::Job;
@@ -60,6 +61,14 @@ impl Coordinator for Service {
         req: Request<Streaming<TableChunk>>,
     ) -> Result<Response<PushReply>, Status> {
         self.job.push_loss_tables(req.into_inner()).await?;
+        Ok(Response::new(PushReply {}))
+    }
+
+    async fn push_sparse_tables(
+        &self,
+        req: Request<Streaming<SparseChunk>>,
+    ) -> Result<Response<PushReply>, Status> {
+        self.job.push_sparse_tables(req.into_inner()).await?;
         Ok(Response::new(PushReply {}))
     }
 

@@ -127,6 +127,98 @@ fn two_workers_follow_one_worker_step_for_step() {
     assert!(err.contains("split evenly"), "{err}");
 }
 
+/// Two workers reallocate on sparse tables: each rank reduce-scatters every range's
+/// tables and sends the coordinator only its cut. With every entry a candidate the round
+/// is the dense one (the same parameters at the end); with few, the coordinator takes in
+/// a fraction of the dense tables' bytes.
+#[test]
+fn two_workers_reallocate_on_sparse_tables_as_on_dense_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2500);
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=2",
+            "--set",
+            "realloc_every=1",
+            "--set",
+            "realloc_move_cost=0.002",
+            "--set",
+            "threads=1",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--workers",
+            "2",
+        ];
+        for e in extra {
+            args.extend(["--set", e]);
+        }
+        let (code, stdout, err) = lightrnn(&args);
+        assert_eq!(code, 0, "{name}: {err}");
+        if name != "dense" {
+            let passes = err
+                .matches("sparse loss tables: a range of words done")
+                .count();
+            assert!(passes >= 2, "{name}: {passes} passes: {err}");
+        }
+        let realloc: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "realloc")
+            .collect();
+        (json(&stdout), realloc)
+    };
+    let (dense, rd) = run("dense", &[]);
+    let (sparse, rs) = run(
+        "sparse",
+        &["realloc_sparse=64", "realloc_max_table_gib=0.0000006"],
+    );
+    for s in [&dense, &sparse] {
+        assert_eq!(
+            (s["workers"].as_u64(), s["reallocations"].as_u64()),
+            (Some(2), Some(1)),
+            "{s}"
+        );
+    }
+    assert!(rd[0]["words_moved"].as_u64().unwrap() > 0, "{}", rd[0]);
+    assert_eq!(rd[0]["words_moved"], rs[0]["words_moved"]);
+    assert_eq!(dense["params_sha256"], sparse["params_sha256"]);
+    let (few, rf) = run(
+        "few",
+        &["realloc_sparse=2", "realloc_max_table_gib=0.0000006"],
+    );
+    assert_eq!(few["reallocations"], 1, "{few}");
+    let bytes = |s: &serde_json::Value| s["realloc_bytes_in"].as_u64().unwrap();
+    // Sparse with k = 2: per word 2 x 2 (index, loss) pairs, two f64 sums and a count,
+    // once over the ranks; dense: every rank's f32 V x (R + C) tables and counts. Both
+    // with rank 0's allocation (4 bytes a word).
+    let v = bytes(&few) / (2 * 2 * 8 + 24 + 4);
+    assert_eq!(bytes(&few), v * (2 * 2 * 8 + 24 + 4), "{few}");
+    let r = (v as f64).sqrt().ceil() as u64;
+    assert_eq!(
+        bytes(&dense),
+        2 * (v * 2 * r * 4 + 8 * v) + 4 * v,
+        "{v} words: {dense}"
+    );
+    let (lo, hi) = (
+        rf[0]["stats"]["objective_after_min"].as_f64().unwrap(),
+        rf[0]["stats"]["objective_after_max"].as_f64().unwrap(),
+    );
+    assert!(
+        lo <= hi && rf[0]["objective_after"].as_f64().unwrap() <= hi,
+        "{}",
+        rf[0]
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -233,6 +233,91 @@ fn stop_and_resume_reproduces_the_uninterrupted_run() {
     assert_eq!(without_time(&sa["history"]), without_time(&sb["history"]));
 }
 
+/// A round on sparse tables with every entry a candidate, built in many passes over
+/// ranges of words, is the dense round: the same allocation, so the same run after it.
+/// With few candidates the round still runs, and reports the interval of its cost.
+#[test]
+fn sparse_reallocation_with_every_entry_a_candidate_is_the_dense_one() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 2, 1500);
+    let d = data.to_str().unwrap();
+    let run = |name: &str, extra: &[&str]| -> (Value, Vec<Value>) {
+        let out = tmp.path().join(name);
+        let mut a = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=2",
+            "--set",
+            "log_every=1",
+            "--set",
+            "realloc_every=1",
+            "--set",
+            "realloc_move_cost=0.002",
+            "--data",
+            d,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        for e in extra {
+            a.extend(["--set", e]);
+        }
+        let s = cli(&a, &rt).unwrap();
+        (s, metrics(&out))
+    };
+    let (dense, md) = run("dense", &[]);
+    // k = 45 keeps every entry of tables up to 45 x 45; 6e-7 GiB is a few words per pass.
+    let (sparse, ms) = run(
+        "sparse",
+        &["realloc_sparse=45", "realloc_max_table_gib=0.0000006"],
+    );
+    let of = |m: &[Value], kind: &str| -> Vec<Value> {
+        m.iter().filter(|v| v["kind"] == kind).cloned().collect()
+    };
+    let (rd, rs) = (of(&md, "realloc"), of(&ms, "realloc"));
+    assert_eq!((rd.len(), rs.len()), (1, 1));
+    assert!(rd[0]["words_moved"].as_u64().unwrap() > 0, "{}", rd[0]);
+    assert_eq!(rd[0]["words_moved"], rs[0]["words_moved"]);
+    assert_eq!(rd[0]["kept_current"], rs[0]["kept_current"]);
+    for k in [
+        "objective_before",
+        "objective_after",
+        "lower_bound",
+        "train_loss_before",
+    ] {
+        let (a, b) = (rd[0][k].as_f64().unwrap(), rs[0][k].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-9 * a.abs(), "{k}: {a} vs {b}");
+    }
+    let losses = |m: &[Value]| -> Vec<String> {
+        of(m, "train")
+            .iter()
+            .map(|v| v["loss"].to_string())
+            .collect()
+    };
+    assert_eq!(losses(&md), losses(&ms));
+    assert_eq!(dense["test_ppl"], sparse["test_ppl"]);
+    // Three candidates: the round runs; its cost is an estimate within its interval.
+    let (few, mf) = run("few", &["realloc_sparse=3", "realloc_max_table_gib=0.0001"]);
+    let r = &of(&mf, "realloc")[0];
+    let (lo, hi, after) = (
+        r["stats"]["objective_after_min"].as_f64().unwrap(),
+        r["stats"]["objective_after_max"].as_f64().unwrap(),
+        r["objective_after"].as_f64().unwrap(),
+    );
+    assert!(lo <= after && after <= hi, "{r}");
+    assert!(r["lower_bound"].as_f64().unwrap() <= lo, "{r}");
+    // The figures of the current allocation are exact on sparse tables too.
+    let (a, b) = (
+        r["objective_before"].as_f64().unwrap(),
+        rd[0]["objective_before"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * b, "{a} vs {b}");
+    assert!(few["test_ppl"].as_f64().unwrap().is_finite());
+}
+
 #[test]
 fn memory_store_run_and_bad_text() {
     let rt = runtime();

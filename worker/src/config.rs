@@ -104,9 +104,19 @@ pub struct TrainConfig {
     /// Nats per occurrence charged for moving a word to another row, and again to another
     /// column (0 = free moves).
     pub realloc_move_cost: f64,
-    /// Refuse loss tables larger than this (GiB).
+    /// Refuse dense loss tables larger than this (GiB); sparse tables are built in
+    /// passes over ranges of words whose dense tables take at most this.
     pub realloc_max_table_gib: f64,
+    /// Candidate rows and columns per word of sparse loss tables (docs/allocation.md,
+    /// "Sparse tables"). 0: dense tables where they fit in realloc_max_table_gib, sparse
+    /// ones of [`AUTO_SPARSE_K`] candidates beyond.
+    pub realloc_sparse: usize,
 }
+
+/// Candidates per word of the sparse loss tables a round builds where the dense ones
+/// do not fit (`realloc_sparse = 0`): +1.9 % over the dense tables' solution at V = 1M
+/// where 16 give +6.0 % (docs/benchmarks.md).
+pub const AUTO_SPARSE_K: usize = 64;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -150,6 +160,7 @@ impl Default for TrainConfig {
             realloc_check: false,
             realloc_move_cost: 0.0,
             realloc_max_table_gib: 16.0,
+            realloc_sparse: 0,
         }
     }
 }
@@ -366,6 +377,23 @@ impl TrainConfig {
     pub fn scheduled_lr(&self, epoch: u64) -> Option<f64> {
         let last = self.lr_schedule.len().checked_sub(1)?;
         Some(self.lr_schedule[(epoch as usize).min(last)])
+    }
+
+    /// Bytes of dense loss tables a round may hold (one range's, of sparse tables).
+    pub fn realloc_max_table_bytes(&self) -> u64 {
+        (self.realloc_max_table_gib * (1u64 << 30) as f64) as u64
+    }
+
+    /// Candidates per word of a round's sparse loss tables for a V x (R + C) model
+    /// (0: the round builds dense tables).
+    pub fn realloc_sparse_k(&self, vocab: usize, rows: usize, cols: usize) -> usize {
+        if self.realloc_sparse > 0 {
+            self.realloc_sparse
+        } else if lightrnn_alloc::tables_bytes(vocab, rows, cols) > self.realloc_max_table_bytes() {
+            AUTO_SPARSE_K
+        } else {
+            0
+        }
     }
 
     /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far.

@@ -34,6 +34,7 @@ mod epochs;
 mod faults;
 mod join;
 mod rounds;
+mod sparse;
 pub mod spec;
 mod state;
 

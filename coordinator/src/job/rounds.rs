@@ -297,6 +297,7 @@ impl Job {
     {
         while let Some(ch) = s.next().await {
             let ch = ch?;
+            self.stats_mut().realloc_bytes_in += ch.data.len() as u64;
             match push {
                 Some(p) => p.add(self, &ch)?,
                 None => {
@@ -351,14 +352,7 @@ impl Job {
                     r.move_cost,
                 )
             };
-            let opts = RoundOptions {
-                solver: job.spec.cfg.realloc_solver,
-                solve: SolveOptions {
-                    threads: job.spec.cfg.threads,
-                    ..Default::default()
-                },
-                move_cost,
-            };
+            let opts = job.round_options(move_cost);
             let solved = tokio::task::spawn_blocking(move || -> Result<Reallocation> {
                 // One or two ranks: their tables went into `sum` as they arrived; more:
                 // summed here in rank order.
@@ -374,12 +368,34 @@ impl Job {
                 Ok(lightrnn_alloc::reallocate(&sum, &cells, &opts)?)
             })
             .await;
-            match solved {
-                Ok(Ok(s)) => job.solved(generation, round, s),
-                Ok(Err(e)) => job.fault(format!("reallocation round {round}: {e}")),
-                Err(e) => job.fault(format!("reallocation round {round}: solver task: {e}")),
-            }
+            job.settle(generation, round, solved);
         });
+    }
+
+    /// How this job solves a round discounted by `move_cost`.
+    pub(super) fn round_options(&self, move_cost: f64) -> RoundOptions {
+        RoundOptions {
+            solver: self.spec.cfg.realloc_solver,
+            solve: SolveOptions {
+                threads: self.spec.cfg.threads,
+                ..Default::default()
+            },
+            move_cost,
+        }
+    }
+
+    /// A round's solver task ended: its allocation is ready, or the job fails with why.
+    pub(super) fn settle(
+        &self,
+        generation: u64,
+        round: u64,
+        solved: std::result::Result<Result<Reallocation>, tokio::task::JoinError>,
+    ) {
+        match solved {
+            Ok(Ok(s)) => self.solved(generation, round, s),
+            Ok(Err(e)) => self.fault(format!("reallocation round {round}: {e}")),
+            Err(e) => self.fault(format!("reallocation round {round}: solver task: {e}")),
+        }
     }
 
     /// A round's allocation is ready for the ranks (dropped if its generation ended).

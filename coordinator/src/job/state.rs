@@ -49,6 +49,8 @@ pub(super) struct Round {
     pub(super) move_cost: f64,
     pub(super) solving: bool,
     pub(super) result: Option<Arc<Reallocation>>,
+    /// The round's sparse tables as their parts arrive (a round on sparse tables).
+    pub(super) sparse: Option<super::sparse::SparseAcc>,
 }
 
 /// One checkpoint's commit: which ranks reached the step, with which parameters.
@@ -148,4 +150,6 @@ pub struct JobStats {
     pub worlds: BTreeMap<u64, usize>,
     /// Generations started to take in workers that asked to join (elastic growth).
     pub grows: u64,
+    /// Bytes of loss tables the ranks pushed (dense and sparse, every round).
+    pub realloc_bytes_in: u64,
 }

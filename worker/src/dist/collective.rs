@@ -15,6 +15,18 @@ pub trait Collective: GradReduce + Send {
     fn world(&self) -> usize;
     /// Element-wise sum over the ranks, in place; every rank gets the same bits.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Sum over the ranks, scattered: `buf` is units of `unit` elements (a word's row of
+    /// a loss table); afterwards this rank holds the full sum of the units it returns
+    /// (the ranks' ranges cover every unit once), the rest of `buf` is unspecified. This
+    /// default is an all-reduce, and each rank keeps its share; the ring sends half.
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        unit: usize,
+    ) -> Result<std::ops::Range<usize>> {
+        self.all_reduce_sum(buf)?;
+        Ok(share(buf.len() / unit.max(1), self.world(), self.rank()))
+    }
     /// Rank `root`'s buffer, copied to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.

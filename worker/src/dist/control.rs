@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use tokio::runtime::Handle;
 
-use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions, Solver};
+use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions, Solver, SparsePart, SparseRound};
 use lightrnn_kernels::LossTables;
 
 use super::collective::{Collective, Single};
@@ -34,6 +34,17 @@ pub trait Control: Send {
         &mut self,
         round: u64,
         tables: LossTables,
+        current: &[u32],
+        move_cost: f64,
+    ) -> Result<Reallocation>;
+    /// Hand over one part of a round's sparse tables: this rank's share of one range of
+    /// words, summed over the ranks (the ranks' parts cover every word once).
+    fn push_sparse(&mut self, round: u64, part: SparsePart) -> Result<()>;
+    /// This rank's parts of the round are all in; returns the allocation solved from
+    /// every rank's parts (the same on all ranks).
+    fn allocate_sparse(
+        &mut self,
+        round: u64,
         current: &[u32],
         move_cost: f64,
     ) -> Result<Reallocation>;
@@ -86,6 +97,7 @@ impl Dist {
                 threads,
                 handle,
                 sink,
+                sparse: None,
             }),
         }
     }
@@ -107,6 +119,21 @@ pub struct LocalControl {
     threads: usize,
     handle: Handle,
     sink: Option<ReportSink>,
+    /// The sparse round being put together: its number and parts so far.
+    sparse: Option<(u64, SparseRound)>,
+}
+
+impl LocalControl {
+    fn round_options(&self, move_cost: f64) -> RoundOptions {
+        RoundOptions {
+            solver: self.solver,
+            solve: SolveOptions {
+                threads: self.threads,
+                ..Default::default()
+            },
+            move_cost,
+        }
+    }
 }
 
 impl Control for LocalControl {
@@ -133,15 +160,33 @@ impl Control for LocalControl {
         current: &[u32],
         move_cost: f64,
     ) -> Result<Reallocation> {
-        let opts = RoundOptions {
-            solver: self.solver,
-            solve: SolveOptions {
-                threads: self.threads,
-                ..Default::default()
-            },
-            move_cost,
-        };
+        let opts = self.round_options(move_cost);
         Ok(lightrnn_alloc::reallocate(&tables, current, &opts)?)
+    }
+    fn push_sparse(&mut self, round: u64, part: SparsePart) -> Result<()> {
+        let r = match &mut self.sparse {
+            Some((n, r)) if *n == round => r,
+            slot => &mut slot.insert((round, SparseRound::of(&part))).1,
+        };
+        Ok(r.push(&part)?)
+    }
+    fn allocate_sparse(
+        &mut self,
+        round: u64,
+        current: &[u32],
+        move_cost: f64,
+    ) -> Result<Reallocation> {
+        let (n, r) = self
+            .sparse
+            .take()
+            .ok_or_else(|| Error::Config(format!("sparse round {round}: no tables")))?;
+        if n != round {
+            return Err(Error::Config(format!(
+                "sparse round {round}: the tables are of round {n}"
+            )));
+        }
+        let opts = self.round_options(move_cost);
+        Ok(lightrnn_alloc::reallocate_sparse(&r, current, &opts)?)
     }
     fn commit(
         &mut self,

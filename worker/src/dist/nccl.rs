@@ -68,6 +68,13 @@ impl Collective for NcclRing {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.ring.all_reduce_sum(buf)
     }
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        unit: usize,
+    ) -> Result<std::ops::Range<usize>> {
+        self.ring.reduce_scatter_sum(buf, unit)
+    }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         self.ring.broadcast(buf, root)
     }

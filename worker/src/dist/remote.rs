@@ -17,12 +17,12 @@ use futures::StreamExt;
 use tokio::runtime::Handle;
 use tonic::transport::Endpoint;
 
-use lightrnn_alloc::Reallocation;
+use lightrnn_alloc::{Reallocation, SparsePart};
 use lightrnn_kernels::LossTables;
 use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
     AllocationRequest, CommitRequest, EpochDoneRequest, FinishRequest, HeartbeatRequest, JoinReply,
-    JoinRequest, LeaseRequest, TableChunk,
+    JoinRequest, LeaseRequest, SparseChunk, TableChunk,
 };
 use lightrnn_proto::{CoordinatorClient, MAX_MESSAGE_BYTES};
 
@@ -205,6 +205,69 @@ impl RemoteControl {
     }
 }
 
+impl RemoteControl {
+    /// One push of sparse tables (a part, or the rank's last push), in chunks; returns
+    /// once the coordinator has taken it whole, so a rank is never more than one part
+    /// ahead of the coordinator.
+    fn push_sparse_chunks(
+        &mut self,
+        round: u64,
+        vocab: usize,
+        move_cost: f64,
+        part: Option<SparsePart>,
+        cells: Vec<u32>,
+        last: bool,
+    ) -> Result<()> {
+        let (rows, cols) = part
+            .as_ref()
+            .map_or((0, 0), |p| (p.tables.rows, p.tables.cols));
+        let head = SparseChunk {
+            generation: self.generation,
+            rank: self.rank,
+            round,
+            vocab: vocab as u64,
+            rows: rows as u64,
+            cols: cols as u64,
+            move_cost,
+            last,
+            ..Default::default()
+        };
+        let chunks = futures::stream::iter(wire::sparse_chunks(part, cells, head));
+        self.call(|mut c| async move {
+            c.push_sparse_tables(chunks)
+                .await
+                .map(|_| ())
+                .map_err(|s| status("sending sparse loss tables", s))
+        })
+    }
+
+    /// The allocation of `round`, once solved (waits for the solve).
+    fn fetch_allocation(&mut self, round: u64, vocab: usize) -> Result<Reallocation> {
+        let req = AllocationRequest {
+            generation: self.generation,
+            rank: self.rank,
+            round,
+        };
+        let (cells, counts, report) = self.call(|mut c| async move {
+            let mut s = c
+                .fetch_allocation(req)
+                .await
+                .map_err(|s| status("fetching the allocation", s))?
+                .into_inner();
+            let mut got = wire::AllocationAssembly::new(vocab);
+            while let Some(ch) = s.next().await {
+                got.add(ch.map_err(|s| status("fetching the allocation", s))?)?;
+            }
+            got.finish()
+        })?;
+        Ok(Reallocation {
+            cells,
+            counts,
+            report,
+        })
+    }
+}
+
 impl Control for RemoteControl {
     fn lease(&mut self, epoch: u64, streams: usize, cursor: u64) -> Result<Range<usize>> {
         let req = LeaseRequest {
@@ -268,28 +331,27 @@ impl Control for RemoteControl {
                 .map(|_| ())
                 .map_err(|s| status("sending loss tables", s))
         })?;
-        let req = AllocationRequest {
-            generation: self.generation,
-            rank: self.rank,
-            round,
+        self.fetch_allocation(round, vocab)
+    }
+
+    fn push_sparse(&mut self, round: u64, part: SparsePart) -> Result<()> {
+        let vocab = part.vocab;
+        self.push_sparse_chunks(round, vocab, part.move_cost, Some(part), Vec::new(), false)
+    }
+
+    fn allocate_sparse(
+        &mut self,
+        round: u64,
+        current: &[u32],
+        move_cost: f64,
+    ) -> Result<Reallocation> {
+        let cells = if self.rank == 0 {
+            current.to_vec()
+        } else {
+            Vec::new()
         };
-        let (cells, counts, report) = self.call(|mut c| async move {
-            let mut s = c
-                .fetch_allocation(req)
-                .await
-                .map_err(|s| status("fetching the allocation", s))?
-                .into_inner();
-            let mut got = wire::AllocationAssembly::new(vocab);
-            while let Some(ch) = s.next().await {
-                got.add(ch.map_err(|s| status("fetching the allocation", s))?)?;
-            }
-            got.finish()
-        })?;
-        Ok(Reallocation {
-            cells,
-            counts,
-            report,
-        })
+        self.push_sparse_chunks(round, current.len(), move_cost, None, cells, true)?;
+        self.fetch_allocation(round, current.len())
     }
 
     fn commit(

@@ -159,12 +159,27 @@ impl TcpRing {
         Ok(RingBreaker(v))
     }
 
-    /// Chunk `c` of a buffer of `n` elements cut into `world` parts.
-    fn chunk(&self, n: usize, c: usize) -> std::ops::Range<usize> {
-        let base = n / self.world;
-        let extra = n % self.world;
-        let start = c * base + c.min(extra);
-        start..start + base + usize::from(c < extra)
+    /// Chunk `c` of a buffer of `n` elements cut into `world` parts (of whole units of
+    /// `unit` elements).
+    fn chunk(&self, n: usize, unit: usize, c: usize) -> std::ops::Range<usize> {
+        let units = super::collective::share(n / unit, self.world, c);
+        units.start * unit..units.end * unit
+    }
+
+    /// The reduce-scatter half of the all-reduce: at step s rank r sends chunk (r - s)
+    /// and adds into (r - s - 1); rank r ends with the full sum of chunk (r + 1).
+    fn scatter(&mut self, buf: &mut [f32], unit: usize, what: &str) -> Result<()> {
+        let (w, r, n) = (self.world, self.rank, buf.len());
+        for s in 0..w - 1 {
+            let send = self.chunk(n, unit, (r + w - s) % w);
+            let recv = self.chunk(n, unit, (r + 2 * w - s - 1) % w);
+            self.exchange(&buf[send], recv.len(), what)?;
+            let got: Vec<f32> = self.received().collect();
+            for (x, y) in buf[recv].iter_mut().zip(got) {
+                *x += y;
+            }
+        }
+        Ok(())
     }
 
     /// Send `out` right and receive `inn.len()` values from the left, concurrently
@@ -222,25 +237,35 @@ impl Collective for TcpRing {
         if w == 1 {
             return Ok(());
         }
-        // Reduce-scatter: at step s rank r sends chunk (r - s) and adds into (r - s - 1).
-        for s in 0..w - 1 {
-            let send = self.chunk(n, (r + w - s) % w);
-            let recv = self.chunk(n, (r + 2 * w - s - 1) % w);
-            self.exchange(&buf[send], recv.len(), "all-reduce")?;
-            let got: Vec<f32> = self.received().collect();
-            for (x, y) in buf[recv].iter_mut().zip(got) {
-                *x += y;
-            }
-        }
+        self.scatter(buf, 1, "all-reduce")?;
         // All-gather: rank r now owns chunk (r + 1); pass the finished chunks around.
         for s in 0..w - 1 {
-            let send = self.chunk(n, (r + 1 + w - s) % w);
-            let recv = self.chunk(n, (r + w - s) % w);
+            let send = self.chunk(n, 1, (r + 1 + w - s) % w);
+            let recv = self.chunk(n, 1, (r + w - s) % w);
             self.exchange(&buf[send], recv.len(), "all-reduce")?;
             let got: Vec<f32> = self.received().collect();
             buf[recv].copy_from_slice(&got);
         }
         Ok(())
+    }
+
+    fn reduce_scatter_sum(
+        &mut self,
+        buf: &mut [f32],
+        unit: usize,
+    ) -> Result<std::ops::Range<usize>> {
+        let (w, units) = (self.world, buf.len() / unit.max(1));
+        if unit == 0 || units * unit != buf.len() {
+            return Err(Error::Config(format!(
+                "ring: a reduce-scatter of {} elements in units of {unit}",
+                buf.len()
+            )));
+        }
+        if w == 1 {
+            return Ok(0..units);
+        }
+        self.scatter(buf, unit, "reduce-scatter")?;
+        Ok(super::collective::share(units, w, (self.rank + 1) % w))
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
@@ -362,6 +387,63 @@ mod tests {
                     "world {world}: ranks differ"
                 );
                 assert_eq!(b, &data(99));
+            }
+        }
+    }
+
+    #[test]
+    fn a_reduce_scatter_gives_each_rank_whole_units_of_the_all_reduce() {
+        for (world, units, unit) in [(2usize, 9usize, 5usize), (3, 2, 4), (3, 1000, 3), (4, 7, 1)] {
+            let n = units * unit;
+            let data = |r: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i * 5 + r * 11) % 13) as f32 * 0.29 - r as f32)
+                    .collect()
+            };
+            let rings: Vec<TcpRing> = rings(world, Duration::from_secs(20))
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            let got: Vec<(Vec<f32>, Vec<f32>, std::ops::Range<usize>)> = std::thread::scope(|s| {
+                let hs: Vec<_> = rings
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut ring)| {
+                        s.spawn(move || {
+                            let mut all = data(r);
+                            ring.all_reduce_sum(&mut all).unwrap();
+                            let mut part = data(r);
+                            if unit > 1 {
+                                // Not whole units: refused on every rank, before any exchange.
+                                assert!(ring.reduce_scatter_sum(&mut part[1..], unit).is_err());
+                            }
+                            let own = ring.reduce_scatter_sum(&mut part, unit).unwrap();
+                            (all, part, own)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            // The owned ranges cover every unit once.
+            let mut owned: Vec<_> = got.iter().map(|g| g.2.clone()).collect();
+            owned.sort_by_key(|r| r.start);
+            assert_eq!(owned.first().unwrap().start, 0);
+            assert_eq!(owned.last().unwrap().end, units);
+            assert!(
+                owned.windows(2).all(|w| w[0].end == w[1].start),
+                "{owned:?}"
+            );
+            // In them, the sum over the ranks (in the ring's order, as the all-reduce's).
+            for (all, part, own) in &got {
+                for i in own.start * unit..own.end * unit {
+                    let exact: f64 = (0..world).map(|r| data(r)[i] as f64).sum();
+                    assert!(
+                        (part[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                        "world {world}, element {i}: {} vs {exact}",
+                        part[i]
+                    );
+                    assert!((all[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
+                }
             }
         }
     }

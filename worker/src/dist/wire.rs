@@ -3,7 +3,7 @@
 //! (loss tables, allocations). The worker's control channel and the coordinator's service
 //! both go through it; a message that does not convert is refused with what is wrong.
 
-use lightrnn_alloc::Report;
+use lightrnn_alloc::{Report, SparsePart};
 use lightrnn_kernels::{LossTables, ModelDims, Optimizer};
 use lightrnn_proto::CHUNK_BYTES;
 use lightrnn_proto::v1::{self, TableKind};
@@ -368,7 +368,7 @@ macro_rules! le_elem {
     )*};
 }
 
-le_elem!(f32: 4, u32: 4, u64: 8);
+le_elem!(f32: 4, u32: 4, u64: 8, f64: 8);
 
 /// The element ranges that cut `len` elements of `T` into chunks of at most
 /// [`CHUNK_BYTES`] (at least one element each).
@@ -446,6 +446,62 @@ pub fn table_chunks(
             _ => encode(&cells[r.clone()]),
         };
         v1::TableChunk {
+            kind: kind as i32,
+            offset: r.start as u64,
+            data,
+            ..head.clone()
+        }
+    })
+}
+
+/// The chunks of one push of sparse tables: `part`'s arrays (none in a last push
+/// without a part) and `cells` (rank 0's current allocation in its last push; empty
+/// otherwise), each a copy of `head` with the part's figures and its piece. One chunk
+/// at least: a push without a part or cells is its head alone.
+pub fn sparse_chunks(
+    part: Option<SparsePart>,
+    cells: Vec<u32>,
+    mut head: v1::SparseChunk,
+) -> impl Iterator<Item = v1::SparseChunk> + Send + 'static {
+    use v1::SparseKind as K;
+    let mut parts: Vec<(K, std::ops::Range<usize>)> = Vec::new();
+    if let Some(p) = &part {
+        let t = &p.tables;
+        head.start = p.start as u64;
+        head.words = t.vocab as u64;
+        head.k_rows = t.k_rows as u64;
+        head.k_cols = t.k_cols as u64;
+        head.before = p.figures.before;
+        head.before_discounted = p.figures.before_discounted;
+        head.lower_bound = p.figures.lower_bound;
+        parts.extend(pieces::<u32>(t.row_idx.len()).map(|r| (K::RowIdx, r)));
+        parts.extend(pieces::<f32>(t.row_loss.len()).map(|r| (K::RowLoss, r)));
+        parts.extend(pieces::<u32>(t.col_idx.len()).map(|r| (K::ColIdx, r)));
+        parts.extend(pieces::<f32>(t.col_loss.len()).map(|r| (K::ColLoss, r)));
+        parts.extend(pieces::<f64>(t.row_sum.len()).map(|r| (K::RowSum, r)));
+        parts.extend(pieces::<f64>(t.col_sum.len()).map(|r| (K::ColSum, r)));
+        parts.extend(pieces::<u64>(p.counts.len()).map(|r| (K::Counts, r)));
+    }
+    parts.extend(pieces::<u32>(cells.len()).map(|r| (K::Cells, r)));
+    if parts.is_empty() {
+        // The head alone, as a chunk of no elements.
+        parts.push((K::Counts, 0..0));
+    }
+    parts.into_iter().map(move |(kind, r)| {
+        let data = match (&part, kind) {
+            (_, K::Cells) => encode(&cells[r.clone()]),
+            (None, _) => Vec::new(),
+            (Some(p), k) => match k {
+                K::RowIdx => encode(&p.tables.row_idx[r.clone()]),
+                K::RowLoss => encode(&p.tables.row_loss[r.clone()]),
+                K::ColIdx => encode(&p.tables.col_idx[r.clone()]),
+                K::ColLoss => encode(&p.tables.col_loss[r.clone()]),
+                K::RowSum => encode(&p.tables.row_sum[r.clone()]),
+                K::ColSum => encode(&p.tables.col_sum[r.clone()]),
+                _ => encode(&p.counts[r.clone()]),
+            },
+        };
+        v1::SparseChunk {
             kind: kind as i32,
             offset: r.start as u64,
             data,

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use tokio::runtime::Handle;
 
-use lightrnn_alloc::{Carry, Report, SparseTables, carry_vectors};
+use lightrnn_alloc::{Carry, Reallocation, Report, SparsePart, SparseTables, carry_vectors};
 use lightrnn_kernels::{Backend, LossTables, Stream};
 
 use super::eval::{evaluate, pass};
 use crate::data::shards::SplitReader;
-use crate::dist::collective::share;
+use crate::dist::collective::{Collective, share};
 use crate::dist::control::Dist;
 use crate::{Error, Result};
 
@@ -85,15 +85,7 @@ pub fn sparse_loss_tables(
     handle: &Handle,
 ) -> Result<SparseBuild> {
     let d = backend.dims();
-    let per_pass = (max_bytes / LossTables::bytes_per_word(&d)).min(d.vocab as u64) as usize;
-    if per_pass == 0 {
-        return Err(Error::Config(format!(
-            "one word's loss tables take {} bytes, more than the {max_bytes} allowed \
-             (realloc_max_table_gib)",
-            LossTables::bytes_per_word(&d)
-        )));
-    }
-    let passes = d.vocab.div_ceil(per_pass);
+    let (per_pass, passes) = passes(&d, max_bytes)?;
     let mut out = SparseBuild {
         tables: SparseTables::empty(d.vocab, d.rows, d.cols, k),
         counts: Vec::with_capacity(d.vocab),
@@ -126,6 +118,20 @@ pub fn sparse_loss_tables(
         );
     }
     Ok(out)
+}
+
+/// Words per pass of a range-by-range build whose dense tables take at most
+/// `max_bytes`, and the passes over the vocabulary.
+fn passes(d: &lightrnn_kernels::ModelDims, max_bytes: u64) -> Result<(usize, usize)> {
+    let per_pass = (max_bytes / LossTables::bytes_per_word(d)).min(d.vocab as u64) as usize;
+    if per_pass == 0 {
+        return Err(Error::Config(format!(
+            "one word's loss tables take {} bytes, more than the {max_bytes} allowed \
+             (realloc_max_table_gib)",
+            LossTables::bytes_per_word(d)
+        )));
+    }
+    Ok((per_pass, d.vocab.div_ceil(per_pass)))
 }
 
 /// What [`sparse_loss_tables`] builds.
@@ -171,7 +177,10 @@ fn fits(what: &str, need: u64, available: Option<u64>) -> Result<()> {
 pub struct ReallocOptions {
     pub batch: usize,
     pub bptt: usize,
+    /// The most a round's dense tables take (of sparse tables: one range's).
     pub max_table_bytes: u64,
+    /// Candidates per word of sparse tables (0: dense tables).
+    pub sparse_k: usize,
     pub carry: Carry,
     /// Also measure the training loss after the move (one more pass).
     pub check: bool,
@@ -191,30 +200,35 @@ pub fn reallocate(
     round: u64,
 ) -> Result<Report> {
     let t0 = Instant::now();
-    // A round that cannot fit is refused before the tables pass, with the figures (the
-    // epoch's checkpoint is committed already).
-    let d = backend.dims();
-    let need = if dist.control.solves_locally() {
-        lightrnn_alloc::round_memory_bound(d.vocab, d.rows, d.cols, o.move_cost)
-    } else {
-        lightrnn_alloc::tables_bytes(d.vocab, d.rows, d.cols)
-    };
-    check_fits(&format!("reallocation round {round}"), need)?;
-    let streams = share(o.batch, dist.world(), dist.rank());
-    let (tables, total, words) = loss_tables(
-        backend,
-        train,
-        o.batch,
-        streams,
-        o.bptt,
-        o.max_table_bytes,
-        handle,
-    )?;
-    let mut sums = [total, words as f64];
-    dist.collective.all_reduce_sum_f64(&mut sums)?;
-    let seconds_tables = t0.elapsed().as_secs_f64();
     let old = backend.allocation()?;
-    let solved = dist.control.allocate(round, tables, &old, o.move_cost)?;
+    let streams = share(o.batch, dist.world(), dist.rank());
+    let (solved, sums, seconds_tables) = if o.sparse_k > 0 {
+        sparse_round(backend, train, o, handle, dist, round, streams, &old)?
+    } else {
+        // A round that cannot fit is refused before the tables pass, with the figures
+        // (the epoch's checkpoint is committed already).
+        let d = backend.dims();
+        let need = if dist.control.solves_locally() {
+            lightrnn_alloc::round_memory_bound(d.vocab, d.rows, d.cols, o.move_cost)
+        } else {
+            lightrnn_alloc::tables_bytes(d.vocab, d.rows, d.cols)
+        };
+        check_fits(&format!("reallocation round {round}"), need)?;
+        let (tables, total, words) = loss_tables(
+            backend,
+            train,
+            o.batch,
+            streams,
+            o.bptt,
+            o.max_table_bytes,
+            handle,
+        )?;
+        let mut sums = [total, words as f64];
+        dist.collective.all_reduce_sum_f64(&mut sums)?;
+        let seconds_tables = t0.elapsed().as_secs_f64();
+        let solved = dist.control.allocate(round, tables, &old, o.move_cost)?;
+        (solved, sums, seconds_tables)
+    };
     lightrnn_kernels::check_allocation(&backend.dims(), &solved.cells)?;
     if solved.counts.len() != old.len() {
         return Err(Error::Data(format!(
@@ -249,6 +263,98 @@ pub fn reallocate(
         report.train_loss_after = Some(l);
     }
     Ok(report)
+}
+
+/// A round on sparse tables: one pass per range of words (each range's dense tables at
+/// most `o.max_table_bytes`); the ranks' tables of a range are reduce-scattered, so that
+/// each rank holds the sums of its share of the range, cuts them
+/// ([`SparsePart::cut`]) and hands the part to `control`. No process holds more than
+/// one range's dense tables; the solve sees only the parts. Returns the allocation, the
+/// loss sum and words of the pass (over all ranks), and the seconds of the passes.
+#[allow(clippy::too_many_arguments)]
+fn sparse_round(
+    backend: &mut dyn Backend,
+    train: &Arc<SplitReader>,
+    o: &ReallocOptions,
+    handle: &Handle,
+    dist: &mut Dist,
+    round: u64,
+    streams: std::ops::Range<usize>,
+    old: &[u32],
+) -> Result<(Reallocation, [f64; 2], f64)> {
+    let t0 = Instant::now();
+    let d = backend.dims();
+    let (per_pass, passes) = passes(&d, o.max_table_bytes)?;
+    let sparse = lightrnn_alloc::sparse_bytes(d.vocab, d.rows, d.cols, o.sparse_k);
+    let tables = lightrnn_alloc::tables_bytes(per_pass, d.rows, d.cols);
+    // One range's tables, and where the solve is here, the round's sparse tables and the solve.
+    let need = tables
+        + if dist.control.solves_locally() {
+            lightrnn_alloc::sparse_round_memory_bound(d.vocab, d.rows, d.cols, o.sparse_k)
+        } else {
+            sparse / dist.world() as u64
+        };
+    check_fits(&format!("reallocation round {round} (sparse tables)"), need)?;
+    let mut sums = [0.0; 2];
+    for p in 0..passes {
+        let tp = Instant::now();
+        let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
+        let (mut t, total, words) = range_tables(
+            backend,
+            train,
+            o.batch,
+            streams.clone(),
+            o.bptt,
+            range.clone(),
+            o.max_table_bytes,
+            handle,
+        )?;
+        sums = [total, words as f64];
+        if dist.world() > 1 {
+            t = reduce_scatter(&mut *dist.collective, t)?;
+        }
+        if !t.words.is_empty() {
+            let part = SparsePart::cut(t, old, o.move_cost, o.sparse_k)?;
+            dist.control.push_sparse(round, part)?;
+        }
+        if dist.is_leader() {
+            tracing::info!(
+                round,
+                pass = p + 1,
+                passes,
+                words = ?range,
+                seconds = tp.elapsed().as_secs_f64(),
+                "sparse loss tables: a range of words done"
+            );
+        }
+    }
+    dist.collective.all_reduce_sum_f64(&mut sums)?;
+    let seconds_tables = t0.elapsed().as_secs_f64();
+    let solved = dist.control.allocate_sparse(round, old, o.move_cost)?;
+    Ok((solved, sums, seconds_tables))
+}
+
+/// Every rank's tables of one range summed, scattered: the tables of the rank's share of
+/// the range's words (whole words; the counts exact, in f64).
+fn reduce_scatter(coll: &mut dyn Collective, mut t: LossTables) -> Result<LossTables> {
+    let own = coll.reduce_scatter_sum(&mut t.lr, t.rows)?;
+    if coll.reduce_scatter_sum(&mut t.lc, t.cols)? != own {
+        return Err(Error::Io(
+            "the reduce-scatters of the row and the column tables gave different ranges".into(),
+        ));
+    }
+    let mut counts: Vec<f64> = t.counts.iter().map(|&c| c as f64).collect();
+    coll.all_reduce_sum_f64(&mut counts)?;
+    let (rr, cc, a) = (t.rows, t.cols, t.words.start);
+    let keep = |v: &mut Vec<f32>, unit: usize| {
+        v.truncate(own.end * unit);
+        v.drain(..own.start * unit);
+    };
+    keep(&mut t.lr, rr);
+    keep(&mut t.lc, cc);
+    t.counts = counts[own.clone()].iter().map(|&c| c as u64).collect();
+    t.words = a + own.start..a + own.end;
+    Ok(t)
 }
 
 #[cfg(test)]

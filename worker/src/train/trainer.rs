@@ -611,7 +611,11 @@ impl<'a> Trainer<'a> {
         let ro = ReallocOptions {
             batch: cfg.batch,
             bptt: cfg.bptt,
-            max_table_bytes: (cfg.realloc_max_table_gib * (1u64 << 30) as f64) as u64,
+            max_table_bytes: cfg.realloc_max_table_bytes(),
+            sparse_k: {
+                let d = self.backend.dims();
+                cfg.realloc_sparse_k(d.vocab, d.rows, d.cols)
+            },
             carry: cfg.realloc_carry,
             check: cfg.realloc_check,
             move_cost: cfg.realloc_move_cost,
