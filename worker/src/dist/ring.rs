@@ -173,31 +173,30 @@ impl TcpRing {
         for s in 0..w - 1 {
             let send = self.chunk(n, unit, (r + w - s) % w);
             let recv = self.chunk(n, unit, (r + 2 * w - s - 1) % w);
-            self.exchange(&buf[send], recv.len(), what)?;
-            let got: Vec<f32> = self.received().collect();
-            for (x, y) in buf[recv].iter_mut().zip(got) {
-                *x += y;
-            }
+            let (out, inn) = disjoint(buf, send, recv);
+            self.exchange(out, inn, |x, y| *x += y, what)?;
         }
         Ok(())
     }
 
-    /// Send `out` right and receive `inn.len()` values from the left, concurrently
-    /// (a full ring of blocking sends would deadlock once the socket buffers fill).
-    fn exchange(&mut self, out: &[f32], inn_len: usize, what: &str) -> Result<()> {
+    /// Send `out` right while receiving `inn.len()` values from the left, concurrently (a
+    /// full ring of blocking sends would deadlock once the socket buffers fill), each
+    /// value received folded into `inn` by `fold`. Both directions go [`PIECE`] values at
+    /// a time: a ring's memory does not grow with the buffers it reduces.
+    fn exchange(
+        &mut self,
+        out: &[f32],
+        inn: &mut [f32],
+        fold: impl Fn(&mut f32, f32),
+        what: &str,
+    ) -> Result<()> {
         let (rank, world) = (self.rank, self.world);
-        self.send_buf.clear();
-        for x in out {
-            self.send_buf.extend_from_slice(&x.to_le_bytes());
-        }
-        self.recv_buf.resize(inn_len * 4, 0);
         let right = self.right.as_mut().expect("ring of more than one rank");
         let left = self.left.as_mut().expect("ring of more than one rank");
-        let send = &self.send_buf;
-        let recv = &mut self.recv_buf;
+        let (send_buf, recv_buf) = (&mut self.send_buf, &mut self.recv_buf);
         std::thread::scope(|s| {
-            let sender = s.spawn(move || right.write_all(send));
-            let r = left.read_exact(recv);
+            let sender = s.spawn(move || send_pieces(right, out, send_buf));
+            let r = recv_pieces(left, inn, recv_buf, fold);
             let w = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
@@ -210,11 +209,57 @@ impl TcpRing {
             r.map_err(|e| fail("receiving from", (rank + world - 1) % world, e))
         })
     }
+}
 
-    fn received(&self) -> impl Iterator<Item = f32> + '_ {
-        self.recv_buf
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+/// Values a ring transfer stages at a time (1 MiB of f32).
+const PIECE: usize = 1 << 18;
+
+/// Write `values` little-endian, [`PIECE`] at a time through `staging`.
+fn send_pieces(to: &mut TcpStream, values: &[f32], staging: &mut Vec<u8>) -> std::io::Result<()> {
+    for piece in values.chunks(PIECE) {
+        staging.clear();
+        for x in piece {
+            staging.extend_from_slice(&x.to_le_bytes());
+        }
+        to.write_all(staging)?;
+    }
+    Ok(())
+}
+
+/// Read `into.len()` little-endian values, [`PIECE`] at a time through `staging`,
+/// folding each into its place.
+fn recv_pieces(
+    from: &mut TcpStream,
+    into: &mut [f32],
+    staging: &mut Vec<u8>,
+    fold: impl Fn(&mut f32, f32),
+) -> std::io::Result<()> {
+    for piece in into.chunks_mut(PIECE) {
+        staging.resize(piece.len() * 4, 0);
+        from.read_exact(staging)?;
+        for (x, b) in piece.iter_mut().zip(staging.chunks_exact(4)) {
+            fold(x, f32::from_le_bytes(b.try_into().unwrap()));
+        }
+    }
+    Ok(())
+}
+
+/// Two disjoint ranges of one buffer, the first to read, the second to write.
+fn disjoint(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if a.is_empty() {
+        return (&[], &mut buf[b]);
+    }
+    if a.start >= b.end {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.len()], &mut lo[b])
+    } else {
+        assert!(a.end <= b.start, "overlapping ring chunks {a:?} and {b:?}");
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.len()])
     }
 }
 
@@ -242,9 +287,8 @@ impl Collective for TcpRing {
         for s in 0..w - 1 {
             let send = self.chunk(n, 1, (r + 1 + w - s) % w);
             let recv = self.chunk(n, 1, (r + w - s) % w);
-            self.exchange(&buf[send], recv.len(), "all-reduce")?;
-            let got: Vec<f32> = self.received().collect();
-            buf[recv].copy_from_slice(&got);
+            let (out, inn) = disjoint(buf, send, recv);
+            self.exchange(out, inn, |x, y| *x = y, "all-reduce")?;
         }
         Ok(())
     }
@@ -278,27 +322,19 @@ impl Collective for TcpRing {
         }
         // Along the ring from the root: w - 1 hops, each rank forwarding once.
         let pos = (self.rank + w - root) % w;
-        let n = buf.len();
         if pos > 0 {
-            self.recv_buf.resize(n * 4, 0);
             let left = self.left.as_mut().expect("ring of more than one rank");
-            left.read_exact(&mut self.recv_buf).map_err(|e| {
+            recv_pieces(left, buf, &mut self.recv_buf, |x, y| *x = y).map_err(|e| {
                 Error::Io(format!(
                     "ring: rank {} of {w}, broadcast: receiving from rank {} failed: {e}",
                     self.rank,
                     (self.rank + w - 1) % w
                 ))
             })?;
-            let got: Vec<f32> = self.received().collect();
-            buf.copy_from_slice(&got);
         }
         if pos < w - 1 {
-            self.send_buf.clear();
-            for x in buf.iter() {
-                self.send_buf.extend_from_slice(&x.to_le_bytes());
-            }
             let right = self.right.as_mut().expect("ring of more than one rank");
-            right.write_all(&self.send_buf).map_err(|e| {
+            send_pieces(right, buf, &mut self.send_buf).map_err(|e| {
                 Error::Io(format!(
                     "ring: rank {} of {w}, broadcast: sending to rank {} failed: {e}",
                     self.rank,
@@ -331,7 +367,14 @@ mod tests {
 
     #[test]
     fn all_reduce_and_broadcast_agree_bit_for_bit() {
-        for (world, n) in [(2usize, 10usize), (3, 1), (3, 100_003), (4, 7)] {
+        // 600,001 values: more than two of the ring's pieces per chunk.
+        for (world, n) in [
+            (2usize, 10usize),
+            (3, 1),
+            (3, 100_003),
+            (4, 7),
+            (2, 600_001),
+        ] {
             let handles = rings(world, Duration::from_secs(20));
             let rings: Vec<TcpRing> = handles
                 .into_iter()
@@ -393,7 +436,13 @@ mod tests {
 
     #[test]
     fn a_reduce_scatter_gives_each_rank_whole_units_of_the_all_reduce() {
-        for (world, units, unit) in [(2usize, 9usize, 5usize), (3, 2, 4), (3, 1000, 3), (4, 7, 1)] {
+        for (world, units, unit) in [
+            (2usize, 9usize, 5usize),
+            (3, 2, 4),
+            (3, 1000, 3),
+            (4, 7, 1),
+            (2, 200_001, 3),
+        ] {
             let n = units * unit;
             let data = |r: usize| -> Vec<f32> {
                 (0..n)
@@ -434,9 +483,10 @@ mod tests {
                 "{owned:?}"
             );
             // In them, the sum over the ranks (in the ring's order, as the all-reduce's).
+            let inputs: Vec<Vec<f32>> = (0..world).map(data).collect();
             for (all, part, own) in &got {
                 for i in own.start * unit..own.end * unit {
-                    let exact: f64 = (0..world).map(|r| data(r)[i] as f64).sum();
+                    let exact: f64 = inputs.iter().map(|d| d[i] as f64).sum();
                     assert!(
                         (part[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
                         "world {world}, element {i}: {} vs {exact}",
