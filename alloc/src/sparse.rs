@@ -269,30 +269,49 @@ impl SparseTables {
         lc: &(dyn Fn(usize, usize) -> f64 + Sync),
     ) {
         let (kr, kc) = (self.k_rows, self.k_cols);
-        let cut = |width: usize, kk: usize, f: &dyn Fn(usize) -> f64| {
-            let mut e: Vec<(f64, u32)> = (0..width).map(|i| (f(i), i as u32)).collect();
+        let (rows, cols) = (self.rows, self.cols);
+        // Each word's k cheapest (loss, index) of one side, ascending, written in place;
+        // returns the side's sum (in index order). The scratch is one side's entries,
+        // reused word after word: the cut holds nothing dense beyond its input.
+        let cut = |e: &mut Vec<(f64, u32)>,
+                   width: usize,
+                   f: &dyn Fn(usize) -> f64,
+                   idx: &mut [u32],
+                   loss: &mut [f32]| {
+            e.clear();
+            e.extend((0..width).map(|i| (f(i), i as u32)));
             let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
             let sum = e.iter().map(|x| x.0).sum::<f64>();
+            let kk = idx.len();
             if kk < width {
                 e.select_nth_unstable_by(kk - 1, by);
             }
-            e.truncate(kk);
-            e.sort_unstable_by(by);
-            (e, sum)
+            let top = &mut e[..kk];
+            top.sort_unstable_by(by);
+            for ((i, l), x) in idx.iter_mut().zip(loss.iter_mut()).zip(top.iter()) {
+                (*i, *l) = (x.1, x.0 as f32);
+            }
+            sum
         };
-        let (rows, cols) = (self.rows, self.cols);
-        let per: Vec<_> = (0..n)
-            .into_par_iter()
-            .map(|w| (cut(rows, kr, &|i| lr(w, i)), cut(cols, kc, &|j| lc(w, j))))
-            .collect();
-        for ((re, rs), (ce, cs)) in per {
-            self.row_idx.extend(re.iter().map(|x| x.1));
-            self.row_loss.extend(re.iter().map(|x| x.0 as f32));
-            self.col_idx.extend(ce.iter().map(|x| x.1));
-            self.col_loss.extend(ce.iter().map(|x| x.0 as f32));
-            self.row_sum.push(rs);
-            self.col_sum.push(cs);
-        }
+        let (r0, c0, w0) = (self.row_idx.len(), self.col_idx.len(), self.row_sum.len());
+        self.row_idx.resize(r0 + n * kr, 0);
+        self.row_loss.resize(r0 + n * kr, 0.0);
+        self.col_idx.resize(c0 + n * kc, 0);
+        self.col_loss.resize(c0 + n * kc, 0.0);
+        self.row_sum.resize(w0 + n, 0.0);
+        self.col_sum.resize(w0 + n, 0.0);
+        self.row_idx[r0..]
+            .par_chunks_mut(kr)
+            .zip(self.row_loss[r0..].par_chunks_mut(kr))
+            .zip(self.col_idx[c0..].par_chunks_mut(kc))
+            .zip(self.col_loss[c0..].par_chunks_mut(kc))
+            .zip(self.row_sum[w0..].par_iter_mut())
+            .zip(self.col_sum[w0..].par_iter_mut())
+            .enumerate()
+            .for_each_init(Vec::new, |e, (w, (((((ri, rl), ci), cl), rs), cs))| {
+                *rs = cut(e, rows, &|i| lr(w, i), ri, rl);
+                *cs = cut(e, cols, &|j| lc(w, j), ci, cl);
+            });
     }
 
     /// Bytes the tables take in memory.
