@@ -394,6 +394,102 @@ fn chaos(extra: &[&str], emulated: bool) {
     );
 }
 
+/// A worker SIGKILLed in the middle of a sparse reallocation round (the ranks between two
+/// of the round's range passes, reduce-scattering tables): the fault takes the one fault
+/// path, the group re-forms from the epoch-end checkpoint (committed before the round),
+/// the round runs again from its first range, and the run ends exactly as the fault-free
+/// one.
+#[test]
+fn a_worker_killed_in_a_sparse_reallocation_round_is_replaced_and_the_run_ends_as_without_faults() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 6000);
+    // 42 words, 64 bytes of dense tables each: two words a range, 21 passes a round.
+    let extra = [
+        "--set",
+        "epochs=2",
+        "--set",
+        "realloc_every=1",
+        "--set",
+        "realloc_move_cost=0.002",
+        "--set",
+        "realloc_sparse=3",
+        "--set",
+        "realloc_max_table_gib=0.00000014",
+    ];
+    const PASS: &str = "sparse loss tables: a range of words done";
+    // Rank 0 (the one that logs the passes) with its stderr read line by line; `seen`
+    // hears of the first pass.
+    let leader = |url: &str| {
+        let mut w = worker_cmd(url, 0);
+        let mut child = w.spawn().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, seen) = std::sync::mpsc::channel();
+        let log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(err).lines() {
+                let line = line.unwrap();
+                if line.contains(PASS) {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        (child, log, seen)
+    };
+    let finish = |c: std::process::Child| {
+        let c = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&c.stderr).into_owned();
+        assert!(c.status.success(), "{err}");
+        (json(&String::from_utf8_lossy(&c.stdout)), err)
+    };
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &extra);
+    let (w0, log0, _) = leader(&url);
+    let w1 = worker(&url, 1);
+    let (clean, _) = finish(c);
+    for w in [w0, w1] {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    let passes = log0.join().unwrap().matches(PASS).count();
+    assert_eq!(clean["reallocations"], 1, "{clean}");
+    assert!(passes >= 10, "{passes} passes");
+
+    let (c, url) = coordinator(&data, &tmp.path().join("faulty"), &extra);
+    let (w0, log0, seen) = leader(&url);
+    let mut w1 = worker(&url, 1);
+    seen.recv_timeout(Duration::from_secs(120))
+        .expect("the round's first pass");
+    w1.kill().unwrap();
+    w1.wait().unwrap();
+    let w1 = worker(&url, 1);
+    let (s, err) = finish(c);
+    for w in [w0, w1] {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    let again = log0.join().unwrap().matches(PASS).count();
+    eprintln!("{passes} passes a round; rank 0 logged {again} with the fault");
+    assert!(err.contains("generation ended"), "{err}");
+    // The kill landed inside the round: rank 0 began it, then ran it whole once more.
+    assert!(
+        again > passes && again < 2 * passes,
+        "{again} passes logged, {passes} a round"
+    );
+    assert_eq!(s["reallocations"], 1, "{s}");
+    for k in [
+        "valid_ppl",
+        "test_ppl",
+        "train_loss",
+        "steps",
+        "tokens_accounted",
+    ] {
+        assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
+    }
+    assert_eq!(s["params_sha256"], clean["params_sha256"]);
+}
+
 #[test]
 fn with_no_restarts_left_a_killed_worker_ends_the_job_with_an_error_not_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
