@@ -170,41 +170,44 @@ pub fn read_sparse(d: &Location, handle: &Handle) -> Result<SparseTables> {
         }
         Ok(arr)
     };
-    let idx = |arr: &npy::Array| -> Result<Vec<u32>> {
-        arr.to_i64()?
-            .into_iter()
-            .map(|x| {
-                u32::try_from(x)
-                    .map_err(|_| crate::Error::Usage(format!("negative or huge index {x}")))
-            })
-            .collect()
+    // Each array converted as it is read and its bytes dropped: the peak is the tables
+    // and one file, not every file and the tables.
+    let idx = |n: &str| -> Result<(Vec<usize>, Vec<u32>)> {
+        let arr = array(n, Some(0))?;
+        let v = arr
+            .to_u32()
+            .map_err(|e| crate::Error::Usage(format!("{}: {e}", what(n))))?;
+        Ok((arr.shape, v))
     };
-    let (ri, rl, ci, cl) = (
-        array("rows.npy", Some(0))?,
-        array("row_loss.npy", Some(0))?,
-        array("cols.npy", Some(0))?,
-        array("col_loss.npy", Some(0))?,
-    );
-    if ri.shape != rl.shape || ci.shape != cl.shape {
+    let loss = |n: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let arr = array(n, Some(0))?;
+        let v = arr.to_f32();
+        Ok((arr.shape, v))
+    };
+    let (ris, row_idx) = idx("rows.npy")?;
+    let (rls, row_loss) = loss("row_loss.npy")?;
+    let (cis, col_idx) = idx("cols.npy")?;
+    let (cls, col_loss) = loss("col_loss.npy")?;
+    if ris != rls || cis != cls {
         return usage(format!(
             "{}: rows/row_loss and cols/col_loss must have the same shapes; got {:?}/{:?} and {:?}/{:?}",
             d.url_of(""),
-            ri.shape,
-            rl.shape,
-            ci.shape,
-            cl.shape
+            ris,
+            rls,
+            cis,
+            cls
         ));
     }
     Ok(SparseTables {
         vocab,
         rows,
         cols,
-        k_rows: ri.shape[1],
-        k_cols: ci.shape[1],
-        row_idx: idx(&ri)?,
-        row_loss: rl.to_f32(),
-        col_idx: idx(&ci)?,
-        col_loss: cl.to_f32(),
+        k_rows: ris[1],
+        k_cols: cis[1],
+        row_idx,
+        row_loss,
+        col_idx,
+        col_loss,
         row_sum: array("row_sum.npy", None)?.to_f64(),
         col_sum: array("col_sum.npy", None)?.to_f64(),
     })

@@ -266,6 +266,35 @@ impl Array {
             d => Err(Error::Data(format!("expected an integer array, got {d:?}"))),
         }
     }
+    /// An integer array as u32 indices, converted element by element (no wider copy);
+    /// a negative or out-of-range value is an error naming it.
+    pub fn to_u32(&self) -> Result<Vec<u32>> {
+        let bad = |x: i64| Error::Data(format!("index {x} is negative or above u32"));
+        match self.dtype {
+            Dtype::U32 => Ok(self
+                .data
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()),
+            Dtype::I32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| {
+                    let x = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    u32::try_from(x).map_err(|_| bad(x.into()))
+                })
+                .collect(),
+            Dtype::I64 => self
+                .data
+                .chunks_exact(8)
+                .map(|c| {
+                    let x = i64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+                    u32::try_from(x).map_err(|_| bad(x))
+                })
+                .collect(),
+            d => Err(Error::Data(format!("expected an integer array, got {d:?}"))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -286,6 +315,16 @@ mod tests {
         let j = decode(Bytes::from(encode_i32(&[1, 3], &[5, -1, 7])), "j").unwrap();
         assert_eq!((j.dtype, &j.shape[..]), (Dtype::I32, &[1usize, 3][..]));
         assert_eq!(j.to_i64().unwrap(), vec![5, -1, 7]);
+        let e = j.to_u32().unwrap_err().to_string();
+        assert!(e.contains("index -1"), "{e}");
+        let u = decode(Bytes::from(encode_i64(&[5, 4_000_000_000, 7])), "u").unwrap();
+        assert_eq!(u.to_u32().unwrap(), vec![5, 4_000_000_000, 7]);
+        assert!(
+            decode(Bytes::from(encode_i64(&[1 << 32])), "h")
+                .unwrap()
+                .to_u32()
+                .is_err()
+        );
         let d = decode(Bytes::from(encode_f64(&[0.25, -3.0])), "d").unwrap();
         assert_eq!(d.as_f64().unwrap(), &[0.25, -3.0]);
         // Truncated data, wrong magic, random bytes.
