@@ -108,15 +108,16 @@ pub struct TrainConfig {
     /// passes over ranges of words whose dense tables take at most this.
     pub realloc_max_table_gib: f64,
     /// Candidate rows and columns per word of sparse loss tables (docs/allocation.md,
-    /// "Sparse tables"). 0: dense tables where they fit in realloc_max_table_gib, sparse
-    /// ones of [`AUTO_SPARSE_K`] candidates beyond.
+    /// "Sparse tables"). 0: dense tables where they fit in realloc_max_table_gib, beyond
+    /// that sparse ones with as many candidates as fit in it ([`AUTO_SPARSE_K`]).
     pub realloc_sparse: usize,
 }
 
-/// Candidates per word of the sparse loss tables a round builds where the dense ones
-/// do not fit (`realloc_sparse = 0`): +1.9 % over the dense tables' solution at V = 1M
-/// where 16 give +6.0 % (docs/benchmarks.md).
-pub const AUTO_SPARSE_K: usize = 64;
+/// The candidates per word a round picks for itself where the dense tables do not fit
+/// (`realloc_sparse = 0`): as many as the round's memory bound allows within
+/// `realloc_max_table_gib`, between these two. At V = 1M (docs/benchmarks.md, section
+/// 13) 16 give +6.0 % over the dense tables' solution, 64 +1.9 %, 144 +0.37 %.
+pub const AUTO_SPARSE_K: std::ops::RangeInclusive<usize> = 16..=144;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -390,7 +391,17 @@ impl TrainConfig {
         if self.realloc_sparse > 0 {
             self.realloc_sparse
         } else if lightrnn_alloc::tables_bytes(vocab, rows, cols) > self.realloc_max_table_bytes() {
-            AUTO_SPARSE_K
+            let fits = |k: usize| {
+                lightrnn_alloc::sparse_round_memory_bound(vocab, rows, cols, k)
+                    <= self.realloc_max_table_bytes()
+            };
+            // The bound grows with k: the largest k that fits, by bisection.
+            let (mut lo, mut hi) = (*AUTO_SPARSE_K.start(), *AUTO_SPARSE_K.end());
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if fits(mid) { lo = mid } else { hi = mid - 1 }
+            }
+            lo
         } else {
             0
         }
@@ -442,6 +453,31 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_takes_dense_tables_where_they_fit_else_as_many_candidates_as_fit() {
+        use lightrnn_alloc::sparse_round_memory_bound as bound;
+        let mut c = TrainConfig::preset("tiny").unwrap();
+        assert_eq!(c.realloc_max_table_gib, 16.0);
+        // V = 1M: 8 GB of dense tables fit in 16 GiB.
+        assert_eq!(c.realloc_sparse_k(1_000_000, 1000, 1000), 0);
+        // V = 2M: dense 22.6 GB; sparse tables of the most candidates fit.
+        assert_eq!(c.realloc_sparse_k(2_000_000, 1415, 1415), 144);
+        // V = 10M: the largest k whose round fits.
+        let k = c.realloc_sparse_k(10_000_000, 3163, 3163);
+        let budget = c.realloc_max_table_bytes();
+        assert!(k > 16 && k < 144, "{k}");
+        assert!(bound(10_000_000, 3163, 3163, k) <= budget);
+        assert!(bound(10_000_000, 3163, 3163, k + 1) > budget);
+        // Too little for any: the fewest, and the round's own check refuses it if the
+        // memory is not there.
+        c.realloc_max_table_gib = 1.0;
+        assert_eq!(c.realloc_sparse_k(10_000_000, 3163, 3163), 16);
+        // Set by hand: taken as set.
+        c.realloc_sparse = 7;
+        assert_eq!(c.realloc_sparse_k(10_000_000, 3163, 3163), 7);
+        assert_eq!(c.realloc_sparse_k(100, 10, 10), 7);
+    }
 
     #[test]
     fn presets_parse_and_overrides_apply() {
