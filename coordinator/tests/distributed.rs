@@ -219,6 +219,21 @@ fn two_workers_reallocate_on_sparse_tables_as_on_dense_ones() {
     );
 }
 
+/// A run that restarted ends exactly where the fault-free one `clean` does: the same
+/// figures and parameters, every epoch's tokens counted once.
+fn ends_as(s: &serde_json::Value, clean: &serde_json::Value, what: &str) {
+    for k in [
+        "valid_ppl",
+        "test_ppl",
+        "train_loss",
+        "steps",
+        "tokens_accounted",
+    ] {
+        assert_eq!(s[k], clean[k], "{what}: {k}: {s} vs {clean}");
+    }
+    assert_eq!(s["params_sha256"], clean["params_sha256"], "{what}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -377,16 +392,7 @@ fn chaos(extra: &[&str], emulated: bool) {
         restarted += 1;
         // Same world size, resumed from a committed checkpoint: the run ends exactly
         // where the fault-free one does, and every epoch's tokens were counted once.
-        for k in [
-            "valid_ppl",
-            "test_ppl",
-            "train_loss",
-            "steps",
-            "tokens_accounted",
-        ] {
-            assert_eq!(s[k], clean[k], "trial {trial}: {k}: {s} vs {clean}");
-        }
-        assert_eq!(s["params_sha256"], clean["params_sha256"]);
+        ends_as(&s, &clean, &format!("trial {trial}"));
     }
     assert!(
         restarted >= 2,
@@ -478,16 +484,7 @@ fn a_worker_killed_in_a_sparse_reallocation_round_is_replaced_and_the_run_ends_a
         "{again} passes logged, {passes} a round"
     );
     assert_eq!(s["reallocations"], 1, "{s}");
-    for k in [
-        "valid_ppl",
-        "test_ppl",
-        "train_loss",
-        "steps",
-        "tokens_accounted",
-    ] {
-        assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
-    }
-    assert_eq!(s["params_sha256"], clean["params_sha256"]);
+    ends_as(&s, &clean, "");
 }
 
 #[test]
@@ -1007,16 +1004,7 @@ fn a_stalled_worker_is_killed_and_replaced_and_the_run_ends_as_without_faults() 
         "{:?}",
         stopped.elapsed()
     );
-    for k in [
-        "valid_ppl",
-        "test_ppl",
-        "train_loss",
-        "steps",
-        "tokens_accounted",
-    ] {
-        assert_eq!(s[k], clean[k], "{k}: {s} vs {clean}");
-    }
-    assert_eq!(s["params_sha256"], clean["params_sha256"]);
+    ends_as(&s, &clean, "");
 }
 
 /// A worker that joins and dies before the rest of its group arrives frees its rank:
