@@ -391,17 +391,13 @@ impl TrainConfig {
         if self.realloc_sparse > 0 {
             self.realloc_sparse
         } else if lightrnn_alloc::tables_bytes(vocab, rows, cols) > self.realloc_max_table_bytes() {
-            let fits = |k: usize| {
-                lightrnn_alloc::sparse_round_memory_bound(vocab, rows, cols, k)
-                    <= self.realloc_max_table_bytes()
-            };
-            // The bound grows with k: the largest k that fits, by bisection.
-            let (mut lo, mut hi) = (*AUTO_SPARSE_K.start(), *AUTO_SPARSE_K.end());
-            while lo < hi {
-                let mid = (lo + hi).div_ceil(2);
-                if fits(mid) { lo = mid } else { hi = mid - 1 }
-            }
-            lo
+            AUTO_SPARSE_K
+                .rev()
+                .find(|&k| {
+                    lightrnn_alloc::sparse_round_memory_bound(vocab, rows, cols, k)
+                        <= self.realloc_max_table_bytes()
+                })
+                .unwrap_or(*AUTO_SPARSE_K.start())
         } else {
             0
         }
