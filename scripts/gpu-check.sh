@@ -76,6 +76,20 @@ print(json.dumps({"coordinator_vs_alone": {
     "test_ppl": [c["test_ppl"], a["test_ppl"], c["test_ppl"] / a["test_ppl"] - 1],
     "words_per_sec": [c["words_per_sec"], a["words_per_sec"], c["words_per_sec"] / a["words_per_sec"] - 1]}}))
 PY
+echo "== jobs: a sparse reallocation round, alone and through the coordinator (tables reduce-scattered by NCCL) $(elapsed)"
+SPARSE=(--preset ptb-small-realloc --backend cuda --data "$DATA" --set epochs=2 --set realloc_sparse=16 --set realloc_solver=scalable)
+for run in sparse-alone sparse-nccl; do
+  extra=(); [[ $run == sparse-nccl ]] && extra=(--workers 1)
+  timeout 300 "$BIN/lightrnn" train "${SPARSE[@]}" "${extra[@]}" --out "$RUNS/$run" 2>"$RUNS/$run.log" | tail -1 > "$RUNS/$run.json" \
+    || { status=1; echo "the sparse round ($run) failed:"; tail -20 "$RUNS/$run.log"; }
+done
+grep -h "sparse loss tables: a range of words done" "$RUNS/sparse-nccl.log" | tail -1
+python3 - "$RUNS/sparse-alone.json" "$RUNS/sparse-nccl.json" <<'PY' || status=1
+import json, sys
+a, c = (json.load(open(p)) for p in sys.argv[1:3])
+print(json.dumps({"sparse_round_coordinator_vs_alone": {
+    "test_ppl": [c["test_ppl"], a["test_ppl"], c["test_ppl"] / a["test_ppl"] - 1]}}))
+PY
 echo "== jobs: a worker killed after its first checkpoint is replaced $(elapsed)"
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 timeout 300 "$BIN/lightrnn" coordinator "${JOB[@]}" --set epochs=1 --set checkpoint_every=50 \

@@ -30,7 +30,10 @@
 //! reallocation round is [`Backend::begin_loss_tables`], one
 //! [`Backend::accumulate_loss_tables`] per batch of the pass (the tables accumulate inside
 //! the backend), and [`Backend::take_loss_tables`] once at its end; a pass covers a range of
-//! word ids, so tables larger than memory take one pass per range.
+//! word ids, so tables larger than memory take one pass per range. In a job of several
+//! ranks, [`Backend::take_loss_tables_scattered`] ends the pass instead where the tables
+//! lie on a device: summed there over the ranks, and each rank takes its share of the
+//! words only.
 //!
 //! **Who owns which buffer.** The caller owns the word ids of a [`Batch`] (borrowed for
 //! the call), the [`LossSums`] and [`LossTables`] it receives, and copies of parameters,
@@ -210,6 +213,20 @@ pub trait GradReduce {
     fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> Result<()>;
 }
 
+/// A loss-table pass ended with [`Backend::take_loss_tables_scattered`]. The shares are
+/// rank order's consecutive runs of ceil(n / W) words of the pass's n (the last ranks
+/// fewer, or none); each table entry is summed once, by its owner, in the gradient
+/// all-reduce's fixed pairwise order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScatteredTables {
+    /// This rank's share of the pass's words with their tables summed over the ranks.
+    /// Its `counts` are still this rank's own occurrences of those words.
+    pub own: LossTables,
+    /// This rank's own occurrences of every word of the pass, in word order: host
+    /// values, which the caller sums over the ranks with its other host figures.
+    pub counts: Vec<u64>,
+}
+
 /// What a backend needs to build a model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -290,6 +307,18 @@ pub trait Backend: Send {
     fn accumulate_loss_tables(&mut self, batch: &Batch<'_>) -> Result<LossSums>;
     /// End the pass: the accumulated tables (read once per round).
     fn take_loss_tables(&mut self) -> Result<LossTables>;
+    /// End the pass with the tables summed over the ranks of `peers` where they lie and
+    /// scattered by word: this rank gets its share of the pass's words only, so no rank
+    /// ever holds the summed tables of the whole pass ([`ScatteredTables`]). `Ok(None)`,
+    /// with the pass untouched: this backend's tables are in host memory (the caller takes
+    /// them and sums them over a host collective).
+    fn take_loss_tables_scattered(
+        &mut self,
+        peers: &mut dyn Peers,
+    ) -> Result<Option<ScatteredTables>> {
+        let _ = peers;
+        Ok(None)
+    }
 
     /// Forward through every layer.
     fn forward(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {

@@ -30,7 +30,7 @@ pub mod tables;
 
 pub use backend::{
     Backend, Batch, DeviceGrads, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass,
-    Peers, Shard, State, Stream,
+    Peers, ScatteredTables, Shard, State, Stream,
 };
 pub use cpu::CpuBackend;
 pub use cuda::Precision;

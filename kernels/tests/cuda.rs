@@ -926,6 +926,95 @@ fn the_device_all_reduce_is_the_pairwise_sum_on_every_rank() {
     }
 }
 
+/// A loss-table pass ended on the device with a reduce-scatter gives each rank its run
+/// of whole words of the ranks' pairwise-summed tables, bit for bit, the runs covering
+/// the pass's words once; every rank keeps its own counts of all of them. Word counts
+/// that do and do not divide by the world, and a world with more ranks than words.
+#[test]
+fn a_scattered_loss_table_pass_gives_each_rank_its_words_of_the_summed_tables() {
+    use lightrnn_kernels::cuda::allreduce::ThreadPeers;
+    let dims = ModelDims::square(150, 6, 8, 1).unwrap();
+    let cfg = ModelConfig {
+        dims,
+        dropout: 0.0,
+        seed: 11,
+    };
+    let (rr, cc) = (dims.rows, dims.cols);
+    let (t, b) = (4usize, 3usize);
+    for (world, words) in [(1usize, 0..150), (2, 20..120), (3, 20..120), (4, 0..3)] {
+        let peers = ThreadPeers::group(world, std::time::Duration::from_secs(30));
+        let got: Vec<(LossTables, lightrnn_kernels::ScatteredTables)> = std::thread::scope(|s| {
+            let hs: Vec<_> = peers
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut p)| {
+                    let words = words.clone();
+                    s.spawn(move || {
+                        let mut be = CudaBackend::emulated(&cfg, GIB).unwrap();
+                        let toks = tokens(300 + r as u64, t, b, 150);
+                        let pass = |be: &mut CudaBackend| {
+                            be.begin_loss_tables(words.clone(), 1 << 30).unwrap();
+                            be.reset_state(Stream::Tables);
+                            be.accumulate_loss_tables(&Batch {
+                                inputs: &toks[..t * b],
+                                targets: &toks[b..],
+                                steps: t,
+                                batch: b,
+                                stream: Stream::Tables,
+                            })
+                            .unwrap();
+                        };
+                        pass(&mut be);
+                        let whole = be.take_loss_tables().unwrap();
+                        pass(&mut be);
+                        let scattered = be.take_loss_tables_scattered(&mut p).unwrap().unwrap();
+                        assert!(be.take_loss_tables().is_err(), "the pass is ended");
+                        (whole, scattered)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let n = words.len();
+        let sum_r = pairwise(&got.iter().map(|g| g.0.lr.clone()).collect::<Vec<_>>());
+        let sum_c = pairwise(&got.iter().map(|g| g.0.lc.clone()).collect::<Vec<_>>());
+        let mut next = words.start;
+        for (r, (whole, s)) in got.iter().enumerate() {
+            let own = &s.own;
+            let per = n.div_ceil(world);
+            let start = (words.start + r * per).min(words.end);
+            assert_eq!(own.words, start..(start + per).min(words.end), "rank {r}");
+            assert_eq!(own.words.start, next, "rank {r}: the runs are consecutive");
+            next = own.words.end;
+            let (i, j) = (own.words.start - words.start, own.words.end - words.start);
+            assert_eq!(
+                own.lr,
+                sum_r[i * rr..j * rr],
+                "world {world}, rank {r}: rows"
+            );
+            assert_eq!(
+                own.lc,
+                sum_c[i * cc..j * cc],
+                "world {world}, rank {r}: columns"
+            );
+            assert_eq!((own.vocab, own.rows, own.cols), (150, rr, cc));
+            assert_eq!(s.counts, whole.counts);
+            assert_eq!(own.counts, whole.counts[i..j]);
+        }
+        assert_eq!(next, words.end, "world {world}: the runs cover the pass");
+        assert!(
+            got.iter().any(|g| g.1.counts.iter().any(|&c| c > 0)),
+            "the pass saw words"
+        );
+    }
+    // The CPU backend's tables are in host memory: it declines and keeps the pass.
+    let mut cpu = CpuBackend::new(&cfg, 1).unwrap();
+    cpu.begin_loss_tables(0..150, 1 << 30).unwrap();
+    let mut p = ThreadPeers::group(1, std::time::Duration::from_secs(5)).remove(0);
+    assert!(cpu.take_loss_tables_scattered(&mut p).unwrap().is_none());
+    assert_eq!(cpu.take_loss_tables().unwrap().words, 0..150);
+}
+
 /// With `grad_groups` fixed, W ranks holding G / W groups each end every step with the
 /// parameters one rank holding all G groups computes, bit for bit (dropout keyed by
 /// global stream, the groups' tree continued across the ranks by the fixed-order

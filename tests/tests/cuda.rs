@@ -317,6 +317,12 @@ impl Backend for Flaky {
     fn take_loss_tables(&mut self) -> lightrnn_kernels::Result<lightrnn_kernels::LossTables> {
         self.0.take_loss_tables()
     }
+    fn take_loss_tables_scattered(
+        &mut self,
+        peers: &mut dyn lightrnn_kernels::Peers,
+    ) -> lightrnn_kernels::Result<Option<lightrnn_kernels::ScatteredTables>> {
+        self.0.take_loss_tables_scattered(peers)
+    }
 }
 
 /// A device fault on one CUDA worker goes through the one fault path: the generation

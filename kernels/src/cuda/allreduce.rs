@@ -1,8 +1,9 @@
 //! The device side of the gradient all-reduce: [`Lent`], a CUDA backend's gradient buffer
 //! lent to the job's collective (the [`DeviceGrads`] of the boundary), the fixed-order sum
-//! it runs over a [`Peers`] transport (NCCL between GPU processes, [`super::nccl`]), and
-//! [`ThreadPeers`], ranks as threads of one process: the stand-in the tests run on the
-//! emulated device.
+//! it runs over a [`Peers`] transport (NCCL between GPU processes, [`super::nccl`]), its
+//! reduce-scatter half in whole rows for the loss tables of a reallocation round
+//! ([`reduce_scatter_units`]), and [`ThreadPeers`], ranks as threads of one process: the
+//! stand-in the tests run on the emulated device.
 //!
 //! # The fixed-order all-reduce
 //!
@@ -84,40 +85,95 @@ impl DeviceGrads for Lent<'_> {
     }
 
     fn all_reduce(&mut self, peers: &mut dyn Peers) -> Result<()> {
-        let (w, rank, n) = (peers.world(), peers.rank(), self.n);
+        let (w, n) = (peers.world(), self.n);
         // A world of one runs the same calls (NCCL at world size 1 is how a one-GPU
         // machine checks them); only an empty buffer has nothing to do.
         if n == 0 {
             return Ok(());
         }
-        if rank >= w {
-            return Err(Error::Config(format!("rank {rank} of a world of {w}")));
-        }
         let dev = self.dev;
-        if peers.ordinal() != dev.ordinal() {
-            let on =
-                |o: Option<usize>| o.map_or("the emulated device".into(), |k| format!("GPU {k}"));
-            return Err(Error::Config(format!(
-                "a collective over {} cannot sum a buffer on {} ({})",
-                on(peers.ordinal()),
-                on(dev.ordinal()),
-                dev.name()
-            )));
-        }
+        check_peers(dev, peers)?;
         let c = n.div_ceil(w);
         let (send, recv) = self.scratch.get(dev, w, c)?;
         send.copy_from(dev, 0, self.grads, 0, n)?;
-        peers.all_to_all(send.at(0), recv.at(0), c)?;
-        // The pieces are summed in place in `recv`, named by their offsets.
-        let mut tree = PairwiseSum::default();
-        let add = |a: &mut usize, b: &usize| add_assign(dev, recv.arg(*a), recv.arg(*b), c);
-        for p in 0..w {
-            tree.push(p * c, add)?;
-        }
-        let sum = tree.finish(add)?;
+        let sum = sum_pieces(dev, peers, send, recv, c)?;
         peers.all_gather(recv.at(sum), send.at(0), c)?;
         self.grads.copy_from(dev, 0, send, 0, n)
     }
+}
+
+/// A transport that can move `dev`'s buffers, with this rank in its world.
+fn check_peers(dev: &dyn Device, peers: &dyn Peers) -> Result<()> {
+    let (w, rank) = (peers.world(), peers.rank());
+    if rank >= w {
+        return Err(Error::Config(format!("rank {rank} of a world of {w}")));
+    }
+    if peers.ordinal() != dev.ordinal() {
+        let on = |o: Option<usize>| o.map_or("the emulated device".into(), |k| format!("GPU {k}"));
+        return Err(Error::Config(format!(
+            "a collective over {} cannot sum a buffer on {} ({})",
+            on(peers.ordinal()),
+            on(dev.ordinal()),
+            dev.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Steps 1 and 2 of the fixed-order all-reduce: every rank's piece p of `send` ([W * c])
+/// goes to rank p, which adds the W pieces it received in `recv` in the pairwise order.
+/// Returns the offset in `recv` of this rank's finished piece.
+fn sum_pieces(
+    dev: &dyn Device,
+    peers: &mut dyn Peers,
+    send: &Buf<f32>,
+    recv: &Buf<f32>,
+    c: usize,
+) -> Result<usize> {
+    peers.all_to_all(send.at(0), recv.at(0), c)?;
+    // The pieces are summed in place in `recv`, named by their offsets.
+    let mut tree = PairwiseSum::default();
+    let add = |a: &mut usize, b: &usize| add_assign(dev, recv.arg(*a), recv.arg(*b), c);
+    for p in 0..peers.world() {
+        tree.push(p * c, add)?;
+    }
+    tree.finish(add)
+}
+
+/// The reduce-scatter half of the fixed-order all-reduce, in whole units: the first
+/// `units * unit` elements of `buf` (rows of a loss table) summed over the ranks of
+/// `peers`, rank p owning units p * s .. (p + 1) * s of them, s = ceil(units / W) (the
+/// last ranks fewer, or none). Returns this rank's units and their sums, in host memory.
+/// Every rank calls it with the same `units` and `unit`. `buf` is sent as it lies when
+/// the units divide evenly; otherwise a padded copy is sent. Either way the device holds
+/// one receive buffer of that size beside it for the call.
+pub(crate) fn reduce_scatter_units(
+    dev: &dyn Device,
+    peers: &mut dyn Peers,
+    buf: &Buf<f32>,
+    units: usize,
+    unit: usize,
+) -> Result<(std::ops::Range<usize>, Vec<f32>)> {
+    check_peers(dev, peers)?;
+    let (w, rank) = (peers.world(), peers.rank());
+    let s = units.div_ceil(w);
+    let own = (rank * s).min(units)..((rank + 1) * s).min(units);
+    let (n, c) = (units * unit, s * unit);
+    if n == 0 {
+        return Ok((own, Vec::new()));
+    }
+    let padded;
+    let send = if w * c == n {
+        buf
+    } else {
+        padded = Buf::zeros(dev, w * c)?;
+        padded.copy_from(dev, 0, buf, 0, n)?;
+        &padded
+    };
+    let recv = Buf::zeros(dev, w * c)?;
+    let sum = sum_pieces(dev, peers, send, &recv, c)?;
+    let host = recv.download(dev, sum, own.len() * unit)?;
+    Ok((own, host))
 }
 
 /// Ranks as threads of one process, exchanging the emulated device's buffers through host

@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use super::allreduce::{Lent, Scratch};
+use super::allreduce::{Lent, Scratch, reduce_scatter_units};
 use super::buffers::{Buf, THREADS, add_assign, grid_for, u32_arg};
 use super::layer::{Arg, Device};
 use super::workspace::{HeadMode, Workspace, check_fits, model_bytes};
 use crate::backend::{
-    Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
-    State, Stream,
+    Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Peers,
+    ScatteredTables, Shard, State, Stream,
 };
 use crate::groups::{PairwiseSum, Plan};
 use crate::layout::{ParamLayout, check_allocation, random_allocation};
@@ -592,6 +592,43 @@ impl Backend for CudaBackend {
             tables.counts[w as usize] += (starts[k + 1] - starts[k]) as u64;
         }
         Ok(loss)
+    }
+
+    fn take_loss_tables_scattered(
+        &mut self,
+        peers: &mut dyn Peers,
+    ) -> Result<Option<ScatteredTables>> {
+        let DevTables {
+            words,
+            lr,
+            lc,
+            counts,
+        } = self.tables.take().ok_or_else(|| {
+            Error::Backend("take_loss_tables_scattered without a loss-table pass".into())
+        })?;
+        let d = self.layout.dims;
+        let dev = self.dev.as_ref();
+        let n = words.len();
+        // One table at a time, each freed once its share is on the host: the device holds
+        // the tables and one receive buffer of the larger at most.
+        let (own, lr_own) = reduce_scatter_units(dev, peers, &lr, n, d.rows)?;
+        drop(lr);
+        let (own_c, lc_own) = reduce_scatter_units(dev, peers, &lc, n, d.cols)?;
+        drop(lc);
+        debug_assert_eq!(own, own_c);
+        let a = words.start;
+        Ok(Some(ScatteredTables {
+            own: LossTables {
+                vocab: d.vocab,
+                rows: d.rows,
+                cols: d.cols,
+                words: a + own.start..a + own.end,
+                lr: lr_own,
+                lc: lc_own,
+                counts: counts[own.clone()].to_vec(),
+            },
+            counts,
+        }))
     }
 
     fn take_loss_tables(&mut self) -> Result<LossTables> {

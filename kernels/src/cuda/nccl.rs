@@ -315,7 +315,7 @@ impl Peers for Nccl {
         for p in 0..self.world {
             let off = (p * count * 4) as u64;
             // SAFETY: `send` and `recv` hold world * count f32 on this communicator's
-            // device (the scratch buffers of `allreduce::Lent`).
+            // device (the buffers of `allreduce::Lent` or `allreduce::reduce_scatter_units`).
             let (s, q) = unsafe {
                 (
                     sys::ncclSend(

@@ -4,7 +4,7 @@
 //! how a batch's streams are split over the ranks. The TCP ring between processes is in
 //! [`super::ring`].
 
-use lightrnn_kernels::{GradReduce, GradsMut};
+use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 
 use crate::Result;
 
@@ -29,6 +29,11 @@ pub trait Collective: GradReduce + Send {
     }
     /// Rank `root`'s buffer, copied to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// The transport between the ranks' devices, where the group has one (NCCL between
+    /// GPU workers): a backend whose buffers lie on a device sums them there.
+    fn device_peers(&mut self) -> Option<&mut dyn Peers> {
+        None
+    }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()> {
         let mut x = [0.0f32];

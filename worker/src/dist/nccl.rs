@@ -2,7 +2,9 @@
 //! device by NCCL, in place and in a fixed order ([`lightrnn_kernels::cuda::allreduce`]:
 //! the same parameters at every GPU count); the small host values (loss sums, the stop
 //! flag, the carried state of a checkpoint) go through the TCP ring beside it, which the
-//! group forms anyway.
+//! group forms anyway. A sparse reallocation round's loss tables are reduce-scattered on
+//! the device the same way ([`Collective::device_peers`]): each rank downloads its share
+//! of the words only.
 //!
 //! One communicator per generation, from the id the coordinator created for it: it is
 //! aborted when the generation ends (the coordinator's abort reaches [`Cancel`] through
@@ -12,7 +14,7 @@
 use std::time::Duration;
 
 use lightrnn_kernels::cuda::nccl::{Cancel, Nccl};
-use lightrnn_kernels::{GradReduce, GradsMut};
+use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 
 use super::collective::{Collective, reduce_host};
 use super::ring::TcpRing;
@@ -77,5 +79,8 @@ impl Collective for NcclRing {
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         self.ring.broadcast(buf, root)
+    }
+    fn device_peers(&mut self) -> Option<&mut dyn Peers> {
+        Some(&mut self.nccl)
     }
 }

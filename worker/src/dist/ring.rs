@@ -346,24 +346,30 @@ impl Collective for TcpRing {
     }
 }
 
+/// The `world` ranks of a ring on this host's loopback, each connecting on its own thread
+/// (tests).
+#[cfg(test)]
+pub(crate) fn rings(
+    world: usize,
+    timeout: Duration,
+) -> Vec<std::thread::JoinHandle<Result<TcpRing>>> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || TcpRing::connect(rank, &addrs, l, timeout))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Result<TcpRing>>> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-            .collect();
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || TcpRing::connect(rank, &addrs, l, timeout))
-            })
-            .collect()
-    }
 
     #[test]
     fn all_reduce_and_broadcast_agree_bit_for_bit() {

@@ -53,8 +53,26 @@ fn range_tables(
     max_bytes: u64,
     handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
+    let (total, predicted) = range_pass(
+        backend, split, batch, streams, bptt, words, max_bytes, handle,
+    )?;
+    Ok((backend.take_loss_tables()?, total, predicted))
+}
+
+/// The loss-table pass of [`range_tables`], the tables left in the backend.
+#[allow(clippy::too_many_arguments)]
+fn range_pass(
+    backend: &mut dyn Backend,
+    split: &Arc<SplitReader>,
+    batch: usize,
+    streams: std::ops::Range<usize>,
+    bptt: usize,
+    words: std::ops::Range<usize>,
+    max_bytes: u64,
+    handle: &Handle,
+) -> Result<(f64, u64)> {
     backend.begin_loss_tables(words, max_bytes)?;
-    let (total, predicted) = pass(
+    pass(
         backend,
         split,
         batch,
@@ -63,8 +81,7 @@ fn range_tables(
         Stream::Tables,
         handle,
         |be, b| be.accumulate_loss_tables(b),
-    )?;
-    Ok((backend.take_loss_tables()?, total, predicted))
+    )
 }
 
 /// Sparse loss tables (each word's `k` cheapest rows and columns and its exact sums,
@@ -299,7 +316,7 @@ fn sparse_round(
     for p in 0..passes {
         let tp = Instant::now();
         let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
-        let (mut t, total, words) = range_tables(
+        let (total, words) = range_pass(
             backend,
             train,
             o.batch,
@@ -310,9 +327,9 @@ fn sparse_round(
             handle,
         )?;
         sums = [total, words as f64];
-        if dist.world() > 1 {
-            t = reduce_scatter(&mut *dist.collective, t)?;
-        }
+        // At a world of one too: NCCL at world size 1 is how a one-GPU machine checks the
+        // device path (scripts/gpu-check.sh); the ring's is the identity there.
+        let t = reduce_scatter(&mut *dist.collective, backend, &range)?;
         if !t.words.is_empty() {
             let part = SparsePart::cut(t, old, o.move_cost, o.sparse_k)?;
             dist.control.push_sparse(round, part)?;
@@ -335,16 +352,31 @@ fn sparse_round(
 }
 
 /// Every rank's tables of one range summed, scattered: the tables of the rank's share of
-/// the range's words (whole words; the counts exact, in f64).
-fn reduce_scatter(coll: &mut dyn Collective, mut t: LossTables) -> Result<LossTables> {
+/// the range's words (whole words; the counts exact, in f64). Summed on the devices where
+/// the tables lie on one and the group has a device transport (NCCL), each rank taking
+/// its share only; else taken to the host and reduce-scattered over the ring.
+fn reduce_scatter(
+    coll: &mut dyn Collective,
+    backend: &mut dyn Backend,
+    words: &std::ops::Range<usize>,
+) -> Result<LossTables> {
+    if let Some(peers) = coll.device_peers()
+        && let Some(s) = backend.take_loss_tables_scattered(peers)?
+    {
+        let mut own = s.own;
+        let counts = summed_counts(coll, &s.counts)?;
+        let at = own.words.start - words.start;
+        own.counts = counts[at..at + own.words.len()].to_vec();
+        return Ok(own);
+    }
+    let mut t = backend.take_loss_tables()?;
     let own = coll.reduce_scatter_sum(&mut t.lr, t.rows)?;
     if coll.reduce_scatter_sum(&mut t.lc, t.cols)? != own {
         return Err(Error::Io(
             "the reduce-scatters of the row and the column tables gave different ranges".into(),
         ));
     }
-    let mut counts: Vec<f64> = t.counts.iter().map(|&c| c as f64).collect();
-    coll.all_reduce_sum_f64(&mut counts)?;
+    let counts = summed_counts(coll, &t.counts)?;
     let (rr, cc, a) = (t.rows, t.cols, t.words.start);
     let keep = |v: &mut Vec<f32>, unit: usize| {
         v.truncate(own.end * unit);
@@ -352,9 +384,16 @@ fn reduce_scatter(coll: &mut dyn Collective, mut t: LossTables) -> Result<LossTa
     };
     keep(&mut t.lr, rr);
     keep(&mut t.lc, cc);
-    t.counts = counts[own.clone()].iter().map(|&c| c as u64).collect();
+    t.counts = counts[own.clone()].to_vec();
     t.words = a + own.start..a + own.end;
     Ok(t)
+}
+
+/// Occurrence counts summed over the ranks (exactly: f64 holds them).
+fn summed_counts(coll: &mut dyn Collective, counts: &[u64]) -> Result<Vec<u64>> {
+    let mut c: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    coll.all_reduce_sum_f64(&mut c)?;
+    Ok(c.into_iter().map(|c| c as u64).collect())
 }
 
 #[cfg(test)]
@@ -376,5 +415,130 @@ mod tests {
         fits("r", u64::MAX, None).unwrap();
         // This machine reports what it has.
         assert!(available_memory().is_some_and(|b| b > 0));
+    }
+
+    /// A range's tables reduce-scattered on the devices (three CUDA ranks on the emulated
+    /// device, their device transport beside a TCP ring) hold what the ring's host
+    /// reduce-scatter of the same tables holds: every word once, its sums and its counts.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_range_reduce_scattered_on_the_devices_holds_the_rings_sums() {
+        use lightrnn_kernels::cuda::CudaBackend;
+        use lightrnn_kernels::cuda::allreduce::ThreadPeers;
+        use lightrnn_kernels::{Batch, GradReduce, GradsMut, ModelConfig, ModelDims, Peers};
+
+        use crate::dist::ring::{TcpRing, rings};
+
+        /// The ring for host values and the threads' device transport.
+        struct Both(TcpRing, ThreadPeers);
+        impl GradReduce for Both {
+            fn all_reduce_grads(&mut self, g: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+                self.0.all_reduce_grads(g)
+            }
+        }
+        impl Collective for Both {
+            fn rank(&self) -> usize {
+                self.0.rank()
+            }
+            fn world(&self) -> usize {
+                self.0.world()
+            }
+            fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+                self.0.all_reduce_sum(buf)
+            }
+            fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+                self.0.broadcast(buf, root)
+            }
+            fn device_peers(&mut self) -> Option<&mut dyn Peers> {
+                Some(&mut self.1)
+            }
+        }
+
+        let dims = ModelDims::square(90, 5, 6, 1).unwrap();
+        let cfg = ModelConfig {
+            dims,
+            dropout: 0.0,
+            seed: 4,
+        };
+        let (world, words, t, b) = (3usize, 10..80, 4usize, 3usize);
+        let timeout = std::time::Duration::from_secs(30);
+        let peers = ThreadPeers::group(world, timeout);
+        let rs: Vec<TcpRing> = rings(world, timeout)
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        let got: Vec<(LossTables, LossTables)> = std::thread::scope(|s| {
+            let hs: Vec<_> = rs
+                .into_iter()
+                .zip(peers)
+                .enumerate()
+                .map(|(r, (ring, p))| {
+                    let words = words.clone();
+                    s.spawn(move || {
+                        let mut be = CudaBackend::emulated(&cfg, 1 << 30).unwrap();
+                        // Every rank its own tokens, skewed toward low ids.
+                        let toks: Vec<u32> = (0..(t + 1) * b)
+                            .map(|i| ((i * 7 + r * 13) % 23 + (i % 4) * 17) as u32)
+                            .collect();
+                        let pass = |be: &mut CudaBackend| {
+                            be.begin_loss_tables(words.clone(), 1 << 30).unwrap();
+                            be.reset_state(Stream::Tables);
+                            be.accumulate_loss_tables(&Batch {
+                                inputs: &toks[..t * b],
+                                targets: &toks[b..],
+                                steps: t,
+                                batch: b,
+                                stream: Stream::Tables,
+                            })
+                            .unwrap();
+                        };
+                        let mut both = Both(ring, p);
+                        pass(&mut be);
+                        let dev = reduce_scatter(&mut both, &mut be, &words).unwrap();
+                        pass(&mut be);
+                        let host = reduce_scatter(&mut both.0, &mut be, &words).unwrap();
+                        (dev, host)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Word w's (row sums, column sums, count) from a set of shares, each word once.
+        let by_word = |parts: Vec<&LossTables>| {
+            let mut out = std::collections::BTreeMap::new();
+            for p in parts {
+                for (i, w) in p.words.clone().enumerate() {
+                    let row = p.lr[i * p.rows..(i + 1) * p.rows].to_vec();
+                    let col = p.lc[i * p.cols..(i + 1) * p.cols].to_vec();
+                    assert!(
+                        out.insert(w, (row, col, p.counts[i])).is_none(),
+                        "word {w} twice"
+                    );
+                }
+            }
+            assert_eq!(
+                out.keys().copied().collect::<Vec<_>>(),
+                words.clone().collect::<Vec<_>>()
+            );
+            out
+        };
+        let dev = by_word(got.iter().map(|g| &g.0).collect());
+        let host = by_word(got.iter().map(|g| &g.1).collect());
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+        };
+        for (w, (d, h)) in dev.values().zip(host.values()).enumerate() {
+            assert!(
+                close(&d.0, &h.0) && close(&d.1, &h.1),
+                "word {w}: sums differ"
+            );
+            assert_eq!(d.2, h.2, "word {w}: counts differ");
+        }
+        assert!(
+            dev.values().map(|v| v.2).sum::<u64>() > 0,
+            "the range holds seen words"
+        );
     }
 }
