@@ -16,6 +16,7 @@ use plotters::style::FontStyle;
 
 use lightrnn_worker::checkpoint::Checkpoint;
 use lightrnn_worker::report::MetricsLine;
+use lightrnn_worker::train::auto::Verdict;
 
 use crate::{Error, Result};
 
@@ -58,7 +59,13 @@ pub fn read_curves(text: &str, origin: &str) -> Result<Curves> {
                     c.valid.push((v.step as f64, v.ppl));
                 }
             }
-            MetricsLine::Realloc(r) => c.reallocs.push(r.step as f64),
+            // Moves only: an automatic round that skipped or undid its move left the
+            // words where they were.
+            MetricsLine::Realloc(r) => {
+                if r.auto.as_ref().is_none_or(|a| a.decision == Verdict::Move) {
+                    c.reallocs.push(r.step as f64)
+                }
+            }
             MetricsLine::Test(t) => c.test_ppl = Some(t.ppl),
             MetricsLine::Other => {}
         }

@@ -219,6 +219,55 @@ fn two_workers_reallocate_on_sparse_tables_as_on_dense_ones() {
     );
 }
 
+/// `realloc_every = "auto"` decides the same in a distributed job as in one process:
+/// every rank takes the rule's decisions from the same reduced figures. With two gradient
+/// groups one worker and two end with the same decisions and the same parameters.
+#[test]
+fn automatic_reallocation_decides_alike_on_one_worker_and_on_two() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2500);
+    let run = |name: &str, workers: &str| {
+        let out = tmp.path().join(name);
+        let args = [
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "epochs=3",
+            "--set",
+            "realloc_every=auto",
+            "--set",
+            "grad_groups=2",
+            "--set",
+            "threads=1",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--workers",
+            workers,
+        ];
+        let (code, stdout, err) = lightrnn(&args);
+        assert_eq!(code, 0, "{name}: {err}");
+        let decisions: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "realloc")
+            .map(|v| v["auto"].clone())
+            .collect();
+        (json(&stdout), decisions)
+    };
+    let (one, d1) = run("one", "1");
+    let (two, d2) = run("two", "2");
+    assert_eq!(d1.len(), 2, "{d1:?}");
+    assert_ne!(d1[0]["decision"], "skip", "{d1:?}");
+    assert_eq!(d1, d2);
+    assert_eq!(one["params_sha256"], two["params_sha256"]);
+    assert_eq!(two["workers"], 2);
+}
+
 /// A run that restarted ends exactly where the fault-free one `clean` does: the same
 /// figures and parameters, every epoch's tokens counted once.
 fn ends_as(s: &serde_json::Value, clean: &serde_json::Value, what: &str) {

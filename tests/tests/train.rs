@@ -526,51 +526,132 @@ fn a_run_that_dies_in_its_reallocation_round_resumes_from_the_epoch_and_redoes_i
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_corpus(&data, 8, 600);
+    let sets = ["epochs=3", "realloc_every=1", "realloc_rounds=1"];
+    let d = die_in_round_and_resume(&rt, tmp.path(), &data, &sets, 1);
+    assert_eq!(d.pending_meta["reallocations"], 0);
+    let rounds = |d: &std::path::Path| metrics(d).iter().filter(|v| v["kind"] == "realloc").count();
+    assert_eq!(rounds(&d.clean_dir), 1);
+    assert_eq!(rounds(&d.died), 1, "the round is recorded once");
+}
+
+/// `realloc_every = "auto"`: a round is considered after every epoch but the last, each
+/// `realloc` line says what the rule decided and from which figures (the first round
+/// moves freely; later ones price their words with the measured disruption), the summary
+/// holds the same decisions, and a run that dies in its second round resumes with the
+/// rule's state from the checkpoint and ends as the run that did not die.
+#[test]
+fn automatic_reallocation_records_its_decisions_and_resumes_as_one_run() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 8, 600);
+    let sets = ["epochs=4", "realloc_every=auto"];
+    let d = die_in_round_and_resume(&rt, tmp.path(), &data, &sets, 2);
+    let lines: Vec<Value> = metrics(&d.clean_dir)
+        .into_iter()
+        .filter(|v| v["kind"] == "realloc")
+        .collect();
+    assert_eq!(lines.len(), 3, "epochs 1-3 (none after the last)");
+    for (e, l) in lines.iter().enumerate() {
+        let a = &l["auto"];
+        assert_eq!(a["epoch"], e as u64 + 1, "{l}");
+        let verdict = a["decision"].as_str().unwrap();
+        assert!(["move", "keep", "undo", "skip"].contains(&verdict), "{l}");
+        assert!(!a["why"].as_str().unwrap().is_empty(), "{l}");
+        if verdict == "move" {
+            assert!(l["words_moved"].as_u64().unwrap() > 0, "{l}");
+        }
+        if verdict != "skip" {
+            // A round measured both sides of the rule.
+            assert!(
+                a["predicted_gain"].is_f64() && a["disruption"].is_f64(),
+                "{l}"
+            );
+            assert!(l["train_loss_after"].is_f64(), "{l}");
+        }
+    }
+    let first = &lines[0]["auto"];
+    assert_ne!(first["decision"], "skip", "the first round runs: {first}");
+    assert_eq!(first["move_cost"], 0.0, "the first round's moves are free");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(d.clean_dir.join("summary.json")).unwrap()).unwrap();
+    let decisions = summary["auto_realloc"]["decisions"].as_array().unwrap();
+    let verdicts = |v: Vec<&Value>| v.iter().map(|x| x["decision"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        verdicts(decisions.iter().collect()),
+        verdicts(lines.iter().map(|l| &l["auto"]).collect())
+    );
+    // The checkpoint the second round was pending in carries the first round's decision.
+    let pending = &d.pending_meta["auto_realloc"]["decisions"];
+    assert_eq!(pending.as_array().unwrap().len(), 1, "{}", d.pending_meta);
+    assert_eq!(pending[0], decisions[0]);
+    let resumed: Vec<Value> = metrics(&d.died)
+        .into_iter()
+        .filter(|v| v["kind"] == "realloc")
+        .collect();
+    // The same decisions from the same figures (the lines' timings aside).
+    let figures = |l: &Value| {
+        (
+            l["auto"].clone(),
+            l["words_moved"].clone(),
+            l["objective_after"].clone(),
+        )
+    };
+    assert_eq!(
+        resumed.iter().map(figures).collect::<Vec<_>>(),
+        lines.iter().map(figures).collect::<Vec<_>>(),
+        "the resumed run decides as the one that did not die"
+    );
+}
+
+/// A clean run, and the same run as one that died in the reallocation round after epoch
+/// `epoch` and was resumed: same figures and final model.
+struct Died {
+    clean_dir: std::path::PathBuf,
+    died: std::path::PathBuf,
+    /// meta.json of the checkpoint that had the round pending.
+    pending_meta: Value,
+}
+
+fn die_in_round_and_resume(
+    rt: &tokio::runtime::Runtime,
+    tmp: &std::path::Path,
+    data: &std::path::Path,
+    sets: &[&str],
+    epoch: usize,
+) -> Died {
     let args = |out: &std::path::Path, resume: bool| {
-        let mut a = vec![
-            "train".to_string(),
-            "--preset".into(),
-            "tiny".into(),
-            "--set".into(),
-            "epochs=3".into(),
-            "--set".into(),
-            "realloc_every=1".into(),
-            "--set".into(),
-            "realloc_rounds=1".into(),
-            "--set".into(),
-            "keep_checkpoints=10".into(),
+        let mut a = vec!["train".to_string(), "--preset".into(), "tiny".into()];
+        for s in sets.iter().chain(&["keep_checkpoints=10"]) {
+            a.extend(["--set".to_string(), s.to_string()]);
+        }
+        a.extend([
             "--data".into(),
             data.to_str().unwrap().into(),
             "--out".into(),
             out.to_str().unwrap().into(),
-        ];
+        ]);
         if resume {
             a.push("--resume".into());
         }
         a
     };
-    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let clean_dir = tmp.path().join("clean");
-    let a = strs(&args(&clean_dir, false));
-    let clean = cli(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &rt).unwrap();
-    let rounds = |d: &std::path::Path| metrics(d).iter().filter(|v| v["kind"] == "realloc").count();
-    assert_eq!(rounds(&clean_dir), 1);
-    // The checkpoint of epoch 1 has the round pending; a run that died in the round
+    let run = |a: Vec<String>| cli(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), rt).unwrap();
+    let clean_dir = tmp.join("clean");
+    let clean = run(args(&clean_dir, false));
+    // The checkpoint of the epoch has the round pending; a run that died in the round
     // left only it (and what came before).
     let summary: Value =
         serde_json::from_slice(&std::fs::read(clean_dir.join("summary.json")).unwrap()).unwrap();
-    let first = summary["history"][0]["step"].as_u64().unwrap();
-    let ck = clean_dir
-        .join("checkpoints")
-        .join(checkpoint::dir_name(first));
-    let meta: Value =
+    let at = summary["history"][epoch - 1]["step"].as_u64().unwrap();
+    let ck = clean_dir.join("checkpoints").join(checkpoint::dir_name(at));
+    let pending_meta: Value =
         serde_json::from_slice(&std::fs::read(ck.join("meta.json")).unwrap()).unwrap();
-    assert_eq!(meta["realloc_pending"], true, "{meta}");
-    assert_eq!(meta["reallocations"], 0);
-    let died = tmp.path().join("died");
+    assert_eq!(pending_meta["realloc_pending"], true, "{pending_meta}");
+    let died = tmp.join("died");
     for (rel, bytes) in run_files(&clean_dir) {
         let keep = match rel.strip_prefix("checkpoints/step-") {
-            Some(r) => r[..12].parse::<u64>().unwrap() <= first,
+            Some(r) => r[..12].parse::<u64>().unwrap() <= at,
             None => rel == "metrics.jsonl" || rel == "config.toml",
         };
         if keep {
@@ -580,25 +661,37 @@ fn a_run_that_dies_in_its_reallocation_round_resumes_from_the_epoch_and_redoes_i
         }
     }
     copy_data(&clean_dir, &died);
-    // out/best as the dying run left it: epoch 1's model (the first epoch is the best
-    // so far), saved before the round.
+    // out/best as the dying run left it: the best model up to that epoch, saved before
+    // the round (the epoch with the lowest validation loss so far).
+    let best_epoch = (0..epoch)
+        .min_by(|&a, &b| {
+            let v = |e: usize| summary["history"][e]["valid_loss"].as_f64().unwrap();
+            v(a).total_cmp(&v(b))
+        })
+        .unwrap();
+    let best_ck = clean_dir.join("checkpoints").join(checkpoint::dir_name(
+        summary["history"][best_epoch]["step"].as_u64().unwrap(),
+    ));
     let best = died.join("best");
     std::fs::create_dir_all(&best).unwrap();
-    for e in std::fs::read_dir(&ck).unwrap() {
+    for e in std::fs::read_dir(&best_ck).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, best.join(p.file_name().unwrap())).unwrap();
     }
-    let a = strs(&args(&died, true));
-    let resumed = cli(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &rt).unwrap();
+    let resumed = run(args(&died, true));
     for k in ["steps", "valid_ppl", "test_ppl", "train_loss"] {
         assert_eq!(resumed[k], clean[k], "{k}: {resumed} vs {clean}");
     }
-    assert_eq!(rounds(&died), 1, "the round is recorded once");
     let last = checkpoint::dir_name(clean["steps"].as_u64().unwrap());
     let model = |d: &std::path::Path| {
         std::fs::read(d.join("checkpoints").join(&last).join("model.safetensors")).unwrap()
     };
     assert!(model(&died) == model(&clean_dir), "the final models differ");
+    Died {
+        clean_dir,
+        died,
+        pending_meta,
+    }
 }
 
 /// The prepared dataset of a run directory, copied.

@@ -89,8 +89,9 @@ pub struct TrainConfig {
     /// Also keep every checkpoint whose step is a multiple of this (0: none).
     pub keep_every: u64,
     // Word reallocation.
-    /// Reallocate after every this many epochs (0 = never).
-    pub realloc_every: u64,
+    /// Reallocate after every this many epochs (0 = never), or "auto": the trainer decides
+    /// after each epoch whether a round pays and which words move ([`ReallocEvery`]).
+    pub realloc_every: ReallocEvery,
     /// First epoch after which to reallocate (0 = realloc_every).
     pub realloc_start: u64,
     /// Most reallocations in a run (0 = no limit).
@@ -111,6 +112,59 @@ pub struct TrainConfig {
     /// "Sparse tables"). 0: dense tables where they fit in realloc_max_table_gib, beyond
     /// that sparse ones with as many candidates as fit in it ([`AUTO_SPARSE_K`]).
     pub realloc_sparse: usize,
+}
+
+/// When reallocation rounds run: after every `n` epochs (`realloc_every = n`, 0 = never),
+/// or `"auto"`. Written as the number or the word, as it is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReallocEvery {
+    Epochs(u64),
+    Auto,
+}
+
+impl ReallocEvery {
+    pub fn is_auto(self) -> bool {
+        self == Self::Auto
+    }
+}
+
+impl Serialize for ReallocEvery {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Epochs(n) => s.serialize_u64(*n),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReallocEvery {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ReallocEvery;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number of epochs (0: never) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<Self::Value, E> {
+                Ok(ReallocEvery::Epochs(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<Self::Value, E> {
+                u64::try_from(n)
+                    .map(ReallocEvery::Epochs)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                t: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                match t {
+                    "auto" => Ok(ReallocEvery::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(t), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The candidates per word a round picks for itself where the dense tables do not fit
@@ -153,7 +207,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             keep_every: 0,
             lr_schedule: Vec::new(),
-            realloc_every: 0,
+            realloc_every: ReallocEvery::Epochs(0),
             realloc_start: 0,
             realloc_rounds: 0,
             realloc_solver: Solver::Scalable,
@@ -173,6 +227,13 @@ pub const CONFIG_MAX_BYTES: usize = 1 << 20;
 /// that float), or what the key wants, in words.
 fn same_kind(key: &str, old: &toml::Value, value: toml::Value) -> Result<toml::Value, String> {
     use toml::Value as V;
+    if key == "realloc_every" {
+        return match value {
+            V::Integer(n) if n >= 0 => Ok(V::Integer(n)),
+            V::String(t) if t == "auto" => Ok(V::String(t)),
+            _ => Err("a whole number of epochs (0: never) or auto".into()),
+        };
+    }
     match (old, value) {
         (V::Integer(_), V::Integer(n)) if n >= 0 => Ok(V::Integer(n)),
         (V::Integer(_), _) => Err("a whole number".into()),
@@ -403,9 +464,16 @@ impl TrainConfig {
         }
     }
 
-    /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far.
+    /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far
+    /// (with `realloc_every = "auto"`: whether a round is considered at all; the rule in
+    /// `train::auto` decides whether it runs and moves).
     pub fn realloc_after(&self, epoch: u64, done: u64) -> bool {
-        if self.realloc_every == 0 || (self.realloc_rounds > 0 && done >= self.realloc_rounds) {
+        let every = match self.realloc_every {
+            ReallocEvery::Epochs(0) => return false,
+            ReallocEvery::Epochs(n) => n,
+            ReallocEvery::Auto => 1,
+        };
+        if self.realloc_rounds > 0 && done >= self.realloc_rounds {
             return false;
         }
         if self.epochs > 0 && epoch >= self.epochs {
@@ -414,9 +482,9 @@ impl TrainConfig {
         let start = if self.realloc_start > 0 {
             self.realloc_start
         } else {
-            self.realloc_every
+            every
         };
-        epoch >= start && (epoch - start).is_multiple_of(self.realloc_every)
+        epoch >= start && (epoch - start).is_multiple_of(every)
     }
 
     pub fn optimizer_rule(&self) -> Result<Optimizer> {
@@ -528,6 +596,38 @@ mod tests {
             })
             .collect();
         assert_eq!(when, vec![1, 3]);
+        // "auto": a round is considered after every epoch but the last; the word and the
+        // number both go through --set, the file and back.
+        let a = s.with_overrides(&["realloc_every=auto".into()]).unwrap();
+        assert_eq!(a.realloc_every, ReallocEvery::Auto);
+        assert!(a.to_toml().contains("realloc_every = \"auto\""));
+        assert_eq!(
+            TrainConfig::from_toml(&a.to_toml(), "t")
+                .unwrap()
+                .realloc_every,
+            ReallocEvery::Auto
+        );
+        let a = a
+            .with_overrides(&["realloc_start=0".into(), "realloc_rounds=0".into()])
+            .unwrap();
+        assert_eq!(
+            (1..=6)
+                .filter(|&e| a.realloc_after(e, 0))
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        let back = a.with_overrides(&["realloc_every=2".into()]).unwrap();
+        assert_eq!(back.realloc_every, ReallocEvery::Epochs(2));
+        assert!(back.to_toml().contains("realloc_every = 2"));
+        for bad in [
+            "realloc_every=sometimes",
+            "realloc_every=-1",
+            "realloc_every=1.5",
+        ] {
+            let e = a.with_overrides(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("auto"), "{bad}: {e}");
+        }
+        assert!(TrainConfig::from_toml("realloc_every = \"often\"", "t").is_err());
         assert!(
             TrainConfig::default()
                 .with_overrides(&["realloc_carry=some".into()])

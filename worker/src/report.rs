@@ -80,6 +80,9 @@ pub struct Summary {
     pub control_seconds: f64,
     pub config: TrainConfig,
     pub history: Vec<EpochRecord>,
+    /// With `realloc_every = "auto"`: what the rule measured and every decision it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_realloc: Option<crate::train::auto::AutoState>,
 }
 
 impl Summary {
@@ -97,7 +100,9 @@ impl Summary {
     }
 }
 
-fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+pub(crate) fn nan_if_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
@@ -195,6 +200,9 @@ pub struct ReallocLine {
     pub round: u64,
     #[serde(flatten)]
     pub report: lightrnn_alloc::Report,
+    /// With `realloc_every = "auto"`: what the rule decided, and from which figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<crate::train::auto::Decision>,
 }
 
 impl Default for TrainLine {
@@ -246,6 +254,7 @@ impl Default for ReallocLine {
             epoch: 0,
             round: 0,
             report: lightrnn_alloc::Report::unmeasured(),
+            auto: None,
         }
     }
 }

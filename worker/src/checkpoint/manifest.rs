@@ -56,5 +56,8 @@ pub struct Meta {
     /// before its first step.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub realloc_pending: bool,
+    /// What `realloc_every = "auto"` has measured and decided so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_realloc: Option<crate::train::auto::AutoState>,
     pub files: Vec<FileEntry>,
 }

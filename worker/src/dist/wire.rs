@@ -11,6 +11,7 @@ use lightrnn_proto::v1::{self, TableKind};
 use crate::checkpoint::{FileEntry, Meta};
 use crate::config::TrainConfig;
 use crate::report::{EpochRecord, RankReport, StoppedBy, Summary};
+use crate::train::auto::AutoState;
 use crate::{Error, Result};
 
 fn bad(what: &str, why: impl std::fmt::Display) -> Error {
@@ -158,6 +159,22 @@ fn config(what: &str, toml: &str) -> Result<TrainConfig> {
     TrainConfig::from_toml(toml, what).map_err(|e| bad(what, e))
 }
 
+/// The automatic reallocation's state as the wire carries it: JSON, empty for none.
+fn auto_to_wire(a: &Option<AutoState>) -> String {
+    a.as_ref()
+        .map(|a| serde_json::to_string(a).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn auto_from_wire(what: &str, json: &str) -> Result<Option<AutoState>> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(json)
+        .map(Some)
+        .map_err(|e| bad(what, format!("its automatic reallocation state: {e}")))
+}
+
 impl From<&Meta> for v1::Manifest {
     fn from(m: &Meta) -> Self {
         Self {
@@ -181,6 +198,7 @@ impl From<&Meta> for v1::Manifest {
             history: m.history.iter().map(Into::into).collect(),
             reallocations: m.reallocations,
             realloc_pending: m.realloc_pending,
+            auto_realloc_json: auto_to_wire(&m.auto_realloc),
             files: m
                 .files
                 .iter()
@@ -218,6 +236,7 @@ impl TryFrom<v1::Manifest> for Meta {
             history: m.history.into_iter().map(Into::into).collect(),
             reallocations: m.reallocations,
             realloc_pending: m.realloc_pending,
+            auto_realloc: auto_from_wire("manifest", &m.auto_realloc_json)?,
             files: m
                 .files
                 .into_iter()
@@ -263,6 +282,7 @@ impl From<&Summary> for v1::Summary {
             control_seconds: s.control_seconds,
             config_toml: s.config.to_toml(),
             history: s.history.iter().map(Into::into).collect(),
+            auto_realloc_json: auto_to_wire(&s.auto_realloc),
         }
     }
 }
@@ -301,6 +321,7 @@ impl TryFrom<v1::Summary> for Summary {
             control_seconds: s.control_seconds,
             config: config("summary's config", &s.config_toml)?,
             history: s.history.into_iter().map(Into::into).collect(),
+            auto_realloc: auto_from_wire("summary", &s.auto_realloc_json)?,
         })
     }
 }
@@ -630,6 +651,30 @@ mod tests {
             history: vec![rec.clone()],
             reallocations: 1,
             realloc_pending: true,
+            auto_realloc: Some(crate::train::auto::AutoState {
+                disruption: Some(3.4),
+                recovery: None,
+                realized: Some(0.01),
+                watch: Some(crate::train::auto::Watch {
+                    epoch: 1,
+                    valid_loss: 5.25,
+                    lr: 20.0,
+                    gain: 1.68,
+                }),
+                decisions: vec![crate::train::auto::Decision {
+                    epoch: 1,
+                    decision: crate::train::auto::Verdict::Move,
+                    why: "gain".into(),
+                    epochs_left: 5.0,
+                    recovery_epochs: 1.0,
+                    move_cost: 0.0,
+                    realized: 1.0,
+                    predicted_gain: 1.68,
+                    disruption: 3.35,
+                    moved_share: 0.99,
+                    words_moved: 9961,
+                }],
+            }),
             files: vec![FileEntry {
                 name: "model.safetensors".into(),
                 bytes: 42,
@@ -665,6 +710,7 @@ mod tests {
             control_seconds: 0.5,
             config: cfg,
             history: vec![rec],
+            auto_realloc: None,
         };
         let back: Summary = v1::Summary::from(&s).try_into().unwrap();
         assert!(back.test_loss.is_nan() && back.test_ppl.is_nan());

@@ -204,6 +204,31 @@ pub struct ReallocOptions {
     /// Nats per occurrence charged for changing a word's row, and again for changing its
     /// column: only words whose predicted gain exceeds it move.
     pub move_cost: f64,
+    /// Keep what [`Moved::undo`] needs to put the model back as it was.
+    pub undoable: bool,
+}
+
+/// What a round did: its report, the share of the occurrences' rows and columns it
+/// changed ([`super::auto::moved_share`]), and, where asked for, the way back.
+pub struct Moved {
+    pub report: Report,
+    pub moved_share: f64,
+    pub undo: Option<Undo>,
+}
+
+/// The parameters and the allocation from before a move.
+pub struct Undo {
+    params: Vec<f32>,
+    cells: Vec<u32>,
+}
+
+impl Undo {
+    /// Put the model back as it was before the move (on every rank alike).
+    pub fn apply(self, backend: &mut dyn Backend) -> Result<()> {
+        backend.set_params(&self.params)?;
+        backend.set_allocation(&self.cells)?;
+        Ok(())
+    }
 }
 
 /// Loss tables (this rank's streams) -> allocation solved over all ranks' tables (by
@@ -215,7 +240,7 @@ pub fn reallocate(
     handle: &Handle,
     dist: &mut Dist,
     round: u64,
-) -> Result<Report> {
+) -> Result<Moved> {
     let t0 = Instant::now();
     let old = backend.allocation()?;
     let streams = share(o.batch, dist.world(), dist.rank());
@@ -258,6 +283,12 @@ pub fn reallocate(
     report.train_loss_before = sums[0] / sums[1].max(1.0);
     report.seconds_tables = seconds_tables;
     let mut params = backend.params()?;
+    let moved_share =
+        super::auto::moved_share(&old, &solved.cells, &solved.counts, backend.dims().cols);
+    let undo = o.undoable.then(|| Undo {
+        params: params.clone(),
+        cells: old.clone(),
+    });
     carry_vectors(
         backend.layout(),
         &mut params,
@@ -268,7 +299,8 @@ pub fn reallocate(
     )?;
     backend.set_params(&params)?;
     backend.set_allocation(&solved.cells)?;
-    if o.check {
+    // An undoable round that moved nothing has nothing to measure.
+    if o.check && !(o.undoable && report.words_moved == 0) {
         let (l, _) = evaluate(
             backend,
             train,
@@ -279,7 +311,11 @@ pub fn reallocate(
         )?;
         report.train_loss_after = Some(l);
     }
-    Ok(report)
+    Ok(Moved {
+        report,
+        moved_share,
+        undo,
+    })
 }
 
 /// A round on sparse tables: one pass per range of words (each range's dense tables at

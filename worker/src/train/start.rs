@@ -6,6 +6,7 @@ use tokio::runtime::Handle;
 
 use lightrnn_kernels::{Backend, State};
 
+use super::auto::AutoState;
 use super::options::RunOptions;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
@@ -29,6 +30,8 @@ pub(super) struct LoopState {
     pub(super) history: Vec<EpochRecord>,
     /// The finished epoch's reallocation round is still to run.
     pub(super) realloc_pending: bool,
+    /// The automatic reallocation's state (`realloc_every = "auto"` only).
+    pub(super) auto: Option<AutoState>,
 }
 
 impl LoopState {
@@ -46,6 +49,7 @@ impl LoopState {
             train_seconds: 0.0,
             history: Vec::new(),
             realloc_pending: false,
+            auto: cfg.realloc_every.is_auto().then(AutoState::default),
         }
     }
 }
@@ -282,6 +286,10 @@ pub(super) fn restore(
         train_seconds: m.seconds,
         history: m.history.clone(),
         realloc_pending: m.realloc_pending,
+        auto: cfg
+            .realloc_every
+            .is_auto()
+            .then(|| m.auto_realloc.clone().unwrap_or_default()),
     };
     if st.best_valid_loss.is_some() {
         let best = handle.block_on(checkpoint::load(&opts.out.join("best")))?;

@@ -23,6 +23,7 @@ use lightrnn_kernels::{
     open_backend,
 };
 
+use super::auto::{AutoState, Budget, Decision, Plan, Verdict};
 use super::eval::evaluate_with;
 use super::metrics::MetricsFile;
 use super::options::RunOptions;
@@ -574,6 +575,16 @@ impl<'a> Trainer<'a> {
             .cfg
             .realloc_after(self.st.epoch + 1, self.st.reallocations);
         self.st.epoch += 1;
+        if let Some(auto) = &mut self.st.auto {
+            auto.observe(self.st.epoch, vl);
+        }
+        if self.st.realloc_pending
+            && let Some(auto) = &self.st.auto
+            && let Plan::Skip(why) = auto.plan(&self.budget())
+        {
+            self.st.realloc_pending = false;
+            self.record_skip(why)?;
+        }
         self.st.epoch_loss_sum = 0.0;
         self.st.epoch_words = 0;
         self.cursor = 0;
@@ -604,10 +615,82 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Where the run stands for the automatic reallocation, after `st.epoch` epochs:
+    /// the epochs its budget has left (the smaller of what `epochs` and `max_steps`
+    /// leave, steps counted in this run's epochs) and the next epoch's learning rate.
+    fn budget(&self) -> Budget {
+        let (cfg, st) = (self.cfg, &self.st);
+        let mut left = f64::INFINITY;
+        if cfg.epochs > 0 {
+            left = cfg.epochs.saturating_sub(st.epoch) as f64;
+        }
+        if cfg.max_steps > 0 && st.epoch > 0 {
+            let per_epoch = st.step as f64 / st.epoch as f64;
+            left = left.min(cfg.max_steps.saturating_sub(st.step) as f64 / per_epoch.max(1.0));
+        }
+        Budget {
+            epoch: st.epoch,
+            epochs_left: left,
+            lr_next: cfg.scheduled_lr(st.epoch).unwrap_or(st.lr),
+        }
+    }
+
+    /// An automatic round skipped before its tables pass: logged, and a `realloc` line
+    /// that says why.
+    fn record_skip(&mut self, why: String) -> Result<()> {
+        let b = self.budget();
+        let Some(auto) = &mut self.st.auto else {
+            return Ok(());
+        };
+        let d = Decision {
+            epoch: b.epoch,
+            decision: Verdict::Skip,
+            why,
+            epochs_left: b.epochs_left,
+            recovery_epochs: auto.recovery_epochs(b.lr_next),
+            move_cost: f64::NAN,
+            realized: auto.realized.unwrap_or(1.0),
+            predicted_gain: f64::NAN,
+            disruption: f64::NAN,
+            moved_share: 0.0,
+            words_moved: 0,
+        };
+        auto.decisions.push(d.clone());
+        if self.dist.is_leader() {
+            tracing::info!(epoch = b.epoch, why = %d.why, "automatic reallocation: no round");
+        }
+        self.metrics.push(&MetricsLine::Realloc(ReallocLine {
+            step: self.st.step,
+            epoch: self.st.epoch,
+            round: self.st.reallocations,
+            report: lightrnn_alloc::Report::unmeasured(),
+            auto: Some(d),
+        }))
+    }
+
     /// The reallocation round after the epoch just finished (`st.epoch` epochs done),
-    /// recorded in the metrics.
+    /// recorded in the metrics. With `realloc_every = "auto"` the rule prices the moves,
+    /// measures the moved model and keeps the move only where it pays ([`super::auto`]).
     fn reallocation_round(&mut self) -> Result<()> {
         let cfg = self.cfg;
+        let budget = self.budget();
+        let plan = self.st.auto.as_ref().map(|a| a.plan(&budget));
+        let (move_cost, recovery, realized) = match &plan {
+            None => (cfg.realloc_move_cost, f64::NAN, f64::NAN),
+            Some(Plan::Run {
+                move_cost,
+                recovery_epochs,
+                realized,
+            }) => (*move_cost, *recovery_epochs, *realized),
+            // A resumed round whose plan now says skip (it cannot: the plan is a function
+            // of the checkpoint's state), or none at all: nothing to run.
+            Some(Plan::Skip(why)) => {
+                let why = why.clone();
+                self.st.realloc_pending = false;
+                return self.record_skip(why);
+            }
+        };
+        let auto = plan.is_some();
         let ro = ReallocOptions {
             batch: cfg.batch,
             bptt: cfg.bptt,
@@ -617,10 +700,11 @@ impl<'a> Trainer<'a> {
                 cfg.realloc_sparse_k(d.vocab, d.rows, d.cols)
             },
             carry: cfg.realloc_carry,
-            check: cfg.realloc_check,
-            move_cost: cfg.realloc_move_cost,
+            check: cfg.realloc_check || auto,
+            move_cost,
+            undoable: auto,
         };
-        let rep = reallocate(
+        let moved = reallocate(
             &mut *self.backend,
             &self.ds.train,
             &ro,
@@ -630,6 +714,50 @@ impl<'a> Trainer<'a> {
         )?;
         self.st.reallocations += 1;
         self.st.realloc_pending = false;
+        let rep = moved.report;
+        let decision = match &mut self.st.auto {
+            None => None,
+            Some(state) => {
+                let gain = rep.objective_before - rep.objective_after;
+                let disruption = rep.train_loss_after.unwrap_or(f64::NAN) - rep.objective_after;
+                let keep = rep.words_moved > 0
+                    && AutoState::keeps(&budget, recovery, realized, gain, disruption);
+                let why = if rep.words_moved == 0 {
+                    "the solver found nothing that pays for its move".to_string()
+                } else {
+                    format!(
+                        "{realized:.4} of gain {gain:.4} x {:.2} epochs after recovery {} disruption {disruption:.4} x {recovery:.2} epochs of recovery / 2",
+                        budget.epochs_left - recovery,
+                        if keep { ">" } else { "<=" }
+                    )
+                };
+                if keep {
+                    let valid = self.st.history.last().map_or(f64::NAN, |r| r.valid_loss);
+                    state.moved(&budget, valid, gain, disruption, moved.moved_share);
+                } else if let Some(undo) = moved.undo {
+                    undo.apply(&mut *self.backend)?;
+                }
+                let d = Decision {
+                    epoch: budget.epoch,
+                    decision: match (keep, rep.words_moved) {
+                        (true, _) => Verdict::Move,
+                        (false, 0) => Verdict::Keep,
+                        (false, _) => Verdict::Undo,
+                    },
+                    why,
+                    epochs_left: budget.epochs_left,
+                    recovery_epochs: recovery,
+                    move_cost,
+                    realized,
+                    predicted_gain: gain,
+                    disruption,
+                    moved_share: moved.moved_share,
+                    words_moved: rep.words_moved,
+                };
+                state.decisions.push(d.clone());
+                Some(d)
+            }
+        };
         if self.dist.is_leader() {
             tracing::info!(
                 epoch = self.st.epoch,
@@ -642,12 +770,22 @@ impl<'a> Trainer<'a> {
                 seconds = format!("{:.1}", rep.seconds_tables + rep.seconds_solve),
                 "reallocated"
             );
+            if let Some(d) = &decision {
+                tracing::info!(
+                    epoch = d.epoch,
+                    decision = ?d.decision,
+                    why = %d.why,
+                    move_cost = d.move_cost,
+                    "automatic reallocation"
+                );
+            }
         }
         self.metrics.push(&MetricsLine::Realloc(ReallocLine {
             step: self.st.step,
             epoch: self.st.epoch,
             round: self.st.reallocations,
             report: rep,
+            auto: decision,
         }))
     }
 
@@ -713,6 +851,7 @@ impl<'a> Trainer<'a> {
             history: st.history.clone(),
             reallocations: st.reallocations,
             realloc_pending: with_train_state && st.realloc_pending,
+            auto_realloc: st.auto.clone(),
             files: vec![],
         };
         let params = self.backend.params()?;
@@ -893,6 +1032,7 @@ impl<'a> Trainer<'a> {
             control_seconds: self.dist.control.rpc_seconds(),
             config: self.cfg.clone(),
             history: self.st.history.clone(),
+            auto_realloc: self.st.auto.clone(),
         }
     }
 }
