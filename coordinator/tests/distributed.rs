@@ -263,7 +263,27 @@ fn automatic_reallocation_decides_alike_on_one_worker_and_on_two() {
     let (two, d2) = run("two", "2");
     assert_eq!(d1.len(), 2, "{d1:?}");
     assert_ne!(d1[0]["decision"], "skip", "{d1:?}");
-    assert_eq!(d1, d2);
+    // The same decisions; the figures agree to float rounding (each rank's loss tables
+    // are summed in f32 before the ranks' sum).
+    for (a, b) in d1.iter().zip(&d2) {
+        for k in ["decision", "epoch", "words_moved", "why"] {
+            if k != "why" || a["decision"] == "skip" {
+                assert_eq!(a[k], b[k], "{k}: {a} vs {b}");
+            }
+        }
+        for k in [
+            "predicted_gain",
+            "disruption",
+            "move_cost",
+            "realized",
+            "moved_share",
+        ] {
+            match (a[k].as_f64(), b[k].as_f64()) {
+                (Some(x), Some(y)) => assert!(close(x, y, 1e-5), "{k}: {a} vs {b}"),
+                (x, y) => assert_eq!(x.is_some(), y.is_some(), "{k}: {a} vs {b}"),
+            }
+        }
+    }
     assert_eq!(one["params_sha256"], two["params_sha256"]);
     assert_eq!(two["workers"], 2);
 }

@@ -466,7 +466,7 @@ impl TrainConfig {
 
     /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far
     /// (with `realloc_every = "auto"`: whether a round is considered at all; the rule in
-    /// `train::auto` decides whether it runs and moves).
+    /// `crate::auto` decides whether it runs and moves).
     pub fn realloc_after(&self, epoch: u64, done: u64) -> bool {
         let every = match self.realloc_every {
             ReallocEvery::Epochs(0) => return false,

@@ -1,6 +1,7 @@
 //! lightrnn-worker: one rank of a LightRNN training job. Its modules, each using only
 //! those listed before it:
 //!
+//! - [`auto`]: the rule of automatic reallocation (`realloc_every = "auto"`) and its state;
 //! - [`data`]: object storage, text, vocabulary, shards, datasets, batches;
 //! - [`config`]: the training configuration and presets;
 //! - [`report`]: what a run reports (metrics lines, the summary, a rank's figures);
@@ -10,6 +11,7 @@
 //! - [`sample`]: text generation from a checkpoint;
 //! - [`rank`]: a worker process of a distributed job (join, ring, heartbeat, train).
 
+pub mod auto;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auto::nan_if_null;
+
 use crate::config::TrainConfig;
 
 /// Validation result of one epoch (kept for the summary).
@@ -82,7 +84,7 @@ pub struct Summary {
     pub history: Vec<EpochRecord>,
     /// With `realloc_every = "auto"`: what the rule measured and every decision it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_realloc: Option<crate::train::auto::AutoState>,
+    pub auto_realloc: Option<crate::auto::AutoState>,
 }
 
 impl Summary {
@@ -98,12 +100,6 @@ impl Summary {
             "out": out,
         })
     }
-}
-
-pub(crate) fn nan_if_null<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn one() -> usize {
@@ -202,7 +198,7 @@ pub struct ReallocLine {
     pub report: lightrnn_alloc::Report,
     /// With `realloc_every = "auto"`: what the rule decided, and from which figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto: Option<crate::train::auto::Decision>,
+    pub auto: Option<crate::auto::Decision>,
 }
 
 impl Default for TrainLine {

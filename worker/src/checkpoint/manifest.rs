@@ -58,6 +58,6 @@ pub struct Meta {
     pub realloc_pending: bool,
     /// What `realloc_every = "auto"` has measured and decided so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_realloc: Option<crate::train::auto::AutoState>,
+    pub auto_realloc: Option<crate::auto::AutoState>,
     pub files: Vec<FileEntry>,
 }

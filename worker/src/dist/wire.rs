@@ -8,10 +8,10 @@ use lightrnn_kernels::{LossTables, ModelDims, Optimizer};
 use lightrnn_proto::CHUNK_BYTES;
 use lightrnn_proto::v1::{self, TableKind};
 
+use crate::auto::AutoState;
 use crate::checkpoint::{FileEntry, Meta};
 use crate::config::TrainConfig;
 use crate::report::{EpochRecord, RankReport, StoppedBy, Summary};
-use crate::train::auto::AutoState;
 use crate::{Error, Result};
 
 fn bad(what: &str, why: impl std::fmt::Display) -> Error {
@@ -651,19 +651,19 @@ mod tests {
             history: vec![rec.clone()],
             reallocations: 1,
             realloc_pending: true,
-            auto_realloc: Some(crate::train::auto::AutoState {
+            auto_realloc: Some(crate::auto::AutoState {
                 disruption: Some(3.4),
                 recovery: None,
                 realized: Some(0.01),
-                watch: Some(crate::train::auto::Watch {
+                watch: Some(crate::auto::Watch {
                     epoch: 1,
                     valid_loss: 5.25,
                     lr: 20.0,
                     gain: 1.68,
                 }),
-                decisions: vec![crate::train::auto::Decision {
+                decisions: vec![crate::auto::Decision {
                     epoch: 1,
-                    decision: crate::train::auto::Verdict::Move,
+                    decision: crate::auto::Verdict::Move,
                     why: "gain".into(),
                     epochs_left: 5.0,
                     recovery_epochs: 1.0,

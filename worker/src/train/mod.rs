@@ -9,7 +9,6 @@
 //! - [`metrics`], [`progress`]: `metrics.jsonl`, the progress bar and logging windows;
 //! - [`bench`]: `lightrnn bench`, training throughput on a synthetic corpus.
 
-pub mod auto;
 pub mod bench;
 pub mod eval;
 mod metrics;

@@ -209,7 +209,7 @@ pub struct ReallocOptions {
 }
 
 /// What a round did: its report, the share of the occurrences' rows and columns it
-/// changed ([`super::auto::moved_share`]), and, where asked for, the way back.
+/// changed ([`crate::auto::moved_share`]), and, where asked for, the way back.
 pub struct Moved {
     pub report: Report,
     pub moved_share: f64,
@@ -284,7 +284,7 @@ pub fn reallocate(
     report.seconds_tables = seconds_tables;
     let mut params = backend.params()?;
     let moved_share =
-        super::auto::moved_share(&old, &solved.cells, &solved.counts, backend.dims().cols);
+        crate::auto::moved_share(&old, &solved.cells, &solved.counts, backend.dims().cols);
     let undo = o.undoable.then(|| Undo {
         params: params.clone(),
         cells: old.clone(),

@@ -6,8 +6,8 @@ use tokio::runtime::Handle;
 
 use lightrnn_kernels::{Backend, State};
 
-use super::auto::AutoState;
 use super::options::RunOptions;
+use crate::auto::AutoState;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
 use crate::data::dataset::{Dataset, PrepareOptions};

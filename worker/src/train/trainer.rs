@@ -23,13 +23,13 @@ use lightrnn_kernels::{
     open_backend,
 };
 
-use super::auto::{AutoState, Budget, Decision, Plan, Verdict};
 use super::eval::evaluate_with;
 use super::metrics::MetricsFile;
 use super::options::RunOptions;
 use super::progress::{Progress, Window};
 use super::realloc::{ReallocOptions, reallocate};
 use super::start::{self, LoopState};
+use crate::auto::{AutoState, Budget, Decision, Plan, Verdict};
 use crate::checkpoint::{self, Meta, SaveRequest};
 use crate::config::TrainConfig;
 use crate::data::batches::Batches;

@@ -37,8 +37,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::nan_if_null;
-
 /// Recovery, in epochs, assumed before any move has been measured.
 pub const PRIOR_RECOVERY_EPOCHS: f64 = 1.0;
 
@@ -237,6 +235,11 @@ impl AutoState {
             gain,
         });
     }
+}
+
+/// An f64 that JSON may hold as null (how it writes NaN): NaN.
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The share of the occurrences' rows and columns that a new allocation changes: the sum
