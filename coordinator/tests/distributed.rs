@@ -238,6 +238,8 @@ fn automatic_reallocation_decides_alike_on_one_worker_and_on_two() {
             "--set",
             "realloc_every=auto",
             "--set",
+            "lr_schedule=[10, 10, 2.5]",
+            "--set",
             "grad_groups=2",
             "--set",
             "threads=1",

@@ -545,13 +545,18 @@ fn automatic_reallocation_records_its_decisions_and_resumes_as_one_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_corpus(&data, 8, 600);
-    let sets = ["epochs=4", "realloc_every=auto"];
+    // The rule counts a move's gain at the schedule's lower rates.
+    let sets = [
+        "epochs=5",
+        "lr_schedule=[10, 10, 10, 2.5, 2.5]",
+        "realloc_every=auto",
+    ];
     let d = die_in_round_and_resume(&rt, tmp.path(), &data, &sets, 2);
     let lines: Vec<Value> = metrics(&d.clean_dir)
         .into_iter()
         .filter(|v| v["kind"] == "realloc")
         .collect();
-    assert_eq!(lines.len(), 3, "epochs 1-3 (none after the last)");
+    assert_eq!(lines.len(), 4, "epochs 1-4 (none after the last)");
     for (e, l) in lines.iter().enumerate() {
         let a = &l["auto"];
         assert_eq!(a["epoch"], e as u64 + 1, "{l}");

@@ -12,24 +12,25 @@
 //! learning rate (1 epoch before any move). Of the predicted gain, a share r shows in
 //! the validation loss: measured at each recovery as the fall of the validation loss
 //! from before the move, over the gain the move predicted (1 before any move: the
-//! prediction is taken at its word). With E epochs of budget left, a move pays when the
-//! realised gain over the epochs after its recovery beats the disruption decaying over
-//! the recovery: r g (E - T) > D T / 2.
+//! prediction is taken at its word). The gain shows once training settles: of the epochs
+//! left, it counts the S after the recovery that the learning-rate schedule trains at a
+//! lower rate than the move's (none without a schedule: the plateau rule's drops cannot
+//! be foreseen). A move pays when the realised gain over those epochs beats the
+//! disruption decaying over the recovery: r g S > D T / 2.
 //!
 //! **A round**, considered after every epoch but the last:
 //! 1. is skipped before its tables pass while the last move has not recovered, where no
-//!    gain can pay (E <= T), and where the last move realised none of its gain (r <= 0);
-//! 2. charges every word a move cost of c = d T / (4 r (E - T)) nats per occurrence for
+//!    gain can pay (S = 0), and where the last move realised none of its gain (r <= 0);
+//! 2. charges every word a move cost of c = d T / (4 r S) nats per occurrence for
 //!    changing its row, and again for its column, d being the disruption per changed
 //!    occurrence the last move measured (free moves before the first): the same test,
 //!    word by word, so that later rounds move only the words whose own gain pays;
 //! 3. moves, measures D (one more pass over the training data), and keeps the move only
-//!    if r g (E - T) > D T / 2; otherwise the model and the allocation go back as they were.
+//!    if r g S > D T / 2; otherwise the model and the allocation go back as they were.
 //!
 //! On PTB the first move predicts 1.68 nats and shows 0.017 of them in the validation
-//! loss one epoch later (r = 0.010): the gain of a move shows only once training
-//! settles, so later rounds price their words out, and the run is the best fixed
-//! schedule's (once, after the first epoch; docs/allocation.md).
+//! loss one epoch later (r = 0.010), so later rounds price their words out, and the run
+//! is the best fixed schedule's (once, after the first epoch; docs/allocation.md).
 //!
 //! Every rank takes the same decisions: they are functions of figures every rank holds
 //! alike (the round's report, the losses summed over the ranks, the epoch's validation
@@ -104,6 +105,9 @@ pub struct Decision {
     /// The recovery a move now is expected to take.
     #[serde(deserialize_with = "nan_if_null")]
     pub recovery_epochs: f64,
+    /// The epochs after it at a lower learning rate, where the gain shows.
+    #[serde(default, deserialize_with = "nan_if_null")]
+    pub payoff_epochs: f64,
     /// The move cost charged per changed row or column of an occurrence.
     #[serde(deserialize_with = "nan_if_null")]
     pub move_cost: f64,
@@ -121,7 +125,7 @@ pub struct Decision {
 }
 
 /// Where the run stands when a round is considered.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Budget {
     /// The epoch just finished (1-based).
     pub epoch: u64,
@@ -129,6 +133,22 @@ pub struct Budget {
     pub epochs_left: f64,
     /// The learning rate of the next epoch.
     pub lr_next: f64,
+    /// The scheduled learning rate of each epoch left, the next first (`lr_schedule`);
+    /// empty where the rate is not scheduled (the plateau rule decides it as it goes).
+    pub lr_ahead: Vec<f64>,
+}
+
+impl Budget {
+    /// The epochs left after a recovery of `t` epochs that train at a lower learning rate
+    /// than the next epoch's: where a move's gain shows.
+    pub fn settled_epochs(&self, t: f64) -> f64 {
+        let from = t.max(0.0).ceil() as usize;
+        self.lr_ahead
+            .iter()
+            .skip(from)
+            .filter(|&&lr| lr < self.lr_next)
+            .count() as f64
+    }
 }
 
 /// Before the tables pass: run the round with this move cost, or skip it (why).
@@ -137,6 +157,7 @@ pub enum Plan {
     Run {
         move_cost: f64,
         recovery_epochs: f64,
+        payoff_epochs: f64,
         realized: f64,
     },
     Skip(String),
@@ -183,18 +204,28 @@ impl AutoState {
                 b.epochs_left
             ));
         }
+        let settled = b.settled_epochs(t);
+        if settled <= 0.0 {
+            return Plan::Skip(if b.lr_ahead.is_empty() {
+                "no learning-rate schedule: no epoch ahead is known to train at a lower rate, where a move's gain shows".to_string()
+            } else {
+                format!(
+                    "no epoch after a {t:.2}-epoch recovery trains at a lower rate than {}, where a move's gain shows",
+                    b.lr_next
+                )
+            });
+        }
         let r = self.realized.unwrap_or(1.0);
         if r <= 0.0 || r.is_nan() {
             return Plan::Skip(format!(
                 "the last move showed none of its predicted gain (share {r:.4})"
             ));
         }
-        let move_cost = self
-            .disruption
-            .map_or(0.0, |d| d * t / (4.0 * r * (b.epochs_left - t)));
+        let move_cost = self.disruption.map_or(0.0, |d| d * t / (4.0 * r * settled));
         Plan::Run {
             move_cost,
             recovery_epochs: t,
+            payoff_epochs: settled,
             realized: r,
         }
     }
@@ -202,8 +233,8 @@ impl AutoState {
     /// After the tentative move: keep it? `gain` and `disruption` per word of the
     /// training data, `realized` the share of the gain expected to show.
     pub fn keeps(
-        b: &Budget,
         recovery_epochs: f64,
+        payoff_epochs: f64,
         realized: f64,
         gain: f64,
         disruption: f64,
@@ -212,7 +243,7 @@ impl AutoState {
         gain.is_finite()
             && disruption.is_finite()
             && gain > 0.0
-            && realized * gain * (b.epochs_left - t) > disruption.max(0.0) * t / 2.0
+            && realized * gain * payoff_epochs > disruption.max(0.0) * t / 2.0
     }
 
     /// Record a kept move of predicted gain `gain`: watch its recovery and keep its
@@ -259,39 +290,49 @@ pub fn moved_share(old: &[u32], new: &[u32], counts: &[u64], cols: usize) -> f64
 mod tests {
     use super::*;
 
-    fn budget(epoch: u64, left: f64, lr: f64) -> Budget {
+    /// After epoch `epoch` of PTB's schedule [20, 20, 20, 5, 5, 5] (or none).
+    fn budget(epoch: u64, scheduled: bool) -> Budget {
+        let lrs = [20.0, 20.0, 20.0, 5.0, 5.0, 5.0];
         Budget {
             epoch,
-            epochs_left: left,
-            lr_next: lr,
+            epochs_left: 6.0 - epoch as f64,
+            lr_next: lrs[epoch as usize],
+            lr_ahead: if scheduled {
+                lrs[epoch as usize..].to_vec()
+            } else {
+                Vec::new()
+            },
         }
     }
 
     /// The first round moves freely and takes its predicted gain at its word; what the
     /// move then shows (its disruption, its recovery, the share of its gain the
-    /// validation loss shows) prices the later rounds.
+    /// validation loss shows) prices the later rounds; the gain counts only at the
+    /// schedule's lower rates.
     #[test]
     fn the_rule_learns_the_price_the_recovery_and_the_payoff_of_a_move() {
         let mut s = AutoState::default();
-        let b1 = budget(1, 5.0, 20.0);
+        let b1 = budget(1, true);
         let run = |s: &AutoState, b: &Budget| match s.plan(b) {
             Plan::Run {
                 move_cost,
                 recovery_epochs,
+                payoff_epochs,
                 realized,
-            } => (move_cost, recovery_epochs, realized),
+            } => (move_cost, recovery_epochs, payoff_epochs, realized),
             Plan::Skip(why) => panic!("skipped: {why}"),
         };
-        assert_eq!(run(&s, &b1), (0.0, 1.0, 1.0));
+        // Recovery in epoch 2, the gain in epochs 4-6 at lr 5.
+        assert_eq!(run(&s, &b1), (0.0, 1.0, 3.0, 1.0));
         // PTB's first move: g = 1.68 nats, D = 3.35, the rows and columns of 56 % of
         // the occurrences changed.
-        assert!(AutoState::keeps(&b1, 1.0, 1.0, 1.68, 3.35));
+        assert!(AutoState::keeps(1.0, 3.0, 1.0, 1.68, 3.35));
         s.moved(&b1, 5.8345, 1.68, 3.35, 0.56);
         let d = 3.35 / 0.56;
         assert_eq!(s.disruption, Some(d));
         // Validation not back yet: no round.
         s.observe(2, 5.9);
-        assert!(matches!(s.plan(&budget(2, 4.0, 20.0)), Plan::Skip(_)));
+        assert!(matches!(s.plan(&budget(2, true)), Plan::Skip(_)));
         // Back after 2 epochs at lr 20, 0.168 nats below: a tenth of the gain showed.
         s.observe(3, 5.6665);
         assert_eq!(
@@ -303,24 +344,29 @@ mod tests {
         );
         let r = s.realized.unwrap();
         assert!((r - 0.1).abs() < 1e-9, "{r}");
-        let (move_cost, t, realized) = run(&s, &budget(3, 3.0, 20.0));
-        assert_eq!((t, realized), (2.0, r));
-        assert!((move_cost - d * 2.0 / (4.0 * r * 1.0)).abs() < 1e-9);
-        // At a quarter of the rate recovery takes four times as long: nothing can pay.
-        assert!(matches!(s.plan(&budget(3, 3.0, 5.0)), Plan::Skip(_)));
+        // Had epoch 2 ended so: recovery in epochs 3-4, the gain in 5-6.
+        let (move_cost, t, settled, realized) = run(&s, &budget(2, true));
+        assert_eq!((t, settled, realized), (2.0, 2.0, r));
+        assert!((move_cost - d * 2.0 / (4.0 * r * 2.0)).abs() < 1e-9);
+        // After epoch 3 the rate drops to 5: recovery takes four times as long.
+        assert!(matches!(s.plan(&budget(3, true)), Plan::Skip(_)));
         assert_eq!(s.recovery_epochs(5.0), 8.0);
+        // Without a schedule no lower rate is known ahead: no round.
+        let Plan::Skip(why) = AutoState::default().plan(&budget(1, false)) else {
+            panic!("a round without a schedule")
+        };
+        assert!(why.contains("schedule"), "{why}");
         // A gain that would pay at its word does not at a tenth of it.
-        let b3 = budget(3, 6.0, 20.0);
-        assert!(AutoState::keeps(&b3, 2.0, 1.0, 0.6, 1.2));
-        assert!(!AutoState::keeps(&b3, 2.0, 0.1, 0.6, 1.2));
-        assert!(!AutoState::keeps(&b1, 1.0, 1.0, f64::NAN, 1.0));
-        assert!(!AutoState::keeps(&b1, 1.0, 1.0, -0.1, 0.0));
+        assert!(AutoState::keeps(2.0, 3.0, 1.0, 0.6, 1.2));
+        assert!(!AutoState::keeps(2.0, 3.0, 0.1, 0.6, 1.2));
+        assert!(!AutoState::keeps(1.0, 3.0, 1.0, f64::NAN, 1.0));
+        assert!(!AutoState::keeps(1.0, 3.0, 1.0, -0.1, 0.0));
         // A move that recovered without showing any gain stops the rounds.
         let mut z = AutoState::default();
         z.moved(&b1, 5.8, 1.0, 3.0, 0.5);
         z.observe(2, 5.8);
         assert_eq!(z.realized, Some(0.0));
-        assert!(matches!(z.plan(&budget(2, 4.0, 20.0)), Plan::Skip(_)));
+        assert!(matches!(z.plan(&budget(2, true)), Plan::Skip(_)));
     }
 
     /// Figures a skip does not measure are NaN, which JSON writes as null: the state
@@ -334,6 +380,7 @@ mod tests {
             why: "2.00 epochs left".into(),
             epochs_left: f64::INFINITY,
             recovery_epochs: 8.0,
+            payoff_epochs: f64::NAN,
             move_cost: f64::NAN,
             realized: 1.0,
             predicted_gain: f64::NAN,

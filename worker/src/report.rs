@@ -198,7 +198,7 @@ pub struct ReallocLine {
     pub report: lightrnn_alloc::Report,
     /// With `realloc_every = "auto"`: what the rule decided, and from which figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto: Option<crate::auto::Decision>,
+    pub auto: Option<Box<crate::auto::Decision>>,
 }
 
 impl Default for TrainLine {

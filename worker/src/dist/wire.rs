@@ -667,6 +667,7 @@ mod tests {
                     why: "gain".into(),
                     epochs_left: 5.0,
                     recovery_epochs: 1.0,
+                    payoff_epochs: 3.0,
                     move_cost: 0.0,
                     realized: 1.0,
                     predicted_gain: 1.68,

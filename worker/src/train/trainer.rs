@@ -628,10 +628,18 @@ impl<'a> Trainer<'a> {
             let per_epoch = st.step as f64 / st.epoch as f64;
             left = left.min(cfg.max_steps.saturating_sub(st.step) as f64 / per_epoch.max(1.0));
         }
+        let ahead = if cfg.lr_schedule.is_empty() || !left.is_finite() {
+            Vec::new()
+        } else {
+            (st.epoch..st.epoch + left.ceil() as u64)
+                .filter_map(|e| cfg.scheduled_lr(e))
+                .collect()
+        };
         Budget {
             epoch: st.epoch,
             epochs_left: left,
             lr_next: cfg.scheduled_lr(st.epoch).unwrap_or(st.lr),
+            lr_ahead: ahead,
         }
     }
 
@@ -648,6 +656,7 @@ impl<'a> Trainer<'a> {
             why,
             epochs_left: b.epochs_left,
             recovery_epochs: auto.recovery_epochs(b.lr_next),
+            payoff_epochs: f64::NAN,
             move_cost: f64::NAN,
             realized: auto.realized.unwrap_or(1.0),
             predicted_gain: f64::NAN,
@@ -664,7 +673,7 @@ impl<'a> Trainer<'a> {
             epoch: self.st.epoch,
             round: self.st.reallocations,
             report: lightrnn_alloc::Report::unmeasured(),
-            auto: Some(d),
+            auto: Some(Box::new(d)),
         }))
     }
 
@@ -675,13 +684,14 @@ impl<'a> Trainer<'a> {
         let cfg = self.cfg;
         let budget = self.budget();
         let plan = self.st.auto.as_ref().map(|a| a.plan(&budget));
-        let (move_cost, recovery, realized) = match &plan {
-            None => (cfg.realloc_move_cost, f64::NAN, f64::NAN),
+        let (move_cost, recovery, payoff, realized) = match &plan {
+            None => (cfg.realloc_move_cost, f64::NAN, f64::NAN, f64::NAN),
             Some(Plan::Run {
                 move_cost,
                 recovery_epochs,
+                payoff_epochs,
                 realized,
-            }) => (*move_cost, *recovery_epochs, *realized),
+            }) => (*move_cost, *recovery_epochs, *payoff_epochs, *realized),
             // A resumed round whose plan now says skip (it cannot: the plan is a function
             // of the checkpoint's state), or none at all: nothing to run.
             Some(Plan::Skip(why)) => {
@@ -721,13 +731,12 @@ impl<'a> Trainer<'a> {
                 let gain = rep.objective_before - rep.objective_after;
                 let disruption = rep.train_loss_after.unwrap_or(f64::NAN) - rep.objective_after;
                 let keep = rep.words_moved > 0
-                    && AutoState::keeps(&budget, recovery, realized, gain, disruption);
+                    && AutoState::keeps(recovery, payoff, realized, gain, disruption);
                 let why = if rep.words_moved == 0 {
                     "the solver found nothing that pays for its move".to_string()
                 } else {
                     format!(
-                        "{realized:.4} of gain {gain:.4} x {:.2} epochs after recovery {} disruption {disruption:.4} x {recovery:.2} epochs of recovery / 2",
-                        budget.epochs_left - recovery,
+                        "{realized:.4} of gain {gain:.4} x {payoff:.2} epochs at a lower rate after recovery {} disruption {disruption:.4} x {recovery:.2} epochs of recovery / 2",
                         if keep { ">" } else { "<=" }
                     )
                 };
@@ -747,6 +756,7 @@ impl<'a> Trainer<'a> {
                     why,
                     epochs_left: budget.epochs_left,
                     recovery_epochs: recovery,
+                    payoff_epochs: payoff,
                     move_cost,
                     realized,
                     predicted_gain: gain,
@@ -785,7 +795,7 @@ impl<'a> Trainer<'a> {
             epoch: self.st.epoch,
             round: self.st.reallocations,
             report: rep,
-            auto: decision,
+            auto: decision.map(Box::new),
         }))
     }
 
