@@ -692,8 +692,8 @@ impl<'a> Trainer<'a> {
                 payoff_epochs,
                 realized,
             }) => (*move_cost, *recovery_epochs, *payoff_epochs, *realized),
-            // A resumed round whose plan now says skip (it cannot: the plan is a function
-            // of the checkpoint's state), or none at all: nothing to run.
+            // End-of-epoch planning left only rounds that run, and a resumed round plans
+            // from the same checkpointed state; a skip here is still recorded, not run.
             Some(Plan::Skip(why)) => {
                 let why = why.clone();
                 self.st.realloc_pending = false;
