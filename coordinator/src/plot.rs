@@ -59,10 +59,13 @@ pub fn read_curves(text: &str, origin: &str) -> Result<Curves> {
                     c.valid.push((v.step as f64, v.ppl));
                 }
             }
-            // Moves only: an automatic round that skipped or undid its move left the
-            // words where they were.
+            // Moves only (the guard's way back is one): an automatic round that skipped
+            // or undid its move left the words where they were.
             MetricsLine::Realloc(r) => {
-                if r.auto.as_ref().is_none_or(|a| a.decision == Verdict::Move) {
+                if r.auto
+                    .as_ref()
+                    .is_none_or(|a| matches!(a.decision, Verdict::Move | Verdict::Revert))
+                {
                     c.reallocs.push(r.step as f64)
                 }
             }

@@ -609,6 +609,99 @@ fn automatic_reallocation_records_its_decisions_and_resumes_as_one_run() {
     );
 }
 
+/// The guard: a move kept after epoch 3 whose validation loss cannot recover (the
+/// schedule all but stops training after it) is undone after epoch 5, twice the
+/// expected recovery; the model and the allocation go back to epoch 3's, no round runs
+/// after it, and a run that died in the move's round decides the same after resuming.
+#[test]
+fn the_guard_undoes_a_move_that_does_not_recover_and_resumes_as_one_run() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 8, 600);
+    // Rounds from epoch 3, when the model fits its allocation (a move costs more than
+    // it gains at once); then the rate falls 10^5-fold: the moved model hardly trains,
+    // yet the schedule's lower rates ahead are where a move's gain would show.
+    let sets = [
+        "epochs=7",
+        "lr_schedule=[10, 10, 10, 1e-4, 1e-5, 1e-5, 1e-5]",
+        "realloc_every=auto",
+        "realloc_start=3",
+        "realloc_carry=none",
+    ];
+    let d = die_in_round_and_resume(&rt, tmp.path(), &data, &sets, 3);
+    let lines: Vec<Value> = metrics(&d.clean_dir)
+        .into_iter()
+        .filter(|v| v["kind"] == "realloc")
+        .collect();
+    let seen: Vec<(u64, String)> = lines
+        .iter()
+        .map(|l| {
+            let a = &l["auto"];
+            (
+                a["epoch"].as_u64().unwrap(),
+                a["decision"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, String)> = [
+        (3, "move"),
+        (4, "skip"),
+        (5, "revert"),
+        (5, "skip"),
+        (6, "skip"),
+    ]
+    .iter()
+    .map(|&(e, v)| (e, v.to_string()))
+    .collect();
+    assert_eq!(seen, want, "{lines:?}");
+    let (moved, revert) = (&lines[0], &lines[2]);
+    let n = moved["words_moved"].as_u64().unwrap();
+    assert!(n > 0, "{moved}");
+    assert_eq!(
+        revert["words_moved"].as_u64(),
+        Some(n),
+        "every moved word goes back: {revert}"
+    );
+    let why = revert["auto"]["why"].as_str().unwrap();
+    assert!(why.contains("epoch 3's"), "{why}");
+    // What the rule learnt: moves realise less than nothing.
+    let r = revert["auto"]["realized"].as_f64().unwrap();
+    assert!(r < 0.0, "{revert}");
+    assert_eq!(
+        lines[4]["auto"]["realized"].as_f64(),
+        Some(r),
+        "{}",
+        lines[4]
+    );
+    // Epoch 3's checkpoint (before the round) holds the allocation the run ends with.
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(d.clean_dir.join("summary.json")).unwrap()).unwrap();
+    let ck = |step: u64| {
+        let dir = d
+            .clean_dir
+            .join("checkpoints")
+            .join(checkpoint::dir_name(step));
+        rt.block_on(checkpoint::load(
+            &Location::parse(dir.to_str().unwrap()).unwrap(),
+        ))
+        .unwrap()
+    };
+    let first = ck(summary["history"][2]["step"].as_u64().unwrap());
+    let moved_ck = ck(summary["history"][3]["step"].as_u64().unwrap());
+    let last = ck(summary["steps"].as_u64().unwrap());
+    assert_ne!(
+        moved_ck.cells, first.cells,
+        "epoch 4 trained on the moved allocation"
+    );
+    assert_eq!(
+        last.cells, first.cells,
+        "the run ends on epoch 3's allocation"
+    );
+    let decisions = summary["auto_realloc"]["decisions"].as_array().unwrap();
+    assert_eq!(decisions[2]["decision"], "revert", "{decisions:?}");
+}
+
 /// A clean run, and the same run as one that died in the reallocation round after epoch
 /// `epoch` and was resumed: same figures and final model.
 struct Died {

@@ -28,6 +28,17 @@
 //! 3. moves, measures D (one more pass over the training data), and keeps the move only
 //!    if r g S > D T / 2; otherwise the model and the allocation go back as they were.
 //!
+//! **The guard.** A kept move is watched until its validation loss is back below its
+//! level before the move. If it is not back after [`GUARD_FACTOR`] times the recovery the
+//! rule expected when it moved (at least one epoch), the move is judged worse than
+//! keeping the allocation would have been (that would not have lost the level at all),
+//! and it is undone: every rank puts back the best model so far (parameters and
+//! allocation), which no epoch since the move has beaten, so it is the model of the
+//! epoch before the move or an earlier, better one (held in memory and in `out/best`,
+//! as for the test score). The rule learns from it: the move's realised share is
+//! measured as the validation loss's fall over its predicted gain, a rise, so r < 0
+//! and no later round runs.
+//!
 //! On PTB the first move predicts 1.68 nats and shows 0.017 of them in the validation
 //! loss one epoch later (r = 0.010), so later rounds price their words out, and the run
 //! is the best fixed schedule's (once, after the first epoch; docs/allocation.md).
@@ -40,6 +51,10 @@ use serde::{Deserialize, Serialize};
 
 /// Recovery, in epochs, assumed before any move has been measured.
 pub const PRIOR_RECOVERY_EPOCHS: f64 = 1.0;
+
+/// A kept move that has not recovered after this many times its expected recovery is
+/// undone (the guard).
+pub const GUARD_FACTOR: f64 = 2.0;
 
 /// What the rule has learnt, saved in every checkpoint of an auto run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -76,6 +91,25 @@ pub struct Watch {
     pub lr: f64,
     /// The gain it predicted (nats per word).
     pub gain: f64,
+    /// The recovery the rule expected when it moved (epochs; absent in checkpoints
+    /// from before the guard: the prior).
+    #[serde(default)]
+    pub expected_recovery: Option<f64>,
+}
+
+impl Watch {
+    /// The epoch after which the guard undoes the move if it has not recovered:
+    /// [`GUARD_FACTOR`] times the expected recovery after the move, at least one epoch.
+    pub fn deadline(&self) -> u64 {
+        let t = self.expected_recovery.unwrap_or(PRIOR_RECOVERY_EPOCHS);
+        let allowed = (GUARD_FACTOR * t).ceil();
+        let allowed = if allowed.is_finite() && allowed >= 1.0 {
+            allowed.min(u32::MAX as f64) as u64
+        } else {
+            1
+        };
+        self.epoch.saturating_add(allowed)
+    }
 }
 
 /// What the rule decided after an epoch.
@@ -90,6 +124,9 @@ pub enum Verdict {
     Keep,
     /// The round's move was measured not to pay and was undone.
     Undo,
+    /// The guard: a kept move whose validation loss did not recover in time was undone
+    /// by going back to the best model.
+    Revert,
 }
 
 /// One decision, with its figures (nats per word of the training data; NaN where not
@@ -181,6 +218,28 @@ impl AutoState {
         }
     }
 
+    /// After [`observe`](Self::observe) at the end of epoch `epoch`: the watched move,
+    /// if it has not recovered by its [`Watch::deadline`].
+    pub fn overdue(&self, epoch: u64) -> Option<Watch> {
+        self.watch.filter(|w| epoch >= w.deadline())
+    }
+
+    /// The guard undid the watched move at the end of epoch `epoch` (validation loss
+    /// `valid_loss`): stop watching it, and take the share of its gain it realised,
+    /// negative, as what moves realise (no later round runs). Returns that share.
+    pub fn reverted(&mut self, valid_loss: f64) -> f64 {
+        let Some(w) = self.watch.take() else {
+            return self.realized.unwrap_or(1.0);
+        };
+        let r = if w.gain > 0.0 {
+            ((w.valid_loss - valid_loss) / w.gain).min(0.0)
+        } else {
+            0.0
+        };
+        self.realized = Some(r);
+        r
+    }
+
     /// The epochs a move made now should take to recover.
     pub fn recovery_epochs(&self, lr_next: f64) -> f64 {
         match self.recovery {
@@ -256,6 +315,7 @@ impl AutoState {
         disruption: f64,
         moved_share: f64,
     ) {
+        let expected_recovery = Some(self.recovery_epochs(b.lr_next));
         if moved_share > 0.0 {
             self.disruption = Some(disruption.max(0.0) / moved_share);
         }
@@ -264,6 +324,7 @@ impl AutoState {
             valid_loss,
             lr: b.lr_next,
             gain,
+            expected_recovery,
         });
     }
 }
@@ -367,6 +428,51 @@ mod tests {
         z.observe(2, 5.8);
         assert_eq!(z.realized, Some(0.0));
         assert!(matches!(z.plan(&budget(2, true)), Plan::Skip(_)));
+    }
+
+    /// A kept move not back at its level by twice its expected recovery is overdue; a
+    /// revert measures its (negative) realised share, and no round runs after it.
+    #[test]
+    fn the_guard_undoes_a_move_that_has_not_recovered_in_twice_its_expected_time() {
+        let mut s = AutoState::default();
+        let b1 = budget(1, true);
+        s.moved(&b1, 5.80, 1.0, 3.0, 0.5);
+        let w = s.watch.unwrap();
+        assert_eq!((w.expected_recovery, w.deadline()), (Some(1.0), 3));
+        s.observe(2, 5.95);
+        assert_eq!(s.overdue(2), None, "one epoch of the two allowed");
+        s.observe(3, 5.85);
+        assert_eq!(s.overdue(3), Some(w));
+        let r = s.reverted(5.85);
+        assert!((r - (5.80 - 5.85) / 1.0).abs() < 1e-12, "{r}");
+        assert_eq!((s.watch, s.realized), (None, Some(r)));
+        // (Budget 2's schedule would pay for a move; the revert's share forbids it.)
+        let Plan::Skip(why) = s.plan(&budget(2, true)) else {
+            panic!("a round after a revert")
+        };
+        assert!(why.contains("none of its predicted gain"), "{why}");
+        // A move that recovers in time is never overdue.
+        let mut k = AutoState::default();
+        k.moved(&b1, 5.80, 1.0, 3.0, 0.5);
+        k.observe(2, 5.70);
+        assert_eq!(k.overdue(2), None);
+        assert_eq!(k.overdue(9), None);
+        // The allowance scales with the expected recovery (a slower, later rate), and a
+        // watch from a checkpoint before the guard takes the prior.
+        let slow = Watch {
+            expected_recovery: Some(2.5),
+            ..w
+        };
+        assert_eq!(slow.deadline(), 1 + 5);
+        let old: Watch =
+            serde_json::from_str(r#"{"epoch": 4, "valid_loss": 5.0, "lr": 5.0, "gain": 0.5}"#)
+                .unwrap();
+        assert_eq!(old.deadline(), 6);
+        let tiny = Watch {
+            expected_recovery: Some(0.1),
+            ..w
+        };
+        assert_eq!(tiny.deadline(), 2, "at least one epoch");
     }
 
     /// Figures a skip does not measure are NaN, which JSON writes as null: the state

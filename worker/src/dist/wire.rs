@@ -660,6 +660,7 @@ mod tests {
                     valid_loss: 5.25,
                     lr: 20.0,
                     gain: 1.68,
+                    expected_recovery: Some(1.0),
                 }),
                 decisions: vec![crate::auto::Decision {
                     epoch: 1,

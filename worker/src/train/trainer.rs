@@ -29,7 +29,7 @@ use super::options::RunOptions;
 use super::progress::{Progress, Window};
 use super::realloc::{ReallocOptions, reallocate};
 use super::start::{self, LoopState};
-use crate::auto::{AutoState, Budget, Decision, Plan, Verdict};
+use crate::auto::{AutoState, Budget, Decision, GUARD_FACTOR, Plan, Verdict, Watch};
 use crate::checkpoint::{self, Meta, SaveRequest};
 use crate::config::TrainConfig;
 use crate::data::batches::Batches;
@@ -577,6 +577,9 @@ impl<'a> Trainer<'a> {
         self.st.epoch += 1;
         if let Some(auto) = &mut self.st.auto {
             auto.observe(self.st.epoch, vl);
+            if let Some(w) = auto.overdue(self.st.epoch) {
+                self.revert_move(w, vl)?;
+            }
         }
         if self.st.realloc_pending
             && let Some(auto) = &self.st.auto
@@ -641,6 +644,76 @@ impl<'a> Trainer<'a> {
             lr_next: cfg.scheduled_lr(st.epoch).unwrap_or(st.lr),
             lr_ahead: ahead,
         }
+    }
+
+    /// The guard ([`super::auto`]): the kept move watched in `w` has not brought the
+    /// validation loss back to its level by its deadline (`valid_loss` after this
+    /// epoch), so every rank goes back to the best model so far (parameters and
+    /// allocation: no epoch since the move has beaten the level before it, so this is
+    /// the model before the move or an earlier, better one). Logged, and a `realloc`
+    /// line with the words that went back.
+    fn revert_move(&mut self, w: Watch, valid_loss: f64) -> Result<()> {
+        let (Some(params), Some(cells)) = (&self.st.best_params, &self.st.best_cells) else {
+            return Err(Error::Checkpoint {
+                url: self.opts.out.join("best").to_string(),
+                msg: "automatic reallocation: a move to undo, and no best model to go back to"
+                    .into(),
+            });
+        };
+        let now = self.backend.allocation()?;
+        let words_moved = now.iter().zip(cells).filter(|(a, b)| a != b).count();
+        self.backend.set_params(params)?;
+        self.backend.set_allocation(cells)?;
+        let b = self.budget();
+        let best = self.st.best_valid_loss.unwrap_or(f64::NAN);
+        let back_to = self
+            .st
+            .history
+            .iter()
+            .find(|r| Some(r.valid_loss) == self.st.best_valid_loss)
+            .map_or(0, |r| r.epoch);
+        let Some(auto) = &mut self.st.auto else {
+            return Ok(());
+        };
+        let expected = w
+            .expected_recovery
+            .unwrap_or(crate::auto::PRIOR_RECOVERY_EPOCHS);
+        let realized = auto.reverted(valid_loss);
+        let d = Decision {
+            epoch: b.epoch,
+            decision: Verdict::Revert,
+            why: format!(
+                "validation loss {valid_loss:.4} after epoch {}, {} epochs after the move after epoch {}, still above its {:.4} before the move (expected recovery {expected:.2} epochs, {GUARD_FACTOR} x allowed): back to the best model, epoch {back_to}'s (validation loss {best:.4})",
+                b.epoch,
+                b.epoch.saturating_sub(w.epoch),
+                w.epoch,
+                w.valid_loss,
+            ),
+            epochs_left: b.epochs_left,
+            recovery_epochs: expected,
+            payoff_epochs: f64::NAN,
+            move_cost: f64::NAN,
+            realized,
+            predicted_gain: w.gain,
+            disruption: f64::NAN,
+            moved_share: f64::NAN,
+            words_moved,
+        };
+        auto.decisions.push(d.clone());
+        if self.dist.is_leader() {
+            tracing::warn!(epoch = b.epoch, words_moved, why = %d.why, "automatic reallocation: move undone");
+        }
+        let report = lightrnn_alloc::Report {
+            words_moved,
+            ..lightrnn_alloc::Report::unmeasured()
+        };
+        self.metrics.push(&MetricsLine::Realloc(ReallocLine {
+            step: self.st.step,
+            epoch: self.st.epoch,
+            round: self.st.reallocations,
+            report,
+            auto: Some(Box::new(d)),
+        }))
     }
 
     /// An automatic round skipped before its tables pass: logged, and a `realloc` line
