@@ -35,7 +35,7 @@ pub mod sparse;
 
 pub use carry::{Carry, carry_vectors};
 pub use round::{
-    Figures, Reallocation, Report, RoundOptions, SparsePart, SparseRound, reallocate,
+    Figures, Reallocation, Report, RoundOptions, SparsePart, SparseRound, nan_if_null, reallocate,
     reallocate_sparse,
 };
 pub use sparse::{SparseProblem, SparseTables, solve_sparse};

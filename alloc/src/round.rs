@@ -20,6 +20,12 @@ use lightrnn_kernels::LossTables;
 use crate::sparse::{SparseProblem, SparseTables, solve_sparse};
 use crate::{AllocError, Problem, Result, SolveOptions, Solver, solve};
 
+/// An f64 that JSON may hold as null (how serde_json writes NaN, the "not measured" of
+/// our figures): NaN. For `#[serde(deserialize_with = "nan_if_null")]`.
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// How a round is solved.
 #[derive(Clone, Debug)]
 pub struct RoundOptions {
@@ -38,16 +44,22 @@ pub struct RoundOptions {
 pub struct Report {
     pub solver: String,
     /// Mean training loss per word under the old allocation (the table pass).
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss_before: f64,
     /// sum_w L_r[w, r(w)] + L_c[w, c(w)] per word, old and new allocation.
+    #[serde(deserialize_with = "nan_if_null")]
     pub objective_before: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub objective_after: f64,
     /// Per word: sum_w min_i L_r + min_j L_c.
+    #[serde(deserialize_with = "nan_if_null")]
     pub lower_bound: f64,
     pub words_moved: usize,
     /// Measured training loss per word right after the move (when asked for).
     pub train_loss_after: Option<f64>,
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds_tables: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds_solve: f64,
     /// The solver found nothing better than the current allocation, which stays.
     pub kept_current: bool,

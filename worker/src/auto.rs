@@ -47,6 +47,7 @@
 //! alike (the round's report, the losses summed over the ranks, the epoch's validation
 //! loss), and the state ([`AutoState`]) travels in the checkpoints.
 
+use lightrnn_alloc::nan_if_null;
 use serde::{Deserialize, Serialize};
 
 /// Recovery, in epochs, assumed before any move has been measured.
@@ -327,11 +328,6 @@ impl AutoState {
             expected_recovery,
         });
     }
-}
-
-/// An f64 that JSON may hold as null (how it writes NaN): NaN.
-pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The share of the occurrences' rows and columns that a new allocation changes: the sum

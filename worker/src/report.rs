@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::auto::nan_if_null;
+use lightrnn_alloc::nan_if_null;
 
 use crate::config::TrainConfig;
 
@@ -149,14 +149,20 @@ pub struct TrainLine {
     /// 1-based epoch in progress.
     pub epoch: u64,
     /// Mean training loss per word of the window, over all ranks.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ppl: f64,
     /// Words per second of the whole job over the window.
+    #[serde(deserialize_with = "nan_if_null")]
     pub words_per_sec: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
     /// Gradient norm of the window's last step (before clipping).
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// Training seconds of the run so far.
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
 }
 
@@ -165,11 +171,16 @@ pub struct TrainLine {
 pub struct ValidLine {
     pub step: u64,
     pub epoch: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ppl: f64,
     /// Mean training loss per word of the epoch.
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
     /// Measured at a stop inside an epoch (not an epoch's end).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -181,8 +192,11 @@ pub struct ValidLine {
 pub struct TestLine {
     pub step: u64,
     pub epoch: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
 }
 
@@ -335,6 +349,25 @@ mod tests {
             panic!("a realloc line");
         };
         assert!(r.round == 1 && r.report.objective_after.is_nan());
+        // What is not measured is written as null (NaN) and reads back as NaN: a round
+        // the automatic rule skipped, a window whose gradient norm overflowed.
+        let skipped = MetricsLine::Realloc(ReallocLine {
+            step: 68,
+            epoch: 1,
+            ..ReallocLine::default()
+        });
+        let text = serde_json::to_value(&skipped).unwrap().to_string();
+        assert!(text.contains(r#""objective_before":null"#), "{text}");
+        let MetricsLine::Realloc(r) = serde_json::from_str(&text).unwrap() else {
+            panic!("a realloc line");
+        };
+        assert!(r.step == 68 && r.report.objective_before.is_nan());
+        assert!(r.report.seconds_solve.is_nan() && r.report.lower_bound.is_nan());
+        let text = r#"{"kind":"train","step":4,"loss":3.0,"grad_norm":null,"ppl":null}"#;
+        let MetricsLine::Train(t) = serde_json::from_str(text).unwrap() else {
+            panic!("a train line");
+        };
+        assert!(t.loss == 3.0 && t.grad_norm.is_nan() && t.ppl.is_nan());
         assert!(serde_json::from_str::<MetricsLine>(r#"{"kind":"train","step":"x"}"#).is_err());
     }
 }
