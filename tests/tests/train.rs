@@ -702,6 +702,93 @@ fn the_guard_undoes_a_move_that_does_not_recover_and_resumes_as_one_run() {
     assert_eq!(decisions[2]["decision"], "revert", "{decisions:?}");
 }
 
+/// `realloc_every = "auto"` is the default. Where the plateau rule sets the rate (no
+/// `lr_schedule`: no lower rate is known ahead, so no move can pay) every round is a skip
+/// decided before any table pass, and the run is the run without reallocation to the
+/// byte: every checkpoint's model and training state. With a schedule that drops the
+/// rate the same default decides to move, as `realloc_every = "auto"` set by hand does.
+#[test]
+fn the_default_decides_each_round_and_costs_nothing_where_no_move_can_pay() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_corpus(&data, 8, 600);
+    let train = |name: &str, sets: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut a = vec!["train", "--preset", "tiny", "--set", "epochs=4"];
+        for s in sets {
+            a.extend(["--set", s]);
+        }
+        a.extend([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let summary = cli(&a, &rt).unwrap();
+        (out, summary)
+    };
+    let (default_dir, default) = train("default", &[]);
+    let (never_dir, never) = train("never", &["realloc_every=0"]);
+    let config = std::fs::read_to_string(default_dir.join("config.toml")).unwrap();
+    assert!(config.contains("realloc_every = \"auto\""), "{config}");
+    let rounds: Vec<Value> = metrics(&default_dir)
+        .into_iter()
+        .filter(|v| v["kind"] == "realloc")
+        .collect();
+    let seen: Vec<(u64, &str, u64)> = rounds
+        .iter()
+        .map(|l| {
+            let a = &l["auto"];
+            (
+                a["epoch"].as_u64().unwrap(),
+                a["decision"].as_str().unwrap(),
+                l["words_moved"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(1, "skip", 0), (2, "skip", 0), (3, "skip", 0)],
+        "a round after every epoch but the last: {rounds:?}"
+    );
+    let why = rounds[0]["auto"]["why"].as_str().unwrap();
+    assert!(why.contains("no learning-rate schedule"), "{why}");
+    for l in &rounds {
+        assert!(l["seconds_tables"].is_null(), "no table pass: {l}");
+    }
+    assert!(metrics(&never_dir).iter().all(|v| v["kind"] != "realloc"));
+    for k in ["steps", "train_loss", "valid_ppl", "test_ppl"] {
+        assert_eq!(default[k], never[k], "{k}: {default} vs {never}");
+    }
+    let files = |d: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        run_files(d)
+            .into_iter()
+            .filter(|(rel, _)| rel.ends_with(".safetensors"))
+            .collect()
+    };
+    let (a, b) = (files(&default_dir), files(&never_dir));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.len() >= 7,
+        "the kept checkpoints and out/best: {}",
+        a.len()
+    );
+    for ((ra, xa), (rb, xb)) in a.iter().zip(&b) {
+        assert_eq!(ra, rb);
+        assert!(xa == xb, "{ra} differs from the run without reallocation");
+    }
+    // A schedule that lowers the rate: the default moves after epoch 1 (a first move
+    // is free; its gain shows at the lower rate ahead).
+    let (sched_dir, _) = train("scheduled", &["lr_schedule=[10, 10, 2.5, 2.5]"]);
+    let first = metrics(&sched_dir)
+        .into_iter()
+        .find(|v| v["kind"] == "realloc")
+        .unwrap();
+    assert_eq!(first["auto"]["decision"], "move", "{first}");
+    assert!(first["words_moved"].as_u64().unwrap() > 0, "{first}");
+}
+
 /// A clean run, and the same run as one that died in the reallocation round after epoch
 /// `epoch` and was resumed: same figures and final model.
 struct Died {

@@ -89,8 +89,9 @@ pub struct TrainConfig {
     /// Also keep every checkpoint whose step is a multiple of this (0: none).
     pub keep_every: u64,
     // Word reallocation.
-    /// Reallocate after every this many epochs (0 = never), or "auto": the trainer decides
-    /// after each epoch whether a round pays and which words move ([`ReallocEvery`]).
+    /// Reallocate after every this many epochs (0 = never), or "auto" (the default): the
+    /// trainer decides after each epoch whether a round pays and which words move
+    /// ([`ReallocEvery`]).
     pub realloc_every: ReallocEvery,
     /// First epoch after which to reallocate (0 = realloc_every).
     pub realloc_start: u64,
@@ -207,7 +208,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             keep_every: 0,
             lr_schedule: Vec::new(),
-            realloc_every: ReallocEvery::Epochs(0),
+            realloc_every: ReallocEvery::Auto,
             realloc_start: 0,
             realloc_rounds: 0,
             realloc_solver: Solver::Scalable,
@@ -596,6 +597,27 @@ mod tests {
             })
             .collect();
         assert_eq!(when, vec![1, 3]);
+        // "auto" is the default, of a file that does not set it and of the presets that
+        // do not fix a schedule; those that do keep theirs.
+        assert_eq!(TrainConfig::default().realloc_every, ReallocEvery::Auto);
+        assert_eq!(
+            TrainConfig::from_toml("epochs = 2", "t")
+                .unwrap()
+                .realloc_every,
+            ReallocEvery::Auto
+        );
+        for (name, every) in [
+            ("tiny", ReallocEvery::Auto),
+            ("ptb-small", ReallocEvery::Auto),
+            ("ptb-small-realloc", ReallocEvery::Epochs(1)),
+            ("billion-word-512", ReallocEvery::Epochs(1)),
+        ] {
+            assert_eq!(
+                TrainConfig::preset(name).unwrap().realloc_every,
+                every,
+                "{name}"
+            );
+        }
         // "auto": a round is considered after every epoch but the last; the word and the
         // number both go through --set, the file and back.
         let a = s.with_overrides(&["realloc_every=auto".into()]).unwrap();
