@@ -19,12 +19,14 @@
 //!    ([`Shard::groups`]), input preparation, the LSTM layers forward over 2T steps, the
 //!    row and column heads with their fused log-softmax + NLL and its gradient, the
 //!    layers backward; the groups' gradients are summed pairwise in a fixed order into
-//!    the gradient buffer (buffers kept between steps: no allocation per step).
+//!    the gradient buffer (buffers kept between steps: no allocation per step). A device
+//!    backend may leave this work pending until the next call that needs it.
 //! 2. [`Backend::all_reduce_grads`]: the backend hands its gradient buffer, where it
 //!    lies ([`GradsMut`]), to the job's collective, which sums it over the ranks in
 //!    place. A device buffer is never copied to the host to be summed.
 //! 3. [`Backend::clip_and_step`]: global norm, clipping coefficient and the optimizer
-//!    update; the norm is the step's one host synchronisation.
+//!    update; it returns the step's loss sums and norm ([`StepFigures`]), read back
+//!    together: the step's one host synchronisation.
 //!
 //! Evaluation is [`Backend::eval_batch`] (forward and loss, no dropout, no gradient). A
 //! reallocation round is [`Backend::begin_loss_tables`], one
@@ -109,6 +111,57 @@ impl LossSums {
         self.row += o.row;
         self.col += o.col;
         self.words += o.words;
+    }
+}
+
+/// What a training step brings back to the host, in one read: the batch's summed losses
+/// (this rank's streams) and the global gradient norm.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepFigures {
+    pub loss: LossSums,
+    pub norm: f64,
+}
+
+/// What a device has been asked to do, counted since it was opened: the figures a
+/// training step is held to (host synchronisations, allocations, launches) and that
+/// `lightrnn bench` prints per step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Kernel launches issued by the host (not those replayed inside a graph).
+    pub launches: u64,
+    /// GEMMs issued by the host.
+    pub gemms: u64,
+    /// Copies and memsets issued by the host, synchronous or not.
+    pub copies: u64,
+    /// Times the host waited for the device (a synchronisation, a synchronous copy).
+    pub syncs: u64,
+    /// Device allocations and frees; page-locked host allocations.
+    pub allocs: u64,
+    pub frees: u64,
+    pub host_allocs: u64,
+    /// Graphs captured, and graph launches (each replays every node of its graph).
+    pub graphs_captured: u64,
+    pub graph_launches: u64,
+    /// GEMMs whose operands are not all 16-byte aligned with leading dimensions that are
+    /// multiples of 4 (cuBLAS's fast kernels need both), issued or captured.
+    pub unaligned_gemms: u64,
+}
+
+impl Counters {
+    /// What happened between `before` and now (`self`).
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters {
+            launches: self.launches - before.launches,
+            gemms: self.gemms - before.gemms,
+            copies: self.copies - before.copies,
+            syncs: self.syncs - before.syncs,
+            allocs: self.allocs - before.allocs,
+            frees: self.frees - before.frees,
+            host_allocs: self.host_allocs - before.host_allocs,
+            graphs_captured: self.graphs_captured - before.graphs_captured,
+            graph_launches: self.graph_launches - before.graph_launches,
+            unaligned_gemms: self.unaligned_gemms - before.unaligned_gemms,
+        }
     }
 }
 
@@ -201,10 +254,11 @@ pub trait Peers: Send {
     fn ordinal(&self) -> Option<usize>;
     /// `count` f32 at `send + p * count` (device addresses) go to rank p and land at its
     /// `recv + rank * count`: afterwards rank p's `recv` holds every rank's piece p, in
-    /// rank order.
-    fn all_to_all(&mut self, send: u64, recv: u64, count: usize) -> Result<()>;
+    /// rank order. Ordered after the work issued to `stream` (a `CUstream`; 0 for the
+    /// emulated device, whose caller waits for its work first).
+    fn all_to_all(&mut self, stream: u64, send: u64, recv: u64, count: usize) -> Result<()>;
     /// Every rank's `count` f32 at `send` land at `recv + rank * count` on every rank.
-    fn all_gather(&mut self, send: u64, recv: u64, count: usize) -> Result<()>;
+    fn all_gather(&mut self, stream: u64, send: u64, recv: u64, count: usize) -> Result<()>;
 }
 
 /// What a backend needs from the job's collective: its gradient buffer summed over the
@@ -287,14 +341,20 @@ pub trait Backend: Send {
 
     /// Forward and backward of this rank's training batch in its gradient groups
     /// ([`Shard::groups`]), the groups' gradients summed in their fixed order into the
-    /// gradient buffer; gradients of `grad_scale` * summed NLL. Returns the summed losses.
-    fn train_step(&mut self, batch: &Batch<'_>, step: u64, grad_scale: f32) -> Result<LossSums>;
+    /// gradient buffer; gradients of `grad_scale` * summed NLL. Nothing is read back: the
+    /// losses come with the norm from [`Backend::clip_and_step`] (or, on their own, from
+    /// [`Backend::step_loss`]).
+    fn train_step(&mut self, batch: &Batch<'_>, step: u64, grad_scale: f32) -> Result<()>;
+    /// The summed losses of the last [`Backend::train_step`], read now (a host
+    /// synchronisation of its own: the training loop takes them from `clip_and_step`).
+    fn step_loss(&mut self) -> Result<LossSums>;
     /// Sum the gradient buffer over the ranks of `coll`, in place where it lies.
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()>;
     /// Global L2 norm of the gradients, then one update with them scaled by the clipping
     /// coefficient min(1, max_norm / (norm + 1e-6)) (`max_norm <= 0`: no clipping).
-    /// Returns the norm; a norm that is not finite applies no update (the caller stops).
-    fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<f64>;
+    /// Returns the norm with the last training step's losses; a norm that is not finite
+    /// applies no update (the caller stops).
+    fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<StepFigures>;
     fn optimizer_state(&self) -> Result<Option<OptimizerState>>;
     fn set_optimizer_state(&mut self, state: OptimizerState) -> Result<()>;
 
@@ -318,6 +378,12 @@ pub trait Backend: Send {
     ) -> Result<Option<ScatteredTables>> {
         let _ = peers;
         Ok(None)
+    }
+
+    /// What a device backend's device has been asked to do so far (launches, host
+    /// waits, allocations, graph launches); `None` for the CPU.
+    fn device_counters(&self) -> Option<Counters> {
+        None
     }
 
     /// Forward through every layer.

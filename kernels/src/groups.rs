@@ -180,6 +180,12 @@ impl<B> PairwiseSum<B> {
         }
     }
 
+    /// Partial sums waiting for their partner: where the next buffer pushed sits in the
+    /// stack before it is combined.
+    pub fn depth(&self) -> usize {
+        self.partial.len()
+    }
+
     /// A free buffer, if one is kept.
     pub fn spare(&mut self) -> Option<B> {
         self.spare.pop()

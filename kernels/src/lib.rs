@@ -29,8 +29,8 @@ pub mod select;
 pub mod tables;
 
 pub use backend::{
-    Backend, Batch, DeviceGrads, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass,
-    Peers, ScatteredTables, Shard, State, Stream,
+    Backend, Batch, Counters, DeviceGrads, GradReduce, GradsMut, LossSums, ModelConfig,
+    OptimizerState, Pass, Peers, ScatteredTables, Shard, State, StepFigures, Stream,
 };
 pub use cpu::CpuBackend;
 pub use cuda::Precision;

@@ -58,6 +58,8 @@ pub struct BackendOptions {
     pub threads: usize,
     /// The CUDA backend's GEMM arithmetic (TF32 unless asked otherwise).
     pub precision: Precision,
+    /// The CUDA backend captures training steps as CUDA graphs (unless turned off).
+    pub cuda_graphs: bool,
 }
 
 impl BackendOptions {
@@ -66,11 +68,19 @@ impl BackendOptions {
             kind,
             threads,
             precision: Precision::default(),
+            cuda_graphs: true,
         }
     }
 
     pub fn with_precision(self, precision: Precision) -> Self {
         Self { precision, ..self }
+    }
+
+    pub fn with_graphs(self, cuda_graphs: bool) -> Self {
+        Self {
+            cuda_graphs,
+            ..self
+        }
     }
 }
 
@@ -98,11 +108,11 @@ pub fn open_backend(opts: &BackendOptions, cfg: &ModelConfig) -> Result<Box<dyn 
         BackendKind::Auto | BackendKind::Cpu => {
             Ok(Box::new(crate::cpu::CpuBackend::new(cfg, opts.threads)?))
         }
-        BackendKind::Cuda { ordinal } => Ok(Box::new(crate::cuda::CudaBackend::with_precision(
-            cfg,
-            ordinal,
-            opts.precision,
-        )?)),
+        BackendKind::Cuda { ordinal } => {
+            let mut be = crate::cuda::CudaBackend::with_precision(cfg, ordinal, opts.precision)?;
+            be.set_graphs(opts.cuda_graphs);
+            Ok(Box::new(be))
+        }
     }
 }
 

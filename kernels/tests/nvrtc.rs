@@ -22,6 +22,7 @@ const BUDGETS: &[(&str, u32)] = &[
     ("sum_f64", 24),
     ("add_assign", 16),
     ("sgd_step", 16),
+    ("clip_scale", 32),
     ("adam_step", 32),
     ("adagrad_step", 24),
     ("table_accumulate", 32),
@@ -112,10 +113,47 @@ fn every_kernel_fits_its_register_budget_with_no_spills() {
                 u.kernel,
                 u.registers
             );
+            // The static shared memory a block may have (the emulator refuses more too).
+            assert!(
+                u.shared_bytes <= 48 * 1024,
+                "{}: {} bytes of static shared memory",
+                u.kernel,
+                u.shared_bytes
+            );
             seen.push(u.kernel);
         }
     }
     for (k, _) in BUDGETS {
         assert!(seen.iter().any(|s| s == k), "no ptxas report for {k}");
     }
+}
+
+/// Kernels compiled ahead of time (`lightrnn kernels`): one CUBIN per source and a
+/// manifest; they are offered to a device of the same architecture under a driver at
+/// least as new as the NVRTC that compiled them, and only for the source text they were
+/// compiled from.
+#[test]
+fn kernels_compiled_ahead_load_only_where_they_fit() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lightrnn-ahead-{}", std::process::id()));
+    let m = nvrtc::write_ahead(&dir, "sm_90").unwrap();
+    assert_eq!(m.arch, "sm_90");
+    assert_eq!(m.nvrtc.0, 13, "the CUDA 13 line");
+    assert_eq!(m.sources.len(), SOURCES.len());
+    let needs = m.nvrtc.0 * 1000 + m.nvrtc.1 * 10;
+    let a = nvrtc::ahead_of_time_in(dir.clone(), "sm_90", needs).expect("fits");
+    for src in SOURCES {
+        let image = a.image(src).expect("compiled");
+        assert!(image.starts_with(b"\x7fELF"), "{}: a CUBIN", src.name);
+        let changed = lightrnn_kernels::cuda::layer::CudaSource {
+            text: "extern \"C\" __global__ void other() {}",
+            ..*src
+        };
+        assert!(a.image(&changed).is_none(), "{}: another text", src.name);
+    }
+    assert!(nvrtc::ahead_of_time_in(dir.clone(), "sm_100", needs).is_none());
+    assert!(nvrtc::ahead_of_time_in(dir.clone(), "sm_90", needs - 10).is_none());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -14,6 +14,8 @@ fn launch(dev: &Emulated, kernel: &'static str, block: u32, args: &[Arg]) {
         args,
     })
     .unwrap();
+    // Queued work runs when the host waits.
+    dev.synchronize().unwrap();
 }
 
 /// One element past the end of a 100-float buffer: AddressSanitizer must report a

@@ -273,12 +273,7 @@ impl Backend for Flaky {
     fn lstm_backward(&mut self, l: usize) -> lightrnn_kernels::Result<()> {
         self.0.lstm_backward(l)
     }
-    fn train_step(
-        &mut self,
-        b: &Batch<'_>,
-        step: u64,
-        s: f32,
-    ) -> lightrnn_kernels::Result<LossSums> {
+    fn train_step(&mut self, b: &Batch<'_>, step: u64, s: f32) -> lightrnn_kernels::Result<()> {
         use std::sync::atomic::Ordering;
         if step == FAULT_AT.load(Ordering::SeqCst) && !FAULTED.swap(true, Ordering::SeqCst) {
             return Err(lightrnn_kernels::Error::Cuda(format!(
@@ -286,6 +281,9 @@ impl Backend for Flaky {
             )));
         }
         self.0.train_step(b, step, s)
+    }
+    fn step_loss(&mut self) -> lightrnn_kernels::Result<LossSums> {
+        self.0.step_loss()
     }
     fn all_reduce_grads(&mut self, c: &mut dyn GradReduce) -> lightrnn_kernels::Result<()> {
         self.0.all_reduce_grads(c)
@@ -295,7 +293,7 @@ impl Backend for Flaky {
         r: &lightrnn_kernels::Optimizer,
         lr: f64,
         m: f64,
-    ) -> lightrnn_kernels::Result<f64> {
+    ) -> lightrnn_kernels::Result<lightrnn_kernels::StepFigures> {
         self.0.clip_and_step(r, lr, m)
     }
     fn optimizer_state(&self) -> lightrnn_kernels::Result<Option<OptimizerState>> {
@@ -322,6 +320,9 @@ impl Backend for Flaky {
         peers: &mut dyn lightrnn_kernels::Peers,
     ) -> lightrnn_kernels::Result<Option<lightrnn_kernels::ScatteredTables>> {
         self.0.take_loss_tables_scattered(peers)
+    }
+    fn eval_batch(&mut self, b: &Batch<'_>) -> lightrnn_kernels::Result<LossSums> {
+        self.0.eval_batch(b)
     }
 }
 

@@ -74,6 +74,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// CPU threads (0 = all cores).
     pub threads: usize,
+    /// CUDA backend: capture each training step as a CUDA graph and replay it (one launch
+    /// a step); false: plain kernel launches. A capture the device refuses falls back to
+    /// plain launches by itself.
+    pub cuda_graphs: bool,
     /// Gradient groups: the global batch's streams are cut into this many equal groups,
     /// each run forward/backward on its own, their gradients summed in a fixed pairwise
     /// order. With G a power of two and W workers dividing it (W = 1 or 2), the results
@@ -202,6 +206,7 @@ impl Default for TrainConfig {
             adagrad_initial_accumulator: 0.0,
             seed: 1111,
             threads: 0,
+            cuda_graphs: true,
             grad_groups: 0,
             log_every: 100,
             checkpoint_every: 0,

@@ -1,5 +1,10 @@
 //! `lightrnn bench`: training throughput on a seeded synthetic Zipf corpus (one JSON
-//! line).
+//! line). `--vocab`, `--emb`, `--hidden` and `--batch` also take comma-separated lists:
+//! every combination (the emb and hidden lists in pairs) is measured in this one process,
+//! each as one JSON line on stdout as soon as it is done (a configuration that fails is a
+//! line with its error, and the next one runs), then a summary line.
+
+use std::io::Write;
 
 use clap::Args;
 
@@ -11,16 +16,20 @@ use crate::error::usage;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    #[arg(long)]
-    pub vocab: usize,
-    #[arg(long)]
-    pub emb: usize,
-    #[arg(long)]
-    pub hidden: usize,
+    /// Vocabulary size, or a comma-separated list.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub vocab: Vec<usize>,
+    /// Embedding size, or a list (paired with --hidden's).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub emb: Vec<usize>,
+    /// Hidden size, or a list (one value serves every --emb).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub hidden: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     pub layers: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
+    /// Streams per batch, or a list.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    pub batch: Vec<usize>,
     #[arg(long, default_value_t = 35)]
     pub bptt: usize,
     /// CPU threads (0 = all cores).
@@ -49,15 +58,18 @@ pub struct BenchArgs {
     /// GEMM arithmetic of the CUDA backend: tf32 (tensor cores) or fp32.
     #[arg(long, default_value = "tf32")]
     pub precision: String,
+    /// CUDA backend: capture each step as a CUDA graph (true) or plain launches (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
 }
 
 pub fn run(a: &BenchArgs) -> Result<String> {
-    let o = BenchOptions {
-        vocab: a.vocab,
-        emb: a.emb,
-        hidden: a.hidden,
+    let base = BenchOptions {
+        vocab: 0,
+        emb: 0,
+        hidden: 0,
         layers: a.layers,
-        batch: a.batch,
+        batch: 0,
         bptt: a.bptt,
         threads: a.threads,
         steps: a.steps.max(1),
@@ -74,9 +86,61 @@ pub fn run(a: &BenchArgs) -> Result<String> {
             Ok(p) => p,
             Err(e) => return usage(e.to_string()),
         },
+        cuda_graphs: a.cuda_graphs,
     };
-    if o.zipf.is_nan() || o.zipf <= 0.0 {
+    if base.zipf.is_nan() || base.zipf <= 0.0 {
         return usage("--zipf must be positive");
     }
-    Ok(serde_json::to_string(&bench(&o)?)?)
+    let sizes: Vec<(usize, usize)> = match (a.emb.len(), a.hidden.len()) {
+        (_, 1) => a.emb.iter().map(|&e| (e, a.hidden[0])).collect(),
+        (e, h) if e == h => a
+            .emb
+            .iter()
+            .copied()
+            .zip(a.hidden.iter().copied())
+            .collect(),
+        (e, h) => {
+            return usage(format!(
+                "--emb has {e} values and --hidden {h}: give as many, or one hidden size"
+            ));
+        }
+    };
+    let mut configs = Vec::new();
+    for &vocab in &a.vocab {
+        for &(emb, hidden) in &sizes {
+            for &batch in &a.batch {
+                configs.push(BenchOptions {
+                    vocab,
+                    emb,
+                    hidden,
+                    batch,
+                    ..base.clone()
+                });
+            }
+        }
+    }
+    if let [one] = &configs[..] {
+        return Ok(serde_json::to_string(&bench(one)?)?);
+    }
+    let mut failed = 0;
+    let t0 = std::time::Instant::now();
+    for o in &configs {
+        let line = match bench(o) {
+            Ok(r) => serde_json::to_string(&r)?,
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({
+                    "failed": {"vocab": o.vocab, "emb": o.emb, "hidden": o.hidden, "batch": o.batch},
+                    "error": e.to_string(),
+                })
+                .to_string()
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    }
+    Ok(serde_json::json!({
+        "configs": configs.len(), "failed": failed, "seconds": t0.elapsed().as_secs_f64(),
+    })
+    .to_string())
 }

@@ -17,7 +17,7 @@ pub use engine::{Engine, NamedBuffers, row_of};
 
 use crate::backend::{
     Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
-    State, Stream,
+    State, StepFigures, Stream,
 };
 use crate::groups::{PairwiseSum, Plan};
 use crate::layout::ParamLayout;
@@ -36,6 +36,8 @@ pub struct CpuBackend {
     sums: PairwiseSum<Vec<f32>>,
     /// The loss tables of the reallocation round in progress.
     tables: Option<LossTables>,
+    /// The summed losses of the last training step.
+    last_loss: LossSums,
 }
 
 impl CpuBackend {
@@ -47,6 +49,7 @@ impl CpuBackend {
             group_tokens: Vec::new(),
             sums: PairwiseSum::default(),
             tables: None,
+            last_loss: LossSums::default(),
         })
     }
 
@@ -165,34 +168,43 @@ impl Backend for CpuBackend {
         self.engine.lstm_backward(layer)
     }
 
-    fn train_step(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<LossSums> {
+    fn train_step(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<()> {
         let plan = Plan::new(self.shard, batch)?;
-        let groups = match plan {
+        self.last_loss = match plan {
             Plan::Whole { keyed } => {
                 self.engine.set_shard(keyed)?;
-                return self.forward_backward(batch, step, scale);
+                self.forward_backward(batch, step, scale)?
             }
-            Plan::Groups { groups, .. } => groups,
+            Plan::Groups { groups, .. } => {
+                // Partial sums left by a step that failed half-way are not this step's.
+                self.sums.reset();
+                let mut tokens = std::mem::take(&mut self.group_tokens);
+                let r = self.grouped_step(batch, plan, groups, &mut tokens, (step, scale));
+                self.group_tokens = tokens;
+                r?
+            }
         };
-        // Partial sums left by a step that failed half-way are not this step's.
-        self.sums.reset();
-        let mut tokens = std::mem::take(&mut self.group_tokens);
-        let r = self.grouped_step(batch, plan, groups, &mut tokens, (step, scale));
-        self.group_tokens = tokens;
-        r
+        Ok(())
+    }
+
+    fn step_loss(&mut self) -> Result<LossSums> {
+        Ok(self.last_loss)
     }
 
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()> {
         coll.all_reduce_grads(GradsMut::Host(self.engine.grads_mut()))
     }
 
-    fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<f64> {
+    fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<StepFigures> {
         let norm = self.engine.grad_norm();
         if norm.is_finite() {
             self.engine
                 .optimizer_step(rule, lr, clip_coefficient(norm, max_norm))?;
         }
-        Ok(norm)
+        Ok(StepFigures {
+            loss: self.last_loss,
+            norm,
+        })
     }
 
     fn optimizer_state(&self) -> Result<Option<OptimizerState>> {

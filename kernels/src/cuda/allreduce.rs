@@ -97,9 +97,20 @@ impl DeviceGrads for Lent<'_> {
         let (send, recv) = self.scratch.get(dev, w, c)?;
         send.copy_from(dev, 0, self.grads, 0, n)?;
         let sum = sum_pieces(dev, peers, send, recv, c)?;
-        peers.all_gather(recv.at(sum), send.at(0), c)?;
+        ready(dev, peers)?;
+        peers.all_gather(dev.stream(), recv.at(sum), send.at(0), c)?;
         self.grads.copy_from(dev, 0, send, 0, n)
     }
+}
+
+/// Before a collective: a transport through host memory (ranks as threads, on the
+/// emulated device) reads the buffers at once, so the device's queued work must be done;
+/// NCCL is ordered on the device's stream instead.
+fn ready(dev: &dyn Device, peers: &dyn Peers) -> Result<()> {
+    if peers.ordinal().is_none() {
+        dev.synchronize()?;
+    }
+    Ok(())
 }
 
 /// A transport that can move `dev`'s buffers, with this rank in its world.
@@ -130,7 +141,8 @@ fn sum_pieces(
     recv: &Buf<f32>,
     c: usize,
 ) -> Result<usize> {
-    peers.all_to_all(send.at(0), recv.at(0), c)?;
+    ready(dev, peers)?;
+    peers.all_to_all(dev.stream(), send.at(0), recv.at(0), c)?;
     // The pieces are summed in place in `recv`, named by their offsets.
     let mut tree = PairwiseSum::default();
     let add = |a: &mut usize, b: &usize| add_assign(dev, recv.arg(*a), recv.arg(*b), c);
@@ -281,7 +293,7 @@ impl Peers for ThreadPeers {
         None
     }
 
-    fn all_to_all(&mut self, send: u64, recv: u64, count: usize) -> Result<()> {
+    fn all_to_all(&mut self, _stream: u64, send: u64, recv: u64, count: usize) -> Result<()> {
         let (w, r) = (self.shared.world, self.rank);
         let got = self.exchange(read(send, w * count), "all-to-all", |slots| {
             slots
@@ -293,7 +305,7 @@ impl Peers for ThreadPeers {
         Ok(())
     }
 
-    fn all_gather(&mut self, send: u64, recv: u64, count: usize) -> Result<()> {
+    fn all_gather(&mut self, _stream: u64, send: u64, recv: u64, count: usize) -> Result<()> {
         let got = self.exchange(read(send, count), "all-gather", |slots| slots.concat())?;
         write(recv, &got);
         Ok(())

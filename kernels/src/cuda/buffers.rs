@@ -10,6 +10,7 @@ pub trait Elem: Copy + Default + 'static {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for u32 {}
+impl Elem for u64 {}
 
 /// `len` elements of `T` on a device.
 pub struct Buf<T: Elem> {
@@ -104,6 +105,11 @@ impl<T: Elem> Buf<T> {
         self.check(off, n, "memset")?;
         dev.zero(self.at(off), n * size_of::<T>())
     }
+}
+
+/// `x` rounded up to a multiple of 4 (f32s or u32s: 16 bytes).
+pub fn pad4(x: usize) -> usize {
+    x.div_ceil(4) * 4
 }
 
 /// Threads per block of the element-wise kernels.

@@ -26,9 +26,20 @@ pub fn cuda_devices() -> Result<Vec<CudaDevice>> {
     imp::cuda_devices()
 }
 
+/// How many CUDA devices there are and the driver's CUDA version (e.g. 13000), without
+/// creating any device's context (what opening one device needs to know).
+pub fn count_and_driver() -> Result<(usize, i32)> {
+    imp::count_and_driver()
+}
+
 /// The CUDA libraries this build loads and whether each is present (name, found).
 pub fn cuda_libraries() -> Vec<(&'static str, bool)> {
     imp::libraries()
+}
+
+/// The version of each CUDA library found, as "major.minor[.patch]" (name, version).
+pub fn library_versions() -> Vec<(&'static str, String)> {
+    imp::versions()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -43,6 +54,14 @@ mod imp {
 
     pub fn libraries() -> Vec<(&'static str, bool)> {
         Vec::new()
+    }
+
+    pub fn versions() -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    pub fn count_and_driver() -> Result<(usize, i32)> {
+        cuda_devices().map(|_| (0, 0))
     }
 }
 
@@ -67,7 +86,36 @@ mod imp {
         }
     }
 
-    pub fn cuda_devices() -> Result<Vec<CudaDevice>> {
+    pub fn versions() -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Ok((major, minor)) = crate::cuda::nvrtc::version() {
+            out.push(("libnvrtc", format!("{major}.{minor}")));
+        }
+        // SAFETY: dlopen probe, then out-parameters of a library that is present.
+        if unsafe { cudarc::cublas::sys::is_culib_present() } {
+            use cudarc::cublas::sys::{cublasGetProperty, libraryPropertyType};
+            let mut v = [0i32; 3];
+            let props = [
+                libraryPropertyType::MAJOR_VERSION,
+                libraryPropertyType::MINOR_VERSION,
+                libraryPropertyType::PATCH_LEVEL,
+            ];
+            let ok = props
+                .into_iter()
+                .zip(v.iter_mut())
+                // SAFETY: as above.
+                .all(|(p, x)| unsafe { cublasGetProperty(p, x) }.result().is_ok());
+            if ok {
+                out.push(("libcublas", format!("{}.{}.{}", v[0], v[1], v[2])));
+            }
+        }
+        if let Ok((major, minor, patch)) = crate::cuda::nccl::version() {
+            out.push(("libnccl", format!("{major}.{minor}.{patch}")));
+        }
+        out
+    }
+
+    pub fn count_and_driver() -> Result<(usize, i32)> {
         // SAFETY: dlopen probe only; no driver function is called when it fails.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::Backend(
@@ -80,7 +128,12 @@ mod imp {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
             .result()
             .map_err(|e| driver_err("driver version", e))?;
-        (0..n.max(0) as usize)
+        Ok((n.max(0) as usize, version))
+    }
+
+    pub fn cuda_devices() -> Result<Vec<CudaDevice>> {
+        let (n, version) = count_and_driver()?;
+        (0..n)
             .map(|i| {
                 let ctx = CudaContext::new(i).map_err(|e| driver_err("opening a device", e))?;
                 let (free, total) = ctx

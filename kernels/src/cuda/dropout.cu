@@ -2,7 +2,9 @@
 // (kernels/src/rng.rs), so both devices draw the same mask for the same element: element j
 // of row r of a time-major [S, B] block is element (g * width + j) of stream `site`, where
 // g = (r / batch) * global + offset + r % batch is the row's index in the job's batch.
-// One kernel does the forward (x * mask) and the backward (dy * mask) alike.
+// One kernel does the forward (x * mask) and the backward (dy * mask) alike. The site is
+// *site_base + site_off: the step's part is read from device memory, so a captured graph
+// draws each step's own masks.
 
 __device__ __forceinline__ unsigned philox_word(unsigned long long idx, unsigned long long site,
                                                 unsigned k0, unsigned k1) {
@@ -29,10 +31,12 @@ __device__ __forceinline__ unsigned philox_word(unsigned long long idx, unsigned
 // the draw is >= threshold (= p * 2^32), else 0.
 extern "C" __global__ void dropout_apply(float* out, const float* in, unsigned rows,
                                          unsigned width, unsigned key0, unsigned key1,
-                                         unsigned long long site, unsigned batch,
+                                         const unsigned long long* site_base,
+                                         unsigned long long site_off, unsigned batch,
                                          unsigned offset, unsigned global, unsigned threshold,
                                          float keep) {
   unsigned long long n = (unsigned long long)rows * width;
+  unsigned long long site = *site_base + site_off;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (unsigned long long)gridDim.x * blockDim.x) {
     unsigned long long r = i / width, j = i % width;

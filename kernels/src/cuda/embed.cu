@@ -12,17 +12,23 @@ extern "C" __global__ void gather_rows(float* out, const float* table, const uns
   }
 }
 
-// Block k (of the distinct ids) writes table_grad[uniq[k], :] = sum over its uses u in
-// members[starts[k] .. starts[k + 1]] (ascending storage rows) of rows_grad[u, :].
+// For each distinct id k < *n_uniq (blocks grid-strided over them: the count is read from
+// device memory, so one launch configuration serves every batch), table_grad[uniq[k], :] =
+// the sum over its uses u in members[starts[k] .. starts[k + 1]] (ascending storage rows)
+// of rows_grad[u, :].
 extern "C" __global__ void scatter_rows(float* table_grad, const float* rows_grad,
                                         const unsigned* uniq, const unsigned* starts,
-                                        const unsigned* members, unsigned width) {
-  unsigned k = blockIdx.x;
-  unsigned s0 = starts[k], s1 = starts[k + 1];
-  float* dst = table_grad + (unsigned long long)uniq[k] * width;
-  for (unsigned j = threadIdx.x; j < width; j += blockDim.x) {
-    float acc = 0.0f;
-    for (unsigned s = s0; s < s1; ++s) acc += rows_grad[(unsigned long long)members[s] * width + j];
-    dst[j] = acc;
+                                        const unsigned* members, const unsigned* n_uniq,
+                                        unsigned width) {
+  unsigned n = *n_uniq;
+  for (unsigned k = blockIdx.x; k < n; k += gridDim.x) {
+    unsigned s0 = starts[k], s1 = starts[k + 1];
+    float* dst = table_grad + (unsigned long long)uniq[k] * width;
+    for (unsigned j = threadIdx.x; j < width; j += blockDim.x) {
+      float acc = 0.0f;
+      for (unsigned s = s0; s < s1; ++s)
+        acc += rows_grad[(unsigned long long)members[s] * width + j];
+      dst[j] = acc;
+    }
   }
 }

@@ -3,16 +3,27 @@
 //! header (`emu/cuda_emu.h`: blocks one at a time, a block's threads as fibers), and GEMMs
 //! through a column-major reference with cuBLAS's exact argument semantics.
 //!
-//! A test facility, not a user backend: it checks what the GPU cannot tell us. Every copy
-//! and every GEMM operand must lie inside one live allocation (cuBLAS would read or write
-//! out of bounds silently), and a barrier that not all threads of a block reach is a
-//! deadlock error instead of a hang.
+//! A test facility, not a user backend: it checks what the GPU cannot tell us.
+//! - Every copy and every GEMM operand must lie inside one live allocation (cuBLAS would
+//!   read or write out of bounds silently), and a barrier that not all threads of a block
+//!   reach is a deadlock error instead of a hang.
+//! - Work is queued as on a GPU's stream and runs only when the host waits for it
+//!   ([`Device::synchronize`], a synchronous copy, a free): a host that writes the
+//!   page-locked memory of a copy still in flight, or reads a download before waiting,
+//!   gets the wrong bytes here as it would on a card. An error of queued work (a
+//!   deadlock) is reported by the next wait, as CUDA reports a kernel's fault.
+//! - A launch must fit the hardware's limits and its kernel's `__launch_bounds__` and
+//!   48 KB of static shared memory; a capture refuses what stream capture refuses
+//!   (allocating, freeing, waiting) and its graph replays the captured arguments, so a
+//!   value that changes between steps must be read from device memory.
+//! - [`Device::counters`] counts launches, copies, host waits and allocations, so the
+//!   tests can hold a training step to its budget.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, c_char, c_void};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::layer::{Device, Gemm, Launch, Mem};
+use super::layer::{Arg, Counters, Device, Gemm, Graph, HostMem, Launch, Mem, Tally};
 use crate::{Error, Result};
 
 unsafe extern "C" {
@@ -28,14 +39,233 @@ unsafe extern "C" {
     ) -> i32;
 }
 
-/// Live allocations: address -> bytes.
-type Live = Arc<Mutex<BTreeMap<u64, usize>>>;
+/// One piece of queued or captured work.
+#[derive(Clone, Debug)]
+enum Op {
+    Launch {
+        kernel: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        args: Vec<Arg>,
+    },
+    Gemm(Gemm),
+    Copy {
+        dst: u64,
+        src: u64,
+        bytes: usize,
+    },
+    Zero {
+        dst: u64,
+        bytes: usize,
+    },
+}
 
-/// A host allocation standing in for device memory.
+/// Live allocations: address -> bytes.
+type Live = BTreeMap<u64, usize>;
+
+/// The device's state, shared with the owners of its allocations (a free first runs the
+/// queued work, which may still use the memory).
+struct Inner {
+    /// Device allocations, and page-locked host allocations.
+    live: Mutex<Live>,
+    pinned: Mutex<Live>,
+    /// Issued and not yet run.
+    queue: Mutex<Vec<Op>>,
+    /// Being captured (`Some`), and whether the capture did something a capture may not.
+    capture: Mutex<Option<Vec<Op>>>,
+    spoiled: Mutex<Option<String>>,
+    /// The first error of queued work, reported by the next wait.
+    sticky: Mutex<Option<String>>,
+    tally: Tally,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another thread holding the lock leaves plain data behind: keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `bytes` at `addr` lie inside one allocation of `live`.
+fn within(live: &Live, addr: u64, bytes: usize, what: &str) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    match live.range(..=addr).next_back() {
+        Some((&start, &len)) if addr + bytes as u64 <= start + len as u64 => Ok(()),
+        Some((&start, &len)) if addr < start + len as u64 => Err(Error::Cuda(format!(
+            "{what}: {bytes} bytes at offset {} overrun an allocation of {len} bytes",
+            addr - start
+        ))),
+        _ => Err(Error::Cuda(format!(
+            "{what}: address {addr:#x} is not in any live allocation"
+        ))),
+    }
+}
+
+impl Inner {
+    fn check(&self, addr: u64, bytes: usize, what: &str) -> Result<()> {
+        within(&lock(&self.live), addr, bytes, what)
+    }
+
+    fn check_host(&self, addr: u64, bytes: usize, what: &str) -> Result<()> {
+        within(&lock(&self.pinned), addr, bytes, what)
+            .map_err(|e| Error::Cuda(format!("{e} of page-locked host memory")))
+    }
+
+    /// Refuse what a stream capture may not do.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if lock(&self.capture).is_some() {
+            return Err(Error::Cuda(format!(
+                "{what} during a stream capture (not permitted while capturing)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queue `op`, or record it into the capture in progress.
+    fn issue(&self, op: Op) {
+        match lock(&self.capture).as_mut() {
+            Some(graph) => graph.push(op),
+            None => lock(&self.queue).push(op),
+        }
+    }
+
+    /// Run every queued piece of work, in order; the first error is kept for the next wait.
+    fn drain(&self) {
+        let ops = std::mem::take(&mut *lock(&self.queue));
+        for op in ops {
+            if let Err(e) = self.run(&op) {
+                lock(&self.sticky).get_or_insert(e.to_string());
+                break;
+            }
+        }
+    }
+
+    /// Wait: run the queue, and report the first error of the work it held.
+    fn wait(&self) -> Result<()> {
+        self.drain();
+        match lock(&self.sticky).take() {
+            Some(e) => Err(Error::Cuda(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// A free: the queued work runs first (it may use the memory); inside a capture it
+    /// spoils the capture, as `cuMemFree` does on a GPU.
+    fn before_free(&self) {
+        if lock(&self.capture).is_some() {
+            lock(&self.spoiled).get_or_insert("a free".into());
+        }
+        self.drain();
+    }
+
+    fn run(&self, op: &Op) -> Result<()> {
+        match *op {
+            Op::Launch {
+                kernel,
+                grid,
+                block,
+                ref args,
+            } => launch_now(kernel, grid, block, args),
+            Op::Gemm(ref g) => {
+                self.check_gemm(g)?;
+                run_gemm(g);
+                Ok(())
+            }
+            Op::Copy { dst, src, bytes } => {
+                let check = |a, what| {
+                    self.check(a, bytes, what)
+                        .or_else(|_| self.check_host(a, bytes, what))
+                };
+                check(dst, "copy destination")?;
+                check(src, "copy source")?;
+                // SAFETY: both ranges lie in live device or page-locked allocations
+                // (checked); `copy` allows overlap.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
+            Op::Zero { dst, bytes } => {
+                self.check(dst, bytes, "memset")?;
+                // SAFETY: the range lies in a live allocation (checked).
+                unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    fn check_gemm(&self, g: &Gemm) -> Result<()> {
+        g.check().map_err(Error::Cuda)?;
+        let (ea, eb, ec) = g.extents();
+        if g.k > 0 && g.alpha != 0.0 {
+            self.check(g.a, 4 * ea, "gemm A")?;
+            self.check(g.b, 4 * eb, "gemm B")?;
+        }
+        self.check(g.c, 4 * ec, "gemm C")
+    }
+}
+
+/// Run `kernel` now through the generated entry point.
+fn launch_now(kernel: &str, grid: [u32; 3], block: [u32; 3], args: &[Arg]) -> Result<()> {
+    let name = CString::new(kernel).map_err(|_| Error::Cuda(format!("kernel name {kernel:?}")))?;
+    let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut u64 as *mut c_void)
+        .collect();
+    let mut err = vec![0 as c_char; 512];
+    // SAFETY: `params` points at one 8-byte slot per argument, alive for the call (the
+    // entry point runs one launch at a time under its own lock); the registry checks the
+    // argument count against the kernel's signature. The kernel's own indexing is what
+    // the parity tests and the sanitizer runs check.
+    let rc = unsafe {
+        lightrnn_emu_launch(
+            name.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            params.as_mut_ptr(),
+            params.len() as u32,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        let msg: Vec<u8> = err
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        return Err(Error::Cuda(format!(
+            "emulated launch failed: {}",
+            String::from_utf8_lossy(&msg)
+        )));
+    }
+    Ok(())
+}
+
+/// A checked GEMM on host memory.
+fn run_gemm(g: &Gemm) {
+    if g.m == 0 || g.n == 0 {
+        return;
+    }
+    let (ea, eb, ec) = g.extents();
+    // SAFETY: each operand's span lies in a live allocation (checked by the caller); C
+    // does not overlap A or B in the backend's calls (a GEMM in place is not cuBLAS's
+    // either).
+    let (a, b, c) = unsafe {
+        (
+            std::slice::from_raw_parts(g.a as *const f32, if g.k > 0 { ea } else { 0 }),
+            std::slice::from_raw_parts(g.b as *const f32, if g.k > 0 { eb } else { 0 }),
+            std::slice::from_raw_parts_mut(g.c as *mut f32, ec),
+        )
+    };
+    reference_gemm(g, a, b, c);
+}
+
+/// A host allocation standing in for device (or page-locked) memory.
 struct HostAlloc {
     ptr: *mut u8,
     layout: std::alloc::Layout,
-    live: Live,
+    inner: Arc<Inner>,
+    pinned: bool,
 }
 
 // SAFETY: the allocation is plain memory owned by this value alone.
@@ -43,10 +273,15 @@ unsafe impl Send for HostAlloc {}
 
 impl Drop for HostAlloc {
     fn drop(&mut self) {
-        if let Ok(mut l) = self.live.lock() {
-            l.remove(&(self.ptr as u64));
-        }
-        // SAFETY: allocated in `alloc` with this layout, freed once.
+        self.inner.before_free();
+        let table = if self.pinned {
+            &self.inner.pinned
+        } else {
+            Tally::add(&self.inner.tally.frees);
+            &self.inner.live
+        };
+        lock(table).remove(&(self.ptr as u64));
+        // SAFETY: allocated in `host_alloc` with this layout, freed once.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }
@@ -54,40 +289,53 @@ impl Drop for HostAlloc {
 /// The emulated device with `capacity` bytes of "device memory".
 pub struct Emulated {
     capacity: usize,
-    live: Live,
+    inner: Arc<Inner>,
 }
 
 impl Emulated {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            live: Arc::new(Mutex::new(BTreeMap::new())),
+            inner: Arc::new(Inner {
+                live: Mutex::new(BTreeMap::new()),
+                pinned: Mutex::new(BTreeMap::new()),
+                queue: Mutex::new(Vec::new()),
+                capture: Mutex::new(None),
+                spoiled: Mutex::new(None),
+                sticky: Mutex::new(None),
+                tally: Tally::default(),
+            }),
         }
     }
 
     fn used(&self) -> usize {
-        self.live.lock().map(|l| l.values().sum()).unwrap_or(0)
+        lock(&self.inner.live).values().sum()
     }
 
-    /// `bytes` at `addr` lie inside one live allocation.
-    fn check(&self, addr: u64, bytes: usize, what: &str) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
+    /// `bytes` of zeroed host memory (exactly `bytes`, not rounded up, so the address
+    /// sanitizer sees one element past the end as out of bounds), entered in the device's
+    /// or the page-locked table.
+    fn host_alloc(&self, bytes: usize, pinned: bool) -> Result<(u64, HostAlloc)> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 16)
+            .map_err(|e| Error::OutOfMemory(format!("{bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::OutOfMemory(format!("{bytes} bytes of host memory")));
         }
-        let live = self
-            .live
-            .lock()
-            .map_err(|_| Error::Cuda("emulator allocation table poisoned".into()))?;
-        match live.range(..=addr).next_back() {
-            Some((&start, &len)) if addr + bytes as u64 <= start + len as u64 => Ok(()),
-            Some((&start, &len)) if addr < start + len as u64 => Err(Error::Cuda(format!(
-                "{what}: {bytes} bytes at offset {} overrun an allocation of {len} bytes",
-                addr - start
-            ))),
-            _ => Err(Error::Cuda(format!(
-                "{what}: address {addr:#x} is not in any live allocation"
-            ))),
-        }
+        let table = if pinned {
+            &self.inner.pinned
+        } else {
+            &self.inner.live
+        };
+        lock(table).insert(ptr as u64, bytes);
+        let owner = HostAlloc {
+            ptr,
+            layout,
+            inner: self.inner.clone(),
+            pinned,
+        };
+        Ok((ptr as u64, owner))
     }
 }
 
@@ -101,128 +349,166 @@ impl Device for Emulated {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Mem> {
+        self.inner.not_capturing("an allocation")?;
         if self.used() + bytes > self.capacity {
             return Err(Error::OutOfMemory(format!(
                 "{bytes} bytes asked of the emulated device, {} free",
                 self.capacity.saturating_sub(self.used())
             )));
         }
-        // Exactly `bytes` (not rounded up), so the address sanitizer sees one element
-        // past the end as out of bounds.
-        let layout = std::alloc::Layout::from_size_align(bytes.max(1), 16)
-            .map_err(|e| Error::OutOfMemory(format!("{bytes} bytes: {e}")))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::OutOfMemory(format!("{bytes} bytes of host memory")));
-        }
-        if let Ok(mut l) = self.live.lock() {
-            l.insert(ptr as u64, bytes);
-        }
+        let (addr, owner) = self.host_alloc(bytes, false)?;
+        Tally::add(&self.inner.tally.allocs);
         Ok(Mem {
-            addr: ptr as u64,
+            addr,
             bytes,
-            _owner: Box::new(HostAlloc {
-                ptr,
-                layout,
-                live: self.live.clone(),
-            }),
+            _owner: Box::new(owner),
+        })
+    }
+
+    fn alloc_host(&self, bytes: usize) -> Result<HostMem> {
+        self.inner.not_capturing("a page-locked allocation")?;
+        let (addr, owner) = self.host_alloc(bytes, true)?;
+        Tally::add(&self.inner.tally.host_allocs);
+        Ok(HostMem {
+            ptr: addr as *mut u8,
+            bytes,
+            _owner: Box::new(owner),
         })
     }
 
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
-        self.check(dst, src.len(), "upload")?;
+        self.inner.not_capturing("a synchronous upload")?;
+        self.inner.check(dst, src.len(), "upload")?;
+        self.inner.wait()?;
+        Tally::add(&self.inner.tally.copies);
+        Tally::add(&self.inner.tally.syncs);
         // SAFETY: the destination range lies in a live allocation (checked).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-        self.check(src, dst.len(), "download")?;
+        self.inner.not_capturing("a synchronous download")?;
+        self.inner.check(src, dst.len(), "download")?;
+        self.inner.wait()?;
+        Tally::add(&self.inner.tally.copies);
+        Tally::add(&self.inner.tally.syncs);
         // SAFETY: the source range lies in a live allocation (checked).
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
+    fn upload_async(&self, dst: u64, host: &HostMem, offset: usize, bytes: usize) -> Result<()> {
+        let src = host.addr() + offset as u64;
+        self.inner.check(dst, bytes, "asynchronous upload")?;
+        self.inner.check_host(src, bytes, "asynchronous upload")?;
+        Tally::add(&self.inner.tally.copies);
+        self.inner.issue(Op::Copy { dst, src, bytes });
+        Ok(())
+    }
+
+    fn download_async(&self, src: u64, host: &HostMem, offset: usize, bytes: usize) -> Result<()> {
+        let dst = host.addr() + offset as u64;
+        self.inner.check(src, bytes, "asynchronous download")?;
+        self.inner.check_host(dst, bytes, "asynchronous download")?;
+        Tally::add(&self.inner.tally.copies);
+        self.inner.issue(Op::Copy { dst, src, bytes });
+        Ok(())
+    }
+
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        self.check(dst, bytes, "copy destination")?;
-        self.check(src, bytes, "copy source")?;
-        // SAFETY: both ranges lie in live allocations (checked); `copy` allows overlap.
-        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        self.inner.check(dst, bytes, "copy destination")?;
+        self.inner.check(src, bytes, "copy source")?;
+        Tally::add(&self.inner.tally.copies);
+        self.inner.issue(Op::Copy { dst, src, bytes });
         Ok(())
     }
 
     fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
-        self.check(dst, bytes, "memset")?;
-        // SAFETY: the range lies in a live allocation (checked).
-        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        self.inner.check(dst, bytes, "memset")?;
+        Tally::add(&self.inner.tally.copies);
+        self.inner.issue(Op::Zero { dst, bytes });
         Ok(())
     }
 
     fn launch(&self, l: &Launch<'_>) -> Result<()> {
-        let name = CString::new(l.kernel)
-            .map_err(|_| Error::Cuda(format!("kernel name {:?}", l.kernel)))?;
-        let mut slots: Vec<u64> = l.args.iter().map(|a| a.slot()).collect();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
-        let mut err = vec![0 as c_char; 512];
-        // SAFETY: `params` points at one 8-byte slot per argument, alive for the call (the
-        // entry point runs one launch at a time under its own lock); the
-        // registry checks the argument count against the kernel's signature. The kernel's
-        // own indexing is what the parity tests and the sanitizer runs check.
-        let rc = unsafe {
-            lightrnn_emu_launch(
-                name.as_ptr(),
-                l.grid.as_ptr(),
-                l.block.as_ptr(),
-                params.as_mut_ptr(),
-                params.len() as u32,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc != 0 {
-            let msg: Vec<u8> = err
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
-                .collect();
-            return Err(Error::Cuda(format!(
-                "emulated launch failed: {}",
-                String::from_utf8_lossy(&msg)
-            )));
-        }
+        l.check().map_err(Error::Cuda)?;
+        Tally::add(&self.inner.tally.launches);
+        self.inner.issue(Op::Launch {
+            kernel: l.kernel,
+            grid: l.grid,
+            block: l.block,
+            args: l.args.to_vec(),
+        });
         Ok(())
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
-        g.check().map_err(Error::Cuda)?;
-        let (ea, eb, ec) = g.extents();
-        if g.k > 0 && g.alpha != 0.0 {
-            self.check(g.a, 4 * ea, "gemm A")?;
-            self.check(g.b, 4 * eb, "gemm B")?;
-        }
-        self.check(g.c, 4 * ec, "gemm C")?;
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        // SAFETY: each operand's span lies in a live allocation (checked above); C does
-        // not overlap A or B in the backend's calls (a GEMM in place is not cuBLAS's either).
-        let (a, b, c) = unsafe {
-            (
-                std::slice::from_raw_parts(g.a as *const f32, if g.k > 0 { ea } else { 0 }),
-                std::slice::from_raw_parts(g.b as *const f32, if g.k > 0 { eb } else { 0 }),
-                std::slice::from_raw_parts_mut(g.c as *mut f32, ec),
-            )
-        };
-        reference_gemm(g, a, b, c);
+        self.inner.check_gemm(g)?;
+        self.inner.tally.gemm(g);
+        self.inner.issue(Op::Gemm(*g));
         Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner.not_capturing("a synchronisation")?;
+        Tally::add(&self.inner.tally.syncs);
+        self.inner.wait()
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut c = lock(&self.inner.capture);
+        if c.is_some() {
+            return Err(Error::Cuda("a capture is already in progress".into()));
+        }
+        *c = Some(Vec::new());
+        *lock(&self.inner.spoiled) = None;
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        let ops = lock(&self.inner.capture)
+            .take()
+            .ok_or_else(|| Error::Cuda("no capture in progress".into()))?;
+        if let Some(what) = lock(&self.inner.spoiled).take() {
+            return Err(Error::Cuda(format!(
+                "the capture was invalidated by {what} while capturing"
+            )));
+        }
+        Tally::add(&self.inner.tally.graphs_captured);
+        Ok(Graph {
+            nodes: ops.len(),
+            exec: Box::new(ops),
+        })
+    }
+
+    fn launch_graph(&self, g: &Graph) -> Result<()> {
+        self.inner.not_capturing("a graph launch")?;
+        let ops = g
+            .exec
+            .downcast_ref::<Vec<Op>>()
+            .ok_or_else(|| Error::Cuda("a graph of another device".into()))?;
+        Tally::add(&self.inner.tally.graph_launches);
+        lock(&self.inner.queue).extend(ops.iter().cloned());
+        Ok(())
+    }
+
+    fn counters(&self) -> Counters {
+        self.inner.tally.snapshot()
     }
 }
 
-/// cuBLAS sgemm semantics on host slices (f32 accumulation, as cuBLAS in FP32 mode).
+impl Drop for Emulated {
+    fn drop(&mut self) {
+        // Work still queued runs (its allocations outlive the device handle until their
+        // owners drop them, each of which drains too).
+        self.inner.drain();
+    }
+}
+
+/// cuBLAS sgemm semantics on host slices (f32 accumulation, as cuBLAS in FP32 mode; with
+/// the emulator built for fused multiply-adds, `LIGHTRNN_EMU_FMA=1`, each product is
+/// fused into the sum as the card's GEMMs do).
 pub fn reference_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     let op_a = |i: usize, p: usize| {
         if g.trans_a {
@@ -243,7 +529,7 @@ pub fn reference_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
             let mut acc = 0f32;
             if g.alpha != 0.0 {
                 for p in 0..g.k {
-                    acc += op_a(i, p) * op_b(p, j);
+                    acc = fma_or_not(op_a(i, p), op_b(p, j), acc);
                 }
             }
             let dst = &mut c[i + j * g.ldc];
@@ -255,3 +541,16 @@ pub fn reference_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         }
     }
 }
+
+#[cfg(emu_fma)]
+fn fma_or_not(x: f32, y: f32, acc: f32) -> f32 {
+    x.mul_add(y, acc)
+}
+
+#[cfg(not(emu_fma))]
+fn fma_or_not(x: f32, y: f32, acc: f32) -> f32 {
+    acc + x * y
+}
+
+/// Whether this build's emulator fuses multiply-adds (`LIGHTRNN_EMU_FMA=1` at build time).
+pub const FUSED_MULTIPLY_ADD: bool = cfg!(emu_fma);

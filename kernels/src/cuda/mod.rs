@@ -19,20 +19,22 @@ pub mod allreduce;
 mod backend;
 mod buffers;
 pub mod device;
+mod devlayout;
 #[cfg(feature = "cuda")]
 pub mod emulated;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod graphs;
 pub mod layer;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 mod step;
+mod work;
 mod workspace;
 
 pub use backend::CudaBackend;
-pub(crate) use backend::DevState;
 pub use workspace::{activation_bytes, model_bytes};
 
 use serde::{Deserialize, Serialize};

@@ -10,9 +10,12 @@
 //! [`Error::Collective`]: a lost peer ends the generation through the one fault path
 //! instead of hanging a GPU.
 //!
-//! The collectives run on the legacy default stream, the stream every kernel, copy and
-//! GEMM of the CUDA backend is issued to, so they are ordered after the backward pass
-//! and before the optimizer step without an event.
+//! The collectives run on the stream of the CUDA backend's device (every kernel, copy and
+//! GEMM of the backend is issued to it), so they are ordered after the backward pass and
+//! before the optimizer step without an event. A send or receive that fails inside a
+//! group closes the group (`ncclGroupEnd`) before the communicator is aborted: the group
+//! depth is per thread, and a group left open would swallow the next generation's
+//! initialisation on this thread.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -187,7 +190,7 @@ impl Nccl {
             me.abort();
             return Err(nccl(&format!("rank {rank} of {world} joining"), r));
         }
-        me.settle(&format!("rank {rank} of {world} joining"), false)?;
+        me.settle(&format!("rank {rank} of {world} joining"), None)?;
         Ok(me)
     }
 
@@ -203,7 +206,7 @@ impl Nccl {
 
     /// Wait until NCCL's pending work is issued (and, with `stream`, until the stream's
     /// kernels finished): an error, the deadline or a cancel aborts the communicator.
-    fn settle(&mut self, what: &str, stream: bool) -> Result<()> {
+    fn settle(&mut self, what: &str, stream: Option<u64>) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         let mut issued = false;
         loop {
@@ -225,11 +228,11 @@ impl Nccl {
                 }
             }
             if issued {
-                if !stream {
+                let Some(stream) = stream else {
                     return Ok(());
-                }
-                // SAFETY: the legacy default stream of the bound context.
-                match unsafe { drv::cuStreamQuery(std::ptr::null_mut()) } {
+                };
+                // SAFETY: the device's stream, of the bound context.
+                match unsafe { drv::cuStreamQuery(stream as drv::CUstream) } {
                     drv::CUresult::CUDA_SUCCESS => {
                         // A kernel that failed mid-way reports here, not in the stream.
                         let mut state = sys::ncclResult_t::ncclSuccess;
@@ -278,12 +281,17 @@ impl Nccl {
     }
 
     fn check(&mut self, what: &str, r: sys::ncclResult_t) -> Result<()> {
-        if r != sys::ncclResult_t::ncclSuccess && r != sys::ncclResult_t::ncclInProgress {
+        if !ok(r) {
             self.abort();
             return Err(nccl(what, r));
         }
         Ok(())
     }
+}
+
+/// A call that succeeded or, on a non-blocking communicator, is under way.
+fn ok(r: sys::ncclResult_t) -> bool {
+    r == sys::ncclResult_t::ncclSuccess || r == sys::ncclResult_t::ncclInProgress
 }
 
 impl Drop for Nccl {
@@ -304,14 +312,15 @@ impl Peers for Nccl {
         Some(self.ordinal)
     }
 
-    fn all_to_all(&mut self, send: u64, recv: u64, count: usize) -> Result<()> {
+    fn all_to_all(&mut self, stream: u64, send: u64, recv: u64, count: usize) -> Result<()> {
         let what = format!("all-to-all, rank {} of {}", self.rank, self.world);
         self.ready(&what)?;
-        let stream: sys::cudaStream_t = std::ptr::null_mut();
+        let cu = stream as sys::cudaStream_t;
         let f32s = sys::ncclDataType_t::ncclFloat32;
         // SAFETY: group calls have no arguments.
         let r = unsafe { sys::ncclGroupStart() };
         self.check(&what, r)?;
+        let mut failed = None;
         for p in 0..self.world {
             let off = (p * count * 4) as u64;
             // SAFETY: `send` and `recv` hold world * count f32 on this communicator's
@@ -324,7 +333,7 @@ impl Peers for Nccl {
                         f32s,
                         p as i32,
                         self.comm,
-                        stream,
+                        cu,
                     ),
                     sys::ncclRecv(
                         (recv + off) as *mut c_void,
@@ -332,20 +341,22 @@ impl Peers for Nccl {
                         f32s,
                         p as i32,
                         self.comm,
-                        stream,
+                        cu,
                     ),
                 )
             };
-            self.check(&what, s)?;
-            self.check(&what, q)?;
+            failed = [s, q].into_iter().find(|r| !ok(*r));
+            if failed.is_some() {
+                break;
+            }
         }
-        // SAFETY: closes the group opened above.
+        // SAFETY: closes the group opened above, also after a failed call inside it.
         let r = unsafe { sys::ncclGroupEnd() };
-        self.check(&what, r)?;
-        self.settle(&what, true)
+        self.check(&what, failed.unwrap_or(r))?;
+        self.settle(&what, Some(stream))
     }
 
-    fn all_gather(&mut self, send: u64, recv: u64, count: usize) -> Result<()> {
+    fn all_gather(&mut self, stream: u64, send: u64, recv: u64, count: usize) -> Result<()> {
         let what = format!("all-gather, rank {} of {}", self.rank, self.world);
         self.ready(&what)?;
         // SAFETY: `send` holds count f32 and `recv` world * count on this device.
@@ -356,10 +367,10 @@ impl Peers for Nccl {
                 count,
                 sys::ncclDataType_t::ncclFloat32,
                 self.comm,
-                std::ptr::null_mut(),
+                stream as sys::cudaStream_t,
             )
         };
         self.check(&what, r)?;
-        self.settle(&what, true)
+        self.settle(&what, Some(stream))
     }
 }

@@ -2,8 +2,19 @@
 //! `compute_XY`), or to an `sm_XY` CUBIN with ptxas's resource report (registers, spills,
 //! shared memory per kernel) for the CI check of every kernel. NVRTC needs no GPU; its
 //! library is looked for at run time (PyPI `nvidia-cuda-nvrtc`, CUDA 13.0 line).
+//!
+//! Kernels compiled ahead of time ([`write_ahead`], `lightrnn kernels --out DIR`): one
+//! CUBIN per source and a `manifest.json` naming the architecture, the NVRTC version and
+//! a hash of each source's text. A process on a GPU loads them ([`ahead_of_time`]) from
+//! `LIGHTRNN_KERNEL_DIR`, or `kernels/` beside its binary, when the device's architecture
+//! is the manifest's, the driver is at least the NVRTC's CUDA version and the source it
+//! embeds is the one compiled; any other source is compiled by NVRTC as before.
 
-use super::layer::CudaSource;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::layer::{CudaSource, SOURCES};
 use crate::{Error, Result};
 
 /// What one kernel uses, from ptxas's verbose log.
@@ -27,6 +38,151 @@ pub struct Compiled {
 pub fn available() -> bool {
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// NVRTC's version, (major, minor).
+pub fn version() -> Result<(i32, i32)> {
+    if !available() {
+        return Err(Error::Backend("no NVRTC library (libnvrtc.so)".into()));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: out-parameters; the library is present.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| Error::Cuda(format!("NVRTC version: {e:?}")))?;
+    Ok((major, minor))
+}
+
+/// A 64-bit FNV-1a hash of a source's text: which text a CUBIN was compiled from.
+pub fn source_hash(text: &str) -> String {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// The manifest of a directory of kernels compiled ahead of time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// e.g. `sm_90`.
+    pub arch: String,
+    /// The NVRTC that compiled them, (major, minor).
+    pub nvrtc: (i32, i32),
+    pub sources: Vec<AheadSource>,
+}
+
+/// One compiled source of a [`Manifest`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AheadSource {
+    pub name: String,
+    /// [`source_hash`] of the text compiled.
+    pub hash: String,
+    /// The CUBIN, relative to the manifest.
+    pub file: String,
+    /// What ptxas reported per kernel.
+    pub registers: Vec<(String, u32)>,
+}
+
+/// Compile every source for `arch` (an `sm_XY`) into `dir`: the CUBINs and `manifest.json`.
+pub fn write_ahead(dir: &Path, arch: &str) -> Result<Manifest> {
+    if !arch.starts_with("sm_") {
+        return Err(Error::Config(format!(
+            "kernels are compiled ahead for a GPU architecture such as sm_90, not {arch:?}"
+        )));
+    }
+    let io = |what: &str, e: std::io::Error| Error::Backend(format!("{what}: {e}"));
+    std::fs::create_dir_all(dir).map_err(|e| io(&format!("creating {}", dir.display()), e))?;
+    let compiled: Vec<(&CudaSource, Compiled)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = SOURCES
+            .iter()
+            .map(|src| s.spawn(move || compile(src, arch).map(|c| (src, c))))
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(Error::Cuda("NVRTC thread panicked".into())))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut sources = Vec::new();
+    for (src, c) in compiled {
+        let file = format!("{}.{arch}.cubin", src.name);
+        std::fs::write(dir.join(&file), &c.image).map_err(|e| io(&format!("writing {file}"), e))?;
+        sources.push(AheadSource {
+            name: src.name.to_string(),
+            hash: source_hash(src.text),
+            file,
+            registers: usage(&c.log)
+                .into_iter()
+                .map(|u| (u.kernel, u.registers))
+                .collect(),
+        });
+    }
+    let manifest = Manifest {
+        arch: arch.to_string(),
+        nvrtc: version()?,
+        sources,
+    };
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::Backend(format!("manifest: {e}")))?;
+    std::fs::write(dir.join("manifest.json"), text).map_err(|e| io("writing manifest.json", e))?;
+    Ok(manifest)
+}
+
+/// Where compiled kernels are looked for: `LIGHTRNN_KERNEL_DIR`, else `kernels/` beside
+/// the running binary, when it holds a manifest.
+pub fn kernel_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("LIGHTRNN_KERNEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::current_exe().ok()?.parent()?.join("kernels"),
+    };
+    dir.join("manifest.json").is_file().then_some(dir)
+}
+
+/// Kernels compiled ahead of time that a device of `arch` under a driver of CUDA version
+/// `driver` (e.g. 13000) can load.
+pub struct Ahead {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Ahead {
+    /// The CUBIN of `src`, when the manifest has it compiled from this very text.
+    pub fn image(&self, src: &CudaSource) -> Option<Vec<u8>> {
+        let entry = self
+            .manifest
+            .sources
+            .iter()
+            .find(|s| s.name == src.name && s.hash == source_hash(src.text))?;
+        std::fs::read(self.dir.join(&entry.file)).ok()
+    }
+}
+
+/// The compiled kernels of [`kernel_dir`] for `arch` and `driver`, or `None` (with the
+/// reason logged) when there are none or they do not fit this device.
+pub fn ahead_of_time(arch: &str, driver: i32) -> Option<Ahead> {
+    ahead_of_time_in(kernel_dir()?, arch, driver)
+}
+
+/// [`ahead_of_time`] from the kernels in `dir`.
+pub fn ahead_of_time_in(dir: PathBuf, arch: &str, driver: i32) -> Option<Ahead> {
+    let manifest: Manifest = match std::fs::read(dir.join("manifest.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "compiled kernels unreadable: compiling with NVRTC");
+            return None;
+        }
+    };
+    let (major, minor) = manifest.nvrtc;
+    let needs = major * 1000 + minor * 10;
+    if manifest.arch != arch || driver < needs {
+        tracing::info!(dir = %dir.display(), compiled_for = %manifest.arch, device = arch, nvrtc = needs, driver, "compiled kernels do not fit this device or driver: compiling with NVRTC");
+        return None;
+    }
+    Some(Ahead { dir, manifest })
 }
 
 /// Compile `src` for `arch` (`compute_90`: PTX; `sm_90`: a CUBIN, with ptxas's report).

@@ -1,6 +1,8 @@
-// The heads' fused log-softmax + NLL, one block of 256 threads per row of logits.
-// mode 0: the loss only (z left as z + b); 1: z := scale (softmax(z + b) - onehot(target));
-// 2: z := -log softmax(z + b) (the loss tables). loss[row] = the target's NLL.
+// The heads' fused log-softmax + NLL, one block of 256 threads per row of `width` logits
+// (rows `ld` apart: the device pads them to a multiple of 4). mode 0: the loss only (z
+// left as z + b); 1: z := scale (softmax(z + b) - onehot(target)), the scale read from
+// device memory; 2: z := -log softmax(z + b) (the loss tables). loss[row] = the target's
+// NLL.
 
 #define SOFTMAX_THREADS 256
 
@@ -21,9 +23,9 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* buf) 
 
 extern "C" __global__ void __launch_bounds__(SOFTMAX_THREADS)
     softmax_nll(float* z, const float* bias, const unsigned* targets, double* loss,
-                unsigned width, float scale, unsigned mode) {
+                unsigned width, unsigned ld, const float* scale_at, unsigned mode) {
   __shared__ float buf[SOFTMAX_THREADS / 32];
-  float* zr = z + (unsigned long long)blockIdx.x * width;
+  float* zr = z + (unsigned long long)blockIdx.x * ld;
   float mx = __int_as_float(0xff800000);  // -infinity
   for (unsigned j = threadIdx.x; j < width; j += SOFTMAX_THREADS) {
     float x = zr[j] + bias[j];
@@ -39,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(SOFTMAX_THREADS)
   float zt = zr[t];
   __syncthreads();  // every thread has read z[t] before it is overwritten
   if (mode == 1) {
+    float scale = *scale_at;
     float k = scale / sum;
     for (unsigned j = threadIdx.x; j < width; j += SOFTMAX_THREADS) {
       float p = expf(zr[j] - mx) * k;

@@ -1,23 +1,26 @@
-//! The CUDA backend's step, written once over the [`Device`] layer: batch preparation on the
-//! host (word ids -> table ids, targets, the table gradient's scatter lists: one upload),
-//! then per layer one input-projection GEMM over all 2T steps, per step one recurrent GEMM
-//! and one fused cell kernel, the heads as GEMMs over all positions with the fused
-//! log-softmax, and the backward pass in reverse; everything stays on the device between
-//! steps. GEMMs are column-major (cuBLAS): a row-major [M, N] matrix is a column-major
-//! N x M one with leading dimension N.
+//! The CUDA backend's device work, written once over the [`Device`] layer and issued
+//! without a host wait: a group's inputs uploaded from page-locked staging in one copy,
+//! the layer-0 gather and the start state, then per layer one input-projection GEMM over
+//! all 2T steps, per step one recurrent GEMM and one fused cell kernel, the heads as GEMMs
+//! over all positions with the fused log-softmax, and the backward pass in reverse; the
+//! update: the gradient norm, the clipping coefficient and the optimizer on the device.
+//! Everything that changes from step to step is read from device memory (the `knob`
+//! slots, the inputs), never passed as a launch argument, so the same work captured once
+//! as a CUDA graph replays every step ([`CudaBackend::run_work`]: replayed, captured, or
+//! plain launches where a capture fails). GEMMs are column-major (cuBLAS): a row-major
+//! [M, N] matrix is a column-major N x M one with leading dimension N.
 
 use super::CudaBackend;
-use super::buffers::{Buf, THREADS, grid_for, u32_arg};
-use super::layer::{Arg, Device, Gemm, Launch};
-use super::workspace::HeadMode;
-use crate::backend::{Batch, LossSums, Pass};
+use super::buffers::{Buf, THREADS, add_assign, grid_for, u32_arg};
+use super::layer::{Arg, Device, Gemm, Graph, Launch};
+use super::work::{Cx, NORM_BLOCKS, TrainWork, UpdateWork, Work};
+use super::workspace::{BATCH_HEAD, HeadMode, Workspace, knob};
 use crate::cpu::row_of;
 use crate::rng::{Philox, Purpose};
 use crate::{Error, Result};
 
 /// Row-major Y[rows, cols] (+)= X[rows, inner] W^T with W [cols, inner] row-major.
-#[allow(clippy::too_many_arguments)]
-fn xwt(rows: usize, cols: usize, inner: usize, x: u64, w: u64, y: u64, beta: f32) -> Gemm {
+fn xwt(rows: usize, cols: usize, inner: usize, x: u64, w: u64, y: (u64, usize), beta: f32) -> Gemm {
     Gemm {
         trans_a: true,
         trans_b: false,
@@ -30,13 +33,14 @@ fn xwt(rows: usize, cols: usize, inner: usize, x: u64, w: u64, y: u64, beta: f32
         b: x,
         ldb: inner,
         beta,
-        c: y,
-        ldc: cols,
+        c: y.0,
+        ldc: y.1,
     }
 }
 
-/// Row-major Y[rows, cols] = D[rows, inner] W with W [inner, cols] row-major.
-fn dw(rows: usize, cols: usize, inner: usize, d: u64, w: u64, y: u64) -> Gemm {
+/// Row-major Y[rows, cols] = D[rows, inner] W with W [inner, cols] row-major: D's rows
+/// `ldd` apart, W's `ldw`.
+fn dw(rows: usize, cols: usize, inner: usize, d: (u64, usize), w: (u64, usize), y: u64) -> Gemm {
     Gemm {
         trans_a: false,
         trans_b: false,
@@ -44,18 +48,38 @@ fn dw(rows: usize, cols: usize, inner: usize, d: u64, w: u64, y: u64) -> Gemm {
         n: rows,
         k: inner,
         alpha: 1.0,
-        a: w,
-        lda: cols,
-        b: d,
-        ldb: inner,
+        a: w.0,
+        lda: w.1,
+        b: d.0,
+        ldb: d.1,
         beta: 0.0,
         c: y,
         ldc: cols,
     }
 }
 
-/// Row-major G[outs, ins] (+)= D^T X: D [k, outs], X [k, ins] row-major (weight gradients).
-fn dtx(outs: usize, ins: usize, k: usize, d: u64, x: u64, g: u64, beta: f32) -> Gemm {
+/// A bias gradient: row-major G[1, cols] = ones[1, k] D[k, cols], D's rows `ldd` apart.
+fn col_sums(cols: usize, k: usize, ones: u64, d: (u64, usize), g: u64) -> Gemm {
+    Gemm {
+        trans_a: false,
+        trans_b: false,
+        m: cols,
+        n: 1,
+        k,
+        alpha: 1.0,
+        a: d.0,
+        lda: d.1,
+        b: ones,
+        ldb: super::buffers::pad4(k),
+        beta: 0.0,
+        c: g,
+        ldc: super::buffers::pad4(cols),
+    }
+}
+
+/// Row-major G[outs, ins] (+)= D^T X: D [k, outs] (rows `ldd` apart), X [k, ins]
+/// row-major (weight gradients).
+fn dtx(outs: usize, ins: usize, k: usize, d: (u64, usize), x: u64, g: u64, beta: f32) -> Gemm {
     Gemm {
         trans_a: false,
         trans_b: true,
@@ -65,8 +89,8 @@ fn dtx(outs: usize, ins: usize, k: usize, d: u64, x: u64, g: u64, beta: f32) -> 
         alpha: 1.0,
         a: x,
         lda: ins,
-        b: d,
-        ldb: outs,
+        b: d.0,
+        ldb: d.1,
         beta,
         c: g,
         ldc: ins,
@@ -74,8 +98,14 @@ fn dtx(outs: usize, ins: usize, k: usize, d: u64, x: u64, g: u64, beta: f32) -> 
 }
 
 impl CudaBackend {
-    fn dev(&self) -> &dyn Device {
+    pub(super) fn dev(&self) -> &dyn Device {
         self.dev.as_ref()
+    }
+
+    pub(super) fn ws(&self) -> Result<&Workspace> {
+        self.ws
+            .as_ref()
+            .ok_or_else(|| Error::Backend("no batch".into()))
     }
 
     fn launch(&self, kernel: &'static str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
@@ -87,22 +117,40 @@ impl CudaBackend {
         })
     }
 
-    /// out = in * dropout mask over `rows` x `width` (site keyed as the CPU's).
-    pub(super) fn dropout(
+    /// The gradient buffer `slot` (0: the backend's).
+    fn grad_buf(&self, slot: usize) -> Result<&Buf<f32>> {
+        match slot {
+            0 => Ok(&self.grads),
+            k => self
+                .group_grads
+                .get(k - 1)
+                .ok_or_else(|| Error::Backend(format!("no gradient buffer {k}"))),
+        }
+    }
+
+    /// The device offset of parameter tensor `spec`.
+    fn off(&self, spec: usize) -> usize {
+        self.dl.offsets[spec]
+    }
+
+    /// out = in * dropout mask over `rows` x `width` at site step * 64 + `site_off` (the
+    /// step's part from the `SITE` slot; keyed as the CPU's).
+    fn dropout(
         &self,
+        cx: &Cx,
         out: u64,
         inp: u64,
         rows: usize,
         width: usize,
-        site: u64,
+        site_off: u64,
     ) -> Result<()> {
         let p = self.dropout;
         let rng = Philox::new(self.seed, Purpose::Dropout);
         let key = rng.key();
         let threshold = (p * 4_294_967_296.0).min(4_294_967_295.0) as u32;
         let keep = (1.0 / (1.0 - p)) as f32;
-        let bb = self.ws.as_ref().map_or(1, |w| w.batch);
-        let (offset, global) = self.keyed.unwrap_or((0, bb));
+        let bb = self.ws()?.batch;
+        let (offset, global) = cx.keyed.unwrap_or((0, bb));
         self.launch(
             "dropout_apply",
             grid_for(rows * width),
@@ -114,7 +162,8 @@ impl CudaBackend {
                 u32_arg(width, "width")?,
                 Arg::U32(key[0]),
                 Arg::U32(key[1]),
-                Arg::U64(site),
+                self.knobs.arg(knob::SITE),
+                Arg::U64(site_off),
                 u32_arg(bb, "batch")?,
                 u32_arg(offset, "stream offset")?,
                 u32_arg(global, "global batch")?,
@@ -124,132 +173,59 @@ impl CudaBackend {
         )
     }
 
-    fn step_of(&self) -> u64 {
-        match self.pass {
-            Some(Pass::Train { step }) => step,
-            _ => 0,
-        }
+    /// The batch's device scalars, from the staging to their slots.
+    pub(super) fn upload_batch_knobs(&self) -> Result<()> {
+        let ws = self.ws()?;
+        let n = knob::BATCH.len();
+        self.dev.upload_async(
+            self.knobs.at(knob::BATCH.start),
+            &ws.staging.batch,
+            0,
+            8 * n,
+        )?;
+        ws.staging.batch_busy.set(true);
+        Ok(())
     }
 
-    fn training_dropout(&self) -> bool {
-        matches!(self.pass, Some(Pass::Train { .. })) && self.dropout > 0.0
-    }
-
-    /// Map the batch to table ids and targets on the host, upload them once, gather the
-    /// layer-0 input and load the start state.
-    pub(super) fn prepare(&mut self, batch: &Batch<'_>, pass: Pass) -> Result<()> {
+    /// A group's start: its inputs uploaded, its start state, the layer-0 gather.
+    pub(super) fn prepare_device(&self, cx: &Cx) -> Result<()> {
         let d = self.layout.dims;
-        let (tt, bb) = (batch.steps, batch.batch);
-        batch.check(d.vocab)?;
-        if self
-            .ws
-            .as_ref()
-            .is_none_or(|w| (w.steps, w.batch) != (tt, bb))
-        {
-            self.ws = None; // free the old shape's buffers before asking for the new ones
-            self.ws = Some(super::workspace::Workspace::new(self.dev(), &d, tt, bb)?);
-        }
-        let (sb, tb, m, cols) = (2 * tt * bb, tt * bb, d.hidden, d.cols as u32);
-        let h = &mut self.host;
-        h.ids.resize(sb, 0);
-        h.tgt_r.resize(tb, 0);
-        h.tgt_c.resize(tb, 0);
-        h.words.clear();
-        h.words.extend_from_slice(batch.targets);
-        for t in 0..tt {
-            for b in 0..bb {
-                let (cx, cy) = (
-                    self.cells[batch.inputs[t * bb + b] as usize],
-                    self.cells[batch.targets[t * bb + b] as usize],
-                );
-                h.ids[row_of(tt, bb, 2 * t, b)] = d.rows as u32 + cx % cols;
-                h.ids[row_of(tt, bb, 2 * t + 1, b)] = cy / cols;
-                h.tgt_r[t * bb + b] = cy / cols;
-                h.tgt_c[t * bb + b] = cy % cols;
-            }
-        }
-        // The table gradient's scatter lists: storage rows grouped by id (counting sort).
-        let rows_n = d.input_rows();
-        h.count.clear();
-        h.count.resize(rows_n + 1, 0);
-        for &id in &h.ids {
-            h.count[id as usize + 1] += 1;
-        }
-        for i in 0..rows_n {
-            h.count[i + 1] += h.count[i];
-        }
-        h.members.resize(sb, 0);
-        h.fill.clear();
-        h.fill.extend_from_slice(&h.count[..rows_n]);
-        for (r, &id) in h.ids.iter().enumerate() {
-            let slot = &mut h.fill[id as usize];
-            h.members[*slot as usize] = r as u32;
-            *slot += 1;
-        }
-        h.uniq.clear();
-        h.starts.clear();
-        for id in 0..rows_n {
-            if h.count[id + 1] > h.count[id] {
-                h.uniq.push(id as u32);
-                h.starts.push(h.count[id]);
-            }
-        }
-        h.starts.push(sb as u32);
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no workspace".into()))?;
-        let dev = self.dev.as_ref();
-        ws.ids.upload(dev, 0, &h.ids)?;
-        ws.tgt_r.upload(dev, 0, &h.tgt_r)?;
-        ws.tgt_c.upload(dev, 0, &h.tgt_c)?;
-        ws.uniq.upload(dev, 0, &h.uniq)?;
-        ws.starts.upload(dev, 0, &h.starts)?;
-        ws.members.upload(dev, 0, &h.members)?;
-        // Start state.
-        let n_state = d.layers * bb * m;
-        match self.states.get(&batch.stream) {
-            Some(st) if st.batch == bb => {
-                ws.h0.copy_from(dev, 0, &st.h, 0, n_state)?;
-                ws.c0.copy_from(dev, 0, &st.c, 0, n_state)?;
-            }
-            Some(st) => {
-                return Err(Error::Shape(format!(
-                    "stream {:?} carries state for {} streams, the batch has {bb} (reset it first)",
-                    batch.stream, st.batch
-                )));
-            }
-            None => {
-                ws.h0.zero(dev, 0, n_state)?;
-                ws.c0.zero(dev, 0, n_state)?;
-            }
-        }
-        let table = self.params.at(self.layout.input_table().start);
+        let ws = self.ws()?;
+        let (tt, bb, io) = (ws.steps, ws.batch, ws.layout);
+        let r = cx.region * io.region;
+        self.dev.upload_async(
+            ws.inputs.at(r),
+            &ws.staging.batch,
+            BATCH_HEAD + 4 * r,
+            4 * io.region,
+        )?;
+        ws.staging.batch_busy.set(true);
+        let st = self
+            .states
+            .get(&cx.stream)
+            .ok_or_else(|| Error::Backend(format!("no state for {:?}", cx.stream)))?;
+        let n_state = d.layers * bb * d.hidden;
+        ws.h0.copy_from(self.dev(), 0, &st.h, 0, n_state)?;
+        ws.c0.copy_from(self.dev(), 0, &st.c, 0, n_state)?;
+        let sb = 2 * tt * bb;
         self.launch(
             "gather_rows",
             grid_for(sb * d.emb),
             THREADS,
             &[
                 ws.layers[0].x.arg(0),
-                Arg::Ptr(table),
-                ws.ids.arg(0),
+                self.params.arg(self.dl.input_table()),
+                ws.inputs.arg(r + io.ids),
                 u32_arg(sb, "rows")?,
                 u32_arg(d.emb, "emb")?,
             ],
-        )?;
-        self.stream = batch.stream;
-        self.pass = Some(pass);
-        self.have_head_grads = false;
-        Ok(())
+        )
     }
 
     /// The input of layer `l` as its GEMMs read it: [SB, in].
-    fn layer_input(&self, l: usize) -> Result<u64> {
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))?;
-        Ok(if l == 0 || self.training_dropout() {
+    fn layer_input(&self, cx: &Cx, l: usize) -> Result<u64> {
+        let ws = self.ws()?;
+        Ok(if l == 0 || cx.train {
             ws.layers[l].x.at(0)
         } else {
             ws.layers[l - 1].h.at(0)
@@ -257,43 +233,34 @@ impl CudaBackend {
     }
 
     /// Layer `l` forward over the 2T steps; carries the final state.
-    pub(super) fn layer_forward(&mut self, l: usize) -> Result<()> {
+    pub(super) fn layer_forward(&self, cx: &Cx, l: usize) -> Result<()> {
         let d = self.layout.dims;
-        if l >= d.layers {
-            return Err(Error::Shape(format!(
-                "layer {l} of a {}-layer model",
-                d.layers
-            )));
-        }
-        if self.pass.is_none() {
-            return Err(Error::Backend("lstm_forward before input_forward".into()));
-        }
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))?;
+        let ws = self.ws()?;
         let (tt, bb, m, inp) = (ws.steps, ws.batch, d.hidden, d.layer_input(l));
         let sb = 2 * tt * bb;
         let lp = self.layout.layer(l);
-        let spec = |i: usize| self.params.at(self.layout.specs[i].offset);
+        let spec = |i: usize| self.params.at(self.off(i));
         let lw = &ws.layers[l];
-        if self.training_dropout() {
+        if cx.train {
             let src = if l == 0 {
                 lw.x.at(0)
             } else {
                 ws.layers[l - 1].h.at(0)
             };
-            self.dropout(lw.x.at(0), src, sb, inp, self.step_of() * 64 + l as u64)?;
+            self.dropout(cx, lw.x.at(0), src, sb, inp, l as u64)?;
         }
-        let x = self.layer_input(l)?;
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))?;
-        let lw = &ws.layers[l];
-        let dev = self.dev.as_ref();
+        let x = self.layer_input(cx, l)?;
+        let dev = self.dev();
         // All 2T input projections in one GEMM: G = X W_ih^T.
-        dev.gemm(&xwt(sb, 4 * m, inp, x, spec(lp.w_ih), lw.g.at(0), 0.0))?;
+        dev.gemm(&xwt(
+            sb,
+            4 * m,
+            inp,
+            x,
+            spec(lp.w_ih),
+            (lw.g.at(0), 4 * m),
+            0.0,
+        ))?;
         let state0 = l * bb * m;
         for s in 0..2 * tt {
             let r0 = row_of(tt, bb, s, 0);
@@ -309,7 +276,7 @@ impl CudaBackend {
                 m,
                 hprev,
                 spec(lp.w_hh),
-                lw.g.at(r0 * 4 * m),
+                (lw.g.at(r0 * 4 * m), 4 * m),
                 1.0,
             ))?;
             self.launch(
@@ -331,65 +298,63 @@ impl CudaBackend {
         }
         // Carry the last step's h and c (B contiguous rows) to the stream's next batch.
         let last = row_of(tt, bb, 2 * tt - 1, 0) * m;
-        if !self.states.contains_key(&self.stream) {
-            let st = super::DevState {
-                batch: bb,
-                h: Buf::zeros(dev, d.layers * bb * m)?,
-                c: Buf::zeros(dev, d.layers * bb * m)?,
-            };
-            self.states.insert(self.stream, st);
-        }
-        let st = &self.states[&self.stream];
+        let st = self
+            .states
+            .get(&cx.stream)
+            .ok_or_else(|| Error::Backend(format!("no state for {:?}", cx.stream)))?;
         st.h.copy_from(dev, state0, &lw.h, last, bb * m)?;
-        st.c.copy_from(dev, state0, &lw.c, last, bb * m)?;
-        Ok(())
+        st.c.copy_from(dev, state0, &lw.c, last, bb * m)
     }
 
-    /// Row and column heads: logits, fused log-softmax + NLL and, with gradients, the
-    /// output layers' gradients and d loss / d top output.
-    pub(super) fn run_heads(&mut self, mode: HeadMode) -> Result<LossSums> {
-        if self.pass.is_none() {
-            return Err(Error::Backend("heads before input_forward".into()));
-        }
+    /// Row and column heads: logits, fused log-softmax + NLL, the two loss sums into the
+    /// results at `cx.loss_at` and, with gradients, the output layers' gradients and
+    /// d loss / d top output.
+    pub(super) fn run_heads(&self, cx: &Cx, mode: HeadMode) -> Result<()> {
         let d = self.layout.dims;
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))?;
+        let ws = self.ws()?;
         let (tt, bb, m, rr, cc) = (ws.steps, ws.batch, d.hidden, d.rows, d.cols);
         let (sb, tb) = (2 * tt * bb, tt * bb);
-        let [wr, br, wc, bc] = self.layout.heads().map(|i| self.layout.specs[i].offset);
+        let [wr, br, wc, bc] = self.layout.heads().map(|i| self.off(i));
         let top = &ws.layers[d.layers - 1];
-        let dropout = self.training_dropout();
-        let site = self.step_of() * 64 + d.layers as u64;
-        if dropout {
-            self.dropout(ws.hd.at(0), top.h.at(0), sb, m, site)?;
+        let site = d.layers as u64;
+        if cx.train {
+            self.dropout(cx, ws.hd.at(0), top.h.at(0), sb, m, site)?;
         }
-        let ht = if dropout { &ws.hd } else { &top.h };
-        let dev = self.dev.as_ref();
+        let ht = if cx.train { &ws.hd } else { &top.h };
+        let dev = self.dev();
         let p = |i: usize| self.params.at(i);
-        dev.gemm(&xwt(tb, rr, m, ht.at(0), p(wr), ws.zr.at(0), 0.0))?;
-        dev.gemm(&xwt(tb, cc, m, ht.at(tb * m), p(wc), ws.zc.at(0), 0.0))?;
-        let (code, scale) = match mode {
-            HeadMode::Loss => (0, 0.0),
-            HeadMode::Grad(s) => (1, s),
-            HeadMode::Table => (2, 0.0),
+        dev.gemm(&xwt(tb, rr, m, ht.at(0), p(wr), (ws.zr.at(0), ws.ldr), 0.0))?;
+        dev.gemm(&xwt(
+            tb,
+            cc,
+            m,
+            ht.at(tb * m),
+            p(wc),
+            (ws.zc.at(0), ws.ldc),
+            0.0,
+        ))?;
+        let code = match mode {
+            HeadMode::Loss => 0,
+            HeadMode::Grad => 1,
+            HeadMode::Table => 2,
         };
-        for (z, bias, tgt, width, off) in [
-            (&ws.zr, br, &ws.tgt_r, rr, 0),
-            (&ws.zc, bc, &ws.tgt_c, cc, tb),
+        let r = cx.region * ws.layout.region;
+        for (z, ld, bias, tgt, width, off) in [
+            (&ws.zr, ws.ldr, br, ws.layout.tgt_r, rr, 0),
+            (&ws.zc, ws.ldc, bc, ws.layout.tgt_c, cc, tb),
         ] {
             self.launch(
                 "softmax_nll",
-                [tb as u32, 1, 1],
+                [u32_arg(tb, "head rows")?.slot() as u32, 1, 1],
                 256,
                 &[
                     z.arg(0),
                     Arg::Ptr(p(bias)),
-                    tgt.arg(0),
+                    ws.inputs.arg(r + tgt),
                     ws.loss_rows.arg(off),
                     u32_arg(width, "table side")?,
-                    Arg::F32(scale),
+                    u32_arg(ld, "logit row")?,
+                    self.knobs.arg(knob::SCALE),
                     Arg::U32(code),
                 ],
             )?;
@@ -399,66 +364,53 @@ impl CudaBackend {
             [2, 1, 1],
             THREADS,
             &[
-                self.scalars.arg(0),
+                ws.results.arg(cx.loss_at),
                 ws.loss_rows.arg(0),
                 u32_arg(tb, "head rows")?,
             ],
         )?;
-        let sums = self.scalars.download(dev, 0, 2)?;
-        let loss = LossSums {
-            row: sums[0],
-            col: sums[1],
-            words: tb as u64,
-        };
-        if let HeadMode::Grad(_) = mode {
-            let g = |i: usize| self.grads.at(i);
-            for (z, w, b, width, hoff, dhoff) in [
-                (&ws.zr, wr, br, rr, 0, 0),
-                (&ws.zc, wc, bc, cc, tb * m, tb * m),
-            ] {
-                dev.gemm(&dtx(width, m, tb, z.at(0), ht.at(hoff), g(w), 0.0))?;
-                // The bias gradient: the column sums of dZ, as ones[1, TB] dZ.
-                dev.gemm(&dw(1, width, tb, ws.ones.at(0), z.at(0), g(b)))?;
-                dev.gemm(&dw(tb, m, width, z.at(0), p(w), top.dh.at(dhoff)))?;
-            }
-            if dropout {
-                self.dropout(top.dh.at(0), top.dh.at(0), sb, m, site)?;
-            }
-            self.have_head_grads = true;
+        if mode != HeadMode::Grad {
+            return Ok(());
         }
-        Ok(loss)
+        let gb = self.grad_buf(cx.slot)?;
+        for (z, ld, w, b, width, hoff) in [
+            (&ws.zr, ws.ldr, wr, br, rr, 0),
+            (&ws.zc, ws.ldc, wc, bc, cc, tb * m),
+        ] {
+            dev.gemm(&dtx(
+                width,
+                m,
+                tb,
+                (z.at(0), ld),
+                ht.at(hoff),
+                gb.at(w),
+                0.0,
+            ))?;
+            dev.gemm(&col_sums(width, tb, ws.ones.at(0), (z.at(0), ld), gb.at(b)))?;
+            dev.gemm(&dw(tb, m, width, (z.at(0), ld), (p(w), m), top.dh.at(hoff)))?;
+        }
+        if cx.train {
+            self.dropout(cx, top.dh.at(0), top.dh.at(0), sb, m, site)?;
+        }
+        Ok(())
     }
 
     /// Layer `l` backward: through time, then its weight and bias gradients, then the
     /// gradient of its input (the layer below's d loss / d h, or the input tables').
-    pub(super) fn layer_backward(&mut self, l: usize) -> Result<()> {
+    pub(super) fn layer_backward(&self, cx: &Cx, l: usize) -> Result<()> {
         let d = self.layout.dims;
-        if l >= d.layers {
-            return Err(Error::Shape(format!(
-                "layer {l} of a {}-layer model",
-                d.layers
-            )));
-        }
-        if !self.have_head_grads {
-            return Err(Error::Backend(
-                "lstm_backward without a gradient from the heads".into(),
-            ));
-        }
-        let x = self.layer_input(l)?;
-        let ws = self
-            .ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))?;
+        let x = self.layer_input(cx, l)?;
+        let ws = self.ws()?;
         let (tt, bb, m, inp) = (ws.steps, ws.batch, d.hidden, d.layer_input(l));
         let (sb, tb, m4) = (2 * tt * bb, tt * bb, 4 * d.hidden);
         let lp = self.layout.layer(l);
-        let off = |i: usize| self.layout.specs[i].offset;
+        let gb = self.grad_buf(cx.slot)?;
         let (p, g) = (
-            |i: usize| self.params.at(off(i)),
-            |i: usize| self.grads.at(off(i)),
+            |i: usize| self.params.at(self.off(i)),
+            |i: usize| gb.at(self.off(i)),
         );
         let lw = &ws.layers[l];
-        let dev = self.dev.as_ref();
+        let dev = self.dev();
         let state0 = l * bb * m;
         ws.dc.zero(dev, 0, bb * m)?;
         for s in (0..2 * tt).rev() {
@@ -490,8 +442,8 @@ impl CudaBackend {
                     bb,
                     m,
                     m4,
-                    lw.g.at(r0 * m4),
-                    p(lp.w_hh),
+                    (lw.g.at(r0 * m4), m4),
+                    (p(lp.w_hh), m),
                     ws.dh_rec.at(0),
                 ))?;
             }
@@ -502,7 +454,7 @@ impl CudaBackend {
             m4,
             m,
             bb,
-            lw.g.at(0),
+            (lw.g.at(0), m4),
             ws.h0.at(state0),
             g(lp.w_hh),
             0.0,
@@ -512,7 +464,7 @@ impl CudaBackend {
                 m4,
                 m,
                 (tt - 1) * bb,
-                lw.g.at(bb * m4),
+                (lw.g.at(bb * m4), m4),
                 lw.h.at(tb * m),
                 g(lp.w_hh),
                 1.0,
@@ -522,49 +474,257 @@ impl CudaBackend {
             m4,
             m,
             tb,
-            lw.g.at(tb * m4),
+            (lw.g.at(tb * m4), m4),
             lw.h.at(0),
             g(lp.w_hh),
             1.0,
         ))?;
-        dev.gemm(&dtx(m4, inp, sb, lw.g.at(0), x, g(lp.w_ih), 0.0))?;
+        dev.gemm(&dtx(m4, inp, sb, (lw.g.at(0), m4), x, g(lp.w_ih), 0.0))?;
         // Both biases receive the column sums of dG: ones[1, SB] dG (one GEMM).
-        dev.gemm(&dw(1, m4, sb, ws.ones.at(0), lw.g.at(0), g(lp.b_ih)))?;
-        self.grads
-            .copy_from(dev, off(lp.b_hh), &self.grads, off(lp.b_ih), m4)?;
-        let site = self.step_of() * 64 + l as u64;
+        dev.gemm(&col_sums(
+            m4,
+            sb,
+            ws.ones.at(0),
+            (lw.g.at(0), m4),
+            g(lp.b_ih),
+        ))?;
+        gb.copy_from(dev, self.off(lp.b_hh), gb, self.off(lp.b_ih), m4)?;
+        let site = l as u64;
         if l > 0 {
             let below = &ws.layers[l - 1].dh;
-            dev.gemm(&dw(sb, inp, m4, lw.g.at(0), p(lp.w_ih), below.at(0)))?;
-            if self.training_dropout() {
-                self.dropout(below.at(0), below.at(0), sb, inp, site)?;
+            dev.gemm(&dw(
+                sb,
+                inp,
+                m4,
+                (lw.g.at(0), m4),
+                (p(lp.w_ih), inp),
+                below.at(0),
+            ))?;
+            if cx.train {
+                self.dropout(cx, below.at(0), below.at(0), sb, inp, site)?;
             }
             return Ok(());
         }
-        dev.gemm(&dw(sb, inp, m4, lw.g.at(0), p(lp.w_ih), ws.dx.at(0)))?;
-        if self.training_dropout() {
-            self.dropout(ws.dx.at(0), ws.dx.at(0), sb, inp, site)?;
+        dev.gemm(&dw(
+            sb,
+            inp,
+            m4,
+            (lw.g.at(0), m4),
+            (p(lp.w_ih), inp),
+            ws.dx.at(0),
+        ))?;
+        if cx.train {
+            self.dropout(cx, ws.dx.at(0), ws.dx.at(0), sb, inp, site)?;
         }
-        let table = self.layout.input_table();
-        self.grads.zero(dev, table.start, table.len())?;
-        let n_uniq = self.host.uniq.len();
+        let table = self.dl.input_table();
+        gb.zero(dev, table, d.input_rows() * d.emb)?;
+        let io = ws.layout;
+        let r = cx.region * io.region;
         self.launch(
             "scatter_rows",
             [
-                u32::try_from(n_uniq)
-                    .map_err(|_| Error::Config("too many distinct input rows".into()))?,
+                u32_arg(io.uniq_cap.clamp(1, 4096), "distinct input rows")?.slot() as u32,
                 1,
                 1,
             ],
             128,
             &[
-                self.grads.arg(table.start),
+                gb.arg(table),
                 ws.dx.arg(0),
-                ws.uniq.arg(0),
-                ws.starts.arg(0),
-                ws.members.arg(0),
+                ws.inputs.arg(r + io.uniq),
+                ws.inputs.arg(r + io.starts),
+                ws.inputs.arg(r + io.members),
+                ws.inputs.arg(r + io.n_uniq),
                 u32_arg(inp, "emb")?,
             ],
         )
+    }
+
+    /// One group's forward and backward with gradients.
+    fn group_pass(&self, cx: &Cx) -> Result<()> {
+        self.prepare_device(cx)?;
+        for l in 0..self.layout.dims.layers {
+            self.layer_forward(cx, l)?;
+        }
+        self.run_heads(cx, HeadMode::Grad)?;
+        for l in (0..self.layout.dims.layers).rev() {
+            self.layer_backward(cx, l)?;
+        }
+        Ok(())
+    }
+
+    /// buffer a += buffer b over the device layout.
+    fn add_grads(&self, (a, b): (usize, usize)) -> Result<()> {
+        let (x, y) = (self.grad_buf(a)?, self.grad_buf(b)?);
+        add_assign(self.dev(), x.arg(0), y.arg(0), self.dl.total)
+    }
+
+    /// A training step's forward and backward: every group's pass, the gradients summed
+    /// pairwise into the backend's gradient buffer.
+    pub(super) fn train_body(&self, w: &TrainWork) -> Result<()> {
+        self.upload_batch_knobs()?;
+        for (cx, adds) in &w.groups {
+            self.group_pass(cx)?;
+            for &a in adds {
+                self.add_grads(a)?;
+            }
+        }
+        for &a in &w.finish {
+            self.add_grads(a)?;
+        }
+        Ok(())
+    }
+
+    /// The update: its scalars uploaded, the gradient norm (two fixed-order passes), the
+    /// clipping coefficient, the optimizer, and the step's results downloaded to the
+    /// staging (the host reads them after its one wait).
+    pub(super) fn update_body(&self, w: &UpdateWork) -> Result<()> {
+        let ws = self.ws()?;
+        let dev = self.dev();
+        let n = knob::UPDATE.len();
+        dev.upload_async(
+            self.knobs.at(knob::UPDATE.start),
+            &ws.staging.update,
+            0,
+            8 * n,
+        )?;
+        ws.staging.update_busy.set(true);
+        let total = self.dl.total;
+        let blocks = total.div_ceil(THREADS as usize).clamp(1, NORM_BLOCKS);
+        self.launch(
+            "sum_sq_partial",
+            [blocks as u32, 1, 1],
+            THREADS,
+            &[
+                self.partials.arg(0),
+                self.grads.arg(0),
+                Arg::U64(total as u64),
+            ],
+        )?;
+        self.launch(
+            "sum_f64",
+            [1, 1, 1],
+            THREADS,
+            &[
+                ws.results.arg(0),
+                self.partials.arg(0),
+                u32_arg(blocks, "blocks")?,
+            ],
+        )?;
+        let k = |slot: usize| self.knobs.arg(slot);
+        self.launch(
+            "clip_scale",
+            [1, 1, 1],
+            1,
+            &[
+                ws.results.arg(0),
+                k(knob::LR),
+                k(knob::MAX_NORM),
+                k(knob::GS),
+                k(knob::SGD_K),
+                k(knob::APPLY),
+            ],
+        )?;
+        self.optimizer_launch(w)?;
+        let n_results = ws.results.len();
+        dev.download_async(ws.results.at(0), &ws.staging.results, 0, 8 * n_results)
+    }
+
+    fn optimizer_launch(&self, w: &UpdateWork) -> Result<()> {
+        let st = self
+            .opt
+            .as_ref()
+            .ok_or_else(|| Error::Backend("no optimizer state".into()))?;
+        let (p, g, n) = (
+            self.params.arg(0),
+            self.grads.arg(0),
+            Arg::U64(self.dl.total as u64),
+        );
+        let k = |slot: usize| self.knobs.arg(slot);
+        let f = |bits: u64| Arg::F32(f64::from_bits(bits) as f32);
+        let (kernel, args): (&'static str, Vec<Arg>) = match w.rule {
+            (0, _) => ("sgd_step", vec![p, g, n, k(knob::SGD_K), k(knob::APPLY)]),
+            (1, [b1, b2, eps]) => {
+                let (beta1, beta2) = (f64::from_bits(b1), f64::from_bits(b2));
+                (
+                    "adam_step",
+                    vec![
+                        p,
+                        g,
+                        st.bufs[0].arg(0),
+                        st.bufs[1].arg(0),
+                        n,
+                        k(knob::GS),
+                        f(b1),
+                        f(b2),
+                        Arg::F32((1.0 - beta1) as f32),
+                        Arg::F32((1.0 - beta2) as f32),
+                        k(knob::ADAM_STEP),
+                        k(knob::ADAM_INV_BC2),
+                        f(eps),
+                        k(knob::APPLY),
+                    ],
+                )
+            }
+            (_, [eps, _, _]) => (
+                "adagrad_step",
+                vec![
+                    p,
+                    g,
+                    st.bufs[0].arg(0),
+                    n,
+                    k(knob::GS),
+                    k(knob::LR),
+                    f(eps),
+                    k(knob::APPLY),
+                ],
+            ),
+        };
+        self.launch(kernel, grid_for(self.dl.total), THREADS, &args)
+    }
+}
+
+impl CudaBackend {
+    /// Issue `w`'s device work as plain launches.
+    fn issue(&self, w: &Work) -> Result<()> {
+        match w {
+            Work::Train(t) => self.train_body(t),
+            Work::Update(u) => self.update_body(u),
+            Work::Step(t, u) => {
+                self.train_body(t)?;
+                self.update_body(u)
+            }
+        }
+    }
+
+    /// Run `w`: its graph replayed, captured now if new, or plain launches (graphs off,
+    /// or a capture that failed: then graphs stay off for this backend, with a warning
+    /// naming the reason).
+    pub(super) fn run_work(&self, w: &Work) -> Result<()> {
+        if !self.graphs.enabled() {
+            return self.issue(w);
+        }
+        if let Some(launched) = self.graphs.launch(self.dev(), w) {
+            return launched;
+        }
+        match self.capture(w) {
+            Ok(g) => self.graphs.insert_and_launch(self.dev(), w, g),
+            Err(e) => {
+                tracing::warn!(device = %self.dev.name(), error = %e, "capturing the training step as a CUDA graph failed: plain launches from now on");
+                self.graphs.set_enabled(false);
+                self.issue(w)
+            }
+        }
+    }
+
+    /// `w` captured into a graph (nothing runs); the capture is ended whatever happens.
+    fn capture(&self, w: &Work) -> Result<Graph> {
+        self.dev.begin_capture()?;
+        let issued = self.issue(w);
+        let graph = self.dev.end_capture();
+        issued?;
+        let g = graph?;
+        tracing::debug!(nodes = g.nodes, "training step captured as a CUDA graph");
+        Ok(g)
     }
 }

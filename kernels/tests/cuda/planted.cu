@@ -30,3 +30,11 @@ extern "C" __global__ void planted_partial_barrier(float* out) {
   if (threadIdx.x < blockDim.x / 2) __syncthreads();
   out[threadIdx.x] = 1.0f;
 }
+
+// More static shared memory than a block may have (48 KB): the emulator refuses the
+// launch, as the driver would.
+extern "C" __global__ void planted_too_much_shared(float* out) {
+  __shared__ float s[12 * 1024 + 1];
+  s[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = s[threadIdx.x];
+}

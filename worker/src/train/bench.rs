@@ -42,6 +42,21 @@ pub struct BenchOptions {
     pub backend: BackendKind,
     /// The CUDA backend's GEMM arithmetic.
     pub precision: Precision,
+    /// The CUDA backend captures each step as a CUDA graph.
+    pub cuda_graphs: bool,
+}
+
+/// What the device was asked to do per timed step (means over the timed steps): the
+/// figures a step is shaped by.
+#[derive(Clone, Debug, Serialize)]
+pub struct DevicePerStep {
+    pub launches: f64,
+    pub gemms: f64,
+    pub copies: f64,
+    pub syncs: f64,
+    pub allocs: f64,
+    pub graph_launches: f64,
+    pub unaligned_gemms: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -73,6 +88,8 @@ pub struct BenchReport {
     pub share_of_gemm_peak: Option<f64>,
     pub rss_before_model_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// A device backend's work per timed step.
+    pub device_per_step: Option<DevicePerStep>,
 }
 
 /// Peak and current resident set size in MiB (Linux /proc; None elsewhere).
@@ -104,7 +121,9 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let (_, rss_before) = rss_mib();
     let dims = ModelDims::square(o.vocab, o.emb, o.hidden, o.layers)?;
     let mut be = open_backend(
-        &BackendOptions::new(o.backend, o.threads).with_precision(o.precision),
+        &BackendOptions::new(o.backend, o.threads)
+            .with_precision(o.precision)
+            .with_graphs(o.cuda_graphs),
         &ModelConfig {
             dims,
             dropout: o.dropout,
@@ -125,9 +144,11 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let mut flops0 = 0u64;
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     let words = (t * b) as f64;
+    let mut counters0 = None;
     for step in 0..o.warmup + o.steps {
         if step == o.warmup {
             flops0 = lightrnn_kernels::cpu::gemm::flops_executed();
+            counters0 = be.device_counters();
         }
         let t0 = std::time::Instant::now();
         let batch = Batch {
@@ -137,11 +158,8 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
             batch: b,
             stream: Stream::Train(0),
         };
-        let loss = be
-            .train_step(&batch, step as u64, 1.0 / words as f32)?
-            .total()
-            / words;
-        be.clip_and_step(&rule, o.lr, o.clip)?;
+        be.train_step(&batch, step as u64, 1.0 / words as f32)?;
+        let loss = be.clip_and_step(&rule, o.lr, o.clip)?.loss.total() / words;
         if step >= o.warmup {
             times.push(t0.elapsed().as_secs_f64());
             if first.is_nan() {
@@ -165,6 +183,22 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let flops = model_flops(&dims, b, t);
     let achieved = flops / mean / 1e9;
     let (peak_rss, _) = rss_mib();
+    let device_per_step = match (counters0, be.device_counters()) {
+        (Some(a), Some(b)) => {
+            let c = b.since(&a);
+            let per = |x: u64| x as f64 / times.len().max(1) as f64;
+            Some(DevicePerStep {
+                launches: per(c.launches),
+                gemms: per(c.gemms),
+                copies: per(c.copies),
+                syncs: per(c.syncs),
+                allocs: per(c.allocs),
+                graph_launches: per(c.graph_launches),
+                unaligned_gemms: per(c.unaligned_gemms),
+            })
+        }
+        _ => None,
+    };
     let gemm_peak = if o.gemm_peak {
         Some(lightrnn_kernels::cpu::gemm_peak_gflops(o.threads, 2048, 5)?)
     } else {
@@ -195,5 +229,6 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         share_of_gemm_peak: gemm_peak.map(|p| executed / mean / 1e9 / p),
         rss_before_model_mib: rss_before,
         peak_rss_mib: peak_rss,
+        device_per_step,
     })
 }

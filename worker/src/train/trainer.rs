@@ -19,8 +19,8 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::{
-    Backend, BackendOptions, Batch, ModelConfig, ModelDims, Optimizer, Shard, State, Stream,
-    open_backend,
+    Backend, BackendOptions, Batch, ModelConfig, ModelDims, Optimizer, Shard, State, StepFigures,
+    Stream, open_backend,
 };
 
 use super::eval::evaluate_with;
@@ -144,7 +144,10 @@ impl<'a> Trainer<'a> {
         };
         let mut backend = match opts.open {
             Some(open) => open(&mcfg)?,
-            None => open_backend(&BackendOptions::new(opts.backend, cfg.threads), &mcfg)?,
+            None => open_backend(
+                &BackendOptions::new(opts.backend, cfg.threads).with_graphs(cfg.cuda_graphs),
+                &mcfg,
+            )?,
         };
         let (st, cursor, resume_state, committed) = match resume {
             Some(ck) => {
@@ -411,15 +414,15 @@ impl<'a> Trainer<'a> {
             batch: bl,
             stream: Stream::Train(0),
         };
-        let loss = self
-            .backend
+        self.backend
             .train_step(&batch, self.st.step, 1.0 / words as f32)?;
         if self.dist.world() > 1 {
             self.backend.all_reduce_grads(&mut *self.dist.collective)?;
         }
-        let norm = self
-            .backend
-            .clip_and_step(&self.rule, self.st.lr, self.cfg.clip)?;
+        // The step's one read-back: its losses and the gradient norm together.
+        let StepFigures { loss, norm } =
+            self.backend
+                .clip_and_step(&self.rule, self.st.lr, self.cfg.clip)?;
         // The norm is the same on every rank (NaN wherever any rank's loss is not
         // finite): all ranks decide alike and stop together, with no update applied.
         if !norm.is_finite() {

@@ -84,6 +84,7 @@ inline T __ldg(const T* p) {
 }
 using std::exp;
 using std::fabs;
+using std::isfinite;
 using std::fmax;
 using std::fmin;
 using std::log;
@@ -120,6 +121,9 @@ struct Entry {
   const char* name;
   Thunk thunk;
   unsigned params;
+  // The kernel's `__launch_bounds__` (0: none) and its static `__shared__` bytes.
+  unsigned max_threads;
+  unsigned long shared_bytes;
 };
 
 template <class... A>
@@ -131,5 +135,6 @@ constexpr unsigned arity(void (*)(A...)) {
 bool launch(const Entry& k, dim3 grid, dim3 block, void** params, std::string& err);
 }  // namespace emu
 
-#define EMU_KERNEL(name) \
-  ::emu::Entry{#name, &::emu::Call<decltype(&name)>::thunk<&name>, ::emu::arity(&name)}
+#define EMU_KERNEL(name, max_threads, shared_bytes)                                      \
+  ::emu::Entry{#name, &::emu::Call<decltype(&name)>::thunk<&name>, ::emu::arity(&name), \
+               (unsigned)(max_threads), (unsigned long)(shared_bytes)}

@@ -29,6 +29,31 @@ std::vector<float> g_lanes;
 
 unsigned lane_id() { return linear(t_thread) % 32; }
 
+// What a GPU refuses at launch: more threads than the block limit or the kernel's
+// `__launch_bounds__`, a block deeper than 64, a grid beyond 2^31 - 1 x 65,535 x 65,535, or
+// more than 48 KB of static shared memory.
+static bool launch_fits(const Entry& k, dim3 grid, dim3 block, std::string& err) {
+  unsigned long threads = (unsigned long)block.x * block.y * block.z;
+  std::string why;
+  if (threads == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+    why = "an empty grid or block";
+  else if (threads > 1024 || block.x > 1024 || block.y > 1024)
+    why = std::to_string(threads) + " threads per block (at most 1024)";
+  else if (block.z > 64)
+    why = "a block " + std::to_string(block.z) + " deep in z (at most 64)";
+  else if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    why = "a grid beyond 2^31 - 1 x 65,535 x 65,535";
+  else if (k.max_threads > 0 && threads > k.max_threads)
+    why = std::to_string(threads) + " threads per block, beyond its __launch_bounds__(" +
+          std::to_string(k.max_threads) + ")";
+  else if (k.shared_bytes > 48 * 1024)
+    why = std::to_string(k.shared_bytes) + " bytes of static shared memory (at most 48 KB)";
+  else
+    return true;
+  err = std::string("invalid launch of ") + k.name + ": " + why;
+  return false;
+}
+
 #ifndef LIGHTRNN_EMU_THREADS
 // ---------------------------------------------------------------- fibers
 // A context switch is a stack switch: on x86-64 six callee-saved registers and the stack
@@ -182,12 +207,8 @@ float warp_exchange(float v, unsigned src) {
 bool launch(const Entry& k, dim3 grid, dim3 block, void** params, std::string& err) {
   g_block_dim = block;
   g_grid_dim = grid;
+  if (!launch_fits(k, grid, block, err)) return false;
   unsigned n = block_threads();
-  if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
-    err = std::string("invalid launch of ") + k.name + ": " + std::to_string(n) +
-          " threads per block";
-    return false;
-  }
   g_lanes.assign(n, 0.0f);
   g_thunk = k.thunk;
   g_params = params;
@@ -243,11 +264,8 @@ float warp_exchange(float v, unsigned src) {
 bool launch(const Entry& k, dim3 grid, dim3 block, void** params, std::string& err) {
   g_block_dim = block;
   g_grid_dim = grid;
+  if (!launch_fits(k, grid, block, err)) return false;
   unsigned n = block_threads();
-  if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
-    err = std::string("invalid launch of ") + k.name;
-    return false;
-  }
   g_lanes.assign(n, 0.0f);
   g_block_barrier.n = n;
   unsigned warps = (n + 31) / 32;
