@@ -10,6 +10,7 @@ use crate::commands::coordinator::CoordinatorArgs;
 use crate::commands::eval::EvalArgs;
 use crate::commands::export::ExportArgs;
 use crate::commands::inspect::InspectArgs;
+use crate::commands::kernels::KernelsArgs;
 use crate::commands::plot::PlotArgs;
 use crate::commands::sample::SampleArgs;
 use crate::commands::shard::ShardArgs;
@@ -78,6 +79,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// The CUDA devices and libraries this build can use (JSON), or why there are none.
     Devices,
+    /// Compile the CUDA kernels ahead of time for a GPU architecture (NVRTC, no GPU).
+    Kernels(KernelsArgs),
 }
 
 impl Command {
@@ -109,5 +112,6 @@ pub fn run(cli: &Cli, handle: &Handle, stop: &Stop) -> Result<String> {
         Command::Coordinator(a) => commands::coordinator::run(a, handle, stop),
         Command::Worker(a) => commands::worker::run(a, handle, stop),
         Command::Devices => commands::devices::run(),
+        Command::Kernels(a) => commands::kernels::run(a),
     }
 }

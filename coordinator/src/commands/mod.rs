@@ -10,6 +10,7 @@ pub mod devices;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod kernels;
 pub mod plot;
 pub mod sample;
 pub mod shard;
