@@ -37,7 +37,7 @@ echo "== ThreadSanitizer"
 LIGHTRNN_EMU_SANITIZE=thread cargo test -q -p lightrnn-kernels --features cuda \
   --test cuda --test sanitize --no-run
 export LD_PRELOAD=$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS="halt_on_error=0 exitcode=0"
-"$(bin cuda)" -q dropout gather lstm_cell fused_softmax reductions optimizer_kernels loss_table_kernel > "$OUT/tsan.log" 2>&1 \
+"$(bin cuda)" -q dropout gather lstm_cell fused_softmax reductions optimizer_kernels clip_scale loss_table_kernel > "$OUT/tsan.log" 2>&1 \
   || { cat "$OUT/tsan.log" >&2; exit 1; }
 "$(bin sanitize)" -q --exact the_same_kernel_with_its_barrier_is_race_free >> "$OUT/tsan.log" 2>&1 \
   || { cat "$OUT/tsan.log" >&2; exit 1; }

@@ -13,9 +13,8 @@ MOTO_VERSION=5.2.5
 NUMPY_VERSION=2.4.6
 SAFETENSORS_VERSION=0.8.0
 PYYAML_VERSION=6.0.4
-# The CUDA 13.0 line: the GPU machines run driver 580 (CUDA 13.0), which loads PTX ISA 9.0
-# (what NVRTC 13.0 writes; 13.2's 9.2 it refuses).
-NVRTC_VERSION=13.0.88
+# The CUDA 13.0 NVRTC, pinned in scripts/nvrtc-lib.sh.
+NVRTC_VERSION=$(scripts/nvrtc-lib.sh --version)
 VENV=.venv-test
 NVRTC_LIB() { ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1; }
 if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml" 2>/dev/null || [[ -z "$(NVRTC_LIB)" ]]; then
