@@ -32,6 +32,8 @@
 # corpora, no PyTorch: its steps say they are skipped; PYTHON names a Python with numpy for
 # the corpora); CI runs it so (scripts/gpu-check-dry-run.sh).
 set -uo pipefail
+# No job control: every step is its own process group through setsid, whose pid is $!.
+set +m
 BIN=$(cd "${1:-target/gpu-bin}" && pwd) || { echo "no bundle at ${1:-target/gpu-bin}"; exit 2; }
 DEADLINE_S=${2:-540}
 T0=$(date +%s)
@@ -74,20 +76,23 @@ stop() {
 }
 trap stop TERM INT
 
-# run_step NAME LIMIT_S COMMAND...: the command in its own process group with its output in
-# $WORK/NAME.log, killed at min(LIMIT_S, time left); its JSON lines go to the results.
-# Skipped (and said so) when less than LIMIT_S is left. Returns the command's status.
+# run_step NAME NEEDS_S LIMIT_S COMMAND...: the command in its own process group with its
+# output in $WORK/NAME.log, killed at min(LIMIT_S, time left); its JSON lines go to the
+# results. Skipped (and said so) when less than NEEDS_S (what it takes on a card) is left.
+# Returns the command's status.
 run_step() {
-  local name=$1 limit=$2
-  shift 2
+  local name=$1 needs=$2 limit=$3
+  shift 3
   ((STEP_CAP > 0 && limit > STEP_CAP)) && limit=$STEP_CAP
+  ((needs > limit)) && needs=$limit
   local rem
   rem=$(left)
-  if ((rem < limit)); then
-    say "-- $name: skipped, needs up to $limit s and $rem s are left"
+  if ((rem < needs)); then
+    say "-- $name: skipped, needs $needs s and $rem s are left"
     record "$name" '{"skipped": "deadline"}'
     return 3
   fi
+  ((limit > rem)) && limit=$rem
   local t=$(($(date +%s)))
   setsid bash -c "$*" >"$WORK/$name.log" 2>&1 &
   local pid=$! rc killed=0
@@ -120,12 +125,19 @@ run_step() {
     local why="status $rc"
     ((killed)) && why="killed at its limit of $limit s"
     say "-- $name: FAILED ($why, $secs s); its last lines:"
-    tail -15 "$WORK/$name.log" | cut -c1-300 | tee -a "$LOG"
+    tail -8 "$WORK/$name.log" | cut -c1-200 | tee -a "$LOG"
     record "$name" "{\"failed\": \"$why\", \"seconds\": $secs}"
   fi
   return $rc
 }
 want() { [[ ",$TIERS," == *",$1,"* ]]; }
+# PyTorch with CUDA and the reference in the bundle (asked once, within 60 s).
+TORCH=
+have_torch() {
+  [[ -z "$TORCH" ]] && TORCH=no && [[ -f "$BIN/peers/bench.py" ]] \
+    && timeout 60 python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null && TORCH=yes
+  [[ $TORCH == yes ]]
+}
 
 # The image keeps CUDA and NCCL in Python's site-packages (nvidia/*/lib); cudarc looks for
 # the unversioned names, the wheels ship versioned ones: link them in a shim folder.
@@ -176,7 +188,7 @@ if want 1; then
   else
     say "   gpu: no nvidia-smi"
   fi
-  python3 - >"$WORK/wheels.json" 2>/dev/null <<'PY'
+  timeout 30 python3 - >"$WORK/wheels.json" 2>/dev/null <<'PY'
 import importlib.metadata as md, json
 names = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"] and (d.metadata["Name"].lower().startswith("nvidia") or d.metadata["Name"].lower() in ("torch", "numpy")))
 print(json.dumps({"wheels": {n: md.version(n) for n in names}}))
@@ -204,13 +216,15 @@ PY
   fi
   # Every kernel and whole steps against the CPU, on the GPU only (the emulator's cases ran
   # in CI); the 200-step run and NCCL are steps of their own.
-  run_step kernels 150 "cd '$ROOT/kernels' && LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --skip emulator_ --skip two_hundred --skip nccl_"
+  # One test at a time: a test that captures a graph on the GPU must not share it with a
+  # test that synchronises the device (a capture would be invalidated).
+  run_step kernels 40 150 "cd '$ROOT/kernels' && LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --test-threads 1 --skip emulator_ --skip two_hundred --skip nccl_"
   grep -hE "^test result" "$WORK/kernels.log" 2>/dev/null | tee -a "$LOG"
-  run_step nccl 90 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact nccl_at_world_size_one_sums_on_the_gpu --nocapture"
+  run_step nccl 20 90 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact nccl_at_world_size_one_sums_on_the_gpu --nocapture"
   grep -hE "^NCCL" "$WORK/nccl.log" 2>/dev/null | tee -a "$LOG"
-  run_step goal-ours 120 "'$BIN/lightrnn' bench --backend cuda --precision tf32 $GOAL"
-  if ((DRY == 0)) && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null && [[ -f "$BIN/peers/bench.py" ]]; then
-    run_step goal-torch 180 "python3 '$BIN/torch_bench_matrix.py' --peers '$BIN/peers' --work '$WORK/corpora' --configs $GV:$GN:$GB --layers 2 --bptt $GT --steps $GS --warmup $GW --tokens $CORPUS_TOKENS"
+  run_step goal-ours 30 120 "'$BIN/lightrnn' bench --backend cuda --precision tf32 $GOAL"
+  if ((DRY == 0)) && have_torch; then
+    run_step goal-torch 60 180 "python3 '$BIN/torch_bench_matrix.py' --peers '$BIN/peers' --work '$WORK/corpora' --configs $GV:$GN:$GB --layers 2 --bptt $GT --steps $GS --warmup $GW --tokens $CORPUS_TOKENS"
   else
     say "-- goal-torch: skipped, no PyTorch with CUDA here or no peers in the bundle"
     record goal-torch '{"skipped": "no PyTorch with CUDA"}'
@@ -241,14 +255,14 @@ if want 2; then
   DATA=$BIN/ptb
   if [[ $SIZE == tiny || ! -f "$DATA/ptb.train.txt" ]]; then
     DATA=$RUNS/zipf
-    timeout 120 "$PYTHON" "$BIN/peers/zipf_corpus.py" --out "$DATA" --vocab 2000 --tokens $CORPUS_TOKENS >/dev/null 2>&1 \
+    timeout "$(( $(left) < 60 ? ($(left) > 1 ? $(left) : 1) : 60 ))" "$PYTHON" "$BIN/peers/zipf_corpus.py" --out "$DATA" --vocab 2000 --tokens $CORPUS_TOKENS >/dev/null 2>&1 \
       || say "   no corpus: $DATA"
   fi
   JOB="--preset $JOB_PRESET --backend cuda --data '$DATA' --set epochs=1"
-  run_step job-alone 180 "'$BIN/lightrnn' train $JOB --out '$RUNS/alone'"
+  run_step job-alone 40 180 "'$BIN/lightrnn' train $JOB --out '$RUNS/alone'"
   # At world size 1 the trainer has nothing to all-reduce: this compares the control
   # plane (coordinator, heartbeats, leases), not NCCL (tier 1's nccl step runs that).
-  run_step job-coordinator 180 "'$BIN/lightrnn' train $JOB --workers 1 --out '$RUNS/nccl'"
+  run_step job-coordinator 40 180 "'$BIN/lightrnn' train $JOB --workers 1 --out '$RUNS/nccl'"
   cva=$(python3 - "$WORK/job-alone.log" "$WORK/job-coordinator.log" 2>/dev/null <<'PY'
 import json, sys
 a, c = ([json.loads(l) for l in open(p) if l.startswith("{")][-1] for p in sys.argv[1:3])
@@ -258,8 +272,8 @@ PY
   )
   [[ -n "$cva" ]] && say "   coordinator vs alone: $cva" && record coordinator-vs-alone "$cva"
   SPARSE="--preset ${JOB_PRESET/ptb-small/ptb-small-realloc} --backend cuda --data '$DATA' --set epochs=2 --set realloc_every=1 --set realloc_sparse=16 --set realloc_solver=scalable"
-  run_step sparse-alone 180 "'$BIN/lightrnn' train $SPARSE --out '$RUNS/sparse-alone'"
-  run_step sparse-coordinator 180 "'$BIN/lightrnn' train $SPARSE --workers 1 --out '$RUNS/sparse-nccl'"
+  run_step sparse-alone 60 180 "'$BIN/lightrnn' train $SPARSE --out '$RUNS/sparse-alone'"
+  run_step sparse-coordinator 60 180 "'$BIN/lightrnn' train $SPARSE --workers 1 --out '$RUNS/sparse-nccl'"
   # A worker SIGKILLed after the first checkpoint and replaced: the group re-forms with a
   # new NCCL id (generation 2). Every wait below is bounded; the step's limit kills the rest.
   cat >"$WORK/kill.sh" <<EOF
@@ -281,18 +295,18 @@ tail -1 '$RUNS/kill.json'
 grep -h "NCCL communicator formed" '$RUNS/w2.log' | tail -1 | cut -c1-300
 [[ \$rc -eq 0 ]] && grep -q '"generation":2' '$RUNS/kill.json' || { echo "the killed job did not re-form and finish (status \$rc)"; tail -20 '$RUNS/kill.log'; exit 1; }
 EOF
-  run_step job-kill 240 "bash '$WORK/kill.sh'"
-  run_step parity-200 120 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact two_hundred_tiny_preset_steps_follow_the_cpu_backend --nocapture"
+  run_step job-kill 60 240 "bash '$WORK/kill.sh'"
+  run_step parity-200 30 120 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact two_hundred_tiny_preset_steps_follow_the_cpu_backend --nocapture"
   grep -hE "steps: worst" "$WORK/parity-200.log" 2>/dev/null | tee -a "$LOG"
   say "== tier 2 done [$(elapsed) s]"
 fi
 
 if want 3; then
   say "== tier 3: the throughput table [$(elapsed) s]"
-  run_step table-ours 300 "'$BIN/lightrnn' bench --backend cuda --precision tf32 ${TABLE[*]}"
+  run_step table-ours 120 300 "'$BIN/lightrnn' bench --backend cuda --precision tf32 ${TABLE[*]}"
   grep -hE '^\{"configs"' "$WORK/table-ours.log" 2>/dev/null | tee -a "$LOG"
-  if ((DRY == 0)) && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null && [[ -f "$BIN/peers/bench.py" ]]; then
-    run_step table-torch 300 "python3 '$BIN/torch_bench_matrix.py' --peers '$BIN/peers' --work '$WORK/corpora' --configs '$TORCH_TABLE' --layers 2 --bptt 35 --steps 10 --warmup 2 --tokens $CORPUS_TOKENS"
+  if ((DRY == 0)) && have_torch; then
+    run_step table-torch 150 300 "python3 '$BIN/torch_bench_matrix.py' --peers '$BIN/peers' --work '$WORK/corpora' --configs '$TORCH_TABLE' --layers 2 --bptt 35 --steps 10 --warmup 2 --tokens $CORPUS_TOKENS"
   else
     say "-- table-torch: skipped, no PyTorch with CUDA here or no peers in the bundle"
     record table-torch '{"skipped": "no PyTorch with CUDA"}'

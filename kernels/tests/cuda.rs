@@ -1254,8 +1254,9 @@ fn batch_of(toks: &[u32], t: usize, b: usize) -> Batch<'_> {
 
 /// A training step shaped for the card: after its shape's first step it waits for the
 /// device once (the loss sums and the norm together), allocates and frees nothing, and
-/// with CUDA graphs is one graph launch and nothing else; every GEMM is aligned. The
-/// per-step figures are printed (the launch count is what graphs save).
+/// with CUDA graphs (plain launches the first time, captured the second) is one graph
+/// launch and nothing else from the third on; every GEMM is aligned. The per-step
+/// figures are printed (the launch count is what graphs save).
 #[test]
 fn a_training_step_waits_once_allocates_nothing_and_is_one_graph_launch() {
     for kind in kinds() {
@@ -1268,7 +1269,7 @@ fn a_training_step_waits_once_allocates_nothing_and_is_one_graph_launch() {
                     eps: 1e-8,
                 };
                 let mut per_step = Vec::new();
-                for step in 0..4u64 {
+                for step in 0..5u64 {
                     let t = toks(step);
                     let before = be.counters();
                     be.train_step(&batch_of(&t, 5, 4), step, 0.05).unwrap();
@@ -1277,8 +1278,16 @@ fn a_training_step_waits_once_allocates_nothing_and_is_one_graph_launch() {
                     per_step.push(be.counters().since(&before));
                 }
                 let what = format!("{kind}, {groups} groups, graphs {graphs}");
-                for c in &per_step[1..] {
+                for (k, c) in per_step.iter().enumerate().skip(1) {
                     assert_eq!(c.syncs, 1, "{what}: host waits per step: {c:?}");
+                    if graphs && k == 1 {
+                        assert_eq!(
+                            (c.graphs_captured, c.graph_launches),
+                            (1, 1),
+                            "{what}: {c:?}"
+                        );
+                        continue;
+                    }
                     assert_eq!(
                         (c.allocs, c.frees, c.host_allocs),
                         (0, 0, 0),
@@ -1301,7 +1310,7 @@ fn a_training_step_waits_once_allocates_nothing_and_is_one_graph_launch() {
                     assert_eq!(all.graphs_captured, 1, "{what}: captured once: {all:?}");
                 }
                 println!("{what}: first step {:?}", per_step[0]);
-                println!("{what}: each later step {:?}", per_step[3]);
+                println!("{what}: each later step {:?}", per_step[4]);
             }
         }
     }
@@ -1324,12 +1333,13 @@ fn unaligned_sizes_train_and_are_counted() {
     assert!(be.counters().unaligned_gemms > 0);
 }
 
-/// The whole step as graphs replays what plain launches compute, bit for bit, with
-/// everything that changes between steps read from device memory: dropout masks of each
-/// step, a learning rate that changes every step, Adam's bias corrections, two gradient
-/// groups, a stream reset (an epoch boundary), an evaluation batch between steps (a new
-/// workspace: the graphs are captured again), a shorter last batch, and a step whose norm
-/// is not finite (no update on either path).
+/// The whole step as graphs (each shape run plain once, then captured and replayed) gives
+/// what plain launches compute, bit for bit, with everything that changes between steps
+/// read from device memory: dropout masks of each step, a learning rate that changes
+/// every step, Adam's bias corrections, two gradient groups, a stream reset (an epoch
+/// boundary), an evaluation batch between steps (a new workspace: the graphs are captured
+/// again), a shorter last batch, and a step whose norm is not finite (no update on either
+/// path).
 #[test]
 fn graphs_replay_steps_as_plain_launches_bit_for_bit() {
     for kind in kinds() {
@@ -1341,14 +1351,14 @@ fn graphs_replay_steps_as_plain_launches_bit_for_bit() {
                 eps: 1e-8,
             };
             let mut figures = Vec::new();
-            for step in 0..10u64 {
+            for step in 0..16u64 {
                 let t = toks(50 + step);
-                let steps = if step == 9 { 3 } else { 5 };
+                let steps = if step == 15 { 3 } else { 5 };
                 if step == 5 {
                     be.reset_state(Stream::Train(0));
                     be.reset_state(Stream::Train(1));
                 }
-                if step == 7 {
+                if step == 9 {
                     let e = tokens(99, 2, 3, 300);
                     be.reset_state(Stream::Eval);
                     let eval = Batch {
@@ -1397,7 +1407,7 @@ fn graphs_replay_steps_as_plain_launches_bit_for_bit() {
         }
         assert_eq!(cp.graph_launches, 0);
         assert!(
-            cg.graph_launches >= 10 && cg.graphs_captured >= 3,
+            cg.graph_launches >= 10 && cg.graphs_captured >= 2,
             "{kind}: {cg:?}"
         );
         println!("{kind}: plain {cp:?}\n{kind}: graphs {cg:?}");

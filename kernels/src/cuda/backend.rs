@@ -270,7 +270,7 @@ impl CudaBackend {
         {
             return Ok(());
         }
-        self.graphs.clear();
+        self.release()?;
         self.ws = None;
         let d = self.layout.dims;
         self.ws = Some(Workspace::new(self.dev(), &d, steps, batch, groups)?);
@@ -297,7 +297,7 @@ impl CudaBackend {
             }
             _ => {}
         }
-        self.graphs.clear();
+        self.release()?;
         self.states.remove(&stream);
         let n = d.layers * batch * d.hidden;
         let st = DevState {
@@ -309,6 +309,13 @@ impl CudaBackend {
         };
         self.states.insert(stream, st);
         Ok(())
+    }
+
+    /// Before a buffer a graph may hold is freed or replaced: the graphs are forgotten and
+    /// the device's work is done (a graph still running may read it).
+    fn release(&mut self) -> Result<()> {
+        self.graphs.clear();
+        self.wait()
     }
 
     /// The host may write the batch staging: no copy from it is in flight.
@@ -461,7 +468,7 @@ impl CudaBackend {
         if self.opt.as_ref().is_some_and(|o| o.rule == *rule) {
             return Ok(());
         }
-        self.graphs.clear();
+        self.release()?;
         self.opt = None;
         let bufs = (0..rule.state_names().len())
             .map(|k| {
@@ -916,7 +923,7 @@ impl Backend for CudaBackend {
                 &self.dl.expand(&self.layout, &b.1),
             )?);
         }
-        self.graphs.clear();
+        self.release()?;
         self.opt = Some(DevOpt {
             rule: state.rule,
             bufs,

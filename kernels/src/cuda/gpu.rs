@@ -218,6 +218,11 @@ impl Gpu {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| drv("opening the device", e))?;
+        // This device orders its own work (one stream, explicit waits); cudarc's event
+        // tracking would make the first stream synchronise the whole context, which is
+        // invalid while another backend of the process captures a graph on it.
+        // SAFETY: no cudarc-managed buffer of this context relies on events.
+        unsafe { ctx.disable_event_tracking() };
         let kernels = kernels(&ctx, ordinal, driver)?;
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         ctx.bind_to_thread()

@@ -1,19 +1,22 @@
 //! The CUDA graphs a backend replays, by the [`Work`] they hold: each step's device work is
-//! captured once per shape and replayed with one launch. Whatever holds a device address
+//! run once as plain launches, captured the second time, and replayed with one launch
+//! from then on. Whatever holds a device address
 //! a graph captured (the workspace, the optimizer's buffers, a carried state, the
 //! gradient sum's buffers) clears the cache when it is allocated again.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::layer::{Device, Graph};
 use super::work::Work;
 use crate::Result;
 
-/// Graphs by the work they hold, and whether graphs are on.
+/// Graphs by the work they hold, the work run once already (captured the next time), and
+/// whether graphs are on.
 pub(super) struct Graphs {
     off: Cell<bool>,
     cache: RefCell<HashMap<Work, Graph>>,
+    seen: RefCell<HashSet<Work>>,
 }
 
 impl Default for Graphs {
@@ -21,6 +24,7 @@ impl Default for Graphs {
         Self {
             off: Cell::new(false),
             cache: RefCell::new(HashMap::new()),
+            seen: RefCell::new(HashSet::new()),
         }
     }
 }
@@ -44,6 +48,19 @@ impl Graphs {
     /// Forget every graph (an address they hold is about to change).
     pub fn clear(&self) {
         self.cache.borrow_mut().clear();
+        self.seen.borrow_mut().clear();
+    }
+
+    /// Whether `w` runs for the first time since the cache was cleared (it is noted).
+    pub fn first_run(&self, w: &Work) -> bool {
+        if self.cache.borrow().contains_key(w) {
+            return false;
+        }
+        let mut seen = self.seen.borrow_mut();
+        if seen.len() >= MAX_GRAPHS {
+            seen.clear();
+        }
+        seen.insert(w.clone())
     }
 
     /// Launch `w`'s graph on `dev` where there is one.

@@ -697,24 +697,34 @@ impl CudaBackend {
         }
     }
 
-    /// Run `w`: its graph replayed, captured now if new, or plain launches (graphs off,
-    /// or a capture that failed: then graphs stay off for this backend, with a warning
-    /// naming the reason).
+    /// Run `w`: its graph replayed; plain launches the first time (cuBLAS and the
+    /// kernels do their first-use set-up outside any capture), captured the second; plain
+    /// launches always where graphs are off, or after a capture that failed (graphs stay
+    /// off for this backend, with a warning naming the reason).
     pub(super) fn run_work(&self, w: &Work) -> Result<()> {
-        if !self.graphs.enabled() {
+        if !self.graphs.enabled() || self.graphs.first_run(w) {
             return self.issue(w);
         }
-        if let Some(launched) = self.graphs.launch(self.dev(), w) {
-            return launched;
+        let launched = match self.graphs.launch(self.dev(), w) {
+            Some(launched) => launched,
+            None => match self.capture(w) {
+                Ok(g) => self.graphs.insert_and_launch(self.dev(), w, g),
+                Err(e) => {
+                    tracing::warn!(device = %self.dev.name(), error = %e, "capturing the training step as a CUDA graph failed: plain launches from now on");
+                    self.graphs.set_enabled(false);
+                    return self.issue(w);
+                }
+            },
+        };
+        // A replay copies from the staging as the plain launches would.
+        let ws = self.ws()?;
+        if matches!(w, Work::Train(_) | Work::Step(..)) {
+            ws.staging.batch_busy.set(true);
         }
-        match self.capture(w) {
-            Ok(g) => self.graphs.insert_and_launch(self.dev(), w, g),
-            Err(e) => {
-                tracing::warn!(device = %self.dev.name(), error = %e, "capturing the training step as a CUDA graph failed: plain launches from now on");
-                self.graphs.set_enabled(false);
-                self.issue(w)
-            }
+        if matches!(w, Work::Update(_) | Work::Step(..)) {
+            ws.staging.update_busy.set(true);
         }
+        launched
     }
 
     /// `w` captured into a graph (nothing runs); the capture is ended whatever happens.
