@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
 
-use super::layer::{Counters, Device, Gemm, Graph, HostMem, Launch, Mem, SOURCES, Tally};
+use super::layer::{Counters, Device, Gemm, Graph, HostMem, Launch, Mem, Tally};
 use super::{Precision, nvrtc};
 use crate::{Error, Result};
 
@@ -55,26 +55,7 @@ fn kernels(ctx: &Arc<CudaContext>, ordinal: usize, driver: i32) -> Result<Arc<Ke
     let arch = format!("sm_{major}{minor}");
     let t0 = std::time::Instant::now();
     let ahead = nvrtc::ahead_of_time(&arch, driver);
-    let images: Vec<(&'static super::layer::CudaSource, Vec<u8>, bool)> =
-        std::thread::scope(|s| {
-            let arch = arch.as_str();
-            let jobs: Vec<_> = SOURCES
-                .iter()
-                .map(|src| {
-                    let found = ahead.as_ref().and_then(|a| a.image(src));
-                    s.spawn(move || match found {
-                        Some(image) => Ok((src, image, true)),
-                        None => nvrtc::compile(src, arch).map(|c| (src, c.image, false)),
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| {
-                    j.join()
-                        .unwrap_or_else(|_| Err(Error::Cuda("NVRTC thread panicked".into())))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
+    let images = nvrtc::images(&arch, |src| ahead.as_ref().and_then(|a| a.image(src)))?;
     let mut modules = Vec::new();
     let mut functions = HashMap::new();
     for (src, image, _) in &images {
@@ -89,7 +70,7 @@ fn kernels(ctx: &Arc<CudaContext>, ordinal: usize, driver: i32) -> Result<Arc<Ke
         }
         modules.push(module);
     }
-    let loaded = images.iter().filter(|i| i.2).count();
+    let loaded = images.iter().filter(|i| i.2.is_none()).count();
     tracing::info!(
         gpu = ordinal,
         arch = %arch,

@@ -92,27 +92,15 @@ pub fn write_ahead(dir: &Path, arch: &str) -> Result<Manifest> {
     }
     let io = |what: &str, e: std::io::Error| Error::Backend(format!("{what}: {e}"));
     std::fs::create_dir_all(dir).map_err(|e| io(&format!("creating {}", dir.display()), e))?;
-    let compiled: Vec<(&CudaSource, Compiled)> = std::thread::scope(|s| {
-        let jobs: Vec<_> = SOURCES
-            .iter()
-            .map(|src| s.spawn(move || compile(src, arch).map(|c| (src, c))))
-            .collect();
-        jobs.into_iter()
-            .map(|j| {
-                j.join()
-                    .unwrap_or_else(|_| Err(Error::Cuda("NVRTC thread panicked".into())))
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
     let mut sources = Vec::new();
-    for (src, c) in compiled {
+    for (src, image, log) in images(arch, |_| None)? {
         let file = format!("{}.{arch}.cubin", src.name);
-        std::fs::write(dir.join(&file), &c.image).map_err(|e| io(&format!("writing {file}"), e))?;
+        std::fs::write(dir.join(&file), &image).map_err(|e| io(&format!("writing {file}"), e))?;
         sources.push(AheadSource {
             name: src.name.to_string(),
             hash: source_hash(src.text),
             file,
-            registers: usage(&c.log)
+            registers: usage(&log.unwrap_or_default())
                 .into_iter()
                 .map(|u| (u.kernel, u.registers))
                 .collect(),
@@ -127,6 +115,34 @@ pub fn write_ahead(dir: &Path, arch: &str) -> Result<Manifest> {
         .map_err(|e| Error::Backend(format!("manifest: {e}")))?;
     std::fs::write(dir.join("manifest.json"), text).map_err(|e| io("writing manifest.json", e))?;
     Ok(manifest)
+}
+
+/// Every source's image for `arch` (an `sm_XY` CUBIN), the sources in parallel: what
+/// `ready` has for it (compiled ahead of time: no log), else compiled by NVRTC now (with
+/// ptxas's log).
+#[allow(clippy::type_complexity)]
+pub fn images(
+    arch: &str,
+    ready: impl Fn(&CudaSource) -> Option<Vec<u8>> + Sync,
+) -> Result<Vec<(&'static CudaSource, Vec<u8>, Option<String>)>> {
+    std::thread::scope(|s| {
+        let ready = &ready;
+        let jobs: Vec<_> = SOURCES
+            .iter()
+            .map(|src| {
+                s.spawn(move || match ready(src) {
+                    Some(image) => Ok((src, image, None)),
+                    None => compile(src, arch).map(|c| (src, c.image, Some(c.log))),
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(Error::Cuda("NVRTC thread panicked".into())))
+            })
+            .collect()
+    })
 }
 
 /// Where compiled kernels are looked for: `LIGHTRNN_KERNEL_DIR`, else `kernels/` beside

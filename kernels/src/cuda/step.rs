@@ -489,32 +489,19 @@ impl CudaBackend {
             g(lp.b_ih),
         ))?;
         gb.copy_from(dev, self.off(lp.b_hh), gb, self.off(lp.b_ih), m4)?;
-        let site = l as u64;
-        if l > 0 {
-            let below = &ws.layers[l - 1].dh;
-            dev.gemm(&dw(
-                sb,
-                inp,
-                m4,
-                (lw.g.at(0), m4),
-                (p(lp.w_ih), inp),
-                below.at(0),
-            ))?;
-            if cx.train {
-                self.dropout(cx, below.at(0), below.at(0), sb, inp, site)?;
-            }
-            return Ok(());
-        }
-        dev.gemm(&dw(
-            sb,
-            inp,
-            m4,
-            (lw.g.at(0), m4),
-            (p(lp.w_ih), inp),
-            ws.dx.at(0),
-        ))?;
+        // The gradient of the layer's input: the layer below's d loss / d h, or (layer 0)
+        // the gathered rows' gradient, which the scatter below sums into the tables.
+        let below = if l > 0 {
+            ws.layers[l - 1].dh.at(0)
+        } else {
+            ws.dx.at(0)
+        };
+        dev.gemm(&dw(sb, inp, m4, (lw.g.at(0), m4), (p(lp.w_ih), inp), below))?;
         if cx.train {
-            self.dropout(cx, ws.dx.at(0), ws.dx.at(0), sb, inp, site)?;
+            self.dropout(cx, below, below, sb, inp, l as u64)?;
+        }
+        if l > 0 {
+            return Ok(());
         }
         let table = self.dl.input_table();
         gb.zero(dev, table, d.input_rows() * d.emb)?;
