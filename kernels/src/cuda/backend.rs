@@ -297,8 +297,11 @@ impl CudaBackend {
             }
             _ => {}
         }
-        self.release()?;
-        self.states.remove(&stream);
+        // A state replaced may be held by a graph; a new stream is in no graph yet.
+        if self.states.contains_key(&stream) {
+            self.release()?;
+            self.states.remove(&stream);
+        }
         let n = d.layers * batch * d.hidden;
         let st = DevState {
             batch,
@@ -455,7 +458,7 @@ impl CudaBackend {
     /// The sum's buffers 1..=`deepest` exist (allocated on the first step that needs them).
     fn ensure_group_grads(&mut self, deepest: usize) -> Result<()> {
         while self.group_grads.len() < deepest {
-            self.graphs.clear();
+            // A buffer added moves none a graph holds: the graphs stay.
             let b = Buf::zeros(self.dev(), self.dl.total)?;
             self.group_grads.push(b);
         }
