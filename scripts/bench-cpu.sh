@@ -5,6 +5,9 @@
 # Needs a quiet machine: any other busy process ruins 2-thread timings.
 #   scripts/bench-cpu.sh [REPS]            -> JSON lines on stdout
 #   PEERS=../shared/peers PY=/tmp/peers-venv/bin/python scripts/bench-cpu.sh 3
+# A change's before and after, interleaved (a refactor's "throughput unchanged"): BASE names
+# the binary before the change; its lines say "impl":"before", this tree's "impl":"after".
+#   BASE=target/base/lightrnn scripts/bench-cpu.sh 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-1}
@@ -22,12 +25,20 @@ wait_quiet() {  # up to 120 s for the 1-minute load to fall below 0.5
     sleep 2
   done
 }
+IMPL=lightrnn PEAK=--gemm-peak
+# Before and after run the same flags (no GEMM-peak probe beside either).
+[[ -n "${BASE:-}" ]] && IMPL=after PEAK=
 for rep in $(seq "$REPS"); do
   for c in "${CONFIGS[@]}"; do
     read -r V N M L B T S <<<"$c"
-    wait_quiet
-    echo "{\"impl\":\"lightrnn\",\"rep\":$rep,\"bench\":$($BIN bench --vocab "$V" --emb "$N" --hidden "$M" --layers "$L" \
-      --batch "$B" --bptt "$T" --threads 2 --steps "$S" --warmup 3 --gemm-peak 2>/dev/null)}"
+    if [[ -n "${BASE:-}" ]]; then
+      wait_quiet
+      echo "{\"impl\":\"before\",\"rep\":$rep,\"bench\":$($BASE bench --vocab "$V" --emb "$N" --hidden "$M" --layers "$L" \
+        --batch "$B" --bptt "$T" --threads 2 --steps "$S" --warmup 3 2>/dev/null)}"
+      wait_quiet
+    fi
+    echo "{\"impl\":\"$IMPL\",\"rep\":$rep,\"bench\":$($BIN bench --vocab "$V" --emb "$N" --hidden "$M" --layers "$L" \
+      --batch "$B" --bptt "$T" --threads 2 --steps "$S" --warmup 3 $PEAK 2>/dev/null)}"
     if [[ -n "${PEERS:-}" && -n "${PY:-}" ]]; then
       [[ -d /tmp/peers/zipf$V ]] || (cd "$PEERS" && "$PY" zipf_corpus.py --out /tmp/peers/zipf$V --vocab "$V" --tokens 2000000 >&2)
       wait_quiet

@@ -5,9 +5,17 @@
    is a module) nor among its top-level modules (a folder and everything in it count as
    one). A module uses another when its code names it or an item it defines
    (`crate::a::b`, `super::x`, or an item the crate root or a `mod.rs` re-exports).
-2. No function longer than MAX_FN_LINES lines outside tests.
+2. No function longer than MAX_FN_LINES lines outside tests, and no source file longer
+   than MAX_FILE_LINES lines outside its test module (generated code aside).
+3. The crates' arrows (ARROWS): a crate names only the crates of ours it may use, in its
+   Cargo.toml and in its code (sources, tests, build script); the coordinator names the
+   worker crate only in the modules that run ranks in its own process (LOCAL_LAUNCH).
+4. The CUDA backend uses nothing of the CPU backend (kernels: `cuda` -> `cpu`).
+5. Crate roots (lib.rs) only declare modules and re-export: no item defined there (the
+   tests crate, the whole-system tests' helpers, aside).
 
-Test modules (`#[cfg(test)]` to the end of a file) and comments are not read.
+Test modules (`#[cfg(test)]` to the end of a file, and files `tests.rs` or `*_tests.rs`)
+and comments are not read.
 usage: scripts/check-layout.py [MAX_FN_LINES]   (default 150)
 """
 import os
@@ -15,8 +23,26 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRATES = ["kernels", "alloc", "worker", "coordinator", "proto", "tests"]
+CRATES = ["kernels", "alloc", "core", "worker", "coordinator", "proto", "tests"]
 MAX_FN_LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 150
+MAX_FILE_LINES = 800
+# What each crate of ours may use (besides itself): bottom to top.
+ARROWS = {
+    "kernels": set(),
+    "proto": set(),
+    "alloc": {"kernels"},
+    "core": {"kernels", "alloc", "proto"},
+    "worker": {"kernels", "alloc", "core", "proto"},
+    "coordinator": {"kernels", "alloc", "core", "proto", "worker"},
+    "tests": {"kernels", "alloc", "core", "proto", "worker", "coordinator"},
+}
+# The coordinator's modules that run a rank's work in this process (`train` in one
+# process, `worker`, `eval`, `sample`, `tables`, `bench`): the only ones that may name the
+# worker crate.
+LOCAL_LAUNCH = {
+    os.path.join("coordinator", "src", "commands", f + ".rs")
+    for f in ("train", "worker", "eval", "sample", "tables", "bench")
+}
 
 
 def strip(text):
@@ -189,8 +215,47 @@ def long_functions(file, code):
     return out
 
 
+def crate_arrows():
+    """Rule 3: the crates of ours each crate names, in Cargo.toml and in code."""
+    out = []
+    for crate, allowed in ARROWS.items():
+        root = os.path.join(ROOT, crate)
+        manifest = open(os.path.join(root, "Cargo.toml")).read()
+        for dep in sorted(set(re.findall(r"^lightrnn-([a-z]+)\b", manifest, re.M)) - allowed - {crate}):
+            out.append(f"{crate}/Cargo.toml: depends on lightrnn-{dep}, which {crate} may not use")
+        for dirpath, _, files in os.walk(root):
+            if "/target" in dirpath or "/generated" in dirpath:
+                continue
+            for f in files:
+                if not f.endswith(".rs"):
+                    continue
+                file = os.path.join(dirpath, f)
+                rel = os.path.relpath(file, ROOT)
+                named = set(re.findall(r"\blightrnn_([a-z]+)::", strip(open(file).read())))
+                for dep in sorted(named - allowed - {crate}):
+                    out.append(f"{rel}: uses lightrnn_{dep}, which {crate} may not use")
+                if crate == "coordinator" and "worker" in named and rel.startswith(os.path.join("coordinator", "src")) and rel not in LOCAL_LAUNCH:
+                    out.append(f"{rel}: uses lightrnn_worker outside the local-launch modules")
+    return out
+
+
+def long_file(file, code):
+    n = code.count("\n") + 1
+    if n > MAX_FILE_LINES and "/generated/" not in file:
+        return [f"{os.path.relpath(file, ROOT)}: {n} lines outside tests (max {MAX_FILE_LINES})"]
+    return []
+
+
+def thin_root(crate, file, code):
+    """Rule 5: a crate root declares modules and re-exports, nothing more."""
+    m = re.search(r"^\s*(?:pub(?:\([a-z]+\))?\s+)?(fn|struct|enum|trait|impl|const|static|type)\b", code, re.M)
+    if m:
+        return [f"{os.path.relpath(file, ROOT)}: a crate root defines an item ({m.group(1)}); move it to a module"]
+    return []
+
+
 def main():
-    problems = []
+    problems = crate_arrows()
     for crate in CRATES:
         src = os.path.join(ROOT, crate, "src")
         if not os.path.isdir(src):
@@ -210,15 +275,28 @@ def main():
                     top.setdefault(p[0], set()).add(t[0])
         for comp in cycles(top):
             problems.append(f"{crate}: top-level modules that use each other: " + " <-> ".join(comp))
+        if crate == "kernels":
+            for p, targets in sorted(graph.items()):
+                if p[:1] == ("cuda",) and any(t[:1] == ("cpu",) for t in targets):
+                    problems.append(f"kernels: {mods[p]} uses the CPU backend (cuda -> cpu)")
+        # The tests crate is the whole-system tests' helpers, not a library of the product.
+        if crate != "tests" and () in mods and mods[()].endswith("lib.rs"):
+            problems += thin_root(crate, mods[()], codes[()])
         for p, f in mods.items():
-            if "/generated/" in f:
+            # Generated code, and test modules in files of their own (tests.rs, *_tests.rs).
+            name = os.path.basename(f)
+            if "/generated/" in f or name == "tests.rs" or name.endswith("_tests.rs"):
                 continue
             problems += long_functions(f, codes[p])
+            problems += long_file(f, codes[p])
     for p in problems:
         print(p)
     if problems:
         sys.exit(1)
-    print(f"layout ok: no module cycles, no function over {MAX_FN_LINES} lines outside tests")
+    print(
+        f"layout ok: no module cycles, no function over {MAX_FN_LINES} lines and no file over "
+        f"{MAX_FILE_LINES} lines outside tests, the crates' arrows, cuda apart from cpu, thin crate roots"
+    )
 
 
 if __name__ == "__main__":

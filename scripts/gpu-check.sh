@@ -220,7 +220,7 @@ PY
   # test that synchronises the device (a capture would be invalidated).
   run_step kernels 40 150 "cd '$ROOT/kernels' && LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --test-threads 1 --skip emulator_ --skip two_hundred --skip nccl_"
   grep -hE "^test result" "$WORK/kernels.log" 2>/dev/null | tee -a "$LOG"
-  run_step nccl 20 90 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact nccl_at_world_size_one_sums_on_the_gpu --nocapture"
+  run_step nccl 20 90 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact ranks::nccl_at_world_size_one_sums_on_the_gpu --nocapture"
   grep -hE "^NCCL" "$WORK/nccl.log" 2>/dev/null | tee -a "$LOG"
   run_step goal-ours 30 120 "'$BIN/lightrnn' bench --backend cuda --precision tf32 $GOAL"
   if ((DRY == 0)) && have_torch; then
@@ -296,7 +296,7 @@ grep -h "NCCL communicator formed" '$RUNS/w2.log' | tail -1 | cut -c1-300
 [[ \$rc -eq 0 ]] && grep -q '"generation":2' '$RUNS/kill.json' || { echo "the killed job did not re-form and finish (status \$rc)"; tail -20 '$RUNS/kill.log'; exit 1; }
 EOF
   run_step job-kill 60 240 "bash '$WORK/kill.sh'"
-  run_step parity-200 30 120 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact two_hundred_tiny_preset_steps_follow_the_cpu_backend --nocapture"
+  run_step parity-200 30 120 "LIGHTRNN_TEST_DEVICES=$DEVICES LIGHTRNN_REQUIRE_GPU=$((1 - DRY)) '$BIN/cuda-test' --exact step::two_hundred_tiny_preset_steps_follow_the_cpu_backend --nocapture"
   grep -hE "steps: worst" "$WORK/parity-200.log" 2>/dev/null | tee -a "$LOG"
   say "== tier 2 done [$(elapsed) s]"
 fi

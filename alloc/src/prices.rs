@@ -43,46 +43,27 @@ where
     F: Fn(usize, usize) -> f64 + Sync,
 {
     let bins = caps.len();
-    assert!(
-        caps.iter().sum::<usize>() >= words,
-        "bins hold fewer slots than words"
-    );
-    // Slot prices with their occupants, per bin; a bin's price is its cheapest slot
-    // once all its slots are taken, 0 before.
-    let mut slots: Vec<BinaryHeap<Reverse<(Price, u32)>>> = vec![BinaryHeap::new(); bins];
-    // A bin without slots is never chosen.
-    let mut price: Vec<f64> = caps
-        .iter()
-        .map(|&c| if c == 0 { f64::INFINITY } else { 0.0 })
-        .collect();
+    let mut m = Market::new(words, caps);
     let kc = CACHE.min(bins);
     let mut cache = vec![0u32; words * kc];
     // The priced value of a word's last cached bin at its last scan (NaN: never scanned);
     // with kc == bins every bin is cached and the bound is infinite.
     let mut bound = vec![f64::NAN; words];
-    let mut queue: Vec<u32> = (0..words as u32).rev().collect();
     let mut scratch: Vec<(f64, u32)> = Vec::with_capacity(bins);
-    let (mut bids, mut scans) = (0u64, 0u64);
-    while let Some(w) = queue.pop() {
+    let mut scans = 0u64;
+    while let Some(w) = m.queue.pop() {
         let w = w as usize;
         let cw = &mut cache[w * kc..(w + 1) * kc];
-        let (mut b1, mut v1, mut v2) = (0usize, f64::INFINITY, f64::INFINITY);
+        let mut best = Best::new(0);
         if !bound[w].is_nan() {
             for &b in cw.iter() {
-                let val = cost(w, b as usize) + price[b as usize];
-                if val < v1 {
-                    v2 = v1;
-                    v1 = val;
-                    b1 = b as usize;
-                } else if val < v2 {
-                    v2 = val;
-                }
+                best.offer(b as usize, cost(w, b as usize) + m.price[b as usize]);
             }
         }
-        if bound[w].is_nan() || v2 > bound[w] {
+        if bound[w].is_nan() || best.v2 > bound[w] {
             scans += 1;
             scratch.clear();
-            scratch.extend((0..bins).map(|b| (cost(w, b) + price[b], b as u32)));
+            scratch.extend((0..bins).map(|b| (cost(w, b) + m.price[b], b as u32)));
             let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
             if kc < bins {
                 scratch.select_nth_unstable_by(kc - 1, by);
@@ -97,39 +78,15 @@ where
             } else {
                 f64::INFINITY
             };
-            b1 = top[0].1 as usize;
-            v1 = top[0].0;
-            v2 = if kc > 1 { top[1].0 } else { f64::INFINITY };
+            best = Best {
+                bin: top[0].1 as usize,
+                v1: top[0].0,
+                v2: if kc > 1 { top[1].0 } else { f64::INFINITY },
+            };
         }
-        let gap = if v2.is_finite() { v2 - v1 } else { 0.0 };
-        let bid = price[b1] + gap + eps;
-        let heap = &mut slots[b1];
-        let cap = caps[b1];
-        if heap.len() == cap
-            && let Some(Reverse((_, out))) = heap.pop()
-        {
-            queue.push(out);
-        }
-        heap.push(Reverse((Price(bid), w as u32)));
-        price[b1] = if heap.len() < cap {
-            0.0
-        } else {
-            heap.peek().map_or(0.0, |r| r.0.0.0)
-        };
-        bids += 1;
+        m.price[best.bin] = m.bid(w as u32, &best, eps);
     }
-    let mut bin_of = vec![u32::MAX; words];
-    for (b, heap) in slots.iter().enumerate() {
-        for Reverse((_, w)) in heap.iter() {
-            bin_of[*w as usize] = b as u32;
-        }
-    }
-    BinAuction {
-        price,
-        bin_of,
-        bids,
-        scans,
-    }
+    m.finish(words, scans)
 }
 
 /// Costs given sparsely, for [`sparse_bin_auction`]: item t is word `words[t]`, whose
@@ -149,37 +106,18 @@ pub struct SparseCosts<'a> {
 pub fn sparse_bin_auction(caps: &[usize], eps: f64, c: &SparseCosts<'_>) -> BinAuction {
     use std::collections::BTreeSet;
     let (words, bins, k) = (c.words.len(), caps.len(), c.k);
-    assert!(
-        caps.iter().sum::<usize>() >= words,
-        "bins hold fewer slots than words"
-    );
-    let mut slots: Vec<BinaryHeap<Reverse<(Price, u32)>>> = vec![BinaryHeap::new(); bins];
-    let mut price: Vec<f64> = caps
-        .iter()
-        .map(|&c| if c == 0 { f64::INFINITY } else { 0.0 })
-        .collect();
+    let mut m = Market::new(words, caps);
     // Bins that can still be chosen, cheapest first.
     let mut open: BTreeSet<(Price, u32)> = (0..bins as u32)
         .filter(|&b| caps[b as usize] > 0)
         .map(|b| (Price(0.0), b))
         .collect();
-    let mut queue: Vec<u32> = (0..words as u32).rev().collect();
-    let mut bids = 0u64;
-    while let Some(t) = queue.pop() {
+    while let Some(t) = m.queue.pop() {
         let w = c.words[t as usize] as usize;
         let (ids, ls) = (&c.idx[w * k..(w + 1) * k], &c.loss[w * k..(w + 1) * k]);
-        let (mut b1, mut v1, mut v2) = (usize::MAX, f64::INFINITY, f64::INFINITY);
-        let mut offer = |b: usize, val: f64| {
-            if val < v1 {
-                v2 = v1;
-                v1 = val;
-                b1 = b;
-            } else if val < v2 {
-                v2 = val;
-            }
-        };
+        let mut best = Best::new(usize::MAX);
         for (&b, &l) in ids.iter().zip(ls) {
-            offer(b as usize, f64::from(l) + price[b as usize]);
+            best.offer(b as usize, f64::from(l) + m.price[b as usize]);
         }
         if c.tail[w].is_finite() {
             let mut others = 0;
@@ -187,46 +125,128 @@ pub fn sparse_bin_auction(caps: &[usize], eps: f64, c: &SparseCosts<'_>) -> BinA
                 if ids.contains(&b) {
                     continue;
                 }
-                offer(b as usize, c.tail[w] + pb);
+                best.offer(b as usize, c.tail[w] + pb);
                 others += 1;
                 if others == 2 {
                     break;
                 }
             }
         }
-        let gap = if v2.is_finite() { v2 - v1 } else { 0.0 };
-        let bid = price[b1] + gap + eps;
-        let heap = &mut slots[b1];
-        let cap = caps[b1];
+        let b1 = best.bin;
+        let new = m.bid(t, &best, eps);
+        if new != m.price[b1] {
+            open.remove(&(Price(m.price[b1]), b1 as u32));
+            open.insert((Price(new), b1 as u32));
+            m.price[b1] = new;
+        }
+    }
+    m.finish(words, 0)
+}
+
+/// What both auctions keep: every bin's slots, the bin prices, the items waiting to bid
+/// and the bids made.
+struct Market<'a> {
+    /// Slots per bin.
+    caps: &'a [usize],
+    /// Slot prices with their occupants, per bin; a bin's price is its cheapest slot
+    /// once all its slots are taken, 0 before.
+    slots: Vec<BinaryHeap<Reverse<(Price, u32)>>>,
+    price: Vec<f64>,
+    /// Items without a bin, the next to bid last.
+    queue: Vec<u32>,
+    bids: u64,
+}
+
+impl<'a> Market<'a> {
+    /// No item placed yet, all waiting (item 0 bids first).
+    fn new(items: usize, caps: &'a [usize]) -> Self {
+        assert!(
+            caps.iter().sum::<usize>() >= items,
+            "bins hold fewer slots than words"
+        );
+        Self {
+            caps,
+            slots: vec![BinaryHeap::new(); caps.len()],
+            // A bin without slots is never chosen.
+            price: caps
+                .iter()
+                .map(|&c| if c == 0 { f64::INFINITY } else { 0.0 })
+                .collect(),
+            queue: (0..items as u32).rev().collect(),
+            bids: 0,
+        }
+    }
+
+    /// Item `t` bids for its best bin: the bin's price raised by the gap to the item's
+    /// second best plus `eps`. The bin's cheapest slot's occupant, if the bin was full,
+    /// goes back to the queue. Returns the bin's new price, which the caller stores.
+    fn bid(&mut self, t: u32, best: &Best, eps: f64) -> f64 {
+        let b1 = best.bin;
+        let gap = if best.v2.is_finite() {
+            best.v2 - best.v1
+        } else {
+            0.0
+        };
+        let bid = self.price[b1] + gap + eps;
+        let heap = &mut self.slots[b1];
+        let cap = self.caps[b1];
         if heap.len() == cap
             && let Some(Reverse((_, out))) = heap.pop()
         {
-            queue.push(out);
+            self.queue.push(out);
         }
         heap.push(Reverse((Price(bid), t)));
-        let new = if heap.len() < cap {
+        self.bids += 1;
+        if heap.len() < cap {
             0.0
         } else {
             heap.peek().map_or(0.0, |r| r.0.0.0)
-        };
-        if new != price[b1] {
-            open.remove(&(Price(price[b1]), b1 as u32));
-            open.insert((Price(new), b1 as u32));
-            price[b1] = new;
-        }
-        bids += 1;
-    }
-    let mut bin_of = vec![u32::MAX; words];
-    for (b, heap) in slots.iter().enumerate() {
-        for Reverse((_, t)) in heap.iter() {
-            bin_of[*t as usize] = b as u32;
         }
     }
-    BinAuction {
-        price,
-        bin_of,
-        bids,
-        scans: 0,
+
+    /// Every item's bin, with the prices and the bids; `scans` as counted by the caller.
+    fn finish(self, items: usize, scans: u64) -> BinAuction {
+        let mut bin_of = vec![u32::MAX; items];
+        for (b, heap) in self.slots.iter().enumerate() {
+            for Reverse((_, t)) in heap.iter() {
+                bin_of[*t as usize] = b as u32;
+            }
+        }
+        BinAuction {
+            price: self.price,
+            bin_of,
+            bids: self.bids,
+            scans,
+        }
+    }
+}
+
+/// An item's best bin so far with its priced value `v1`, and the second best value `v2`.
+struct Best {
+    bin: usize,
+    v1: f64,
+    v2: f64,
+}
+
+impl Best {
+    /// None seen yet (`bin` until one is).
+    fn new(bin: usize) -> Self {
+        Self {
+            bin,
+            v1: f64::INFINITY,
+            v2: f64::INFINITY,
+        }
+    }
+
+    /// Bin `b` at priced value `val`.
+    fn offer(&mut self, b: usize, val: f64) {
+        if val < self.v1 {
+            self.v2 = self.v1;
+            self.v1 = val;
+            self.bin = b;
+        } else if val < self.v2 {
+            self.v2 = val;
+        }
     }
 }
 

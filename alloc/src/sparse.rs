@@ -32,8 +32,10 @@ use lightrnn_kernels::LossTables;
 use super::cells::{self, CELL_AUCTION_MAX, RELAX_SAMPLE, Relaxation};
 use super::costs::{Costs, FreeCols};
 use super::prices::{BinAuction, SparseCosts, sparse_bin_auction};
+use super::problem::LIMIT_FACTOR;
 use super::sap::NONE;
-use super::{AllocError, Elem, LIMIT_FACTOR, Problem, Result, Solution, SolveOptions, Solver};
+use super::solve::{self, solve_in};
+use super::{AllocError, Elem, Problem, Result, Solution, SolveOptions, Solver};
 
 /// Sparse loss tables (the layout of `lightrnn tables --sparse` and of the files
 /// `lightrnn allocate --tables` reads; docs/allocation.md, "Sparse tables").
@@ -696,7 +698,7 @@ pub fn solve_sparse(t: &SparseTables, solver: Solver, opts: &SolveOptions) -> Re
             t.vocab
         )));
     }
-    let pool = super::pool(opts.threads)?;
+    let pool = solve::pool(opts.threads)?;
     pool.install(|| {
         let (cells, dual_bound, mut stats, relaxation_bound) = if large {
             let rel = sp.relaxation();
@@ -723,12 +725,12 @@ pub fn solve_sparse(t: &SparseTables, solver: Solver, opts: &SolveOptions) -> Re
                 // tail cells, whose true cost the floor understates), the bound the
                 // floor tables'.
                 Solver::Exact => {
-                    let (cells, dual, stats, rel) = super::solve_in(&low, solver, opts)?;
+                    let (cells, dual, stats, rel) = solve_in(&low, solver, opts)?;
                     let (out_r, out_c) = sp.outside(&cells);
                     if out_r + out_c == 0 {
                         (cells, dual, stats, rel)
                     } else {
-                        let (cells, _, mut est_stats, _) = super::solve_in(&est, solver, opts)?;
+                        let (cells, _, mut est_stats, _) = solve_in(&est, solver, opts)?;
                         if let Some(o) = est_stats.as_object_mut() {
                             o.insert(
                                 "floor_tables".into(),
@@ -743,7 +745,7 @@ pub fn solve_sparse(t: &SparseTables, solver: Solver, opts: &SolveOptions) -> Re
                     }
                 }
                 _ => {
-                    let (cells, dual, stats, _) = super::solve_in(&est, solver, opts)?;
+                    let (cells, dual, stats, _) = solve_in(&est, solver, opts)?;
                     (cells, dual, stats, cells::relaxation(&low).bound)
                 }
             }

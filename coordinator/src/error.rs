@@ -6,7 +6,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Worker(#[from] lightrnn_worker::Error),
+    Core(#[from] lightrnn_core::Error),
     #[error(transparent)]
     Kernel(#[from] lightrnn_kernels::Error),
     #[error(transparent)]

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::store::Location;
 use lightrnn_kernels::BackendKind;
-use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::data::store::Location;
 
 use crate::error::{IoContext, usage};
 use crate::job::{JobSpec, JobStats};

@@ -24,7 +24,4 @@ pub mod signals;
 pub mod tls;
 
 pub use error::{Error, Result};
-
-/// Set when the process is asked to stop (SIGTERM, SIGINT, SIGUSR1): training stops at a
-/// step all ranks agree on, with a checkpoint.
-pub type Stop = std::sync::Arc<std::sync::atomic::AtomicBool>;
+pub use signals::Stop;

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let lines: Vec<_> = text
                 .lines()
-                .map(|l| lightrnn_worker::clip_at(l, 1000))
+                .map(|l| lightrnn_core::clip_at(l, 1000))
                 .collect();
             say_err(format_args!("error: {}", lines.join("\n")));
             ExitCode::FAILURE

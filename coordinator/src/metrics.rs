@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use lightrnn_worker::report::RankReport;
+use lightrnn_core::report::RankReport;
 
 /// One rank as the metrics show it.
 #[derive(Clone, Debug, Default)]
@@ -303,7 +303,7 @@ fn expose(r: &Registry) -> String {
 }
 
 /// The snapshot of a single-process run from its published report.
-pub fn single_process(sink: &lightrnn_worker::report::ReportSink) -> Snapshot {
+pub fn single_process(sink: &lightrnn_core::report::ReportSink) -> Snapshot {
     let report = sink.lock().ok().and_then(|r| r.clone());
     let r = report.clone().unwrap_or_default();
     Snapshot {

@@ -14,9 +14,9 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use lightrnn_worker::auto::Verdict;
-use lightrnn_worker::checkpoint::Checkpoint;
-use lightrnn_worker::report::MetricsLine;
+use lightrnn_core::auto::Verdict;
+use lightrnn_core::checkpoint::Checkpoint;
+use lightrnn_core::report::MetricsLine;
 
 use crate::{Error, Result};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tonic::transport::server::TcpIncoming;
 
+use lightrnn_core::report::Summary;
 use lightrnn_proto::{CoordinatorServer, MAX_MESSAGE_BYTES};
-use lightrnn_worker::report::Summary;
 
 use crate::guard::{Limits, guard};
 use crate::job::{Job, JobSpec, JobStats};
@@ -98,6 +98,6 @@ pub async fn run_job(
             );
             Ok(JobOutcome { summary, stats })
         }
-        Err(s) => Err(Error::Job(s.message().to_string())),
+        Err(e) => Err(Error::Job(e.to_string())),
     }
 }

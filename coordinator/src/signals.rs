@@ -14,7 +14,9 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::Stop;
+/// Set when the process is asked to stop (SIGTERM, SIGINT, SIGUSR1): training stops at a
+/// step all ranks agree on, with a checkpoint.
+pub type Stop = Arc<AtomicBool>;
 
 /// What a stop signal does to the running command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -228,7 +228,7 @@ fn bad_input_fails_cleanly() {
 }
 
 fn write_npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
-    std::fs::write(path, lightrnn_worker::data::npy::encode_f32(shape, v)).unwrap();
+    std::fs::write(path, lightrnn_core::data::npy::encode_f32(shape, v)).unwrap();
 }
 
 #[test]
@@ -278,7 +278,7 @@ fn allocate_reads_npy_tables_and_writes_a_permutation() {
         assert!(j["cost"].as_f64().unwrap() >= j["relaxation_bound"].as_f64().unwrap());
         assert!(j["relaxation_bound"].as_f64().unwrap() >= j["lower_bound"].as_f64().unwrap());
         let a =
-            lightrnn_worker::data::npy::decode(std::fs::read(&out).unwrap().into(), "out").unwrap();
+            lightrnn_core::data::npy::decode(std::fs::read(&out).unwrap().into(), "out").unwrap();
         let mut cells = a.to_i64().unwrap();
         assert_eq!(cells.len(), v);
         cells.sort();
@@ -424,7 +424,7 @@ fn training_with_reallocation_tables_and_inspect() {
     assert_eq!(st["words"], t["words"]);
     assert!((st["loss"].as_f64().unwrap() - t["loss"].as_f64().unwrap()).abs() < 1e-9);
     let read = |d: &Path, f: &str| {
-        lightrnn_worker::data::npy::decode(std::fs::read(d.join(f)).unwrap().into(), f).unwrap()
+        lightrnn_core::data::npy::decode(std::fs::read(d.join(f)).unwrap().into(), f).unwrap()
     };
     let lr = read(&out, "L_r.npy");
     let (v, r) = (lr.shape[0], lr.shape[1]);

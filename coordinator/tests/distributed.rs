@@ -590,11 +590,11 @@ fn with_no_restarts_left_a_killed_worker_ends_the_job_with_an_error_not_a_hang()
 fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
     use lightrnn_coordinator::job::JobSpec;
     use lightrnn_coordinator::serve::{bind, run_job};
+    use lightrnn_core::config::TrainConfig;
+    use lightrnn_core::data::store::Location;
     use lightrnn_proto::CoordinatorClient;
     use lightrnn_proto::auth::BearerToken;
     use lightrnn_proto::v1::{FailRequest, HeartbeatRequest, JoinRequest};
-    use lightrnn_worker::config::TrainConfig;
-    use lightrnn_worker::data::store::Location;
 
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");

@@ -198,13 +198,12 @@ fn sampling_streams_and_ends_at_once_on_a_signal_or_a_closed_pipe() {
 
 fn npy_f64(path: &Path, shape: &[usize], v: &[f64]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let d =
-        lightrnn_worker::data::npy::encode(lightrnn_worker::data::npy::Dtype::F64, shape, &bytes);
+    let d = lightrnn_core::data::npy::encode(lightrnn_core::data::npy::Dtype::F64, shape, &bytes);
     std::fs::write(path, d).unwrap();
 }
 
 fn npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
-    std::fs::write(path, lightrnn_worker::data::npy::encode_f32(shape, v)).unwrap();
+    std::fs::write(path, lightrnn_core::data::npy::encode_f32(shape, v)).unwrap();
 }
 
 /// `lightrnn allocate` over random finite tables whose values span 1e-30..1e300 (f64)
@@ -284,7 +283,7 @@ fn allocate_solves_tables_of_any_magnitude_or_refuses_them_never_a_panic_or_a_nu
                     "{k} {solver}: {f} in {stdout}"
                 );
             }
-            let a = lightrnn_worker::data::npy::decode(std::fs::read(&out).unwrap().into(), "out")
+            let a = lightrnn_core::data::npy::decode(std::fs::read(&out).unwrap().into(), "out")
                 .unwrap();
             let mut cells = a.to_i64().unwrap();
             assert_eq!(cells.len(), *v);

@@ -44,10 +44,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
 use crate::layout::{ModelDims, ParamLayout};
 use crate::optim::Optimizer;
 use crate::tables::LossTables;
+use crate::{Error, Result};
 
 /// A set of carried LSTM states: each stream set remembers where its streams are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -173,6 +173,23 @@ pub struct State<T> {
     pub c: Vec<T>,
 }
 
+impl<T> State<T> {
+    /// A state a model of `dims` can carry: h and c of [layers, batch, hidden] each.
+    pub fn check(&self, dims: &ModelDims) -> Result<()> {
+        let n = dims.layers * self.batch * dims.hidden;
+        if self.h.len() != n || self.c.len() != n {
+            return Err(Error::Shape(format!(
+                "state for {} streams needs {} values in h and c, got {} and {}",
+                self.batch,
+                n,
+                self.h.len(),
+                self.c.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Where a rank's streams sit in the job's global batch, and how its gradient is formed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -226,7 +243,7 @@ impl GradsMut<'_> {
 }
 
 /// A CUDA backend's gradient buffer, lent to a collective for one in-place all-reduce on
-/// its device (`cuda::allreduce` has the fixed-order sum and its design note).
+/// its device (`cuda::comm::allreduce` has the fixed-order sum and its design note).
 pub trait DeviceGrads {
     /// Elements in the buffer.
     fn len(&self) -> usize;
@@ -289,6 +306,20 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Seeds the initial parameters, the initial allocation and the dropout masks.
     pub seed: u64,
+}
+
+impl ModelConfig {
+    /// A model every backend can build: valid dimensions, a dropout in [0, 1).
+    pub fn validate(&self) -> Result<()> {
+        self.dims.validate()?;
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!(
+                "dropout {} is not in [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Optimizer buffers in PyTorch layout, as saved in checkpoints.
@@ -384,6 +415,23 @@ pub trait Backend: Send {
     /// waits, allocations, graph launches); `None` for the CPU.
     fn device_counters(&self) -> Option<Counters> {
         None
+    }
+
+    /// Forward and backward of one batch through the per-layer calls: a training pass
+    /// (dropout keyed by `step`) and the gradients of `grad_scale` * summed NLL; returns
+    /// its summed losses. The gradient is left in the gradient buffer.
+    fn forward_backward(
+        &mut self,
+        batch: &Batch<'_>,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<LossSums> {
+        self.forward(batch, Pass::Train { step })?;
+        let loss = self.heads(Some(grad_scale))?;
+        for l in (0..self.dims().layers).rev() {
+            self.lstm_backward(l)?;
+        }
+        Ok(loss)
     }
 
     /// Forward through every layer.

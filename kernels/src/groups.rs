@@ -23,6 +23,17 @@ impl Shard {
         }
         Ok(())
     }
+
+    /// Dropout keying of a batch of `streams` trained in one piece: by its streams' place
+    /// in the job's batch where they are not all of it.
+    pub fn whole_key(&self, streams: usize) -> Option<(usize, usize)> {
+        let global = if self.global == 0 {
+            streams
+        } else {
+            self.global
+        };
+        (streams != global).then_some((self.offset, global))
+    }
 }
 
 impl Batch<'_> {
@@ -82,13 +93,14 @@ impl Plan {
             groups,
         } = shard;
         let bl = batch.batch;
-        let global = if global == 0 { bl } else { global };
         if groups == 1 {
             // Dropout keyed by the global stream index wherever the streams are not the
             // whole batch in one piece.
-            let keyed = (bl != global).then_some((offset, global));
-            return Ok(Plan::Whole { keyed });
+            return Ok(Plan::Whole {
+                keyed: shard.whole_key(bl),
+            });
         }
+        let global = if global == 0 { bl } else { global };
         if !bl.is_multiple_of(groups) {
             return Err(Error::Config(format!(
                 "{bl} streams do not split into {groups} gradient groups"
@@ -114,6 +126,33 @@ impl Plan {
             offset,
             global,
         })
+    }
+
+    /// The gradient groups the plan runs (one for a batch in one piece).
+    pub fn groups(&self) -> usize {
+        match *self {
+            Plan::Whole { .. } => 1,
+            Plan::Groups { groups, .. } => groups,
+        }
+    }
+
+    /// A training step's groups in order, as every backend runs them: `f(g, group, its
+    /// dropout key)` for each, the batch itself for a `Whole` plan ([`Self::group`]'s
+    /// tokens, written to `tokens`, otherwise). Stops at the first error.
+    pub fn for_each_group(
+        &self,
+        batch: &Batch<'_>,
+        tokens: &mut Vec<u32>,
+        mut f: impl FnMut(usize, &Batch<'_>, Option<(usize, usize)>) -> Result<()>,
+    ) -> Result<()> {
+        for g in 0..self.groups() {
+            let (group, keyed) = match *self {
+                Plan::Whole { keyed } => (*batch, keyed),
+                Plan::Groups { .. } => self.group(batch, g, tokens),
+            };
+            f(g, &group, keyed)?;
+        }
+        Ok(())
     }
 
     /// Group `g` of `batch` (a `Groups` plan): its [T + 1, B / groups] tokens written to

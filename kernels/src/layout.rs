@@ -8,12 +8,15 @@
 //! order (the CPU's is in [`crate::cpu::layout`]) and converts at the boundary.
 //!
 //! An allocation is the word -> cell table (cell = row * C + col): V distinct cells of the
-//! R x C table ([`check_allocation`]); training starts from [`random_allocation`].
+//! R x C table ([`check_allocation`]); training starts from [`random_allocation`] and the
+//! parameters from [`ParamLayout::initial_params`], the same bits in every backend.
+//!
+//! Activations of a batch are stored parity-major by every backend ([`row_of`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::rng::{Philox, Purpose};
-use crate::{Error, Result};
+use crate::{Error, Real, Result};
 
 /// The sizes that fix a LightRNN model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +84,17 @@ impl ModelDims {
     /// Rows of the joint input table [X_r; X_c].
     pub fn input_rows(&self) -> usize {
         self.rows + self.cols
+    }
+
+    /// `l` names a layer of the model.
+    pub fn check_layer(&self, l: usize) -> Result<()> {
+        if l >= self.layers {
+            return Err(Error::Shape(format!(
+                "layer {l} of a {}-layer model",
+                self.layers
+            )));
+        }
+        Ok(())
     }
 
     /// Input width of LSTM layer `l`.
@@ -264,6 +278,44 @@ impl ParamLayout {
         let b = 2 + 4 * self.dims.layers;
         [b, b + 1, b + 2, b + 3]
     }
+
+    /// The reference initialisation drawn from `seed`, in PyTorch layout (U(-0.1, 0.1)
+    /// tables and output weights, zero output biases, U(-1/sqrt(m), 1/sqrt(m)) LSTM, as
+    /// torch): tensor i from Philox stream i of [`Purpose::Init`], element by element, so
+    /// every backend starts from the same bits.
+    pub fn initial_params<T: Real>(&self, seed: u64) -> Vec<T> {
+        let rng = Philox::new(seed, Purpose::Init);
+        let mut torch = vec![T::ZERO; self.total];
+        for (i, s) in self.specs.iter().enumerate() {
+            let mut st = rng.stream(i as u64);
+            for x in &mut torch[s.range()] {
+                *x = match s.init {
+                    Init::Zero => T::ZERO,
+                    Init::Uniform(a) => T::from_f64((2.0 * st.next_f64() - 1.0) * a),
+                };
+            }
+        }
+        torch
+    }
+
+    /// A flat parameter buffer of `len` values fits this layout.
+    pub fn check_len(&self, len: usize) -> Result<()> {
+        if len != self.total {
+            return Err(Error::Shape(format!(
+                "parameter buffer has {len} values, the model {}",
+                self.total
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Storage row of step `s` of stream `b` in a batch of `tt` words x `bb` streams: rows are
+/// parity-major (step s = 2t + p is row ((p * T) + t) * B + b), so the T*B rows each head
+/// reads are one contiguous matrix and each step's B rows are contiguous.
+#[inline(always)]
+pub fn row_of(tt: usize, bb: usize, s: usize, b: usize) -> usize {
+    (((s & 1) * tt) + (s >> 1)) * bb + b
 }
 
 /// A uniformly random word -> cell table drawn from `seed` (the paper's initial allocation).

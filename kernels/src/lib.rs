@@ -7,19 +7,22 @@
 //!   f32/f64; AVX-512/AVX2 chosen at run time; GEMMs through the `gemm` crate), its
 //!   internal layout.
 //! - [`cuda`]: the CUDA backend (the `.cu` kernels, the device layer with its GPU and
-//!   emulated implementations, the model written once over it; present in every build,
+//!   emulated implementations, the model written once over it, the communication between
+//!   ranks on the device in `cuda::comm`; present in every build,
 //!   "built without CUDA" without the `cuda` feature); [`select`]: which backend a
 //!   `--backend` names, and opening it.
-//! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes) and
-//!   word allocations; [`tables`]: the loss tables of a reallocation round.
-//! - [`groups`]: gradient groups (how a batch is cut, the fixed-order pairwise sum),
-//!   shared by every backend.
+//! - [`layout`]: model dimensions, the parameter layout (PyTorch names and shapes), the
+//!   initial parameters and word allocations, the parity-major storage rows, shared by
+//!   every backend; [`tables`]: the loss tables of a reallocation round.
+//! - [`groups`]: gradient groups (how a batch is cut and its groups run in order, the
+//!   fixed-order pairwise sum), shared by every backend.
 //! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
-//!   gradient clipping.
+//!   gradient clipping; [`Error`]: what fails, and whether retrying may help.
 
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+mod error;
 pub mod groups;
 pub mod layout;
 pub mod optim;
@@ -34,6 +37,7 @@ pub use backend::{
 };
 pub use cpu::CpuBackend;
 pub use cuda::Precision;
+pub use error::{Error, Result};
 pub use layout::{
     ModelDims, ParamLayout, ParamSpec, check_allocation, check_cells, random_allocation,
 };
@@ -41,38 +45,3 @@ pub use optim::Optimizer;
 pub use real::{Real, exp_f32};
 pub use select::{BackendKind, BackendOptions, check_backend, open_backend, resolve};
 pub use tables::LossTables;
-
-/// Errors of the kernels crate: what failed, and ([`Error::retryable`]) whether the same
-/// work may succeed when tried again.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Sizes that do not fit together (a caller bug or a corrupt checkpoint).
-    #[error("shape mismatch: {0}")]
-    Shape(String),
-    /// A model or run setting that cannot work.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The backend cannot run (missing device, missing library, thread start failure).
-    #[error("backend unavailable: {0}")]
-    Backend(String),
-    /// A CUDA driver, runtime or library call failed while running.
-    #[error("CUDA: {0}")]
-    Cuda(String),
-    /// The device has no room for the model, its optimizer or its activations.
-    #[error("out of device memory: {0}")]
-    OutOfMemory(String),
-    /// The job's collective failed (a lost peer, a broken connection, a deadline).
-    #[error("{0}")]
-    Collective(String),
-}
-
-impl Error {
-    /// Whether retrying (on a re-formed group, from the last checkpoint) may succeed: a
-    /// lost peer or a device fault may not happen again; a shape, a setting, a missing
-    /// device or a model too large for the device will.
-    pub fn retryable(&self) -> bool {
-        matches!(self, Error::Cuda(_) | Error::Collective(_))
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;

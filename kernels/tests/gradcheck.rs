@@ -36,12 +36,14 @@ fn lstm_cell_kernel_gradients() {
         let f = |g_in: &[f64], cp: &[f64]| {
             let mut g = g_in.to_vec();
             let (mut c, mut tc, mut h) = (vec![0.0; nu], vec![0.0; nu], vec![0.0; nu]);
+            simd::add_assign(&mut g, &table);
             simd::cell_forward(
-                hidden,
-                units.clone(),
+                simd::Units {
+                    hidden,
+                    range: units.clone(),
+                },
                 &mut g,
                 &bias,
-                &table,
                 cp,
                 &mut c,
                 &mut tc,
@@ -51,12 +53,14 @@ fn lstm_cell_kernel_gradients() {
         };
         let mut a = g0.clone();
         let (mut c, mut tc, mut h) = (vec![0.0; nu], vec![0.0; nu], vec![0.0; nu]);
+        simd::add_assign(&mut a, &table);
         simd::cell_forward(
-            hidden,
-            units.clone(),
+            simd::Units {
+                hidden,
+                range: units.clone(),
+            },
             &mut a,
             &bias,
-            &table,
             &c_prev0,
             &mut c,
             &mut tc,
@@ -64,8 +68,10 @@ fn lstm_cell_kernel_gradients() {
         );
         let mut dc = wc.clone();
         simd::cell_backward(
-            hidden,
-            units.clone(),
+            simd::Units {
+                hidden,
+                range: units.clone(),
+            },
             &mut a,
             &wh,
             &[],

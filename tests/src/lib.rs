@@ -60,7 +60,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// and `PREFIX.test.txt` under `data` (an object-store location, e.g. `memory://`).
 pub fn put_corpus(
     rt: &tokio::runtime::Runtime,
-    data: &lightrnn_worker::data::store::Location,
+    data: &lightrnn_core::data::store::Location,
     prefix: &str,
     lines: &[String],
 ) {

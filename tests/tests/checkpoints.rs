@@ -7,10 +7,10 @@ use clap::Parser;
 use sha2::{Digest, Sha256};
 
 use lightrnn_coordinator::cli::{Cli, run};
+use lightrnn_core::checkpoint;
+use lightrnn_core::data::store::Location;
 use lightrnn_kernels::rng::{Philox, Purpose};
 use lightrnn_tests::{runtime, write_corpus};
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::data::store::Location;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

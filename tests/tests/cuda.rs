@@ -4,12 +4,12 @@
 //! the CPU backend (one checkpoint format for every device).
 #![cfg(feature = "cuda")]
 
+use lightrnn_core::checkpoint;
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::Summary;
 use lightrnn_kernels::cuda::CudaBackend;
 use lightrnn_kernels::{Backend, BackendKind, ModelConfig};
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::report::Summary;
 use lightrnn_worker::train::{BackendFactory, RunOptions, train};
 
 fn emulated(cfg: &ModelConfig) -> lightrnn_kernels::Result<Box<dyn Backend>> {

@@ -2,10 +2,10 @@
 //! occupied cells of the table: empirical frequencies match the probabilities, top-k
 //! keeps exactly the k most probable words, and a seed fixes the text.
 
+use lightrnn_core::checkpoint;
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::store::Location;
 use lightrnn_tests::runtime;
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::data::store::Location;
 use lightrnn_worker::sample::{SampleOptions, Sampler, sample};
 use lightrnn_worker::train::{RunOptions, train};
 

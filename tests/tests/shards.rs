@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use lightrnn_core::data::shards::{Manifest, ShardWriter, SplitReader};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::data::vocab::Vocab;
 use lightrnn_kernels::rng::{Philox, Purpose};
-use lightrnn_worker::data::shards::{Manifest, ShardWriter, SplitReader};
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::data::vocab::Vocab;
 
 fn vocab(n: usize) -> Vocab {
     let mut c: HashMap<String, u64> = (0..n - 2)

@@ -2,10 +2,10 @@
 //! checkpoints -> resume -> evaluation, on local directories and memory:// stores.
 
 use lightrnn_coordinator::cli::{Cli, run};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::{checkpoint, config::TrainConfig};
 use lightrnn_tests::{runtime, write_corpus};
-use lightrnn_worker::data::store::Location;
 use lightrnn_worker::train::{RunOptions, train};
-use lightrnn_worker::{checkpoint, config::TrainConfig};
 
 use clap::Parser;
 use serde_json::Value;
@@ -351,7 +351,7 @@ fn memory_store_run_and_bad_text() {
         .unwrap()
         .unwrap();
     assert_eq!(s.steps, 30);
-    assert_eq!(s.stopped_by, lightrnn_worker::report::StoppedBy::MaxSteps);
+    assert_eq!(s.stopped_by, lightrnn_core::report::StoppedBy::MaxSteps);
     assert!(s.train_loss.is_finite() && s.valid_ppl.is_finite());
     let ck = rt.block_on(checkpoint::resolve(&out)).unwrap();
     assert_eq!(ck.meta.step, 30);

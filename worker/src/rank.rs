@@ -17,15 +17,15 @@ use lightrnn_kernels::BackendKind;
 use lightrnn_proto::auth::Client;
 use lightrnn_proto::v1::{FailRequest, JoinReply};
 
-use crate::config::TrainConfig;
-use crate::data::store::Location;
 use crate::dist::collective::Collective;
 use crate::dist::control::Dist;
 use crate::dist::remote::{RemoteControl, Shared, connect, heartbeat, join, route_to};
 use crate::dist::ring::TcpRing;
-use crate::report::Summary;
 use crate::train::{RunOptions, train_rank};
-use crate::{Error, Result};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::Summary;
+use lightrnn_core::wire;
+use lightrnn_core::{Error, Result};
 
 /// How to reach the coordinator and present this worker.
 #[derive(Clone, Debug)]
@@ -205,7 +205,7 @@ fn train_in_group(
     shared.set_breaker(ring.breaker()?);
     let backend = worker_backend(reply.backend.parse::<BackendKind>()?, opts.device);
     let collective = group_collective(ring, reply, backend, opts.open.is_some(), shared)?;
-    let mut cfg = TrainConfig::from_toml(&reply.config_toml, "the coordinator's config")?;
+    let mut cfg = wire::join_config(reply)?;
     if let Some(t) = opts.threads {
         cfg.threads = t;
     }

@@ -19,9 +19,9 @@ use lightrnn_kernels::ModelDims;
 use lightrnn_kernels::cpu::infer::{Head, Input, StepState, Stepper};
 use lightrnn_kernels::rng::{Philox, PhiloxStream, Purpose};
 
-use crate::checkpoint::Checkpoint;
-use crate::data::text::EOS;
-use crate::{Error, Result};
+use lightrnn_core::checkpoint::Checkpoint;
+use lightrnn_core::data::text::EOS;
+use lightrnn_core::{Error, Result};
 
 /// How words are drawn.
 #[derive(Clone, Debug)]

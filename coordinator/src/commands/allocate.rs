@@ -6,8 +6,8 @@ use clap::Args;
 use tokio::runtime::Handle;
 
 use lightrnn_alloc::{Problem, SolveOptions, Solver, SparseTables, solve, solve_sparse};
-use lightrnn_worker::data::npy;
-use lightrnn_worker::data::store::{Location, split_object};
+use lightrnn_core::data::npy;
+use lightrnn_core::data::store::{Location, split_object};
 
 use crate::Result;
 use crate::error::usage;
@@ -43,13 +43,13 @@ pub struct AllocateArgs {
 
 /// Peak resident set size of this process in MiB (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
-    lightrnn_worker::train::bench::rss_mib().0
+    lightrnn_core::util::rss_mib().0
 }
 
 /// Refuse to replace an existing output unless `force`.
 pub fn refuse_overwrite(
     handle: &Handle,
-    loc: &lightrnn_worker::data::store::Location,
+    loc: &lightrnn_core::data::store::Location,
     name: &str,
     what: &str,
     force: bool,

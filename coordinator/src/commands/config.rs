@@ -5,7 +5,7 @@ use crate::Result;
 
 pub fn run(a: &ConfigArgs) -> Result<String> {
     if a.list {
-        let presets = lightrnn_worker::config::PRESETS;
+        let presets = lightrnn_core::config::PRESETS;
         let width = presets.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
         let lines: Vec<String> = presets
             .iter()

@@ -3,8 +3,8 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::data::store::Location;
+use lightrnn_core::checkpoint;
+use lightrnn_core::data::store::Location;
 use lightrnn_worker::train::eval_file;
 
 use super::backend_kind;

@@ -3,8 +3,8 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::checkpoint::{self, Checkpoint};
-use lightrnn_worker::data::store::Location;
+use lightrnn_core::checkpoint::{self, Checkpoint};
+use lightrnn_core::data::store::Location;
 
 use crate::error::usage;
 use crate::{Error, Result};
@@ -74,7 +74,7 @@ pub fn export(
         "vocab": d.vocab, "rows": d.rows, "cols": d.cols, "emb": d.emb, "hidden": d.hidden,
         "layers": d.layers,
         "cell_of_word": "row[w] * cols + col[w]",
-        "eos": lightrnn_worker::data::text::EOS, "unk": lightrnn_worker::data::text::UNK,
+        "eos": lightrnn_core::data::text::EOS, "unk": lightrnn_core::data::text::UNK,
         "lowercase": cfg.lowercase,
         "step": ck.meta.step, "reallocations": ck.meta.reallocations,
         "checkpoint": ck.url,

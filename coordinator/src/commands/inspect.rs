@@ -3,8 +3,8 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::checkpoint::{self, Checkpoint};
-use lightrnn_worker::data::store::Location;
+use lightrnn_core::checkpoint::{self, Checkpoint};
+use lightrnn_core::data::store::Location;
 
 use crate::Result;
 

@@ -21,8 +21,8 @@ pub mod worker;
 
 use clap::Args;
 
+use lightrnn_core::config::TrainConfig;
 use lightrnn_kernels::BackendKind;
-use lightrnn_worker::config::TrainConfig;
 
 use crate::Result;
 use crate::error::{IoContext, usage};
@@ -104,8 +104,8 @@ pub struct TextArgs {
 }
 
 impl TextArgs {
-    pub fn options(&self) -> lightrnn_worker::data::text::TextOptions {
-        lightrnn_worker::data::text::TextOptions {
+    pub fn options(&self) -> lightrnn_core::data::text::TextOptions {
+        lightrnn_core::data::text::TextOptions {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),

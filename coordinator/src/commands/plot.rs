@@ -3,8 +3,8 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::data::store::{Location, split_object};
+use lightrnn_core::checkpoint;
+use lightrnn_core::data::store::{Location, split_object};
 
 use crate::error::usage;
 use crate::{Error, Result};
@@ -32,7 +32,7 @@ fn metrics_text(m: &str, handle: &Handle) -> Result<(String, String)> {
     let (bytes, origin) = handle.block_on(async {
         let (parent, name) = split_object(m)?;
         if name.ends_with(".jsonl") && parent.head(&name).await?.is_some() {
-            return Ok::<_, lightrnn_worker::Error>((parent.get(&name).await?, m.to_string()));
+            return Ok::<_, lightrnn_core::Error>((parent.get(&name).await?, m.to_string()));
         }
         let run = Location::parse(m)?;
         let origin = run.url_of("metrics.jsonl");

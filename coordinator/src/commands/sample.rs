@@ -6,8 +6,8 @@ use std::io::Write;
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::data::store::Location;
+use lightrnn_core::checkpoint;
+use lightrnn_core::data::store::Location;
 use lightrnn_worker::sample::{SampleOptions, sample, sample_into};
 
 use crate::Result;

@@ -4,10 +4,10 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::data::corpus::{expand_inputs, write_shards};
-use lightrnn_worker::data::shards::{Manifest, SHARD_TOKENS};
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::data::vocab::{VOCAB_FILE, Vocab};
+use lightrnn_core::data::corpus::{SplitOut, expand_inputs, write_shards};
+use lightrnn_core::data::shards::{Manifest, SHARD_TOKENS};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::data::vocab::{VOCAB_FILE, Vocab};
 
 use super::TextArgs;
 use crate::Result;
@@ -34,7 +34,7 @@ pub struct ShardArgs {
 }
 
 /// A vocabulary from a vocab.txt object or a location holding one.
-async fn load_vocab(url: &str) -> lightrnn_worker::Result<Vocab> {
+async fn load_vocab(url: &str) -> lightrnn_core::Result<Vocab> {
     let loc = Location::parse(url)?;
     let (loc, name) = match loc.parent() {
         Some(parent) if parent.head(&loc.name()).await?.is_some() => (parent, loc.name()),
@@ -43,7 +43,7 @@ async fn load_vocab(url: &str) -> lightrnn_worker::Result<Vocab> {
     let bytes = loc.get(&name).await?;
     let full = loc.url_of(&name);
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| lightrnn_worker::Error::Data(format!("{full}: not UTF-8")))?;
+        .map_err(|_| lightrnn_core::Error::Data(format!("{full}: not UTF-8")))?;
     Vocab::parse(text, &full)
 }
 
@@ -56,9 +56,11 @@ pub fn run(a: &ShardArgs, handle: &Handle) -> Result<String> {
         write_shards(
             &inputs,
             std::sync::Arc::new(vocab),
-            &out,
-            &a.split,
-            a.shard_tokens,
+            SplitOut {
+                out: &out,
+                split: &a.split,
+                shard_tokens: a.shard_tokens,
+            },
             &a.text.options(),
             serde_json::json!({
                 "text": a.text.options(),

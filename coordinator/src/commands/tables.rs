@@ -7,11 +7,13 @@ use clap::Args;
 use tokio::runtime::Handle;
 
 use lightrnn_alloc::{Problem, SparseProblem, SparseTables};
+use lightrnn_core::checkpoint::{self, Checkpoint};
+use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_core::data::npy;
+use lightrnn_core::data::store::Location;
 use lightrnn_kernels::{BackendKind, BackendOptions, ModelConfig, open_backend};
-use lightrnn_worker::checkpoint::{self, Checkpoint};
-use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
-use lightrnn_worker::data::npy;
-use lightrnn_worker::data::store::Location;
+use lightrnn_worker::train::Sweep;
+use lightrnn_worker::train::realloc::{loss_tables, sparse_loss_tables};
 
 use crate::Result;
 use crate::error::usage;
@@ -118,19 +120,10 @@ pub fn tables_of(
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
     let d = ck.meta.dims;
-    let streams = 0..cfg.batch;
+    let sweep = Sweep::new(&ds.train, cfg.batch, cfg.bptt, handle);
     let put = |name: &str, bytes: Vec<u8>| handle.block_on(out.put(name, Bytes::from(bytes)));
     let (counts, total, words, extra) = if let Some(k) = o.sparse {
-        let b = lightrnn_worker::train::realloc::sparse_loss_tables(
-            &mut *be,
-            &ds.train,
-            cfg.batch,
-            streams,
-            cfg.bptt,
-            k,
-            o.max_bytes,
-            handle,
-        )?;
+        let b = sparse_loss_tables(&mut *be, &sweep, k, o.max_bytes)?;
         let t = &b.tables;
         let (est, lo, hi) = SparseProblem::new(t)?.total(&ck.cells);
         write_sparse(t, &put)?;
@@ -140,15 +133,7 @@ pub fn tables_of(
         });
         (b.counts, b.loss, b.words, extra)
     } else {
-        let (t, total, words) = lightrnn_worker::train::realloc::loss_tables(
-            &mut *be,
-            &ds.train,
-            cfg.batch,
-            streams,
-            cfg.bptt,
-            o.max_bytes,
-            handle,
-        )?;
+        let (t, total, words) = loss_tables(&mut *be, &sweep, o.max_bytes)?;
         let objective = Problem::new(d.vocab, d.rows, d.cols, &t.lr, &t.lc)?.total(&ck.cells);
         put("L_r.npy", npy::encode_f32(&[d.vocab, d.rows], &t.lr))?;
         put("L_c.npy", npy::encode_f32(&[d.vocab, d.cols], &t.lc))?;
@@ -178,7 +163,7 @@ pub fn tables_of(
 /// (docs/allocation.md, "Sparse tables"); tables.json last, so a directory with it is whole.
 pub fn write_sparse(
     t: &SparseTables,
-    put: &dyn Fn(&str, Vec<u8>) -> lightrnn_worker::Result<()>,
+    put: &dyn Fn(&str, Vec<u8>) -> lightrnn_core::Result<()>,
 ) -> Result<()> {
     let idx = |v: &[u32]| -> Result<Vec<i32>> {
         v.iter()

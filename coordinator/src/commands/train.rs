@@ -7,8 +7,8 @@ use std::io::IsTerminal;
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::report::ReportSink;
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::ReportSink;
 use lightrnn_worker::train::{RunOptions, train};
 
 use super::{RunArgs, backend_kind, resolve_config};

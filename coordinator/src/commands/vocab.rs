@@ -4,9 +4,9 @@
 use clap::Args;
 use tokio::runtime::Handle;
 
-use lightrnn_worker::data::corpus::{build_vocab, expand_inputs};
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::data::vocab::VOCAB_FILE;
+use lightrnn_core::data::corpus::{build_vocab, expand_inputs};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::data::vocab::VOCAB_FILE;
 
 use super::TextArgs;
 use crate::Result;

@@ -6,23 +6,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::Status;
+use lightrnn_core::checkpoint::{self, Meta};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::protocol::{Commit, Finish};
+use lightrnn_core::{Error, Result};
 
-use lightrnn_proto::v1::{CommitRequest, FinishRequest};
-use lightrnn_worker::checkpoint::{self, Meta};
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::report::Summary;
-use lightrnn_worker::{Error, Result};
-
-use super::Job;
+use super::{Job, JobError, JobResult};
 
 /// A parameter checksum as the workers send it: 64 hex digits.
-fn valid_sum(s: &str) -> Result<(), Status> {
+fn valid_sum(s: &str) -> JobResult<()> {
     if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
     } else {
-        Err(Status::invalid_argument(
-            "params_sha256 is not 64 hex digits",
+        Err(JobError::BadRequest(
+            "params_sha256 is not 64 hex digits".into(),
         ))
     }
 }
@@ -45,24 +42,19 @@ fn diverged(sums: &[String]) -> Option<String> {
 impl Job {
     /// A rank sent what cannot be right (a manifest or summary that does not convert):
     /// the job ends with it.
-    fn refuse(&self, why: String) -> Status {
+    fn refuse(&self, why: String) -> JobError {
         self.fault(why.clone());
-        Status::aborted(why)
+        JobError::Ended(why)
     }
 
     /// Rank `r.rank` reached the checkpoint of `r.step` (rank 0 with its manifest);
     /// returns once the checkpoint is committed.
-    pub async fn commit(self: &Arc<Self>, r: CommitRequest) -> Result<(), Status> {
+    pub async fn commit(self: &Arc<Self>, r: Commit) -> JobResult<()> {
         self.count_rpc();
         valid_sum(&r.params_sha256)?;
         self.check(&self.lock(), r.generation, r.rank)?;
-        // Only rank 0's manifest is committed (the others' are ignored).
-        let meta = match r
-            .manifest
-            .filter(|_| r.rank == 0)
-            .map(Meta::try_from)
-            .transpose()
-        {
+        // Only rank 0's manifest is committed (the wire does not read the others').
+        let meta = match r.manifest.transpose() {
             Ok(m) => m,
             Err(e) => return Err(self.refuse(format!("step {}: rank 0's manifest: {e}", r.step))),
         };
@@ -72,7 +64,7 @@ impl Job {
             let w = st.world;
             let c = st.commits.entry(r.step).or_default();
             if c.done || c.arrived.get(r.rank as usize) == Some(&true) {
-                return Err(Status::failed_precondition(format!(
+                return Err(JobError::OutOfTurn(format!(
                     "step {} is committed already, or rank {} asked twice",
                     r.step, r.rank
                 )));
@@ -83,7 +75,7 @@ impl Job {
                 c.dir = r.dir.clone();
             }
             if c.dir != r.dir {
-                return Err(Status::invalid_argument(format!(
+                return Err(JobError::BadRequest(format!(
                     "step {}: rank {} commits {}, another rank {}",
                     r.step, r.rank, r.dir, c.dir
                 )));
@@ -93,7 +85,7 @@ impl Job {
             if r.rank == 0 {
                 c.meta =
                     Some(meta.ok_or_else(|| {
-                        Status::invalid_argument("rank 0 must send the manifest")
+                        JobError::BadRequest("rank 0 must send the manifest".into())
                     })?);
             }
             let ready = !c.committing && c.meta.is_some() && c.arrived.iter().all(|&a| a);
@@ -103,7 +95,7 @@ impl Job {
                 st.fail(why.clone());
                 drop(st);
                 self.bump();
-                return Err(Status::aborted(why));
+                return Err(JobError::Ended(why));
             }
             if ready {
                 c.committing = true;
@@ -124,16 +116,11 @@ impl Job {
     }
 
     /// Rank `r.rank` is done (rank 0 with the run's summary).
-    pub fn finish(&self, r: FinishRequest) -> Result<(), Status> {
+    pub fn finish(&self, r: Finish) -> JobResult<()> {
         self.count_rpc();
         valid_sum(&r.params_sha256)?;
         self.check(&self.lock(), r.generation, r.rank)?;
-        let summary = match r
-            .summary
-            .filter(|_| r.rank == 0)
-            .map(Summary::try_from)
-            .transpose()
-        {
+        let summary = match r.summary.transpose() {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(format!("rank 0's summary: {e}"))),
         };
@@ -141,10 +128,10 @@ impl Job {
             let mut st = self.lock();
             self.check(&st, r.generation, r.rank)?;
             if r.rank == 0 {
-                st.summary = Some(
-                    summary
-                        .ok_or_else(|| Status::invalid_argument("rank 0 must send the summary"))?,
-                );
+                st.summary =
+                    Some(summary.ok_or_else(|| {
+                        JobError::BadRequest("rank 0 must send the summary".into())
+                    })?);
             }
             st.finished[r.rank as usize] = true;
             st.final_sums[r.rank as usize] = r.params_sha256;
@@ -154,7 +141,7 @@ impl Job {
                     st.fail(why.clone());
                     drop(st);
                     self.bump();
-                    return Err(Status::aborted(why));
+                    return Err(JobError::Ended(why));
                 }
                 self.stats_mut().params_sha256 = st.final_sums[0].clone();
             }

@@ -2,16 +2,14 @@
 //! and the epoch barrier checks that together the ranks consumed exactly the epoch's
 //! tokens (those before a resumed cursor are certified by the checkpoint it came from).
 
-use tonic::Status;
+use lightrnn_core::protocol::{EpochDone, Lease, Leased};
+use lightrnn_core::util::share;
 
-use lightrnn_proto::v1::{EpochDoneRequest, LeaseReply, LeaseRequest};
-use lightrnn_worker::dist::collective::share;
-
-use super::Job;
+use super::{Job, JobError, JobResult};
 
 impl Job {
     /// Rank `r.rank`'s streams of the epoch; every rank must ask for the same geometry.
-    pub fn lease(&self, r: LeaseRequest) -> Result<LeaseReply, Status> {
+    pub fn lease(&self, r: Lease) -> JobResult<Leased> {
         self.count_rpc();
         let mut st = self.lock();
         self.check(&st, r.generation, r.rank)?;
@@ -39,28 +37,27 @@ impl Job {
                 st.fail(why.clone());
                 drop(st);
                 self.bump();
-                return Err(Status::aborted(why));
+                return Err(JobError::Ended(why));
             }
             Some(_) => {}
         }
         acc.leased[r.rank as usize] = true;
         let s = share(r.streams as usize, w, r.rank as usize);
-        Ok(LeaseReply {
+        Ok(Leased {
             epoch: r.epoch,
-            stream_begin: s.start as u64,
-            stream_end: s.end as u64,
+            streams: s,
         })
     }
 
     /// Rank `r.rank` finished its lease of the epoch having consumed `r.tokens`; returns
     /// once every rank has, with the epoch's tokens. A total that is not the epoch's ends
     /// the job.
-    pub async fn epoch_done(&self, r: EpochDoneRequest) -> Result<u64, Status> {
+    pub async fn epoch_done(&self, r: EpochDone) -> JobResult<u64> {
         self.count_rpc();
         let mismatch = self.account(&r)?;
         self.bump();
         if let Some(why) = mismatch {
-            return Err(Status::aborted(why));
+            return Err(JobError::Ended(why));
         }
         let epoch = r.epoch;
         self.wait_for(r.generation, |st| {
@@ -72,17 +69,17 @@ impl Job {
 
     /// Count a rank's tokens at the barrier; once all ranks are in, check the total
     /// (the mismatch, if any, has failed the job).
-    fn account(&self, r: &EpochDoneRequest) -> Result<Option<String>, Status> {
+    fn account(&self, r: &EpochDone) -> JobResult<Option<String>> {
         let mut st = self.lock();
         self.check(&st, r.generation, r.rank)?;
         let Some(acc) = st.epochs.get_mut(&r.epoch) else {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::OutOfTurn(format!(
                 "epoch {} was never leased",
                 r.epoch
             )));
         };
         if !acc.leased[r.rank as usize] || acc.done[r.rank as usize] {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::OutOfTurn(format!(
                 "rank {} has no open lease of epoch {}",
                 r.rank, r.epoch
             )));

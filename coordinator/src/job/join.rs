@@ -4,12 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
-use tonic::Status;
 
-use lightrnn_proto::v1::{FailRequest, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest};
+use lightrnn_core::protocol::{Fail, Heartbeat, HeartbeatAnswer, Join, Joined};
 
-use super::Job;
 use super::state::Member;
+use super::{Job, JobError, JobResult};
 
 /// A rank taken by a worker waiting in Join for its group to form: dropped (the worker's
 /// call went away) before the group forms, it frees the rank for another worker.
@@ -48,11 +47,11 @@ impl Drop for Slot {
 impl Job {
     /// Take a rank in the forming generation and wait until the group forms; the reply
     /// says everything the worker needs to train in it.
-    pub async fn join(self: &Arc<Self>, r: JoinRequest) -> Result<JoinReply, Status> {
+    pub async fn join(self: &Arc<Self>, r: Join) -> JobResult<Joined> {
         self.count_rpc();
         let me = env!("CARGO_PKG_VERSION");
         if r.version != me {
-            return Err(Status::invalid_argument(format!(
+            return Err(JobError::BadRequest(format!(
                 "worker version {} differs from the coordinator's {me}",
                 r.version
             )));
@@ -79,8 +78,8 @@ impl Job {
                     .iter()
                     .position(|m| m.as_ref().is_some_and(|m| m.addr == me))
                 else {
-                    return Some(Err(Status::internal(
-                        "this worker is missing from its group",
+                    return Some(Err(JobError::Internal(
+                        "this worker is missing from its group".into(),
                     )));
                 };
                 let peers = st
@@ -103,19 +102,19 @@ impl Job {
             m.last_seen = Instant::now();
         }
         let spec = &self.spec;
-        Ok(JoinReply {
+        Ok(Joined {
             generation,
-            rank: rank as u32,
-            world_size: world as u32,
+            rank,
+            world_size: world,
             peers,
-            config_toml: spec.cfg.to_toml(),
+            config: spec.cfg.clone(),
             data: spec.data.url().to_string(),
             out: spec.out.url().to_string(),
-            checkpoint: resume_from.unwrap_or_default(),
+            checkpoint: resume_from,
             restart: generation > 1,
             backend: spec.backend.clone(),
-            heartbeat_ms: spec.heartbeat.as_millis() as u64,
-            collective_timeout_ms: spec.collective_timeout.as_millis() as u64,
+            heartbeat: spec.heartbeat,
+            collective_timeout: spec.collective_timeout,
             run_id: spec.run_id.clone(),
             nccl_id,
         })
@@ -123,38 +122,33 @@ impl Job {
 
     /// The rank a joining worker takes in the forming generation (its own RANK, or the
     /// lowest free one), or why it cannot join now.
-    fn take_rank(&self, r: &JoinRequest) -> Result<(usize, u64), Status> {
+    fn take_rank(&self, r: &Join) -> JobResult<(usize, u64)> {
         let w = self.spec.world_size;
         let mut st = self.lock();
         if let Some(f) = &st.failed {
-            return Err(Status::aborted(f.clone()));
+            return Err(JobError::Ended(f.clone()));
         }
         if st.formed {
             if st.world < w {
                 // Elastic and below its maximum: the group takes this worker in at its
                 // next checkpoint (the worker keeps asking meanwhile).
                 st.knocked = Some(Instant::now());
-                return Err(Status::resource_exhausted(format!(
+                return Err(JobError::NoRoom(format!(
                     "the group of generation {} trains with {} of up to {w} workers: it takes this one in at its next checkpoint",
                     st.generation, st.world
                 )));
             }
-            return Err(Status::resource_exhausted(format!(
+            return Err(JobError::NoRoom(format!(
                 "the group of generation {} is complete ({w} workers)",
                 st.generation
             )));
         }
-        let rank = if r.rank >= 0 {
-            let k = r.rank as usize;
+        let rank = if let Some(k) = r.rank {
             if k >= w {
-                return Err(Status::invalid_argument(format!(
-                    "rank {k} in a world of {w}"
-                )));
+                return Err(JobError::BadRequest(format!("rank {k} in a world of {w}")));
             }
             if st.members[k].is_some() {
-                return Err(Status::already_exists(format!(
-                    "rank {k} has joined already"
-                )));
+                return Err(JobError::Duplicate(format!("rank {k} has joined already")));
             }
             k
         } else {
@@ -162,7 +156,7 @@ impl Job {
             st.members
                 .iter()
                 .position(|m| m.is_none())
-                .ok_or_else(|| Status::resource_exhausted("no free rank"))?
+                .ok_or_else(|| JobError::NoRoom("no free rank".into()))?
         };
         st.members[rank] = Some(Member {
             addr: r.collective_addr.clone(),
@@ -179,11 +173,11 @@ impl Job {
 
     /// A rank is alive at `step`; the reply says whether the job goes on and whether it
     /// is asked to stop.
-    pub fn heartbeat(&self, r: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+    pub fn heartbeat(&self, r: Heartbeat) -> JobResult<HeartbeatAnswer> {
         let mut st = self.lock();
         if let Some(f) = &st.failed {
-            return Ok(HeartbeatReply {
-                abort: f.clone(),
+            return Ok(HeartbeatAnswer {
+                abort: Some(f.clone()),
                 stop: false,
             });
         }
@@ -192,20 +186,20 @@ impl Job {
             m.last_seen = Instant::now();
             m.step = r.step;
             if let Some(p) = r.report {
-                m.report = Some(p.into());
+                m.report = Some(p);
             }
         }
-        Ok(HeartbeatReply {
-            abort: String::new(),
+        Ok(HeartbeatAnswer {
+            abort: None,
             stop: self.stop.load(Ordering::Relaxed),
         })
     }
 
     /// A rank cannot go on: a lost worker when retrying may help, the end of the job
     /// otherwise.
-    pub fn fail(&self, r: FailRequest) -> Result<(), Status> {
+    pub fn fail(&self, r: Fail) -> JobResult<()> {
         if r.generation != self.generation() {
-            return Err(Status::failed_precondition("stale generation"));
+            return Err(JobError::Stale("stale generation".into()));
         }
         let why = format!("rank {} failed: {}", r.rank, r.error);
         if r.retryable {

@@ -8,7 +8,8 @@
 //! rank its share of every epoch's streams and checks at the epoch barrier that the ranks
 //! together consumed exactly the epoch's tokens ([`epochs`]); sums the ranks' partial loss
 //! tables (in rank order, so the result does not depend on arrival order), solves the
-//! word reallocation and streams the allocation back ([`rounds`]); commits each checkpoint
+//! word reallocation and streams the allocation back ([`rounds`], [`sparse`] for sparse
+//! tables, both through the one round pipeline of [`pipeline`]); commits each checkpoint
 //! (its manifest, after checking the objects rank 0 wrote) once every rank has reached its
 //! step ([`commit`]).
 //!
@@ -24,15 +25,21 @@
 //! parameters, a group that does not form in time, restarts exhausted) ends the job.
 //! Either way every waiting call returns at once and heartbeats answer, so no worker
 //! waits on a dead group. Requests of another generation are refused
-//! (FAILED_PRECONDITION): a stale worker cannot act on the job.
+//! ([`JobError::Stale`], FAILED_PRECONDITION on the wire): a stale worker cannot act on the
+//! job.
+//!
+//! The job speaks domain types ([`lightrnn_core::protocol`]) and refuses with a
+//! [`JobError`]; the service converts both to and from the wire.
 //!
 //! The rank-ordered table sum keeps every rank's partial tables until the last arrives:
 //! world x V x (R + C) x 4 bytes on the coordinator.
 
 mod commit;
 mod epochs;
+mod error;
 mod faults;
 mod join;
+mod pipeline;
 mod rounds;
 mod sparse;
 pub mod spec;
@@ -42,8 +49,8 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 
 use tokio::sync::watch;
-use tonic::Status;
 
+pub use error::{JobError, JobResult};
 pub use spec::JobSpec;
 pub use state::JobStats;
 use state::State;
@@ -129,20 +136,20 @@ impl Job {
     }
 
     /// Refuse requests of another generation, from unknown ranks, or to a failed job.
-    fn check(&self, st: &State, generation: u64, rank: u32) -> Result<(), Status> {
+    fn check(&self, st: &State, generation: u64, rank: u32) -> JobResult<()> {
         if generation != st.generation {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::Stale(format!(
                 "stale generation {generation}: the job is at generation {}",
                 st.generation
             )));
         }
         if st.members.get(rank as usize).is_none_or(|m| m.is_none()) {
-            return Err(Status::permission_denied(format!(
+            return Err(JobError::NotMember(format!(
                 "rank {rank} has not joined this job"
             )));
         }
         if let Some(f) = &st.failed {
-            return Err(Status::aborted(f.clone()));
+            return Err(JobError::Ended(f.clone()));
         }
         Ok(())
     }
@@ -152,17 +159,17 @@ impl Job {
     async fn wait_for<T>(
         &self,
         generation: u64,
-        mut ready: impl FnMut(&mut State) -> Option<Result<T, Status>>,
-    ) -> Result<T, Status> {
+        mut ready: impl FnMut(&mut State) -> Option<JobResult<T>>,
+    ) -> JobResult<T> {
         loop {
             let mut rx = self.version.subscribe();
             {
                 let mut st = self.lock();
                 if let Some(f) = &st.failed {
-                    return Err(Status::aborted(f.clone()));
+                    return Err(JobError::Ended(f.clone()));
                 }
                 if st.generation != generation {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(JobError::Stale(format!(
                         "generation {generation} ended ({}): join again",
                         st.last_cause
                     )));
@@ -172,7 +179,7 @@ impl Job {
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(Status::unavailable("the coordinator is shutting down"));
+                return Err(JobError::ShuttingDown);
             }
         }
     }
@@ -180,20 +187,20 @@ impl Job {
     /// Until every rank of a generation has finished (the summary) or the job fails
     /// (the first cause); across generations, a re-formed group ends the wait of the one
     /// before.
-    pub async fn outcome(&self) -> Result<lightrnn_worker::report::Summary, Status> {
+    pub async fn outcome(&self) -> JobResult<lightrnn_core::report::Summary> {
         loop {
             let generation = self.generation();
             let r = self
                 .wait_for(generation, |st| {
                     st.finished.iter().all(|&f| f).then(|| {
-                        st.summary
-                            .clone()
-                            .ok_or_else(|| Status::internal("rank 0 finished without a summary"))
+                        st.summary.clone().ok_or_else(|| {
+                            JobError::Internal("rank 0 finished without a summary".into())
+                        })
                     })
                 })
                 .await;
             match r {
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => continue,
+                Err(JobError::Stale(_)) => continue,
                 r => return r,
             }
         }

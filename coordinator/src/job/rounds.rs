@@ -1,20 +1,22 @@
 //! Reallocation rounds: every rank pushes its partial loss tables; once all are in they
 //! are summed in rank order (the sum does not depend on arrival order) and the central
 //! step ([`lightrnn_alloc::reallocate`]) solves them off the async threads; the ranks
-//! fetch the allocation.
+//! fetch the allocation. The round's bookkeeping (memory, arrivals, the solve, its
+//! allocation) is the one pipeline of [`super::pipeline`].
 
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tonic::Status;
 
-use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions};
+use lightrnn_alloc::{Reallocation, RoundOptions};
+use lightrnn_core::protocol::{TableArray, TableChunk, TableHead};
+use lightrnn_core::wire;
+use lightrnn_core::{Error, Result};
 use lightrnn_kernels::{LossTables, ModelDims};
-use lightrnn_proto::v1::{AllocationChunk, AllocationRequest, TableChunk, TableKind};
-use lightrnn_worker::dist::wire;
-use lightrnn_worker::{Error, Result};
 
-use super::Job;
+use super::error::invalid;
+use super::pipeline::RoundInput;
+use super::{Job, JobError, JobResult};
 
 /// Where a push's elements go: into the round's sum as they arrive, or into the push's
 /// own tables, summed with the others' in rank order once all are in. Adding straight
@@ -30,17 +32,13 @@ enum Sink {
 /// of this job's size and within its memory limit, every element exactly once (each
 /// kind's chunks in order).
 struct TableAssembly {
-    head: TableChunk,
+    head: TableHead,
     sink: Sink,
     /// Elements per kind (rows, columns, counts).
     lens: [usize; 3],
     cells: Vec<u32>,
     /// Elements received per kind (rows, columns, counts).
     got: [usize; 3],
-}
-
-fn invalid(e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(e.to_string())
 }
 
 /// Zeroed tables of the job's shape (the pages are touched as they are written).
@@ -58,7 +56,7 @@ fn zero_tables(v: usize, rr: usize, cc: usize) -> LossTables {
 
 impl TableAssembly {
     /// From the push's first chunk, after the checks that come before any allocation.
-    fn start(job: &Job, ch: &TableChunk) -> Result<Self, Status> {
+    fn start(job: &Job, ch: &TableHead) -> JobResult<Self> {
         let world =
             {
                 let st = job.lock();
@@ -66,7 +64,7 @@ impl TableAssembly {
                 if st.rounds.get(&ch.round).is_some_and(|r| {
                     r.solving || r.arrived.get(ch.rank as usize).is_some_and(|&a| a)
                 }) {
-                    return Err(Status::already_exists(format!(
+                    return Err(JobError::Duplicate(format!(
                         "rank {} pushed round {} already",
                         ch.rank, ch.round
                     )));
@@ -90,7 +88,7 @@ impl TableAssembly {
         }
         let bytes = (v * (rr + cc) * 4) as f64;
         if bytes > c.realloc_max_table_gib * (1u64 << 30) as f64 {
-            return Err(Status::resource_exhausted(format!(
+            return Err(JobError::NoRoom(format!(
                 "loss tables of {:.1} GiB exceed realloc_max_table_gib",
                 bytes / (1u64 << 30) as f64
             )));
@@ -102,13 +100,10 @@ impl TableAssembly {
             let held = if world <= 2 { 1 } else { world as u64 + 1 };
             let need = held * tables + lightrnn_alloc::round_memory_bound(v, rr, cc, ch.move_cost)
                 - tables;
-            if let Err(e) = lightrnn_worker::train::realloc::check_fits(
+            job.check_round_memory(
                 &format!("coordinator: reallocation round {}", ch.round),
                 need,
-            ) {
-                job.fault(e.to_string());
-                return Err(Status::resource_exhausted(e.to_string()));
-            }
+            )?;
         }
         let sink = if world <= 2 {
             let mut st = job.lock();
@@ -121,10 +116,7 @@ impl TableAssembly {
             Sink::Own(zero_tables(v, rr, cc))
         };
         Ok(Self {
-            head: TableChunk {
-                data: Vec::new(),
-                ..ch.clone()
-            },
+            head: ch.clone(),
             sink,
             lens: [v * rr, v * cc, v],
             cells: Vec::new(),
@@ -132,13 +124,14 @@ impl TableAssembly {
         })
     }
 
-    fn add(&mut self, job: &Job, ch: &TableChunk) -> Result<(), Status> {
+    fn add(&mut self, job: &Job, ch: &TableChunk) -> JobResult<()> {
         let h = &self.head;
-        if (ch.generation, ch.rank, ch.round) != (h.generation, h.rank, h.round) {
+        let c = &ch.head;
+        if (c.generation, c.rank, c.round) != (h.generation, h.rank, h.round) {
             return Err(invalid("chunks of several pushes in one"));
         }
-        let kind = TableKind::try_from(ch.kind).map_err(|_| invalid("table chunk of no kind"))?;
-        if kind == TableKind::Cells {
+        let kind = ch.kind.ok_or_else(|| invalid("table chunk of no kind"))?;
+        if kind == TableArray::Cells {
             // The cells come in order, once.
             if ch.offset != self.cells.len() as u64 {
                 return Err(invalid(format!(
@@ -155,10 +148,9 @@ impl TableAssembly {
             return Ok(());
         }
         let k = match kind {
-            TableKind::Rows => 0,
-            TableKind::Cols => 1,
-            TableKind::Counts => 2,
-            _ => return Err(invalid("table chunk of no kind")),
+            TableArray::Rows => 0,
+            TableArray::Cols => 1,
+            TableArray::Counts | TableArray::Cells => 2,
         };
         // Each kind's chunks in order: with the counts, every element exactly once.
         if ch.offset != self.got[k] as u64 {
@@ -181,7 +173,7 @@ impl TableAssembly {
                     .rounds
                     .get_mut(&h.round)
                     .and_then(|r| r.sum.as_mut())
-                    .ok_or_else(|| Status::aborted(format!("round {} ended", h.round)))?;
+                    .ok_or_else(|| JobError::Ended(format!("round {} ended", h.round)))?;
                 into(t)
             }
         }
@@ -192,7 +184,7 @@ impl TableAssembly {
 
     /// The push's tables (None: they went into the round's sum) and cells; every
     /// element must have arrived.
-    fn finish(self) -> Result<(TableChunk, Option<LossTables>, Vec<u32>), Status> {
+    fn finish(self) -> JobResult<(TableHead, Option<LossTables>, Vec<u32>)> {
         if self.got != self.lens {
             return Err(invalid(format!(
                 "an incomplete push: {} of {} row, {} of {} column, {} of {} count elements",
@@ -212,12 +204,43 @@ impl TableAssembly {
     }
 }
 
+/// A dense round's input: the sum of the tables added as they arrived (one or two ranks)
+/// or each rank's tables, rank 0's allocation and the move cost.
+struct DenseInput {
+    sum: Option<LossTables>,
+    parts: Vec<Option<LossTables>>,
+    cells: Option<Vec<u32>>,
+    move_cost: f64,
+}
+
+impl RoundInput for DenseInput {
+    fn move_cost(&self) -> f64 {
+        self.move_cost
+    }
+
+    /// One or two ranks: their tables went into `sum` as they arrived; more: summed here
+    /// in rank order.
+    fn solve(self, opts: &RoundOptions) -> Result<Reallocation> {
+        let mut it = self.sum.into_iter().chain(self.parts.into_iter().flatten());
+        let mut sum = it
+            .next()
+            .ok_or_else(|| Error::Control("no loss tables arrived".into()))?;
+        for p in it {
+            sum.add(&p)?;
+        }
+        let cells = self
+            .cells
+            .ok_or_else(|| Error::Control("rank 0 sent no allocation".into()))?;
+        Ok(lightrnn_alloc::reallocate(&sum, &cells, opts)?)
+    }
+}
+
 impl Job {
     /// A rank's partial tables for a round (and, from rank 0, the current allocation and
     /// the move cost); the last rank's push starts the solve.
-    pub async fn push_loss_tables<S>(self: &Arc<Self>, mut s: S) -> Result<(), Status>
+    pub async fn push_loss_tables<S>(self: &Arc<Self>, mut s: S) -> JobResult<()>
     where
-        S: Stream<Item = Result<TableChunk, Status>> + Unpin,
+        S: Stream<Item = JobResult<TableChunk>> + Unpin,
     {
         self.count_rpc();
         let mut push: Option<TableAssembly> = None;
@@ -237,63 +260,57 @@ impl Job {
                         "table_push",
                         format!(
                             "rank {}'s loss tables for round {} broke off: {}",
-                            p.head.rank,
-                            p.head.round,
-                            e.message()
+                            p.head.rank, p.head.round, e
                         ),
                     );
                 }
                 return Err(e);
             }
         };
-        let all_in = {
-            let mut st = self.lock();
-            self.check(&st, h.generation, h.rank)?;
-            let w = st.world;
-            let round = st.rounds.entry(h.round).or_default();
-            if round.parts.is_empty() {
-                round.parts = (0..w).map(|_| None).collect();
-                round.arrived = vec![false; w];
-            }
-            if round.solving || round.arrived[h.rank as usize] {
-                return Err(Status::already_exists(format!(
-                    "rank {} pushed round {} already",
-                    h.rank, h.round
-                )));
-            }
-            if h.rank == 0 {
-                if cells.len() != h.vocab as usize {
-                    return Err(invalid(format!(
-                        "rank 0 sent {} of {} cells",
-                        cells.len(),
-                        h.vocab
+        let (rank, vocab, move_cost) = (h.rank as usize, h.vocab as usize, h.move_cost);
+        self.arrive(
+            (h.generation, h.rank, h.round),
+            |round, w| {
+                if round.parts.is_empty() {
+                    round.parts = (0..w).map(|_| None).collect();
+                    round.arrived = vec![false; w];
+                }
+                if round.solving || round.arrived[rank] {
+                    return Err(JobError::Duplicate(format!(
+                        "rank {} pushed round {} already",
+                        h.rank, h.round
                     )));
                 }
-                round.cells = Some(cells);
-                round.move_cost = h.move_cost;
-            }
-            round.arrived[h.rank as usize] = true;
-            round.parts[h.rank as usize] = t;
-            let all = round.arrived.iter().all(|&a| a);
-            if all {
-                round.solving = true;
-            }
-            all
-        };
-        if all_in {
-            self.start_solve(h.round);
-        }
-        Ok(())
+                if rank == 0 {
+                    if cells.len() != vocab {
+                        return Err(invalid(format!(
+                            "rank 0 sent {} of {} cells",
+                            cells.len(),
+                            h.vocab
+                        )));
+                    }
+                    round.cells = Some(cells);
+                    round.move_cost = move_cost;
+                }
+                round.arrived[rank] = true;
+                round.parts[rank] = t;
+                Ok(round.arrived.iter().all(|&a| a))
+            },
+            |r| {
+                Some(DenseInput {
+                    sum: r.sum.take(),
+                    parts: std::mem::take(&mut r.parts),
+                    cells: r.cells.take(),
+                    move_cost: r.move_cost,
+                })
+            },
+        )
     }
 
     /// The chunks of one push, each checked and added as it arrives.
-    async fn receive_push<S>(
-        &self,
-        s: &mut S,
-        push: &mut Option<TableAssembly>,
-    ) -> Result<(), Status>
+    async fn receive_push<S>(&self, s: &mut S, push: &mut Option<TableAssembly>) -> JobResult<()>
     where
-        S: Stream<Item = Result<TableChunk, Status>> + Unpin,
+        S: Stream<Item = JobResult<TableChunk>> + Unpin,
     {
         while let Some(ch) = s.next().await {
             let ch = ch?;
@@ -301,7 +318,7 @@ impl Job {
             match push {
                 Some(p) => p.add(self, &ch)?,
                 None => {
-                    let mut p = TableAssembly::start(self, &ch)?;
+                    let mut p = TableAssembly::start(self, &ch.head)?;
                     let added = p.add(self, &ch);
                     *push = Some(p);
                     added?;
@@ -309,114 +326,5 @@ impl Job {
             }
         }
         Ok(())
-    }
-
-    /// The allocation of `round`, once solved, in chunks.
-    pub async fn fetch_allocation(
-        &self,
-        r: AllocationRequest,
-    ) -> Result<Vec<AllocationChunk>, Status> {
-        self.count_rpc();
-        {
-            let st = self.lock();
-            self.check(&st, r.generation, r.rank)?;
-        }
-        let round = r.round;
-        let solved = self
-            .wait_for(r.generation, |st| {
-                st.rounds.get(&round).and_then(|x| x.result.clone()).map(Ok)
-            })
-            .await?;
-        Ok(wire::allocation_chunks(
-            &solved.cells,
-            &solved.counts,
-            &solved.report,
-        ))
-    }
-
-    /// Sum the ranks' tables in rank order and solve, off the async threads.
-    fn start_solve(self: &Arc<Self>, round: u64) {
-        let job = self.clone();
-        tokio::spawn(async move {
-            let (generation, sum, parts, cells, move_cost) = {
-                let mut st = job.lock();
-                let generation = st.generation;
-                let Some(r) = st.rounds.get_mut(&round) else {
-                    return;
-                };
-                (
-                    generation,
-                    r.sum.take(),
-                    std::mem::take(&mut r.parts),
-                    r.cells.take(),
-                    r.move_cost,
-                )
-            };
-            let opts = job.round_options(move_cost);
-            let solved = tokio::task::spawn_blocking(move || -> Result<Reallocation> {
-                // One or two ranks: their tables went into `sum` as they arrived; more:
-                // summed here in rank order.
-                let mut it = sum.into_iter().chain(parts.into_iter().flatten());
-                let mut sum = it
-                    .next()
-                    .ok_or_else(|| Error::Control("no loss tables arrived".into()))?;
-                for p in it {
-                    sum.add(&p)?;
-                }
-                let cells =
-                    cells.ok_or_else(|| Error::Control("rank 0 sent no allocation".into()))?;
-                Ok(lightrnn_alloc::reallocate(&sum, &cells, &opts)?)
-            })
-            .await;
-            job.settle(generation, round, solved);
-        });
-    }
-
-    /// How this job solves a round discounted by `move_cost`.
-    pub(super) fn round_options(&self, move_cost: f64) -> RoundOptions {
-        RoundOptions {
-            solver: self.spec.cfg.realloc_solver,
-            solve: SolveOptions {
-                threads: self.spec.cfg.threads,
-                ..Default::default()
-            },
-            move_cost,
-        }
-    }
-
-    /// A round's solver task ended: its allocation is ready, or the job fails with why.
-    pub(super) fn settle(
-        &self,
-        generation: u64,
-        round: u64,
-        solved: std::result::Result<Result<Reallocation>, tokio::task::JoinError>,
-    ) {
-        match solved {
-            Ok(Ok(s)) => self.solved(generation, round, s),
-            Ok(Err(e)) => self.fault(format!("reallocation round {round}: {e}")),
-            Err(e) => self.fault(format!("reallocation round {round}: solver task: {e}")),
-        }
-    }
-
-    /// A round's allocation is ready for the ranks (dropped if its generation ended).
-    fn solved(&self, generation: u64, round: u64, s: Reallocation) {
-        tracing::info!(
-            round,
-            solver = %s.report.solver,
-            objective_before = s.report.objective_before,
-            objective_after = s.report.objective_after,
-            words_moved = s.report.words_moved,
-            seconds = s.report.seconds_solve,
-            "allocation solved"
-        );
-        self.stats_mut().reallocations += 1;
-        let mut st = self.lock();
-        if st.generation == generation
-            && let Some(r) = st.rounds.get_mut(&round)
-        {
-            r.result = Some(Arc::new(s));
-        }
-        drop(st);
-        self.bump();
     }
 }

@@ -3,42 +3,56 @@
 //! and last a push that says it is done (rank 0's with the current allocation). The
 //! parts are put together in word order as they arrive, whatever the ranks' order, and
 //! once every rank is done the round is solved ([`lightrnn_alloc::reallocate_sparse`])
-//! off the async threads; the ranks fetch the allocation as for dense tables. The
-//! coordinator holds O(V k): the parts, never a dense table. A push is accepted whole or
-//! not at all (its part joins the round once every element has arrived), so a push that
-//! breaks off leaves the round as it was; a rank that fails goes through the job's one
-//! fault path, and the next generation runs the round again from the checkpoint taken
-//! before it.
+//! off the async threads; the ranks fetch the allocation as for dense tables (the round's
+//! one pipeline, [`super::pipeline`]). The coordinator holds O(V k): the parts, never a
+//! dense table. A push is accepted whole or not at all (its part joins the round once
+//! every element has arrived), so a push that breaks off leaves the round as it was; a
+//! rank that fails goes through the job's one fault path, and the next generation runs
+//! the round again from the checkpoint taken before it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tonic::Status;
 
-use lightrnn_alloc::{Figures, Reallocation, SparsePart, SparseRound, SparseTables};
+use lightrnn_alloc::{Figures, Reallocation, RoundOptions, SparsePart, SparseRound, SparseTables};
+use lightrnn_core::protocol::{SparseArray, SparseChunk, SparseHead};
+use lightrnn_core::wire;
+use lightrnn_core::{Error, Result};
 use lightrnn_kernels::ModelDims;
-use lightrnn_proto::v1::{SparseChunk, SparseKind};
-use lightrnn_worker::dist::wire;
-use lightrnn_worker::{Error, Result};
 
-use super::Job;
+use super::error::invalid;
+use super::pipeline::RoundInput;
+use super::state::SparseAcc;
+use super::{Job, JobError, JobResult};
 
-/// A round's sparse tables on the coordinator, as the parts arrive.
-pub(super) struct SparseAcc {
-    /// The parts in word order so far (from the first part on).
-    pub(super) round: Option<SparseRound>,
-    /// Parts that arrived ahead of the next word, by their first word.
-    pub(super) ahead: BTreeMap<usize, SparsePart>,
-    /// Which ranks have pushed their last part.
-    pub(super) done: Vec<bool>,
-    /// Rank 0's current allocation.
-    pub(super) cells: Option<Vec<u32>>,
+impl RoundInput for SparseAcc {
+    fn move_cost(&self) -> f64 {
+        self.round.as_ref().map_or(0.0, |r| r.move_cost)
+    }
+
+    /// Every word's part must be in, and rank 0's allocation.
+    fn solve(self, opts: &RoundOptions) -> Result<Reallocation> {
+        let r = self
+            .round
+            .ok_or_else(|| Error::Control("the ranks sent no sparse tables".into()))?;
+        let (filled, v) = (r.filled(), r.tables.vocab);
+        if filled != v || !self.ahead.is_empty() {
+            return Err(Error::Control(format!(
+                "the ranks' parts cover words 0..{filled} of {v} and {} more parts",
+                self.ahead.len()
+            )));
+        }
+        let cells = self
+            .cells
+            .ok_or_else(|| Error::Control("rank 0 sent no allocation".into()))?;
+        Ok(lightrnn_alloc::reallocate_sparse(&r, &cells, opts)?)
+    }
 }
 
 impl SparseAcc {
     /// Take a complete part: in word order, each word once.
-    fn add(&mut self, p: SparsePart) -> Result<(), Status> {
+    fn add(&mut self, p: SparsePart) -> JobResult<()> {
         let round = self.round.get_or_insert_with(|| SparseRound::of(&p));
         let next = round.filled();
         let overlaps = p.start < next
@@ -66,14 +80,10 @@ impl SparseAcc {
     }
 }
 
-fn invalid(e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
 /// One push put back together: its head (checked against the job), its part's arrays
 /// and rank 0's cells, each element exactly once.
 struct SparseAssembly {
-    head: SparseChunk,
+    head: SparseHead,
     part: Option<SparseTables>,
     counts: Vec<u64>,
     cells: Vec<u32>,
@@ -83,7 +93,7 @@ struct SparseAssembly {
 }
 
 /// Elements of each kind a push must carry.
-fn lens(h: &SparseChunk) -> [usize; 8] {
+fn lens(h: &SparseHead) -> [usize; 8] {
     let (n, kr, kc) = (h.words as usize, h.k_rows as usize, h.k_cols as usize);
     let cells = if h.last && h.rank == 0 {
         h.vocab as usize
@@ -94,7 +104,7 @@ fn lens(h: &SparseChunk) -> [usize; 8] {
 }
 
 impl SparseAssembly {
-    fn start(job: &Job, ch: &SparseChunk) -> Result<Self, Status> {
+    fn start(job: &Job, ch: &SparseHead) -> JobResult<Self> {
         {
             let st = job.lock();
             job.check(&st, ch.generation, ch.rank)?;
@@ -148,12 +158,7 @@ impl SparseAssembly {
             col_sum: vec![0.0; n],
         });
         Ok(Self {
-            head: SparseChunk {
-                kind: 0,
-                offset: 0,
-                data: Vec::new(),
-                ..ch.clone()
-            },
+            head: ch.clone(),
             part,
             counts: vec![0; n],
             cells: vec![0; lens(ch)[7]],
@@ -162,20 +167,12 @@ impl SparseAssembly {
         })
     }
 
-    fn add(&mut self, ch: &SparseChunk) -> Result<(), Status> {
-        let same = SparseChunk {
-            kind: 0,
-            offset: 0,
-            data: Vec::new(),
-            ..ch.clone()
-        };
-        if same != self.head {
+    fn add(&mut self, ch: &SparseChunk) -> JobResult<()> {
+        if ch.head != self.head {
             return Err(invalid("chunks of several pushes in one"));
         }
-        let kind = SparseKind::try_from(ch.kind).map_err(|_| invalid("sparse chunk of no kind"))?;
-        let k = (kind as usize)
-            .checked_sub(1)
-            .ok_or_else(|| invalid("sparse chunk of no kind"))?;
+        let kind = ch.kind.ok_or_else(|| invalid("sparse chunk of no kind"))?;
+        let k = kind.index();
         // Each kind's chunks in order: with the lengths, every element exactly once.
         if ch.offset != self.got[k] as u64 {
             return Err(invalid(format!(
@@ -186,16 +183,16 @@ impl SparseAssembly {
         let (o, b) = (ch.offset, &ch.data[..]);
         let missing = || invalid(format!("{kind:?} in a push without a part"));
         let n = match kind {
-            SparseKind::Counts => wire::decode_into(&mut self.counts, o, b),
-            SparseKind::Cells => wire::decode_into(&mut self.cells, o, b),
+            SparseArray::Counts => wire::decode_into(&mut self.counts, o, b),
+            SparseArray::Cells => wire::decode_into(&mut self.cells, o, b),
             _ => {
                 let t = self.part.as_mut().ok_or_else(missing)?;
                 match kind {
-                    SparseKind::RowIdx => wire::decode_into(&mut t.row_idx, o, b),
-                    SparseKind::RowLoss => wire::decode_into(&mut t.row_loss, o, b),
-                    SparseKind::ColIdx => wire::decode_into(&mut t.col_idx, o, b),
-                    SparseKind::ColLoss => wire::decode_into(&mut t.col_loss, o, b),
-                    SparseKind::RowSum => wire::decode_into(&mut t.row_sum, o, b),
+                    SparseArray::RowIdx => wire::decode_into(&mut t.row_idx, o, b),
+                    SparseArray::RowLoss => wire::decode_into(&mut t.row_loss, o, b),
+                    SparseArray::ColIdx => wire::decode_into(&mut t.col_idx, o, b),
+                    SparseArray::ColLoss => wire::decode_into(&mut t.col_loss, o, b),
+                    SparseArray::RowSum => wire::decode_into(&mut t.row_sum, o, b),
                     _ => wire::decode_into(&mut t.col_sum, o, b),
                 }
             }
@@ -208,7 +205,7 @@ impl SparseAssembly {
 
     /// The head, the part (None: a last push without one) and the cells; every element
     /// must have arrived.
-    fn finish(self) -> Result<(SparseChunk, Option<SparsePart>, Vec<u32>, u64), Status> {
+    fn finish(self) -> JobResult<(SparseHead, Option<SparsePart>, Vec<u32>, u64)> {
         let want = lens(&self.head);
         if self.got != want {
             return Err(invalid(format!(
@@ -237,9 +234,9 @@ impl SparseAssembly {
 impl Job {
     /// One push of a rank's sparse tables for a round; the last rank's last push starts
     /// the solve.
-    pub async fn push_sparse_tables<S>(self: &Arc<Self>, mut s: S) -> Result<(), Status>
+    pub async fn push_sparse_tables<S>(self: &Arc<Self>, mut s: S) -> JobResult<()>
     where
-        S: Stream<Item = Result<SparseChunk, Status>> + Unpin,
+        S: Stream<Item = JobResult<SparseChunk>> + Unpin,
     {
         self.count_rpc();
         let mut push: Option<SparseAssembly> = None;
@@ -248,7 +245,7 @@ impl Job {
             match &mut push {
                 Some(p) => p.add(&ch)?,
                 None => {
-                    let mut p = SparseAssembly::start(self, &ch)?;
+                    let mut p = SparseAssembly::start(self, &ch.head)?;
                     p.add(&ch)?;
                     push = Some(p);
                 }
@@ -268,92 +265,48 @@ impl Job {
         if first {
             // The round's memory here, checked at its first push: its parts and the solve.
             let need = lightrnn_alloc::sparse_round_memory_bound(v, rr, cc, k);
-            if let Err(e) = lightrnn_worker::train::realloc::check_fits(
+            self.check_round_memory(
                 &format!(
                     "coordinator: reallocation round {} (sparse tables)",
                     h.round
                 ),
                 need,
-            ) {
-                self.fault(e.to_string());
-                return Err(Status::resource_exhausted(e.to_string()));
-            }
+            )?;
         }
-        let all_done = {
-            let mut st = self.lock();
-            self.check(&st, h.generation, h.rank)?;
-            let w = st.world;
-            let round = st.rounds.entry(h.round).or_default();
-            if round.solving || !round.parts.is_empty() {
-                return Err(Status::already_exists(format!(
-                    "round {} is solving or has dense tables",
-                    h.round
-                )));
-            }
-            let acc = round.sparse.get_or_insert_with(|| SparseAcc {
-                round: None,
-                ahead: BTreeMap::new(),
-                done: vec![false; w],
-                cells: None,
-            });
-            if acc.done[h.rank as usize] {
-                return Err(Status::already_exists(format!(
-                    "rank {} pushed its last part of round {} already",
-                    h.rank, h.round
-                )));
-            }
-            if let Some(p) = part {
-                acc.add(p)?;
-            }
-            if h.last {
-                acc.done[h.rank as usize] = true;
-                if h.rank == 0 {
-                    acc.cells = Some(cells);
-                }
-            }
-            let all = acc.done.iter().all(|&d| d);
-            if all {
-                round.solving = true;
-            }
-            all
-        };
-        if all_done {
-            self.start_sparse_solve(h.round);
-        }
-        Ok(())
-    }
-
-    /// Solve a round whose parts are all in, off the async threads.
-    fn start_sparse_solve(self: &Arc<Self>, round: u64) {
-        let job = self.clone();
-        tokio::spawn(async move {
-            let (generation, acc) = {
-                let mut st = job.lock();
-                let generation = st.generation;
-                let Some(acc) = st.rounds.get_mut(&round).and_then(|r| r.sparse.take()) else {
-                    return;
-                };
-                (generation, acc)
-            };
-            let opts = job.round_options(acc.round.as_ref().map_or(0.0, |r| r.move_cost));
-            let solved = tokio::task::spawn_blocking(move || -> Result<Reallocation> {
-                let r = acc
-                    .round
-                    .ok_or_else(|| Error::Control("the ranks sent no sparse tables".into()))?;
-                let (filled, v) = (r.filled(), r.tables.vocab);
-                if filled != v || !acc.ahead.is_empty() {
-                    return Err(Error::Control(format!(
-                        "the ranks' parts cover words 0..{filled} of {v} and {} more parts",
-                        acc.ahead.len()
+        let rank = h.rank as usize;
+        self.arrive(
+            (h.generation, h.rank, h.round),
+            |round, w| {
+                if round.solving || !round.parts.is_empty() {
+                    return Err(JobError::Duplicate(format!(
+                        "round {} is solving or has dense tables",
+                        h.round
                     )));
                 }
-                let cells = acc
-                    .cells
-                    .ok_or_else(|| Error::Control("rank 0 sent no allocation".into()))?;
-                Ok(lightrnn_alloc::reallocate_sparse(&r, &cells, &opts)?)
-            })
-            .await;
-            job.settle(generation, round, solved);
-        });
+                let acc = round.sparse.get_or_insert_with(|| SparseAcc {
+                    round: None,
+                    ahead: BTreeMap::new(),
+                    done: vec![false; w],
+                    cells: None,
+                });
+                if acc.done[rank] {
+                    return Err(JobError::Duplicate(format!(
+                        "rank {} pushed its last part of round {} already",
+                        h.rank, h.round
+                    )));
+                }
+                if let Some(p) = part {
+                    acc.add(p)?;
+                }
+                if h.last {
+                    acc.done[rank] = true;
+                    if rank == 0 {
+                        acc.cells = Some(cells);
+                    }
+                }
+                Ok(acc.done.iter().all(|&d| d))
+            },
+            |r| r.sparse.take(),
+        )
     }
 }

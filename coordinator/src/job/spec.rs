@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lightrnn_worker::checkpoint;
-use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::data::dataset::{Dataset, PrepareOptions};
-use lightrnn_worker::data::store::Location;
-use lightrnn_worker::{Error, Result};
+use lightrnn_core::checkpoint;
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::{Error, Result};
 
 /// Where each generation's NCCL unique id comes from (a new one per generation: the old
 /// group's communicators can never be joined again).

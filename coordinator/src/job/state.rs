@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use lightrnn_alloc::Reallocation;
+use lightrnn_alloc::{Reallocation, SparsePart, SparseRound};
+use lightrnn_core::report::RankReport;
 use lightrnn_kernels::LossTables;
-use lightrnn_worker::report::RankReport;
 
 /// A worker of the generation.
 pub(super) struct Member {
@@ -50,7 +50,19 @@ pub(super) struct Round {
     pub(super) solving: bool,
     pub(super) result: Option<Arc<Reallocation>>,
     /// The round's sparse tables as their parts arrive (a round on sparse tables).
-    pub(super) sparse: Option<super::sparse::SparseAcc>,
+    pub(super) sparse: Option<SparseAcc>,
+}
+
+/// A round's sparse tables on the coordinator, as the parts arrive.
+pub(super) struct SparseAcc {
+    /// The parts in word order so far (from the first part on).
+    pub(super) round: Option<SparseRound>,
+    /// Parts that arrived ahead of the next word, by their first word.
+    pub(super) ahead: BTreeMap<usize, SparsePart>,
+    /// Which ranks have pushed their last part.
+    pub(super) done: Vec<bool>,
+    /// Rank 0's current allocation.
+    pub(super) cells: Option<Vec<u32>>,
 }
 
 /// One checkpoint's commit: which ranks reached the step, with which parameters.
@@ -60,7 +72,7 @@ pub(super) struct CommitSt {
     /// Each rank's parameter checksum at the step.
     pub(super) sums: Vec<String>,
     pub(super) dir: String,
-    pub(super) meta: Option<lightrnn_worker::checkpoint::Meta>,
+    pub(super) meta: Option<lightrnn_core::checkpoint::Meta>,
     pub(super) committing: bool,
     pub(super) done: bool,
 }
@@ -85,7 +97,7 @@ pub(super) struct State {
     pub(super) finished: Vec<bool>,
     /// Each rank's final parameter checksum.
     pub(super) final_sums: Vec<String>,
-    pub(super) summary: Option<lightrnn_worker::report::Summary>,
+    pub(super) summary: Option<lightrnn_core::report::Summary>,
     pub(super) failed: Option<String>,
     /// When the current generation began (the join deadline counts from here).
     pub(super) generation_started: Instant,

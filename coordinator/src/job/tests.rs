@@ -5,13 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::Code;
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::store::Location;
+use lightrnn_core::protocol::{EpochDone, Heartbeat, Join, Lease};
 
-use lightrnn_proto::v1::{EpochDoneRequest, HeartbeatRequest, JoinRequest, LeaseRequest};
-use lightrnn_worker::config::TrainConfig;
-use lightrnn_worker::data::store::Location;
-
-use super::{Job, JobSpec};
+use super::{Job, JobError, JobSpec};
 
 fn spec(world: (usize, usize)) -> JobSpec {
     let cfg = TrainConfig::preset("tiny").unwrap();
@@ -19,9 +17,9 @@ fn spec(world: (usize, usize)) -> JobSpec {
     JobSpec::new(cfg, loc("data"), loc("run"), world, 1000, 100)
 }
 
-fn join_req(pid: u32) -> JoinRequest {
-    JoinRequest {
-        rank: -1,
+fn join_req(pid: u32) -> Join {
+    Join {
+        rank: None,
         collective_addr: format!("127.0.0.1:{}", 1000 + pid),
         host: "test".into(),
         pid,
@@ -29,8 +27,8 @@ fn join_req(pid: u32) -> JoinRequest {
     }
 }
 
-fn heartbeat(generation: u64, rank: u32) -> HeartbeatRequest {
-    HeartbeatRequest {
+fn heartbeat(generation: u64, rank: u32) -> Heartbeat {
+    Heartbeat {
         generation,
         rank,
         ..Default::default()
@@ -38,7 +36,7 @@ fn heartbeat(generation: u64, rank: u32) -> HeartbeatRequest {
 }
 
 /// `n` workers join; their (rank, pid) in the formed group.
-async fn form(job: &Arc<Job>, pids: &[u32]) -> Vec<(u32, u32)> {
+async fn form(job: &Arc<Job>, pids: &[u32]) -> Vec<(usize, u32)> {
     let joins: Vec<_> = pids
         .iter()
         .map(|&pid| {
@@ -78,22 +76,19 @@ async fn a_silent_rank_ends_the_generation_and_its_workers_are_fenced() {
     assert!(!job.failed());
     // Generation 1's workers are fenced from every call.
     let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    let lease = LeaseRequest {
+    assert!(matches!(e, JobError::Stale(_)), "{e:?}");
+    let lease = Lease {
         generation: 1,
         rank: 0,
         epoch: 0,
         streams: 8,
         cursor: 0,
     };
-    assert_eq!(
-        job.lease(lease).unwrap_err().code(),
-        Code::FailedPrecondition
-    );
+    assert!(matches!(job.lease(lease).unwrap_err(), JobError::Stale(_)));
     // The next generation forms from the survivor and a replacement, and trains.
     let ranks = form(&job, &[11, 13]).await;
     assert_eq!(ranks.len(), 2);
-    assert!(job.heartbeat(heartbeat(2, 0)).unwrap().abort.is_empty());
+    assert!(job.heartbeat(heartbeat(2, 0)).unwrap().abort.is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -108,7 +103,7 @@ async fn restarts_are_bounded_and_heartbeats_then_say_why() {
         tokio::time::sleep(Duration::from_secs(13)).await;
     }
     assert!(job.failed());
-    let why = job.heartbeat(heartbeat(2, 0)).unwrap().abort;
+    let why = job.heartbeat(heartbeat(2, 0)).unwrap().abort.unwrap();
     assert!(why.contains("giving up after 1 restarts"), "{why}");
 }
 
@@ -118,14 +113,14 @@ async fn the_epoch_barrier_counts_every_token_once() {
     tokio::spawn(job.clone().monitor());
     form(&job, &[31, 32]).await;
     // 1000 tokens in 4 streams: 250 per stream, 249 positions of targets each.
-    let lease = |rank: u32, epoch: u64| LeaseRequest {
+    let lease = |rank: u32, epoch: u64| Lease {
         generation: 1,
         rank,
         epoch,
         streams: 4,
         cursor: 0,
     };
-    let done = |rank: u32, epoch: u64, tokens: u64| EpochDoneRequest {
+    let done = |rank: u32, epoch: u64, tokens: u64| EpochDone {
         generation: 1,
         rank,
         epoch,
@@ -133,10 +128,7 @@ async fn the_epoch_barrier_counts_every_token_once() {
     };
     for rank in 0..2 {
         let r = job.lease(lease(rank, 0)).unwrap();
-        assert_eq!(
-            (r.stream_begin, r.stream_end),
-            (2 * rank as u64, 2 * rank as u64 + 2)
-        );
+        assert_eq!(r.streams, 2 * rank as usize..2 * rank as usize + 2);
     }
     let first = {
         let job = job.clone();
@@ -156,25 +148,28 @@ async fn the_epoch_barrier_counts_every_token_once() {
         tokio::spawn(async move { job.epoch_done(done(0, 1, 498)).await })
     };
     let e = job.epoch_done(done(1, 1, 497)).await.unwrap_err();
-    assert_eq!(e.code(), Code::Aborted);
+    assert!(matches!(e, JobError::Ended(_)), "{e:?}");
     assert!(
-        e.message()
+        e.to_string()
             .contains("consumed 995 tokens, the epoch's leases hold 996"),
         "{e:?}"
     );
-    assert_eq!(first.await.unwrap().unwrap_err().code(), Code::Aborted);
+    assert!(matches!(
+        first.await.unwrap().unwrap_err(),
+        JobError::Ended(_)
+    ));
     assert!(job.failed());
     // A second report of the same epoch is refused, not counted.
     let job = Job::new(spec((1, 1)));
     form(&job, &[41]).await;
-    job.lease(LeaseRequest {
+    job.lease(Lease {
         rank: 0,
         ..lease(0, 0)
     })
     .unwrap();
     assert_eq!(job.epoch_done(done(0, 0, 996)).await.unwrap(), 996);
     let e = job.epoch_done(done(0, 0, 996)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(matches!(e, JobError::OutOfTurn(_)), "{e:?}");
     assert_eq!(job.stats().tokens_accounted, 996);
 }
 
@@ -190,8 +185,11 @@ async fn groups_that_do_not_form_end_the_job_and_elastic_ones_form_below_their_m
     };
     tokio::time::sleep(Duration::from_secs(40)).await;
     let e = waiting.await.unwrap().unwrap_err();
-    assert_eq!(e.code(), Code::Aborted);
-    assert!(e.message().contains("only 1 of 2 workers joined"), "{e:?}");
+    assert!(matches!(e, JobError::Ended(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("only 1 of 2 workers joined"),
+        "{e:?}"
+    );
     // Elastic 1..3: one worker, and no other for form_wait (10 s): a group of one.
     let job = Job::new(spec((1, 3)));
     tokio::spawn(job.clone().monitor());
@@ -199,8 +197,8 @@ async fn groups_that_do_not_form_end_the_job_and_elastic_ones_form_below_their_m
     assert_eq!((r.rank, r.world_size), (0, 1));
     // The formed group below its maximum takes newcomers at its next checkpoint only.
     let e = job.join(join_req(62)).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted);
-    assert!(e.message().contains("next checkpoint"), "{e:?}");
+    assert!(matches!(e, JobError::NoRoom(_)), "{e:?}");
+    assert!(e.to_string().contains("next checkpoint"), "{e:?}");
 }
 
 /// Every member of a generation gets that generation's NCCL id, the next generation a new
@@ -245,7 +243,7 @@ async fn each_generation_hands_its_members_a_new_nccl_id() {
     assert_eq!(job.generation(), 2);
     // A worker of generation 1 is fenced; generation 2 forms with a fresh id.
     let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(matches!(e, JobError::Stale(_)), "{e:?}");
     let g2 = ids(&job, [41, 43]).await;
     assert_eq!(g2[0], (2, vec![2u8; 128]));
     assert_eq!(g2[0], g2[1]);
@@ -269,9 +267,9 @@ async fn a_failed_nccl_id_fails_the_job_with_the_reason() {
     let job = Job::new(s);
     tokio::spawn(job.clone().monitor());
     let e = job.join(join_req(60)).await.unwrap_err();
-    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(matches!(e, JobError::Ended(_)), "{e:?}");
     assert!(
-        e.message()
+        e.to_string()
             .contains("NCCL id of generation 1: no libnccl.so"),
         "{e:?}"
     );

@@ -5,11 +5,12 @@
 
 use std::ops::Range;
 
-use super::engine::{Engine, resize, row_of};
-use super::gemm::{Mat, gemm};
+use super::engine::{Engine, resize};
+use super::gemm::{Dst, Mat, gemm};
 use super::layout::{part_range, split_units};
 use super::simd;
 use super::team::{Barrier, Shared};
+use crate::layout::row_of;
 use crate::{Error, Real, Result};
 
 impl<T: Real> Engine<T> {
@@ -17,7 +18,7 @@ impl<T: Real> Engine<T> {
     /// gradients of its weights and d loss / d h of the layer below; layer 0 writes the
     /// gradient of the input tables [X_r; X_c].
     pub fn lstm_backward(&mut self, l: usize) -> Result<()> {
-        self.check_layer(l)?;
+        self.layout.dims.check_layer(l)?;
         if !self.ws.have_head_grads {
             return Err(Error::Backend(
                 "lstm_backward without a gradient from the heads".into(),
@@ -183,8 +184,10 @@ fn through_time<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>, bar: &Barrier) 
                         cx.dh_rec.slice(b * m + u.start..b * m + u.end)
                     };
                     simd::cell_backward(
-                        m,
-                        u.clone(),
+                        simd::Units {
+                            hidden: m,
+                            range: u.clone(),
+                        },
                         cx.g.slice_mut(r * m4 + rows.start..r * m4 + rows.end),
                         &cx.dh[r * m + u.start..r * m + u.end],
                         rec,
@@ -204,8 +207,7 @@ fn through_time<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>, bar: &Barrier) 
                     bb,
                     nu,
                     m4,
-                    cx.dh_rec.ptr().add(u.start),
-                    m,
+                    Dst::rows(cx.dh_rec.ptr().add(u.start), m),
                     false,
                     Mat::rows_ptr(cx.g.ptr().add(r0 * m4), m4),
                     Mat::rows(cx.w_hh, m).at(0, u.start),
@@ -236,8 +238,7 @@ fn weight_grads<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>) {
             nr,
             m,
             bb,
-            gdst(&cx.gw_hh, m),
-            m,
+            Dst::rows(gdst(&cx.gw_hh, m), m),
             false,
             dgt(row_of(tt, bb, 0, 0)),
             Mat::rows(cx.h0, m),
@@ -247,8 +248,7 @@ fn weight_grads<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>) {
                 nr,
                 m,
                 (tt - 1) * bb,
-                gdst(&cx.gw_hh, m),
-                m,
+                Dst::rows(gdst(&cx.gw_hh, m), m),
                 true,
                 dgt(row_of(tt, bb, 2, 0)),
                 Mat::rows(&h[row_of(tt, bb, 1, 0) * m..], m),
@@ -258,8 +258,7 @@ fn weight_grads<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>) {
             nr,
             m,
             tt * bb,
-            gdst(&cx.gw_hh, m),
-            m,
+            Dst::rows(gdst(&cx.gw_hh, m), m),
             true,
             dgt(row_of(tt, bb, 1, 0)),
             Mat::rows(&h[row_of(tt, bb, 0, 0) * m..], m),
@@ -293,8 +292,7 @@ fn weight_grads<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>) {
                 nr,
                 inp,
                 u_n,
-                gdst(&cx.gw_ih, inp),
-                inp,
+                Dst::rows(gdst(&cx.gw_ih, inp), inp),
                 false,
                 dst,
                 Mat::rows(cx.xu, inp),
@@ -309,8 +307,7 @@ fn weight_grads<T: Real>(cx: &Backward<'_, T>, u: &Range<usize>) {
                 nr,
                 inp,
                 sb,
-                gdst(&cx.gw_ih, inp),
-                inp,
+                Dst::rows(gdst(&cx.gw_ih, inp), inp),
                 false,
                 dgt(0),
                 Mat::rows_ptr(x, inp),
@@ -334,8 +331,7 @@ fn input_grads<T: Real>(cx: &Backward<'_, T>, tid: usize) {
                 pr.len(),
                 inp,
                 m4,
-                dh_lower.ptr().add(pr.start * inp),
-                inp,
+                Dst::rows(dh_lower.ptr().add(pr.start * inp), inp),
                 false,
                 Mat::rows_ptr(g.ptr().add(pr.start * m4), m4),
                 Mat::rows(cx.w_ih, inp),
@@ -357,8 +353,7 @@ fn input_grads<T: Real>(cx: &Backward<'_, T>, tid: usize) {
                 pu.len(),
                 inp,
                 m4,
-                dxu.ptr().add(pu.start * inp),
-                inp,
+                Dst::rows(dxu.ptr().add(pu.start * inp), inp),
                 false,
                 Mat::rows_ptr(dsum.ptr().add(pu.start * m4), m4),
                 Mat::rows(cx.w_ih, inp),
@@ -383,8 +378,7 @@ fn input_grads<T: Real>(cx: &Backward<'_, T>, tid: usize) {
                 sb,
                 pc.len(),
                 m4,
-                xin.ptr().add(pc.start),
-                inp,
+                Dst::rows(xin.ptr().add(pc.start), inp),
                 false,
                 Mat::rows_ptr(g.ptr(), m4),
                 Mat::rows(cx.w_ih, inp).at(0, pc.start),

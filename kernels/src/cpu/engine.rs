@@ -6,8 +6,8 @@
 //! r(y_t) (row head), the output after r(y_t) predicts c(y_t) (column head), exactly as
 //! the PyTorch reference (`peers/lightrnn.py`).
 //!
-//! Activations are stored *parity-major*: step s = 2t + p of stream b is storage row
-//! `((p * T) + t) * B + b`, so the T*B rows the row head reads (p = 0) are one contiguous
+//! Activations are stored *parity-major* ([`row_of`]): step s = 2t + p of stream b is
+//! storage row `((p * T) + t) * B + b`, so the T*B rows the row head reads (p = 0) are one contiguous
 //! [T*B, m] matrix and those of the column head (p = 1) the next one: no gather, and each
 //! step's B rows are contiguous for the recurrent GEMM.
 //!
@@ -27,10 +27,10 @@ use std::collections::BTreeMap;
 use super::layout::{part_range, to_internal, to_torch};
 use super::simd;
 use super::team::{Shared, Team};
-use crate::backend::{Batch, Pass, State, Stream};
-use crate::layout::{ModelDims, ParamLayout, check_allocation, random_allocation};
+use crate::backend::{Batch, ModelConfig, Pass, State, Stream};
+use crate::layout::{ModelDims, ParamLayout, check_allocation, random_allocation, row_of};
 use crate::optim::{self, Optimizer};
-use crate::rng::{Philox, Purpose};
+use crate::rng::Philox;
 use crate::{Error, Real, Result};
 
 /// What the heads compute besides the loss.
@@ -139,19 +139,30 @@ pub struct Engine<T: Real> {
     pub(super) shard: Option<(usize, usize)>,
 }
 
-/// Dropout multipliers for rows `rows` (each `w` wide) of a time-major [S, B] block whose
-/// row r is step r / B, stream r % B; keyed by the row's index in the global batch.
-#[allow(clippy::too_many_arguments)]
+/// Rows `range` of a time-major [S, B] block of rows `width` wide, `batch` = B: row r is
+/// step r / B, stream r % B.
+#[derive(Clone, Debug)]
+pub(super) struct Rows {
+    pub range: std::ops::Range<usize>,
+    pub width: usize,
+    pub batch: usize,
+}
+
+/// Dropout multipliers for the rows `rows` of a time-major block ([`Rows`]), keyed by each
+/// row's index in the global batch.
 pub(super) fn fill_mask<T: Real>(
     rng: &Philox,
     site: u64,
-    rows: std::ops::Range<usize>,
-    w: usize,
-    b: usize,
+    rows: Rows,
     shard: Option<(usize, usize)>,
     p: f64,
     ms: &mut [T],
 ) {
+    let Rows {
+        range: rows,
+        width: w,
+        batch: b,
+    } = rows;
     match shard {
         None => simd::dropout_mask(rng, site, (rows.start * w) as u64, p, ms),
         Some((off, global)) => {
@@ -168,10 +179,12 @@ impl<T: Real> Engine<T> {
     /// zero output biases, U(-1/sqrt(m), 1/sqrt(m)) LSTM, as torch) and a random allocation,
     /// all drawn from `seed`.
     pub fn new(dims: ModelDims, dropout: f64, seed: u64, threads: usize) -> Result<Self> {
-        dims.validate()?;
-        if !(0.0..1.0).contains(&dropout) {
-            return Err(Error::Config(format!("dropout {dropout} is not in [0, 1)")));
+        ModelConfig {
+            dims,
+            dropout,
+            seed,
         }
+        .validate()?;
         let layout = ParamLayout::new(dims);
         let total = layout.total;
         let mut e = Self {
@@ -222,19 +235,9 @@ impl<T: Real> Engine<T> {
         self.dropout
     }
 
-    /// Re-draw every parameter from `seed`.
+    /// Re-draw every parameter from `seed` ([`ParamLayout::initial_params`]).
     pub fn init_params(&mut self, seed: u64) {
-        let rng = Philox::new(seed, Purpose::Init);
-        let mut torch = vec![T::ZERO; self.layout.total];
-        for (i, s) in self.layout.specs.iter().enumerate() {
-            let mut st = rng.stream(i as u64);
-            for x in &mut torch[s.range()] {
-                *x = match s.init {
-                    crate::layout::Init::Zero => T::ZERO,
-                    crate::layout::Init::Uniform(a) => T::from_f64((2.0 * st.next_f64() - 1.0) * a),
-                };
-            }
-        }
+        let torch = self.layout.initial_params::<T>(seed);
         to_internal(&self.layout, &torch, &mut self.params);
         self.shadow_ok = false;
     }
@@ -248,13 +251,7 @@ impl<T: Real> Engine<T> {
 
     /// Replace the parameters (PyTorch layout).
     pub fn set_params_torch(&mut self, torch: &[T]) -> Result<()> {
-        if torch.len() != self.layout.total {
-            return Err(Error::Shape(format!(
-                "parameter buffer has {} values, the model {}",
-                torch.len(),
-                self.layout.total
-            )));
-        }
+        self.layout.check_len(torch.len())?;
         to_internal(&self.layout, torch, &mut self.params);
         self.shadow_ok = false;
         Ok(())
@@ -352,17 +349,7 @@ impl<T: Real> Engine<T> {
     }
 
     pub fn set_state(&mut self, stream: Stream, state: State<T>) -> Result<()> {
-        let d = &self.layout.dims;
-        let n = d.layers * state.batch * d.hidden;
-        if state.h.len() != n || state.c.len() != n {
-            return Err(Error::Shape(format!(
-                "state for {} streams needs {} values in h and c, got {} and {}",
-                state.batch,
-                n,
-                state.h.len(),
-                state.c.len()
-            )));
-        }
+        state.check(&self.layout.dims)?;
         self.states.insert(stream, state);
         Ok(())
     }
@@ -579,9 +566,3 @@ impl<T: Real> Engine<T> {
 
 /// Named optimizer buffers (PyTorch layout).
 pub type NamedBuffers<T> = Vec<(&'static str, Vec<T>)>;
-
-/// Storage row of step `s` of stream `b` in a batch of `tt` words x `bb` streams.
-#[inline(always)]
-pub fn row_of(tt: usize, bb: usize, s: usize, b: usize) -> usize {
-    (((s & 1) * tt) + (s >> 1)) * bb + b
-}

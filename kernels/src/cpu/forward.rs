@@ -5,12 +5,13 @@
 
 use std::ops::Range;
 
-use super::engine::{Engine, fill_mask, resize, row_of};
-use super::gemm::{Mat, gemm};
+use super::engine::{Engine, Rows, fill_mask, resize};
+use super::gemm::{Dst, Mat, gemm};
 use super::layout::{part_range, split_units};
 use super::simd;
 use super::team::{Barrier, Shared};
 use crate::backend::{Pass, State};
+use crate::layout::row_of;
 use crate::rng::{Philox, Purpose};
 use crate::{Error, Real, Result};
 
@@ -61,18 +62,9 @@ struct Forward<'a, T> {
 }
 
 impl<T: Real> Engine<T> {
-    /// `l` names a layer of the model (for `what`).
-    pub(super) fn check_layer(&self, l: usize) -> Result<()> {
-        let layers = self.layout.dims.layers;
-        if l >= layers {
-            return Err(Error::Shape(format!("layer {l} of a {layers}-layer model")));
-        }
-        Ok(())
-    }
-
     /// Forward pass of LSTM layer `l` over the 2T steps; updates the carried state.
     pub fn lstm_forward(&mut self, l: usize) -> Result<()> {
-        self.check_layer(l)?;
+        self.layout.dims.check_layer(l)?;
         if self.ws.pass.is_none() {
             return Err(Error::Backend("lstm_forward before input_forward".into()));
         }
@@ -168,9 +160,11 @@ fn forward_thread<T: Real>(cx: &Forward<'_, T>, tid: usize, bar: &Barrier) {
         fill_mask(
             &cx.rng,
             cx.site,
-            pr.clone(),
-            inp,
-            cx.bb,
+            Rows {
+                range: pr.clone(),
+                width: inp,
+                batch: cx.bb,
+            },
             cx.shard,
             cx.p_drop,
             ms,
@@ -197,8 +191,7 @@ fn forward_thread<T: Real>(cx: &Forward<'_, T>, tid: usize, bar: &Barrier) {
                     cx.uniq_n,
                     nr,
                     inp,
-                    cx.pt.ptr().add(rows.start),
-                    m4,
+                    Dst::rows(cx.pt.ptr().add(rows.start), m4),
                     false,
                     Mat::rows(cx.xu, inp),
                     w_rows_t,
@@ -216,8 +209,7 @@ fn forward_thread<T: Real>(cx: &Forward<'_, T>, tid: usize, bar: &Barrier) {
                     sb,
                     nr,
                     inp,
-                    cx.g.ptr().add(rows.start),
-                    m4,
+                    Dst::rows(cx.g.ptr().add(rows.start), m4),
                     false,
                     Mat::rows_ptr(x, inp),
                     w_rows_t,
@@ -253,8 +245,7 @@ fn recurrent_step<T: Real>(cx: &Forward<'_, T>, s: usize, u: &Range<usize>) {
             bb,
             nr,
             m,
-            cx.g.ptr().add(r0 * m4 + rows.start),
-            m4,
+            Dst::rows(cx.g.ptr().add(r0 * m4 + rows.start), m4),
             !cx.table_mode,
             Mat::rows_ptr(hprev, m),
             w_hh_t,
@@ -274,18 +265,19 @@ fn recurrent_step<T: Real>(cx: &Forward<'_, T>, s: usize, u: &Range<usize>) {
                 None => &cx.c0[b * m + u.start..b * m + u.end],
                 Some(rp) => cx.c.slice(rp * m + u.start..rp * m + u.end),
             };
-            let tab: &[T] = if cx.table_mode {
+            let g = cx.g.slice_mut(r * m4 + rows.start..r * m4 + rows.end);
+            if cx.table_mode {
+                // The input projection of the row's input, added before the biases.
                 let k = cx.slot[r] as usize * m4;
-                cx.pt.slice(k + rows.start..k + rows.end)
-            } else {
-                &[]
-            };
+                simd::add_assign(g, cx.pt.slice(k + rows.start..k + rows.end));
+            }
             simd::cell_forward(
-                m,
-                u.clone(),
-                cx.g.slice_mut(r * m4 + rows.start..r * m4 + rows.end),
+                simd::Units {
+                    hidden: m,
+                    range: u.clone(),
+                },
+                g,
                 &cx.bsum[rows.clone()],
-                tab,
                 cprev,
                 cx.c.slice_mut(r * m + u.start..r * m + u.end),
                 cx.tc.slice_mut(r * m + u.start..r * m + u.end),

@@ -60,23 +60,36 @@ impl<T> Mat<T> {
     }
 }
 
+/// A row-major destination matrix: element (i, j) at `ptr + i*ld + j`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dst<T> {
+    pub ptr: *mut T,
+    pub ld: usize,
+}
+
+impl<T> Dst<T> {
+    /// A row-major destination starting at `ptr` with leading dimension `ld`.
+    pub fn rows(ptr: *mut T, ld: usize) -> Self {
+        Self { ptr, ld }
+    }
+}
+
 /// dst[m, n] = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n]; `dst` row-major with
-/// leading dimension `ld`.
+/// leading dimension `dst.ld`.
 ///
 /// # Safety
 /// All three views must be valid for the given sizes, `dst` must not overlap the inputs,
 /// and no other thread may touch the written part of `dst` during the call.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    dst: *mut T,
-    ld: usize,
+    dst: Dst<T>,
     accumulate: bool,
     lhs: Mat<T>,
     rhs: Mat<T>,
 ) {
+    let Dst { ptr: dst, ld } = dst;
     if m == 0 || n == 0 {
         return;
     }

@@ -5,8 +5,8 @@
 
 use std::ops::Range;
 
-use super::engine::{Engine, HeadMode, fill_mask, resize};
-use super::gemm::{Mat, gemm};
+use super::engine::{Engine, HeadMode, Rows, fill_mask, resize};
+use super::gemm::{Dst, Mat, gemm};
 use super::layout::part_range;
 use super::simd;
 use super::team::{Barrier, Shared};
@@ -253,9 +253,11 @@ fn heads_thread<T: Real>(cx: &Heads<'_, T>, tid: usize, bar: &Barrier) {
             fill_mask(
                 &cx.rng,
                 cx.site,
-                r.clone(),
-                m,
-                cx.bb,
+                Rows {
+                    range: r.clone(),
+                    width: m,
+                    batch: cx.bb,
+                },
                 cx.shard,
                 cx.p_drop,
                 ms,
@@ -278,8 +280,7 @@ fn heads_thread<T: Real>(cx: &Heads<'_, T>, tid: usize, bar: &Barrier) {
             n_r,
             rr,
             m,
-            cx.zr.ptr().add(pr.start * rr),
-            rr,
+            Dst::rows(cx.zr.ptr().add(pr.start * rr), rr),
             false,
             Mat::rows_ptr(he.add(pr.start * m), m),
             Mat::rows(cx.wr_t, rr),
@@ -288,8 +289,7 @@ fn heads_thread<T: Real>(cx: &Heads<'_, T>, tid: usize, bar: &Barrier) {
             n_r,
             cc,
             m,
-            cx.zc.ptr().add(pr.start * cc),
-            cc,
+            Dst::rows(cx.zc.ptr().add(pr.start * cc), cc),
             false,
             Mat::rows_ptr(ho.add(pr.start * m), m),
             Mat::rows(cx.wc_t, cc),
@@ -347,8 +347,7 @@ fn head_grads<T: Real>(
                 or.len(),
                 m,
                 tb,
-                cx.gr.ptr().add(gw.start + or.start * m),
-                m,
+                Dst::rows(cx.gr.ptr().add(gw.start + or.start * m), m),
                 false,
                 zt,
                 Mat::rows_ptr(inp, m),
@@ -368,8 +367,7 @@ fn head_grads<T: Real>(
             n_r,
             m,
             rr,
-            cx.dh.ptr().add(pr.start * m),
-            m,
+            Dst::rows(cx.dh.ptr().add(pr.start * m), m),
             false,
             Mat::rows_ptr(cx.zr.ptr().add(pr.start * rr), rr),
             Mat::rows(cx.wr, m),
@@ -378,8 +376,7 @@ fn head_grads<T: Real>(
             n_r,
             m,
             cc,
-            cx.dh.ptr().add((tb + pr.start) * m),
-            m,
+            Dst::rows(cx.dh.ptr().add((tb + pr.start) * m), m),
             false,
             Mat::rows_ptr(cx.zc.ptr().add(pr.start * cc), cc),
             Mat::rows(cx.wc, m),

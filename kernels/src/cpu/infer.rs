@@ -3,7 +3,7 @@
 //! layer 0's input projection added to the recurrent product in the same order as the
 //! evaluation pass, so a word's probabilities here are those `eval` measures.
 
-use super::gemm::{Mat, gemm};
+use super::gemm::{Dst, Mat, gemm};
 use super::layout::to_internal;
 use super::simd;
 use crate::layout::{ModelDims, ParamLayout};
@@ -137,14 +137,13 @@ impl Stepper {
             // SAFETY: every view is a live buffer of the sizes given; dst does not overlap.
             unsafe {
                 if l == 0 {
-                    // As the evaluation pass: the input projection on its own, added in the cell.
+                    // As the evaluation pass: the input projection on its own, added before the cell.
                     let x = &table[id * n..(id + 1) * n];
                     gemm(
                         1,
                         m4,
                         n,
-                        proj.as_mut_ptr(),
-                        m4,
+                        Dst::rows(proj.as_mut_ptr(), m4),
                         false,
                         Mat::rows(x, n),
                         Mat::rows(w_ih_t, m4),
@@ -153,8 +152,7 @@ impl Stepper {
                         1,
                         m4,
                         m,
-                        g.as_mut_ptr(),
-                        m4,
+                        Dst::rows(g.as_mut_ptr(), m4),
                         false,
                         Mat::rows(hprev, m),
                         Mat::rows(w_hh_t, m4),
@@ -165,8 +163,7 @@ impl Stepper {
                         1,
                         m4,
                         inp,
-                        g.as_mut_ptr(),
-                        m4,
+                        Dst::rows(g.as_mut_ptr(), m4),
                         false,
                         Mat::rows(x, inp),
                         Mat::rows(w_ih_t, m4),
@@ -175,23 +172,25 @@ impl Stepper {
                         1,
                         m4,
                         m,
-                        g.as_mut_ptr(),
-                        m4,
+                        Dst::rows(g.as_mut_ptr(), m4),
                         true,
                         Mat::rows(hprev, m),
                         Mat::rows(w_hh_t, m4),
                     );
                 }
             }
-            let tab: &[f32] = if l == 0 { &proj } else { &[] };
             let (h_l, c_l) = (l * m..(l + 1) * m, l * m..(l + 1) * m);
             let mut h = vec![0f32; m];
+            if l == 0 {
+                simd::add_assign(&mut g, &proj);
+            }
             simd::cell_forward(
-                m,
-                0..m,
+                simd::Units {
+                    hidden: m,
+                    range: 0..m,
+                },
                 &mut g,
                 &self.bias[l],
-                tab,
                 &from.c[c_l.clone()],
                 &mut out.c[c_l],
                 &mut tc,
@@ -219,8 +218,7 @@ impl Stepper {
                 1,
                 k,
                 m,
-                z.as_mut_ptr(),
-                k,
+                Dst::rows(z.as_mut_ptr(), k),
                 false,
                 Mat::rows(top, m),
                 Mat::rows(&self.shadow[w], k),

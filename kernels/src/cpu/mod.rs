@@ -13,7 +13,7 @@ pub mod layout;
 pub mod simd;
 pub mod team;
 
-pub use engine::{Engine, NamedBuffers, row_of};
+pub use engine::{Engine, NamedBuffers};
 
 use crate::backend::{
     Backend, Batch, GradReduce, GradsMut, LossSums, ModelConfig, OptimizerState, Pass, Shard,
@@ -55,45 +55,6 @@ impl CpuBackend {
 
     pub fn engine(&self) -> &Engine<f32> {
         &self.engine
-    }
-
-    /// Forward and backward of one batch; the gradient is left in the engine's buffer.
-    fn forward_backward(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<LossSums> {
-        self.forward(batch, Pass::Train { step })?;
-        let loss = self.engine.heads(Some(scale))?;
-        for l in (0..self.engine.dims().layers).rev() {
-            self.engine.lstm_backward(l)?;
-        }
-        Ok(loss)
-    }
-
-    /// The groups of a training batch in turn (see [`Plan::group`]), their gradients
-    /// folded into the pairwise sum, left in the engine's gradient buffer.
-    fn grouped_step(
-        &mut self,
-        batch: &Batch<'_>,
-        plan: Plan,
-        groups: usize,
-        tokens: &mut Vec<u32>,
-        (step, scale): (u64, f32),
-    ) -> Result<LossSums> {
-        let mut total = LossSums::default();
-        for g in 0..groups {
-            let (group, keyed) = plan.group(batch, g, tokens);
-            self.engine.set_shard(keyed)?;
-            total.add(&self.forward_backward(&group, step, scale)?);
-            // The gradient just computed goes into the pairwise sum.
-            let mut buf = self
-                .sums
-                .spare()
-                .unwrap_or_else(|| vec![0.0; self.engine.layout().total]);
-            self.engine.swap_grads(&mut buf)?;
-            self.sums.push(buf, |a, b| add_host(a, b))?;
-        }
-        let mut sum = self.sums.finish(|a, b| add_host(a, b))?;
-        self.engine.swap_grads(&mut sum)?;
-        self.sums.recycle(sum);
-        Ok(total)
     }
 }
 
@@ -170,20 +131,39 @@ impl Backend for CpuBackend {
 
     fn train_step(&mut self, batch: &Batch<'_>, step: u64, scale: f32) -> Result<()> {
         let plan = Plan::new(self.shard, batch)?;
-        self.last_loss = match plan {
-            Plan::Whole { keyed } => {
-                self.engine.set_shard(keyed)?;
-                self.forward_backward(batch, step, scale)?
+        let grouped = plan.groups() > 1;
+        if grouped {
+            // Partial sums left by a step that failed half-way are not this step's.
+            self.sums.reset();
+        }
+        let mut tokens = std::mem::take(&mut self.group_tokens);
+        let mut total = LossSums::default();
+        let r = plan.for_each_group(batch, &mut tokens, |_, group, keyed| {
+            self.engine.set_shard(keyed)?;
+            let loss = self.forward_backward(group, step, scale)?;
+            if !grouped {
+                // The batch in one piece: its gradient stays in the engine's buffer.
+                total = loss;
+                return Ok(());
             }
-            Plan::Groups { groups, .. } => {
-                // Partial sums left by a step that failed half-way are not this step's.
-                self.sums.reset();
-                let mut tokens = std::mem::take(&mut self.group_tokens);
-                let r = self.grouped_step(batch, plan, groups, &mut tokens, (step, scale));
-                self.group_tokens = tokens;
-                r?
-            }
-        };
+            total.add(&loss);
+            // The gradient just computed goes into the pairwise sum.
+            let mut buf = self
+                .sums
+                .spare()
+                .unwrap_or_else(|| vec![0.0; self.engine.layout().total]);
+            self.engine.swap_grads(&mut buf)?;
+            self.sums.push(buf, |a, b| add_host(a, b))
+        });
+        self.group_tokens = tokens;
+        r?;
+        if grouped {
+            // The groups' sum, left in the engine's gradient buffer.
+            let mut sum = self.sums.finish(|a, b| add_host(a, b))?;
+            self.engine.swap_grads(&mut sum)?;
+            self.sums.recycle(sum);
+        }
+        self.last_loss = total;
         Ok(())
     }
 
@@ -276,8 +256,7 @@ pub fn gemm_peak_gflops(threads: usize, n: usize, reps: usize) -> crate::Result<
                     n,
                     cols.len(),
                     n,
-                    cs.ptr().add(cols.start),
-                    n,
+                    gemm::Dst::rows(cs.ptr().add(cols.start), n),
                     false,
                     gemm::Mat::rows(&a, n),
                     gemm::Mat::rows(&b, n).at(0, cols.start),

@@ -12,18 +12,14 @@ use crate::rng::Philox;
 macro_rules! multiversion {
     ($(#[$meta:meta])* pub fn $name:ident<$T:ident: Real>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
         pub fn $name<$T: Real>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
             fn body<$T: Real>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v4<$T: Real>($($arg: $ty),*) $(-> $ret)? { body::<$T>($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v3<$T: Real>($($arg: $ty),*) $(-> $ret)? { body::<$T>($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked at run time).
@@ -39,30 +35,38 @@ macro_rules! multiversion {
     };
 }
 
-/// One gate block of the cell forward: `bs` units whose gate rows start at `r` in the
-/// segment and whose units start at `u`. Every operand is re-sliced to exactly `bs`
-/// elements first, so the loop has no bounds checks and vectorises; inlined with a
+/// The units `range` of a layer of `hidden` units that a cell kernel works on: gate
+/// blocks of [`GATE_BLOCK`] units from `range.start`, the last one cut at `hidden`.
+#[derive(Clone, Debug)]
+pub struct Units {
+    pub hidden: usize,
+    pub range: std::ops::Range<usize>,
+}
+
+/// One gate block of a cell kernel: `len` units starting at unit `unit` of the segment,
+/// whose gate rows start at row `4 * unit`.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    len: usize,
+    unit: usize,
+}
+
+/// One gate block of the cell forward ([`Block`]). Every operand is re-sliced to exactly
+/// `bs` elements first, so the loop has no bounds checks and vectorises; inlined with a
 /// constant `bs` for full blocks.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn cell_forward_block<T: Real>(
-    bs: usize,
-    r: usize,
-    u: usize,
+    blk: Block,
     g: &mut [T],
     bias: &[T],
-    table: &[T],
     c_prev: &[T],
     c: &mut [T],
     tc: &mut [T],
     h: &mut [T],
 ) {
+    let (bs, u) = (blk.len, blk.unit);
+    let r = 4 * u;
     let g = &mut g[r..r + 4 * bs];
-    if !table.is_empty() {
-        for (x, &t) in g.iter_mut().zip(&table[r..r + 4 * bs]) {
-            *x += t;
-        }
-    }
     let (gi, rest) = g.split_at_mut(bs);
     let (gf, rest) = rest.split_at_mut(bs);
     let (gg, go) = rest.split_at_mut(bs);
@@ -97,32 +101,35 @@ fn cell_forward_block<T: Real>(
     }
 }
 
+// The cell kernels take every slice as an argument of its own: each is then `noalias`
+// in the multiversioned functions, which the vectoriser needs (input slices grouped in a
+// struct, which is passed behind a pointer, left the forward loop scalar). That is why
+// the layer-0 input projection is added by the callers, before the call.
+
 multiversion! {
-    /// LSTM cell forward for one batch row and the units `units` of a layer of `hidden`
-    /// units. `g` holds the pre-activations of those units' gate rows (internal layout,
-    /// 4*|units|) without biases; `bias` the matching rows of b_ih + b_hh; `table` (same
-    /// length, or empty) the layer-0 input projection of this row's input. On return `g`
-    /// holds the activations (sigma(i), sigma(f), tanh(g), sigma(o)), and
-    /// c = f*c_prev + i*g, tc = tanh(c), h = o*tc.
+    /// LSTM cell forward for one batch row and the units `units`. `g` holds the
+    /// pre-activations of those units' gate rows (internal layout, 4*|units|) without
+    /// biases (with the layer-0 input projection already added: [`add_assign`]); `bias`
+    /// the matching rows of b_ih + b_hh. On return `g` holds the activations (sigma(i),
+    /// sigma(f), tanh(g), sigma(o)), and c = f*c_prev + i*g, tc = tanh(c), h = o*tc.
     pub fn cell_forward<T: Real>(
-        hidden: usize,
-        units: std::ops::Range<usize>,
+        units: Units,
         g: &mut [T],
         bias: &[T],
-        table: &[T],
         c_prev: &[T],
         c: &mut [T],
         tc: &mut [T],
         h: &mut [T],
     ) {
-        let mut unit = units.start;
-        while unit < units.end {
-            let bs = GATE_BLOCK.min(hidden - unit);
-            let (r, u) = (4 * (unit - units.start), unit - units.start);
+        let mut unit = units.range.start;
+        while unit < units.range.end {
+            let bs = GATE_BLOCK.min(units.hidden - unit);
+            let u = unit - units.range.start;
             if bs == GATE_BLOCK {
-                cell_forward_block(GATE_BLOCK, r, u, g, bias, table, c_prev, c, tc, h);
+                let blk = Block { len: GATE_BLOCK, unit: u };
+                cell_forward_block(blk, g, bias, c_prev, c, tc, h);
             } else {
-                cell_forward_block(bs, r, u, g, bias, table, c_prev, c, tc, h);
+                cell_forward_block(Block { len: bs, unit: u }, g, bias, c_prev, c, tc, h);
             }
             unit += bs;
         }
@@ -131,11 +138,8 @@ multiversion! {
 
 /// One gate block of the cell backward (see [`cell_forward_block`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn cell_backward_block<T: Real>(
-    bs: usize,
-    r: usize,
-    u: usize,
+    blk: Block,
     a: &mut [T],
     dh_above: &[T],
     dh_rec: &[T],
@@ -143,6 +147,8 @@ fn cell_backward_block<T: Real>(
     tc: &[T],
     dc: &mut [T],
 ) {
+    let (bs, u) = (blk.len, blk.unit);
+    let r = 4 * u;
     let a = &mut a[r..r + 4 * bs];
     let (ai, rest) = a.split_at_mut(bs);
     let (af, rest) = rest.split_at_mut(bs);
@@ -180,8 +186,7 @@ multiversion! {
     /// `dh` = gradient from above (+ recurrent, when `dh_rec` is non-empty); `dc` carries
     /// d loss / d c from the next step in and to the previous step out.
     pub fn cell_backward<T: Real>(
-        hidden: usize,
-        units: std::ops::Range<usize>,
+        units: Units,
         a: &mut [T],
         dh_above: &[T],
         dh_rec: &[T],
@@ -189,14 +194,16 @@ multiversion! {
         tc: &[T],
         dc: &mut [T],
     ) {
-        let mut unit = units.start;
-        while unit < units.end {
-            let bs = GATE_BLOCK.min(hidden - unit);
-            let (r, u) = (4 * (unit - units.start), unit - units.start);
+        let mut unit = units.range.start;
+        while unit < units.range.end {
+            let bs = GATE_BLOCK.min(units.hidden - unit);
+            let u = unit - units.range.start;
             if bs == GATE_BLOCK {
-                cell_backward_block(GATE_BLOCK, r, u, a, dh_above, dh_rec, c_prev, tc, dc);
+                let blk = Block { len: GATE_BLOCK, unit: u };
+                cell_backward_block(blk, a, dh_above, dh_rec, c_prev, tc, dc);
             } else {
-                cell_backward_block(bs, r, u, a, dh_above, dh_rec, c_prev, tc, dc);
+                let blk = Block { len: bs, unit: u };
+                cell_backward_block(blk, a, dh_above, dh_rec, c_prev, tc, dc);
             }
             unit += bs;
         }

@@ -109,7 +109,7 @@ mod imp {
                 out.push(("libcublas", format!("{}.{}.{}", v[0], v[1], v[2])));
             }
         }
-        if let Ok((major, minor, patch)) = crate::cuda::nccl::version() {
+        if let Ok((major, minor, patch)) = crate::cuda::comm::nccl::version() {
             out.push(("libnccl", format!("{major}.{minor}.{patch}")));
         }
         out

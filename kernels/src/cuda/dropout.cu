@@ -1,3 +1,7 @@
+// CPU twin: `simd::dropout_mask` (kernels/src/cpu/simd.rs), keyed per row as
+// `engine::fill_mask` (kernels/src/cpu/engine.rs) keys it. Held together, bit for bit, by
+// `lstm::dropout_masks_are_the_cpu_masks_bit_for_bit` (kernels/tests/cuda/lstm.rs).
+//
 // Dropout masks from the counter-based Philox4x32-10 stream of the CPU backend
 // (kernels/src/rng.rs), so both devices draw the same mask for the same element: element j
 // of row r of a time-major [S, B] block is element (g * width + j) of stream `site`, where

@@ -1,3 +1,8 @@
+// CPU twin: the distinct input rows `Engine::input_forward` gathers (kernels/src/cpu/engine.rs)
+// and `input_grads`' per-row sum of their gradients (kernels/src/cpu/backward.rs). Held
+// together by `lstm::gather_and_scatter_rows_match_host_loops` (kernels/tests/cuda/lstm.rs)
+// and the whole steps of kernels/tests/cuda/step.rs.
+//
 // The input tables: gathering the rows a batch reads, and the per-row sum of their
 // gradients (deterministic: each distinct row sums its uses in a fixed order, no atomics).
 

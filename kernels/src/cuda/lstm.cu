@@ -1,3 +1,7 @@
+// CPU twin: `simd::cell_forward` and `simd::cell_backward` (kernels/src/cpu/simd.rs), as
+// `recurrent_step` (cpu/forward.rs) and `through_time` (cpu/backward.rs) run them. Held
+// together by `lstm::lstm_cell_kernels_match_the_cpu_cell` (kernels/tests/cuda/lstm.rs).
+//
 // The LSTM cell of one step for all streams, fused with the biases and activations.
 // Gates are PyTorch's order (i, f, g, o blocks of `hidden` rows); one thread per
 // (stream, unit). The activations match the CPU backend's: sigmoid(x) = 1 / (1 + e^-x),

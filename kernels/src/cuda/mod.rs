@@ -6,18 +6,27 @@
 //!   column-major GEMMs) with two implementations, the GPU (`gpu`, cudarc + cuBLAS) and
 //!   the emulated device (`emulated`: host memory, the same `.cu` files compiled by the
 //!   host C++ compiler under `emu/cuda_emu.h`), both behind the `cuda` feature.
-//! - [`CudaBackend`]: the LightRNN model written once over the device layer (`step`,
-//!   `workspace`); CI runs it on the emulated device against the CPU backend.
-//! - [`allreduce`]: the gradient buffer lent to the job's collective and the fixed-order
-//!   all-reduce over a [`allreduce::Peers`] transport (NCCL between GPU processes).
+//! - [`CudaBackend`]: the LightRNN model written once over the device layer; CI runs it on
+//!   the emulated device against the CPU backend. `backend` (what it holds, opening it,
+//!   its buffers' housekeeping), `boundary` (the [`crate::Backend`] calls), `host` (a
+//!   batch's host side: table ids and scatter lists in the staging, a step's groups
+//!   prepared, results read back), `step` (the device work of a pass, named after the
+//!   calls it serves, and running a step's work as a CUDA graph), `update` (norm,
+//!   clipping and optimizer on the device), `work` (a step's device work as data, what a
+//!   graph is keyed by), `graphs` (the graph cache), `workspace` (device memory plans,
+//!   staging, the step's device scalars), `devlayout` (parameters at 16-byte boundaries).
+//! - [`comm`]: communication between the ranks on the device: the gradient buffer lent to
+//!   the job's collective, the fixed-order all-reduce over a [`crate::backend::Peers`]
+//!   transport (`comm::allreduce`), and NCCL between GPU processes (`comm::nccl`).
 //! - [`device`]: which devices and libraries this machine has; [`nvrtc`]: compiling the
 //!   sources (PTX, or CUBIN with ptxas's register and spill report).
 //!
 //! Without the `cuda` feature, opening the backend says "built without CUDA".
 
-pub mod allreduce;
 mod backend;
+mod boundary;
 mod buffers;
+pub mod comm;
 pub mod device;
 mod devlayout;
 #[cfg(feature = "cuda")]
@@ -25,12 +34,12 @@ pub mod emulated;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod graphs;
+mod host;
 pub mod layer;
-#[cfg(feature = "cuda")]
-pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 mod step;
+mod update;
 mod work;
 mod workspace;
 
@@ -106,7 +115,7 @@ impl std::str::FromStr for Precision {
 pub fn nccl_unique_id() -> crate::Result<Vec<u8>> {
     #[cfg(feature = "cuda")]
     {
-        nccl::unique_id().map(|id| id.to_vec())
+        comm::nccl::unique_id().map(|id| id.to_vec())
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -120,7 +129,7 @@ pub fn nccl_unique_id() -> crate::Result<Vec<u8>> {
 pub fn nccl_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        nccl::nccl_present()
+        comm::nccl::nccl_present()
     }
     #[cfg(not(feature = "cuda"))]
     {

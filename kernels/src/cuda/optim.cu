@@ -1,3 +1,8 @@
+// CPU twin: `optim::update` and `optim::clip_coefficient` (kernels/src/optim.rs), as
+// `Engine::optimizer_step` (kernels/src/cpu/engine.rs) and `CpuBackend::clip_and_step` run
+// them. Held together by `optim::optimizer_kernels_match_the_cpu_updates` and
+// `optim::clip_scale_is_the_host_coefficient` (kernels/tests/cuda/optim.rs).
+//
 // Optimizer updates over the flat parameter buffer, in the CPU backend's f32 arithmetic
 // (kernels/src/optim.rs). What changes from step to step is read from device memory, so a
 // captured graph replays unchanged: the clipping coefficient and whether to update at all

@@ -1,3 +1,8 @@
+// CPU twin: `simd::sum_sq` (kernels/src/cpu/simd.rs; `Engine::grad_norm`), the heads' loss
+// sums (kernels/src/cpu/heads.rs) and `add_host`, the pairwise sum's addition
+// (kernels/src/cpu/mod.rs). Held together by `optim::reductions_match_host_sums`
+// (kernels/tests/cuda/optim.rs).
+//
 // Reductions in a fixed order (the same bits on every run): the gradient norm's sum of
 // squares and sums of per-row losses; and the element-wise sum of two gradient buffers
 // (the gradient groups' pairwise sum). Bias gradients are GEMMs with a ones vector.

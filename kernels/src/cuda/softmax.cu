@@ -1,3 +1,7 @@
+// CPU twin: `simd::softmax_nll` and `simd::neg_log_softmax` (kernels/src/cpu/simd.rs), as
+// `heads_thread` (kernels/src/cpu/heads.rs) runs them. Held together by
+// `heads::fused_softmax_matches_the_cpu_in_every_mode` (kernels/tests/cuda/heads.rs).
+//
 // The heads' fused log-softmax + NLL, one block of 256 threads per row of `width` logits
 // (rows `ld` apart: the device pads them to a multiple of 4). mode 0: the loss only (z
 // left as z + b); 1: z := scale (softmax(z + b) - onehot(target)), the scale read from

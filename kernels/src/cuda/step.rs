@@ -1,21 +1,25 @@
-//! The CUDA backend's device work, written once over the [`Device`] layer and issued
-//! without a host wait: a group's inputs uploaded from page-locked staging in one copy,
-//! the layer-0 gather and the start state, then per layer one input-projection GEMM over
-//! all 2T steps, per step one recurrent GEMM and one fused cell kernel, the heads as GEMMs
-//! over all positions with the fused log-softmax, and the backward pass in reverse; the
-//! update: the gradient norm, the clipping coefficient and the optimizer on the device.
-//! Everything that changes from step to step is read from device memory (the `knob`
-//! slots, the inputs), never passed as a launch argument, so the same work captured once
-//! as a CUDA graph replays every step ([`CudaBackend::run_work`]: replayed, captured, or
-//! plain launches where a capture fails). GEMMs are column-major (cuBLAS): a row-major
-//! [M, N] matrix is a column-major N x M one with leading dimension N.
+//! The CUDA backend's device work of a pass, written once over the [`Device`] layer and
+//! issued without a host wait: [`DevPass`], one group's pass, whose methods are named after
+//! the [`crate::Backend`] calls they serve (`input_forward`: a group's inputs uploaded from
+//! page-locked staging in one copy, the layer-0 gather and the start state; `lstm_forward`:
+//! per layer one input-projection GEMM over all 2T steps, per step one recurrent GEMM and
+//! one fused cell kernel; `heads`: GEMMs over all positions with the fused log-softmax;
+//! `lstm_backward`: the layers in reverse), a training step's groups with their pairwise
+//! gradient sum, and running a step's [`Work`]. Everything that changes from step to step
+//! is read from device memory (the `knob` slots, the inputs), never passed as a launch
+//! argument, so the same work captured once as a CUDA graph replays every step
+//! ([`CudaBackend::run_work`]: replayed, captured, or plain launches where a capture
+//! fails). GEMMs are column-major (cuBLAS): a row-major [M, N] matrix is a column-major
+//! N x M one with leading dimension N.
+//!
+//! [`Device`]: super::layer::Device
 
 use super::CudaBackend;
-use super::buffers::{Buf, THREADS, add_assign, grid_for, u32_arg};
-use super::layer::{Arg, Device, Gemm, Graph, Launch};
-use super::work::{Cx, NORM_BLOCKS, TrainWork, UpdateWork, Work};
-use super::workspace::{BATCH_HEAD, HeadMode, Workspace, knob};
-use crate::cpu::row_of;
+use super::buffers::{THREADS, add_assign, grid_for, pad4, u32_arg};
+use super::layer::{Arg, Gemm, Graph};
+use super::work::{Cx, TrainWork, Work};
+use super::workspace::{BATCH_HEAD, HeadMode, knob};
+use crate::layout::row_of;
 use crate::rng::{Philox, Purpose};
 use crate::{Error, Result};
 
@@ -70,10 +74,10 @@ fn col_sums(cols: usize, k: usize, ones: u64, d: (u64, usize), g: u64) -> Gemm {
         a: d.0,
         lda: d.1,
         b: ones,
-        ldb: super::buffers::pad4(k),
+        ldb: pad4(k),
         beta: 0.0,
         c: g,
-        ldc: super::buffers::pad4(cols),
+        ldc: pad4(cols),
     }
 }
 
@@ -97,80 +101,16 @@ fn dtx(outs: usize, ins: usize, k: usize, d: (u64, usize), x: u64, g: u64, beta:
     }
 }
 
+/// One pass of the device work: the backend it runs on and the group it runs ([`Cx`]).
+pub(super) struct DevPass<'a> {
+    be: &'a CudaBackend,
+    cx: Cx,
+}
+
 impl CudaBackend {
-    pub(super) fn dev(&self) -> &dyn Device {
-        self.dev.as_ref()
-    }
-
-    pub(super) fn ws(&self) -> Result<&Workspace> {
-        self.ws
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no batch".into()))
-    }
-
-    fn launch(&self, kernel: &'static str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
-        self.dev.launch(&Launch {
-            kernel,
-            grid,
-            block: [block, 1, 1],
-            args,
-        })
-    }
-
-    /// The gradient buffer `slot` (0: the backend's).
-    fn grad_buf(&self, slot: usize) -> Result<&Buf<f32>> {
-        match slot {
-            0 => Ok(&self.grads),
-            k => self
-                .group_grads
-                .get(k - 1)
-                .ok_or_else(|| Error::Backend(format!("no gradient buffer {k}"))),
-        }
-    }
-
-    /// The device offset of parameter tensor `spec`.
-    fn off(&self, spec: usize) -> usize {
-        self.dl.offsets[spec]
-    }
-
-    /// out = in * dropout mask over `rows` x `width` at site step * 64 + `site_off` (the
-    /// step's part from the `SITE` slot; keyed as the CPU's).
-    fn dropout(
-        &self,
-        cx: &Cx,
-        out: u64,
-        inp: u64,
-        rows: usize,
-        width: usize,
-        site_off: u64,
-    ) -> Result<()> {
-        let p = self.dropout;
-        let rng = Philox::new(self.seed, Purpose::Dropout);
-        let key = rng.key();
-        let threshold = (p * 4_294_967_296.0).min(4_294_967_295.0) as u32;
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let bb = self.ws()?.batch;
-        let (offset, global) = cx.keyed.unwrap_or((0, bb));
-        self.launch(
-            "dropout_apply",
-            grid_for(rows * width),
-            THREADS,
-            &[
-                Arg::Ptr(out),
-                Arg::Ptr(inp),
-                u32_arg(rows, "rows")?,
-                u32_arg(width, "width")?,
-                Arg::U32(key[0]),
-                Arg::U32(key[1]),
-                self.knobs.arg(knob::SITE),
-                Arg::U64(site_off),
-                u32_arg(bb, "batch")?,
-                u32_arg(offset, "stream offset")?,
-                u32_arg(global, "global batch")?,
-                Arg::U32(threshold),
-                Arg::F32(keep),
-            ],
-        )
+    /// The device work of pass `cx`.
+    pub(super) fn pass(&self, cx: Cx) -> DevPass<'_> {
+        DevPass { be: self, cx }
     }
 
     /// The batch's device scalars, from the staging to their slots.
@@ -187,34 +127,94 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// buffer a += buffer b over the device layout.
+    fn add_grads(&self, (a, b): (usize, usize)) -> Result<()> {
+        let (x, y) = (self.grad_buf(a)?, self.grad_buf(b)?);
+        add_assign(self.dev(), x.arg(0), y.arg(0), self.dl.total)
+    }
+
+    /// A training step's forward and backward: every group's pass, the gradients summed
+    /// pairwise into the backend's gradient buffer.
+    pub(super) fn train_body(&self, w: &TrainWork) -> Result<()> {
+        self.upload_batch_knobs()?;
+        for (cx, adds) in &w.groups {
+            self.pass(*cx).forward_backward()?;
+            for &a in adds {
+                self.add_grads(a)?;
+            }
+        }
+        for &a in &w.finish {
+            self.add_grads(a)?;
+        }
+        Ok(())
+    }
+}
+
+impl DevPass<'_> {
+    /// out = in * dropout mask over `rows` x `width` at site step * 64 + `site_off` (the
+    /// step's part from the `SITE` slot; keyed as the CPU's).
+    fn dropout(&self, out: u64, inp: u64, rows: usize, width: usize, site_off: u64) -> Result<()> {
+        let be = self.be;
+        let cx = &self.cx;
+        let p = be.dropout;
+        let rng = Philox::new(be.seed, Purpose::Dropout);
+        let key = rng.key();
+        let threshold = (p * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let bb = be.ws()?.batch;
+        let (offset, global) = cx.keyed.unwrap_or((0, bb));
+        be.launch(
+            "dropout_apply",
+            grid_for(rows * width),
+            THREADS,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(inp),
+                u32_arg(rows, "rows")?,
+                u32_arg(width, "width")?,
+                Arg::U32(key[0]),
+                Arg::U32(key[1]),
+                be.knobs.arg(knob::SITE),
+                Arg::U64(site_off),
+                u32_arg(bb, "batch")?,
+                u32_arg(offset, "stream offset")?,
+                u32_arg(global, "global batch")?,
+                Arg::U32(threshold),
+                Arg::F32(keep),
+            ],
+        )
+    }
+
     /// A group's start: its inputs uploaded, its start state, the layer-0 gather.
-    pub(super) fn prepare_device(&self, cx: &Cx) -> Result<()> {
-        let d = self.layout.dims;
-        let ws = self.ws()?;
+    pub(super) fn input_forward(&self) -> Result<()> {
+        let be = self.be;
+        let cx = &self.cx;
+        let d = be.layout.dims;
+        let ws = be.ws()?;
         let (tt, bb, io) = (ws.steps, ws.batch, ws.layout);
         let r = cx.region * io.region;
-        self.dev.upload_async(
+        be.dev.upload_async(
             ws.inputs.at(r),
             &ws.staging.batch,
             BATCH_HEAD + 4 * r,
             4 * io.region,
         )?;
         ws.staging.batch_busy.set(true);
-        let st = self
+        let st = be
             .states
             .get(&cx.stream)
             .ok_or_else(|| Error::Backend(format!("no state for {:?}", cx.stream)))?;
         let n_state = d.layers * bb * d.hidden;
-        ws.h0.copy_from(self.dev(), 0, &st.h, 0, n_state)?;
-        ws.c0.copy_from(self.dev(), 0, &st.c, 0, n_state)?;
+        ws.h0.copy_from(be.dev(), 0, &st.h, 0, n_state)?;
+        ws.c0.copy_from(be.dev(), 0, &st.c, 0, n_state)?;
         let sb = 2 * tt * bb;
-        self.launch(
+        be.launch(
             "gather_rows",
             grid_for(sb * d.emb),
             THREADS,
             &[
                 ws.layers[0].x.arg(0),
-                self.params.arg(self.dl.input_table()),
+                be.params.arg(be.dl.input_table()),
                 ws.inputs.arg(r + io.ids),
                 u32_arg(sb, "rows")?,
                 u32_arg(d.emb, "emb")?,
@@ -223,8 +223,10 @@ impl CudaBackend {
     }
 
     /// The input of layer `l` as its GEMMs read it: [SB, in].
-    fn layer_input(&self, cx: &Cx, l: usize) -> Result<u64> {
-        let ws = self.ws()?;
+    fn layer_input(&self, l: usize) -> Result<u64> {
+        let be = self.be;
+        let cx = &self.cx;
+        let ws = be.ws()?;
         Ok(if l == 0 || cx.train {
             ws.layers[l].x.at(0)
         } else {
@@ -233,13 +235,15 @@ impl CudaBackend {
     }
 
     /// Layer `l` forward over the 2T steps; carries the final state.
-    pub(super) fn layer_forward(&self, cx: &Cx, l: usize) -> Result<()> {
-        let d = self.layout.dims;
-        let ws = self.ws()?;
+    pub(super) fn lstm_forward(&self, l: usize) -> Result<()> {
+        let be = self.be;
+        let cx = &self.cx;
+        let d = be.layout.dims;
+        let ws = be.ws()?;
         let (tt, bb, m, inp) = (ws.steps, ws.batch, d.hidden, d.layer_input(l));
         let sb = 2 * tt * bb;
-        let lp = self.layout.layer(l);
-        let spec = |i: usize| self.params.at(self.off(i));
+        let lp = be.layout.layer(l);
+        let spec = |i: usize| be.params.at(be.off(i));
         let lw = &ws.layers[l];
         if cx.train {
             let src = if l == 0 {
@@ -247,10 +251,10 @@ impl CudaBackend {
             } else {
                 ws.layers[l - 1].h.at(0)
             };
-            self.dropout(cx, lw.x.at(0), src, sb, inp, l as u64)?;
+            self.dropout(lw.x.at(0), src, sb, inp, l as u64)?;
         }
-        let x = self.layer_input(cx, l)?;
-        let dev = self.dev();
+        let x = self.layer_input(l)?;
+        let dev = be.dev();
         // All 2T input projections in one GEMM: G = X W_ih^T.
         dev.gemm(&xwt(
             sb,
@@ -279,7 +283,7 @@ impl CudaBackend {
                 (lw.g.at(r0 * 4 * m), 4 * m),
                 1.0,
             ))?;
-            self.launch(
+            be.launch(
                 "lstm_cell_forward",
                 grid_for(bb * m),
                 THREADS,
@@ -298,7 +302,7 @@ impl CudaBackend {
         }
         // Carry the last step's h and c (B contiguous rows) to the stream's next batch.
         let last = row_of(tt, bb, 2 * tt - 1, 0) * m;
-        let st = self
+        let st = be
             .states
             .get(&cx.stream)
             .ok_or_else(|| Error::Backend(format!("no state for {:?}", cx.stream)))?;
@@ -309,20 +313,22 @@ impl CudaBackend {
     /// Row and column heads: logits, fused log-softmax + NLL, the two loss sums into the
     /// results at `cx.loss_at` and, with gradients, the output layers' gradients and
     /// d loss / d top output.
-    pub(super) fn run_heads(&self, cx: &Cx, mode: HeadMode) -> Result<()> {
-        let d = self.layout.dims;
-        let ws = self.ws()?;
+    pub(super) fn heads(&self, mode: HeadMode) -> Result<()> {
+        let be = self.be;
+        let cx = &self.cx;
+        let d = be.layout.dims;
+        let ws = be.ws()?;
         let (tt, bb, m, rr, cc) = (ws.steps, ws.batch, d.hidden, d.rows, d.cols);
         let (sb, tb) = (2 * tt * bb, tt * bb);
-        let [wr, br, wc, bc] = self.layout.heads().map(|i| self.off(i));
+        let [wr, br, wc, bc] = be.layout.heads().map(|i| be.off(i));
         let top = &ws.layers[d.layers - 1];
         let site = d.layers as u64;
         if cx.train {
-            self.dropout(cx, ws.hd.at(0), top.h.at(0), sb, m, site)?;
+            self.dropout(ws.hd.at(0), top.h.at(0), sb, m, site)?;
         }
         let ht = if cx.train { &ws.hd } else { &top.h };
-        let dev = self.dev();
-        let p = |i: usize| self.params.at(i);
+        let dev = be.dev();
+        let p = |i: usize| be.params.at(i);
         dev.gemm(&xwt(tb, rr, m, ht.at(0), p(wr), (ws.zr.at(0), ws.ldr), 0.0))?;
         dev.gemm(&xwt(
             tb,
@@ -343,7 +349,7 @@ impl CudaBackend {
             (&ws.zr, ws.ldr, br, ws.layout.tgt_r, rr, 0),
             (&ws.zc, ws.ldc, bc, ws.layout.tgt_c, cc, tb),
         ] {
-            self.launch(
+            be.launch(
                 "softmax_nll",
                 [u32_arg(tb, "head rows")?.slot() as u32, 1, 1],
                 256,
@@ -354,12 +360,12 @@ impl CudaBackend {
                     ws.loss_rows.arg(off),
                     u32_arg(width, "table side")?,
                     u32_arg(ld, "logit row")?,
-                    self.knobs.arg(knob::SCALE),
+                    be.knobs.arg(knob::SCALE),
                     Arg::U32(code),
                 ],
             )?;
         }
-        self.launch(
+        be.launch(
             "sum_f64",
             [2, 1, 1],
             THREADS,
@@ -372,7 +378,7 @@ impl CudaBackend {
         if mode != HeadMode::Grad {
             return Ok(());
         }
-        let gb = self.grad_buf(cx.slot)?;
+        let gb = be.grad_buf(cx.slot)?;
         for (z, ld, w, b, width, hoff) in [
             (&ws.zr, ws.ldr, wr, br, rr, 0),
             (&ws.zc, ws.ldc, wc, bc, cc, tb * m),
@@ -390,27 +396,29 @@ impl CudaBackend {
             dev.gemm(&dw(tb, m, width, (z.at(0), ld), (p(w), m), top.dh.at(hoff)))?;
         }
         if cx.train {
-            self.dropout(cx, top.dh.at(0), top.dh.at(0), sb, m, site)?;
+            self.dropout(top.dh.at(0), top.dh.at(0), sb, m, site)?;
         }
         Ok(())
     }
 
     /// Layer `l` backward: through time, then its weight and bias gradients, then the
     /// gradient of its input (the layer below's d loss / d h, or the input tables').
-    pub(super) fn layer_backward(&self, cx: &Cx, l: usize) -> Result<()> {
-        let d = self.layout.dims;
-        let x = self.layer_input(cx, l)?;
-        let ws = self.ws()?;
+    pub(super) fn lstm_backward(&self, l: usize) -> Result<()> {
+        let be = self.be;
+        let cx = &self.cx;
+        let d = be.layout.dims;
+        let x = self.layer_input(l)?;
+        let ws = be.ws()?;
         let (tt, bb, m, inp) = (ws.steps, ws.batch, d.hidden, d.layer_input(l));
         let (sb, tb, m4) = (2 * tt * bb, tt * bb, 4 * d.hidden);
-        let lp = self.layout.layer(l);
-        let gb = self.grad_buf(cx.slot)?;
+        let lp = be.layout.layer(l);
+        let gb = be.grad_buf(cx.slot)?;
         let (p, g) = (
-            |i: usize| self.params.at(self.off(i)),
-            |i: usize| gb.at(self.off(i)),
+            |i: usize| be.params.at(be.off(i)),
+            |i: usize| gb.at(be.off(i)),
         );
         let lw = &ws.layers[l];
-        let dev = self.dev();
+        let dev = be.dev();
         let state0 = l * bb * m;
         ws.dc.zero(dev, 0, bb * m)?;
         for s in (0..2 * tt).rev() {
@@ -420,7 +428,7 @@ impl CudaBackend {
             } else {
                 lw.c.at(row_of(tt, bb, s - 1, 0) * m)
             };
-            self.launch(
+            be.launch(
                 "lstm_cell_backward",
                 grid_for(bb * m),
                 THREADS,
@@ -488,7 +496,7 @@ impl CudaBackend {
             (lw.g.at(0), m4),
             g(lp.b_ih),
         ))?;
-        gb.copy_from(dev, self.off(lp.b_hh), gb, self.off(lp.b_ih), m4)?;
+        gb.copy_from(dev, be.off(lp.b_hh), gb, be.off(lp.b_ih), m4)?;
         // The gradient of the layer's input: the layer below's d loss / d h, or (layer 0)
         // the gathered rows' gradient, which the scatter below sums into the tables.
         let below = if l > 0 {
@@ -498,16 +506,16 @@ impl CudaBackend {
         };
         dev.gemm(&dw(sb, inp, m4, (lw.g.at(0), m4), (p(lp.w_ih), inp), below))?;
         if cx.train {
-            self.dropout(cx, below, below, sb, inp, l as u64)?;
+            self.dropout(below, below, sb, inp, l as u64)?;
         }
         if l > 0 {
             return Ok(());
         }
-        let table = self.dl.input_table();
+        let table = be.dl.input_table();
         gb.zero(dev, table, d.input_rows() * d.emb)?;
         let io = ws.layout;
         let r = cx.region * io.region;
-        self.launch(
+        be.launch(
             "scatter_rows",
             [
                 u32_arg(io.uniq_cap.clamp(1, 4096), "distinct input rows")?.slot() as u32,
@@ -528,146 +536,17 @@ impl CudaBackend {
     }
 
     /// One group's forward and backward with gradients.
-    fn group_pass(&self, cx: &Cx) -> Result<()> {
-        self.prepare_device(cx)?;
-        for l in 0..self.layout.dims.layers {
-            self.layer_forward(cx, l)?;
+    pub(super) fn forward_backward(&self) -> Result<()> {
+        let be = self.be;
+        self.input_forward()?;
+        for l in 0..be.layout.dims.layers {
+            self.lstm_forward(l)?;
         }
-        self.run_heads(cx, HeadMode::Grad)?;
-        for l in (0..self.layout.dims.layers).rev() {
-            self.layer_backward(cx, l)?;
-        }
-        Ok(())
-    }
-
-    /// buffer a += buffer b over the device layout.
-    fn add_grads(&self, (a, b): (usize, usize)) -> Result<()> {
-        let (x, y) = (self.grad_buf(a)?, self.grad_buf(b)?);
-        add_assign(self.dev(), x.arg(0), y.arg(0), self.dl.total)
-    }
-
-    /// A training step's forward and backward: every group's pass, the gradients summed
-    /// pairwise into the backend's gradient buffer.
-    pub(super) fn train_body(&self, w: &TrainWork) -> Result<()> {
-        self.upload_batch_knobs()?;
-        for (cx, adds) in &w.groups {
-            self.group_pass(cx)?;
-            for &a in adds {
-                self.add_grads(a)?;
-            }
-        }
-        for &a in &w.finish {
-            self.add_grads(a)?;
+        self.heads(HeadMode::Grad)?;
+        for l in (0..be.layout.dims.layers).rev() {
+            self.lstm_backward(l)?;
         }
         Ok(())
-    }
-
-    /// The update: its scalars uploaded, the gradient norm (two fixed-order passes), the
-    /// clipping coefficient, the optimizer, and the step's results downloaded to the
-    /// staging (the host reads them after its one wait).
-    pub(super) fn update_body(&self, w: &UpdateWork) -> Result<()> {
-        let ws = self.ws()?;
-        let dev = self.dev();
-        let n = knob::UPDATE.len();
-        dev.upload_async(
-            self.knobs.at(knob::UPDATE.start),
-            &ws.staging.update,
-            0,
-            8 * n,
-        )?;
-        ws.staging.update_busy.set(true);
-        let total = self.dl.total;
-        let blocks = total.div_ceil(THREADS as usize).clamp(1, NORM_BLOCKS);
-        self.launch(
-            "sum_sq_partial",
-            [blocks as u32, 1, 1],
-            THREADS,
-            &[
-                self.partials.arg(0),
-                self.grads.arg(0),
-                Arg::U64(total as u64),
-            ],
-        )?;
-        self.launch(
-            "sum_f64",
-            [1, 1, 1],
-            THREADS,
-            &[
-                ws.results.arg(0),
-                self.partials.arg(0),
-                u32_arg(blocks, "blocks")?,
-            ],
-        )?;
-        let k = |slot: usize| self.knobs.arg(slot);
-        self.launch(
-            "clip_scale",
-            [1, 1, 1],
-            1,
-            &[
-                ws.results.arg(0),
-                k(knob::LR),
-                k(knob::MAX_NORM),
-                k(knob::GS),
-                k(knob::SGD_K),
-                k(knob::APPLY),
-            ],
-        )?;
-        self.optimizer_launch(w)?;
-        let n_results = ws.results.len();
-        dev.download_async(ws.results.at(0), &ws.staging.results, 0, 8 * n_results)
-    }
-
-    fn optimizer_launch(&self, w: &UpdateWork) -> Result<()> {
-        let st = self
-            .opt
-            .as_ref()
-            .ok_or_else(|| Error::Backend("no optimizer state".into()))?;
-        let (p, g, n) = (
-            self.params.arg(0),
-            self.grads.arg(0),
-            Arg::U64(self.dl.total as u64),
-        );
-        let k = |slot: usize| self.knobs.arg(slot);
-        let f = |bits: u64| Arg::F32(f64::from_bits(bits) as f32);
-        let (kernel, args): (&'static str, Vec<Arg>) = match w.rule {
-            (0, _) => ("sgd_step", vec![p, g, n, k(knob::SGD_K), k(knob::APPLY)]),
-            (1, [b1, b2, eps]) => {
-                let (beta1, beta2) = (f64::from_bits(b1), f64::from_bits(b2));
-                (
-                    "adam_step",
-                    vec![
-                        p,
-                        g,
-                        st.bufs[0].arg(0),
-                        st.bufs[1].arg(0),
-                        n,
-                        k(knob::GS),
-                        f(b1),
-                        f(b2),
-                        Arg::F32((1.0 - beta1) as f32),
-                        Arg::F32((1.0 - beta2) as f32),
-                        k(knob::ADAM_STEP),
-                        k(knob::ADAM_INV_BC2),
-                        f(eps),
-                        k(knob::APPLY),
-                    ],
-                )
-            }
-            (_, [eps, _, _]) => (
-                "adagrad_step",
-                vec![
-                    p,
-                    g,
-                    st.bufs[0].arg(0),
-                    n,
-                    k(knob::GS),
-                    k(knob::LR),
-                    f(eps),
-                    k(knob::APPLY),
-                ],
-            ),
-        };
-        self.launch(kernel, grid_for(self.dl.total), THREADS, &args)
     }
 }
 

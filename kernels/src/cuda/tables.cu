@@ -1,3 +1,7 @@
+// CPU twin: `Engine::accumulate_loss_tables` (kernels/src/cpu/heads.rs). Held together by
+// `tables::loss_table_kernel_matches_host_sums` and
+// `tables::loss_tables_and_evaluation_match_the_cpu_backend` (kernels/tests/cuda/tables.rs).
+//
 // Loss-table accumulation on the device: block (k, chunk) adds, for word words[k], the
 // -log-softmax rows z[p, :] (rows `ld` apart) of its positions p in
 // positions[starts[k] .. starts[k + 1]] (summed in double, in that order) into

@@ -1,12 +1,13 @@
 //! Collectives between the ranks of a data-parallel job: the [`Collective`] trait the
 //! training loop sums its gradients (through the backend's [`GradReduce`] side), loss
-//! sums and checkpoint states through, [`Single`] for a job of one rank, and [`share`],
-//! how a batch's streams are split over the ranks. The TCP ring between processes is in
+//! sums and checkpoint states through, and [`Single`] for a job of one rank (how a
+//! batch's streams are split over the ranks is `lightrnn_core::util::share`). The TCP ring between processes is in
 //! [`super::ring`].
 
 use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 
-use crate::Result;
+use lightrnn_core::Result;
+use lightrnn_core::util::share;
 
 /// What data-parallel training needs from its ranks. A backend reduces its gradient
 /// buffer through the [`GradReduce`] side, wherever that buffer lies.
@@ -65,14 +66,6 @@ pub trait Collective: GradReduce + Send {
         buf.copy_from_slice(&total);
         Ok(())
     }
-}
-
-/// Rank `rank`'s share of `n` items (streams of a batch) split over `world` ranks as
-/// evenly as possible: the first `n % world` ranks take one more.
-pub fn share(n: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
-    let (base, extra) = (n / world.max(1), n % world.max(1));
-    let start = rank * base + rank.min(extra);
-    start..start + base + usize::from(rank < extra)
 }
 
 /// The gradient all-reduce of a collective that sums host memory: a device buffer is

@@ -15,10 +15,10 @@ use lightrnn_alloc::{Reallocation, RoundOptions, SolveOptions, Solver, SparsePar
 use lightrnn_kernels::LossTables;
 
 use super::collective::{Collective, Single};
-use crate::checkpoint::{self, Meta};
-use crate::data::store::Location;
-use crate::report::{RankReport, ReportSink, Summary};
-use crate::{Error, Result};
+use lightrnn_core::checkpoint::{self, Meta};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::{RankReport, ReportSink, Summary};
+use lightrnn_core::{Error, Result};
 
 /// What a rank asks of the job's owner. Calls are blocking (the training thread).
 pub trait Control: Send {

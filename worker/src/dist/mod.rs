@@ -1,14 +1,14 @@
 //! How a rank takes part in a job, below the training loop:
 //!
-//! - [`collective`]: the [`collective::Collective`] trait, the one-rank identity and how
-//!   a batch's streams are shared out; [`ring`]: the TCP ring of CPU workers; `nccl`
+//! - [`collective`]: the [`collective::Collective`] trait and the one-rank identity;
+//!   [`ring`]: the TCP ring of CPU workers; `nccl`
 //!   (with the `cuda` feature): NCCL for GPU workers' gradients, the ring beside it;
 //! - [`state`]: the carried LSTM state of checkpoints gathered across ranks, and the
 //!   parameter checksum;
 //! - [`control`]: the [`control::Control`] channel to the job's owner and [`control::Dist`],
 //!   a rank's collective and control together (in-process for a single-process run);
-//! - [`remote`]: the control channel over gRPC to a coordinator, with its heartbeats;
-//! - [`wire`]: conversions between the wire's messages and the domain types.
+//! - [`remote`]: the control channel over gRPC to a coordinator, with its heartbeats
+//!   (its messages convert in `lightrnn_core::wire`).
 
 pub mod collective;
 pub mod control;
@@ -17,4 +17,3 @@ pub mod nccl;
 pub mod remote;
 pub mod ring;
 pub mod state;
-pub mod wire;

@@ -1,5 +1,5 @@
 //! [`NcclRing`]: the collective of GPU workers. The gradient buffer is summed on the
-//! device by NCCL, in place and in a fixed order ([`lightrnn_kernels::cuda::allreduce`]:
+//! device by NCCL, in place and in a fixed order ([`lightrnn_kernels::cuda::comm::allreduce`]:
 //! the same parameters at every GPU count); the small host values (loss sums, the stop
 //! flag, the carried state of a checkpoint) go through the TCP ring beside it, which the
 //! group forms anyway. A sparse reallocation round's loss tables are reduce-scattered on
@@ -13,12 +13,12 @@
 
 use std::time::Duration;
 
-use lightrnn_kernels::cuda::nccl::{Cancel, Nccl};
+use lightrnn_kernels::cuda::comm::nccl::{Cancel, Nccl};
 use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 
 use super::collective::{Collective, reduce_host};
 use super::ring::TcpRing;
-use crate::Result;
+use lightrnn_core::Result;
 
 pub struct NcclRing {
     ring: TcpRing,

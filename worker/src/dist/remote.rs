@@ -28,11 +28,11 @@ use lightrnn_proto::{CoordinatorClient, MAX_MESSAGE_BYTES};
 
 use super::control::Control;
 use super::ring::RingBreaker;
-use super::wire;
-use crate::checkpoint::Meta;
-use crate::data::store::Location;
-use crate::report::{RankReport, Summary};
-use crate::{Error, Result};
+use lightrnn_core::checkpoint::Meta;
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::{RankReport, Summary};
+use lightrnn_core::wire;
+use lightrnn_core::{Error, Result};
 
 fn status(what: &str, s: tonic::Status) -> Error {
     Error::Control(format!("{what}: {} ({:?})", s.message(), s.code()))
@@ -45,11 +45,10 @@ pub async fn connect(
     tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<Client> {
     let auth = BearerToken::new(token).map_err(Error::Config)?;
-    let mut ep = Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::Config(format!("coordinator address {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30));
+    let mut ep = endpoint(
+        Endpoint::from_shared(url.to_string())
+            .map_err(|e| Error::Config(format!("coordinator address {url:?}: {e}")))?,
+    );
     match (url.starts_with("https://"), tls) {
         (true, Some(t)) => {
             ep = ep
@@ -71,11 +70,7 @@ pub async fn connect(
     let deadline = Instant::now() + timeout;
     loop {
         match ep.connect().await {
-            Ok(ch) => {
-                return Ok(CoordinatorClient::with_interceptor(ch, auth)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
-            }
+            Ok(ch) => return Ok(client(ch, auth)),
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Control(format!(
                     "cannot reach the coordinator at {url} within {timeout:?}: {e}"
@@ -84,6 +79,21 @@ pub async fn connect(
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// The settings of every connection to the coordinator (its own function so that the
+/// tests connect the same client to an in-memory coordinator).
+pub(crate) fn endpoint(ep: Endpoint) -> Endpoint {
+    ep.connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+}
+
+/// The coordinator's client over a connected channel: the token, the message limits.
+pub(crate) fn client(ch: tonic::transport::Channel, auth: BearerToken) -> Client {
+    CoordinatorClient::with_interceptor(ch, auth)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// The address this machine uses to reach `url`'s host (no packet is sent).
@@ -423,7 +433,8 @@ pub async fn heartbeat(
     shared: Arc<Shared>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut last_ok = Instant::now();
+    // Tokio's clock (the wall clock outside tests), so the tests run it in paused time.
+    let mut last_ok = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -442,7 +453,7 @@ pub async fn heartbeat(
         };
         match tokio::time::timeout(every, client.heartbeat(req)).await {
             Ok(Ok(r)) => {
-                last_ok = Instant::now();
+                last_ok = tokio::time::Instant::now();
                 let r = r.into_inner();
                 if r.stop {
                     stop.store(true, Ordering::Relaxed);
@@ -490,46 +501,58 @@ pub fn join(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    handle.block_on(async {
-            let deadline = Instant::now() + wait;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let r = tokio::time::timeout(left, client.join(join.clone()))
-                    .await
-                    .map_err(|_| {
-                        Error::Control(format!("the group did not form within {wait:?} (join)"))
-                    })?;
-                match r {
-                    Ok(r) => return Ok(r.into_inner()),
-                    // A replacement can arrive before the coordinator has noticed the
-                    // worker it replaces: the group re-forms within a few heartbeats.
-                    Err(s)
-                        if s.code() == tonic::Code::ResourceExhausted
-                            && Instant::now() + Duration::from_millis(300) < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                    }
-                    Err(s) => {
-                        let hint = match s.code() {
-                            tonic::Code::Unknown
-                            | tonic::Code::Internal
-                            | tonic::Code::Unavailable
-                            | tonic::Code::Cancelled => {
-                                if coordinator.starts_with("https://") {
-                                    "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
-                                } else {
-                                    "; if the coordinator serves TLS, use https:// and --tls-ca"
-                                }
-                            }
-                            _ => "",
-                        };
-                        return Err(Error::Control(format!(
-                            "join: {} ({:?}){hint}",
-                            s.message(),
-                            s.code()
-                        )));
-                    }
-                }
-            }
-        })
+    handle.block_on(join_within(client, coordinator, join, wait))
 }
+
+/// [`join`]'s retries and deadline, on tokio's clock (the tests run it in paused time).
+async fn join_within(
+    client: &mut Client,
+    coordinator: &str,
+    join: JoinRequest,
+    wait: Duration,
+) -> Result<JoinReply> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let r = tokio::time::timeout(left, client.join(join.clone()))
+            .await
+            .map_err(|_| {
+                Error::Control(format!("the group did not form within {wait:?} (join)"))
+            })?;
+        match r {
+            Ok(r) => return Ok(r.into_inner()),
+            // A replacement can arrive before the coordinator has noticed the
+            // worker it replaces: the group re-forms within a few heartbeats.
+            Err(s)
+                if s.code() == tonic::Code::ResourceExhausted
+                    && tokio::time::Instant::now() + Duration::from_millis(300) < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => {
+                let hint = match s.code() {
+                    tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Unavailable
+                    | tonic::Code::Cancelled => {
+                        if coordinator.starts_with("https://") {
+                            "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
+                        } else {
+                            "; if the coordinator serves TLS, use https:// and --tls-ca"
+                        }
+                    }
+                    _ => "",
+                };
+                return Err(Error::Control(format!(
+                    "join: {} ({:?}){hint}",
+                    s.message(),
+                    s.code()
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "remote_tests.rs"]
+mod tests;

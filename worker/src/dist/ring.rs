@@ -16,7 +16,7 @@ use std::time::Duration;
 use lightrnn_kernels::{GradReduce, GradsMut};
 
 use super::collective::{Collective, reduce_host};
-use crate::{Error, Result};
+use lightrnn_core::{Error, Result};
 
 /// Ring all-reduce over TCP: each rank holds a connection to its right neighbour (it
 /// sends there) and one from its left neighbour (it receives from there).
@@ -162,7 +162,7 @@ impl TcpRing {
     /// Chunk `c` of a buffer of `n` elements cut into `world` parts (of whole units of
     /// `unit` elements).
     fn chunk(&self, n: usize, unit: usize, c: usize) -> std::ops::Range<usize> {
-        let units = super::collective::share(n / unit, self.world, c);
+        let units = lightrnn_core::util::share(n / unit, self.world, c);
         units.start * unit..units.end * unit
     }
 
@@ -309,7 +309,7 @@ impl Collective for TcpRing {
             return Ok(0..units);
         }
         self.scatter(buf, unit, "reduce-scatter")?;
-        Ok(super::collective::share(units, w, (self.rank + 1) % w))
+        Ok(lightrnn_core::util::share(units, w, (self.rank + 1) % w))
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {

@@ -6,8 +6,9 @@ use std::ops::Range;
 
 use lightrnn_kernels::State;
 
-use super::collective::{Collective, share};
-use crate::{Error, Result};
+use super::collective::Collective;
+use lightrnn_core::util::share;
+use lightrnn_core::{Error, Result};
 
 /// SHA-256 (hex) of parameters in PyTorch layout: equal on all ranks of a healthy job.
 pub fn params_checksum(params: &[f32]) -> String {
@@ -16,7 +17,7 @@ pub fn params_checksum(params: &[f32]) -> String {
     for x in params {
         h.update(x.to_le_bytes());
     }
-    crate::data::vocab::hex(&h.finalize())
+    lightrnn_core::data::vocab::hex(&h.finalize())
 }
 
 /// The whole batch's carried state [layers, B, hidden] from every rank's share of it

@@ -15,9 +15,10 @@ use lightrnn_kernels::{
     BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Precision, Stream, open_backend,
 };
 
-use crate::Result;
-use crate::config::TrainConfig;
-use crate::data::zipf::Zipf;
+use lightrnn_core::Result;
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::zipf::Zipf;
+use lightrnn_core::util::rss_mib;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -90,21 +91,6 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
     /// A device backend's work per timed step.
     pub device_per_step: Option<DevicePerStep>,
-}
-
-/// Peak and current resident set size in MiB (Linux /proc; None elsewhere).
-pub fn rss_mib() -> (Option<f64>, Option<f64>) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (None, None);
-    };
-    let field = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Dense training FLOPs of one step (see the module docs).

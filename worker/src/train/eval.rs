@@ -2,63 +2,43 @@
 //! loss after a reallocation) over the ranks of a job, and `lightrnn eval`, the
 //! perplexity of a checkpoint on a text file.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::{
-    Backend, BackendKind, BackendOptions, Batch, LossSums, ModelConfig, Stream, open_backend,
-};
+use lightrnn_kernels::{Backend, BackendKind, BackendOptions, ModelConfig, Stream, open_backend};
 
-use crate::checkpoint::Checkpoint;
-use crate::data::batches::Batches;
-use crate::data::shards::SplitReader;
-use crate::data::store::split_object;
-use crate::data::text::LineReader;
-use crate::dist::collective::{Collective, Single, share};
-use crate::{Error, Result};
+use super::sweep::Sweep;
+use crate::dist::collective::{Collective, Single};
+use lightrnn_core::checkpoint::Checkpoint;
+use lightrnn_core::data::shards::SplitReader;
+use lightrnn_core::data::store::split_object;
+use lightrnn_core::data::text::LineReader;
+use lightrnn_core::{Error, Result};
 
-/// Mean loss per word over a split (fresh state, no dropout), in `eval_batch` streams
-/// shared out over the ranks of `coll`; every rank gets the same result.
+/// Mean loss per word over a split (fresh state, no dropout), each rank of `coll` reading
+/// its share of the streams (`sweep.streams`); every rank gets the same result.
 pub fn evaluate(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    eval_batch: usize,
-    bptt: usize,
-    handle: &Handle,
+    sweep: &Sweep<'_>,
     coll: &mut dyn Collective,
 ) -> Result<(f64, u64)> {
-    evaluate_with(backend, split, eval_batch, bptt, handle, coll, &mut |_| {})
+    evaluate_with(backend, sweep, coll, &mut |_| {})
 }
 
 /// [`evaluate`], calling `done(k)` after the k-th batch (a progress bar).
 pub fn evaluate_with(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    eval_batch: usize,
-    bptt: usize,
-    handle: &Handle,
+    sweep: &Sweep<'_>,
     coll: &mut dyn Collective,
     done: &mut dyn FnMut(u64),
 ) -> Result<(f64, u64)> {
-    let mine = share(eval_batch, coll.world(), coll.rank());
     let mut k = 0u64;
-    let (total, words) = pass(
-        backend,
-        split,
-        eval_batch,
-        mine,
-        bptt,
-        Stream::Eval,
-        handle,
-        |be, b| {
-            let l = be.eval_batch(b);
-            k += 1;
-            done(k);
-            l
-        },
-    )?;
+    let (total, words) = sweep.pass(backend, Stream::Eval, |be, b| {
+        let l = be.eval_batch(b);
+        k += 1;
+        done(k);
+        l
+    })?;
     let mut sums = [total, words as f64];
     coll.all_reduce_sum_f64(&mut sums)?;
     Ok((sums[0] / sums[1].max(1.0), sums[1] as u64))
@@ -71,41 +51,6 @@ pub struct EvalReport {
     pub words: u64,
     /// Share of the text's words outside the vocabulary (read as `<unk>`).
     pub unknown_share: f64,
-}
-
-/// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
-/// streams of `bptt` steps, from fresh state in `stream` (reset again after it): `each`
-/// runs every batch. Returns the summed loss and the words predicted.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pass(
-    backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    batch: usize,
-    streams: std::ops::Range<usize>,
-    bptt: usize,
-    stream: Stream,
-    handle: &Handle,
-    mut each: impl FnMut(&mut dyn Backend, &Batch<'_>) -> lightrnn_kernels::Result<LossSums>,
-) -> Result<(f64, u64)> {
-    backend.reset_state(stream);
-    let b = streams.len();
-    let mut batches = Batches::streams(split.clone(), handle.clone(), batch, streams, bptt, 0)?;
-    let mut buf = Vec::new();
-    let (mut total, mut words) = (0.0, 0u64);
-    while let Some(t) = batches.next_batch(&mut buf)? {
-        let bt = Batch {
-            inputs: &buf[..t * b],
-            targets: &buf[b..],
-            steps: t,
-            batch: b,
-            stream,
-        };
-        let l = each(&mut *backend, &bt)?;
-        total += l.total();
-        words += l.words;
-    }
-    backend.reset_state(stream);
-    Ok((total, words))
 }
 
 /// Tokenise `file` with the checkpoint's vocabulary and evaluate it with `batch` streams.
@@ -153,7 +98,8 @@ pub fn eval_file(
     let mut be = open_backend(&BackendOptions::new(backend, threads), &mcfg)?;
     be.set_params(&ck.params)?;
     be.set_allocation(&ck.cells)?;
-    let (loss, words) = evaluate(&mut *be, &split, b, cfg.bptt, handle, &mut Single)?;
+    let sweep = Sweep::new(&split, b, cfg.bptt, handle);
+    let (loss, words) = evaluate(&mut *be, &sweep, &mut Single)?;
     Ok(EvalReport {
         ppl: loss.exp(),
         loss,

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::data::store::Location;
-use crate::report::MetricsLine;
-use crate::{Error, Result};
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::MetricsLine;
+use lightrnn_core::{Error, Result};
 
 const METRICS: &str = "metrics.jsonl";
 

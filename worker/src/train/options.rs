@@ -6,8 +6,8 @@ use std::sync::atomic::AtomicBool;
 
 use lightrnn_kernels::BackendKind;
 
-use crate::data::store::Location;
-use crate::report::ReportSink;
+use lightrnn_core::data::store::Location;
+use lightrnn_core::report::ReportSink;
 
 /// Where a run reads and writes, and how it reports.
 #[derive(Clone, Debug)]

@@ -1,8 +1,8 @@
 //! How a training session shows where it is: the progress bar on a terminal, and the
 //! running figures of the steps since the last log line.
 
-use crate::Result;
 use crate::dist::collective::Collective;
+use lightrnn_core::Result;
 
 /// A progress bar over an epoch's steps (nothing when not on a terminal).
 pub(super) struct Progress {

@@ -2,104 +2,65 @@
 //! (the tables accumulate in the backend), the central step ([`lightrnn_alloc::reallocate`],
 //! run by whoever owns the job, through [`crate::dist::control::Control::allocate`]), and
 //! the update of the model to the new word -> cell table ([`lightrnn_alloc::carry`]).
-use std::sync::Arc;
 use std::time::Instant;
-
-use tokio::runtime::Handle;
 
 use lightrnn_alloc::{Carry, Reallocation, Report, SparsePart, SparseTables, carry_vectors};
 use lightrnn_kernels::{Backend, LossTables, Stream};
 
-use super::eval::{evaluate, pass};
-use crate::data::shards::SplitReader;
-use crate::dist::collective::{Collective, share};
+use super::eval::evaluate;
+use super::sweep::Sweep;
+use crate::dist::collective::Collective;
 use crate::dist::control::Dist;
-use crate::{Error, Result};
+use lightrnn_core::util::check_fits;
+use lightrnn_core::{Error, Result};
 
-/// One forward pass (no dropout) over streams `streams` of `split` cut into `batch`
-/// streams of `bptt` steps (all of them, or one rank's share), accumulating the loss
-/// tables. Returns them, the summed loss and the words predicted.
+/// One forward pass (no dropout) over the streams of `sweep` (all of them, or one
+/// rank's share), accumulating the loss tables. Returns them, the summed loss and the
+/// words predicted.
 pub fn loss_tables(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    batch: usize,
-    streams: std::ops::Range<usize>,
-    bptt: usize,
+    sweep: &Sweep<'_>,
     max_bytes: u64,
-    handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
     let vocab = backend.dims().vocab;
-    range_tables(
-        backend,
-        split,
-        batch,
-        streams,
-        bptt,
-        0..vocab,
-        max_bytes,
-        handle,
-    )
+    range_tables(backend, sweep, 0..vocab, max_bytes)
 }
 
 /// [`loss_tables`] of the word ids `words` only.
-#[allow(clippy::too_many_arguments)]
 fn range_tables(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    batch: usize,
-    streams: std::ops::Range<usize>,
-    bptt: usize,
+    sweep: &Sweep<'_>,
     words: std::ops::Range<usize>,
     max_bytes: u64,
-    handle: &Handle,
 ) -> Result<(LossTables, f64, u64)> {
-    let (total, predicted) = range_pass(
-        backend, split, batch, streams, bptt, words, max_bytes, handle,
-    )?;
+    let (total, predicted) = range_pass(backend, sweep, words, max_bytes)?;
     Ok((backend.take_loss_tables()?, total, predicted))
 }
 
 /// The loss-table pass of [`range_tables`], the tables left in the backend.
-#[allow(clippy::too_many_arguments)]
 fn range_pass(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    batch: usize,
-    streams: std::ops::Range<usize>,
-    bptt: usize,
+    sweep: &Sweep<'_>,
     words: std::ops::Range<usize>,
     max_bytes: u64,
-    handle: &Handle,
 ) -> Result<(f64, u64)> {
     backend.begin_loss_tables(words, max_bytes)?;
-    pass(
-        backend,
-        split,
-        batch,
-        streams,
-        bptt,
-        Stream::Tables,
-        handle,
-        |be, b| be.accumulate_loss_tables(b),
-    )
+    sweep.pass(backend, Stream::Tables, |be, b| {
+        be.accumulate_loss_tables(b)
+    })
 }
 
 /// Sparse loss tables (each word's `k` cheapest rows and columns and its exact sums,
-/// [`SparseTables`]) in bounded memory: one pass over the streams per range of word ids,
-/// each range's dense tables at most `max_bytes`, cut as they are taken. Exact (the same
-/// values as the dense tables' cut); the price is one forward pass per range,
+/// [`SparseTables`]) in bounded memory: one pass over the streams of `sweep` per range of
+/// word ids, each range's dense tables at most `max_bytes`, cut as they are taken. Exact
+/// (the same values as the dense tables' cut); the price is one forward pass per range,
 /// ceil(V (R + C) 4 / max_bytes) of them. Returns the tables, every word's occurrences,
 /// the summed loss and the words predicted (of one pass) and the number of passes.
-#[allow(clippy::too_many_arguments)]
 pub fn sparse_loss_tables(
     backend: &mut dyn Backend,
-    split: &Arc<SplitReader>,
-    batch: usize,
-    streams: std::ops::Range<usize>,
-    bptt: usize,
+    sweep: &Sweep<'_>,
     k: usize,
     max_bytes: u64,
-    handle: &Handle,
 ) -> Result<SparseBuild> {
     let d = backend.dims();
     let (per_pass, passes) = passes(&d, max_bytes)?;
@@ -113,16 +74,7 @@ pub fn sparse_loss_tables(
     for p in 0..passes {
         let t0 = Instant::now();
         let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
-        let (t, total, words) = range_tables(
-            backend,
-            split,
-            batch,
-            streams.clone(),
-            bptt,
-            range.clone(),
-            max_bytes,
-            handle,
-        )?;
+        let (t, total, words) = range_tables(backend, sweep, range.clone(), max_bytes)?;
         out.tables.push_range(&t)?;
         out.counts.extend_from_slice(&t.counts);
         (out.loss, out.words) = (total, words);
@@ -162,38 +114,9 @@ pub struct SparseBuild {
     pub passes: usize,
 }
 
-/// Memory this machine can still give (Linux: MemAvailable), in bytes.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Refuse work that needs `need` bytes where this machine has less available.
-pub fn check_fits(what: &str, need: u64) -> Result<()> {
-    fits(what, need, available_memory())
-}
-
-/// [`check_fits`] against `available` bytes (None: unknown, allowed).
-fn fits(what: &str, need: u64, available: Option<u64>) -> Result<()> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    match available {
-        Some(avail) if need > avail => Err(Error::Config(format!(
-            "{what} needs about {:.2} GiB of memory and {:.2} GiB are available; the \
-             epoch's checkpoint is committed: resume (--resume) where more memory is free, \
-             or train without reallocation (realloc_every = 0)",
-            gib(need),
-            gib(avail)
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// Options of one reallocation.
+/// Options of one reallocation (the split, its streams and their cut are the round's
+/// [`Sweep`]).
 pub struct ReallocOptions {
-    pub batch: usize,
-    pub bptt: usize,
     /// The most a round's dense tables take (of sparse tables: one range's).
     pub max_table_bytes: u64,
     /// Candidates per word of sparse tables (0: dense tables).
@@ -209,7 +132,7 @@ pub struct ReallocOptions {
 }
 
 /// What a round did: its report, the share of the occurrences' rows and columns it
-/// changed ([`crate::auto::moved_share`]), and, where asked for, the way back.
+/// changed ([`lightrnn_core::auto::moved_share`]), and, where asked for, the way back.
 pub struct Moved {
     pub report: Report,
     pub moved_share: f64,
@@ -231,21 +154,20 @@ impl Undo {
     }
 }
 
-/// Loss tables (this rank's streams) -> allocation solved over all ranks' tables (by
-/// `control`) -> vectors carried -> model updated, identically on every rank.
+/// Loss tables (this rank's streams of the training split, `sweep`) -> allocation solved
+/// over all ranks' tables (by `control`) -> vectors carried -> model updated, identically
+/// on every rank.
 pub fn reallocate(
     backend: &mut dyn Backend,
-    train: &Arc<SplitReader>,
+    sweep: &Sweep<'_>,
     o: &ReallocOptions,
-    handle: &Handle,
     dist: &mut Dist,
     round: u64,
 ) -> Result<Moved> {
     let t0 = Instant::now();
     let old = backend.allocation()?;
-    let streams = share(o.batch, dist.world(), dist.rank());
     let (solved, sums, seconds_tables) = if o.sparse_k > 0 {
-        sparse_round(backend, train, o, handle, dist, round, streams, &old)?
+        sparse_round(backend, sweep, o, dist, round, &old)?
     } else {
         // A round that cannot fit is refused before the tables pass, with the figures
         // (the epoch's checkpoint is committed already).
@@ -256,15 +178,7 @@ pub fn reallocate(
             lightrnn_alloc::tables_bytes(d.vocab, d.rows, d.cols)
         };
         check_fits(&format!("reallocation round {round}"), need)?;
-        let (tables, total, words) = loss_tables(
-            backend,
-            train,
-            o.batch,
-            streams,
-            o.bptt,
-            o.max_table_bytes,
-            handle,
-        )?;
+        let (tables, total, words) = loss_tables(backend, sweep, o.max_table_bytes)?;
         let mut sums = [total, words as f64];
         dist.collective.all_reduce_sum_f64(&mut sums)?;
         let seconds_tables = t0.elapsed().as_secs_f64();
@@ -284,7 +198,7 @@ pub fn reallocate(
     report.seconds_tables = seconds_tables;
     let mut params = backend.params()?;
     let moved_share =
-        crate::auto::moved_share(&old, &solved.cells, &solved.counts, backend.dims().cols);
+        lightrnn_core::auto::moved_share(&old, &solved.cells, &solved.counts, backend.dims().cols);
     let undo = o.undoable.then(|| Undo {
         params: params.clone(),
         cells: old.clone(),
@@ -301,14 +215,7 @@ pub fn reallocate(
     backend.set_allocation(&solved.cells)?;
     // An undoable round that moved nothing has nothing to measure.
     if o.check && !(o.undoable && report.words_moved == 0) {
-        let (l, _) = evaluate(
-            backend,
-            train,
-            o.batch,
-            o.bptt,
-            handle,
-            &mut *dist.collective,
-        )?;
+        let (l, _) = evaluate(backend, sweep, &mut *dist.collective)?;
         report.train_loss_after = Some(l);
     }
     Ok(Moved {
@@ -324,15 +231,12 @@ pub fn reallocate(
 /// ([`SparsePart::cut`]) and hands the part to `control`. No process holds more than
 /// one range's dense tables; the solve sees only the parts. Returns the allocation, the
 /// loss sum and words of the pass (over all ranks), and the seconds of the passes.
-#[allow(clippy::too_many_arguments)]
 fn sparse_round(
     backend: &mut dyn Backend,
-    train: &Arc<SplitReader>,
+    sweep: &Sweep<'_>,
     o: &ReallocOptions,
-    handle: &Handle,
     dist: &mut Dist,
     round: u64,
-    streams: std::ops::Range<usize>,
     old: &[u32],
 ) -> Result<(Reallocation, [f64; 2], f64)> {
     let t0 = Instant::now();
@@ -352,16 +256,7 @@ fn sparse_round(
     for p in 0..passes {
         let tp = Instant::now();
         let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
-        let (total, words) = range_pass(
-            backend,
-            train,
-            o.batch,
-            streams.clone(),
-            o.bptt,
-            range.clone(),
-            o.max_table_bytes,
-            handle,
-        )?;
+        let (total, words) = range_pass(backend, sweep, range.clone(), o.max_table_bytes)?;
         sums = [total, words as f64];
         // At a world of one too: NCCL at world size 1 is how a one-GPU machine checks the
         // device path (scripts/gpu-check.sh); the ring's is the identity there.
@@ -432,35 +327,17 @@ fn summed_counts(coll: &mut dyn Collective, counts: &[u64]) -> Result<Vec<u64>> 
     Ok(c.into_iter().map(|c| c as u64).collect())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_round_that_cannot_fit_is_refused_with_both_figures() {
-        let gib = 1u64 << 30;
-        let e = fits("reallocation round 2", 5 * gib, Some(3 * gib))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("reallocation round 2") && e.contains("5.00 GiB") && e.contains("3.00 GiB"),
-            "{e}"
-        );
-        assert!(e.contains("--resume"), "{e}");
-        fits("r", 2 * gib, Some(3 * gib)).unwrap();
-        fits("r", u64::MAX, None).unwrap();
-        // This machine reports what it has.
-        assert!(available_memory().is_some_and(|b| b > 0));
-    }
 
     /// A range's tables reduce-scattered on the devices (three CUDA ranks on the emulated
     /// device, their device transport beside a TCP ring) hold what the ring's host
     /// reduce-scatter of the same tables holds: every word once, its sums and its counts.
-    #[cfg(feature = "cuda")]
     #[test]
     fn a_range_reduce_scattered_on_the_devices_holds_the_rings_sums() {
         use lightrnn_kernels::cuda::CudaBackend;
-        use lightrnn_kernels::cuda::allreduce::ThreadPeers;
+        use lightrnn_kernels::cuda::comm::allreduce::ThreadPeers;
         use lightrnn_kernels::{Batch, GradReduce, GradsMut, ModelConfig, ModelDims, Peers};
 
         use crate::dist::ring::{TcpRing, rings};

@@ -7,12 +7,12 @@ use tokio::runtime::Handle;
 use lightrnn_kernels::{Backend, State};
 
 use super::options::RunOptions;
-use crate::auto::AutoState;
-use crate::checkpoint::{self, Checkpoint};
-use crate::config::TrainConfig;
-use crate::data::dataset::{Dataset, PrepareOptions};
-use crate::report::EpochRecord;
-use crate::{Error, Result};
+use lightrnn_core::auto::AutoState;
+use lightrnn_core::checkpoint::{self, Checkpoint};
+use lightrnn_core::config::TrainConfig;
+use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_core::report::EpochRecord;
+use lightrnn_core::{Error, Result};
 
 /// Everything the loop carries between steps and saves in checkpoints.
 pub(super) struct LoopState {

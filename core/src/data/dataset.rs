@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::corpus::{Input, count_words, write_shards};
+use super::corpus::{Input, SplitOut, count_words, write_shards};
 use super::shards::{Manifest, SplitReader};
 use super::store::Location;
 use super::text::TextOptions;
@@ -177,9 +177,11 @@ async fn prepare(
         let (m, _) = write_shards(
             &inputs(files),
             vocab.clone(),
-            out,
-            split,
-            opts.shard_tokens,
+            SplitOut {
+                out,
+                split,
+                shard_tokens: opts.shard_tokens,
+            },
             &opts.text,
             text_options.clone(),
             parallel,

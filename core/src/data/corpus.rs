@@ -326,22 +326,33 @@ pub struct Sharded {
     pub mb_per_sec: f64,
 }
 
-/// Tokenise the inputs with `vocab` into split `split` of `out`: shards of
-/// `shard_tokens` ids, then the manifest (written last, so a half-written split never
-/// looks complete; it records `text_options`, how the text was read), and `vocab.txt`
-/// beside them so `out` opens as a dataset.
-#[allow(clippy::too_many_arguments)]
+/// Where a split's shards go and how they are cut: split `split` of `out`, shards of
+/// `shard_tokens` ids.
+#[derive(Clone, Copy)]
+pub struct SplitOut<'a> {
+    pub out: &'a Location,
+    pub split: &'a str,
+    pub shard_tokens: u64,
+}
+
+/// Tokenise the inputs with `vocab` into the split `to` names: its shards, then the
+/// manifest (written last, so a half-written split never looks complete; it records
+/// `text_options`, how the text was read), and `vocab.txt` beside them so the split's
+/// location opens as a dataset.
 pub async fn write_shards(
     inputs: &[Input],
     vocab: Arc<Vocab>,
-    out: &Location,
-    split: &str,
-    shard_tokens: u64,
+    to: SplitOut<'_>,
     opts: &TextOptions,
     text_options: serde_json::Value,
     parallel: usize,
     bar: bool,
 ) -> Result<(Manifest, Sharded)> {
+    let SplitOut {
+        out,
+        split,
+        shard_tokens,
+    } = to;
     if split.is_empty() || split.contains(['/', '\\']) {
         return Err(Error::Config(format!(
             "split name {split:?}: use a plain name such as train, valid or test"
@@ -390,6 +401,15 @@ mod tests {
     use super::*;
     use crate::data::shards::SplitReader;
 
+    /// Split "train" of `out`, one token per shard.
+    fn train_split(out: &Location) -> SplitOut<'_> {
+        SplitOut {
+            out,
+            split: "train",
+            shard_tokens: 1,
+        }
+    }
+
     async fn put(loc: &Location, name: &str, text: &str) {
         loc.put(name, Bytes::from(text.to_string())).await.unwrap();
     }
@@ -426,9 +446,7 @@ mod tests {
         let (m, st) = write_shards(
             &inputs,
             vocab.clone(),
-            &out,
-            "train",
-            1,
+            train_split(&out),
             &opts,
             serde_json::Value::Null,
             4,
@@ -504,9 +522,7 @@ mod tests {
         let (m, st) = write_shards(
             &inputs,
             vocab.clone(),
-            &out,
-            "train",
-            1,
+            train_split(&out),
             &opts,
             serde_json::Value::Null,
             2,
@@ -523,9 +539,7 @@ mod tests {
         let e = write_shards(
             &inputs,
             vocab,
-            &out,
-            "train",
-            1,
+            train_split(&out),
             &opts,
             serde_json::Value::Null,
             2,

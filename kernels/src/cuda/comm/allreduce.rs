@@ -26,9 +26,9 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::buffers::{Buf, add_assign};
-use super::layer::Device;
 use crate::backend::{DeviceGrads, Peers};
+use crate::cuda::buffers::{Buf, add_assign};
+use crate::cuda::layer::Device;
 use crate::groups::PairwiseSum;
 use crate::{Error, Result};
 

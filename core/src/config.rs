@@ -443,8 +443,7 @@ impl TrainConfig {
 
     /// Learning rate at the start of epoch `epoch` (0-based), if a schedule is set.
     pub fn scheduled_lr(&self, epoch: u64) -> Option<f64> {
-        let last = self.lr_schedule.len().checked_sub(1)?;
-        Some(self.lr_schedule[(epoch as usize).min(last)])
+        scheduled(&self.lr_schedule, epoch)
     }
 
     /// Bytes of dense loss tables a round may hold (one range's, of sparse tables).
@@ -455,42 +454,56 @@ impl TrainConfig {
     /// Candidates per word of a round's sparse loss tables for a V x (R + C) model
     /// (0: the round builds dense tables).
     pub fn realloc_sparse_k(&self, vocab: usize, rows: usize, cols: usize) -> usize {
-        if self.realloc_sparse > 0 {
-            self.realloc_sparse
-        } else if lightrnn_alloc::tables_bytes(vocab, rows, cols) > self.realloc_max_table_bytes() {
-            AUTO_SPARSE_K
-                .rev()
-                .find(|&k| {
-                    lightrnn_alloc::sparse_round_memory_bound(vocab, rows, cols, k)
-                        <= self.realloc_max_table_bytes()
-                })
-                .unwrap_or(*AUTO_SPARSE_K.start())
-        } else {
-            0
-        }
+        self.realloc().sparse_k(vocab, rows, cols)
     }
 
     /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far
     /// (with `realloc_every = "auto"`: whether a round is considered at all; the rule in
     /// `crate::auto` decides whether it runs and moves).
     pub fn realloc_after(&self, epoch: u64, done: u64) -> bool {
-        let every = match self.realloc_every {
-            ReallocEvery::Epochs(0) => return false,
-            ReallocEvery::Epochs(n) => n,
-            ReallocEvery::Auto => 1,
-        };
-        if self.realloc_rounds > 0 && done >= self.realloc_rounds {
-            return false;
+        self.realloc().after(epoch, done)
+    }
+
+    /// How long the run trains and at which learning rates.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr_decay: self.lr_decay,
+            lr_schedule: self.lr_schedule.clone(),
         }
-        if self.epochs > 0 && epoch >= self.epochs {
-            return false; // nothing left to train with the new allocation
+    }
+
+    /// How validation and test passes read a split.
+    pub fn eval(&self) -> EvalSettings {
+        EvalSettings {
+            batch: self.eval_batch,
+            bptt: self.bptt,
         }
-        let start = if self.realloc_start > 0 {
-            self.realloc_start
-        } else {
-            every
-        };
-        epoch >= start && (epoch - start).is_multiple_of(every)
+    }
+
+    /// When checkpoints are written and which are kept.
+    pub fn checkpoints(&self) -> CheckpointSettings {
+        CheckpointSettings {
+            every: self.checkpoint_every,
+            keep: self.keep_checkpoints,
+            keep_every: self.keep_every,
+        }
+    }
+
+    /// When reallocation rounds run and how.
+    pub fn realloc(&self) -> ReallocSettings {
+        ReallocSettings {
+            every: self.realloc_every,
+            start: self.realloc_start,
+            rounds: self.realloc_rounds,
+            epochs: self.epochs,
+            carry: self.realloc_carry,
+            check: self.realloc_check,
+            move_cost: self.realloc_move_cost,
+            max_table_bytes: self.realloc_max_table_bytes(),
+            sparse: self.realloc_sparse,
+        }
     }
 
     pub fn optimizer_rule(&self) -> Result<Optimizer> {
@@ -517,6 +530,128 @@ impl TrainConfig {
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),
         }
+    }
+}
+
+/// Learning rate at the start of epoch `epoch` (0-based) of `schedule`, if one is set.
+fn scheduled(schedule: &[f64], epoch: u64) -> Option<f64> {
+    let last = schedule.len().checked_sub(1)?;
+    Some(schedule[(epoch as usize).min(last)])
+}
+
+/// The run's budget and learning-rate schedule ([`TrainConfig::schedule`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    /// Epochs to train (0 = no limit).
+    pub epochs: u64,
+    /// Updates to make in total (0 = no limit).
+    pub max_steps: u64,
+    pub lr_decay: f64,
+    pub lr_schedule: Vec<f64>,
+}
+
+impl Schedule {
+    /// Learning rate at the start of epoch `epoch` (0-based), if a schedule is set.
+    pub fn scheduled_lr(&self, epoch: u64) -> Option<f64> {
+        scheduled(&self.lr_schedule, epoch)
+    }
+
+    /// Whether `epoch` epochs done spend the epoch budget.
+    pub fn epochs_spent(&self, epoch: u64) -> bool {
+        self.epochs > 0 && epoch >= self.epochs
+    }
+
+    /// Whether `step` updates made spend the step budget.
+    pub fn steps_spent(&self, step: u64) -> bool {
+        self.max_steps > 0 && step >= self.max_steps
+    }
+}
+
+/// How validation and test passes read a split ([`TrainConfig::eval`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalSettings {
+    /// Streams of the split (over all ranks).
+    pub batch: usize,
+    pub bptt: usize,
+}
+
+/// When checkpoints are written and which are kept ([`TrainConfig::checkpoints`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CheckpointSettings {
+    /// Steps between checkpoints (0 = only at the end of each epoch and of the run).
+    pub every: u64,
+    /// Checkpoints kept (the newest ones).
+    pub keep: usize,
+    /// Also keep every checkpoint whose step is a multiple of this (0: none).
+    pub keep_every: u64,
+}
+
+impl CheckpointSettings {
+    /// Whether a periodic checkpoint falls at step `step`.
+    pub fn due(&self, step: u64) -> bool {
+        self.every > 0 && step.is_multiple_of(self.every)
+    }
+}
+
+/// When reallocation rounds run and how ([`TrainConfig::realloc`]; the fields are the
+/// config's `realloc_*` keys, and the run's `epochs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReallocSettings {
+    pub every: ReallocEvery,
+    pub start: u64,
+    pub rounds: u64,
+    /// The run's epochs (0 = no limit): no round after the last.
+    pub epochs: u64,
+    pub carry: Carry,
+    pub check: bool,
+    pub move_cost: f64,
+    /// Bytes of dense loss tables a round may hold (one range's, of sparse tables).
+    pub max_table_bytes: u64,
+    /// `realloc_sparse`: candidates per word of sparse tables (0: chosen by size).
+    pub sparse: usize,
+}
+
+impl ReallocSettings {
+    /// Whether the rounds are the automatic ones (`realloc_every = "auto"`).
+    pub fn is_auto(&self) -> bool {
+        self.every.is_auto()
+    }
+
+    /// Candidates per word of a round's sparse loss tables for a V x (R + C) model
+    /// (0: the round builds dense tables).
+    pub fn sparse_k(&self, vocab: usize, rows: usize, cols: usize) -> usize {
+        if self.sparse > 0 {
+            self.sparse
+        } else if lightrnn_alloc::tables_bytes(vocab, rows, cols) > self.max_table_bytes {
+            AUTO_SPARSE_K
+                .rev()
+                .find(|&k| {
+                    lightrnn_alloc::sparse_round_memory_bound(vocab, rows, cols, k)
+                        <= self.max_table_bytes
+                })
+                .unwrap_or(*AUTO_SPARSE_K.start())
+        } else {
+            0
+        }
+    }
+
+    /// Whether to reallocate after epoch `epoch` (1-based) with `done` reallocations so far
+    /// (with `realloc_every = "auto"`: whether a round is considered at all; the rule in
+    /// `crate::auto` decides whether it runs and moves).
+    pub fn after(&self, epoch: u64, done: u64) -> bool {
+        let every = match self.every {
+            ReallocEvery::Epochs(0) => return false,
+            ReallocEvery::Epochs(n) => n,
+            ReallocEvery::Auto => 1,
+        };
+        if self.rounds > 0 && done >= self.rounds {
+            return false;
+        }
+        if self.epochs > 0 && epoch >= self.epochs {
+            return false; // nothing left to train with the new allocation
+        }
+        let start = if self.start > 0 { self.start } else { every };
+        epoch >= start && (epoch - start).is_multiple_of(every)
     }
 }
 
