@@ -14,7 +14,7 @@ use lightrnn_core::data::store::Location;
 use lightrnn_kernels::BackendKind;
 
 use crate::error::{IoContext, usage};
-use crate::job::{JobSpec, JobStats};
+use crate::job::JobSpec;
 use crate::serve::{External, JobOutcome, bind, run_job};
 use crate::{Result, Stop};
 
@@ -70,31 +70,16 @@ pub fn worker_count(workers: usize, backend: &str) -> Result<usize> {
 
 /// The one JSON line of a distributed run: its summary's figures and the job's.
 pub fn summary_line(o: &JobOutcome, out: &str) -> String {
-    let (s, stats): (_, &JobStats) = (&o.summary, &o.stats);
-    let mut j = s.line(out);
-    let extra = serde_json::json!({
-        "workers": s.world_size,
-        "control_seconds": s.control_seconds, "coordinator_rpcs": stats.rpcs,
-        "tokens_accounted": stats.tokens_accounted, "params_sha256": stats.params_sha256,
-        "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
-        "generation": stats.generation, "restarts": stats.restarts,
-        "grows": stats.grows, "worlds": stats.worlds,
-        "realloc_bytes_in": stats.realloc_bytes_in,
-    });
-    if let (Some(a), Some(b)) = (j.as_object_mut(), extra.as_object()) {
-        a.extend(b.clone());
+    let mut j = o.summary.line(out);
+    if let Some(a) = j.as_object_mut() {
+        a.extend(o.job_figures());
     }
     j.to_string()
 }
 
 /// A fresh random token for a job on loopback.
 fn random_token() -> Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .doing(|| "reading /dev/urandom for the job's token".into())?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(crate::job::record::random_hex(24)?)
 }
 
 /// The metrics endpoint's listener, when asked for.

@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub ranks: Vec<RankView>,
     pub restarts: BTreeMap<String, u64>,
     pub grows: u64,
+    /// Coordinator processes that served the run before this one.
+    pub coordinator_restarts: u64,
     pub tokens_accounted: u64,
     pub checkpoints_committed: u64,
     pub reallocations: u64,
@@ -257,6 +259,12 @@ fn job_counters(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError>
     )?;
     counter(
         e,
+        "coordinator_restarts",
+        "Coordinator processes that served the run before this one (killed or preempted, then resumed).",
+        s.coordinator_restarts,
+    )?;
+    counter(
+        e,
         "checkpoints_committed",
         "Checkpoints committed.",
         s.checkpoints_committed,
@@ -419,6 +427,7 @@ mod tests {
                 },
             ],
             restarts: [("heartbeat".to_string(), 2)].into_iter().collect(),
+            coordinator_restarts: 1,
             ..Default::default()
         };
         let t = render(&s);
@@ -433,6 +442,7 @@ mod tests {
             "lightrnn_rank_heartbeat_age_seconds{rank=\"1\"} 1.5\n",
             "lightrnn_restarts_total{cause=\"heartbeat\"} 2\n",
             "lightrnn_heartbeat_misses_total 2\n",
+            "lightrnn_coordinator_restarts_total 1\n",
             "lightrnn_checkpoint_bytes 42\n",
             "# TYPE lightrnn_restarts_total counter\n",
         ] {

@@ -22,6 +22,47 @@ pub struct JobOutcome {
     pub stats: JobStats,
 }
 
+impl JobOutcome {
+    /// The job's own figures (over the whole run, coordinator restarts included), as
+    /// the summary line and `summary.json` add them to rank 0's summary.
+    pub fn job_figures(&self) -> serde_json::Map<String, serde_json::Value> {
+        let (s, stats) = (&self.summary, &self.stats);
+        let v = serde_json::json!({
+            "workers": s.world_size,
+            "control_seconds": s.control_seconds, "coordinator_rpcs": stats.rpcs,
+            "tokens_accounted": stats.tokens_accounted, "params_sha256": stats.params_sha256,
+            "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
+            "generation": stats.generation, "restarts": stats.restarts,
+            "coordinator_restarts": stats.coordinator_restarts, "run_id": stats.run_id,
+            "grows": stats.grows, "worlds": stats.worlds,
+            "realloc_bytes_in": stats.realloc_bytes_in,
+        });
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
+
+    /// Rewrite rank 0's `summary.json` in `out` with the job's figures added, once: a
+    /// finished run resumed again (nothing trained) keeps the file as it was.
+    async fn record(&self, out: &lightrnn_core::data::store::Location) -> Result<()> {
+        if let Ok(b) = out.get("summary.json").await
+            && let Ok(old) = serde_json::from_slice::<serde_json::Value>(&b)
+            && old.get("run_id").is_some()
+            && old["steps"] == self.summary.steps
+        {
+            return Ok(());
+        }
+        let mut v = serde_json::to_value(&self.summary)?;
+        if let Some(m) = v.as_object_mut() {
+            m.extend(self.job_figures());
+        }
+        let json = serde_json::to_vec_pretty(&v)?;
+        out.put("summary.json", bytes::Bytes::from(json)).await?;
+        Ok(())
+    }
+}
+
 /// Bind the coordinator's gRPC listener (port 0 picks one).
 pub fn bind(addr: std::net::SocketAddr) -> Result<TcpIncoming> {
     TcpIncoming::bind(addr)
@@ -50,7 +91,8 @@ pub async fn run_job(
         CoordinatorServer::new(Service::new(job.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        lightrnn_proto::auth::RequireToken::new(job.spec().token.as_deref()),
+        lightrnn_proto::auth::RequireToken::new(job.spec().token.as_deref())
+            .for_run(&job.spec().run_id),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async {
@@ -86,6 +128,9 @@ pub async fn run_job(
     let stats = job.stats();
     match outcome {
         Ok(summary) => {
+            let outcome = JobOutcome { summary, stats };
+            outcome.record(&job.spec().out).await?;
+            let stats = &outcome.stats;
             tracing::info!(
                 world = job.spec().world_size,
                 generations = stats.generation,
@@ -94,9 +139,10 @@ pub async fn run_job(
                 checkpoints = stats.checkpoints_committed,
                 tokens = stats.tokens_accounted,
                 rpcs = stats.rpcs,
+                coordinator_restarts = stats.coordinator_restarts,
                 "job finished"
             );
-            Ok(JobOutcome { summary, stats })
+            Ok(outcome)
         }
         Err(e) => Err(Error::Job(e.to_string())),
     }

@@ -85,6 +85,10 @@ pub struct Summary {
     /// With `realloc_every = "auto"`: what the rule measured and every decision it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_realloc: Option<crate::auto::AutoState>,
+    /// SHA-256 of the final parameters (`lightrnn inspect` and every rank compute the
+    /// same): two runs ended with the same model when these agree.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub params_sha256: String,
 }
 
 impl Summary {
@@ -97,7 +101,7 @@ impl Summary {
             "words_per_sec": self.words_per_sec, "params": self.params,
             "seconds": self.seconds, "steps": self.steps,
             "epochs_completed": self.epochs_completed, "stopped_by": self.stopped_by,
-            "out": out,
+            "params_sha256": self.params_sha256, "out": out,
         })
     }
 }

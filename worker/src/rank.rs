@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::BackendKind;
-use lightrnn_proto::auth::Client;
+use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{FailRequest, JoinReply};
 
 use crate::dist::collective::Collective;
@@ -71,10 +71,11 @@ pub fn worker_backend(job: BackendKind, device: Option<usize>) -> BackendKind {
 /// Join the job at `opts.coordinator`, train as the rank it assigns, and return the
 /// run's summary (the same on every rank). Blocking; call it from a thread that may block.
 pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
+    let auth = BearerToken::new(opts.token.as_deref()).map_err(Error::Config)?;
     let mut client = handle.block_on(connect(
         &opts.coordinator,
         opts.connect_timeout,
-        opts.token.as_deref(),
+        &auth,
         opts.tls.as_ref(),
     ))?;
     let ip = route_to(&opts.coordinator)?;
@@ -82,7 +83,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     // A lost peer ends a generation; the coordinator re-forms the group (or gives up,
     // and then refuses the next join). Bounded in case it keeps re-forming.
     for attempt in 1..=100u32 {
-        match generation(&mut client, opts, ip, &mut rank, handle) {
+        match generation(&mut client, &auth, opts, ip, &mut rank, handle) {
             Ok(s) => return Ok(s),
             Err((e, true)) if e.retryable() => {
                 tracing::warn!(attempt, error = %e, "the group broke: joining again");
@@ -99,6 +100,7 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
 /// had joined (a broken generation, worth rejoining) or not (refused).
 fn generation(
     client: &mut Client,
+    auth: &BearerToken,
     opts: &WorkerOptions,
     ip: std::net::IpAddr,
     rank_hint: &mut Option<usize>,
@@ -115,6 +117,10 @@ fn generation(
         handle,
     )
     .map_err(refused)?;
+    // From now on every call names the run: a coordinator of another run refuses it,
+    // and this worker never joins another run.
+    auth.set_run(&reply.run_id)
+        .map_err(|e| refused(Error::Control(format!("join: {e}"))))?;
     // A survivor keeps its rank in the next generation.
     *rank_hint = Some(reply.rank as usize);
     let (rank, generation) = (reply.rank as usize, reply.generation);
@@ -133,24 +139,25 @@ fn generation(
     ));
     let result = train_in_group(client, opts, &reply, &peers, listener, &shared, handle);
     hb.abort();
-    if let Err(e) = &result {
-        // Prefer the coordinator's reason when the job was ended under us.
-        let msg = match shared.aborted() {
-            Some(why) if matches!(e, Error::Io(_)) => format!("{why} (then: {e})"),
-            _ => e.to_string(),
-        };
-        tracing::error!(error = %msg, "training failed");
-        let req = FailRequest {
-            generation,
-            rank: reply.rank,
-            error: msg,
-            retryable: e.retryable(),
-        };
-        let _ = handle.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await
-        });
-    }
-    result.map_err(|e| (e, true))
+    let e = match result {
+        Ok(s) => return Ok(s),
+        // The cause first: when the job was ended under us, the ring error that followed
+        // (the heartbeat task broke the ring) is only its consequence.
+        Err(e) => match shared.aborted() {
+            Some(why) if matches!(e, Error::Io(_)) => Error::Control(format!("{why} (then: {e})")),
+            _ => e,
+        },
+    };
+    tracing::error!(error = %e, "training failed");
+    let req = FailRequest {
+        generation,
+        rank: reply.rank,
+        error: e.to_string(),
+        retryable: e.retryable(),
+    };
+    let _ = handle
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await });
+    Err((e, true))
 }
 
 /// The collective's listener and the address the other ranks reach it at.

@@ -161,14 +161,22 @@ impl Job {
                 };
                 (st.generation, c.dir.clone(), c.meta.clone())
             };
-            match job.write_manifest(step, &dir, meta).await {
+            match job.write_manifest(generation, step, &dir, meta).await {
                 Ok(()) => job.committed(generation, step, dir),
                 Err(e) => job.fault(format!("committing the checkpoint of step {step}: {e}")),
             }
         });
     }
 
-    async fn write_manifest(&self, step: u64, dir: &str, meta: Option<Meta>) -> Result<()> {
+    /// The manifest carries the job's record (run, generation, counters), so that a
+    /// coordinator restarted from this checkpoint continues them.
+    async fn write_manifest(
+        &self,
+        generation: u64,
+        step: u64,
+        dir: &str,
+        meta: Option<Meta>,
+    ) -> Result<()> {
         let loc = Location::parse(dir)?;
         let expected = self
             .spec
@@ -181,7 +189,13 @@ impl Job {
                 self.spec.out
             )));
         }
-        let meta = meta.ok_or_else(|| Error::Control(format!("no manifest for step {step}")))?;
+        let mut meta =
+            meta.ok_or_else(|| Error::Control(format!("no manifest for step {step}")))?;
+        meta.job = Some(self.stats().record(
+            &self.spec.run_id,
+            generation,
+            self.spec.coordinator_starts,
+        ));
         if meta.step != step {
             return Err(Error::Control(format!(
                 "the manifest of step {step} says step {}",

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::Job;
+use super::record::RunRecord;
 use super::state::{Member, State};
 
 impl Job {
@@ -106,8 +107,39 @@ impl Job {
         );
         *st = State::new(self.spec.world_size, generation + 1, resume_from);
         st.last_cause = why;
+        if let Some(r) = &self.spec.run_record {
+            st.recorded = false;
+            self.record_generation(r, generation + 1);
+        }
         drop(st);
         self.bump();
+    }
+
+    /// Write `generation` into `RUN/run.json`; its joins are answered once it is there.
+    /// A run directory that cannot be written ends the job (no checkpoint could be
+    /// committed either).
+    fn record_generation(&self, record: &RunRecord, generation: u64) {
+        let (Some(job), record) = (self.me.upgrade(), record.clone()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let r = RunRecord {
+                generation,
+                ..record
+            };
+            match r.write(&job.spec.out).await {
+                Ok(()) => {
+                    let mut st = job.lock();
+                    if st.generation == generation {
+                        st.recorded = true;
+                    }
+                }
+                Err(e) => job.lock().fail(format!(
+                    "recording generation {generation} in the run directory: {e}"
+                )),
+            }
+            job.bump();
+        });
     }
 
     /// A worker process on this machine exited (`--workers N`): a lost worker if it is a
@@ -194,12 +226,17 @@ impl Job {
                 if let Ok(mut v) = self.stalled.lock() {
                     v.push(m.pid);
                 }
+                let step = m.report.as_ref().map_or(m.step, |p| p.step.max(m.step));
+                let last = match m.heard {
+                    Some(_) => format!("last heard at step {step}"),
+                    None => "no heartbeat since its group formed".to_string(),
+                };
                 format!(
-                    "rank {r} ({}, pid {}) missed its heartbeats for {:.1} s (last at step {})",
+                    "rank {r} ({}, pid {}) sent no heartbeat for {:.1} s (the heartbeat timeout is {:.1} s): {last}",
                     m.addr,
                     m.pid,
                     silent.as_secs_f64(),
-                    m.step
+                    self.spec.heartbeat_timeout.as_secs_f64()
                 )
             })
         })

@@ -68,7 +68,7 @@ impl Job {
         let me = r.collective_addr.clone();
         let (rank, world, peers, resume_from, nccl_id) = self
             .wait_for(generation, |st| {
-                if !st.formed {
+                if !st.formed || !st.recorded {
                     return None;
                 }
                 // The formed group's ranks (renumbered when an elastic group formed
@@ -111,7 +111,8 @@ impl Job {
             data: spec.data.url().to_string(),
             out: spec.out.url().to_string(),
             checkpoint: resume_from,
-            restart: generation > 1,
+            // A group re-formed by this coordinator continues the run in place.
+            restart: generation > spec.first_generation,
             backend: spec.backend.clone(),
             heartbeat: spec.heartbeat,
             collective_timeout: spec.collective_timeout,
@@ -162,6 +163,7 @@ impl Job {
             addr: r.collective_addr.clone(),
             last_seen: Instant::now(),
             step: 0,
+            heard: None,
             pid: r.pid,
             report: None,
         });
@@ -184,6 +186,7 @@ impl Job {
         self.check(&st, r.generation, r.rank)?;
         if let Some(m) = st.members[r.rank as usize].as_mut() {
             m.last_seen = Instant::now();
+            m.heard = Some(m.last_seen);
             m.step = r.step;
             if let Some(p) = r.report {
                 m.report = Some(p);
@@ -198,9 +201,9 @@ impl Job {
     /// A rank cannot go on: a lost worker when retrying may help, the end of the job
     /// otherwise.
     pub fn fail(&self, r: Fail) -> JobResult<()> {
-        if r.generation != self.generation() {
-            return Err(JobError::Stale("stale generation".into()));
-        }
+        // A report from another generation (a worker of a group that has re-formed,
+        // or of an earlier coordinator) is refused and counts for nothing.
+        self.check(&self.lock(), r.generation, r.rank)?;
         let why = format!("rank {} failed: {}", r.rank, r.error);
         if r.retryable {
             self.lose_worker(r.generation, "worker_failed", why);

@@ -40,6 +40,7 @@ mod error;
 mod faults;
 mod join;
 mod pipeline;
+pub mod record;
 mod rounds;
 mod sparse;
 pub mod spec;
@@ -57,6 +58,8 @@ use state::State;
 
 /// One job's shared state behind the service.
 pub struct Job {
+    /// This job, for the tasks it spawns from a `&self` (recording a generation).
+    me: std::sync::Weak<Job>,
     spec: JobSpec,
     /// A stop was requested (SIGTERM): heartbeats tell the workers.
     stop: AtomicBool,
@@ -74,15 +77,25 @@ impl Job {
     pub fn new(spec: JobSpec) -> std::sync::Arc<Self> {
         let w = spec.world_size;
         let resume_from = spec.checkpoint.as_ref().map(|c| c.url().to_string());
-        std::sync::Arc::new(Self {
+        // A restarted coordinator continues the counters of the checkpoint it resumes.
+        let stats = JobStats {
+            generation: spec.first_generation,
+            coordinator_restarts: spec.coordinator_starts.saturating_sub(1),
+            run_id: spec.run_id.clone(),
+            ..spec
+                .restored
+                .as_ref()
+                .map(JobStats::restored)
+                .unwrap_or_default()
+        };
+        let state = State::new(w, spec.first_generation, resume_from);
+        std::sync::Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             spec,
             stop: AtomicBool::new(false),
-            state: Mutex::new(State::new(w, 1, resume_from)),
+            state: Mutex::new(state),
             version: watch::channel(0).0,
-            stats: Mutex::new(JobStats {
-                generation: 1,
-                ..Default::default()
-            }),
+            stats: Mutex::new(stats),
             stalled: Mutex::new(Vec::new()),
         })
     }
@@ -138,10 +151,7 @@ impl Job {
     /// Refuse requests of another generation, from unknown ranks, or to a failed job.
     fn check(&self, st: &State, generation: u64, rank: u32) -> JobResult<()> {
         if generation != st.generation {
-            return Err(JobError::Stale(format!(
-                "stale generation {generation}: the job is at generation {}",
-                st.generation
-            )));
+            return Err(JobError::Stale(stale(generation, st)));
         }
         if st.members.get(rank as usize).is_none_or(|m| m.is_none()) {
             return Err(JobError::NotMember(format!(
@@ -170,8 +180,8 @@ impl Job {
                 }
                 if st.generation != generation {
                     return Err(JobError::Stale(format!(
-                        "generation {generation} ended ({}): join again",
-                        st.last_cause
+                        "{}: join again",
+                        stale(generation, &st)
                     )));
                 }
                 if let Some(r) = ready(&mut st) {
@@ -235,12 +245,33 @@ impl Job {
             ranks,
             restarts: stats.restarts,
             grows: stats.grows,
+            coordinator_restarts: stats.coordinator_restarts,
             tokens_accounted: stats.tokens_accounted,
             checkpoints_committed: stats.checkpoints_committed,
             reallocations: stats.reallocations,
             rpcs: stats.rpcs,
         }
     }
+}
+
+/// Why a request of `generation` is not this generation's: it ended (and why the last
+/// one did), or it was never this coordinator's.
+fn stale(generation: u64, st: &State) -> String {
+    if generation > st.generation {
+        return format!(
+            "generation {generation} is not this coordinator's (it is at generation {}): a worker of another coordinator",
+            st.generation
+        );
+    }
+    let cause = if st.last_cause.is_empty() {
+        String::new()
+    } else {
+        format!("; the last generation ended because {}", st.last_cause)
+    };
+    format!(
+        "generation {generation} has ended (the job is at generation {}{cause})",
+        st.generation
+    )
 }
 
 #[cfg(test)]

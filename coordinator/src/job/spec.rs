@@ -4,11 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lightrnn_core::checkpoint;
+use lightrnn_core::checkpoint::{self, JobRecord};
 use lightrnn_core::config::TrainConfig;
 use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
 use lightrnn_core::data::store::Location;
 use lightrnn_core::{Error, Result};
+
+use super::record::RunRecord;
 
 /// Where each generation's NCCL unique id comes from (a new one per generation: the old
 /// group's communicators can never be joined again).
@@ -41,6 +43,17 @@ pub struct JobSpec {
     /// Tokens of the training split (data accounting).
     pub train_tokens: u64,
     pub run_id: String,
+    /// This coordinator's first generation: 1 for a new run, numbered on from every
+    /// earlier coordinator's for a resumed one ([`super::record`]).
+    pub first_generation: u64,
+    /// Coordinator processes that have served the run, this one included.
+    pub coordinator_starts: u64,
+    /// The counters of the checkpoint resumed from, where a coordinator committed it.
+    pub restored: Option<JobRecord>,
+    /// `RUN/run.json` as this coordinator wrote it at its start: each new generation is
+    /// recorded there before its workers learn its number (None: a job with no run
+    /// record, as the unit tests' are).
+    pub run_record: Option<RunRecord>,
     /// New generations after lost workers before the job gives up.
     pub max_restarts: u64,
     /// Words in the dataset's vocabulary (the loss tables' V).
@@ -88,6 +101,10 @@ impl JobSpec {
             join_timeout: Duration::from_secs(600),
             train_tokens,
             run_id,
+            first_generation: 1,
+            coordinator_starts: 1,
+            restored: None,
+            run_record: None,
             max_restarts: 3,
             vocab,
             token: None,
@@ -129,13 +146,24 @@ impl JobSpec {
             }
             (false, None) => None,
             (true, _) => match checkpoint::newest(out).await? {
-                Some(ck) => Some(Location::parse(&ck.url)?),
+                Some(ck) => Some(ck),
                 None => {
-                    tracing::info!(out = %out, "no checkpoint to resume from: starting a new run");
+                    tracing::info!(out = %out, "no checkpoint to resume from: the run starts over");
                     None
                 }
             },
         };
+        let restored = checkpoint.as_ref().and_then(|c| c.meta.job.clone());
+        let record = RunRecord::start(out, resume, restored.as_ref()).await?;
+        if record.coordinator_starts > 1 {
+            tracing::warn!(
+                run = %record.run_id,
+                coordinator_starts = record.coordinator_starts,
+                first_generation = record.generation,
+                counters_from = checkpoint.as_ref().map_or("nothing (no checkpoint)", |c| c.url.as_str()),
+                "a coordinator of this run ran before: continuing its generations and counters"
+            );
+        }
         let mut spec = Self::new(
             cfg,
             ds.loc.clone(),
@@ -144,7 +172,12 @@ impl JobSpec {
             ds.train.tokens(),
             ds.vocab.len(),
         );
-        spec.checkpoint = checkpoint;
+        spec.checkpoint = checkpoint.map(|c| Location::parse(&c.url)).transpose()?;
+        spec.run_id = record.run_id.clone();
+        spec.first_generation = record.generation;
+        spec.coordinator_starts = record.coordinator_starts;
+        spec.restored = restored;
+        spec.run_record = Some(record);
         Ok(spec)
     }
 }

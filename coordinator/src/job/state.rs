@@ -17,6 +17,8 @@ pub(super) struct Member {
     pub(super) addr: String,
     pub(super) last_seen: Instant,
     pub(super) step: u64,
+    /// When its last heartbeat arrived (None: none since it joined).
+    pub(super) heard: Option<Instant>,
     /// The worker's process id (with the host: which process died).
     pub(super) pid: u32,
     /// Its latest figures (from heartbeats).
@@ -107,6 +109,9 @@ pub(super) struct State {
     pub(super) resume_from: Option<String>,
     /// The NCCL unique id of this generation's communicator, once formed (empty: none).
     pub(super) nccl_id: Vec<u8>,
+    /// The generation's number is in `RUN/run.json` (joins are answered only then: a
+    /// restarted coordinator must never hand the same number out again).
+    pub(super) recorded: bool,
 }
 
 impl State {
@@ -129,6 +134,7 @@ impl State {
             last_cause: String::new(),
             resume_from,
             nccl_id: Vec::new(),
+            recorded: true,
         }
     }
 
@@ -164,4 +170,9 @@ pub struct JobStats {
     pub grows: u64,
     /// Bytes of loss tables the ranks pushed (dense and sparse, every round).
     pub realloc_bytes_in: u64,
+    /// Coordinator processes that served the run before this one (killed, preempted,
+    /// restarted with `--resume`).
+    pub coordinator_restarts: u64,
+    /// The run's id (`RUN/run.json`), the same across coordinator restarts.
+    pub run_id: String,
 }

@@ -124,6 +124,51 @@ pub async fn prune(run: &Location, keep: usize, keep_every: u64) -> Result<()> {
         if let Some(p) = parent {
             p.delete_all(&dir.name()).await?;
         }
+        // A local directory keeps its (now empty) folders: remove them too.
+        if let Some(path) = dir.local_path() {
+            remove_empty_dirs(&path);
+        }
     }
     Ok(())
+}
+
+/// Remove `path` and the folders below it, bottom up, where they are empty; whatever
+/// holds a file stays (best effort: a folder another process writes into is kept).
+fn remove_empty_dirs(path: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pruning_a_local_run_leaves_no_empty_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = Location::parse(tmp.path().to_str().unwrap()).unwrap();
+        for step in [100u64, 200, 300, 400, 500] {
+            let dir = run.join("checkpoints").join(&dir_name(step));
+            dir.put(META, Bytes::from_static(b"{}")).await.unwrap();
+            dir.put("sub/model.bin", Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        // Keep the newest two and every multiple of 200.
+        prune(&run, 2, 200).await.unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path().join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [dir_name(200), dir_name(400), dir_name(500)]);
+        let kept = tmp.path().join("checkpoints").join(dir_name(200));
+        assert!(kept.join("sub/model.bin").is_file());
+    }
 }

@@ -2,6 +2,8 @@
 //! needs to continue exactly, and the size and SHA-256 of every other object. Written
 //! last: a directory without one is not a checkpoint.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use lightrnn_kernels::{ModelDims, Optimizer};
@@ -59,5 +61,33 @@ pub struct Meta {
     /// What `realloc_every = "auto"` has measured and decided so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_realloc: Option<crate::auto::AutoState>,
+    /// The distributed job's record at this checkpoint (written by the coordinator that
+    /// committed it): a coordinator restarted from it continues the run's generations
+    /// and counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
     pub files: Vec<FileEntry>,
+}
+
+/// A distributed run's identity and counters as of one committed checkpoint: what a
+/// restarted coordinator continues from (the counters of the trajectory that survives:
+/// epochs after the checkpoint are trained and counted again).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub run_id: String,
+    /// The generation that reached the checkpoint.
+    pub generation: u64,
+    /// Coordinator processes that have served the run so far.
+    pub coordinator_starts: u64,
+    /// Tokens of each completed epoch.
+    pub epoch_tokens: BTreeMap<u64, u64>,
+    /// Checkpoints committed, this one included.
+    pub checkpoints_committed: u64,
+    /// Generations started after lost workers, by cause.
+    pub restarts: BTreeMap<String, u64>,
+    pub reallocations: u64,
+    pub grows: u64,
+    pub realloc_bytes_in: u64,
+    /// Workers in each generation's group.
+    pub worlds: BTreeMap<u64, usize>,
 }

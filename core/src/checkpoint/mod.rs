@@ -20,7 +20,7 @@ mod manifest;
 
 pub use commit::{commit, dir_name, list, newest, prune, resolve};
 pub use format::{SaveRequest, load, write_objects};
-pub use manifest::{FORMAT, FileEntry, META, Meta};
+pub use manifest::{FORMAT, FileEntry, JobRecord, META, Meta};
 
 use lightrnn_kernels::{OptimizerState, State};
 

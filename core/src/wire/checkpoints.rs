@@ -155,6 +155,8 @@ impl TryFrom<v1::Manifest> for Meta {
             reallocations: m.reallocations,
             realloc_pending: m.realloc_pending,
             auto_realloc: auto_from_wire("manifest", &m.auto_realloc_json)?,
+            // The coordinator adds its record when it commits.
+            job: None,
             files: m
                 .files
                 .into_iter()

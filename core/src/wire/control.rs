@@ -237,6 +237,8 @@ impl TryFrom<v1::Summary> for Summary {
             config: config("summary's config", &s.config_toml)?,
             history: s.history.into_iter().map(Into::into).collect(),
             auto_realloc: auto_from_wire("summary", &s.auto_realloc_json)?,
+            // The coordinator has every rank's checksum (Finish) and adds it.
+            params_sha256: String::new(),
         })
     }
 }

@@ -157,6 +157,7 @@ mod tests {
                     words_moved: 9961,
                 }],
             }),
+            job: None,
             files: vec![FileEntry {
                 name: "model.safetensors".into(),
                 bytes: 42,
@@ -193,6 +194,7 @@ mod tests {
             config: cfg,
             history: vec![rec],
             auto_realloc: None,
+            params_sha256: String::new(),
         };
         let back: Summary = v1::Summary::from(&s).try_into().unwrap();
         assert!(back.test_loss.is_nan() && back.test_ppl.is_nan());

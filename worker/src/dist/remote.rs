@@ -38,13 +38,15 @@ fn status(what: &str, s: tonic::Status) -> Error {
     Error::Control(format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
+/// A client of the coordinator at `url` presenting `auth` (its clones share the run it
+/// names once the worker has joined); keeps trying to connect for `timeout`.
 pub async fn connect(
     url: &str,
     timeout: Duration,
-    token: Option<&str>,
+    auth: &BearerToken,
     tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<Client> {
-    let auth = BearerToken::new(token).map_err(Error::Config)?;
+    let auth = auth.clone();
     let mut ep = endpoint(
         Endpoint::from_shared(url.to_string())
             .map_err(|e| Error::Config(format!("coordinator address {url:?}: {e}")))?,
@@ -73,7 +75,8 @@ pub async fn connect(
             Ok(ch) => return Ok(client(ch, auth)),
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Control(format!(
-                    "cannot reach the coordinator at {url} within {timeout:?}: {e}"
+                    "cannot reach the coordinator at {url} within {timeout:?}: {e}{}",
+                    Reach::of(&e).hint(url)
                 )));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -424,7 +427,10 @@ impl Control for RemoteControl {
 }
 
 /// Heartbeats every `every` until the training ends (the task is aborted) or the
-/// coordinator ends the job or stays unreachable for 3 intervals.
+/// coordinator ends the job or stays unreachable for 3 intervals. A tick that comes far
+/// too late means this process did not run (SIGSTOP, swapping, a paused VM): it is
+/// logged, the silence is not blamed on the coordinator, and a generation ended
+/// meanwhile says so.
 pub async fn heartbeat(
     mut client: Client,
     generation: u64,
@@ -435,10 +441,26 @@ pub async fn heartbeat(
 ) {
     // Tokio's clock (the wall clock outside tests), so the tests run it in paused time.
     let mut last_ok = tokio::time::Instant::now();
+    let mut last_tick = last_ok;
+    // How long this process was frozen, until the next heartbeat gets through.
+    let mut frozen: Option<Duration> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let gap = now - last_tick;
+        last_tick = now;
+        if froze(gap, every) {
+            tracing::warn!(
+                seconds = format!("{:.1}", gap.as_secs_f64()),
+                "this worker did not run for {:.1} s (frozen or descheduled: SIGSTOP, swapping, a paused VM?)",
+                gap.as_secs_f64()
+            );
+            frozen = Some(gap);
+            // The coordinator was not the silent one: its allowance starts again.
+            last_ok = now;
+        }
         let req = HeartbeatRequest {
             generation,
             rank,
@@ -460,14 +482,18 @@ pub async fn heartbeat(
                 }
                 let abort = r.abort;
                 if !abort.is_empty() {
-                    shared.set_abort(format!("the job was ended: {abort}"));
+                    shared.set_abort(blame(frozen, format!("the job was ended: {abort}")));
                     return;
                 }
+                frozen = None;
             }
             Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
-                shared.set_abort(format!(
-                    "the coordinator fenced this worker: {}",
-                    s.message()
+                shared.set_abort(blame(
+                    frozen,
+                    format!(
+                        "the coordinator ended this worker's generation {generation}: {}",
+                        s.message()
+                    ),
                 ));
                 return;
             }
@@ -480,6 +506,24 @@ pub async fn heartbeat(
             }
             _ => {}
         }
+    }
+}
+
+/// Whether a gap of `gap` between heartbeat ticks every `every` means this process did
+/// not run (the runtime alone delays a tick by far less).
+pub(crate) fn froze(gap: Duration, every: Duration) -> bool {
+    gap > (every * 3).max(Duration::from_secs(2))
+}
+
+/// Why the generation ended for this worker, saying first that it was itself frozen for
+/// `frozen` when it was.
+pub(crate) fn blame(frozen: Option<Duration>, why: String) -> String {
+    match frozen {
+        Some(g) => format!(
+            "this worker was frozen for {:.0} s (its clock jumped) and meanwhile {why}",
+            g.as_secs_f64()
+        ),
+        None => why,
     }
 }
 
@@ -504,7 +548,77 @@ pub fn join(
     handle.block_on(join_within(client, coordinator, join, wait))
 }
 
-/// [`join`]'s retries and deadline, on tokio's clock (the tests run it in paused time).
+/// Why a call did not reach the coordinator, read from the transport's error chain.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Reach {
+    /// Connection refused: no process listens at the address (the coordinator is not
+    /// running, or not yet).
+    NothingListens,
+    /// No answer at all (a timeout, an unreachable host or network): packets are lost.
+    NoAnswer(String),
+    /// The TLS handshake failed.
+    Tls(String),
+    /// Something else, or a refusal the coordinator sent itself.
+    Other,
+}
+
+impl Reach {
+    pub(crate) fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        use std::io::ErrorKind as K;
+        let mut cur = Some(e);
+        let mut text = String::new();
+        while let Some(x) = cur {
+            if let Some(io) = x.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    K::ConnectionRefused => return Self::NothingListens,
+                    K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => {
+                        return Self::NoAnswer(io.to_string());
+                    }
+                    _ => {}
+                }
+            }
+            text.push_str(&format!("{x:?} "));
+            cur = x.source();
+        }
+        let lower = text.to_lowercase();
+        if ["certificate", "tls", "handshake", "alert"]
+            .iter()
+            .any(|k| lower.contains(k))
+        {
+            return Self::Tls(e.source().map_or_else(|| e.to_string(), |s| s.to_string()));
+        }
+        if lower.contains("timeoutexpired") || lower.contains("timed out") {
+            return Self::NoAnswer("timed out".into());
+        }
+        Self::Other
+    }
+
+    /// Whether the coordinator may come back (a restarted one): worth waiting for.
+    fn unreachable(&self) -> bool {
+        matches!(self, Self::NothingListens | Self::NoAnswer(_))
+    }
+
+    /// What to check, for an error message about the coordinator at `url`.
+    pub(crate) fn hint(&self, url: &str) -> String {
+        match self {
+            Self::NothingListens => format!(
+                "; nothing listens at {url} (connection refused): the coordinator is not running"
+            ),
+            Self::NoAnswer(why) => format!(
+                "; no answer from {url} ({why}): the network or a firewall drops the packets"
+            ),
+            Self::Tls(why) => format!(
+                "; the TLS handshake failed ({why}): check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
+            ),
+            Self::Other if url.starts_with("https://") => "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates".into(),
+            Self::Other => "; if the coordinator serves TLS, use https:// and --tls-ca".into(),
+        }
+    }
+}
+
+/// [`join`]'s retries and deadline, on tokio's clock (the tests run it in paused time):
+/// a full group is asked again every 300 ms; an unreachable coordinator (down, being
+/// restarted, behind a partition) with back-off up to 5 s; both until `wait`.
 async fn join_within(
     client: &mut Client,
     coordinator: &str,
@@ -512,6 +626,8 @@ async fn join_within(
     wait: Duration,
 ) -> Result<JoinReply> {
     let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(250);
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let r = tokio::time::timeout(left, client.join(join.clone()))
@@ -519,37 +635,61 @@ async fn join_within(
             .map_err(|_| {
                 Error::Control(format!("the group did not form within {wait:?} (join)"))
             })?;
-        match r {
-            Ok(r) => return Ok(r.into_inner()),
-            // A replacement can arrive before the coordinator has noticed the
-            // worker it replaces: the group re-forms within a few heartbeats.
-            Err(s)
-                if s.code() == tonic::Code::ResourceExhausted
-                    && tokio::time::Instant::now() + Duration::from_millis(300) < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = match r {
+            Ok(r) => {
+                if let Some(t) = unreachable_since {
+                    tracing::info!(
+                        coordinator,
+                        after_s = format!("{:.1}", t.elapsed().as_secs_f64()),
+                        "the coordinator answers again"
+                    );
+                }
+                return Ok(r.into_inner());
             }
-            Err(s) => {
-                let hint = match s.code() {
-                    tonic::Code::Unknown
+            Err(s) => s,
+        };
+        let now = tokio::time::Instant::now();
+        // A replacement can arrive before the coordinator has noticed the worker it
+        // replaces: the group re-forms within a few heartbeats.
+        if s.code() == tonic::Code::ResourceExhausted && now + Duration::from_millis(300) < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        let reach = Reach::of(&s);
+        if reach.unreachable() && now + backoff < deadline {
+            if unreachable_since.is_none() {
+                unreachable_since = Some(now);
+                tracing::warn!(
+                    coordinator,
+                    wait_s = wait.as_secs(),
+                    "cannot reach the coordinator{}: retrying until it answers (--connect-timeout-s)",
+                    reach.hint(coordinator)
+                );
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        let waited = unreachable_since.map_or(String::new(), |t| {
+            format!(" (unreachable for {:.0} s)", t.elapsed().as_secs_f64())
+        });
+        return Err(Error::Control(format!(
+            "join: {} ({:?}){waited}{}",
+            s.message(),
+            s.code(),
+            if matches!(
+                s.code(),
+                tonic::Code::Unknown
                     | tonic::Code::Internal
                     | tonic::Code::Unavailable
-                    | tonic::Code::Cancelled => {
-                        if coordinator.starts_with("https://") {
-                            "; the TLS handshake may have been refused: check --tls-ca, and --tls-cert/--tls-key when the coordinator requires client certificates"
-                        } else {
-                            "; if the coordinator serves TLS, use https:// and --tls-ca"
-                        }
-                    }
-                    _ => "",
-                };
-                return Err(Error::Control(format!(
-                    "join: {} ({:?}){hint}",
-                    s.message(),
-                    s.code()
-                )));
+                    | tonic::Code::Cancelled
+            ) {
+                reach.hint(coordinator)
+            } else {
+                String::new()
             }
-        }
+        )));
     }
 }
 

@@ -36,7 +36,7 @@ use lightrnn_proto::v1::{
 };
 use lightrnn_proto::{Coordinator, CoordinatorServer};
 
-use super::{RemoteControl, Shared, client, endpoint, heartbeat, join_within};
+use super::{RemoteControl, Shared, blame, client, endpoint, froze, heartbeat, join_within};
 use crate::dist::collective::Collective;
 use crate::dist::control::Control;
 use crate::dist::ring::{TcpRing, rings};
@@ -803,7 +803,7 @@ async fn a_fenced_worker_aborts_at_once_breaks_its_ring_and_fails_its_next_step(
     assert!(control.progress(10, 0, 5).is_ok());
     task.await.unwrap();
     assert_eq!(c.now(), 2 * SECOND, "not at once");
-    let why = "the coordinator fenced this worker: generation 1 is over";
+    let why = "the coordinator ended this worker's generation 1: generation 1 is over";
     assert_eq!(shared.aborted().as_deref(), Some(why));
     assert!(shared.cancel_flag().load(Ordering::Relaxed));
     assert!(!stop.load(Ordering::Relaxed));
@@ -903,7 +903,7 @@ async fn calls_of_an_ended_generation_fail_with_the_refusal_and_are_not_retried(
     task.await.unwrap();
     assert_eq!(
         shared.aborted().as_deref(),
-        Some("the coordinator fenced this worker: generation 7 is over")
+        Some("the coordinator ended this worker's generation 7: generation 7 is over")
     );
     // One try each; every call named the worker's generation and presented its token.
     assert_eq!(c.script.seen("lease").len(), 1);
@@ -944,4 +944,52 @@ async fn heartbeats_carry_the_ranks_progress_and_latest_report() {
     assert_eq!(RankReport::from(hb[1].report.unwrap()), report);
     assert_eq!(c.script.times("heartbeat"), [Duration::ZERO, SECOND]);
     task.abort();
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) Messages that name the right party.
+
+#[test]
+fn a_worker_that_did_not_run_says_so_instead_of_blaming_the_coordinator() {
+    // Ticks every 2 s: a late tick from a busy runtime is no freeze, 41 s is.
+    assert!(!froze(2500 * MS, 2 * SECOND));
+    assert!(!froze(6 * SECOND, 2 * SECOND));
+    assert!(froze(41 * SECOND, 2 * SECOND));
+    // Fast heartbeats still need 2 s of silence.
+    assert!(!froze(1500 * MS, 100 * MS));
+    assert!(froze(2100 * MS, 100 * MS));
+    let why =
+        "the coordinator ended this worker's generation 3: generation 3 has ended".to_string();
+    assert_eq!(blame(None, why.clone()), why);
+    assert_eq!(
+        blame(Some(41 * SECOND), why),
+        "this worker was frozen for 41 s (its clock jumped) and meanwhile the coordinator ended this worker's generation 3: generation 3 has ended"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn join_waits_for_a_coordinator_that_is_down_and_says_nothing_listens() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let auth = BearerToken::new(None).unwrap();
+    let mut client = client(
+        endpoint(Endpoint::from_shared(url.clone()).unwrap()).connect_lazy(),
+        auth,
+    );
+    let t0 = Instant::now();
+    let e = control_error(join_within(&mut client, &url, join_req(), 20 * SECOND).await);
+    // It kept trying (with back-off) until its deadline, and says why it failed.
+    assert!(t0.elapsed() >= 15 * SECOND, "{:?}", t0.elapsed());
+    assert!(
+        e.contains(&format!(
+            "nothing listens at {url} (connection refused): the coordinator is not running"
+        )) && e.contains("unreachable for"),
+        "{e}"
+    );
+    assert!(!e.contains("TLS"), "{e}");
 }

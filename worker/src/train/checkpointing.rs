@@ -68,6 +68,9 @@ impl Checkpointing {
             None
         };
         let sum = params_checksum(&run.model.backend.params()?);
+        // Every line up to this step is written before the checkpoint exists: a run
+        // resumed from it keeps them (and logs the later ones again).
+        run.flush_metrics(true)?;
         run.dist
             .control
             .commit(run.st.step, &dir, meta.as_ref(), &sum)?;
@@ -140,6 +143,7 @@ fn save(
         reallocations: st.reallocations,
         realloc_pending: with_train_state && st.realloc_pending,
         auto_realloc: st.auto.clone(),
+        job: None,
         files: vec![],
     };
     let params = backend.params()?;

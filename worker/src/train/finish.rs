@@ -132,15 +132,16 @@ pub(super) fn finish(
         run.flush_metrics(true)?;
         tl
     };
-    let summary = summary(run, session, stopped, train_loss, valid_loss, test_loss);
+    let mut summary = summary(run, session, stopped, train_loss, valid_loss, test_loss);
+    // The model each rank ends with (the test evaluation may have loaded the best one).
+    let sum = params_checksum(&run.model.backend.params()?);
+    summary.params_sha256 = sum.clone();
     let leader = run.dist.is_leader();
     if leader {
         let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Data(e.to_string()))?;
         run.handle
             .block_on(run.opts.out.put("summary.json", Bytes::from(json)))?;
     }
-    // The model each rank ends with (the test evaluation may have loaded the best one).
-    let sum = params_checksum(&run.model.backend.params()?);
     run.dist.control.finish(leader.then_some(&summary), &sum)?;
     Ok(summary)
 }
@@ -175,5 +176,6 @@ fn summary(
         config: run.cfg.clone(),
         history: run.st.history.clone(),
         auto_realloc: run.st.auto.clone(),
+        params_sha256: String::new(),
     }
 }

@@ -1,6 +1,8 @@
 //! `metrics.jsonl`: one [`MetricsLine`] per line, rewritten whole (object stores have no
-//! append) at most every few seconds, and at epoch ends and the end of the run. Only the
-//! leader writes. A resumed run keeps the lines up to its checkpoint's step.
+//! append) at most every few seconds, before every checkpoint is committed, at epoch
+//! ends and at the end of the run. Only the leader writes. A resumed run keeps the lines
+//! up to its checkpoint's step (all of them are in the file: it was written before the
+//! checkpoint existed) and logs the later ones again: every step's line is there once.
 
 use std::time::Instant;
 
