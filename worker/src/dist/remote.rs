@@ -137,6 +137,8 @@ pub struct Shared {
     cancel: Arc<std::sync::atomic::AtomicBool>,
     /// The training thread's latest figures, sent with the next heartbeat.
     report: Mutex<Option<RankReport>>,
+    /// Wakes a pending call when the job ends under us.
+    ended: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -158,6 +160,7 @@ impl Shared {
             *a = Some(why);
             drop(a);
             self.cancel.store(true, Ordering::Relaxed);
+            self.ended.notify_waiters();
             if let Ok(b) = self.breaker.lock()
                 && let Some(b) = b.as_ref()
             {
@@ -174,6 +177,20 @@ impl Shared {
     /// Why the job was ended under this worker, if it was.
     pub fn aborted(&self) -> Option<String> {
         self.abort.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// Returns once the job has ended under this worker, with why.
+    async fn ended(&self) -> String {
+        loop {
+            let woken = self.ended.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so an abort in between is not missed.
+            woken.as_mut().enable();
+            if let Some(why) = self.aborted() {
+                return why;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -206,13 +223,23 @@ impl RemoteControl {
         }
     }
 
-    /// Run one RPC on the runtime from the training thread, timing it.
+    /// Run one RPC on the runtime from the training thread, timing it. A call pending
+    /// when the heartbeats find the job ended (a coordinator gone silent, a generation
+    /// fenced) ends then, with that reason, instead of waiting for the connection's
+    /// keep-alive.
     fn call<T, F>(&mut self, f: impl FnOnce(Client) -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
         let t = Instant::now();
-        let r = self.handle.block_on(f(self.client.clone()));
+        let shared = self.shared.clone();
+        let call = f(self.client.clone());
+        let r = self.handle.block_on(async move {
+            tokio::select! {
+                r = call => r,
+                why = shared.ended() => Err(Error::Control(why)),
+            }
+        });
         self.rpc_seconds += t.elapsed().as_secs_f64();
         r
     }

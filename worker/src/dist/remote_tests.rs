@@ -590,6 +590,31 @@ async fn a_pending_call_on_a_silent_link_ends_with_the_http2_keep_alive() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_pending_call_on_a_silent_link_ends_when_the_heartbeats_give_up() {
+    let c = Coord::start().await;
+    c.script.script("epoch_done", [], Act::Hang);
+    let (task, shared, _) = c.heartbeat(1, SECOND);
+    let mut control = c.control(1, 0, &shared);
+    let call = on_thread(move || control.epoch_done(4, 1000));
+    c.script.arrived("epoch_done", 1).await;
+    let cut = c.now();
+    c.set(Link::Silent);
+    // The heartbeats find the coordinator silent for 4 intervals; the pending barrier
+    // ends with that reason then, not at the keep-alive's 50 s.
+    task.await.unwrap();
+    let (r, ended) = settle(call).await;
+    let took = ended - c.script.t0 - cut;
+    assert!(
+        took <= 5 * SECOND,
+        "ended {took:?} after the link went silent"
+    );
+    assert_eq!(
+        control_error(r),
+        "the coordinator has not answered heartbeats for 4 s"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // (b) A slow coordinator.
 
@@ -878,11 +903,12 @@ async fn calls_of_an_ended_generation_fail_with_the_refusal_and_are_not_retried(
     let c = Coord::start().await;
     let over = |after| Act::Refuse(after, Code::FailedPrecondition, "generation 7 is over");
     c.script.script("lease", [], over(Duration::ZERO));
-    // The barrier pending when the group re-forms is answered with the refusal.
+    // The barrier pending when the group re-forms is answered with the refusal (before
+    // the heartbeat of 4 s finds the generation fenced).
     c.script.script("epoch_done", [], over(2500 * MS));
     c.script.script(
         "heartbeat",
-        [Act::After(Duration::ZERO), Act::After(Duration::ZERO)],
+        [0, 1, 2, 3].map(|_| Act::After(Duration::ZERO)),
         over(Duration::ZERO),
     );
     let (task, shared, _) = c.heartbeat(7, SECOND);
@@ -895,7 +921,14 @@ async fn calls_of_an_ended_generation_fail_with_the_refusal_and_are_not_retried(
     );
     // A refused call fails the training step; ending the generation is the heartbeat's.
     assert!(shared.aborted().is_none());
-    let (barrier, _) = on_thread(move || control.epoch_done(3, 100)).await.unwrap();
+    let barrier = on_thread(move || control.epoch_done(3, 100));
+    // The clock held until the barrier is at the coordinator (at 0 s).
+    let real = std::time::Instant::now();
+    while c.script.seen("epoch_done").is_empty() {
+        assert!(real.elapsed() < 20 * SECOND, "the barrier never arrives");
+        tokio::task::yield_now().await;
+    }
+    let (barrier, _) = barrier.await.unwrap();
     assert_eq!(
         control_error(barrier),
         "epoch barrier: generation 7 is over (FailedPrecondition)"
