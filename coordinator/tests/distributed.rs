@@ -1073,7 +1073,9 @@ fn a_stalled_worker_is_killed_and_replaced_and_the_run_ends_as_without_faults() 
         return;
     }
     assert!(
-        err.contains("sent no heartbeat for") && err.contains("killing a stalled worker"),
+        err.contains("sent no heartbeat for")
+            && err.contains("last heard at step")
+            && err.contains("killing a stalled worker"),
         "{err}"
     );
     assert_eq!(s["restarts"]["heartbeat"], 1, "{s}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lightrnn_core::config::TrainConfig;
 use lightrnn_core::data::store::Location;
-use lightrnn_core::protocol::{EpochDone, Heartbeat, Join, Lease};
+use lightrnn_core::protocol::{EpochDone, Fail, Heartbeat, Join, Lease};
 
 use super::{Job, JobError, JobSpec};
 
@@ -74,9 +74,25 @@ async fn a_silent_rank_ends_the_generation_and_its_workers_are_fenced() {
     assert_eq!(stats.restarts.get("heartbeat"), Some(&1), "{stats:?}");
     assert_eq!(job.take_stalled(), vec![silent_pid]);
     assert!(!job.failed());
-    // Generation 1's workers are fenced from every call.
+    // Generation 1's workers are fenced from every call, told why it ended.
     let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
     assert!(matches!(e, JobError::Stale(_)), "{e:?}");
+    let why = e.to_string();
+    assert!(
+        why.contains("generation 1 has ended (the job is at generation 2; the last generation ended because rank 1")
+            && why.contains("no heartbeat since its group formed"),
+        "{why}"
+    );
+    // Its failure reports count for nothing (no restart spent on a ghost).
+    let ghost = Fail {
+        generation: 1,
+        rank: 0,
+        error: "receiving from rank 1 failed".into(),
+        retryable: true,
+    };
+    assert!(matches!(job.fail(ghost).unwrap_err(), JobError::Stale(_)));
+    assert_eq!(job.stats().restarts.values().sum::<u64>(), 1);
+    assert_eq!(job.generation(), 2);
     let lease = Lease {
         generation: 1,
         rank: 0,
