@@ -25,7 +25,7 @@ use tonic::transport::{Endpoint, Server, Uri};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use lightrnn_alloc::Report;
-use lightrnn_core::report::RankReport;
+use lightrnn_core::report::{LinkDirection, LinkWaits, RankReport};
 use lightrnn_core::{Error, wire};
 use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
@@ -209,7 +209,7 @@ impl Coordinator for Fake {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let hb = *req.get_ref();
+        let hb = req.get_ref().clone();
         let act = self.0.take("heartbeat", &req, hb.generation, Some(hb));
         Ok(Response::new(perform(act).await?.unwrap_or_default()))
     }
@@ -927,6 +927,24 @@ async fn heartbeats_carry_the_ranks_progress_and_latest_report() {
         epoch: 2,
         loss: 4.5,
         words_per_sec: 1000.0,
+        waits: vec![
+            LinkWaits {
+                peer: 1,
+                direction: LinkDirection::Send,
+                seconds: 0.5,
+                count: 3,
+                stalls: 0,
+                buckets: [0, 1, 2, 0, 0, 0, 0],
+            },
+            LinkWaits {
+                peer: 2,
+                direction: LinkDirection::Receive,
+                seconds: 75.0,
+                count: 2,
+                stalls: 1,
+                buckets: [0, 0, 0, 0, 1, 0, 1],
+            },
+        ],
         ..Default::default()
     };
     control.report(&report);
@@ -941,7 +959,7 @@ async fn heartbeats_carry_the_ranks_progress_and_latest_report() {
     assert_eq!(at(&hb[0]), (5, 0, 0, 0, 0));
     assert!(hb[0].report.is_none());
     assert_eq!(at(&hb[1]), (5, 0, 120, 2, 33));
-    assert_eq!(RankReport::from(hb[1].report.unwrap()), report);
+    assert_eq!(RankReport::from(hb[1].report.clone().unwrap()), report);
     assert_eq!(c.script.times("heartbeat"), [Duration::ZERO, SECOND]);
     task.abort();
 }
