@@ -5,7 +5,9 @@
 //! Faults: a refused or failed RPC, a heartbeat that cannot get through for
 //! `3 x heartbeat` or that the coordinator answers with `abort` all end the training loop
 //! with an error (the heartbeat task breaks the ring so a blocked collective returns at
-//! once). Nothing waits forever.
+//! once). Nothing waits forever. A call that takes far longer than that call usually does
+//! (max(2 s, 5 x the median of its recent durations): [`Usual`]) is logged while it lasts,
+//! naming the coordinator, the call and the wait.
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::ops::Range;
@@ -28,6 +30,7 @@ use lightrnn_proto::{CoordinatorClient, MAX_MESSAGE_BYTES};
 
 use super::control::Control;
 use super::ring::RingBreaker;
+use super::watch::{Usual, secs};
 use lightrnn_core::checkpoint::Meta;
 use lightrnn_core::data::store::Location;
 use lightrnn_core::report::{RankReport, Summary};
@@ -182,6 +185,10 @@ pub struct RemoteControl {
     rank: u32,
     shared: Arc<Shared>,
     rpc_seconds: f64,
+    /// Who the calls go to, as the logs name it.
+    coordinator: String,
+    /// How long each call usually takes (its stall threshold).
+    usual: Usual,
 }
 
 impl RemoteControl {
@@ -200,16 +207,47 @@ impl RemoteControl {
             rank,
             shared,
             rpc_seconds: 0.0,
+            coordinator: "the coordinator".into(),
+            usual: Usual::default(),
         }
     }
 
-    /// Run one RPC on the runtime from the training thread, timing it.
-    fn call<T, F>(&mut self, f: impl FnOnce(Client) -> F) -> Result<T>
+    /// The coordinator's address, for the logs.
+    pub fn naming(mut self, coordinator: &str) -> Self {
+        self.coordinator = format!("the coordinator at {coordinator}");
+        self
+    }
+
+    /// Run the RPC `op` on the runtime from the training thread, timing it; one that
+    /// takes longer than `op` usually does is logged while it lasts, and when it ends.
+    fn call<T, F>(&mut self, op: &'static str, f: impl FnOnce(Client) -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
         let t = Instant::now();
-        let r = self.handle.block_on(f(self.client.clone()));
+        let rpc = f(self.client.clone());
+        let (threshold, usual) = (self.usual.threshold(op), self.usual.median(op));
+        let who = &self.coordinator;
+        let (r, took) = self.handle.block_on(async move {
+            // Tokio's clock (the wall clock outside tests, paused time in them).
+            let t = tokio::time::Instant::now();
+            tokio::pin!(rpc);
+            let late = tokio::select! {
+                r = &mut rpc => return (r, t.elapsed()),
+                _ = tokio::time::sleep(threshold) => t.elapsed(),
+            };
+            tracing::warn!(
+                coordinator = %who, call = op, waited_s = late.as_secs_f64(),
+                "{op}: {who} has not answered for {} s (usually {} s)",
+                secs(late), secs(usual)
+            );
+            let r = rpc.await;
+            let took = t.elapsed();
+            tracing::info!(coordinator = %who, call = op, waited_s = took.as_secs_f64(),
+                "{op}: {who} answered after {} s", secs(took));
+            (r, took)
+        });
+        self.usual.record(op, took);
         self.rpc_seconds += t.elapsed().as_secs_f64();
         r
     }
@@ -243,7 +281,7 @@ impl RemoteControl {
             ..Default::default()
         };
         let chunks = futures::stream::iter(wire::sparse_chunks(part, cells, head));
-        self.call(|mut c| async move {
+        self.call("sending sparse loss tables", |mut c| async move {
             c.push_sparse_tables(chunks)
                 .await
                 .map(|_| ())
@@ -258,7 +296,7 @@ impl RemoteControl {
             rank: self.rank,
             round,
         };
-        let (cells, counts, report) = self.call(|mut c| async move {
+        let (cells, counts, report) = self.call("fetching the allocation", |mut c| async move {
             let mut s = c
                 .fetch_allocation(req)
                 .await
@@ -287,7 +325,7 @@ impl Control for RemoteControl {
             streams: streams as u64,
             cursor,
         };
-        let r = self.call(|mut c| async move {
+        let r = self.call("lease", |mut c| async move {
             c.lease(req)
                 .await
                 .map(|r| r.into_inner())
@@ -303,7 +341,7 @@ impl Control for RemoteControl {
             epoch,
             tokens,
         };
-        self.call(|mut c| async move {
+        self.call("epoch barrier", |mut c| async move {
             c.epoch_done(req)
                 .await
                 .map(|_| ())
@@ -335,7 +373,7 @@ impl Control for RemoteControl {
             Vec::new()
         };
         let chunks = futures::stream::iter(wire::table_chunks(tables, cells, head));
-        self.call(|mut c| async move {
+        self.call("sending loss tables", |mut c| async move {
             c.push_loss_tables(chunks)
                 .await
                 .map(|_| ())
@@ -379,7 +417,7 @@ impl Control for RemoteControl {
             manifest: meta.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
-        self.call(|mut c| async move {
+        self.call("checkpoint commit", |mut c| async move {
             c.commit(req)
                 .await
                 .map(|_| ())
@@ -404,7 +442,7 @@ impl Control for RemoteControl {
             summary: summary.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
-        self.call(|mut c| async move {
+        self.call("finish", |mut c| async move {
             c.finish(req)
                 .await
                 .map(|_| ())

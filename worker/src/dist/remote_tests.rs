@@ -40,6 +40,7 @@ use super::{RemoteControl, Shared, client, endpoint, heartbeat, join_within};
 use crate::dist::collective::Collective;
 use crate::dist::control::Control;
 use crate::dist::ring::{TcpRing, rings};
+use crate::dist::watch::logged;
 
 const SECOND: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -661,14 +662,33 @@ async fn calls_wait_for_a_slow_coordinator_without_a_deadline_of_their_own() {
     c.script.script("lease", [], Act::After(600 * SECOND));
     c.script
         .script("fetch_allocation", [], Act::After(900 * SECOND));
-    let mut control = c.control(3, 0, &shared);
+    let mut control = c.control(3, 0, &shared).naming("http://10.0.0.1:50051");
     let calls = on_thread(move || {
-        let lease = control.lease(2, 8, 17);
-        // Rank 0's last sparse push carries the current allocation; the solve is slow.
-        let alloc = control.allocate_sparse(1, &[0, 1, 2, 3], 0.5);
-        (lease, alloc)
+        logged(|| {
+            let lease = control.lease(2, 8, 17);
+            // Rank 0's last sparse push carries the current allocation; the solve is slow.
+            let alloc = control.allocate_sparse(1, &[0, 1, 2, 3], 0.5);
+            (lease, alloc)
+        })
     });
-    let ((lease, alloc), _) = calls.await.unwrap();
+    let (((lease, alloc), log), _) = calls.await.unwrap();
+    // The two slow calls were each warned about once, at their stall threshold (the
+    // floor: they had no history), and said when they ended; the quick push was not.
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warned.len(), 2, "{log}");
+    let who = "the coordinator at http://10.0.0.1:50051";
+    assert!(
+        warned[0].contains(&format!("lease: {who} has not answered for 2.0 s"))
+            && warned[1].contains(&format!(
+                "fetching the allocation: {who} has not answered for 2.0 s"
+            )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("lease: {who} answered after 600 s")),
+        "{log}"
+    );
+    assert!(!log.contains("sending sparse loss tables"), "{log}");
     assert_eq!(lease.unwrap(), 3..5);
     let alloc = alloc.unwrap();
     assert_eq!(
