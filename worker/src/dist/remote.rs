@@ -6,8 +6,9 @@
 //! `3 x heartbeat` or that the coordinator answers with `abort` all end the training loop
 //! with an error (the heartbeat task breaks the ring so a blocked collective returns at
 //! once). Nothing waits forever. A call that takes far longer than that call usually does
-//! (max(2 s, 5 x the median of its recent durations): [`Usual`]) is logged while it lasts,
-//! naming the coordinator, the call and the wait.
+//! (max(2 s, 5 x the median of its recent durations): [`Usual`]) is logged while it lasts
+//! (the heartbeat task looks at it every interval), naming the coordinator, the call and
+//! the wait.
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::ops::Range;
@@ -137,6 +138,8 @@ pub struct Shared {
     cancel: Arc<std::sync::atomic::AtomicBool>,
     /// The training thread's latest figures, sent with the next heartbeat.
     report: Mutex<Option<RankReport>>,
+    /// The training thread's control call in flight.
+    call: Mutex<Option<Pending>>,
 }
 
 impl Shared {
@@ -174,6 +177,28 @@ impl Shared {
     /// Why the job was ended under this worker, if it was.
     pub fn aborted(&self) -> Option<String> {
         self.abort.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// The heartbeat task's look at the training thread's call in flight: one past its
+    /// threshold is warned about, once, while it lasts.
+    fn look_at_call(&self) {
+        let Ok(mut c) = self.call.lock() else {
+            return;
+        };
+        let Some(p) = c.as_mut().filter(|p| !p.warned) else {
+            return;
+        };
+        let waited = p.since.elapsed();
+        if waited <= p.threshold {
+            return;
+        }
+        p.warned = true;
+        let (op, who) = (p.op, &p.coordinator);
+        tracing::warn!(
+            coordinator = %who, call = op, waited_s = waited.as_secs_f64(),
+            "{op}: {who} has not answered for {} s (usually {} s)",
+            secs(waited), secs(p.usual)
+        );
     }
 }
 
@@ -218,39 +243,54 @@ impl RemoteControl {
         self
     }
 
-    /// Run the RPC `op` on the runtime from the training thread, timing it; one that
-    /// takes longer than `op` usually does is logged while it lasts, and when it ends.
+    /// Run the RPC `op` on the runtime from the training thread, timing it. The
+    /// heartbeat task watches it meanwhile (no timer of its own: [`Shared::look_at_call`]);
+    /// one that was warned about says when it ended.
     fn call<T, F>(&mut self, op: &'static str, f: impl FnOnce(Client) -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
         let t = Instant::now();
-        let rpc = f(self.client.clone());
-        let (threshold, usual) = (self.usual.threshold(op), self.usual.median(op));
-        let who = &self.coordinator;
+        let pending = Pending {
+            op,
+            since: tokio::time::Instant::now(),
+            threshold: self.usual.threshold(op),
+            usual: self.usual.median(op),
+            coordinator: self.coordinator.clone(),
+            warned: false,
+        };
+        let (rpc, shared) = (f(self.client.clone()), &self.shared);
         let (r, took) = self.handle.block_on(async move {
-            // Tokio's clock (the wall clock outside tests, paused time in them).
-            let t = tokio::time::Instant::now();
-            tokio::pin!(rpc);
-            let late = tokio::select! {
-                r = &mut rpc => return (r, t.elapsed()),
-                _ = tokio::time::sleep(threshold) => t.elapsed(),
-            };
-            tracing::warn!(
-                coordinator = %who, call = op, waited_s = late.as_secs_f64(),
-                "{op}: {who} has not answered for {} s (usually {} s)",
-                secs(late), secs(usual)
-            );
+            // Tokio's clock (the wall clock outside tests, paused time in them), read as
+            // the call starts and ends.
+            let since = tokio::time::Instant::now();
+            if let Ok(mut c) = shared.call.lock() {
+                *c = Some(Pending { since, ..pending });
+            }
             let r = rpc.await;
-            let took = t.elapsed();
+            (r, since.elapsed())
+        });
+        let pending = self.shared.call.lock().ok().and_then(|mut c| c.take());
+        if pending.is_some_and(|p| p.warned) {
+            let who = &self.coordinator;
             tracing::info!(coordinator = %who, call = op, waited_s = took.as_secs_f64(),
                 "{op}: {who} answered after {} s", secs(took));
-            (r, took)
-        });
+        }
         self.usual.record(op, took);
         self.rpc_seconds += t.elapsed().as_secs_f64();
         r
     }
+}
+
+/// The training thread's control call in flight, watched by the heartbeat task.
+struct Pending {
+    op: &'static str,
+    since: tokio::time::Instant,
+    /// Past this it is a stall: max(2 s, 5 x the median of the call's recent durations).
+    threshold: Duration,
+    usual: Duration,
+    coordinator: String,
+    warned: bool,
 }
 
 impl RemoteControl {
@@ -477,6 +517,7 @@ pub async fn heartbeat(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        shared.look_at_call();
         let req = HeartbeatRequest {
             generation,
             rank,

@@ -40,7 +40,7 @@ use super::{RemoteControl, Shared, client, endpoint, heartbeat, join_within};
 use crate::dist::collective::Collective;
 use crate::dist::control::Control;
 use crate::dist::ring::{TcpRing, rings};
-use crate::dist::watch::logged;
+use crate::dist::watch::logs::Sink;
 
 const SECOND: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -663,29 +663,44 @@ async fn calls_wait_for_a_slow_coordinator_without_a_deadline_of_their_own() {
     c.script
         .script("fetch_allocation", [], Act::After(900 * SECOND));
     let mut control = c.control(3, 0, &shared).naming("http://10.0.0.1:50051");
+    // The heartbeat task (this thread) warns; the training thread says when a call ended.
+    let sink = Sink::default();
+    let _here = sink.attach();
+    let there = sink.clone();
     let calls = on_thread(move || {
-        logged(|| {
-            let lease = control.lease(2, 8, 17);
-            // Rank 0's last sparse push carries the current allocation; the solve is slow.
-            let alloc = control.allocate_sparse(1, &[0, 1, 2, 3], 0.5);
-            (lease, alloc)
-        })
+        let _there = there.attach();
+        let lease = control.lease(2, 8, 17);
+        // Rank 0's last sparse push carries the current allocation; the solve is slow.
+        let alloc = control.allocate_sparse(1, &[0, 1, 2, 3], 0.5);
+        (lease, alloc)
     });
-    let (((lease, alloc), log), _) = calls.await.unwrap();
-    // The two slow calls were each warned about once, at their stall threshold (the
-    // floor: they had no history), and said when they ended; the quick push was not.
-    let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-    assert_eq!(warned.len(), 2, "{log}");
+    let ((lease, alloc), _) = calls.await.unwrap();
+    let log = sink.text();
+    // The two slow calls were each warned about once, at the first heartbeat past their
+    // stall threshold (the floor: they had no history), and said when they ended; the
+    // quick push was not.
     let who = "the coordinator at http://10.0.0.1:50051";
-    assert!(
-        warned[0].contains(&format!("lease: {who} has not answered for 2.0 s"))
-            && warned[1].contains(&format!(
-                "fetching the allocation: {who} has not answered for 2.0 s"
-            )),
+    let seconds = |what: &str| -> Vec<f64> {
+        log.split(what)
+            .skip(1)
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    assert_eq!(
+        log.lines().filter(|l| l.contains("WARN")).count(),
+        2,
         "{log}"
     );
+    for call in ["lease", "fetching the allocation"] {
+        let warned = seconds(&format!("{call}: {who} has not answered for "));
+        assert!(
+            warned.len() == 1 && (2.0..=3.1).contains(&warned[0]),
+            "{log}"
+        );
+    }
+    let answered = seconds(&format!("lease: {who} answered after "));
     assert!(
-        log.contains(&format!("lease: {who} answered after 600 s")),
+        answered.len() == 1 && (600.0..=601.0).contains(&answered[0]),
         "{log}"
     );
     assert!(!log.contains("sending sparse loss tables"), "{log}");

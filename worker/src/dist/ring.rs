@@ -397,7 +397,7 @@ pub(crate) fn rings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::watch::logged;
+    use crate::dist::watch::logs::logged;
     use lightrnn_core::report::WAIT_BUCKETS;
 
     #[test]

@@ -277,30 +277,75 @@ impl Drop for Transfer<'_> {
     }
 }
 
-/// What the tracing events of `f` (on this thread) write (tests).
+/// A test's tracing events as text: one global subscriber (set once) writes each event
+/// to the sink its thread attached, so tests running beside each other keep theirs
+/// apart and a test reads the events of every thread it attached.
 #[cfg(test)]
-pub(crate) fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+pub(crate) mod logs {
+    use std::cell::RefCell;
+    use std::sync::{Arc, Mutex, Once};
+
+    thread_local! {
+        static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+    }
+
     #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
+    pub(crate) struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    /// Where the subscriber writes: the sink of the thread that logs, if any.
+    struct ToThread;
+
+    impl std::io::Write for ToThread {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
+            SINK.with(|s| {
+                if let Some(s) = &*s.borrow() {
+                    s.0.lock().unwrap().extend_from_slice(b);
+                }
+            });
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let lines = Lines::default();
-    let w = lines.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || w.clone())
-        .finish();
-    let r = tracing::subscriber::with_default(sub, f);
-    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-    (r, text)
+
+    /// This thread's events go to the sink until it drops.
+    pub(crate) struct Attached(Option<Sink>);
+
+    impl Drop for Attached {
+        fn drop(&mut self) {
+            let old = self.0.take();
+            SINK.with(|s| *s.borrow_mut() = old);
+        }
+    }
+
+    impl Sink {
+        pub(crate) fn attach(&self) -> Attached {
+            static INIT: Once = Once::new();
+            INIT.call_once(|| {
+                let sub = tracing_subscriber::fmt()
+                    .with_ansi(false)
+                    .with_max_level(tracing::Level::INFO)
+                    .with_writer(|| ToThread)
+                    .finish();
+                tracing::subscriber::set_global_default(sub).expect("one subscriber");
+            });
+            Attached(SINK.with(|s| s.replace(Some(self.clone()))))
+        }
+
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// What `f` logs on this thread.
+    pub(crate) fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let sink = Sink::default();
+        let attached = sink.attach();
+        let r = f();
+        drop(attached);
+        (r, sink.text())
+    }
 }
 
 #[cfg(test)]
