@@ -1,7 +1,9 @@
 //! The Prometheus endpoint (`--metrics-addr`): `GET /metrics` answers the job's figures
 //! in the Prometheus text format (version 0.0.4) — world size, generation, step, words
 //! per second of the job and of each rank, loss and perplexities, restarts by cause,
-//! heartbeat ages and misses, the last committed checkpoint with its seconds and bytes.
+//! heartbeat ages and misses, the last committed checkpoint with its seconds and bytes,
+//! each rank's waits on its ring neighbours (a histogram and the stalls, by peer and
+//! direction).
 //! A distributed job renders them from the coordinator's state and the ranks' heartbeat
 //! reports; a single-process run from its own report. The figures are read at scrape
 //! time (a prometheus-client collector over a [`Snapshot`]); HTTP is hyper's, routed by
@@ -16,14 +18,14 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use lightrnn_core::report::RankReport;
+use lightrnn_core::report::{RankReport, WAIT_BUCKETS};
 
 /// One rank as the metrics show it.
 #[derive(Clone, Debug, Default)]
@@ -137,6 +139,7 @@ impl Collector for Job {
             lead_rank(&mut e, r)?;
         }
         ranks(&mut e, &s)?;
+        waits(&mut e, &s)?;
         job_counters(&mut e, &s)
     }
 }
@@ -228,6 +231,49 @@ fn ranks(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
                 .iter()
                 .filter_map(|r| Some((r.rank.to_string(), r.heartbeat_age?))),
         )?;
+    }
+    Ok(())
+}
+
+/// Each rank's waits on its ring neighbours in collectives, labelled by rank, peer and
+/// direction (absent while no rank reported any).
+fn waits(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
+    let links: Vec<_> = s
+        .ranks
+        .iter()
+        .filter_map(|r| Some((r.rank, r.report.as_ref()?)))
+        .flat_map(|(rank, rep)| rep.waits.iter().map(move |w| (rank, w)))
+        .collect();
+    if links.is_empty() {
+        return Ok(());
+    }
+    let labels = |rank: usize, w: &lightrnn_core::report::LinkWaits| {
+        [
+            ("rank".to_string(), rank.to_string()),
+            ("peer".to_string(), w.peer.to_string()),
+            ("direction".to_string(), w.direction.name().to_string()),
+        ]
+    };
+    let mut m = e.encode_descriptor(
+        "collective_wait_seconds",
+        "Seconds each rank waited on a ring neighbour per message of a collective (receive: for its bytes; send: for room).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for &(rank, w) in &links {
+        let bounds = WAIT_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(w.buckets).collect();
+        m.encode_family(&labels(rank, w))?
+            .encode_histogram::<NoLabelSet>(w.seconds, w.count, &buckets, None)?;
+    }
+    let mut m = e.encode_descriptor(
+        "collective_stalls",
+        "Waits on a ring neighbour past max(2 s, 5 x the median of recent ones); each logged a warning.",
+        None,
+        MetricType::Counter,
+    )?;
+    for &(rank, w) in &links {
+        ConstCounter::new(w.stalls).encode(m.encode_family(&labels(rank, w))?)?;
     }
     Ok(())
 }
@@ -397,6 +443,7 @@ pub async fn bind(addr: &str) -> crate::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lightrnn_core::report::{LinkDirection, LinkWaits};
 
     #[test]
     fn renders_the_text_format() {
@@ -416,6 +463,14 @@ mod tests {
                         global_words_per_sec: 10.0,
                         checkpoints: 1,
                         checkpoint_bytes: 42,
+                        waits: vec![LinkWaits {
+                            peer: 1,
+                            direction: LinkDirection::Receive,
+                            seconds: 3.5,
+                            count: 4,
+                            stalls: 1,
+                            buckets: [1, 0, 2, 0, 1, 0, 0],
+                        }],
                         ..Default::default()
                     }),
                 },
@@ -445,6 +500,14 @@ mod tests {
             "lightrnn_coordinator_restarts_total 1\n",
             "lightrnn_checkpoint_bytes 42\n",
             "# TYPE lightrnn_restarts_total counter\n",
+            "# TYPE lightrnn_collective_wait_seconds histogram\n",
+            "lightrnn_collective_wait_seconds_sum{rank=\"0\",peer=\"1\",direction=\"receive\"} 3.5\n",
+            "lightrnn_collective_wait_seconds_count{rank=\"0\",peer=\"1\",direction=\"receive\"} 4\n",
+            "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"0.001\"} 1\n",
+            "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"0.1\"} 3\n",
+            "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"10\"} 4\n",
+            "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"+Inf\"} 4\n",
+            "lightrnn_collective_stalls_total{rank=\"0\",peer=\"1\",direction=\"receive\"} 1\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }

@@ -1301,6 +1301,17 @@ fn the_metrics_endpoint_shows_the_job_while_it_trains() {
             if workers == "2" {
                 let want = format!("lightrnn_rank_heartbeat_age_seconds{{rank=\"{r}\"}} ");
                 assert!(body.contains(&want), "no {want:?} in\n{body}");
+                // Each rank's waits on its neighbour, both ways, from its heartbeats.
+                let peer = if *r == "0" { "1" } else { "0" };
+                for dir in ["receive", "send"] {
+                    let labels = format!("{{rank=\"{r}\",peer=\"{peer}\",direction=\"{dir}\"}}");
+                    for want in [
+                        format!("lightrnn_collective_wait_seconds_count{labels} "),
+                        format!("lightrnn_collective_stalls_total{labels} "),
+                    ] {
+                        assert!(body.contains(&want), "no {want:?} in\n{body}");
+                    }
+                }
             }
         }
         let step: f64 = body

@@ -295,6 +295,64 @@ pub struct RankReport {
     pub checkpoint_bytes: u64,
     /// Checkpoints committed in this session.
     pub checkpoints: u64,
+    /// The rank's waits on its ring neighbours in collectives, per neighbour and
+    /// direction, since its ring formed (empty for a job of one rank).
+    pub waits: Vec<LinkWaits>,
+}
+
+/// Upper bounds (seconds) of the buckets of [`LinkWaits::buckets`]; a last bucket holds
+/// the longer waits.
+pub const WAIT_BUCKETS: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 10.0, 60.0];
+
+/// Which way a rank's bytes go on one of its ring connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkDirection {
+    /// Receiving from the left neighbour: waiting for its bytes.
+    #[default]
+    Receive,
+    /// Sending to the right neighbour: waiting for room in the connection (its reads).
+    Send,
+}
+
+impl LinkDirection {
+    /// The name the metrics' `direction` label uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Receive => "receive",
+            Self::Send => "send",
+        }
+    }
+}
+
+/// How long a rank waited on one neighbour in one direction of its collectives: one
+/// wait is one message of a collective's step (a chunk, a broadcast), from its first
+/// byte asked to its last byte moved.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LinkWaits {
+    pub peer: usize,
+    pub direction: LinkDirection,
+    /// Seconds of all the waits.
+    pub seconds: f64,
+    pub count: u64,
+    /// Waits that passed their stall threshold (each logged a warning while it lasted).
+    pub stalls: u64,
+    /// Waits per bucket of [`WAIT_BUCKETS`] (at most its bound, above the one before),
+    /// the last one above every bound; not cumulative.
+    pub buckets: [u64; WAIT_BUCKETS.len() + 1],
+}
+
+impl LinkWaits {
+    /// Count one wait of `seconds`.
+    pub fn observe(&mut self, seconds: f64) {
+        let b = WAIT_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.buckets[b] += 1;
+        self.count += 1;
+        self.seconds += seconds;
+    }
 }
 
 /// Where a single-process run publishes its [`RankReport`] (for a metrics endpoint).
@@ -303,6 +361,17 @@ pub type ReportSink = std::sync::Arc<std::sync::Mutex<Option<RankReport>>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_falls_in_the_first_bucket_that_holds_it() {
+        let mut w = LinkWaits::default();
+        for s in [0.0005, 0.001, 0.05, 3.0, 61.0] {
+            w.observe(s);
+        }
+        assert_eq!(w.buckets, [2, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(w.count, 5);
+        assert!((w.seconds - 64.0515).abs() < 1e-9, "{}", w.seconds);
+    }
 
     #[test]
     fn metrics_lines_round_trip_and_unknown_kinds_are_kept_apart() {

@@ -235,13 +235,16 @@ fn train_in_group(
     };
     let mut dist = Dist {
         collective,
-        control: Box::new(RemoteControl::new(
-            client.clone(),
-            handle.clone(),
-            reply.generation,
-            reply.rank,
-            shared.clone(),
-        )),
+        control: Box::new(
+            RemoteControl::new(
+                client.clone(),
+                handle.clone(),
+                reply.generation,
+                reply.rank,
+                shared.clone(),
+            )
+            .naming(&opts.coordinator),
+        ),
     };
     train_rank(&cfg, &run, handle, &mut dist)
 }

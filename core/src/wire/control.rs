@@ -9,7 +9,7 @@ use crate::config::TrainConfig;
 use crate::protocol::{
     EpochDone, Fail, Finish, Heartbeat, HeartbeatAnswer, Join, Joined, Lease, Leased,
 };
-use crate::report::{RankReport, StoppedBy, Summary};
+use crate::report::{LinkDirection, LinkWaits, RankReport, StoppedBy, Summary};
 use crate::{Error, Result};
 
 impl From<v1::JoinRequest> for Join {
@@ -143,6 +143,7 @@ impl From<&RankReport> for v1::Report {
             checkpoint_seconds: r.checkpoint_seconds,
             checkpoint_bytes: r.checkpoint_bytes,
             checkpoints: r.checkpoints,
+            waits: r.waits.iter().map(Into::into).collect(),
         }
     }
 }
@@ -161,6 +162,44 @@ impl From<v1::Report> for RankReport {
             checkpoint_seconds: p.checkpoint_seconds,
             checkpoint_bytes: p.checkpoint_bytes,
             checkpoints: p.checkpoints,
+            waits: p.waits.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&LinkWaits> for v1::LinkWaits {
+    fn from(w: &LinkWaits) -> Self {
+        Self {
+            peer: w.peer as u32,
+            send: w.direction == LinkDirection::Send,
+            seconds: w.seconds,
+            count: w.count,
+            stalls: w.stalls,
+            buckets: w.buckets.to_vec(),
+        }
+    }
+}
+
+/// Buckets a sender of another version cut differently are kept as far as they agree;
+/// the waits of the rest count in the last one (above every bound).
+impl From<v1::LinkWaits> for LinkWaits {
+    fn from(p: v1::LinkWaits) -> Self {
+        let mut buckets = [0u64; crate::report::WAIT_BUCKETS.len() + 1];
+        let last = buckets.len() - 1;
+        for (i, n) in p.buckets.iter().enumerate() {
+            buckets[i.min(last)] += n;
+        }
+        Self {
+            peer: p.peer as usize,
+            direction: if p.send {
+                LinkDirection::Send
+            } else {
+                LinkDirection::Receive
+            },
+            seconds: p.seconds,
+            count: p.count,
+            stalls: p.stalls,
+            buckets,
         }
     }
 }

@@ -7,6 +7,7 @@
 use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 
 use lightrnn_core::Result;
+use lightrnn_core::report::LinkWaits;
 use lightrnn_core::util::share;
 
 /// What data-parallel training needs from its ranks. A backend reduces its gradient
@@ -34,6 +35,11 @@ pub trait Collective: GradReduce + Send {
     /// GPU workers): a backend whose buffers lie on a device sums them there.
     fn device_peers(&mut self) -> Option<&mut dyn Peers> {
         None
+    }
+    /// This rank's waits on its peers in collectives so far, per peer and direction (for
+    /// its report; none where the collective does not count them).
+    fn waits(&self) -> Vec<LinkWaits> {
+        Vec::new()
     }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()> {

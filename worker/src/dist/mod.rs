@@ -3,6 +3,8 @@
 //! - [`collective`]: the [`collective::Collective`] trait and the one-rank identity;
 //!   [`ring`]: the TCP ring of CPU workers; `nccl`
 //!   (with the `cuda` feature): NCCL for GPU workers' gradients, the ring beside it;
+//!   [`watch`]: waits on a peer in short slices, with the stall warnings, the deadline's
+//!   error and the figures of the ring's connections (and of the control calls);
 //! - [`state`]: the carried LSTM state of checkpoints gathered across ranks, and the
 //!   parameter checksum;
 //! - [`control`]: the [`control::Control`] channel to the job's owner and [`control::Dist`],
@@ -17,3 +19,4 @@ pub mod nccl;
 pub mod remote;
 pub mod ring;
 pub mod state;
+pub mod watch;

@@ -19,6 +19,7 @@ use lightrnn_kernels::{GradReduce, GradsMut, Peers};
 use super::collective::{Collective, reduce_host};
 use super::ring::TcpRing;
 use lightrnn_core::Result;
+use lightrnn_core::report::LinkWaits;
 
 pub struct NcclRing {
     ring: TcpRing,
@@ -82,5 +83,8 @@ impl Collective for NcclRing {
     }
     fn device_peers(&mut self) -> Option<&mut dyn Peers> {
         Some(&mut self.nccl)
+    }
+    fn waits(&self) -> Vec<LinkWaits> {
+        self.ring.waits()
     }
 }

@@ -5,7 +5,10 @@
 //! Faults: a refused or failed RPC, a heartbeat that cannot get through for
 //! `3 x heartbeat` or that the coordinator answers with `abort` all end the training loop
 //! with an error (the heartbeat task breaks the ring so a blocked collective returns at
-//! once). Nothing waits forever.
+//! once). Nothing waits forever. A call that takes far longer than that call usually does
+//! (max(2 s, 5 x the median of its recent durations): [`Usual`]) is logged while it lasts
+//! (the heartbeat task looks at it every interval), naming the coordinator, the call and
+//! the wait.
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::ops::Range;
@@ -28,6 +31,7 @@ use lightrnn_proto::{CoordinatorClient, MAX_MESSAGE_BYTES};
 
 use super::control::Control;
 use super::ring::RingBreaker;
+use super::watch::{Usual, secs};
 use lightrnn_core::checkpoint::Meta;
 use lightrnn_core::data::store::Location;
 use lightrnn_core::report::{RankReport, Summary};
@@ -139,6 +143,8 @@ pub struct Shared {
     report: Mutex<Option<RankReport>>,
     /// Wakes a pending call when the job ends under us.
     ended: tokio::sync::Notify,
+    /// The training thread's control call in flight.
+    call: Mutex<Option<Pending>>,
 }
 
 impl Shared {
@@ -192,6 +198,28 @@ impl Shared {
             woken.await;
         }
     }
+
+    /// The heartbeat task's look at the training thread's call in flight: one past its
+    /// threshold is warned about, once, while it lasts.
+    fn look_at_call(&self) {
+        let Ok(mut c) = self.call.lock() else {
+            return;
+        };
+        let Some(p) = c.as_mut().filter(|p| !p.warned) else {
+            return;
+        };
+        let waited = p.since.elapsed();
+        if waited <= p.threshold {
+            return;
+        }
+        p.warned = true;
+        let (op, who) = (p.op, &p.coordinator);
+        tracing::warn!(
+            coordinator = %who, call = op, waited_s = waited.as_secs_f64(),
+            "{op}: {who} has not answered for {} s (usually {} s)",
+            secs(waited), secs(p.usual)
+        );
+    }
 }
 
 /// [`Control`] through the coordinator's RPCs.
@@ -202,6 +230,10 @@ pub struct RemoteControl {
     rank: u32,
     shared: Arc<Shared>,
     rpc_seconds: f64,
+    /// Who the calls go to, as the logs name it.
+    coordinator: String,
+    /// How long each call usually takes (its stall threshold).
+    usual: Usual,
 }
 
 impl RemoteControl {
@@ -220,29 +252,70 @@ impl RemoteControl {
             rank,
             shared,
             rpc_seconds: 0.0,
+            coordinator: "the coordinator".into(),
+            usual: Usual::default(),
         }
     }
 
-    /// Run one RPC on the runtime from the training thread, timing it. A call pending
-    /// when the heartbeats find the job ended (a coordinator gone silent, a generation
-    /// fenced) ends then, with that reason, instead of waiting for the connection's
-    /// keep-alive.
-    fn call<T, F>(&mut self, f: impl FnOnce(Client) -> F) -> Result<T>
+    /// The coordinator's address, for the logs.
+    pub fn naming(mut self, coordinator: &str) -> Self {
+        self.coordinator = format!("the coordinator at {coordinator}");
+        self
+    }
+
+    /// Run the RPC `op` on the runtime from the training thread, timing it. The
+    /// heartbeat task watches it meanwhile (no timer of its own: [`Shared::look_at_call`]);
+    /// one that was warned about says when it ended. A call pending when the heartbeats
+    /// find the job ended (a coordinator gone silent, a generation fenced) ends then,
+    /// with that reason, instead of waiting for the connection's keep-alive.
+    fn call<T, F>(&mut self, op: &'static str, f: impl FnOnce(Client) -> F) -> Result<T>
     where
         F: std::future::Future<Output = Result<T>>,
     {
         let t = Instant::now();
-        let shared = self.shared.clone();
-        let call = f(self.client.clone());
-        let r = self.handle.block_on(async move {
-            tokio::select! {
-                r = call => r,
-                why = shared.ended() => Err(Error::Control(why)),
+        let pending = Pending {
+            op,
+            since: tokio::time::Instant::now(),
+            threshold: self.usual.threshold(op),
+            usual: self.usual.median(op),
+            coordinator: self.coordinator.clone(),
+            warned: false,
+        };
+        let (rpc, shared) = (f(self.client.clone()), &self.shared);
+        let (r, took) = self.handle.block_on(async move {
+            // Tokio's clock (the wall clock outside tests, paused time in them), read as
+            // the call starts and ends.
+            let since = tokio::time::Instant::now();
+            if let Ok(mut c) = shared.call.lock() {
+                *c = Some(Pending { since, ..pending });
             }
+            let r = tokio::select! {
+                r = rpc => r,
+                why = shared.ended() => Err(Error::Control(why)),
+            };
+            (r, since.elapsed())
         });
+        let pending = self.shared.call.lock().ok().and_then(|mut c| c.take());
+        if pending.is_some_and(|p| p.warned) {
+            let who = &self.coordinator;
+            tracing::info!(coordinator = %who, call = op, waited_s = took.as_secs_f64(),
+                "{op}: {who} answered after {} s", secs(took));
+        }
+        self.usual.record(op, took);
         self.rpc_seconds += t.elapsed().as_secs_f64();
         r
     }
+}
+
+/// The training thread's control call in flight, watched by the heartbeat task.
+struct Pending {
+    op: &'static str,
+    since: tokio::time::Instant,
+    /// Past this it is a stall: max(2 s, 5 x the median of the call's recent durations).
+    threshold: Duration,
+    usual: Duration,
+    coordinator: String,
+    warned: bool,
 }
 
 impl RemoteControl {
@@ -273,7 +346,7 @@ impl RemoteControl {
             ..Default::default()
         };
         let chunks = futures::stream::iter(wire::sparse_chunks(part, cells, head));
-        self.call(|mut c| async move {
+        self.call("sending sparse loss tables", |mut c| async move {
             c.push_sparse_tables(chunks)
                 .await
                 .map(|_| ())
@@ -288,7 +361,7 @@ impl RemoteControl {
             rank: self.rank,
             round,
         };
-        let (cells, counts, report) = self.call(|mut c| async move {
+        let (cells, counts, report) = self.call("fetching the allocation", |mut c| async move {
             let mut s = c
                 .fetch_allocation(req)
                 .await
@@ -317,7 +390,7 @@ impl Control for RemoteControl {
             streams: streams as u64,
             cursor,
         };
-        let r = self.call(|mut c| async move {
+        let r = self.call("lease", |mut c| async move {
             c.lease(req)
                 .await
                 .map(|r| r.into_inner())
@@ -333,7 +406,7 @@ impl Control for RemoteControl {
             epoch,
             tokens,
         };
-        self.call(|mut c| async move {
+        self.call("epoch barrier", |mut c| async move {
             c.epoch_done(req)
                 .await
                 .map(|_| ())
@@ -365,7 +438,7 @@ impl Control for RemoteControl {
             Vec::new()
         };
         let chunks = futures::stream::iter(wire::table_chunks(tables, cells, head));
-        self.call(|mut c| async move {
+        self.call("sending loss tables", |mut c| async move {
             c.push_loss_tables(chunks)
                 .await
                 .map(|_| ())
@@ -409,7 +482,7 @@ impl Control for RemoteControl {
             manifest: meta.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
-        self.call(|mut c| async move {
+        self.call("checkpoint commit", |mut c| async move {
             c.commit(req)
                 .await
                 .map(|_| ())
@@ -434,7 +507,7 @@ impl Control for RemoteControl {
             summary: summary.map(Into::into),
             params_sha256: params_sha256.to_string(),
         };
-        self.call(|mut c| async move {
+        self.call("finish", |mut c| async move {
             c.finish(req)
                 .await
                 .map(|_| ())
@@ -488,6 +561,7 @@ pub async fn heartbeat(
             // The coordinator was not the silent one: its allowance starts again.
             last_ok = now;
         }
+        shared.look_at_call();
         let req = HeartbeatRequest {
             generation,
             rank,

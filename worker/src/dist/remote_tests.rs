@@ -25,7 +25,7 @@ use tonic::transport::{Endpoint, Server, Uri};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use lightrnn_alloc::Report;
-use lightrnn_core::report::RankReport;
+use lightrnn_core::report::{LinkDirection, LinkWaits, RankReport};
 use lightrnn_core::{Error, wire};
 use lightrnn_proto::auth::{BearerToken, Client};
 use lightrnn_proto::v1::{
@@ -40,6 +40,7 @@ use super::{RemoteControl, Shared, blame, client, endpoint, froze, heartbeat, jo
 use crate::dist::collective::Collective;
 use crate::dist::control::Control;
 use crate::dist::ring::{TcpRing, rings};
+use crate::dist::watch::logs::Sink;
 
 const SECOND: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -209,7 +210,7 @@ impl Coordinator for Fake {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let hb = *req.get_ref();
+        let hb = req.get_ref().clone();
         let act = self.0.take("heartbeat", &req, hb.generation, Some(hb));
         Ok(Response::new(perform(act).await?.unwrap_or_default()))
     }
@@ -686,14 +687,48 @@ async fn calls_wait_for_a_slow_coordinator_without_a_deadline_of_their_own() {
     c.script.script("lease", [], Act::After(600 * SECOND));
     c.script
         .script("fetch_allocation", [], Act::After(900 * SECOND));
-    let mut control = c.control(3, 0, &shared);
+    let mut control = c.control(3, 0, &shared).naming("http://10.0.0.1:50051");
+    // The heartbeat task (this thread) warns; the training thread says when a call ended.
+    let sink = Sink::default();
+    let _here = sink.attach();
+    let there = sink.clone();
     let calls = on_thread(move || {
+        let _there = there.attach();
         let lease = control.lease(2, 8, 17);
         // Rank 0's last sparse push carries the current allocation; the solve is slow.
         let alloc = control.allocate_sparse(1, &[0, 1, 2, 3], 0.5);
         (lease, alloc)
     });
     let ((lease, alloc), _) = calls.await.unwrap();
+    let log = sink.text();
+    // The two slow calls were each warned about once, at the first heartbeat past their
+    // stall threshold (the floor: they had no history), and said when they ended; the
+    // quick push was not.
+    let who = "the coordinator at http://10.0.0.1:50051";
+    let seconds = |what: &str| -> Vec<f64> {
+        log.split(what)
+            .skip(1)
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    assert_eq!(
+        log.lines().filter(|l| l.contains("WARN")).count(),
+        2,
+        "{log}"
+    );
+    for call in ["lease", "fetching the allocation"] {
+        let warned = seconds(&format!("{call}: {who} has not answered for "));
+        assert!(
+            warned.len() == 1 && (2.0..=3.1).contains(&warned[0]),
+            "{log}"
+        );
+    }
+    let answered = seconds(&format!("lease: {who} answered after "));
+    assert!(
+        answered.len() == 1 && (600.0..=601.0).contains(&answered[0]),
+        "{log}"
+    );
+    assert!(!log.contains("sending sparse loss tables"), "{log}");
     assert_eq!(lease.unwrap(), 3..5);
     let alloc = alloc.unwrap();
     assert_eq!(
@@ -960,6 +995,24 @@ async fn heartbeats_carry_the_ranks_progress_and_latest_report() {
         epoch: 2,
         loss: 4.5,
         words_per_sec: 1000.0,
+        waits: vec![
+            LinkWaits {
+                peer: 1,
+                direction: LinkDirection::Send,
+                seconds: 0.5,
+                count: 3,
+                stalls: 0,
+                buckets: [0, 1, 2, 0, 0, 0, 0],
+            },
+            LinkWaits {
+                peer: 2,
+                direction: LinkDirection::Receive,
+                seconds: 75.0,
+                count: 2,
+                stalls: 1,
+                buckets: [0, 0, 0, 0, 1, 0, 1],
+            },
+        ],
         ..Default::default()
     };
     control.report(&report);
@@ -974,7 +1027,7 @@ async fn heartbeats_carry_the_ranks_progress_and_latest_report() {
     assert_eq!(at(&hb[0]), (5, 0, 0, 0, 0));
     assert!(hb[0].report.is_none());
     assert_eq!(at(&hb[1]), (5, 0, 120, 2, 33));
-    assert_eq!(RankReport::from(hb[1].report.unwrap()), report);
+    assert_eq!(RankReport::from(hb[1].report.clone().unwrap()), report);
     assert_eq!(c.script.times("heartbeat"), [Duration::ZERO, SECOND]);
     task.abort();
 }

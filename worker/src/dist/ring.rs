@@ -6,8 +6,11 @@
 //! full sum of one chunk; `world - 1` all-gather steps circulate the finished chunks.
 //! Every element of the result is computed once, by one rank, and copied to the others,
 //! so all ranks end with bit-identical buffers (identical parameters after each step).
-//! Every read and write has a deadline: a dead or stalled neighbour is an error naming
-//! the rank and the operation, never a hang.
+//! Every read and write is watched ([`super::watch`]): it blocks a short slice at a
+//! time, a wait far longer than usual is logged while it lasts, nothing from a neighbour
+//! for the collective deadline is an error that says so (naming the rank, the peer and
+//! its address, the operation), never a hang, and every wait is counted
+//! ([`Collective::waits`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,6 +19,8 @@ use std::time::Duration;
 use lightrnn_kernels::{GradReduce, GradsMut};
 
 use super::collective::{Collective, reduce_host};
+use super::watch::{Link, Watch};
+use lightrnn_core::report::{LinkDirection, LinkWaits};
 use lightrnn_core::{Error, Result};
 
 /// Ring all-reduce over TCP: each rank holds a connection to its right neighbour (it
@@ -23,10 +28,16 @@ use lightrnn_core::{Error, Result};
 pub struct TcpRing {
     rank: usize,
     world: usize,
-    right: Option<TcpStream>,
-    left: Option<TcpStream>,
+    right: Option<Side>,
+    left: Option<Side>,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
+}
+
+/// One of a rank's two connections and the watch on its waits.
+struct Side {
+    stream: TcpStream,
+    watch: Watch,
 }
 
 /// Breaks a ring from another thread: its connections are shut down, so a rank blocked
@@ -138,12 +149,27 @@ impl TcpRing {
         let right = connector
             .join()
             .map_err(|_| Error::Io("ring: connector thread panicked".into()))??;
+        // Every read and write blocks one slice at most: the watch keeps the deadline.
+        let slice = Watch::slice(timeout);
         for s in [&left, &right] {
-            s.set_read_timeout(Some(timeout)).ok();
-            s.set_write_timeout(Some(timeout)).ok();
+            s.set_read_timeout(Some(slice)).ok();
+            s.set_write_timeout(Some(slice)).ok();
         }
-        ring.left = Some(left);
-        ring.right = Some(right);
+        let side = |stream, peer: usize, direction| Side {
+            stream,
+            watch: Watch::new(
+                Link {
+                    rank,
+                    world,
+                    peer,
+                    addr: addrs[peer],
+                    direction,
+                },
+                timeout,
+            ),
+        };
+        ring.left = Some(side(left, left_rank, LinkDirection::Receive));
+        ring.right = Some(side(right, right_rank, LinkDirection::Send));
         Ok(ring)
     }
 
@@ -152,7 +178,8 @@ impl TcpRing {
         let mut v = Vec::new();
         for s in [&self.left, &self.right].into_iter().flatten() {
             v.push(
-                s.try_clone()
+                s.stream
+                    .try_clone()
                     .map_err(|e| Error::Io(format!("ring: cloning a connection: {e}")))?,
             );
         }
@@ -168,7 +195,7 @@ impl TcpRing {
 
     /// The reduce-scatter half of the all-reduce: at step s rank r sends chunk (r - s)
     /// and adds into (r - s - 1); rank r ends with the full sum of chunk (r + 1).
-    fn scatter(&mut self, buf: &mut [f32], unit: usize, what: &str) -> Result<()> {
+    fn scatter(&mut self, buf: &mut [f32], unit: usize, what: &'static str) -> Result<()> {
         let (w, r, n) = (self.world, self.rank, buf.len());
         for s in 0..w - 1 {
             let send = self.chunk(n, unit, (r + w - s) % w);
@@ -188,25 +215,18 @@ impl TcpRing {
         out: &[f32],
         inn: &mut [f32],
         fold: impl Fn(&mut f32, f32),
-        what: &str,
+        what: &'static str,
     ) -> Result<()> {
-        let (rank, world) = (self.rank, self.world);
         let right = self.right.as_mut().expect("ring of more than one rank");
         let left = self.left.as_mut().expect("ring of more than one rank");
         let (send_buf, recv_buf) = (&mut self.send_buf, &mut self.recv_buf);
         std::thread::scope(|s| {
-            let sender = s.spawn(move || send_pieces(right, out, send_buf));
-            let r = recv_pieces(left, inn, recv_buf, fold);
+            let sender = s.spawn(move || send_pieces(right, out, send_buf, what));
+            let r = recv_pieces(left, inn, recv_buf, fold, what);
             let w = sender
                 .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            let fail = |dir: &str, peer: usize, e: std::io::Error| {
-                Error::Io(format!(
-                    "ring: rank {rank} of {world}, {what}: {dir} rank {peer} failed: {e}"
-                ))
-            };
-            w.map_err(|e| fail("sending to", (rank + 1) % world, e))?;
-            r.map_err(|e| fail("receiving from", (rank + world - 1) % world, e))
+                .unwrap_or_else(|_| Err(Error::Io("ring: sender thread panicked".into())));
+            w.and(r)
         })
     }
 }
@@ -214,33 +234,44 @@ impl TcpRing {
 /// Values a ring transfer stages at a time (1 MiB of f32).
 const PIECE: usize = 1 << 18;
 
-/// Write `values` little-endian, [`PIECE`] at a time through `staging`.
-fn send_pieces(to: &mut TcpStream, values: &[f32], staging: &mut Vec<u8>) -> std::io::Result<()> {
+/// Write `values` little-endian, [`PIECE`] at a time through `staging`: one message of
+/// operation `what`.
+fn send_pieces(
+    to: &mut Side,
+    values: &[f32],
+    staging: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<()> {
+    let mut t = to.watch.begin(what);
     for piece in values.chunks(PIECE) {
         staging.clear();
         for x in piece {
             staging.extend_from_slice(&x.to_le_bytes());
         }
-        to.write_all(staging)?;
+        t.write(&mut to.stream, staging)?;
     }
+    t.finish();
     Ok(())
 }
 
 /// Read `into.len()` little-endian values, [`PIECE`] at a time through `staging`,
-/// folding each into its place.
+/// folding each into its place: one message of operation `what`.
 fn recv_pieces(
-    from: &mut TcpStream,
+    from: &mut Side,
     into: &mut [f32],
     staging: &mut Vec<u8>,
     fold: impl Fn(&mut f32, f32),
-) -> std::io::Result<()> {
+    what: &'static str,
+) -> Result<()> {
+    let mut t = from.watch.begin(what);
     for piece in into.chunks_mut(PIECE) {
         staging.resize(piece.len() * 4, 0);
-        from.read_exact(staging)?;
+        t.read(&mut from.stream, staging)?;
         for (x, b) in piece.iter_mut().zip(staging.chunks_exact(4)) {
             fold(x, f32::from_le_bytes(b.try_into().unwrap()));
         }
     }
+    t.finish();
     Ok(())
 }
 
@@ -324,25 +355,21 @@ impl Collective for TcpRing {
         let pos = (self.rank + w - root) % w;
         if pos > 0 {
             let left = self.left.as_mut().expect("ring of more than one rank");
-            recv_pieces(left, buf, &mut self.recv_buf, |x, y| *x = y).map_err(|e| {
-                Error::Io(format!(
-                    "ring: rank {} of {w}, broadcast: receiving from rank {} failed: {e}",
-                    self.rank,
-                    (self.rank + w - 1) % w
-                ))
-            })?;
+            recv_pieces(left, buf, &mut self.recv_buf, |x, y| *x = y, "broadcast")?;
         }
         if pos < w - 1 {
             let right = self.right.as_mut().expect("ring of more than one rank");
-            send_pieces(right, buf, &mut self.send_buf).map_err(|e| {
-                Error::Io(format!(
-                    "ring: rank {} of {w}, broadcast: sending to rank {} failed: {e}",
-                    self.rank,
-                    (self.rank + 1) % w
-                ))
-            })?;
+            send_pieces(right, buf, &mut self.send_buf, "broadcast")?;
         }
         Ok(())
+    }
+
+    fn waits(&self) -> Vec<LinkWaits> {
+        [&self.left, &self.right]
+            .into_iter()
+            .flatten()
+            .map(|s| s.watch.figures().clone())
+            .collect()
     }
 }
 
@@ -370,6 +397,8 @@ pub(crate) fn rings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dist::watch::logs::logged;
+    use lightrnn_core::report::WAIT_BUCKETS;
 
     #[test]
     fn all_reduce_and_broadcast_agree_bit_for_bit() {
@@ -505,6 +534,66 @@ mod tests {
     }
 
     #[test]
+    fn a_neighbour_stalled_for_seconds_is_warned_about_once_counted_and_the_sum_is_exact() {
+        let mut rings = rings(2, Duration::from_secs(20))
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap());
+        let (mut r0, mut r1) = (rings.next().unwrap(), rings.next().unwrap());
+        let stall = Duration::from_millis(2600);
+        let late = std::thread::spawn(move || {
+            for _ in 0..3 {
+                r1.all_reduce_sum(&mut [2.0; 5]).unwrap();
+            }
+            std::thread::sleep(stall);
+            let mut b = [0.5, -1.0, 3.0];
+            r1.all_reduce_sum(&mut b).unwrap();
+            (b, r1.waits())
+        });
+        let ((b, waits), log) = logged(|| {
+            for _ in 0..3 {
+                let mut b = [1.0; 5];
+                r0.all_reduce_sum(&mut b).unwrap();
+                assert_eq!(b, [3.0; 5]);
+            }
+            let mut b = [0.25, 1.0, -2.0];
+            let t = std::time::Instant::now();
+            r0.all_reduce_sum(&mut b).unwrap();
+            assert!(t.elapsed() >= stall - Duration::from_millis(100));
+            (b, r0.waits())
+        });
+        let (b1, waits1) = late.join().unwrap();
+        assert_eq!(b, [0.75, 0.0, 1.0]);
+        assert_eq!(b1, b);
+        // Rank 0 waited for rank 1's bytes once past the threshold; its sends and rank 1's
+        // waits did not.
+        let get = |w: &[LinkWaits], d: LinkDirection| {
+            w.iter().find(|l| l.direction == d).cloned().unwrap()
+        };
+        let recv = get(&waits, LinkDirection::Receive);
+        assert_eq!((recv.peer, recv.count, recv.stalls), (1, 8, 1));
+        assert_eq!(recv.buckets[WAIT_BUCKETS.len() - 2], 1, "{recv:?}");
+        assert!(recv.seconds >= 2.4, "{recv:?}");
+        assert_eq!(get(&waits, LinkDirection::Send).stalls, 0);
+        assert!(
+            waits1.iter().all(|l| l.stalls == 0 && l.count == 8),
+            "{waits1:?}"
+        );
+        // One warning while it lasted, one line when rank 1 answered.
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warned.len(), 1, "{log}");
+        assert!(
+            warned[0].contains("ring: rank 0 of 2, all-reduce: receiving from rank 1 (127.0.0.1:")
+                && warned[0].contains("waiting for 2."),
+            "{log}"
+        );
+        assert!(
+            log.contains("rank 1 answered after 2.6 s")
+                || log.contains("rank 1 answered after 2.7 s"),
+            "{log}"
+        );
+    }
+
+    #[test]
     fn a_silent_neighbour_is_an_error_not_a_hang() {
         let handles = rings(2, Duration::from_millis(300));
         let mut rings: Vec<TcpRing> = handles
@@ -515,8 +604,17 @@ mod tests {
         let mut r0 = rings.pop().unwrap();
         let t = std::time::Instant::now();
         let e = r0.all_reduce_sum(&mut [1.0; 8]).unwrap_err().to_string();
-        assert!(e.contains("rank 1") && e.contains("receiving"), "{e}");
+        // What passed, how long it is, and who did not answer from where.
+        assert!(
+            e.starts_with("ring: rank 0 of 2, all-reduce: receiving from rank 1 (127.0.0.1:")
+                && e.ends_with(
+                    "): nothing for 0.3 s, the collective deadline (--collective-timeout-s)"
+                ),
+            "{e}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(300));
         assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(r0.waits()[0].count, 1);
         // A rank nobody connects to gives up at its deadline.
         let l = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let me = l.local_addr().unwrap();

@@ -83,7 +83,7 @@ impl Checkpointing {
             .as_ref()
             .map_or(0, |m| m.files.iter().map(|f| f.bytes).sum());
         r.checkpoints += 1;
-        run.dist.control.report(&run.report);
+        run.publish();
         if leader {
             run.handle.block_on(checkpoint::prune(
                 &run.opts.out,

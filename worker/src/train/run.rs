@@ -85,6 +85,13 @@ impl Run<'_> {
         Ok(loss)
     }
 
+    /// The rank's report, with its waits on its peers so far, to the job's owner (for the
+    /// heartbeats and the job's metrics).
+    pub(super) fn publish(&mut self) {
+        self.report.waits = self.dist.collective.waits();
+        self.dist.control.report(&self.report);
+    }
+
     /// Write `metrics.jsonl` if lines were added: now with `force`, else when it is due.
     pub(super) fn flush_metrics(&mut self, force: bool) -> Result<()> {
         self.handle.block_on(self.metrics.flush(force))

@@ -448,7 +448,7 @@ impl<'a> Trainer<'a> {
         r.words_per_sec = mine as f64 / secs;
         r.global_words_per_sec = wps;
         r.lr = self.run.st.lr;
-        self.run.dist.control.report(&self.run.report);
+        self.run.publish();
         self.win.secs = 0.0;
         self.run.metrics.push(&MetricsLine::Train(TrainLine {
             step: self.run.st.step,
@@ -543,7 +543,7 @@ impl<'a> Trainer<'a> {
         }))?;
         run.report.valid_ppl = rec.valid_ppl;
         run.report.epoch = rec.epoch;
-        run.dist.control.report(&run.report);
+        run.publish();
         run.st.history.push(rec);
         if run.st.best_valid_loss.is_none_or(|b| vl < b) {
             save_best(run, vl)?;
