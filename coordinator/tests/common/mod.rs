@@ -1,9 +1,11 @@
 //! Helpers the binary-level tests share: run `lightrnn`, a structured corpus, a JSON
-//! line, a test PKI made with openssl.
+//! line, a test PKI made with openssl; hosts as network namespaces (`netns`).
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
+
+pub mod netns;
 
 /// Run the binary; (exit code, stdout, stderr).
 pub fn lightrnn(args: &[&str]) -> (i32, String, String) {
