@@ -187,8 +187,12 @@ impl Job {
         });
     }
 
-    /// SIGKILL the coordinator (and reap it).
+    /// SIGKILL the coordinator (and reap it) while the job runs.
     fn kill_coordinator(&mut self) {
+        assert!(
+            self.coord.exited().is_none(),
+            "the job ended before the coordinator was killed"
+        );
         self.coord.kill();
     }
 
@@ -198,8 +202,12 @@ impl Job {
         self.coord = spawn_coordinator(&self.net, &self.c, &self.fx, &self.case, true);
     }
 
-    /// SIGKILL worker `r`.
+    /// SIGKILL worker `r` while it runs.
     fn kill_worker(&mut self, r: usize) {
+        assert!(
+            self.workers[r].exited().is_none(),
+            "w{r} ended before the kill"
+        );
         self.workers[r].kill();
     }
 
