@@ -31,23 +31,53 @@ fn probe() -> Option<String> {
     if uid != "0" {
         return Some("not root (network namespaces need CAP_SYS_ADMIN and CAP_NET_ADMIN)".into());
     }
-    let probe = format!("l36-probe-{}", std::process::id());
-    match Command::new("ip").args(["netns", "add", &probe]).output() {
-        Ok(o) if o.status.success() => {
-            let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    // What a net needs, tried in a namespace of its own: a bridge, a veth pair, iptables
+    // with the statistic match.
+    let ns = format!("l36-probe-{}", std::process::id());
+    let steps: [&[&str]; 4] = [
+        &["ip", "netns", "add", &ns],
+        &["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"],
+        &[
+            "ip", "-n", &ns, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1",
+        ],
+        &[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.5",
+            "-j",
+            "DROP",
+        ],
+    ];
+    let mut why = None;
+    for step in steps {
+        match Command::new(step[0]).args(&step[1..]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                why = Some(format!("`{}` fails: {err}", step.join(" ")));
+                break;
+            }
+            Err(e) => {
+                why = Some(format!(
+                    "no `{}` command (iproute2, iptables): {e}",
+                    step[0]
+                ));
+                break;
+            }
         }
-        Ok(o) => {
-            return Some(format!(
-                "`ip netns add` fails: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Err(e) => return Some(format!("no `ip` command (iproute2): {e}")),
     }
-    match Command::new("iptables").arg("-V").output() {
-        Ok(o) if o.status.success() => None,
-        _ => Some("no iptables (apt-get install iptables)".into()),
-    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    why
 }
 
 /// Whether a test that needs hosts may run: true where they can be made; otherwise it
