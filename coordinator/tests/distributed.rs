@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{corpus, json, lightrnn};
+use common::{corpus, json, lightrnn, pki};
 
 /// The per-step training losses of a run (log_every = 1).
 fn step_losses(run: &Path) -> Vec<f64> {
@@ -823,87 +823,6 @@ fn a_coordinator_beyond_loopback_needs_authentication_and_tls() {
     );
 }
 
-/// Runs openssl (the CLI) in `dir`.
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command line tool (to make test certificates)");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate signed
-/// by it, and a rogue client certificate signed by another CA.
-fn pki(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for ca in ["ca", "rogue-ca"] {
-        let mut a = vec!["req", "-x509"];
-        a.extend_from_slice(&ec);
-        let (key, pem, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.pem"),
-            format!("/CN={ca}"),
-        );
-        a.extend_from_slice(&["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
-        openssl(dir, &a);
-    }
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, ca, ext) in [
-        ("server", "ca", "server.ext"),
-        ("client", "ca", "client.ext"),
-        ("rogue", "rogue-ca", "client.ext"),
-    ] {
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let subj = format!("/CN={name}");
-        let mut a = vec!["req"];
-        a.extend_from_slice(&ec);
-        a.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &a);
-        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_pem,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ],
-        );
-    }
-}
-
 /// Mutual TLS: workers with a certificate from the job's CA train; a plaintext client,
 /// one without a certificate and one whose certificate another CA signed are refused
 /// (and take no rank).
@@ -913,7 +832,7 @@ fn mutual_tls_admits_the_job_s_workers_and_refuses_everyone_else() {
     let data = tmp.path().join("text");
     corpus(&data, 2000);
     let pk = tmp.path().join("pki");
-    pki(&pk);
+    pki(&pk, "DNS:localhost,IP:127.0.0.1");
     let f = |n: &str| pk.join(n).to_str().unwrap().to_string();
     let (c, url) = coordinator(
         &data,
