@@ -365,7 +365,9 @@ fn coordinator_at(
 
 fn worker_cmd(url: &str, rank: usize) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lightrnn"));
+    // A worker waits this long for a coordinator that is gone (not the default 10 min).
     c.args(["worker", "--coordinator", url, "--threads", "1"])
+        .args(["--connect-timeout-s", "60"])
         .env("RANK", rank.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -1502,11 +1504,7 @@ fn a_coordinator_killed_and_restarted_is_rejoined_and_the_run_ends_as_without_fa
     let out = tmp.path().join("restarted");
     let port = free_port();
     let (mut c, url) = coordinator_at(port, &data, &out, &extra);
-    let start = |rank| {
-        let mut w = worker_cmd(&url, rank);
-        w.args(["--connect-timeout-s", "60"]);
-        w.spawn().unwrap()
-    };
+    let start = |rank| worker_cmd(&url, rank).spawn().unwrap();
     let ws = [start(0), start(1)];
     let mut killed_logs = Vec::new();
     for (kill, pause) in [(1, Duration::from_millis(1500)), (2, Duration::ZERO)] {

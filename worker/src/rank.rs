@@ -80,10 +80,12 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     ))?;
     let ip = route_to(&opts.coordinator)?;
     let mut rank = opts.rank;
+    // The run this worker has joined (its directory, id and the generation), once it has.
+    let mut run: Option<RunSeen> = None;
     // A lost peer ends a generation; the coordinator re-forms the group (or gives up,
     // and then refuses the next join). Bounded in case it keeps re-forming.
     for attempt in 1..=100u32 {
-        match generation(&mut client, &auth, opts, ip, &mut rank, handle) {
+        match generation(&mut client, &auth, opts, ip, (&mut rank, &mut run), handle) {
             Ok(s) => return Ok(s),
             Err((e, true)) if e.retryable() => {
                 tracing::warn!(attempt, error = %e, "the group broke: joining again");
@@ -103,20 +105,33 @@ fn generation(
     auth: &BearerToken,
     opts: &WorkerOptions,
     ip: std::net::IpAddr,
-    rank_hint: &mut Option<usize>,
+    (rank_hint, run): (&mut Option<usize>, &mut Option<RunSeen>),
     handle: &Handle,
 ) -> std::result::Result<Summary, (Error, bool)> {
     let refused = |e: Error| (e, false);
     let (listener, advertised) = listen(opts, ip).map_err(refused)?;
-    let reply = join(
-        client,
-        &opts.coordinator,
-        &advertised,
-        *rank_hint,
-        opts.connect_timeout,
-        handle,
-    )
-    .map_err(refused)?;
+    let joined = handle.block_on(async {
+        let wait = opts.connect_timeout;
+        tokio::select! {
+            r = join(client, &opts.coordinator, &advertised, *rank_hint, wait) => r.map(Ok),
+            s = run_over(run.as_ref()) => Ok(Err(s)),
+        }
+    });
+    let reply = match joined.map_err(refused)? {
+        Ok(reply) => reply,
+        Err(summary) => {
+            tracing::info!(
+                steps = summary.steps,
+                "the run finished without this worker (its coordinator has exited): nothing left to train"
+            );
+            return Ok(summary);
+        }
+    };
+    *run = Some(RunSeen {
+        out: Location::parse(&reply.out).map_err(refused)?,
+        id: reply.run_id.clone(),
+        generation: reply.generation,
+    });
     // From now on every call names the run: a coordinator of another run refuses it,
     // and this worker never joins another run.
     auth.set_run(&reply.run_id)
@@ -158,6 +173,38 @@ fn generation(
     let _ = handle
         .block_on(async { tokio::time::timeout(Duration::from_secs(5), client.fail(req)).await });
     Err((e, true))
+}
+
+/// The run a worker joined: its directory, its id, the last generation it joined.
+struct RunSeen {
+    out: Location,
+    id: String,
+    generation: u64,
+}
+
+/// Returns once the run this worker belongs to has finished: its summary, as the
+/// coordinator wrote it at the end with the run's id and its last generation (one of
+/// this worker's or later: an older summary of a run resumed to train further is not
+/// its end). A worker left out of the last group (a replacement, a survivor too late for
+/// it) then stops waiting for a coordinator that has exited. Never returns before it
+/// has joined.
+async fn run_over(run: Option<&RunSeen>) -> Summary {
+    let Some(run) = run else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Ok(b) = run.out.get("summary.json").await
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+            && v["run_id"] == run.id.as_str()
+            && v["generation"]
+                .as_u64()
+                .is_some_and(|g| g >= run.generation)
+            && let Ok(s) = serde_json::from_value::<Summary>(v)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// The collective's listener and the address the other ranks reach it at.
@@ -345,6 +392,73 @@ mod tests {
         assert_eq!((c.rank(), c.world()), (0, 1));
         // A worker with its own backend (the tests' emulated device) uses the ring.
         assert!(group_collective(ring_of_one(), &reply("cuda"), gpu, true, &shared).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_sees_its_run_finished_only_by_its_own_generation_or_a_later_one() {
+        let out = Location::parse("memory://rank-tests/run").unwrap();
+        let seen = RunSeen {
+            out: out.clone(),
+            id: "run-a".into(),
+            generation: 3,
+        };
+        let summary = |run: &str, generation: u64| {
+            let cfg = lightrnn_core::config::TrainConfig::default();
+            let mut v = serde_json::to_value(Summary {
+                train_loss: 1.0,
+                train_ppl: 1.0,
+                valid_loss: 1.0,
+                valid_ppl: 1.0,
+                test_loss: 1.0,
+                test_ppl: 1.0,
+                words_per_sec: 1.0,
+                params: 1,
+                seconds: 1.0,
+                train_seconds: 1.0,
+                steps: 42,
+                epochs_completed: 1,
+                stopped_by: lightrnn_core::report::StoppedBy::Epochs,
+                vocab_size: 1,
+                backend: "cpu".into(),
+                world_size: 2,
+                control_seconds: 0.0,
+                config: cfg,
+                history: vec![],
+                auto_realloc: None,
+                params_sha256: String::new(),
+            })
+            .unwrap();
+            v["run_id"] = run.into();
+            v["generation"] = generation.into();
+            bytes::Bytes::from(serde_json::to_vec(&v).unwrap())
+        };
+        let wait = std::time::Duration::from_secs(10);
+        // Nothing yet; another run's; an earlier generation's end (a run since resumed).
+        assert!(
+            tokio::time::timeout(wait, run_over(Some(&seen)))
+                .await
+                .is_err()
+        );
+        out.put("summary.json", summary("run-b", 5)).await.unwrap();
+        assert!(
+            tokio::time::timeout(wait, run_over(Some(&seen)))
+                .await
+                .is_err()
+        );
+        out.put("summary.json", summary("run-a", 2)).await.unwrap();
+        assert!(
+            tokio::time::timeout(wait, run_over(Some(&seen)))
+                .await
+                .is_err()
+        );
+        // Its run's end, by its generation or a later one.
+        out.put("summary.json", summary("run-a", 4)).await.unwrap();
+        let s = tokio::time::timeout(wait, run_over(Some(&seen)))
+            .await
+            .unwrap();
+        assert_eq!(s.steps, 42);
+        // A worker that never joined waits for its coordinator only.
+        assert!(tokio::time::timeout(wait, run_over(None)).await.is_err());
     }
 
     #[test]

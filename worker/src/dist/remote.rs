@@ -631,13 +631,12 @@ pub(crate) fn blame(frozen: Option<Duration>, why: String) -> String {
 /// Join the job's current generation with this worker's collective address `advertised`
 /// (as rank `rank` when given); waits up to `wait` for the group to form. A refusal says
 /// what to check (TLS, token, version).
-pub fn join(
+pub async fn join(
     client: &mut Client,
     coordinator: &str,
     advertised: &str,
     rank: Option<usize>,
     wait: Duration,
-    handle: &Handle,
 ) -> Result<JoinReply> {
     let join = JoinRequest {
         rank: rank.map_or(-1, |r| r as i64),
@@ -646,7 +645,7 @@ pub fn join(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    handle.block_on(join_within(client, coordinator, join, wait))
+    join_within(client, coordinator, join, wait).await
 }
 
 /// Why a call did not reach the coordinator, read from the transport's error chain.
