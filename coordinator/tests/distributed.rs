@@ -378,6 +378,17 @@ fn worker(url: &str, rank: usize) -> std::process::Child {
     worker_cmd(url, rank).spawn().unwrap()
 }
 
+/// A child's stderr read to the end on a thread of its own (a long run logs more than a
+/// pipe holds): its text when joined.
+fn drain(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
+    let mut err = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    })
+}
+
 /// Wait until rank 0 has committed a checkpoint: the group trains.
 fn wait_training(out: &Path) {
     let t0 = Instant::now();
@@ -1089,7 +1100,9 @@ fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
         all
     });
     let mut w1 = worker(&url, 1);
-    let w0 = worker(&url, 0);
+    let mut w0 = worker(&url, 0);
+    // Its log read as it comes: a pipe nobody reads fills up and stops the worker.
+    let w0_log = drain(&mut w0);
     wait_training(&run);
     w1.kill().unwrap();
     w1.wait().unwrap();
@@ -1104,7 +1117,8 @@ fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
     }
     // The survivor trains alone for a while; then a newcomer knocks.
     std::thread::sleep(Duration::from_secs(2));
-    let newcomer = worker(&url, 1);
+    let mut newcomer = worker(&url, 1);
+    let newcomer_log = drain(&mut newcomer);
     let status = c.wait().unwrap();
     let err = reader.join().unwrap();
     let mut stdout = String::new();
@@ -1112,9 +1126,10 @@ fn an_elastic_group_shrinks_to_its_survivors_and_grows_at_a_checkpoint() {
     assert!(status.success(), "{err}");
     let s = json(&stdout);
     eprintln!("elastic run: {s}");
-    for w in [w0, newcomer] {
-        let o = w.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (mut w, log) in [(w0, w0_log), (newcomer, newcomer_log)] {
+        let status = w.wait().unwrap();
+        let log = log.join().unwrap();
+        assert!(status.success(), "{log}");
     }
     assert_eq!(s["worlds"]["1"], 2, "{s}");
     assert_eq!(s["worlds"]["2"], 1, "the survivor did not go on alone: {s}");
@@ -1504,7 +1519,11 @@ fn a_coordinator_killed_and_restarted_is_rejoined_and_the_run_ends_as_without_fa
     let out = tmp.path().join("restarted");
     let port = free_port();
     let (mut c, url) = coordinator_at(port, &data, &out, &extra);
-    let start = |rank| worker_cmd(&url, rank).spawn().unwrap();
+    let start = |rank| {
+        let mut w = worker_cmd(&url, rank).spawn().unwrap();
+        let log = drain(&mut w);
+        (w, log)
+    };
     let ws = [start(0), start(1)];
     let mut killed_logs = Vec::new();
     for (kill, pause) in [(1, Duration::from_millis(1500)), (2, Duration::ZERO)] {
@@ -1552,10 +1571,10 @@ fn a_coordinator_killed_and_restarted_is_rejoined_and_the_run_ends_as_without_fa
         err.contains("a coordinator of this run ran before"),
         "{err}"
     );
-    for w in ws {
-        let o = w.wait_with_output().unwrap();
-        let e = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{e}");
+    for (mut w, log) in ws {
+        let status = w.wait().unwrap();
+        let e = log.join().unwrap();
+        assert!(status.success(), "{e}");
         // The worker said what it waited for, and not that TLS might be wrong.
         assert!(e.contains("nothing listens at"), "{e}");
         assert!(e.contains("the coordinator answers again"), "{e}");

@@ -50,9 +50,10 @@ pub fn random_hex(n: usize) -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// A fresh run id: the start time in milliseconds and 64 random bits, in hex.
+/// A fresh run id: the start time in milliseconds and 32 random bits, in hex (every log
+/// line of a worker carries it: short).
 fn new_run_id() -> Result<String> {
-    Ok(format!("{:x}-{}", unix_now().as_millis(), random_hex(8)?))
+    Ok(format!("{:x}-{}", unix_now().as_millis(), random_hex(4)?))
 }
 
 impl RunRecord {
