@@ -518,9 +518,12 @@ fn netns_a_worker_frozen_beyond_the_heartbeat_timeout_then_thawed() {
         expect_log(&j.log("c"), "sent no heartbeat for");
         expect_last_step(&j.log("c"));
         expect_log(&j.log("w1"), "the group broke: joining again");
-        // The frozen worker does not blame the coordinator.
+        // The frozen worker says it did not run, and blames neither the coordinator nor
+        // its peer's deadline for its own freeze.
+        expect_log(&j.log("w1"), "did not run for");
         let w1 = j.text("w1");
         assert!(!w1.contains("has not answered heartbeats"), "{w1}");
+        assert!(!w1.contains("the collective deadline"), "{w1}");
     }
 }
 

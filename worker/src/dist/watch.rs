@@ -33,6 +33,10 @@ pub const STALL_FLOOR: Duration = Duration::from_secs(2);
 pub const STALL_FACTOR: u32 = 5;
 /// How many recent waits of an operation the median is taken over.
 const WINDOW: usize = 32;
+/// A read or write bounded by one slice that returns this much later than the one
+/// before means this process did not run meanwhile (frozen, descheduled): that time is
+/// not the peer's, and counts toward neither its stall nor its deadline.
+const FROZEN: Duration = Duration::from_secs(1);
 
 /// Seconds as a person reads them: whole from 10 s, else to a tenth (a hundredth below
 /// 0.1 s).
@@ -149,6 +153,7 @@ impl Watch {
             op,
             started: now,
             moved_at: now,
+            polled: now,
             bytes: 0,
             stalled: false,
             answered: false,
@@ -164,6 +169,8 @@ pub struct Transfer<'w> {
     started: Instant,
     /// When a byte last moved (the deadline counts from here).
     moved_at: Instant,
+    /// When the last read or write returned.
+    polled: Instant,
     bytes: u64,
     threshold: Duration,
     stalled: bool,
@@ -205,6 +212,14 @@ impl Transfer<'_> {
     /// One read or write's outcome: the bytes it moved (none after a slice without any),
     /// or the transfer's error.
     fn step(&mut self, r: std::io::Result<usize>) -> Result<usize> {
+        let now = Instant::now();
+        let gap = now - self.polled;
+        self.polled = now;
+        if gap > FROZEN {
+            // This process was frozen: the wait starts again as it wakes.
+            self.started += gap;
+            self.moved_at += gap;
+        }
         let n = match r {
             Ok(0) => return Err(self.fail(": the connection was closed")),
             Ok(n) => {
@@ -430,6 +445,38 @@ mod tests {
         assert_eq!((f.peer, f.count, f.stalls), (1, 1, 0));
         assert_eq!(f.buckets.iter().sum::<u64>(), 1);
         assert!(f.seconds > 0.0);
+    }
+
+    /// A reader whose first call returns only after this process "did not run" for a
+    /// while (a frozen process sees its blocking call return late), then gives its bytes.
+    struct Frozen(Option<Duration>, Vec<u8>);
+
+    impl Read for Frozen {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if let Some(d) = self.0.take() {
+                std::thread::sleep(d);
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.1.len());
+            buf[..n].copy_from_slice(&self.1[..n]);
+            self.1.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_time_this_process_was_frozen_is_not_the_peer_s() {
+        // Frozen 1.3 s inside one call, with a deadline of 1.2 s: no deadline passed
+        // for the peer, and no stall is counted on it.
+        let mut w = watch(1200 * MS);
+        let mut t = w.begin("all-reduce");
+        let mut from = Frozen(Some(1300 * MS), vec![7; 4]);
+        let mut got = [0u8; 4];
+        t.read(&mut from, &mut got).unwrap();
+        t.finish();
+        assert_eq!(got, [7; 4]);
+        assert_eq!(w.figures().stalls, 0);
+        assert!(w.figures().seconds < 0.5, "{:?}", w.figures());
     }
 
     #[test]
