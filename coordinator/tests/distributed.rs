@@ -391,12 +391,16 @@ fn drain(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
 
 /// Wait until rank 0 has committed a checkpoint: the group trains.
 fn wait_training(out: &Path) {
+    wait_until(Duration::from_secs(60), "the job never started", || {
+        out.join("checkpoints").exists()
+    });
+}
+
+/// Poll `done` every 20 ms; fail with `what` after `limit`.
+fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
     let t0 = Instant::now();
-    while !out.join("checkpoints").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the job never started"
-        );
+    while !done() {
+        assert!(t0.elapsed() < limit, "{what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -1486,14 +1490,11 @@ fn committed(out: &Path) -> usize {
 
 /// Wait until a run has more than `n` committed checkpoints.
 fn wait_committed(out: &Path, n: usize) {
-    let t0 = Instant::now();
-    while committed(out) <= n {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no checkpoint after {n}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(120),
+        &format!("no checkpoint after {n}"),
+        || committed(out) > n,
+    );
 }
 
 /// The coordinator SIGKILLed twice while it trains and restarted with `--resume` on its

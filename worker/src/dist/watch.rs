@@ -223,7 +223,7 @@ impl Transfer<'_> {
         let n = match r {
             Ok(0) => return Err(self.fail(": the connection was closed")),
             Ok(n) => {
-                self.moved_at = Instant::now();
+                self.moved_at = now;
                 self.bytes += n as u64;
                 n
             }
