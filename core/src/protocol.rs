@@ -52,6 +52,8 @@ pub struct Joined {
     pub run_id: String,
     /// The generation's NCCL unique id (empty: none).
     pub nccl_id: Vec<u8>,
+    /// The generation's ring secret (32 random bytes).
+    pub ring_key: Vec<u8>,
 }
 
 /// A rank is alive at `step`, with its latest figures.

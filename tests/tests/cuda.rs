@@ -148,6 +148,7 @@ fn job(
                 coordinator: url.clone(),
                 rank: Some(rank),
                 advertise: None,
+                ring_port: 0,
                 threads: Some(1),
                 connect_timeout: std::time::Duration::from_secs(60),
                 stop: Default::default(),

@@ -21,6 +21,7 @@ use crate::dist::collective::Collective;
 use crate::dist::control::Dist;
 use crate::dist::remote::{RemoteControl, Shared, connect, heartbeat, join, route_to};
 use crate::dist::ring::TcpRing;
+use crate::dist::secure::RingSecret;
 use crate::train::{RunOptions, train_rank};
 use lightrnn_core::data::store::Location;
 use lightrnn_core::report::Summary;
@@ -34,9 +35,12 @@ pub struct WorkerOptions {
     pub coordinator: String,
     /// The rank to take (torchrun's RANK), or any.
     pub rank: Option<usize>,
-    /// Host name or address the other ranks reach this worker's collective at (default:
-    /// this machine's address on the route to the coordinator).
+    /// Host name or address (HOST, or HOST:PORT for a forwarded port) the other ranks
+    /// reach this worker's collective at (default: this machine's address on the route
+    /// to the coordinator, and the port it listens on).
     pub advertise: Option<String>,
+    /// The port the collective listens on (0: any free one).
+    pub ring_port: u16,
     /// CPU threads for the backend, overriding the job's config (several workers on one
     /// machine share its cores).
     pub threads: Option<usize>,
@@ -216,16 +220,32 @@ fn listen(opts: &WorkerOptions, ip: std::net::IpAddr) -> Result<(TcpListener, St
         (Some(_), std::net::IpAddr::V4(_)) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         (Some(_), std::net::IpAddr::V6(_)) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     };
-    let listener = TcpRing::bind(SocketAddr::new(bind_ip, 0))?;
+    let listener = TcpRing::bind(SocketAddr::new(bind_ip, opts.ring_port))?;
     let port = listener
         .local_addr()
         .map_err(|e| Error::Io(format!("collective listener: {e}")))?
         .port();
     let advertised = match &opts.advertise {
-        Some(h) => format!("{h}:{port}"),
+        Some(h) => advertised(h, port),
         None => SocketAddr::new(ip, port).to_string(),
     };
     Ok((listener, advertised))
+}
+
+/// `--advertise HOST` or `HOST:PORT` as the address the other ranks dial (the port this
+/// worker listens on unless one is given).
+fn advertised(h: &str, port: u16) -> String {
+    if let Ok(ip) = h.parse::<std::net::IpAddr>() {
+        return SocketAddr::new(ip, port).to_string();
+    }
+    let named_port = h
+        .rsplit_once(':')
+        .is_some_and(|(host, p)| !host.is_empty() && p.parse::<u16>().is_ok());
+    if named_port {
+        h.to_string()
+    } else {
+        format!("{h}:{port}")
+    }
 }
 
 fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>> {
@@ -250,11 +270,13 @@ fn train_in_group(
     shared: &Arc<Shared>,
     handle: &Handle,
 ) -> Result<Summary> {
+    let secret = RingSecret::new(&reply.ring_key, &reply.run_id, reply.generation)?;
     let ring = TcpRing::connect(
         reply.rank as usize,
         peers,
         listener,
         Duration::from_millis(reply.collective_timeout_ms.max(100)),
+        &secret,
     )?;
     shared.set_breaker(ring.breaker()?);
     let backend = worker_backend(reply.backend.parse::<BackendKind>()?, opts.device);
@@ -363,10 +385,21 @@ fn nccl_collective(
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_advertised_host_takes_the_listening_port_unless_it_names_one() {
+        assert_eq!(advertised("node-3", 4100), "node-3:4100");
+        assert_eq!(advertised("node-3:29500", 4100), "node-3:29500");
+        assert_eq!(advertised("10.0.0.7", 4100), "10.0.0.7:4100");
+        assert_eq!(advertised("10.0.0.7:81", 4100), "10.0.0.7:81");
+        assert_eq!(advertised("fd00::7", 4100), "[fd00::7]:4100");
+        assert_eq!(advertised("[fd00::7]:81", 4100), "[fd00::7]:81");
+    }
+
     fn ring_of_one() -> TcpRing {
         let l = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
-        TcpRing::connect(0, &[addr], l, Duration::from_secs(5)).unwrap()
+        let secret = RingSecret::random("test", 1);
+        TcpRing::connect(0, &[addr], l, Duration::from_secs(5), &secret).unwrap()
     }
 
     #[test]

@@ -27,10 +27,15 @@ pub struct WorkerArgs {
     /// default: the job's device, 0).
     #[arg(long, env = "LOCAL_RANK")]
     pub device: Option<usize>,
-    /// Host or address the other workers reach this one at (default: this machine's
-    /// address on the route to the coordinator).
+    /// HOST or HOST:PORT the other workers reach this one's ring at (default: this
+    /// machine's address on the route to the coordinator, and the port it listens on;
+    /// a PORT for a forwarded or mapped port).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// The port this worker's ring listens on (0: any free one; a fixed one for a
+    /// firewall's rules).
+    #[arg(long, default_value_t = 0)]
+    pub ring_port: u16,
     /// Seconds to keep trying to reach the coordinator and to wait for the group.
     #[arg(long, default_value_t = 600)]
     pub connect_timeout_s: u64,
@@ -97,6 +102,7 @@ pub fn run(a: &WorkerArgs, handle: &Handle, stop: &Stop) -> Result<String> {
         coordinator,
         rank: a.rank,
         advertise: a.advertise.clone(),
+        ring_port: a.ring_port,
         threads: a.threads,
         connect_timeout: Duration::from_secs(a.connect_timeout_s.max(1)),
         stop: stop.clone(),

@@ -13,6 +13,9 @@ use super::Job;
 use super::record::RunRecord;
 use super::state::{Member, State};
 
+/// Bytes of a generation's ring secret.
+const RING_KEY_BYTES: usize = 32;
+
 impl Job {
     /// The job cannot go on: record why (the first cause wins), wake every waiter.
     pub fn fault(&self, why: String) {
@@ -48,6 +51,15 @@ impl Job {
             m.last_seen = now;
         }
         st.formed = true;
+        // A fresh ring secret per generation: a handshake of an ended generation (or
+        // of anyone without this one) is refused by the new ring.
+        match super::record::random_bytes(RING_KEY_BYTES) {
+            Ok(k) => st.ring_key = k,
+            Err(e) => st.fail(format!(
+                "drawing the ring key of generation {}: {e}",
+                st.generation
+            )),
+        }
         // A fresh NCCL id per generation: a communicator of an ended generation cannot
         // be joined by the next one's workers.
         if let Some(ids) = &self.spec.nccl_ids {

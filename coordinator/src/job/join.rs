@@ -66,7 +66,7 @@ impl Job {
             armed: true,
         };
         let me = r.collective_addr.clone();
-        let (rank, world, peers, resume_from, nccl_id) = self
+        let (rank, world, peers, resume_from, nccl_id, ring_key) = self
             .wait_for(generation, |st| {
                 if !st.formed || !st.recorded {
                     return None;
@@ -93,6 +93,7 @@ impl Job {
                     peers,
                     st.resume_from.clone(),
                     st.nccl_id.clone(),
+                    st.ring_key.clone(),
                 )))
             })
             .await?;
@@ -118,6 +119,7 @@ impl Job {
             collective_timeout: spec.collective_timeout,
             run_id: spec.run_id.clone(),
             nccl_id,
+            ring_key,
         })
     }
 

@@ -42,12 +42,20 @@ fn unix_now() -> std::time::Duration {
 
 /// `n` random bytes from the system, in hex (run ids, a job's token).
 pub fn random_hex(n: usize) -> Result<String> {
+    Ok(random_bytes(n)?
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect())
+}
+
+/// `n` bytes from the system's random source (secrets: tokens, ring keys).
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     use std::io::Read;
     let mut b = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(|e| Error::Io(format!("reading /dev/urandom: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(b)
 }
 
 /// A fresh run id: the start time in milliseconds and 32 random bits, in hex (every log

@@ -109,6 +109,8 @@ pub(super) struct State {
     pub(super) resume_from: Option<String>,
     /// The NCCL unique id of this generation's communicator, once formed (empty: none).
     pub(super) nccl_id: Vec<u8>,
+    /// The secret of this generation's ring, drawn when it forms.
+    pub(super) ring_key: Vec<u8>,
     /// The generation's number is in `RUN/run.json` (joins are answered only then: a
     /// restarted coordinator must never hand the same number out again).
     pub(super) recorded: bool,
@@ -134,6 +136,7 @@ impl State {
             last_cause: String::new(),
             resume_from,
             nccl_id: Vec::new(),
+            ring_key: Vec::new(),
             recorded: true,
         }
     }

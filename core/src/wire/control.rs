@@ -41,6 +41,7 @@ impl From<Joined> for v1::JoinReply {
             collective_timeout_ms: j.collective_timeout.as_millis() as u64,
             run_id: j.run_id,
             nccl_id: j.nccl_id,
+            ring_key: j.ring_key,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! How a rank takes part in a job, below the training loop:
 //!
 //! - [`collective`]: the [`collective::Collective`] trait and the one-rank identity;
-//!   [`ring`]: the TCP ring of CPU workers; `nccl`
+//!   [`ring`]: the TCP ring of CPU workers, [`secure`] its handshake and framing; `nccl`
 //!   (with the `cuda` feature): NCCL for GPU workers' gradients, the ring beside it;
 //!   [`watch`]: waits on a peer in short slices, with the stall warnings, the deadline's
 //!   error and the figures of the ring's connections (and of the control calls);
@@ -18,5 +18,6 @@ pub mod control;
 pub mod nccl;
 pub mod remote;
 pub mod ring;
+pub mod secure;
 pub mod state;
 pub mod watch;

@@ -12,32 +12,36 @@
 //! its address, the operation), never a hang, and every wait is counted
 //! ([`Collective::waits`]).
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use lightrnn_kernels::{GradReduce, GradsMut};
 
 use super::collective::{Collective, reduce_host};
+use super::secure::{self, Opener, Refusal, RingSecret, Sealer, TAG_LEN};
 use super::watch::{Link, Watch};
 use lightrnn_core::report::{LinkDirection, LinkWaits};
 use lightrnn_core::{Error, Result};
 
 /// Ring all-reduce over TCP: each rank holds a connection to its right neighbour (it
-/// sends there) and one from its left neighbour (it receives from there).
+/// sends there) and one from its left neighbour (it receives from there), each opened by
+/// the generation's handshake and carrying sealed frames ([`super::secure`]).
 pub struct TcpRing {
     rank: usize,
     world: usize,
-    right: Option<Side>,
-    left: Option<Side>,
+    right: Option<Side<Sealer>>,
+    left: Option<Side<Opener>>,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
 }
 
-/// One of a rank's two connections and the watch on its waits.
-struct Side {
+/// One of a rank's two connections, the watch on its waits and its framing (a
+/// [`Sealer`] to the right, an [`Opener`] from the left).
+struct Side<F> {
     stream: TcpStream,
     watch: Watch,
+    frames: F,
 }
 
 /// Breaks a ring from another thread: its connections are shut down, so a rank blocked
@@ -53,8 +57,11 @@ impl RingBreaker {
     }
 }
 
-/// First bytes of every connection: the protocol and the sender's rank.
-const HELLO: &[u8; 8] = b"LRNRING1";
+/// The longest a connection's handshake may take: a peer that connects and stays
+/// silent holds one handshake this long, never the ring.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once on a rank's listener; further connections are closed.
+const HANDSHAKES: usize = 16;
 
 impl TcpRing {
     /// Bind the listening socket for a rank (port 0 picks one); its address goes to the
@@ -65,13 +72,16 @@ impl TcpRing {
     }
 
     /// Join the ring as `rank` of `addrs.len()` ranks, `listener` bound at
-    /// `addrs[rank]`. Connects to the right neighbour (retrying until `timeout`) and
-    /// accepts the left one.
+    /// `addrs[rank]`, in the generation `secret` was drawn for. Connects to the right
+    /// neighbour (retrying until `timeout`) and accepts the left one: a connection is
+    /// taken once its handshake proves it is that rank of this generation; any other is
+    /// refused and logged with its address, and the rank keeps waiting.
     pub fn connect(
         rank: usize,
         addrs: &[SocketAddr],
         listener: TcpListener,
         timeout: Duration,
+        secret: &RingSecret,
     ) -> Result<Self> {
         let world = addrs.len();
         if rank >= world {
@@ -91,62 +101,16 @@ impl TcpRing {
             return Ok(ring);
         }
         let right_rank = (rank + 1) % world;
-        let deadline = std::time::Instant::now() + timeout;
+        let left_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
         // Connect right in a thread while accepting from the left, so that a ring of
         // any size forms whatever the start order.
         let to = addrs[right_rank];
-        let connector = std::thread::spawn(move || -> Result<TcpStream> {
-            loop {
-                match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
-                    Ok(mut s) => {
-                        s.set_nodelay(true).ok();
-                        let mut hello = HELLO.to_vec();
-                        hello.extend_from_slice(&(rank as u64).to_le_bytes());
-                        s.write_all(&hello).map_err(|e| {
-                            Error::Io(format!("ring: rank {rank} greeting rank {right_rank}: {e}"))
-                        })?;
-                        return Ok(s);
-                    }
-                    Err(e) if std::time::Instant::now() >= deadline => {
-                        return Err(Error::Io(format!(
-                            "ring: rank {rank} cannot reach rank {right_rank} at {to}: {e}"
-                        )));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::Io(format!("ring: {e}")))?;
-        let left_rank = (rank + world - 1) % world;
-        let left = loop {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).ok();
-                    s.set_nodelay(true).ok();
-                    s.set_read_timeout(Some(timeout)).ok();
-                    let mut hello = [0u8; 16];
-                    let ok = s.read_exact(&mut hello).is_ok()
-                        && &hello[..8] == HELLO
-                        && u64::from_le_bytes(hello[8..].try_into().unwrap()) == left_rank as u64;
-                    if ok {
-                        break s;
-                    }
-                    // Not our left neighbour (a stray or stale connection): drop it.
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(Error::Io(format!(
-                            "ring: rank {rank}: rank {left_rank} did not connect within {timeout:?}"
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(Error::Io(format!("ring: rank {rank} accepting: {e}"))),
-            }
-        };
-        let right = connector
+        let mine = secret.clone();
+        let connector =
+            std::thread::spawn(move || offer_right(rank, right_rank, to, &mine, deadline));
+        let (left, opener) = accept_left(rank, left_rank, &listener, secret, deadline, timeout)?;
+        let (right, sealer) = connector
             .join()
             .map_err(|_| Error::Io("ring: connector thread panicked".into()))??;
         // Every read and write blocks one slice at most: the watch keeps the deadline.
@@ -155,9 +119,8 @@ impl TcpRing {
             s.set_read_timeout(Some(slice)).ok();
             s.set_write_timeout(Some(slice)).ok();
         }
-        let side = |stream, peer: usize, direction| Side {
-            stream,
-            watch: Watch::new(
+        let watch = |peer: usize, direction| {
+            Watch::new(
                 Link {
                     rank,
                     world,
@@ -166,20 +129,31 @@ impl TcpRing {
                     direction,
                 },
                 timeout,
-            ),
+            )
         };
-        ring.left = Some(side(left, left_rank, LinkDirection::Receive));
-        ring.right = Some(side(right, right_rank, LinkDirection::Send));
+        ring.left = Some(Side {
+            stream: left,
+            watch: watch(left_rank, LinkDirection::Receive),
+            frames: opener,
+        });
+        ring.right = Some(Side {
+            stream: right,
+            watch: watch(right_rank, LinkDirection::Send),
+            frames: sealer,
+        });
         Ok(ring)
     }
 
     /// A handle that shuts this ring's connections down from another thread.
     pub fn breaker(&self) -> Result<RingBreaker> {
+        let streams = [
+            self.left.as_ref().map(|s| &s.stream),
+            self.right.as_ref().map(|s| &s.stream),
+        ];
         let mut v = Vec::new();
-        for s in [&self.left, &self.right].into_iter().flatten() {
+        for s in streams.into_iter().flatten() {
             v.push(
-                s.stream
-                    .try_clone()
+                s.try_clone()
                     .map_err(|e| Error::Io(format!("ring: cloning a connection: {e}")))?,
             );
         }
@@ -231,13 +205,153 @@ impl TcpRing {
     }
 }
 
-/// Values a ring transfer stages at a time (1 MiB of f32).
+/// The connector's side of a ring: connect to the right neighbour at `to` and prove
+/// this rank to it, retrying until `deadline` (it may not listen yet). A peer there that
+/// cannot prove itself rank `right` of this generation is logged and tried again.
+fn offer_right(
+    rank: usize,
+    right: usize,
+    to: SocketAddr,
+    secret: &RingSecret,
+    deadline: Instant,
+) -> Result<(TcpStream, Sealer)> {
+    let mut last = String::new();
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
+            Ok(mut s) => {
+                s.set_nodelay(true).ok();
+                let limit = HANDSHAKE
+                    .min(deadline.saturating_duration_since(Instant::now()))
+                    .max(Duration::from_millis(100));
+                s.set_read_timeout(Some(limit)).ok();
+                s.set_write_timeout(Some(limit)).ok();
+                match secure::offer(&mut s, secret, rank as u64, right as u64) {
+                    Ok(sealer) => return Ok((s, sealer)),
+                    Err(e) => {
+                        let e = format!("the handshake failed: {e}");
+                        if e != last {
+                            tracing::warn!(
+                                "ring: rank {rank}: connecting to rank {right} at {to}: {e}; trying again"
+                            );
+                        }
+                        last = e;
+                    }
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Io(format!(
+                "ring: rank {rank} cannot reach rank {right} at {to}: {last}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The acceptor's side of a ring: take the first connection on `listener` whose
+/// handshake proves it is rank `left` of this generation. Each connection's handshake
+/// runs on its own thread (at most [`HANDSHAKES`] at once, each at most [`HANDSHAKE`]),
+/// so a silent or hostile one never holds up the real neighbour; every refusal is
+/// logged with the peer's address and the reason.
+fn accept_left(
+    rank: usize,
+    left: usize,
+    listener: &TcpListener,
+    secret: &RingSecret,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(TcpStream, Opener)> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Io(format!("ring: {e}")))?;
+    type Outcome = (
+        SocketAddr,
+        std::result::Result<(TcpStream, Opener), Refusal>,
+    );
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let (mut inflight, mut refused) = (0usize, 0usize);
+    let mut last_refusal = String::new();
+    let taken = 'accept: loop {
+        while let Ok((peer, r)) = rx.try_recv() {
+            inflight -= 1;
+            match r {
+                Ok(taken) => break 'accept Ok(taken),
+                Err(why) => {
+                    refused += 1;
+                    last_refusal = format!("{peer}: {why}");
+                    refusal(rank, peer, &why);
+                }
+            }
+        }
+        match listener.accept() {
+            Ok((s, peer)) if inflight >= HANDSHAKES => {
+                drop(s);
+                refused += 1;
+                tracing::warn!(
+                    "ring: rank {rank} refused a connection from {peer}: {HANDSHAKES} handshakes already in flight"
+                );
+            }
+            Ok((mut s, peer)) => {
+                inflight += 1;
+                let (tx, secret) = (tx.clone(), secret.clone());
+                let limit = HANDSHAKE.min(timeout);
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).ok();
+                    s.set_nodelay(true).ok();
+                    s.set_read_timeout(Some(limit)).ok();
+                    s.set_write_timeout(Some(limit)).ok();
+                    let r = secure::answer(&mut s, &secret, rank as u64, left as u64);
+                    let _ = tx.send((peer, r.map(|opener| (s, opener))));
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let also = match refused {
+                        0 => String::new(),
+                        n => format!(
+                            " (refused {n} other connection(s), the last from {last_refusal})"
+                        ),
+                    };
+                    break Err(Error::Io(format!(
+                        "ring: rank {rank}: rank {left} did not connect within {timeout:?}{also}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => break Err(Error::Io(format!("ring: rank {rank} accepting: {e}"))),
+        }
+    };
+    if inflight > 0 {
+        // Handshakes still under way: their refusals are logged as they end (a second
+        // connection that proves itself, e.g. a connector's retry, is closed).
+        drop(tx);
+        std::thread::spawn(move || {
+            for (peer, r) in rx {
+                match r {
+                    Err(why) => refusal(rank, peer, &why),
+                    Ok(_) => tracing::info!(
+                        "ring: rank {rank}: closed a second connection from rank {left} ({peer})"
+                    ),
+                }
+            }
+        });
+    }
+    taken
+}
+
+/// A refused ring connection, logged with its peer.
+fn refusal(rank: usize, peer: SocketAddr, why: &Refusal) {
+    tracing::warn!("ring: rank {rank} refused a connection from {peer}: {why}");
+}
+
+/// Values a ring transfer stages at a time (1 MiB of f32): one frame.
 const PIECE: usize = 1 << 18;
 
-/// Write `values` little-endian, [`PIECE`] at a time through `staging`: one message of
-/// operation `what`.
+/// Write `values` little-endian, [`PIECE`] at a time through `staging`, each piece a
+/// sealed frame: one message of operation `what`.
 fn send_pieces(
-    to: &mut Side,
+    to: &mut Side<Sealer>,
     values: &[f32],
     staging: &mut Vec<u8>,
     what: &'static str,
@@ -248,16 +362,18 @@ fn send_pieces(
         for x in piece {
             staging.extend_from_slice(&x.to_le_bytes());
         }
+        to.frames.seal(staging);
         t.write(&mut to.stream, staging)?;
     }
     t.finish();
     Ok(())
 }
 
-/// Read `into.len()` little-endian values, [`PIECE`] at a time through `staging`,
-/// folding each into its place: one message of operation `what`.
+/// Read `into.len()` little-endian values, [`PIECE`] at a time through `staging`, each
+/// piece a frame folded into its place once it checks: one message of operation `what`.
+/// A frame that fails its check is an error (the generation ends), never a value used.
 fn recv_pieces(
-    from: &mut Side,
+    from: &mut Side<Opener>,
     into: &mut [f32],
     staging: &mut Vec<u8>,
     fold: impl Fn(&mut f32, f32),
@@ -265,8 +381,14 @@ fn recv_pieces(
 ) -> Result<()> {
     let mut t = from.watch.begin(what);
     for piece in into.chunks_mut(PIECE) {
-        staging.resize(piece.len() * 4, 0);
+        staging.resize(piece.len() * 4 + TAG_LEN, 0);
         t.read(&mut from.stream, staging)?;
+        from.frames.open(staging).map_err(|secure::BadFrame| {
+            t.fail(
+                ": a message failed its authentication check (altered or corrupted on the \
+                 way): none of it is used, and this generation's ring is broken",
+            )
+        })?;
         for (x, b) in piece.iter_mut().zip(staging.chunks_exact(4)) {
             fold(x, f32::from_le_bytes(b.try_into().unwrap()));
         }
@@ -365,11 +487,9 @@ impl Collective for TcpRing {
     }
 
     fn waits(&self) -> Vec<LinkWaits> {
-        [&self.left, &self.right]
-            .into_iter()
-            .flatten()
-            .map(|s| s.watch.figures().clone())
-            .collect()
+        let left = self.left.as_ref().map(|s| s.watch.figures().clone());
+        let right = self.right.as_ref().map(|s| s.watch.figures().clone());
+        left.into_iter().chain(right).collect()
     }
 }
 
@@ -384,246 +504,17 @@ pub(crate) fn rings(
         .map(|_| TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap())
         .collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let secret = RingSecret::random("test", 1);
     listeners
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || TcpRing::connect(rank, &addrs, l, timeout))
+            let (addrs, secret) = (addrs.clone(), secret.clone());
+            std::thread::spawn(move || TcpRing::connect(rank, &addrs, l, timeout, &secret))
         })
         .collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dist::watch::logs::logged;
-    use lightrnn_core::report::WAIT_BUCKETS;
-
-    #[test]
-    fn all_reduce_and_broadcast_agree_bit_for_bit() {
-        // 600,001 values: more than two of the ring's pieces per chunk.
-        for (world, n) in [
-            (2usize, 10usize),
-            (3, 1),
-            (3, 100_003),
-            (4, 7),
-            (2, 600_001),
-        ] {
-            let handles = rings(world, Duration::from_secs(20));
-            let rings: Vec<TcpRing> = handles
-                .into_iter()
-                .map(|h| h.join().unwrap().unwrap())
-                .collect();
-            let data = |r: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.37 - r as f32)
-                    .collect()
-            };
-            let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
-                let hs: Vec<_> = rings
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut ring)| {
-                        s.spawn(move || {
-                            let mut buf = data(r);
-                            ring.all_reduce_sum(&mut buf).unwrap();
-                            let mut b = if r == world - 1 {
-                                data(99)
-                            } else {
-                                vec![0.0; n]
-                            };
-                            ring.broadcast(&mut b, world - 1).unwrap();
-                            ring.barrier().unwrap();
-                            // f64 sums are exact for these values and identical everywhere.
-                            let mut f = [r as f64 + 0.25, 1e300, -(r as f64)];
-                            ring.all_reduce_sum_f64(&mut f).unwrap();
-                            let w = world as f64;
-                            assert_eq!(
-                                f,
-                                [
-                                    w * (w - 1.0) / 2.0 + 0.25 * w,
-                                    1e300 * w,
-                                    -w * (w - 1.0) / 2.0
-                                ]
-                            );
-                            (buf, b)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            let inputs: Vec<Vec<f32>> = (0..world).map(data).collect();
-            for i in 0..n {
-                let exact: f64 = inputs.iter().map(|d| d[i] as f64).sum();
-                assert!((results[0].0[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
-            }
-            for (sum, b) in &results {
-                assert_eq!(
-                    sum.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                    results[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                    "world {world}: ranks differ"
-                );
-                assert_eq!(b, &data(99));
-            }
-        }
-    }
-
-    #[test]
-    fn a_reduce_scatter_gives_each_rank_whole_units_of_the_all_reduce() {
-        for (world, units, unit) in [
-            (2usize, 9usize, 5usize),
-            (3, 2, 4),
-            (3, 1000, 3),
-            (4, 7, 1),
-            (2, 200_001, 3),
-        ] {
-            let n = units * unit;
-            let data = |r: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| ((i * 5 + r * 11) % 13) as f32 * 0.29 - r as f32)
-                    .collect()
-            };
-            let rings: Vec<TcpRing> = rings(world, Duration::from_secs(20))
-                .into_iter()
-                .map(|h| h.join().unwrap().unwrap())
-                .collect();
-            let got: Vec<(Vec<f32>, Vec<f32>, std::ops::Range<usize>)> = std::thread::scope(|s| {
-                let hs: Vec<_> = rings
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut ring)| {
-                        s.spawn(move || {
-                            let mut all = data(r);
-                            ring.all_reduce_sum(&mut all).unwrap();
-                            let mut part = data(r);
-                            if unit > 1 {
-                                // Not whole units: refused on every rank, before any exchange.
-                                assert!(ring.reduce_scatter_sum(&mut part[1..], unit).is_err());
-                            }
-                            let own = ring.reduce_scatter_sum(&mut part, unit).unwrap();
-                            (all, part, own)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            // The owned ranges cover every unit once.
-            let mut owned: Vec<_> = got.iter().map(|g| g.2.clone()).collect();
-            owned.sort_by_key(|r| r.start);
-            assert_eq!(owned.first().unwrap().start, 0);
-            assert_eq!(owned.last().unwrap().end, units);
-            assert!(
-                owned.windows(2).all(|w| w[0].end == w[1].start),
-                "{owned:?}"
-            );
-            // In them, the sum over the ranks (in the ring's order, as the all-reduce's).
-            let inputs: Vec<Vec<f32>> = (0..world).map(data).collect();
-            for (all, part, own) in &got {
-                for i in own.start * unit..own.end * unit {
-                    let exact: f64 = inputs.iter().map(|d| d[i] as f64).sum();
-                    assert!(
-                        (part[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
-                        "world {world}, element {i}: {} vs {exact}",
-                        part[i]
-                    );
-                    assert!((all[i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_neighbour_stalled_for_seconds_is_warned_about_once_counted_and_the_sum_is_exact() {
-        let mut rings = rings(2, Duration::from_secs(20))
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap());
-        let (mut r0, mut r1) = (rings.next().unwrap(), rings.next().unwrap());
-        let stall = Duration::from_millis(2600);
-        let late = std::thread::spawn(move || {
-            for _ in 0..3 {
-                r1.all_reduce_sum(&mut [2.0; 5]).unwrap();
-            }
-            std::thread::sleep(stall);
-            let mut b = [0.5, -1.0, 3.0];
-            r1.all_reduce_sum(&mut b).unwrap();
-            (b, r1.waits())
-        });
-        let ((b, waits), log) = logged(|| {
-            for _ in 0..3 {
-                let mut b = [1.0; 5];
-                r0.all_reduce_sum(&mut b).unwrap();
-                assert_eq!(b, [3.0; 5]);
-            }
-            let mut b = [0.25, 1.0, -2.0];
-            let t = std::time::Instant::now();
-            r0.all_reduce_sum(&mut b).unwrap();
-            assert!(t.elapsed() >= stall - Duration::from_millis(100));
-            (b, r0.waits())
-        });
-        let (b1, waits1) = late.join().unwrap();
-        assert_eq!(b, [0.75, 0.0, 1.0]);
-        assert_eq!(b1, b);
-        // Rank 0 waited for rank 1's bytes once past the threshold; its sends and rank 1's
-        // waits did not.
-        let get = |w: &[LinkWaits], d: LinkDirection| {
-            w.iter().find(|l| l.direction == d).cloned().unwrap()
-        };
-        let recv = get(&waits, LinkDirection::Receive);
-        assert_eq!((recv.peer, recv.count, recv.stalls), (1, 8, 1));
-        assert_eq!(recv.buckets[WAIT_BUCKETS.len() - 2], 1, "{recv:?}");
-        assert!(recv.seconds >= 2.4, "{recv:?}");
-        assert_eq!(get(&waits, LinkDirection::Send).stalls, 0);
-        assert!(
-            waits1.iter().all(|l| l.stalls == 0 && l.count == 8),
-            "{waits1:?}"
-        );
-        // One warning while it lasted, one line when rank 1 answered.
-        let warned: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-        assert_eq!(warned.len(), 1, "{log}");
-        assert!(
-            warned[0].contains("ring: rank 0 of 2, all-reduce: receiving from rank 1 (127.0.0.1:")
-                && warned[0].contains("waiting for 2."),
-            "{log}"
-        );
-        assert!(
-            log.contains("rank 1 answered after 2.6 s")
-                || log.contains("rank 1 answered after 2.7 s"),
-            "{log}"
-        );
-    }
-
-    #[test]
-    fn a_silent_neighbour_is_an_error_not_a_hang() {
-        let handles = rings(2, Duration::from_millis(300));
-        let mut rings: Vec<TcpRing> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect();
-        let _quiet = rings.pop().unwrap(); // rank 1 never takes part
-        let mut r0 = rings.pop().unwrap();
-        let t = std::time::Instant::now();
-        let e = r0.all_reduce_sum(&mut [1.0; 8]).unwrap_err().to_string();
-        // What passed, how long it is, and who did not answer from where.
-        assert!(
-            e.starts_with("ring: rank 0 of 2, all-reduce: receiving from rank 1 (127.0.0.1:")
-                && e.ends_with(
-                    "): nothing for 0.3 s, the collective deadline (--collective-timeout-s)"
-                ),
-            "{e}"
-        );
-        assert!(t.elapsed() >= Duration::from_millis(300));
-        assert!(t.elapsed() < Duration::from_secs(5));
-        assert_eq!(r0.waits()[0].count, 1);
-        // A rank nobody connects to gives up at its deadline.
-        let l = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let me = l.local_addr().unwrap();
-        let ghost = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addrs = vec![me, ghost.local_addr().unwrap()];
-        let e = TcpRing::connect(0, &addrs, l, Duration::from_millis(300))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("rank 1"), "{e}");
-    }
-}
+#[path = "ring_tests.rs"]
+mod tests;
