@@ -1661,3 +1661,317 @@ fn a_run_killed_after_a_checkpoint_keeps_every_metrics_line_once() {
         assert!(p.join("meta.json").is_file(), "{p:?} is not a checkpoint");
     }
 }
+
+// ---- The ring's security: intruders, replays, tampering, encryption (issue 37) ----
+
+use lightrnn_worker::dist::secure::{FINISH_LEN, GREETING, HELLO_LEN};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The coordinator's summary once it succeeds, after every worker exited 0.
+fn job_ends(c: std::process::Child, ws: Vec<std::process::Child>) -> (serde_json::Value, String) {
+    let c = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&c.stderr).into_owned();
+    assert!(c.status.success(), "{err}");
+    for w in ws {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    (json(&String::from_utf8_lossy(&c.stdout)), err)
+}
+
+/// A worker of rank `rank` whose ring listens on `ring_port` and is dialled at
+/// `advertised` (another port: a proxy in front of it).
+fn ring_worker(url: &str, rank: usize, ring_port: u16, advertised: u16, extra: &[&str]) -> Command {
+    let mut c = worker_cmd(url, rank);
+    c.args(["--ring-port", &ring_port.to_string()])
+        .args(["--advertise", &format!("127.0.0.1:{advertised}")])
+        .args(extra);
+    c
+}
+
+/// A TCP proxy on loopback in front of port `upstream`: what each connection's client
+/// sent (its first 64 MiB), by connection; `before(k, captured)` runs before connection
+/// k is forwarded; on connection 0, the bit `flip` (counted from its first byte) is
+/// flipped on the way.
+struct Proxy {
+    port: u16,
+    captured: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+fn proxy(
+    upstream: u16,
+    flip: Option<usize>,
+    before: impl Fn(usize, &[Vec<u8>]) + Send + 'static,
+) -> Proxy {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let captured: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let log = captured.clone();
+    std::thread::spawn(move || {
+        for (k, from) in l.incoming().enumerate() {
+            let Ok(mut from) = from else { return };
+            before(k, &log.lock().unwrap());
+            let t0 = Instant::now();
+            let mut to = loop {
+                match TcpStream::connect(("127.0.0.1", upstream)) {
+                    Ok(s) => break s,
+                    Err(_) if t0.elapsed() < Duration::from_secs(30) => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("proxy upstream {upstream}: {e}"),
+                }
+            };
+            log.lock().unwrap().push(Vec::new());
+            let (mut back_from, mut back_to) = (to.try_clone().unwrap(), from.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let (mut b, mut at) = (vec![0u8; 1 << 16], 0usize);
+                loop {
+                    let n = match from.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let Some(bit) = flip.filter(|_| k == 0)
+                        && (at * 8..(at + n) * 8).contains(&bit)
+                    {
+                        b[bit / 8 - at] ^= 1 << (bit % 8);
+                    }
+                    if to.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                    let mut seen = log.lock().unwrap();
+                    if seen[k].len() < 64 << 20 {
+                        seen[k].extend_from_slice(&b[..n]);
+                    }
+                    at += n;
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Proxy { port, captured }
+}
+
+/// Send `bytes` to a ring port as a connector would, and read what comes back until the
+/// peer closes (a refused handshake is closed).
+fn knock(port: u16, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&bytes[..HELLO_LEN]);
+    let mut reply = Vec::new();
+    let mut b = [0u8; 64];
+    if s.read_exact(&mut b).is_ok() {
+        reply.extend_from_slice(&b);
+        let _ = s.write_all(&bytes[HELLO_LEN..]);
+        let _ = s.read_to_end(&mut reply);
+    }
+    reply
+}
+
+#[test]
+fn ring_an_intruder_at_a_forming_ring_is_refused_and_the_run_ends_as_without_it() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2000);
+    let args = ["--set", "epochs=3"];
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &args);
+    let (clean, _) = job_ends(c, vec![worker(&url, 0), worker(&url, 1)]);
+    // Rank 1 listens on a known port; an intruder knocks there (as rank 0, rank 1's left
+    // neighbour, of generation 1, with the right greeting) from before rank 0 starts
+    // until the job ends, answering each challenge with what it has: no key.
+    let port = free_port();
+    let (c, url) = coordinator(&data, &tmp.path().join("intruded"), &args);
+    let mut w1 = worker_cmd(&url, 1)
+        .args(["--ring-port", &port.to_string()])
+        .spawn()
+        .unwrap();
+    let log1 = drain(&mut w1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let halt = stop.clone();
+    let intruder = std::thread::spawn(move || {
+        let mut challenged = 0;
+        while !halt.load(Ordering::Relaxed) {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut hello = GREETING.to_vec();
+                hello.extend_from_slice(&0u64.to_le_bytes());
+                hello.extend_from_slice(&1u64.to_le_bytes());
+                hello.extend_from_slice(&[7u8; 32]);
+                let mut reply = [0u8; 64];
+                if s.write_all(&hello).is_ok() && s.read_exact(&mut reply).is_ok() {
+                    challenged += 1;
+                    let _ = s.write_all(&[0u8; FINISH_LEN]);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        challenged
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let w0 = worker(&url, 0);
+    let (s, _) = job_ends(c, vec![w0]);
+    stop.store(true, Ordering::Relaxed);
+    assert!(w1.wait().unwrap().success());
+    let log1 = log1.join().unwrap();
+    assert!(
+        intruder.join().unwrap() >= 1,
+        "the intruder never reached a handshake: {log1}"
+    );
+    assert!(
+        log1.contains("ring: rank 1 refused a connection from 127.0.0.1:")
+            && log1.contains("its proof does not check"),
+        "{log1}"
+    );
+    // Nothing of the intruder's reached the model: one generation, the clean run's end.
+    assert_eq!(s["generation"], 1, "{s}");
+    ends_as(&s, &clean, "intruded");
+}
+
+#[test]
+fn ring_a_flipped_bit_ends_its_generation_and_a_replayed_handshake_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2000);
+    let args = ["--set", "epochs=3"];
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &args);
+    let (clean, _) = job_ends(c, vec![worker(&url, 0), worker(&url, 1)]);
+    // Rank 0 reaches rank 1 through a proxy that flips one bit 300 kB into the first
+    // connection's data (a gradient's frame); when generation 2's connection comes, the
+    // proxy first replays generation 1's recorded handshake to rank 1, as recorded and
+    // with the generation rewritten to 2.
+    let port = free_port();
+    let replies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let got = replies.clone();
+    let p = proxy(
+        port,
+        Some(8 * (HELLO_LEN + FINISH_LEN + 300_000) + 5),
+        move |k, seen| {
+            if k == 1 {
+                let recorded = seen[0][..HELLO_LEN + FINISH_LEN].to_vec();
+                let mut patched = recorded.clone();
+                patched[16..24].copy_from_slice(&2u64.to_le_bytes());
+                let mut got = got.lock().unwrap();
+                got.push(knock(port, &recorded));
+                got.push(knock(port, &patched));
+            }
+        },
+    );
+    let (c, url) = coordinator(&data, &tmp.path().join("tampered"), &args);
+    let mut w1 = ring_worker(&url, 1, port, p.port, &[]).spawn().unwrap();
+    let log1 = drain(&mut w1);
+    let (s, err) = job_ends(c, vec![worker(&url, 0)]);
+    assert!(w1.wait().unwrap().success());
+    let log1 = log1.join().unwrap();
+    // The frame failed its check on rank 1, which ended generation 1 through the fault
+    // path; generation 2 resumed from the last checkpoint.
+    assert!(
+        log1.contains("ring: rank 1 of 2") && log1.contains("failed its authentication check"),
+        "{log1}"
+    );
+    assert!(err.contains("generation ended"), "{err}");
+    assert_eq!(s["generation"], 2, "{s}");
+    // Both replays were refused, and said why.
+    let replies = replies.lock().unwrap();
+    assert_eq!(replies.len(), 2);
+    assert!(
+        replies[0].is_empty(),
+        "a replay of generation 1 got an answer"
+    );
+    assert!(
+        log1.contains("it claims generation 1, this ring is generation 2"),
+        "{log1}"
+    );
+    assert!(log1.contains("its proof does not check"), "{log1}");
+    ends_as(&s, &clean, "tampered");
+}
+
+/// The bytes of tensor `name` in a safetensors file.
+fn safetensor(path: &Path, name: &str) -> Vec<u8> {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header = json(std::str::from_utf8(&b[8..8 + n]).unwrap());
+    let at = |i: usize| header[name]["data_offsets"][i].as_u64().unwrap() as usize;
+    b[8 + n + at(0)..8 + n + at(1)].to_vec()
+}
+
+#[test]
+fn ring_with_tls_or_without_what_crosses_the_ring_is_never_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2000);
+    let pk = tmp.path().join("pki");
+    pki(&pk, "DNS:localhost,IP:127.0.0.1");
+    let f = |n: &str| pk.join(n).to_str().unwrap().to_string();
+    // The same job twice, with TLS and without, rank 0's sends to rank 1 captured.
+    let run = |name: &str, tls: bool| {
+        let port = free_port();
+        let p = proxy(port, None, |_, _| {});
+        let (cert, key, ca) = (f("server.pem"), f("server.key"), f("ca.pem"));
+        let mut extra = vec!["--set", "epochs=2"];
+        if tls {
+            extra.extend(["--tls-cert", &cert, "--tls-key", &key]);
+        }
+        let (c, url) = coordinator(&data, &tmp.path().join(name), &extra);
+        let url = if tls {
+            url.replace("http://", "https://")
+        } else {
+            url
+        };
+        let w = if tls {
+            vec!["--tls-ca", ca.as_str()]
+        } else {
+            vec![]
+        };
+        let ws = vec![
+            worker_cmd(&url, 0).args(&w).spawn().unwrap(),
+            ring_worker(&url, 1, port, p.port, &w).spawn().unwrap(),
+        ];
+        let (s, _) = job_ends(c, ws);
+        assert_eq!(s["generation"], 1, "{s}");
+        let seen = p.captured.lock().unwrap()[0].clone();
+        (s, seen)
+    };
+    let (tls_s, tls) = run("tls", true);
+    let (plain_s, plain) = run("plain", false);
+    // The same run, the same frames; the recorder saw the greeting in the clear.
+    assert_eq!(plain_s["params_sha256"], tls_s["params_sha256"]);
+    assert_eq!(plain.len(), tls.len());
+    let h = HELLO_LEN + FINISH_LEN;
+    assert!(plain.len() > h + (1 << 20), "{} bytes", plain.len());
+    assert!(tls.starts_with(GREETING) && plain.starts_with(GREETING));
+    // Data in the clear would be the same bytes at the same places in both runs: past
+    // the handshake, not one 32-byte window is.
+    let same = (h..plain.len() - 32)
+        .step_by(32)
+        .filter(|&i| plain[i..i + 32] == tls[i..i + 32])
+        .count();
+    assert_eq!(same, 0, "windows sent alike by two runs");
+    // A buffer known to cross the ring: the LSTM state the ranks gathered for the last
+    // checkpoint (an all-reduce in which each element is non-zero on one rank only, so
+    // rank 0's streams travel to rank 1 as they are stored). None of it crosses in the
+    // clear, in either run.
+    let last = std::fs::read_dir(tmp.path().join("tls/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let state = safetensor(&last.join("state.safetensors"), "h");
+    let pieces: std::collections::HashSet<&[u8]> = state
+        .chunks_exact(16)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .collect();
+    assert!(pieces.len() >= 32, "{} pieces of state", pieces.len());
+    for (name, seen) in [("tls", &tls), ("plain", &plain)] {
+        let found = seen.windows(16).filter(|w| pieces.contains(w)).count();
+        assert_eq!(
+            found, 0,
+            "{name}: the checkpoint's state crossed the ring in the clear"
+        );
+    }
+}
