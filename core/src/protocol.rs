@@ -29,8 +29,9 @@ pub struct Join {
     pub version: String,
 }
 
-/// Everything a worker needs to train in its generation.
-#[derive(Clone, Debug)]
+/// Everything a worker needs to train in its generation (its Debug leaves the secrets
+/// out).
+#[derive(Clone)]
 pub struct Joined {
     pub generation: u64,
     pub rank: usize,
@@ -54,6 +55,25 @@ pub struct Joined {
     pub nccl_id: Vec<u8>,
     /// The generation's ring secret (32 random bytes).
     pub ring_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined")
+            .field("generation", &self.generation)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("peers", &self.peers)
+            .field("data", &self.data)
+            .field("out", &self.out)
+            .field("checkpoint", &self.checkpoint)
+            .field("restart", &self.restart)
+            .field("backend", &self.backend)
+            .field("run_id", &self.run_id)
+            .field("nccl_id", &format_args!("({} bytes)", self.nccl_id.len()))
+            .field("ring_key", &format_args!("({} bytes)", self.ring_key.len()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A rank is alive at `step`, with its latest figures.

@@ -12,5 +12,6 @@ pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
 
 pub mod auth;
 mod limits;
+mod redact;
 
 pub use limits::{CHUNK_BYTES, MAX_MESSAGE_BYTES};

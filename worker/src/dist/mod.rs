@@ -1,7 +1,8 @@
 //! How a rank takes part in a job, below the training loop:
 //!
 //! - [`collective`]: the [`collective::Collective`] trait and the one-rank identity;
-//!   [`ring`]: the TCP ring of CPU workers, [`secure`] its handshake and framing; `nccl`
+//!   [`ring`]: the TCP ring of CPU workers, [`secure`] its handshake and framing,
+//!   [`admit`] who gets in while it forms; `nccl`
 //!   (with the `cuda` feature): NCCL for GPU workers' gradients, the ring beside it;
 //!   [`watch`]: waits on a peer in short slices, with the stall warnings, the deadline's
 //!   error and the figures of the ring's connections (and of the control calls);
@@ -12,6 +13,7 @@
 //! - [`remote`]: the control channel over gRPC to a coordinator, with its heartbeats
 //!   (its messages convert in `lightrnn_core::wire`).
 
+pub mod admit;
 pub mod collective;
 pub mod control;
 #[cfg(feature = "cuda")]

@@ -13,13 +13,13 @@
 //! ([`Collective::waits`]).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lightrnn_kernels::{GradReduce, GradsMut};
 
+use super::admit::{accept_left, offer_right};
 use super::collective::{Collective, reduce_host};
-use super::secure::{self, Opener, Refusal, RingSecret, Sealer, TAG_LEN};
+use super::secure::{self, Opener, RingSecret, Sealer, TAG_LEN};
 use super::watch::{Link, Watch};
 use lightrnn_core::report::{LinkDirection, LinkWaits};
 use lightrnn_core::{Error, Result};
@@ -56,12 +56,6 @@ impl RingBreaker {
         }
     }
 }
-
-/// The longest a connection's handshake may take: a peer that connects and stays
-/// silent holds one handshake this long, never the ring.
-const HANDSHAKE: Duration = Duration::from_secs(10);
-/// Handshakes in flight at once on a rank's listener; further connections are closed.
-const HANDSHAKES: usize = 16;
 
 impl TcpRing {
     /// Bind the listening socket for a rank (port 0 picks one); its address goes to the
@@ -205,146 +199,6 @@ impl TcpRing {
     }
 }
 
-/// The connector's side of a ring: connect to the right neighbour at `to` and prove
-/// this rank to it, retrying until `deadline` (it may not listen yet). A peer there that
-/// cannot prove itself rank `right` of this generation is logged and tried again.
-fn offer_right(
-    rank: usize,
-    right: usize,
-    to: SocketAddr,
-    secret: &RingSecret,
-    deadline: Instant,
-) -> Result<(TcpStream, Sealer)> {
-    let mut last = String::new();
-    loop {
-        match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
-            Ok(mut s) => {
-                s.set_nodelay(true).ok();
-                let limit = HANDSHAKE
-                    .min(deadline.saturating_duration_since(Instant::now()))
-                    .max(Duration::from_millis(100));
-                s.set_read_timeout(Some(limit)).ok();
-                s.set_write_timeout(Some(limit)).ok();
-                match secure::offer(&mut s, secret, rank as u64, right as u64) {
-                    Ok(sealer) => return Ok((s, sealer)),
-                    Err(e) => {
-                        let e = format!("the handshake failed: {e}");
-                        if e != last {
-                            tracing::warn!(
-                                "ring: rank {rank}: connecting to rank {right} at {to}: {e}; trying again"
-                            );
-                        }
-                        last = e;
-                    }
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Io(format!(
-                "ring: rank {rank} cannot reach rank {right} at {to}: {last}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The acceptor's side of a ring: take the first connection on `listener` whose
-/// handshake proves it is rank `left` of this generation. Each connection's handshake
-/// runs on its own thread (at most [`HANDSHAKES`] at once, each at most [`HANDSHAKE`]),
-/// so a silent or hostile one never holds up the real neighbour; every refusal is
-/// logged with the peer's address and the reason.
-fn accept_left(
-    rank: usize,
-    left: usize,
-    listener: &TcpListener,
-    secret: &RingSecret,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(TcpStream, Opener)> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::Io(format!("ring: {e}")))?;
-    type Outcome = (
-        SocketAddr,
-        std::result::Result<(TcpStream, Opener), Refusal>,
-    );
-    let (tx, rx) = mpsc::channel::<Outcome>();
-    let (mut inflight, mut refused) = (0usize, 0usize);
-    let mut last_refusal = String::new();
-    let taken = 'accept: loop {
-        while let Ok((peer, r)) = rx.try_recv() {
-            inflight -= 1;
-            match r {
-                Ok(taken) => break 'accept Ok(taken),
-                Err(why) => {
-                    refused += 1;
-                    last_refusal = format!("{peer}: {why}");
-                    refusal(rank, peer, &why);
-                }
-            }
-        }
-        match listener.accept() {
-            Ok((s, peer)) if inflight >= HANDSHAKES => {
-                drop(s);
-                refused += 1;
-                tracing::warn!(
-                    "ring: rank {rank} refused a connection from {peer}: {HANDSHAKES} handshakes already in flight"
-                );
-            }
-            Ok((mut s, peer)) => {
-                inflight += 1;
-                let (tx, secret) = (tx.clone(), secret.clone());
-                let limit = HANDSHAKE.min(timeout);
-                std::thread::spawn(move || {
-                    s.set_nonblocking(false).ok();
-                    s.set_nodelay(true).ok();
-                    s.set_read_timeout(Some(limit)).ok();
-                    s.set_write_timeout(Some(limit)).ok();
-                    let r = secure::answer(&mut s, &secret, rank as u64, left as u64);
-                    let _ = tx.send((peer, r.map(|opener| (s, opener))));
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let also = match refused {
-                        0 => String::new(),
-                        n => format!(
-                            " (refused {n} other connection(s), the last from {last_refusal})"
-                        ),
-                    };
-                    break Err(Error::Io(format!(
-                        "ring: rank {rank}: rank {left} did not connect within {timeout:?}{also}"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => break Err(Error::Io(format!("ring: rank {rank} accepting: {e}"))),
-        }
-    };
-    if inflight > 0 {
-        // Handshakes still under way: their refusals are logged as they end (a second
-        // connection that proves itself, e.g. a connector's retry, is closed).
-        drop(tx);
-        std::thread::spawn(move || {
-            for (peer, r) in rx {
-                match r {
-                    Err(why) => refusal(rank, peer, &why),
-                    Ok(_) => tracing::info!(
-                        "ring: rank {rank}: closed a second connection from rank {left} ({peer})"
-                    ),
-                }
-            }
-        });
-    }
-    taken
-}
-
-/// A refused ring connection, logged with its peer.
-fn refusal(rank: usize, peer: SocketAddr, why: &Refusal) {
-    tracing::warn!("ring: rank {rank} refused a connection from {peer}: {why}");
-}
-
 /// Values a ring transfer stages at a time (1 MiB of f32): one frame.
 const PIECE: usize = 1 << 18;
 
@@ -371,7 +225,9 @@ fn send_pieces(
 
 /// Read `into.len()` little-endian values, [`PIECE`] at a time through `staging`, each
 /// piece a frame folded into its place once it checks: one message of operation `what`.
-/// A frame that fails its check is an error (the generation ends), never a value used.
+/// A frame that fails its check is an error and never folded in; the pieces before it
+/// are, so the caller's buffer is then partial: the error ends the generation, which
+/// discards it.
 fn recv_pieces(
     from: &mut Side<Opener>,
     into: &mut [f32],
@@ -386,7 +242,8 @@ fn recv_pieces(
         from.frames.open(staging).map_err(|secure::BadFrame| {
             t.fail(
                 ": a message failed its authentication check (altered or corrupted on the \
-                 way): none of it is used, and this generation's ring is broken",
+                 way): the frame is not used, and this generation ends (its buffers are \
+                 discarded: the group resumes from the last checkpoint)",
             )
         })?;
         for (x, b) in piece.iter_mut().zip(staging.chunks_exact(4)) {

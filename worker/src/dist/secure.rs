@@ -21,8 +21,8 @@
 //! Data flows one way on a ring connection (a rank sends right, receives from the left),
 //! each message in frames of at most one piece and a 16-byte tag, encrypted and
 //! authenticated with AES-256-GCM under a key derived (HKDF-SHA256) from the secret, both
-//! nonces and the transcript, with the frame's number as its nonce, so a frame altered,
-//! dropped, replayed or reordered fails its check. The ring is always encrypted: with
+//! nonces and the transcript (a new one every 65,536 frames), with the frame's number as
+//! its nonce, so a frame altered, dropped, replayed or reordered fails its check. The ring is always encrypted: with
 //! AES-GCM's cipher and hash fused, encrypting costs less than a tag over data left in
 //! the clear (docs/architecture.md, "The ring's security"). The primitives are the `ring`
 //! crate's, the provider rustls uses here.
@@ -30,7 +30,7 @@
 use std::io::{Read, Write};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
-use ring::hkdf::{HKDF_SHA256, Salt};
+use ring::hkdf::{HKDF_SHA256, Prk, Salt};
 use ring::hmac::{self, HMAC_SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -131,15 +131,10 @@ impl RingSecret {
         hmac::verify(&key, &msg, proof).is_ok()
     }
 
-    /// The data key of a connection whose handshake gave `transcript`.
-    fn data_key(&self, nc: &[u8], na: &[u8], transcript: &[u8]) -> LessSafeKey {
+    /// The data keys of a connection whose handshake gave `transcript`.
+    fn data_keys(&self, nc: &[u8], na: &[u8], transcript: Vec<u8>) -> Keys {
         let salt = [nc, na].concat();
-        let prk = Salt::new(HKDF_SHA256, &salt).extract(&self.key);
-        let info: [&[u8]; 2] = [b"lightrnn ring v2 data", transcript];
-        let okm = prk
-            .expand(&info, &AES_256_GCM)
-            .expect("a 32-byte key is within HKDF's length");
-        LessSafeKey::new(UnboundKey::from(okm))
+        Keys::new(Salt::new(HKDF_SHA256, &salt).extract(&self.key), transcript)
     }
 }
 
@@ -223,10 +218,7 @@ pub fn offer(
     }
     s.write_all(secret.proof(b"connector", &t).as_ref())
         .map_err(|e| format!("proof: {e}"))?;
-    Ok(Sealer {
-        key: secret.data_key(&nc, na, &t),
-        frames: 0,
-    })
+    Ok(Sealer(secret.data_keys(&nc, na, t)))
 }
 
 /// The acceptor's side of a handshake on `s`: rank `me` expects its left neighbour
@@ -269,10 +261,7 @@ pub fn answer(
     if !secret.check(b"connector", &t, &proof) {
         return Err(Refusal::Proof);
     }
-    Ok(Opener {
-        key: secret.data_key(nc, &na, &t),
-        frames: 0,
-    })
+    Ok(Opener(secret.data_keys(nc, &na, t)))
 }
 
 /// The AEAD nonce of frame `n` of a connection (each key seals one direction of one
@@ -283,19 +272,60 @@ fn frame_nonce(n: u64) -> Nonce {
     Nonce::assume_unique_for_key(b)
 }
 
-/// The sending side of a ring connection: seals each frame.
-pub struct Sealer {
+/// Frames sealed under one key before the next is derived: at most 64 GiB of 1 MiB
+/// frames, far inside AES-GCM's limits for one key (TLS 1.3 allows about 2^38 bytes).
+const FRAMES_PER_KEY: u64 = 1 << 16;
+
+/// The keys of one direction of one connection: key `i` (for frames `i * per_key ..`)
+/// is HKDF-expanded from the handshake's pseudorandom key, the transcript and `i`.
+struct Keys {
+    prk: Prk,
+    transcript: Vec<u8>,
     key: LessSafeKey,
     frames: u64,
+    per_key: u64,
 }
+
+impl Keys {
+    fn new(prk: Prk, transcript: Vec<u8>) -> Self {
+        let key = Self::derive(&prk, &transcript, 0);
+        Self {
+            prk,
+            transcript,
+            key,
+            frames: 0,
+            per_key: FRAMES_PER_KEY,
+        }
+    }
+
+    fn derive(prk: &Prk, transcript: &[u8], index: u64) -> LessSafeKey {
+        let index = index.to_le_bytes();
+        let info: [&[u8]; 3] = [b"lightrnn ring v2 data", transcript, &index];
+        let okm = prk
+            .expand(&info, &AES_256_GCM)
+            .expect("a 32-byte key is within HKDF's length");
+        LessSafeKey::new(UnboundKey::from(okm))
+    }
+
+    /// The key and nonce of the next frame.
+    fn next(&mut self) -> (&LessSafeKey, Nonce) {
+        let n = self.frames;
+        self.frames += 1;
+        if n > 0 && n.is_multiple_of(self.per_key) {
+            self.key = Self::derive(&self.prk, &self.transcript, n / self.per_key);
+        }
+        (&self.key, frame_nonce(n))
+    }
+}
+
+/// The sending side of a ring connection: seals each frame.
+pub struct Sealer(Keys);
 
 impl Sealer {
     /// Encrypt the data in `frame` in place and append its tag.
     pub fn seal(&mut self, frame: &mut Vec<u8>) {
-        let n = frame_nonce(self.frames);
-        self.frames += 1;
-        let tag = self
-            .key
+        let (key, n) = self.0.next();
+        let tag = key
             .seal_in_place_separate_tag(n, Aad::empty(), frame)
             .expect("a frame within AES-GCM's length");
         frame.extend_from_slice(tag.as_ref());
@@ -303,10 +333,7 @@ impl Sealer {
 }
 
 /// The receiving side of a ring connection: checks and decrypts each frame.
-pub struct Opener {
-    key: LessSafeKey,
-    frames: u64,
-}
+pub struct Opener(Keys);
 
 /// A frame that failed its check: altered, out of order, replayed or another key's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,19 +341,17 @@ pub struct BadFrame;
 
 impl Opener {
     /// Check and decrypt the frame (data and tag) in place; on success its first
-    /// `frame.len() - TAG_LEN` bytes are the data. A frame that fails leaves nothing
-    /// usable: the connection is done.
+    /// `frame.len() - TAG_LEN` bytes are the data. A frame that fails is not to be used,
+    /// nor anything after it: the connection is done.
     pub fn open(&mut self, frame: &mut [u8]) -> Result<(), BadFrame> {
         if frame.len() < TAG_LEN {
             return Err(BadFrame);
         }
-        let n = frame_nonce(self.frames);
-        self.frames += 1;
+        let (key, n) = self.0.next();
         let at = frame.len() - TAG_LEN;
         let (data, tag) = frame.split_at_mut(at);
         let tag = Tag::try_from(&tag[..]).map_err(|_| BadFrame)?;
-        self.key
-            .open_in_place_separate_tag(n, Aad::empty(), tag, data, 0..)
+        key.open_in_place_separate_tag(n, Aad::empty(), tag, data, 0..)
             .map(|_| ())
             .map_err(|_| BadFrame)
     }
