@@ -1690,8 +1690,11 @@ fn ring_worker(url: &str, rank: usize, ring_port: u16, advertised: u16, extra: &
     c
 }
 
+/// What a [`proxy`] keeps of each connection: its first 64 MiB.
+const CAPTURED: usize = 64 << 20;
+
 /// A TCP proxy on loopback in front of port `upstream`: what each connection's client
-/// sent (its first 64 MiB), by connection; `before(k, captured)` runs before connection
+/// sent (its first [`CAPTURED`] bytes), by connection; `before(k, captured)` runs before connection
 /// k is forwarded; on connection 0, the bit `flip` (counted from its first byte) is
 /// flipped on the way.
 struct Proxy {
@@ -1713,7 +1716,8 @@ fn proxy(
     std::thread::spawn(move || {
         for (k, from) in l.incoming().enumerate() {
             let Ok(mut from) = from else { return };
-            before(k, &log.lock().unwrap());
+            let seen = log.lock().unwrap().clone();
+            before(k, &seen);
             let t0 = Instant::now();
             let mut to = loop {
                 match TcpStream::connect(("127.0.0.1", upstream)) {
@@ -1744,7 +1748,7 @@ fn proxy(
                         break;
                     }
                     let mut seen = log.lock().unwrap();
-                    if seen[k].len() < 64 << 20 {
+                    if seen[k].len() < CAPTURED {
                         seen[k].extend_from_slice(&b[..n]);
                     }
                     at += n;
@@ -1756,11 +1760,24 @@ fn proxy(
     Proxy { port, captured }
 }
 
+/// Whether rank 1's log has a line refusing a loopback connection for `why`.
+fn refused_by_rank_1(log: &str, why: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("ring: rank 1 refused a connection from 127.0.0.1:") && l.contains(why))
+}
+
 /// Send `bytes` to a ring port as a connector would, and read what comes back until the
 /// peer closes (a refused handshake is closed).
 fn knock(port: u16, bytes: &[u8]) -> Vec<u8> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let t0 = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => panic!("port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(&bytes[..HELLO_LEN]);
     let mut reply = Vec::new();
@@ -1773,20 +1790,28 @@ fn knock(port: u16, bytes: &[u8]) -> Vec<u8> {
     reply
 }
 
-#[test]
-fn ring_an_intruder_at_a_forming_ring_is_refused_and_the_run_ends_as_without_it() {
-    use std::io::{Read, Write};
+/// The ring tests' job: 3 epochs of the tiny preset on a small corpus.
+const RING_JOB: [&str; 2] = ["--set", "epochs=3"];
+
+/// A folder with the ring tests' corpus, and the summary of its job run without faults.
+fn ring_job() -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("text");
     corpus(&data, 2000);
-    let args = ["--set", "epochs=3"];
-    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &args);
+    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &RING_JOB);
     let (clean, _) = job_ends(c, vec![worker(&url, 0), worker(&url, 1)]);
+    (tmp, data, clean)
+}
+
+#[test]
+fn ring_an_intruder_at_a_forming_ring_is_refused_and_the_run_ends_as_without_it() {
+    use std::io::{Read, Write};
+    let (tmp, data, clean) = ring_job();
     // Rank 1 listens on a known port; an intruder knocks there (as rank 0, rank 1's left
     // neighbour, of generation 1, with the right greeting) from before rank 0 starts
     // until the job ends, answering each challenge with what it has: no key.
     let port = free_port();
-    let (c, url) = coordinator(&data, &tmp.path().join("intruded"), &args);
+    let (c, url) = coordinator(&data, &tmp.path().join("intruded"), &RING_JOB);
     let mut w1 = worker_cmd(&url, 1)
         .args(["--ring-port", &port.to_string()])
         .spawn()
@@ -1823,11 +1848,8 @@ fn ring_an_intruder_at_a_forming_ring_is_refused_and_the_run_ends_as_without_it(
         intruder.join().unwrap() >= 1,
         "the intruder never reached a handshake: {log1}"
     );
-    assert!(
-        log1.contains("ring: rank 1 refused a connection from 127.0.0.1:")
-            && log1.contains("its proof does not check"),
-        "{log1}"
-    );
+    let refused = |why: &str| refused_by_rank_1(&log1, why);
+    assert!(refused("its proof does not check"), "{log1}");
     // Nothing of the intruder's reached the model: one generation, the clean run's end.
     assert_eq!(s["generation"], 1, "{s}");
     ends_as(&s, &clean, "intruded");
@@ -1835,12 +1857,7 @@ fn ring_an_intruder_at_a_forming_ring_is_refused_and_the_run_ends_as_without_it(
 
 #[test]
 fn ring_a_flipped_bit_ends_its_generation_and_a_replayed_handshake_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 2000);
-    let args = ["--set", "epochs=3"];
-    let (c, url) = coordinator(&data, &tmp.path().join("clean"), &args);
-    let (clean, _) = job_ends(c, vec![worker(&url, 0), worker(&url, 1)]);
+    let (tmp, data, clean) = ring_job();
     // Rank 0 reaches rank 1 through a proxy that flips one bit 300 kB into the first
     // connection's data (a gradient's frame); when generation 2's connection comes, the
     // proxy first replays generation 1's recorded handshake to rank 1, as recorded and
@@ -1862,7 +1879,7 @@ fn ring_a_flipped_bit_ends_its_generation_and_a_replayed_handshake_is_refused() 
             }
         },
     );
-    let (c, url) = coordinator(&data, &tmp.path().join("tampered"), &args);
+    let (c, url) = coordinator(&data, &tmp.path().join("tampered"), &RING_JOB);
     let mut w1 = ring_worker(&url, 1, port, p.port, &[]).spawn().unwrap();
     let log1 = drain(&mut w1);
     let (s, err) = job_ends(c, vec![worker(&url, 0)]);
@@ -1876,18 +1893,25 @@ fn ring_a_flipped_bit_ends_its_generation_and_a_replayed_handshake_is_refused() 
     );
     assert!(err.contains("generation ended"), "{err}");
     assert_eq!(s["generation"], 2, "{s}");
-    // Both replays were refused, and said why.
+    // Both replays were refused, and said why: the one as recorded at its greeting, the
+    // one rewritten to generation 2 after its challenge, at its proof.
     let replies = replies.lock().unwrap();
     assert_eq!(replies.len(), 2);
     assert!(
         replies[0].is_empty(),
         "a replay of generation 1 got an answer"
     );
+    assert_eq!(
+        replies[1].len(),
+        64,
+        "the rewritten replay's challenge, no more"
+    );
+    let refused = |why: &str| refused_by_rank_1(&log1, why);
     assert!(
-        log1.contains("it claims generation 1, this ring is generation 2"),
+        refused("it claims generation 1, this ring is generation 2"),
         "{log1}"
     );
-    assert!(log1.contains("its proof does not check"), "{log1}");
+    assert!(refused("its proof does not check"), "{log1}");
     ends_as(&s, &clean, "tampered");
 }
 
@@ -1944,6 +1968,11 @@ fn ring_with_tls_or_without_what_crosses_the_ring_is_never_the_data() {
     assert_eq!(plain.len(), tls.len());
     let h = HELLO_LEN + FINISH_LEN;
     assert!(plain.len() > h + (1 << 20), "{} bytes", plain.len());
+    assert!(
+        plain.len() < CAPTURED,
+        "the capture was cut: {} bytes",
+        plain.len()
+    );
     assert!(tls.starts_with(GREETING) && plain.starts_with(GREETING));
     // Data in the clear would be the same bytes at the same places in both runs: past
     // the handshake, not one 32-byte window is.

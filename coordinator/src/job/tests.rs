@@ -217,10 +217,11 @@ async fn groups_that_do_not_form_end_the_job_and_elastic_ones_form_below_their_m
     assert!(e.to_string().contains("next checkpoint"), "{e:?}");
 }
 
-/// Every member of a generation gets that generation's NCCL id, the next generation a new
-/// one, and a CPU job none: a communicator of an ended generation cannot be re-joined.
+/// Every member of a generation gets that generation's NCCL id and ring key, the next
+/// generation new ones, and a CPU job no NCCL id: a communicator or ring of an ended
+/// generation cannot be re-joined.
 #[tokio::test(start_paused = true)]
-async fn each_generation_hands_its_members_a_new_nccl_id() {
+async fn each_generation_hands_its_members_a_new_nccl_id_and_ring_key() {
     use std::sync::atomic::{AtomicU8, Ordering};
     let made = Arc::new(AtomicU8::new(0));
     let mut s = spec((2, 2));
@@ -243,14 +244,15 @@ async fn each_generation_hands_its_members_a_new_nccl_id() {
             let mut out = Vec::new();
             for j in joins {
                 let r = j.await.unwrap();
-                out.push((r.generation, r.nccl_id));
+                assert_eq!(r.ring_key.len(), 32, "a 32-byte ring key");
+                out.push((r.generation, r.nccl_id, r.ring_key));
             }
             out
         }
     };
     let g1 = ids(&job, [41, 42]).await;
-    assert_eq!(g1[0], (1, vec![1u8; 128]));
-    assert_eq!(g1[0], g1[1], "both ranks of generation 1 share its id");
+    assert_eq!((g1[0].0, &g1[0].1), (1, &vec![1u8; 128]));
+    assert_eq!(g1[0], g1[1], "both ranks of generation 1 share its ids");
     job.lose_worker(
         1,
         "worker_failed",
@@ -261,9 +263,10 @@ async fn each_generation_hands_its_members_a_new_nccl_id() {
     let e = job.heartbeat(heartbeat(1, 0)).unwrap_err();
     assert!(matches!(e, JobError::Stale(_)), "{e:?}");
     let g2 = ids(&job, [41, 43]).await;
-    assert_eq!(g2[0], (2, vec![2u8; 128]));
+    assert_eq!((g2[0].0, &g2[0].1), (2, &vec![2u8; 128]));
     assert_eq!(g2[0], g2[1]);
     assert_eq!(made.load(Ordering::SeqCst), 2, "one id per generation");
+    assert_ne!(g1[0].2, g2[0].2, "a new ring key per generation");
 
     let cpu = Job::new(spec((1, 1)));
     tokio::spawn(cpu.clone().monitor());
@@ -272,6 +275,8 @@ async fn each_generation_hands_its_members_a_new_nccl_id() {
         r.nccl_id.is_empty(),
         "a job without NCCL ids hands out none"
     );
+    assert_eq!(r.ring_key.len(), 32, "every job's ring has a key");
+    assert!(!format!("{r:?}").contains(&format!("{:?}", r.ring_key)));
 }
 
 /// A job whose NCCL id cannot be created fails with the reason instead of forming a group

@@ -297,7 +297,12 @@ fn an_intruder_while_the_ring_forms_is_refused_and_logged_and_the_ring_forms() {
         let mut reply = [0u8; secure::REPLY_LEN];
         proper.read_exact(&mut reply).unwrap();
         proper.write_all(&[0u8; secure::FINISH_LEN]).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        // Rank 1 starts once rank 0 has said so (its log, on its thread).
+        let t0 = std::time::Instant::now();
+        while !sink.text().contains("its proof does not check") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{}", sink.text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let r1 = std::thread::spawn(move || TcpRing::connect(1, &[a0, a1], l1, t, &secret));
         let (mut r0, mut r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
         let h = std::thread::spawn(move || {
@@ -326,6 +331,61 @@ fn an_intruder_while_the_ring_forms_is_refused_and_logged_and_the_ring_forms() {
             .any(|l| l.contains("not a lightrnn ring greeting")),
         "{log}"
     );
+}
+
+#[test]
+fn outsiders_dripping_bytes_from_the_neighbour_s_own_address_cannot_keep_it_out() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let secret = RingSecret::random("flooded", 2);
+    let l0 = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l1 = TcpRing::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (a0, a1) = (l0.local_addr().unwrap(), l1.local_addr().unwrap());
+    // Eight outsiders (twice the handshakes one address may have under way) on the
+    // neighbour's own address, each sending one byte of a greeting every 200 ms (never a
+    // whole one), reconnecting as soon as they are shut out, from before the ring forms
+    // until it has.
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let drips: Vec<_> = (0..8)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut connections = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let Ok(mut s) = TcpStream::connect(a0) else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    connections += 1;
+                    while !done.load(Ordering::Relaxed) && s.write_all(b"L").is_ok() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                connections
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Duration::from_secs(20);
+    let s0 = secret.clone();
+    let started = std::time::Instant::now();
+    let r0 = std::thread::spawn(move || TcpRing::connect(0, &[a0, a1], l0, t, &s0));
+    let r1 = std::thread::spawn(move || TcpRing::connect(1, &[a0, a1], l1, t, &secret));
+    let (mut r0, mut r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
+    let formed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let h = std::thread::spawn(move || {
+        let mut b = [2.0f32; 3];
+        r1.all_reduce_sum(&mut b).unwrap();
+        b
+    });
+    let mut b = [1.0f32; 3];
+    r0.all_reduce_sum(&mut b).unwrap();
+    assert_eq!((b, h.join().unwrap()), ([3.0; 3], [3.0; 3]));
+    // Formed well before the outsiders' handshakes would have run out on their own.
+    assert!(formed < Duration::from_secs(4), "formed after {formed:?}");
+    let connections: usize = drips.into_iter().map(|d| d.join().unwrap()).sum();
+    assert!(connections >= 8, "{connections}");
 }
 
 #[test]

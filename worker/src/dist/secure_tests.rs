@@ -90,14 +90,63 @@ fn one_flipped_bit_anywhere_in_a_frame_fails_its_check() {
     assert!(opener.open(&mut b).is_err());
 }
 
+/// A connector that speaks the protocol with `secret` and answers the acceptor's
+/// challenge with `finish(transcript, acceptor's proof)`: the acceptor's verdict.
+fn raw_connector(
+    secret: &RingSecret,
+    acceptor: &RingSecret,
+    finish: impl Fn(&[u8], &[u8]) -> Vec<u8>,
+) -> Result<Opener, Refusal> {
+    let (mut c, mut a) = pair();
+    let nc = [3u8; 32];
+    let mut hello = GREETING.to_vec();
+    hello.extend_from_slice(&1u64.to_le_bytes());
+    hello.extend_from_slice(&secret.generation.to_le_bytes());
+    hello.extend_from_slice(&nc);
+    c.write_all(&hello).unwrap();
+    let acceptor = acceptor.clone();
+    let verdict = std::thread::spawn(move || answer(&mut a, &acceptor, 0, 1));
+    let mut reply = [0u8; REPLY_LEN];
+    c.read_exact(&mut reply).unwrap();
+    let t = secret.transcript(1, 0, &nc, &reply[..32]);
+    c.write_all(&finish(&t, &reply[32..])).unwrap();
+    verdict.join().unwrap()
+}
+
+/// A connector's finish: its proof over the transcript with `s`.
+fn signed(s: &RingSecret) -> impl Fn(&[u8], &[u8]) -> Vec<u8> + '_ {
+    move |t, _| s.proof(b"connector", t).as_ref().to_vec()
+}
+
 #[test]
 fn a_peer_without_the_generations_key_is_refused_both_ways() {
     let ours = RingSecret::random("run-c", 2);
     let theirs = RingSecret::random("run-c", 2);
-    // An intruder connecting to a rank: it cannot prove itself.
-    let (c, a) = handshake(twin(&theirs), twin(&ours), 1, 0);
-    assert!(c.is_err(), "the intruder cannot check the acceptor either");
-    assert!(matches!(a.err().unwrap(), Refusal::Io(_) | Refusal::Proof));
+    // An intruder that speaks the protocol, signing with another key: its proof does
+    // not check.
+    assert_eq!(
+        raw_connector(&theirs, &ours, signed(&theirs)).err(),
+        Some(Refusal::Proof)
+    );
+    // The same with this generation's key is let in (the harness is sound).
+    assert!(raw_connector(&ours, &ours, signed(&ours)).is_ok());
+    // Another run with the same key bytes is another transcript.
+    let other_run = RingSecret::new(&ours.key, "run-d", 2).unwrap();
+    assert_eq!(
+        raw_connector(&other_run, &ours, signed(&other_run)).err(),
+        Some(Refusal::Proof)
+    );
+    // Reflection: the acceptor's own proof sent back, or signed in the acceptor's role
+    // with the right key, is refused (the roles are in what is signed).
+    assert_eq!(
+        raw_connector(&ours, &ours, |_, theirs| theirs.to_vec()).err(),
+        Some(Refusal::Proof)
+    );
+    let as_acceptor = |t: &[u8], _: &[u8]| ours.proof(b"acceptor", t).as_ref().to_vec();
+    assert_eq!(
+        raw_connector(&ours, &ours, as_acceptor).err(),
+        Some(Refusal::Proof)
+    );
     // A rank connecting to an impostor at its neighbour's address: the impostor's
     // proof does not check, and the rank says so.
     let (c, _) = handshake(twin(&ours), theirs, 1, 0);
@@ -106,10 +155,33 @@ fn a_peer_without_the_generations_key_is_refused_both_ways() {
         e.contains("does not hold this generation's ring key"),
         "{e}"
     );
-    // Another run's key with the same bytes is another transcript: refused.
-    let other_run = RingSecret::new(&ours.key, "run-d", 2).unwrap();
-    let (_, a) = handshake(other_run, ours, 1, 0);
-    assert!(a.is_err());
+}
+
+#[test]
+fn keys_change_every_so_many_frames_on_both_sides_alike() {
+    let s = RingSecret::random("run-k", 1);
+    let data = vec![9u8; 100];
+    // Both sides change keys every 3 frames: every frame opens.
+    let (sealer, opener) = handshake(twin(&s), twin(&s), 0, 1);
+    let (mut sealer, mut opener) = (sealer.unwrap(), opener.unwrap());
+    sealer.0.per_key = 3;
+    opener.0.per_key = 3;
+    for _ in 0..8 {
+        let mut f = data.clone();
+        sealer.seal(&mut f);
+        opener.open(&mut f).unwrap();
+        assert_eq!(&f[..100], &data[..]);
+    }
+    // An opener that keeps its first key opens frames 0 to 2 and fails frame 3: the
+    // sealer's key changed there.
+    let (sealer, opener) = handshake(twin(&s), s, 0, 1);
+    let (mut sealer, mut opener) = (sealer.unwrap(), opener.unwrap());
+    sealer.0.per_key = 3;
+    for k in 0..4 {
+        let mut f = data.clone();
+        sealer.seal(&mut f);
+        assert_eq!(opener.open(&mut f).is_ok(), k < 3, "frame {k}");
+    }
 }
 
 #[test]
