@@ -716,16 +716,20 @@ async fn calls_wait_for_a_slow_coordinator_without_a_deadline_of_their_own() {
         2,
         "{log}"
     );
+    // Paused time jumps to the next heartbeat whenever the runtime is idle, also while
+    // the calling thread (a real one) waits to be scheduled: on a busy machine a call's
+    // end is seen a few heartbeats late, so the figures get that much slack.
+    const SLACK: f64 = 4.0;
     for call in ["lease", "fetching the allocation"] {
         let warned = seconds(&format!("{call}: {who} has not answered for "));
         assert!(
-            warned.len() == 1 && (2.0..=3.1).contains(&warned[0]),
+            warned.len() == 1 && (2.0..=3.1 + SLACK).contains(&warned[0]),
             "{log}"
         );
     }
     let answered = seconds(&format!("lease: {who} answered after "));
     assert!(
-        answered.len() == 1 && (600.0..=601.0).contains(&answered[0]),
+        answered.len() == 1 && (600.0..=601.0 + SLACK).contains(&answered[0]),
         "{log}"
     );
     assert!(!log.contains("sending sparse loss tables"), "{log}");
@@ -938,12 +942,13 @@ async fn calls_of_an_ended_generation_fail_with_the_refusal_and_are_not_retried(
     let c = Coord::start().await;
     let over = |after| Act::Refuse(after, Code::FailedPrecondition, "generation 7 is over");
     c.script.script("lease", [], over(Duration::ZERO));
-    // The barrier pending when the group re-forms is answered with the refusal (before
-    // the heartbeat of 4 s finds the generation fenced).
+    // The barrier pending when the group re-forms is answered with the refusal (well
+    // before the heartbeat of 8 s finds the generation fenced: paused time may jump a
+    // few heartbeats while the calling thread waits to be scheduled).
     c.script.script("epoch_done", [], over(2500 * MS));
     c.script.script(
         "heartbeat",
-        [0, 1, 2, 3].map(|_| Act::After(Duration::ZERO)),
+        [0; 8].map(|_| Act::After(Duration::ZERO)),
         over(Duration::ZERO),
     );
     let (task, shared, _) = c.heartbeat(7, SECOND);
