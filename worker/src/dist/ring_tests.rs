@@ -234,6 +234,18 @@ fn ring_through_recorder(
     )
 }
 
+/// A ring of two that formed sums: 1 + 2 on both ranks.
+fn sums_alike(mut r0: TcpRing, mut r1: TcpRing) {
+    let h = std::thread::spawn(move || {
+        let mut b = [2.0f32; 3];
+        r1.all_reduce_sum(&mut b).unwrap();
+        b
+    });
+    let mut b = [1.0f32; 3];
+    r0.all_reduce_sum(&mut b).unwrap();
+    assert_eq!((b, h.join().unwrap()), ([3.0; 3], [3.0; 3]));
+}
+
 #[test]
 fn the_ring_carries_no_known_buffer_in_the_clear() {
     // A buffer no traffic would hold by chance.
@@ -304,15 +316,8 @@ fn an_intruder_while_the_ring_forms_is_refused_and_logged_and_the_ring_forms() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let r1 = std::thread::spawn(move || TcpRing::connect(1, &[a0, a1], l1, t, &secret));
-        let (mut r0, mut r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
-        let h = std::thread::spawn(move || {
-            let mut b = [2.0f32; 3];
-            r1.all_reduce_sum(&mut b).unwrap();
-            b
-        });
-        let mut b = [1.0f32; 3];
-        r0.all_reduce_sum(&mut b).unwrap();
-        assert_eq!((b, h.join().unwrap()), ([3.0; 3], [3.0; 3]));
+        let (r0, r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
+        sums_alike(r0, r1);
     }
     let log = sink.text();
     let refused: Vec<&str> = log
@@ -371,17 +376,10 @@ fn outsiders_dripping_bytes_from_the_neighbour_s_own_address_cannot_keep_it_out(
     let started = std::time::Instant::now();
     let r0 = std::thread::spawn(move || TcpRing::connect(0, &[a0, a1], l0, t, &s0));
     let r1 = std::thread::spawn(move || TcpRing::connect(1, &[a0, a1], l1, t, &secret));
-    let (mut r0, mut r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
+    let (r0, r1) = (r0.join().unwrap().unwrap(), r1.join().unwrap().unwrap());
     let formed = started.elapsed();
     done.store(true, Ordering::Relaxed);
-    let h = std::thread::spawn(move || {
-        let mut b = [2.0f32; 3];
-        r1.all_reduce_sum(&mut b).unwrap();
-        b
-    });
-    let mut b = [1.0f32; 3];
-    r0.all_reduce_sum(&mut b).unwrap();
-    assert_eq!((b, h.join().unwrap()), ([3.0; 3], [3.0; 3]));
+    sums_alike(r0, r1);
     // Formed well before the outsiders' handshakes would have run out on their own.
     assert!(formed < Duration::from_secs(4), "formed after {formed:?}");
     let connections: usize = drips.into_iter().map(|d| d.join().unwrap()).sum();
