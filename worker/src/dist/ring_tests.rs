@@ -380,8 +380,9 @@ fn outsiders_dripping_bytes_from_the_neighbour_s_own_address_cannot_keep_it_out(
     let formed = started.elapsed();
     done.store(true, Ordering::Relaxed);
     sums_alike(r0, r1);
-    // Formed well before the outsiders' handshakes would have run out on their own.
-    assert!(formed < Duration::from_secs(4), "formed after {formed:?}");
+    // Formed within seconds (under 0.1 s on a quiet machine), not at the ring's 20 s
+    // deadline.
+    assert!(formed < Duration::from_secs(10), "formed after {formed:?}");
     let connections: usize = drips.into_iter().map(|d| d.join().unwrap()).sum();
     assert!(connections >= 8, "{connections}");
 }
