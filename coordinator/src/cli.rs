@@ -32,8 +32,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-    /// Seconds a SIGTERM/SIGINT leaves training to stop at a common step and write its
-    /// checkpoint before the process gives up (exit status 1).
+    /// Seconds a SIGTERM, SIGINT or SIGHUP leaves training to stop at a common step and
+    /// write its checkpoint before the process gives up (exit status 1). SIGUSR1 (SLURM's
+    /// warning before the time limit) stops at the next step with no deadline of its own.
+    /// Keep it below the scheduler's kill delay (SLURM's KillWait, Kubernetes'
+    /// terminationGracePeriodSeconds), past which the process is killed.
     #[arg(long, default_value_t = 25, global = true)]
     pub grace_s: u64,
     #[command(subcommand)]

@@ -1,8 +1,9 @@
 //! The process's stop signals: SIGTERM, SIGINT, SIGHUP (the terminal went away) and
 //! SIGUSR1 (SLURM's warning). In a command that trains ([`OnStop::Checkpoint`]) they set
 //! the stop flag: training stops at its next step with a checkpoint (all ranks of a job
-//! at the same step) and the program exits 0; past the grace period the process gives
-//! up. Any other command ([`OnStop::Exit`]) has nothing to save and ends at once with
+//! at the same step) and the program exits 0; past the grace period after a SIGTERM,
+//! SIGINT or SIGHUP the process gives up (SIGUSR1 sets no deadline: the scheduler's
+//! SIGTERM at the time limit follows it). Any other command ([`OnStop::Exit`]) has nothing to save and ends at once with
 //! status 128 + the signal's number; the files it wrote before are whole (every object
 //! is written atomically), the ones it had not written yet are absent.
 
@@ -51,24 +52,41 @@ pub fn stop_on_signals(handle: &Handle, grace: Duration, on_stop: OnStop) -> Sto
         let [a, b, c, d] = &mut streams[..] else {
             return;
         };
-        let (name, number) = tokio::select! {
-            _ = a.0.recv() => (a.1, a.2),
-            _ = b.0.recv() => (b.1, b.2),
-            _ = c.0.recv() => (c.1, c.2),
-            _ = d.0.recv() => (d.1, d.2),
-        };
-        if on_stop == OnStop::Exit {
-            say(format_args!(
-                "error: stopped by {name} before the command finished"
-            ));
-            std::process::exit(128 + number);
+        let mut warned = false;
+        loop {
+            let (name, number) = tokio::select! {
+                _ = a.0.recv() => (a.1, a.2),
+                _ = b.0.recv() => (b.1, b.2),
+                _ = c.0.recv() => (c.1, c.2),
+                _ = d.0.recv() => (d.1, d.2),
+            };
+            if on_stop == OnStop::Exit {
+                say(format_args!(
+                    "error: stopped by {name} before the command finished"
+                ));
+                std::process::exit(128 + number);
+            }
+            flag.store(true, Ordering::Relaxed);
+            if name == "SIGUSR1" {
+                // SLURM's warning before the time limit: stop at the next step, with
+                // no deadline of this process's own (the scheduler's SIGTERM that
+                // follows at the limit starts the grace period).
+                if !warned {
+                    tracing::warn!(
+                        signal = name,
+                        "stop requested: checkpointing at the next step"
+                    );
+                }
+                warned = true;
+                continue;
+            }
+            tracing::warn!(
+                signal = name,
+                grace_s = grace.as_secs(),
+                "stop requested: checkpointing at the next step"
+            );
+            break;
         }
-        tracing::warn!(
-            signal = name,
-            grace_s = grace.as_secs(),
-            "stop requested: checkpointing at the next step"
-        );
-        flag.store(true, Ordering::Relaxed);
         tokio::time::sleep(grace).await;
         say(format_args!(
             "error: the stop did not complete within the {} s grace period",

@@ -2004,3 +2004,36 @@ fn ring_with_tls_or_without_what_crosses_the_ring_is_never_the_data() {
         );
     }
 }
+
+#[test]
+fn a_worker_asked_to_stop_before_it_joined_ends_at_once() {
+    // No coordinator answers (a job whose coordinator failed, being ended by its
+    // scheduler): the worker does not wait out --connect-timeout-s after a SIGTERM, nor
+    // after SIGUSR1 (which sets no deadline of its own).
+    for signal in ["-TERM", "-USR1"] {
+        let port = free_port();
+        let w = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+            .args(["worker", "--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args(["--rank", "0", "--grace-s", "60"])
+            .env("LIGHTRNN_TOKEN", "stop-before-join-0123456789")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let sent = Instant::now();
+        let k = Command::new("kill")
+            .args([signal, &w.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(k.success());
+        let o = w.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(sent.elapsed() < Duration::from_secs(5), "{signal}: {err}");
+        assert_eq!(o.status.code(), Some(1), "{signal}: {err}");
+        assert!(
+            err.contains("stopped by a signal before joining the job"),
+            "{signal}: {err}"
+        );
+    }
+}

@@ -93,13 +93,14 @@ pub struct Summary {
 
 impl Summary {
     /// The one JSON line a training command prints: the summary's main figures and the
-    /// run directory `out`.
+    /// run directory `out`. `seconds` and `words_per_sec` are this session's;
+    /// `train_seconds`, `steps` and the losses the whole run's, across resumes.
     pub fn line(&self, out: &str) -> serde_json::Value {
         serde_json::json!({
             "train_loss": self.train_loss, "train_ppl": self.train_ppl,
             "valid_ppl": self.valid_ppl, "test_ppl": self.test_ppl,
             "words_per_sec": self.words_per_sec, "params": self.params,
-            "seconds": self.seconds, "steps": self.steps,
+            "seconds": self.seconds, "train_seconds": self.train_seconds, "steps": self.steps,
             "epochs_completed": self.epochs_completed, "stopped_by": self.stopped_by,
             "params_sha256": self.params_sha256, "out": out,
         })

@@ -76,12 +76,12 @@ pub fn worker_backend(job: BackendKind, device: Option<usize>) -> BackendKind {
 /// run's summary (the same on every rank). Blocking; call it from a thread that may block.
 pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     let auth = BearerToken::new(opts.token.as_deref()).map_err(Error::Config)?;
-    let mut client = handle.block_on(connect(
-        &opts.coordinator,
-        opts.connect_timeout,
-        &auth,
-        opts.tls.as_ref(),
-    ))?;
+    let mut client = handle.block_on(async {
+        tokio::select! {
+            c = connect(&opts.coordinator, opts.connect_timeout, &auth, opts.tls.as_ref()) => c,
+            e = stopped_before_joining(&opts.stop) => Err(e),
+        }
+    })?;
     let ip = route_to(&opts.coordinator)?;
     let mut rank = opts.rank;
     // The run this worker has joined (its directory, id and the generation), once it has.
@@ -102,6 +102,16 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     ))
 }
 
+/// Resolves once the stop flag is set (a signal to a worker that has not joined yet: a
+/// scheduler ending a job whose coordinator is gone must not wait out
+/// --connect-timeout-s).
+async fn stopped_before_joining(stop: &std::sync::atomic::AtomicBool) -> Error {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Error::Control("stopped by a signal before joining the job: nothing to checkpoint".into())
+}
+
 /// Join one generation of the job and train in it. The error says whether the worker
 /// had joined (a broken generation, worth rejoining) or not (refused).
 fn generation(
@@ -119,6 +129,8 @@ fn generation(
         tokio::select! {
             r = join(client, &opts.coordinator, &advertised, *rank_hint, wait) => r.map(Ok),
             s = run_over(run.as_ref()) => Ok(Err(s)),
+            // Asked to stop before it ever joined: nothing to checkpoint, nothing to wait for.
+            e = stopped_before_joining(&opts.stop), if run.is_none() => Err(e),
         }
     });
     let reply = match joined.map_err(refused)? {
