@@ -1,6 +1,7 @@
 //! The deployment templates in deploy/ stay runnable: the YAML parses (Python's yaml),
 //! the shell scripts pass `bash -n`, the Dockerfile has its stages, a non-root user and
 //! an init process, and every `lightrnn` subcommand and flag the templates use exists.
+//! (coordinator/tests/slurm.rs runs the SLURM template on a real SLURM.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -107,7 +108,7 @@ fn invocations(cmds: &[Vec<String>]) -> Vec<(String, BTreeSet<String>)> {
     for toks in cmds {
         let start = match toks
             .iter()
-            .position(|t| t == "lightrnn" || t.ends_with("/lightrnn"))
+            .position(|t| t == "lightrnn" || t.ends_with("/lightrnn") || t == "$LIGHTRNN")
         {
             Some(i) => i + 1,
             None if toks
@@ -124,8 +125,10 @@ fn invocations(cmds: &[Vec<String>]) -> Vec<(String, BTreeSet<String>)> {
         else {
             continue;
         };
+        // A flag given only when a variable is set: `${VAR:+--flag "$VAR"}`.
         let flags = toks[start + 1..]
             .iter()
+            .map(|t| t.split_once(":+").map_or(t.as_str(), |(_, f)| f))
             .filter(|t| t.starts_with("--"))
             .map(|t| t.split('=').next().unwrap().to_string())
             .collect();
@@ -205,4 +208,189 @@ fn deployment_templates_parse_and_use_only_flags_that_exist() {
             );
         }
     }
+}
+
+/// The grace rule every scheduler shares: a trainer (train, coordinator, worker) asked to
+/// stop must give up before the scheduler's kill follows its SIGTERM (`kill_after_s`),
+/// so a checkpoint in progress is never cut by a SIGKILL the process did not see coming.
+fn check_grace(what: &str, args: &[String], kill_after_s: f64) {
+    let Some(sub) = args
+        .iter()
+        .find(|a| ["train", "coordinator", "worker"].contains(&a.as_str()))
+    else {
+        return;
+    };
+    let grace: f64 = args
+        .iter()
+        .position(|a| a == "--grace-s")
+        .map_or(25.0, |i| args[i + 1].parse().unwrap());
+    assert!(
+        grace < kill_after_s,
+        "{what}: `lightrnn {sub}` has --grace-s {grace}, not below the {kill_after_s} s after \
+         which the scheduler kills it"
+    );
+}
+
+/// The Kubernetes versions the template is validated for: those the cloud providers
+/// support in 2026 and the years around.
+const KUBERNETES: &[&str] = &[
+    "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0",
+];
+
+#[test]
+fn kubernetes_template_is_valid_for_the_kubernetes_versions_users_run() {
+    // kubernetes-validate (PyPI, offline: the API's JSON schemas ship with it), strict:
+    // an unknown field is an error. A copy with a misspelt field must fail, so the
+    // validator is known to look. Prints the pod templates' grace periods and containers.
+    let script = r#"
+import copy, json, sys, yaml, kubernetes_validate as kv
+docs = list(yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")))
+for v in sys.argv[2:]:
+    for d in docs:
+        kv.validate(d, v, True)
+bad = copy.deepcopy(next(d for d in docs if d["kind"] == "Job"))
+bad["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 30
+try:
+    kv.validate(bad, sys.argv[2], True)
+    sys.exit("the validator let a misspelt field through")
+except kv.ValidationError:
+    pass
+pods = []
+for d in docs:
+    if d["kind"] == "Job":
+        spec = d["spec"]["template"]["spec"]
+        pods.append({"name": d["metadata"]["name"],
+                     "grace": spec.get("terminationGracePeriodSeconds", 30),
+                     "containers": [{"command": c.get("command"), "args": [str(a) for a in c.get("args", [])],
+                                     "cpu": c.get("resources", {}).get("requests", {}).get("cpu")}
+                                    for c in spec["containers"]]})
+print(json.dumps(pods))
+"#;
+    let path = deploy_dir().join("k8s/lightrnn.yaml");
+    let o = Command::new(python())
+        .args(["-c", script])
+        .arg(&path)
+        .args(KUBERNETES)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pods: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut roles = BTreeSet::new();
+    for pod in pods.as_array().unwrap() {
+        let name = pod["name"].as_str().unwrap();
+        for c in pod["containers"].as_array().unwrap() {
+            // The image's entrypoint (tini, PID 1) passes SIGTERM on to lightrnn: a
+            // container that set `command` would replace it.
+            assert!(
+                c["command"].is_null(),
+                "{name}: `command` replaces the image's init process; give `args`"
+            );
+            let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
+            check_grace(name, &args, pod["grace"].as_f64().unwrap());
+            if args.first().is_some_and(|a| a == "worker") {
+                // A worker uses the cores its pod asked for, not every core of the node.
+                let i = args.iter().position(|a| a == "--threads");
+                assert!(
+                    i.is_some_and(|i| c["cpu"].as_str() == Some(args[i + 1].as_str())),
+                    "{name}: --threads must match the pod's cpu request {}",
+                    c["cpu"]
+                );
+            }
+            roles.insert(args[0].clone());
+        }
+    }
+    assert_eq!(
+        roles,
+        ["coordinator", "worker"].map(String::from).into(),
+        "{pods}"
+    );
+}
+
+/// A compose duration ("60s", "1m30s") in seconds.
+fn compose_seconds(d: &str) -> f64 {
+    let (mut total, mut num) = (0.0, String::new());
+    for ch in d.chars() {
+        if ch.is_ascii_digit() || ch == '.' {
+            num.push(ch);
+            continue;
+        }
+        let n: f64 = num.parse().unwrap();
+        num.clear();
+        total += n * match ch {
+            's' => 1.0,
+            'm' => 60.0,
+            'h' => 3600.0,
+            _ => panic!("{d}: not a compose duration"),
+        };
+    }
+    total
+}
+
+#[test]
+fn compose_file_is_valid_for_docker_compose() {
+    let path = deploy_dir().join("compose.yaml");
+    // `docker compose` (Docker's plugin) where Docker is, else Debian's docker-compose;
+    // `config` validates the file against Compose's schema without a daemon.
+    let tool = [vec!["docker", "compose"], vec!["docker-compose"]]
+        .into_iter()
+        .find(|t| {
+            Command::new(t[0])
+                .args(&t[1..])
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(tool) = tool else {
+        assert!(
+            std::env::var_os("LIGHTRNN_REQUIRE_COMPOSE").is_none(),
+            "LIGHTRNN_REQUIRE_COMPOSE is set and neither `docker compose` nor `docker-compose` runs"
+        );
+        eprintln!(
+            "compose_file_is_valid_for_docker_compose: skipped, neither `docker compose` nor \
+             `docker-compose` is installed (apt-get install docker-compose)"
+        );
+        return;
+    };
+    let o = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg("-f")
+        .arg(&path)
+        .args(["config", "-q"])
+        .current_dir(deploy_dir())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{} config: {}",
+        tool.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let script = r#"
+import json, sys, yaml
+doc = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+print(json.dumps({n: {"grace": s.get("stop_grace_period", "10s"), "command": [str(a) for a in s.get("command", [])]}
+                  for n, s in doc["services"].items()}))
+"#;
+    let o = Command::new(python())
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let services: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut trainers = 0;
+    for (name, s) in services.as_object().unwrap() {
+        let args: Vec<String> = serde_json::from_value(s["command"].clone()).unwrap();
+        trainers += usize::from(
+            args.first()
+                .is_some_and(|a| a == "coordinator" || a == "worker"),
+        );
+        check_grace(name, &args, compose_seconds(s["grace"].as_str().unwrap()));
+    }
+    assert_eq!(trainers, 2, "{services}");
 }
