@@ -11,11 +11,13 @@ use tokio::runtime::Handle;
 
 use lightrnn_core::config::TrainConfig;
 use lightrnn_core::data::store::Location;
+use lightrnn_core::report::StoppedBy;
 use lightrnn_kernels::BackendKind;
 
 use crate::error::{IoContext, usage};
 use crate::job::JobSpec;
 use crate::serve::{External, JobOutcome, bind, run_job};
+use crate::signals;
 use crate::{Result, Stop};
 
 /// What a run's command line asks for, resolved: the job is prepared from it.
@@ -68,11 +70,16 @@ pub fn worker_count(workers: usize, backend: &str) -> Result<usize> {
     }
 }
 
-/// The one JSON line of a distributed run: its summary's figures and the job's.
+/// The one JSON line of a distributed run: its summary's figures and the job's, and
+/// `stop_signal` when a signal stopped it.
 pub fn summary_line(o: &JobOutcome, out: &str) -> String {
     let mut j = o.summary.line(out);
     if let Some(a) = j.as_object_mut() {
         a.extend(o.job_figures());
+        // Which signal stopped the job: a script requeues after SLURM's warning only.
+        if let (StoppedBy::Signal, Some(sig)) = (o.summary.stopped_by, signals::stop_signal()) {
+            a.insert("stop_signal".into(), sig.into());
+        }
     }
     j.to_string()
 }

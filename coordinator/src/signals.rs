@@ -28,6 +28,15 @@ pub enum OnStop {
     Exit,
 }
 
+/// The first stop signal this process received ("SIGUSR1", "SIGTERM", ...).
+static RECEIVED: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The first stop signal this process received, if any: the summary names it, so a
+/// scheduler's script tells SLURM's warning (SIGUSR1: requeue) from a cancel.
+pub fn stop_signal() -> Option<&'static str> {
+    RECEIVED.get().copied()
+}
+
 /// Install the handlers on `handle`'s runtime; the flag they set.
 pub fn stop_on_signals(handle: &Handle, grace: Duration, on_stop: OnStop) -> Stop {
     let stop: Stop = Arc::new(AtomicBool::new(false));
@@ -66,6 +75,7 @@ pub fn stop_on_signals(handle: &Handle, grace: Duration, on_stop: OnStop) -> Sto
                 ));
                 std::process::exit(128 + number);
             }
+            let _ = RECEIVED.set(name);
             flag.store(true, Ordering::Relaxed);
             if name == "SIGUSR1" {
                 // SLURM's warning before the time limit: stop at the next step, with

@@ -2013,7 +2013,11 @@ fn a_worker_asked_to_stop_before_it_joined_ends_at_once() {
     for signal in ["-TERM", "-USR1"] {
         let port = free_port();
         let w = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
-            .args(["worker", "--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args([
+                "worker",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+            ])
             .args(["--rank", "0", "--grace-s", "60"])
             .env("LIGHTRNN_TOKEN", "stop-before-join-0123456789")
             .stdout(Stdio::piped())

@@ -316,6 +316,7 @@ fn slurm_the_time_limit_preempts_a_job_twice_and_it_ends_as_without_preemption()
     let log = job.log(&id);
     assert_eq!(state, "COMPLETED", "{log}");
     assert!(restarts >= 2, "preempted {restarts} times: {log}");
+    eprintln!("time-limit: preempted and requeued {restarts} times");
     let s = job.summaries(&id);
     let last = s.last().unwrap();
     assert_same("time-limit", last, want);
@@ -384,31 +385,54 @@ fn slurm_scontrol_requeue_and_a_usr1_to_the_steps_resume_and_end_as_without_them
 }
 
 #[test]
-fn slurm_scancel_stops_with_a_checkpoint_and_a_resubmission_ends_as_without_it() {
+fn slurm_scancel_and_a_sigterm_to_the_steps_stop_with_a_checkpoint_and_are_not_requeued() {
     if !slurm() {
         return;
     }
     let job = Job::new("scancel", SHORT_EPOCHS);
+    // A SIGTERM to the steps alone (what preemption with a GraceTime sends): the ranks
+    // checkpoint, the summary names SIGTERM, and the script does not requeue (SLURM
+    // requeues a job it preempts, or ends it, as it was configured).
     let id = job.submit();
     wait_checkpoint(&job, &id, 0);
+    let ok = Command::new("scancel")
+        .args(["--signal=TERM", &id])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let (state, restarts) = wait_end(&job, &id, Duration::from_secs(120));
+    let log = job.log(&id);
+    assert_eq!((state.as_str(), restarts), ("COMPLETED", 0), "{log}");
+    let s = job.summaries(&id);
+    assert_eq!(s.len(), 1, "{log}");
+    assert_eq!(
+        (&s[0]["stopped_by"], &s[0]["stop_signal"]),
+        (&"signal".into(), &"SIGTERM".into()),
+        "{log}"
+    );
+    assert!(!log.contains("requeueing"), "{log}");
+    job.assert_clean();
+    // scancel: the batch script, cancelled too, prints the summary of the stop and does
+    // not requeue a job its user cancelled.
+    let id = job.submit();
+    let before = checkpoints_committed(&job);
+    wait_checkpoint(&job, &id, before);
     assert!(Command::new("scancel").arg(&id).status().unwrap().success());
     let (state, restarts) = wait_end(&job, &id, Duration::from_secs(120));
     let log = job.log(&id);
     assert_eq!((state.as_str(), restarts), ("CANCELLED", 0), "{log}");
-    // The batch script, cancelled too, printed the summary of the stop and did not
-    // requeue a job its user cancelled.
     let s = job.summaries(&id);
     assert_eq!(s.len(), 1, "{log}");
     assert_eq!(s[0]["stopped_by"], "signal", "{log}");
     assert!(!log.contains("requeueing"), "{log}");
     job.assert_clean();
     // The same submission again continues from the checkpoint.
-    let id2 = job.submit();
-    let (state, _) = wait_end(&job, &id2, Duration::from_secs(300));
-    assert_eq!(state, "COMPLETED", "{}", job.log(&id2));
-    let s = job.summaries(&id2);
+    let id = job.submit();
+    let (state, _) = wait_end(&job, &id, Duration::from_secs(300));
+    assert_eq!(state, "COMPLETED", "{}", job.log(&id));
+    let s = job.summaries(&id);
     assert_same("scancel", s.last().unwrap(), reference(SHORT_EPOCHS));
-    assert_eq!(s.last().unwrap()["coordinator_restarts"], 1);
+    assert_eq!(s.last().unwrap()["coordinator_restarts"], 2);
     job.assert_clean();
 }
 
@@ -428,7 +452,7 @@ fn slurm_a_killed_worker_step_is_started_again_and_the_run_ends_as_without_it() 
         .output()
         .unwrap();
     let pids = String::from_utf8_lossy(&o.stdout).to_string();
-    let port = 20000 + 2 * (id.parse::<u64>().unwrap() % 10000);
+    let port = 20000 + 2 * (id.parse::<u64>().unwrap() % 6000);
     let pid = pids
         .lines()
         .find(|p| {
