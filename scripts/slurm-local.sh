@@ -67,12 +67,15 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 JobRequeue=1
-# A requeued job waits cred_expire seconds (120 by default) before it may start again.
-AuthInfo=cred_expire=${CRED_EXPIRE:-10}
+# A requeued job waits cred_expire seconds (120 by default, 5 at least) before it may
+# start again.
+AuthInfo=cred_expire=${CRED_EXPIRE:-5}
 KillWait=$KILL_WAIT
 MinJobAge=600
 ReturnToService=2
 SchedulerType=sched/backfill
+# Pending jobs (a requeued one, once its begin time passes) are looked at every 2 s.
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 MailProg=/bin/true
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN

@@ -15,7 +15,9 @@ fi
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/lightrnn-slurm.XXXXXX")
 trap 'scripts/slurm-local.sh stop "$DIR"; rm -rf "$DIR"' EXIT
 # Its own ports, so a SLURM already on this machine is left alone.
-SLURMCTLD_PORT=${SLURMCTLD_PORT:-16817} SLURMD_PORT=${SLURMD_PORT:-16818} \
+# The node offers 8 CPUs per core: every test's job (2 CPUs) can run at once, and the
+# two-jobs test finds room for both.
+CPUS=${CPUS:-8} SLURMCTLD_PORT=${SLURMCTLD_PORT:-16817} SLURMD_PORT=${SLURMD_PORT:-16818} \
   scripts/slurm-local.sh start "$DIR"
 export SLURM_CONF=$DIR/slurm.conf LIGHTRNN_REQUIRE_SLURM=1 LIGHTRNN_SLURM_TEST_DIR=$DIR
 # The jobs wait on SLURM more than on the CPUs: several tests at once.

@@ -284,8 +284,9 @@ fn reference(epochs: u32) -> &'static serde_json::Value {
 
 /// Most tests' job: ~15 s of training on a quiet machine.
 const SHORT_EPOCHS: u32 = 12;
-/// The time-limit test's job: more training than two allocations can hold.
-const LONG_EPOCHS: u32 = 60;
+/// The time-limit test's job: more training (~75 s on a quiet machine) than two
+/// allocations can hold (the warning comes within 30 s of each start).
+const LONG_EPOCHS: u32 = 75;
 
 #[test]
 fn slurm_a_job_runs_to_the_end_and_prints_its_summary() {
@@ -304,8 +305,9 @@ fn slurm_the_time_limit_preempts_a_job_twice_and_it_ends_as_without_preemption()
         return;
     }
     // A 1-minute limit, the warning (SIGUSR1 to the batch script) 30 s before it: SLURM
-    // sends it at its first check in the last 30 s, so each allocation trains at most
-    // ~30 s of the run's ~60 s, and the script requeues the job after every stop.
+    // sends a warning once the time left is within it and its 30 s check period, so at
+    // its first check, 0 to 30 s after the start: each allocation trains at most ~30 s
+    // of the run's ~75 s, and the script requeues the job after every stop.
     let job = Job {
         sbatch: &["--time=1", "--signal=B:USR1@30"],
         ..Job::new("time-limit", LONG_EPOCHS)
@@ -332,7 +334,10 @@ fn slurm_the_time_limit_preempts_a_job_twice_and_it_ends_as_without_preemption()
         restarts,
         "{log}"
     );
-    assert_eq!(last["coordinator_restarts"], restarts, "{last}");
+    // (An allocation warned before its group formed trained nothing and counts no
+    // restart of the run's coordinator.)
+    let coordinator_restarts = last["coordinator_restarts"].as_u64().unwrap();
+    assert!((1..=restarts).contains(&coordinator_restarts), "{last}");
     // The figures count the whole run: tokens and training time over all allocations.
     assert!(
         last["train_seconds"].as_f64().unwrap() > last["seconds"].as_f64().unwrap(),
@@ -453,11 +458,12 @@ fn slurm_a_killed_worker_step_is_started_again_and_the_run_ends_as_without_it() 
         .unwrap();
     let pids = String::from_utf8_lossy(&o.stdout).to_string();
     let port = 20000 + 2 * (id.parse::<u64>().unwrap() % 6000);
+    // The worker itself, not the srun that launched it (its arguments hold the same).
     let pid = pids
         .lines()
         .find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.contains(&format!(":{port}")))
+                .is_ok_and(|c| c.split('\0').next() == Some(bin) && c.contains(&format!(":{port}")))
         })
         .unwrap_or_else(|| panic!("no rank 1 of job {id} among {pids:?}"));
     assert!(
