@@ -3,9 +3,10 @@
 //! the stop flag: training stops at its next step with a checkpoint (all ranks of a job
 //! at the same step) and the program exits 0; past the grace period after a SIGTERM,
 //! SIGINT or SIGHUP the process gives up (SIGUSR1 sets no deadline: the scheduler's
-//! SIGTERM at the time limit follows it). Any other command ([`OnStop::Exit`]) has nothing to save and ends at once with
-//! status 128 + the signal's number; the files it wrote before are whole (every object
-//! is written atomically), the ones it had not written yet are absent.
+//! SIGTERM at the time limit follows it). Any other command ([`OnStop::Exit`]) has
+//! nothing to save and ends at once with status 128 + the signal's number; the files it
+//! wrote before are whole (every object is written atomically), the ones it had not
+//! written yet are absent.
 
 use std::io::Write;
 use std::sync::Arc;
