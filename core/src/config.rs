@@ -529,6 +529,7 @@ impl TrainConfig {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),
+            ..Default::default()
         }
     }
 }

@@ -101,6 +101,19 @@ pub struct TextArgs {
     /// Inputs read at once (0 = the number of cores).
     #[arg(long, default_value_t = 0)]
     pub parallel: usize,
+    /// Every input's format, instead of each object's name saying it: text, jsonl,
+    /// parquet, wet or tar, with .gz, .zst, .xz or .bz2 for compression (e.g. jsonl.zst,
+    /// tar.gz).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// The text of a JSON line (a dotted path for nested fields: meta.body) or a Parquet
+    /// file's text column.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Of tar archives, only the files whose names start with this (e.g.
+    /// training-monolingual.tokenized.shuffled/).
+    #[arg(long)]
+    pub members: Option<String>,
 }
 
 impl TextArgs {
@@ -109,6 +122,9 @@ impl TextArgs {
             lowercase: self.lowercase,
             max_line_bytes: self.max_line_bytes,
             bad_lines: self.bad_lines.parse().unwrap_or_default(),
+            format: self.format.clone(),
+            text_field: self.text_field.clone(),
+            members: self.members.clone(),
         }
     }
 

@@ -186,40 +186,51 @@ async fn count_one(
     let mut r = input.open(&opts).await?;
     let mut counts: HashMap<String, u64> = HashMap::new();
     let mut line = String::new();
-    let (mut tokens, mut reported) = (0u64, 0u64);
-    while r.next_line(&mut line).await? {
-        for w in line.split_whitespace() {
-            match counts.get_mut(w) {
-                Some(c) => *c += 1,
-                None => {
-                    counts.insert(w.to_string(), 1);
+    let (mut tokens, mut reported, mut lines) = (0u64, 0u64, 0u64);
+    let mut skipped = Skipped::default();
+    while r.next_source().await? {
+        while r.next_line(&mut line).await? {
+            for w in line.split_whitespace() {
+                match counts.get_mut(w) {
+                    Some(c) => *c += 1,
+                    None => {
+                        counts.insert(w.to_string(), 1);
+                    }
                 }
+                tokens += 1;
             }
-            tokens += 1;
+            if r.progress() - reported >= REPORT_BYTES {
+                meter.add(r.progress() - reported);
+                reported = r.progress();
+            }
         }
-        if r.bytes() - reported >= REPORT_BYTES {
-            meter.add(r.bytes() - reported);
-            reported = r.bytes();
-        }
+        lines += r.lines();
+        warn_skipped(&r);
+        skipped.add(&r.skipped());
     }
-    meter.add(r.bytes() - reported);
-    let lines = r.lines();
+    meter.add(r.progress() - reported);
     if lines > 0 {
         *counts.entry(EOS.to_string()).or_insert(0) += lines;
     }
-    if r.skipped().lines() > 0 {
-        let s = r.skipped();
+    Ok((counts, tokens + lines, lines, skipped))
+}
+
+/// Say what a source's reading left out.
+fn warn_skipped(r: &LineReader) {
+    let s = r.skipped();
+    if s.lines() > 0 {
         tracing::warn!(
             input = %r.url(),
+            member = r.member().unwrap_or(""),
             lines = s.lines(),
             invalid_utf8 = s.invalid_utf8,
             control_bytes = s.control_bytes,
             too_long = s.too_long,
+            no_text = s.no_text,
             bytes = s.bytes,
             "bad lines skipped"
         );
     }
-    Ok((counts, tokens + lines, lines, r.skipped()))
 }
 
 /// Word counts over all inputs (one `<eos>` per line), `parallel` inputs at a time.
@@ -287,28 +298,33 @@ async fn ids_of(
     opts: TextOptions,
     vocab: Arc<Vocab>,
     meter: Arc<Meter>,
-) -> Result<(Vec<u32>, Source)> {
+) -> Result<(Vec<u32>, Vec<Source>)> {
     let mut r = input.open(&opts).await?;
     let mut ids = Vec::with_capacity((input.size / 5) as usize);
     let mut line = String::new();
     let mut reported = 0u64;
-    while r.next_line(&mut line).await? {
-        ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
-        ids.push(vocab.eos());
-        if r.bytes() - reported >= REPORT_BYTES {
-            meter.add(r.bytes() - reported);
-            reported = r.bytes();
+    let mut sources = Vec::new();
+    while r.next_source().await? {
+        while r.next_line(&mut line).await? {
+            ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
+            ids.push(vocab.eos());
+            if r.progress() - reported >= REPORT_BYTES {
+                meter.add(r.progress() - reported);
+                reported = r.progress();
+            }
         }
+        sources.push(Source {
+            url: input.url(),
+            member: r.member().map(str::to_string),
+            format: r.format_name(),
+            bytes: input.size,
+            e_tag: input.e_tag.clone(),
+            lines: r.lines(),
+            skipped: r.skipped(),
+        });
     }
-    meter.add(r.bytes() - reported);
-    let source = Source {
-        url: input.url(),
-        bytes: input.size,
-        e_tag: input.e_tag.clone(),
-        lines: r.lines(),
-        skipped: r.skipped(),
-    };
-    Ok((ids, source))
+    meter.add(r.progress() - reported);
+    Ok((ids, sources))
 }
 
 /// What `write_shards` wrote.
@@ -373,12 +389,14 @@ pub async fn write_shards(
     let mut unk_tokens = 0u64;
     let mut skipped = Skipped::default();
     while let Some(joined) = tasks.next().await {
-        let (ids, source) =
+        let (ids, from) =
             joined.map_err(|e| Error::Data(format!("tokenising task failed: {e}")))??;
         unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
         writer.extend(&ids).await?;
-        skipped.add(&source.skipped);
-        sources.push(source);
+        for source in from {
+            skipped.add(&source.skipped);
+            sources.push(source);
+        }
     }
     let m = writer.finish(sources, text_options).await?;
     meter.finish();

@@ -3,6 +3,7 @@
 //!
 //! - [`store`]: object-storage locations (local directories, `file://`, `memory://`,
 //!   `s3://`, `gs://`, `az://`);
+//! - [`formats`]: compressed, archived and structured inputs decoded into text;
 //! - [`text`]: hostile-input-safe line reading; [`vocab`]: the vocabulary and its file;
 //! - [`shards`]: verified u32 token shards and their manifests;
 //! - [`corpus`]: many inputs counted and sharded in parallel (`vocab`, `shard`);
@@ -13,6 +14,7 @@
 pub mod batches;
 pub mod corpus;
 pub mod dataset;
+pub mod formats;
 pub mod npy;
 pub mod shards;
 pub mod store;

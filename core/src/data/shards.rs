@@ -25,6 +25,13 @@ const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Source {
     pub url: String,
+    /// The file within the archive at `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// How it was read (`text`, `jsonl.zst`, `tar.gz:text`, ...; [`super::formats`]).
+    #[serde(default = "text_format")]
+    pub format: String,
+    /// The object's size (an archive's, for its members).
     pub bytes: u64,
     pub e_tag: Option<String>,
     /// Lines read (each one `<eos>`).
@@ -32,6 +39,10 @@ pub struct Source {
     /// Lines left out (`bad_lines = "skip"`), by reason.
     #[serde(default)]
     pub skipped: super::text::Skipped,
+}
+
+fn text_format() -> String {
+    "text".into()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

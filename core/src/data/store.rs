@@ -262,17 +262,7 @@ impl Location {
             if_match: e_tag.map(str::to_string),
             ..Default::default()
         };
-        let r = match self.store.get_opts(&self.path(name), opts).await {
-            Ok(r) => r,
-            Err(object_store::Error::Precondition { .. }) => {
-                return Err(Error::Data(format!(
-                    "{} changed after it was listed (version {} is gone): the input must not change while a job reads it",
-                    self.url_of(name),
-                    e_tag.unwrap_or("?")
-                )));
-            }
-            Err(e) => return Err(self.err("reading", name, e)),
-        };
+        let r = self.get_version(name, e_tag, opts).await?;
         let url = self.url_of(name);
         if let object_store::GetResultPayload::File(file, _) = r.payload {
             return Ok(file_chunks(file, r.range, url));
@@ -286,6 +276,39 @@ impl Location {
                 })
             })
             .boxed())
+    }
+
+    /// Bytes `range` of object `name`, only if its version is still `e_tag` (when given).
+    pub async fn get_range_version(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        e_tag: Option<&str>,
+    ) -> Result<Bytes> {
+        let opts = object_store::GetOptions {
+            if_match: e_tag.map(str::to_string),
+            range: Some(object_store::GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        let r = self.get_version(name, e_tag, opts).await?;
+        r.bytes().await.map_err(|e| self.err("reading", name, e))
+    }
+
+    async fn get_version(
+        &self,
+        name: &str,
+        e_tag: Option<&str>,
+        opts: object_store::GetOptions,
+    ) -> Result<object_store::GetResult> {
+        match self.store.get_opts(&self.path(name), opts).await {
+            Ok(r) => Ok(r),
+            Err(object_store::Error::Precondition { .. }) => Err(Error::Data(format!(
+                "{} changed after it was listed (version {} is gone): the input must not change while a job reads it",
+                self.url_of(name),
+                e_tag.unwrap_or("?")
+            ))),
+            Err(e) => Err(self.err("reading", name, e)),
+        }
     }
 
     /// Size and version of object `name`, or None when it does not exist.

@@ -9,10 +9,14 @@
 //! an object is read only at the version (size and ETag) it had when it was listed, so a
 //! corpus replaced under a running job is refused rather than read half old, half new.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+use super::formats::{self, Format, Framing, Piece, SkipReason};
 use super::store::Location;
 use crate::{Error, Result};
 
@@ -54,6 +58,32 @@ pub struct TextOptions {
     pub max_line_bytes: usize,
     #[serde(default)]
     pub bad_lines: BadLines,
+    /// Every input's format (`jsonl.zst`, `tar.gz`, ...), instead of each object's name
+    /// saying it ([`super::formats`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Where the text is in a JSON line (a dotted path for nested fields) or which
+    /// Parquet column holds it.
+    #[serde(
+        default = "default_text_field",
+        skip_serializing_if = "is_default_field"
+    )]
+    pub text_field: String,
+    /// Of a tar archive, only the files whose names start with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<String>,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+fn is_default_field(f: &str) -> bool {
+    f == "text"
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for TextOptions {
@@ -62,6 +92,9 @@ impl Default for TextOptions {
             lowercase: false,
             max_line_bytes: 1 << 20,
             bad_lines: BadLines::Error,
+            format: None,
+            text_field: default_text_field(),
+            members: None,
         }
     }
 }
@@ -78,11 +111,15 @@ pub struct Skipped {
     pub too_long: u64,
     /// Bytes of all skipped lines.
     pub bytes: u64,
+    /// Records without text: JSON lines that are not JSON objects or have no string at
+    /// the text field, null Parquet values.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub no_text: u64,
 }
 
 impl Skipped {
     pub fn lines(&self) -> u64 {
-        self.invalid_utf8 + self.control_bytes + self.too_long
+        self.invalid_utf8 + self.control_bytes + self.too_long + self.no_text
     }
 
     pub fn add(&mut self, o: &Skipped) {
@@ -90,6 +127,7 @@ impl Skipped {
         self.control_bytes += o.control_bytes;
         self.too_long += o.too_long;
         self.bytes += o.bytes;
+        self.no_text += o.no_text;
     }
 }
 
@@ -98,10 +136,12 @@ fn is_control(b: u8) -> bool {
     (b < 0x20 && !matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r')) || b == 0x7f
 }
 
-/// Reads one text object line by line.
+/// Reads one text object line by line: plain text directly, any other format through
+/// its decoding thread ([`super::formats`]). An archive is read member by member
+/// ([`LineReader::next_source`]).
 pub struct LineReader {
     url: String,
-    chunks: BoxStream<'static, Result<bytes::Bytes>>,
+    pieces: BoxStream<'static, Result<Piece>>,
     chunk: bytes::Bytes,
     at: usize,
     pending: Vec<u8>,
@@ -112,13 +152,24 @@ pub struct LineReader {
     bytes: u64,
     /// Bytes of the line being read, with its newline.
     line_bytes: u64,
-    /// Size of the object at the version being read.
-    size: u64,
+    /// Size of the object at the version being read, checked at the end (plain text;
+    /// a decoding thread checks it itself).
+    size: Option<u64>,
     max: usize,
     lowercase: bool,
     bad: BadLines,
     skipped: Skipped,
+    /// The current source (the object, or an archive's member) is read to its end.
     done: bool,
+    format: Format,
+    /// The archive member being read, and the next one, once seen.
+    member: Option<(String, Format)>,
+    next_member: Option<(String, Format)>,
+    /// The record the text being read is from (0: not a record format).
+    record: u64,
+    /// Bytes of the object read by its decoding thread.
+    raw_read: Option<Arc<AtomicU64>>,
+    sources: u64,
 }
 
 impl LineReader {
@@ -128,7 +179,8 @@ impl LineReader {
     }
 
     /// Open object `name`, which must still be the version (`size`, ETag) seen when it
-    /// was listed; `None` takes the current version.
+    /// was listed; `None` takes the current version. Its format is the one
+    /// `opts.format` names, else the one its name says.
     pub async fn open_version(
         loc: &Location,
         name: &str,
@@ -136,6 +188,11 @@ impl LineReader {
         expect: Option<(u64, Option<&str>)>,
     ) -> Result<Self> {
         let url = loc.url_of(name);
+        let format = match &opts.format {
+            Some(f) => Format::parse(f)?,
+            None => Format::of_name(name),
+        };
+        format.check()?;
         let meta = loc
             .head(name)
             .await?
@@ -151,9 +208,32 @@ impl LineReader {
         if meta.size == 0 {
             return Err(Error::Data(format!("{url} is empty")));
         }
+        let (pieces, raw_read, size) = if format.is_plain() {
+            let chunks = loc.stream_version(name, meta.e_tag.as_deref()).await?;
+            let pieces = chunks.map(|c| c.map(|b| Piece::Text(b, 0))).boxed();
+            (pieces, None, Some(meta.size))
+        } else {
+            let chunks = if format.framing == Framing::Parquet {
+                None
+            } else {
+                Some(loc.stream_version(name, meta.e_tag.as_deref()).await?)
+            };
+            let obj = formats::Object {
+                loc: loc.clone(),
+                name: name.to_string(),
+                size: meta.size,
+                e_tag: meta.e_tag.clone(),
+            };
+            let d = formats::spawn(obj, format, chunks, opts);
+            let pieces = futures::stream::unfold(d.pieces, |mut rx| async {
+                rx.recv().await.map(|p| (p, rx))
+            })
+            .boxed();
+            (pieces, Some(d.raw_read), None)
+        };
         Ok(Self {
             url,
-            chunks: loc.stream_version(name, meta.e_tag.as_deref()).await?,
+            pieces,
             chunk: bytes::Bytes::new(),
             at: 0,
             pending: Vec::new(),
@@ -161,13 +241,108 @@ impl LineReader {
             lines: 0,
             bytes: 0,
             line_bytes: 0,
-            size: meta.size,
+            size,
             max: opts.max_line_bytes,
             lowercase: opts.lowercase,
             bad: opts.bad_lines,
             skipped: Skipped::default(),
             done: false,
+            format,
+            member: None,
+            next_member: None,
+            record: 0,
+            raw_read,
+            sources: 0,
         })
+    }
+
+    /// Move to the next source: the object itself the first time, or an archive's next
+    /// member (what was left of the current one is read past); false when none is left.
+    /// Line numbers, counts and skips start again for each member.
+    pub async fn next_source(&mut self) -> Result<bool> {
+        self.sources += 1;
+        if !self.format.tar {
+            return Ok(self.sources == 1);
+        }
+        if self.sources == 1 {
+            self.done = true;
+            match self.pieces.next().await {
+                Some(p) => self.take_piece(p?)?,
+                None => return Ok(false),
+            }
+        } else {
+            let mut s = String::new();
+            while self.next_line(&mut s).await? {}
+        }
+        let Some(next) = self.next_member.take() else {
+            return Ok(false);
+        };
+        self.member = Some(next);
+        self.chunk = bytes::Bytes::new();
+        self.at = 0;
+        (self.line_no, self.lines, self.bytes, self.record) = (0, 0, 0, 0);
+        self.skipped = Skipped::default();
+        self.done = false;
+        Ok(true)
+    }
+
+    /// Take in a piece from the decoding thread: text becomes the chunk being read.
+    fn take_piece(&mut self, p: Piece) -> Result<()> {
+        match p {
+            Piece::Text(b, record) => {
+                self.chunk = b;
+                self.at = 0;
+                self.record = record;
+            }
+            Piece::Skipped(why, bytes) => {
+                match why {
+                    SkipReason::NoText => self.skipped.no_text += 1,
+                    SkipReason::TooLong => self.skipped.too_long += 1,
+                }
+                self.skipped.bytes += bytes;
+            }
+            Piece::Member(name, f) => {
+                self.next_member = Some((name, f));
+                self.done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The archive member being read.
+    pub fn member(&self) -> Option<&str> {
+        self.member.as_ref().map(|(m, _)| m.as_str())
+    }
+
+    /// The format of the source being read, as manifests record it (`jsonl.zst`; an
+    /// archive's member as `tar.gz:text`).
+    pub fn format_name(&self) -> String {
+        match &self.member {
+            Some((_, f)) => format!("{}:{}", self.format.name(), f.name()),
+            None => self.format.name(),
+        }
+    }
+
+    /// Bytes of the object read so far (compressed bytes of a compressed object; the
+    /// whole archive's): what progress counts.
+    pub fn progress(&self) -> u64 {
+        self.raw_read
+            .as_ref()
+            .map_or(self.bytes, |r| r.load(Ordering::Relaxed))
+    }
+
+    /// Where line `line` is, for messages: the object, the member, the record or line.
+    fn place(&self, line: u64) -> String {
+        let mut s = self.url.clone();
+        if let Some((m, _)) = &self.member {
+            s.push_str(&format!(" member {m}"));
+        }
+        if self.record > 0 {
+            s.push_str(&format!(" record {}", self.record));
+        } else {
+            s.push_str(&format!(" line {line}"));
+        }
+        s
     }
 
     /// Physical number of the line last returned or skipped (1-based).
@@ -185,7 +360,7 @@ impl LineReader {
         self.skipped
     }
 
-    /// Bytes consumed so far.
+    /// Bytes of text consumed so far (decoded) in the current source.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -222,18 +397,19 @@ impl LineReader {
                 if self.done {
                     break;
                 }
-                match self.chunks.next().await {
-                    Some(c) => {
-                        self.chunk = c?;
-                        self.at = 0;
+                match self.pieces.next().await {
+                    Some(p) => {
+                        self.take_piece(p?)?;
                         continue;
                     }
                     None => {
                         self.done = true;
-                        if self.bytes != self.size {
+                        if let Some(size) = self.size
+                            && self.bytes != size
+                        {
                             return Err(Error::Data(format!(
-                                "{} changed while it was read ({} bytes listed, {} read): the input must not change while a job reads it",
-                                self.url, self.size, self.bytes
+                                "{} changed while it was read ({size} bytes listed, {} read): the input must not change while a job reads it",
+                                self.url, self.bytes
                             )));
                         }
                         break;
@@ -251,9 +427,8 @@ impl LineReader {
             if !discarding && self.pending.len() + part.len() > self.max {
                 if self.bad == BadLines::Error {
                     return Err(Error::Data(format!(
-                        "{} line {}: longer than the limit of {} bytes (max_line_bytes; bad_lines = \"skip\" leaves such lines out)",
-                        self.url,
-                        self.line_no + 1,
+                        "{}: longer than the limit of {} bytes (max_line_bytes; bad_lines = \"skip\" leaves such lines out)",
+                        self.place(self.line_no + 1),
                         self.max
                     )));
                 }
@@ -306,8 +481,8 @@ impl LineReader {
         if let Some((count, what)) = bad {
             if self.bad == BadLines::Error {
                 return Err(Error::Data(format!(
-                    "{} line {}: {what} (bad_lines = \"skip\" leaves such lines out)",
-                    self.url, self.line_no
+                    "{}: {what} (bad_lines = \"skip\" leaves such lines out)",
+                    self.place(self.line_no)
                 )));
             }
             *count += 1;
@@ -456,6 +631,7 @@ mod tests {
                 control_bytes: 2,
                 too_long: 1,
                 bytes: 6 + 5 + 26 + 8,
+                no_text: 0,
             }
         );
         assert_eq!(r.bytes(), body.len() as u64);

@@ -69,14 +69,16 @@ pub fn eval_file(
         let mut ids = Vec::new();
         let (mut unknown, mut words) = (0u64, 0u64);
         let mut line = String::new();
-        while r.next_line(&mut line).await? {
-            for w in line.split_whitespace() {
-                let id = ck.vocab.id(w);
-                unknown += u64::from(id == ck.vocab.unk());
-                words += 1;
-                ids.push(id);
+        while r.next_source().await? {
+            while r.next_line(&mut line).await? {
+                for w in line.split_whitespace() {
+                    let id = ck.vocab.id(w);
+                    unknown += u64::from(id == ck.vocab.unk());
+                    words += 1;
+                    ids.push(id);
+                }
+                ids.push(ck.vocab.eos());
             }
-            ids.push(ck.vocab.eos());
         }
         Ok::<_, Error>((ids, unknown, words))
     })?;
