@@ -1,7 +1,12 @@
 //! The deployment templates in deploy/ stay runnable: the YAML parses (Python's yaml),
 //! the shell scripts pass `bash -n`, the Dockerfile has its stages, a non-root user and
 //! an init process, and every `lightrnn` subcommand and flag the templates use exists.
-//! (coordinator/tests/slurm.rs runs the SLURM template on a real SLURM.)
+//! The Kubernetes templates validate against the API's schemas, and the preparation
+//! Jobs' own command lines, run in order, make the dataset one process makes. Compose
+//! validates with `docker compose config`. (coordinator/tests/slurm.rs runs the SLURM
+//! templates on a real SLURM.)
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -393,4 +398,120 @@ print(json.dumps({n: {"grace": s.get("stop_grace_period", "10s"), "command": [st
         check_grace(name, &args, compose_seconds(s["grace"].as_str().unwrap()));
     }
     assert_eq!(trainers, 2, "{services}");
+}
+
+#[test]
+fn kubernetes_preparation_jobs_validate_and_their_commands_make_the_one_process_dataset() {
+    // The Jobs in file order: name, phase, completions (0: not Indexed), args; validated
+    // strictly for every version first.
+    let script = r#"
+import json, sys, yaml, kubernetes_validate as kv
+docs = list(yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")))
+for v in sys.argv[2:]:
+    for d in docs:
+        kv.validate(d, v, True)
+jobs = []
+for d in docs:
+    assert d["kind"] == "Job", d["kind"]
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "command" not in c, "give args: the image's init process stays PID 1"
+    indexed = spec.get("completionMode") == "Indexed"
+    if indexed:
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["PART"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']", env
+    jobs.append({"name": d["metadata"]["name"], "phase": d["metadata"]["labels"]["phase"],
+                 "completions": spec["completions"] if indexed else 0,
+                 "args": [str(a) for a in c["args"]]})
+print(json.dumps(jobs))
+"#;
+    let path = deploy_dir().join("k8s/prepare.yaml");
+    let o = Command::new(python())
+        .args(["-c", script])
+        .arg(&path)
+        .args(KUBERNETES)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    common::jsonl_gz_corpus(&corpus.join("train"), "c4-train", 5, 7);
+    common::jsonl_gz_corpus(&corpus.join("validation"), "c4-validation", 8, 8);
+    let (k8s, one) = (tmp.path().join("k8s"), tmp.path().join("one"));
+    // The template's locations, here.
+    let local = |a: &str, out: &Path| {
+        a.replace("s3://corpora/c4/en", corpus.to_str().unwrap())
+            .replace("s3://datasets/c4-en", out.to_str().unwrap())
+    };
+    let run = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = common::lightrnn(&args);
+        assert_eq!(code, 0, "lightrnn {}: {err}", args.join(" "));
+    };
+    for job in &jobs {
+        let args: Vec<String> = serde_json::from_value(job["args"].clone()).unwrap();
+        let n = job["completions"].as_u64().unwrap();
+        if n == 0 {
+            run(&args.iter().map(|a| local(a, &k8s)).collect::<Vec<_>>());
+        } else {
+            let part = args
+                .iter()
+                .position(|a| a == "--part")
+                .expect("an Indexed Job's --part");
+            assert_eq!(
+                args[part + 1],
+                format!("$(PART)/{n}"),
+                "{}: N is the completions",
+                job["name"]
+            );
+            // Every index, in any order, one of them twice (a failed pod run again).
+            for i in (0..n).rev().chain([n / 2]) {
+                let a: Vec<String> = args
+                    .iter()
+                    .map(|a| local(&a.replace("$(PART)", &i.to_string()), &k8s))
+                    .collect();
+                run(&a);
+            }
+        }
+        // The same command in one process, for the same dataset.
+        if job["phase"] == "vocab-parts" || job["phase"] == "train-parts" {
+            continue;
+        }
+        let whole: Vec<String> = args
+            .iter()
+            .filter(|a| *a != "--merge")
+            .map(|a| local(a, &one))
+            .collect();
+        run(&whole);
+    }
+    let (got, want) = (common::dataset_files(&k8s), common::dataset_files(&one));
+    assert!(want.contains_key("train.manifest.json") && want.contains_key("test.manifest.json"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &want {
+        assert!(
+            got[name] == *bytes,
+            "{name} differs from the one-process dataset's"
+        );
+    }
+    // What the parts left: the vocabulary's counts, for another --size.
+    let left: Vec<_> = std::fs::read_dir(k8s.join("parts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with("vocab.part-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the merged splits' parts are deleted: {left:?}"
+    );
 }

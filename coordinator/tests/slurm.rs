@@ -6,7 +6,8 @@
 //! to the uninterrupted run; so do `scontrol requeue`, `scancel` then a resubmission, a
 //! SIGUSR1 to the steps and a worker killed mid-run; two jobs share the node; 20
 //! submissions all start; the summary is printed at the end of every allocation and no
-//! file is left behind. Without SLURM_CONF the tests say so and pass, unless
+//! file is left behind. The preparation's array jobs (deploy/slurm/prepare.sh) make the
+//! dataset one process makes. Without SLURM_CONF the tests say so and pass, unless
 //! LIGHTRNN_REQUIRE_SLURM=1 (scripts/test-slurm.sh, in CI).
 
 mod common;
@@ -565,4 +566,127 @@ fn slurm_a_failing_coordinator_is_reported_and_a_grace_past_killwait_is_refused(
         log.contains("GRACE_S=45 is not below the cluster's KillWait (30 s)"),
         "{log}"
     );
+}
+
+/// Wait for a job that is not an array to complete; its log if it fails or can never
+/// start (a part it depends on failed).
+fn wait_completed(id: &str, dir: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let f = job_fields(id);
+        let (s, reason) = (
+            f.get("JobState").cloned().unwrap_or_default(),
+            f.get("Reason").cloned().unwrap_or_default(),
+        );
+        if s == "COMPLETED" && !completing(id) {
+            return;
+        }
+        let logs = || {
+            let mut all = String::new();
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    all += &format!(
+                        "== {}\n{}",
+                        p.display(),
+                        std::fs::read_to_string(&p).unwrap()
+                    );
+                }
+            }
+            all
+        };
+        assert!(
+            !["FAILED", "CANCELLED", "TIMEOUT"].contains(&s.as_str())
+                && reason != "DependencyNeverSatisfied",
+            "job {id}: {s} ({reason}); the logs:\n{}",
+            logs()
+        );
+        assert!(
+            t0.elapsed() < limit,
+            "job {id} still {s} after {limit:?}:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn slurm_array_jobs_prepare_the_one_process_dataset() {
+    if !slurm() {
+        return;
+    }
+    // C4-like gzipped JSON lines for train, one file each for valid and test; 3 parts.
+    let dir = fixture().dir.path().join("prepare");
+    let corpus = dir.join("corpus");
+    common::jsonl_gz_corpus(&corpus.join("train"), "c4-train", 7, 3);
+    common::jsonl_gz_corpus(&corpus.join("validation"), "c4-validation", 2, 4);
+    let valid = corpus.join("validation/c4-validation.00000-of-00002.json.gz");
+    let test = corpus.join("validation/c4-validation.00001-of-00002.json.gz");
+    let (out, one) = (dir.join("slurm"), dir.join("one"));
+    let o = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/slurm/prepare.sh"))
+        .args(["--cpus-per-task=1", "--mem-per-cpu=256M"])
+        .arg(format!("--output={}/%x-%A_%a.log", dir.display()))
+        .arg(format!("--chdir={}", dir.display()))
+        .env("PARTS", "3")
+        .env("OUT", &out)
+        .env("INPUT_train", corpus.join("train"))
+        .env("INPUT_valid", &valid)
+        .env("INPUT_test", &test)
+        .env("ARGS", "--lowercase")
+        .env("SIZE", "30")
+        .env("LIGHTRNN", env!("CARGO_BIN_EXE_lightrnn"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "prepare.sh: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ids = common::json(&String::from_utf8_lossy(&o.stdout));
+    for split in ["train", "valid", "test"] {
+        let id = ids[format!("{split}_merge")].as_str().unwrap();
+        wait_completed(id, &dir, Duration::from_secs(240));
+    }
+    // The same dataset, one process per command.
+    let train = corpus.join("train");
+    let run = |args: &[&str]| {
+        let (code, _, err) = common::lightrnn(args);
+        assert_eq!(code, 0, "{err}");
+    };
+    let one_s = one.to_str().unwrap();
+    run(&[
+        "vocab",
+        "--input",
+        train.to_str().unwrap(),
+        "--out",
+        one_s,
+        "--size",
+        "30",
+        "--lowercase",
+    ]);
+    for (split, input) in [("train", &train), ("valid", &valid), ("test", &test)] {
+        run(&[
+            "shard",
+            "--input",
+            input.to_str().unwrap(),
+            "--vocab",
+            one_s,
+            "--out",
+            one_s,
+            "--split",
+            split,
+            "--lowercase",
+        ]);
+    }
+    let (got, want) = (common::dataset_files(&out), common::dataset_files(&one));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &want {
+        assert!(
+            got[name] == *bytes,
+            "{name} differs from the one-process dataset's"
+        );
+    }
 }

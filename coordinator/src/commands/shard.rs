@@ -1,10 +1,12 @@
 //! `lightrnn shard`: many text files or objects tokenised in parallel into verified u32
-//! shards and a manifest.
+//! shards and a manifest; or one part of them (`--part I/N`), or the parts merged
+//! (`--merge`).
 
 use clap::Args;
 use tokio::runtime::Handle;
 
 use lightrnn_core::data::corpus::{SplitOut, expand_inputs, write_shards};
+use lightrnn_core::data::parts::{Part, merge_shards, shard_part};
 use lightrnn_core::data::shards::{Manifest, SHARD_TOKENS};
 use lightrnn_core::data::store::Location;
 use lightrnn_core::data::vocab::{VOCAB_FILE, Vocab};
@@ -29,6 +31,14 @@ pub struct ShardArgs {
     /// Tokens per shard.
     #[arg(long, default_value_t = SHARD_TOKENS)]
     pub shard_tokens: u64,
+    /// Tokenise only part I of N of the inputs (contiguous, balanced by bytes) into
+    /// OUT/parts/; `--merge` then writes the split.
+    #[arg(long, conflicts_with = "merge")]
+    pub part: Option<Part>,
+    /// Write the split from its parts in OUT/parts/ (made from these same inputs), the
+    /// same bytes one process writes; the parts are deleted after.
+    #[arg(long)]
+    pub merge: bool,
     #[command(flatten)]
     pub text: TextArgs,
 }
@@ -50,28 +60,35 @@ async fn load_vocab(url: &str) -> lightrnn_core::Result<Vocab> {
 pub fn run(a: &ShardArgs, handle: &Handle) -> Result<String> {
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let out = Location::parse(&a.out)?;
+    let opts = a.text.options();
+    let text_options = serde_json::json!({
+        "text": opts,
+        "shard_tokens": a.shard_tokens,
+    });
+    let to = SplitOut {
+        out: &out,
+        split: &a.split,
+        shard_tokens: a.shard_tokens,
+    };
     let (m, st) = handle.block_on(async {
         let inputs = expand_inputs(&a.input).await?;
-        let vocab = load_vocab(&a.vocab).await?;
-        write_shards(
-            &inputs,
-            std::sync::Arc::new(vocab),
-            SplitOut {
-                out: &out,
-                split: &a.split,
-                shard_tokens: a.shard_tokens,
-            },
-            &a.text.options(),
-            serde_json::json!({
-                "text": a.text.options(),
-                "shard_tokens": a.shard_tokens,
-            }),
-            a.text.parallel(),
-            bar,
-        )
-        .await
+        let vocab = std::sync::Arc::new(load_vocab(&a.vocab).await?);
+        let parallel = a.text.parallel();
+        match (a.part, a.merge) {
+            (Some(part), _) => {
+                shard_part(&inputs, part, vocab, to, &opts, text_options, parallel, bar).await
+            }
+            (None, true) => merge_shards(&inputs, vocab, to, text_options, bar).await,
+            (None, false) => {
+                write_shards(&inputs, vocab, to, &opts, text_options, parallel, bar).await
+            }
+        }
     })?;
     let mut j = serde_json::to_value(&st)?;
-    j["manifest"] = out.url_of(&Manifest::object_name(&m.split)).into();
+    let at = match a.part {
+        Some(_) => out.join(lightrnn_core::data::parts::PARTS_DIR),
+        None => out.clone(),
+    };
+    j["manifest"] = at.url_of(&Manifest::object_name(&m.split)).into();
     Ok(j.to_string())
 }

@@ -1,5 +1,6 @@
-//! Helpers the binary-level tests share: run `lightrnn`, a structured corpus, a JSON
-//! line, a test PKI made with openssl; hosts as network namespaces (`netns`).
+//! Helpers the binary-level tests share: run `lightrnn`, a structured corpus (also as
+//! gzipped JSON lines), a dataset's objects, a JSON line, a test PKI made with openssl;
+//! hosts as network namespaces (`netns`).
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -46,6 +47,65 @@ pub fn corpus(dir: &Path, lines: usize) {
     ] {
         std::fs::write(dir.join(name), part.join("\n") + "\n").unwrap();
     }
+}
+
+/// `files` gzipped JSON-lines documents (C4's layout: `{"text", "timestamp", "url"}`, a
+/// document of several lines per record) in `dir`, named `prefix.NNNNN-of-MMMMM.json.gz`,
+/// of different sizes; gzip is Debian's, as a corpus's publisher would run it.
+pub fn jsonl_gz_corpus(dir: &Path, prefix: &str, files: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut x = seed;
+    for f in 0..files {
+        let mut body = String::new();
+        for d in 0..20 + 35 * f {
+            let lines: Vec<String> = (0..1 + d % 3)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (0..3 + (x >> 60) as usize)
+                        .map(|k| format!("w{}", ((x >> 33) as usize + 7 * k) % 50))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            let rec = serde_json::json!({
+                "text": lines.join("\n"),
+                "timestamp": "2019-04-25T12:57:54Z",
+                "url": format!("https://example.com/{f}/{d}"),
+            });
+            body.push_str(&rec.to_string());
+            body.push('\n');
+        }
+        let path = dir.join(format!("{prefix}.{f:05}-of-{files:05}.json"));
+        std::fs::write(&path, body).unwrap();
+        let o = Command::new("gzip").arg("-nf").arg(&path).output().unwrap();
+        assert!(
+            o.status.success(),
+            "gzip: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Every object of a dataset folder (relative names, bytes), its `parts/` aside.
+pub fn dataset_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            if p.is_dir() {
+                if rel != "parts" {
+                    walk(root, &p, out);
+                }
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
 pub fn json(out: &str) -> serde_json::Value {

@@ -20,7 +20,7 @@ use super::shards::{Manifest, ShardWriter, Source};
 use super::store::Location;
 use super::text::{EOS, LineReader, Skipped, TextOptions};
 use super::vocab::VOCAB_FILE;
-use super::vocab::Vocab;
+use super::vocab::{TypeTokenCurve, Vocab, type_token_curve};
 use crate::{Error, Result};
 
 /// One text object to read.
@@ -164,7 +164,7 @@ impl Meter {
 const REPORT_BYTES: u64 = 4 << 20;
 
 /// What `count_words` read.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Counted {
     pub inputs: usize,
     pub bytes: u64,
@@ -176,6 +176,9 @@ pub struct Counted {
     pub types: usize,
     pub seconds: f64,
     pub mb_per_sec: f64,
+    /// The corpus's type/token curve (from `build_vocab` and merges).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub curve: Option<TypeTokenCurve>,
 }
 
 async fn count_one(
@@ -273,12 +276,13 @@ pub async fn count_words(
         types: counts.len(),
         seconds: meter.seconds(),
         mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
+        curve: None,
     };
     Ok((counts, stats))
 }
 
 /// Count the inputs and write the vocabulary (`vocab.txt`, `size` most frequent words
-/// plus `<unk>`; 0 = all) to `out`.
+/// plus `<unk>`; 0 = all) to `out`; the counts' type/token curve goes in the figures.
 pub async fn build_vocab(
     inputs: &[Input],
     out: &Location,
@@ -287,7 +291,8 @@ pub async fn build_vocab(
     parallel: usize,
     bar: bool,
 ) -> Result<(Vocab, Counted)> {
-    let (counts, stats) = count_words(inputs, opts, parallel, bar).await?;
+    let (counts, mut stats) = count_words(inputs, opts, parallel, bar).await?;
+    stats.curve = Some(type_token_curve(&counts));
     let vocab = Vocab::build(counts, size)?;
     out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
     Ok((vocab, stats))

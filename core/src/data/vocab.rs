@@ -192,6 +192,76 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// What a corpus's counts say about its vocabulary, to pick `vocab_size`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TypeTokenCurve {
+    /// Distinct words against tokens read (Heaps' law): the expected types after each
+    /// fraction of the tokens (1/1024, 1/512, ..., all), the tokens read in random order,
+    /// so the curve does not depend on how the inputs were split or ordered.
+    pub curve: Vec<CurvePoint>,
+    /// The share of tokens that would be `<unk>` with each vocabulary size.
+    pub unk_rate: Vec<UnkRate>,
+    /// Words seen once.
+    pub hapax: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CurvePoint {
+    pub tokens: u64,
+    pub types: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct UnkRate {
+    pub vocab_size: usize,
+    pub unk_rate: f64,
+}
+
+/// The type/token curve of word counts (`<eos>` included, as a word).
+pub fn type_token_curve(counts: &HashMap<String, u64>) -> TypeTokenCurve {
+    let tokens: u64 = counts.values().sum();
+    let curve = (0..=10)
+        .rev()
+        .map(|k| {
+            let f = 1.0 / f64::from(1u32 << k);
+            // E[types] = sum over words of 1 - (1 - f)^count.
+            let ln = (1.0 - f).ln();
+            let types: f64 = if k == 0 {
+                counts.len() as f64
+            } else {
+                counts.values().map(|&c| 1.0 - (c as f64 * ln).exp()).sum()
+            };
+            CurvePoint {
+                tokens: (tokens as f64 * f).round() as u64,
+                types: types.round() as u64,
+            }
+        })
+        .collect();
+    let mut sorted: Vec<u64> = counts.values().copied().collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut unk_rate = Vec::new();
+    let (mut covered, mut at) = (0u64, 0usize);
+    for size in [
+        1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+        2_000_000, 5_000_000,
+    ] {
+        if size > sorted.len() {
+            break;
+        }
+        covered += sorted[at..size].iter().sum::<u64>();
+        at = size;
+        unk_rate.push(UnkRate {
+            vocab_size: size,
+            unk_rate: 1.0 - covered as f64 / tokens.max(1) as f64,
+        });
+    }
+    TypeTokenCurve {
+        curve,
+        unk_rate,
+        hapax: sorted.iter().rev().take_while(|&&c| c == 1).count() as u64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +315,34 @@ mod tests {
                 .contains("line 1")
         );
         assert!(Vocab::parse("", "v").is_err());
+    }
+
+    #[test]
+    fn the_type_token_curve_rises_to_the_types_and_prices_each_vocabulary_size() {
+        // Zipf-like counts: word k seen 5000 / k times (words 2501.. once).
+        let counts: HashMap<String, u64> =
+            (1..=5000u64).map(|k| (format!("w{k}"), 5000 / k)).collect();
+        let c = type_token_curve(&counts);
+        let tokens: u64 = counts.values().sum();
+        assert_eq!(c.curve.len(), 11);
+        assert_eq!(
+            c.curve.last().unwrap(),
+            &CurvePoint {
+                tokens,
+                types: 5000
+            }
+        );
+        assert!(
+            c.curve
+                .windows(2)
+                .all(|w| w[0].types < w[1].types && w[0].tokens < w[1].tokens)
+        );
+        // 1/1024 of the tokens sees mostly the frequent words.
+        assert!(c.curve[0].types < 200, "{:?}", c.curve[0]);
+        assert_eq!(c.unk_rate.len(), 3); // 1k, 2k, 5k
+        let top1k: u64 = (1..=1000u64).map(|k| 5000 / k).sum();
+        assert!((c.unk_rate[0].unk_rate - (1.0 - top1k as f64 / tokens as f64)).abs() < 1e-12);
+        assert_eq!(c.unk_rate[2].unk_rate, 0.0);
+        assert_eq!(c.hapax, 2500);
     }
 }

@@ -5,7 +5,7 @@
 //! An object's format comes from its name (`news.en-00001-of-00100` is text,
 //! `c4-train.00000-of-01024.json.gz` JSON lines in gzip, `1b.tar.gz` a tar archive in
 //! gzip, `CC-MAIN-....warc.wet.gz` WET, `part-0.parquet` Parquet), or from
-//! [`TextOptions::format`](super::text::TextOptions) for every input. A tar archive's
+//! [`TextOptions::format`](super::options::TextOptions) for every input. A tar archive's
 //! members are read in the archive's order, each by its own name (a member may be
 //! compressed itself), each a source of its own.
 //!
@@ -18,7 +18,7 @@
 mod parquet_file;
 mod records;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io::Read;
 use std::sync::Arc;
@@ -29,8 +29,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
+use super::options::TextOptions;
 use super::store::Location;
-use super::text::TextOptions;
 use crate::{Error, Result};
 
 /// How an object's bytes are compressed.

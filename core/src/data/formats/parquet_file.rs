@@ -14,7 +14,7 @@ use parquet::file::serialized_reader::SerializedFileReader;
 
 use super::{Done, Object, Out, Piece, SkipReason, Stop};
 use crate::Error;
-use crate::data::text::{BadLines, TextOptions};
+use crate::data::options::{BadLines, TextOptions};
 
 /// Rows read at a time.
 const BATCH: usize = 1024;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::{Counted, Done, Framing, Out, PIECE_BYTES, Piece, SkipReason, Stop, io_error};
-use crate::data::text::{BadLines, TextOptions};
+use crate::data::options::{BadLines, TextOptions};
 use crate::{Error, Result};
 
 /// Longest WARC header line accepted.
