@@ -243,3 +243,166 @@ fn two_workers_reallocate_through_the_coordinator_with_data_and_checkpoints_in_s
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("alpha") || out.contains("beta"), "{out}");
 }
+
+/// Put an object with a plain (unsigned) PUT, which moto accepts.
+fn put_object(endpoint: &str, bucket: &str, key: &str, body: &[u8]) {
+    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).expect("connect to the S3 server");
+    write!(
+        s,
+        "PUT /{bucket}/{key} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "putting {key}: {reply}");
+}
+
+/// README's recipe for the One Billion Word benchmark, on an archive of its layout (the
+/// real one: 1-billion-word-language-modeling-benchmark-r13output.tar.gz, 1.7 GB) made
+/// by Debian's tar and gzip and put in the bucket: the dataset prepared straight from
+/// the archive equals the one prepared from its files extracted, and trains.
+#[test]
+fn the_one_billion_word_recipe_prepares_from_its_tar_gz_in_s3() {
+    let ep = endpoint();
+    create_bucket(&ep, "lightrnn-test");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = "1-billion-word-language-modeling-benchmark-r13output";
+    let text = tmp.path().join("text");
+    corpus(&text);
+    let read = |n: &str| std::fs::read_to_string(text.join(n)).unwrap();
+    let (train, valid, test) = (read("s.train.txt"), read("s.valid.txt"), read("s.test.txt"));
+    let lines: Vec<&str> = train.lines().collect();
+    let files = [
+        (
+            "training-monolingual.tokenized.shuffled/news.en-00001-of-00100",
+            lines[..300].join("\n") + "\n",
+        ),
+        (
+            "training-monolingual.tokenized.shuffled/news.en-00002-of-00100",
+            lines[300..].join("\n") + "\n",
+        ),
+        (
+            "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050",
+            test.clone(),
+        ),
+        (
+            "heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050",
+            valid.clone(),
+        ),
+        (
+            "README",
+            "The One Billion Word benchmark (a stand-in).\n".to_string(),
+        ),
+    ];
+    let tree = tmp.path().join("tree");
+    for (name, body) in &files {
+        let p = tree.join(root).join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+    }
+    let archive = tmp.path().join(format!("{root}.tar.gz"));
+    let o = Command::new("tar")
+        .arg("czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&tree)
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let unique = unique();
+    let key = format!("{unique}/{root}.tar.gz");
+    put_object(
+        &ep,
+        "lightrnn-test",
+        &key,
+        &std::fs::read(&archive).unwrap(),
+    );
+    // The recipe (README, "Corpora as they come").
+    let a = format!("s3://lightrnn-test/{key}");
+    let ds = format!("s3://lightrnn-test/{unique}/1b");
+    let members = |m: &str| format!("{root}/{m}");
+    let train_m = members("training-monolingual.tokenized.shuffled/");
+    let (code, out, err) = lightrnn(&["vocab", "--input", &a, "--members", &train_m, "--out", &ds]);
+    assert_eq!(code, 0, "{err}");
+    let vocab = json(&out);
+    for (split, m) in [
+        ("train", train_m.clone()),
+        (
+            "valid",
+            members("heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050"),
+        ),
+        (
+            "test",
+            members("heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050"),
+        ),
+    ] {
+        let (code, out, err) = lightrnn(&[
+            "shard",
+            "--input",
+            &a,
+            "--members",
+            &m,
+            "--vocab",
+            &ds,
+            "--out",
+            &ds,
+            "--split",
+            split,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        // The same split from the extracted files.
+        let local = tmp.path().join("local");
+        let l = local.to_str().unwrap();
+        let dir = tree.join(&m);
+        if split == "train" {
+            let (code, out, err) =
+                lightrnn(&["vocab", "--input", dir.to_str().unwrap(), "--out", l]);
+            assert_eq!(code, 0, "{err}");
+            assert_eq!(json(&out)["vocab_sha256"], vocab["vocab_sha256"]);
+            assert_eq!(json(&out)["tokens"], vocab["tokens"]);
+        }
+        let (code, plain, err) = lightrnn(&[
+            "shard",
+            "--input",
+            dir.to_str().unwrap(),
+            "--vocab",
+            l,
+            "--out",
+            l,
+            "--split",
+            split,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        for k in ["tokens", "unk_tokens", "shards"] {
+            assert_eq!(json(&out)[k], json(&plain)[k], "{split}: {k}");
+        }
+    }
+    assert!(
+        vocab["curve"]["curve"]
+            .as_array()
+            .is_some_and(|c| c.len() == 11),
+        "{vocab}"
+    );
+    let run = format!("s3://lightrnn-test/{unique}/1b-run");
+    let (code, out, err) = lightrnn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "max_steps=20",
+        "--data",
+        &ds,
+        "--out",
+        &run,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(json(&out)["test_ppl"].as_f64().unwrap().is_finite());
+}

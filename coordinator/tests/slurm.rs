@@ -689,4 +689,57 @@ fn slurm_array_jobs_prepare_the_one_process_dataset() {
             "{name} differs from the one-process dataset's"
         );
     }
+    // One part run again alone, as a lost task is (PARTS=3 sbatch --array=1 ...): it
+    // replaces its own counts, and the merge gives the same vocabulary.
+    let counts = out.join("parts/vocab.part-00001-of-00003.tsv");
+    let before = std::fs::metadata(&counts).unwrap().modified().unwrap();
+    let o = Command::new("sbatch")
+        .args([
+            "--parsable",
+            "--export=ALL",
+            "--array=1",
+            "--cpus-per-task=1",
+            "--mem-per-cpu=256M",
+        ])
+        .arg(format!("--output={}/%x-%A_%a.log", dir.display()))
+        .arg(format!("--chdir={}", dir.display()))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/slurm/prepare.sbatch"))
+        .arg("vocab-part")
+        .env("PARTS", "3")
+        .env("OUT", &out)
+        .env("INPUT_train", corpus.join("train"))
+        .env("ARGS", "--lowercase")
+        .env("LIGHTRNN", env!("CARGO_BIN_EXE_lightrnn"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sbatch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    wait_completed(&id, &dir, Duration::from_secs(120));
+    assert!(std::fs::metadata(&counts).unwrap().modified().unwrap() > before);
+    let parts: Vec<String> = std::fs::read_dir(out.join("parts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        parts.iter().all(|p| p.ends_with("-of-00003.tsv")),
+        "{parts:?}"
+    );
+    let vocab = std::fs::read(out.join("vocab.txt")).unwrap();
+    let (code, _, err) = common::lightrnn(&[
+        "vocab",
+        "--input",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--merge",
+        "--size",
+        "30",
+        "--lowercase",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(out.join("vocab.txt")).unwrap() == vocab);
 }

@@ -13,10 +13,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fail() { echo "prepare.sh: error: $*" >&2; exit 1; }
-PARTS=${PARTS:-8}
+export PARTS=${PARTS:-8}
 [[ $PARTS =~ ^[1-9][0-9]*$ ]] || fail "PARTS=$PARTS: a positive count"
 [[ -n ${OUT:-} ]] || fail "set OUT (the dataset's location)"
 read -ra splits <<< "${SPLITS:-train valid test}"
+[[ ${#splits[@]} -gt 0 ]] || fail "SPLITS names no split"
 for s in "${splits[@]}"; do
   v=INPUT_$s
   [[ -n ${!v:-} ]] || fail "set $v (the $s split's inputs)"

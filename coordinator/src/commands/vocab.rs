@@ -14,8 +14,9 @@ use crate::Result;
 
 #[derive(Args, Debug, Clone)]
 pub struct VocabArgs {
-    /// Text objects or prefixes (every object below; *.json skipped): paths, file://,
-    /// memory:// URLs. Repeatable.
+    /// Text objects or prefixes (every object below but *.manifest.json, .* and _*):
+    /// paths, file://, s3://, gs://, az:// URLs. Compressed, archived and structured
+    /// inputs by their names (see --format). Repeatable.
     #[arg(long, required = true)]
     pub input: Vec<String>,
     /// Output location; vocab.txt is written there.

@@ -2,8 +2,8 @@
 //! (`lightrnn vocab`) and into verified u32 shards (`lightrnn shard`), written to any
 //! object-store location.
 //!
-//! Inputs are object URLs or prefixes (every object below a prefix, in name order,
-//! manifests and dot-files skipped). Counting runs one task per input, `parallel` at a
+//! Inputs are object URLs or prefixes (every object below a prefix, in name order;
+//! manifests, dot-files and `_`-files skipped), in any format [`super::formats`] reads. Counting runs one task per input, `parallel` at a
 //! time, each with its own table, merged at the end. Sharding tokenises `parallel` inputs
 //! ahead and writes their ids in input order, so the shards hold the inputs
 //! concatenated in the order given, whatever the task timing.
@@ -74,7 +74,9 @@ pub async fn expand_inputs(urls: &[String]) -> Result<Vec<Input>> {
         let before = out.len();
         for (name, m) in objects {
             let base = name.rsplit('/').next().unwrap_or(&name);
-            if base.starts_with('.') || base.ends_with(".json") {
+            // Manifests, and hidden files: dot-files and the `_SUCCESS`-style markers of
+            // Hadoop and Spark outputs.
+            if base.starts_with(['.', '_']) || base.ends_with(".manifest.json") {
                 continue;
             }
             out.push(Input {
@@ -298,38 +300,70 @@ pub async fn build_vocab(
     Ok((vocab, stats))
 }
 
+/// What a tokenising task hands the shard writer: ids in batches, then its sources.
+enum Tokenised {
+    Ids(Vec<u32>),
+    Done(Vec<Source>),
+}
+
+/// Ids per batch a tokenising task sends.
+const BATCH_IDS: usize = 1 << 20;
+/// Ids all tokenising tasks may hold ahead of the writer (256 MiB): a compressed input
+/// holds no more of the writer's memory than a plain one.
+const IDS_AHEAD: usize = 64 << 20;
+
+/// Tokenise one input into `tx`, batch by batch; an error is sent as the last message.
 async fn ids_of(
     input: Input,
     opts: TextOptions,
     vocab: Arc<Vocab>,
     meter: Arc<Meter>,
-) -> Result<(Vec<u32>, Vec<Source>)> {
-    let mut r = input.open(&opts).await?;
-    let mut ids = Vec::with_capacity((input.size / 5) as usize);
-    let mut line = String::new();
-    let mut reported = 0u64;
-    let mut sources = Vec::new();
-    while r.next_source().await? {
-        while r.next_line(&mut line).await? {
-            ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
-            ids.push(vocab.eos());
-            if r.progress() - reported >= REPORT_BYTES {
-                meter.add(r.progress() - reported);
-                reported = r.progress();
+    tx: tokio::sync::mpsc::Sender<Result<Tokenised>>,
+) {
+    let run = async {
+        let mut r = input.open(&opts).await?;
+        let mut ids = Vec::with_capacity(BATCH_IDS + (1 << 16));
+        let mut line = String::new();
+        let mut reported = 0u64;
+        let mut sources = Vec::new();
+        while r.next_source().await? {
+            while r.next_line(&mut line).await? {
+                ids.extend(line.split_whitespace().map(|w| vocab.id(w)));
+                ids.push(vocab.eos());
+                if ids.len() >= BATCH_IDS {
+                    let full =
+                        std::mem::replace(&mut ids, Vec::with_capacity(BATCH_IDS + (1 << 16)));
+                    if tx.send(Ok(Tokenised::Ids(full))).await.is_err() {
+                        return Ok(None); // the writer stopped
+                    }
+                }
+                if r.progress() - reported >= REPORT_BYTES {
+                    meter.add(r.progress() - reported);
+                    reported = r.progress();
+                }
             }
+            sources.push(Source {
+                url: input.url(),
+                member: r.member().map(str::to_string),
+                format: r.format_name(),
+                bytes: input.size,
+                e_tag: input.e_tag.clone(),
+                lines: r.lines(),
+                skipped: r.skipped(),
+            });
         }
-        sources.push(Source {
-            url: input.url(),
-            member: r.member().map(str::to_string),
-            format: r.format_name(),
-            bytes: input.size,
-            e_tag: input.e_tag.clone(),
-            lines: r.lines(),
-            skipped: r.skipped(),
-        });
-    }
-    meter.add(r.progress() - reported);
-    Ok((ids, sources))
+        meter.add(r.progress() - reported);
+        if !ids.is_empty() && tx.send(Ok(Tokenised::Ids(ids))).await.is_err() {
+            return Ok(None);
+        }
+        Ok(Some(sources))
+    };
+    let last = match run.await {
+        Ok(None) => return,
+        Ok(Some(sources)) => Ok(Tokenised::Done(sources)),
+        Err(e) => Err(e),
+    };
+    let _ = tx.send(last).await;
 }
 
 /// What `write_shards` wrote.
@@ -356,8 +390,9 @@ pub struct SplitOut<'a> {
     pub shard_tokens: u64,
 }
 
-/// Tokenise the inputs with `vocab` into the split `to` names: its shards, then the
-/// manifest (written last, so a half-written split never looks complete; it records
+/// Tokenise the inputs with `vocab` into the split `to` names (`parallel` inputs at
+/// once, at most 64M ids held ahead of the writer): its shards, then the manifest
+/// (written last, so a half-written split never looks complete; it records
 /// `text_options`, how the text was read), and `vocab.txt` beside them so the split's
 /// location opens as a dataset.
 pub async fn write_shards(
@@ -384,23 +419,48 @@ pub async fn write_shards(
     out.delete(&Manifest::object_name(split)).await?;
     out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
     let mut writer = ShardWriter::new(out, split, &vocab, shard_tokens);
-    let mut tasks = futures::stream::iter(inputs.iter().cloned().map(|input| {
+    // `parallel` inputs tokenised at once, each ahead of the writer by a bounded number
+    // of batches; the writer takes them in input order.
+    let parallel = parallel.max(1);
+    let ahead = (IDS_AHEAD / BATCH_IDS / parallel).max(2);
+    let spawn = |input: &Input| {
+        let (tx, rx) = tokio::sync::mpsc::channel(ahead);
         let (opts, vocab, meter) = (opts.clone(), vocab.clone(), meter.clone());
-        tokio::spawn(ids_of(input, opts, vocab, meter))
-    }))
-    .buffered(parallel.max(1));
+        tokio::spawn(ids_of(input.clone(), opts, vocab, meter, tx));
+        rx
+    };
+    let mut pending: std::collections::VecDeque<_> =
+        inputs.iter().take(parallel).map(spawn).collect();
+    let mut next = pending.len();
     let mut sources = Vec::new();
     let unk = vocab.unk();
     let mut unk_tokens = 0u64;
     let mut skipped = Skipped::default();
-    while let Some(joined) = tasks.next().await {
-        let (ids, from) =
-            joined.map_err(|e| Error::Data(format!("tokenising task failed: {e}")))??;
-        unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
-        writer.extend(&ids).await?;
-        for source in from {
-            skipped.add(&source.skipped);
-            sources.push(source);
+    while let Some(mut rx) = pending.pop_front() {
+        loop {
+            match rx.recv().await {
+                Some(Ok(Tokenised::Ids(ids))) => {
+                    unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
+                    writer.extend(&ids).await?;
+                }
+                Some(Ok(Tokenised::Done(from))) => {
+                    for source in from {
+                        skipped.add(&source.skipped);
+                        sources.push(source);
+                    }
+                    break;
+                }
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(Error::Data(
+                        "a tokenising task failed before its end".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(input) = inputs.get(next) {
+            pending.push_back(spawn(input));
+            next += 1;
         }
     }
     let m = writer.finish(sources, text_options).await?;

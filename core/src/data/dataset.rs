@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::corpus::{Input, SplitOut, count_words, write_shards};
-use super::shards::{Manifest, SplitReader};
+use super::shards::{Manifest, Source, SplitReader};
 use super::store::Location;
 use super::text::TextOptions;
 use super::vocab::VOCAB_FILE;
@@ -132,9 +132,12 @@ async fn cached_matches(
             Ok(m) => m,
             Err(_) => return Ok(false),
         };
+        // One source per object; an archive has one per member, all of its object.
+        let mut objects: Vec<&Source> = m.sources.iter().collect();
+        objects.dedup_by(|a, b| a.url == b.url && a.member.is_some() && b.member.is_some());
         let same = m.text_options == want_opts
-            && m.sources.len() == files.len()
-            && m.sources.iter().zip(files).all(|(s, (name, size, tag))| {
+            && objects.len() == files.len()
+            && objects.iter().zip(files).all(|(s, (name, size, tag))| {
                 s.url.ends_with(&format!("/{name}")) && s.bytes == *size && s.e_tag == *tag
             });
         if !same {

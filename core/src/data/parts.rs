@@ -65,13 +65,7 @@ impl Part {
     /// This part's inputs: those whose middle byte falls in its 1/N of all the bytes.
     pub fn share(&self, inputs: &[Input]) -> std::ops::Range<usize> {
         let total: u128 = inputs.iter().map(|i| u128::from(i.size)).sum();
-        let owner = |at: u128| {
-            if total == 0 {
-                0
-            } else {
-                ((at * self.of as u128) / total) as usize
-            }
-        };
+        let owner = |at: u128| (at * self.of as u128).checked_div(total).unwrap_or(0) as usize;
         let (mut start, mut end, mut before) = (inputs.len(), inputs.len(), 0u128);
         for (k, input) in inputs.iter().enumerate() {
             let mid = before + u128::from(input.size) / 2;

@@ -96,10 +96,15 @@ pub struct LineReader {
     /// The archive member being read, and the next one, once seen.
     member: Option<(String, Format)>,
     next_member: Option<(String, Format)>,
-    /// The record the text being read is from (0: not a record format).
+    /// The record the line read last is from (0: not a record format), from the marks
+    /// of the chunk: where each record's text ends in it.
     record: u64,
+    marks: formats::Marks,
+    mark: usize,
     /// Bytes of the object read by its decoding thread.
     raw_read: Option<Arc<AtomicU64>>,
+    /// The decoding thread said it reached the end.
+    end_seen: bool,
     sources: u64,
 }
 
@@ -141,7 +146,9 @@ impl LineReader {
         }
         let (pieces, raw_read, size) = if format.is_plain() {
             let chunks = loc.stream_version(name, meta.e_tag.as_deref()).await?;
-            let pieces = chunks.map(|c| c.map(|b| Piece::Text(b, 0))).boxed();
+            let pieces = chunks
+                .map(|c| c.map(|b| Piece::Text(b, Vec::new())))
+                .boxed();
             (pieces, None, Some(meta.size))
         } else {
             let chunks = if format.framing == Framing::Parquet {
@@ -182,7 +189,10 @@ impl LineReader {
             member: None,
             next_member: None,
             record: 0,
+            marks: Vec::new(),
+            mark: 0,
             raw_read,
+            end_seen: false,
             sources: 0,
         })
     }
@@ -199,7 +209,12 @@ impl LineReader {
             self.done = true;
             match self.pieces.next().await {
                 Some(p) => self.take_piece(p?)?,
-                None => return Ok(false),
+                None => {
+                    return Err(Error::Data(format!(
+                        "{}: its decoding stopped before the end of the object",
+                        self.url
+                    )));
+                }
             }
         } else {
             let mut s = String::new();
@@ -220,10 +235,11 @@ impl LineReader {
     /// Take in a piece from the decoding thread: text becomes the chunk being read.
     fn take_piece(&mut self, p: Piece) -> Result<()> {
         match p {
-            Piece::Text(b, record) => {
+            Piece::Text(b, marks) => {
                 self.chunk = b;
                 self.at = 0;
-                self.record = record;
+                self.marks = marks;
+                self.mark = 0;
             }
             Piece::Skipped(why, bytes) => {
                 match why {
@@ -236,6 +252,7 @@ impl LineReader {
                 self.next_member = Some((name, f));
                 self.done = true;
             }
+            Piece::End => self.end_seen = true,
         }
         Ok(())
     }
@@ -269,7 +286,11 @@ impl LineReader {
             s.push_str(&format!(" member {m}"));
         }
         if self.record > 0 {
-            s.push_str(&format!(" record {}", self.record));
+            let what = match self.format.framing {
+                Framing::Parquet => "row",
+                _ => "record",
+            };
+            s.push_str(&format!(" {what} {}", self.record));
         } else {
             s.push_str(&format!(" line {line}"));
         }
@@ -335,6 +356,12 @@ impl LineReader {
                     }
                     None => {
                         self.done = true;
+                        if self.raw_read.is_some() && !self.end_seen {
+                            return Err(Error::Data(format!(
+                                "{}: its decoding stopped before the end of the object",
+                                self.url
+                            )));
+                        }
                         if let Some(size) = self.size
                             && self.bytes != size
                         {
@@ -372,6 +399,14 @@ impl LineReader {
             self.at += used as usize;
             self.bytes += used;
             self.line_bytes += used;
+        }
+        // The record of the line: the one whose text holds its last byte.
+        if !self.marks.is_empty() {
+            let last = self.at.saturating_sub(1);
+            while self.mark + 1 < self.marks.len() && self.marks[self.mark].0 <= last {
+                self.mark += 1;
+            }
+            self.record = self.marks[self.mark].1;
         }
         if discarding {
             self.line_no += 1;

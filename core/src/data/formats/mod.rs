@@ -15,6 +15,7 @@
 //! plain text is; a corrupt or truncated stream is an error naming the object, the
 //! compressed byte reached and the decoded bytes before it, never a short corpus.
 
+mod field;
 mod parquet_file;
 mod records;
 #[cfg(test)]
@@ -127,18 +128,40 @@ impl Format {
     /// A format as `--format` names it: the suffixes of a name without their dots, such
     /// as `text`, `text.gz`, `jsonl.zst`, `tar.gz`, `wet.gz` or `parquet`.
     pub fn parse(s: &str) -> Result<Format> {
-        const KNOWN: &[&str] = &[
-            "text", "txt", "jsonl", "ndjson", "json", "wet", "warc", "parquet", "pq", "tar", "gz",
-            "gzip", "zst", "zstd", "xz", "bz2", "tgz", "tbz2", "txz", "tzst",
+        // Each part and what it stands for.
+        const KNOWN: &[(&str, &str)] = &[
+            ("text", "text"),
+            ("txt", "text"),
+            ("jsonl", "jsonl"),
+            ("ndjson", "jsonl"),
+            ("json", "jsonl"),
+            ("wet", "wet"),
+            ("parquet", "parquet"),
+            ("pq", "parquet"),
+            ("tar", "tar"),
+            ("gz", "gz"),
+            ("gzip", "gz"),
+            ("zst", "zst"),
+            ("zstd", "zst"),
+            ("xz", "xz"),
+            ("bz2", "bz2"),
+            ("tgz", "tar.gz"),
+            ("tbz2", "tar.bz2"),
+            ("txz", "tar.xz"),
+            ("tzst", "tar.zst"),
         ];
-        let parts: Vec<&str> = s.split('.').collect();
-        if s.is_empty() || parts.iter().any(|p| !KNOWN.contains(p)) {
+        let canonical: Option<Vec<&str>> = s
+            .split('.')
+            .map(|p| KNOWN.iter().find(|(k, _)| *k == p).map(|(_, c)| *c))
+            .collect();
+        let f = Format::of_name(&format!("input.{s}"));
+        // In the order a name has them: what the text is in, or tar; then compression.
+        if canonical.is_none_or(|c| c.join(".") != f.name()) {
             return Err(Error::Config(format!(
-                "format {s:?}: expected dot-separated parts of {}",
-                KNOWN.join(", ")
+                "format {s:?}: expected text, jsonl, wet, parquet or tar, then .gz, .zst, .xz or .bz2 \
+                 for compression (e.g. jsonl.zst, tar.gz)"
             )));
         }
-        let f = Format::of_name(&format!("input.{s}"));
         f.check()?;
         Ok(f)
     }
@@ -195,11 +218,14 @@ pub enum SkipReason {
 pub enum Piece {
     /// A tar member begins: its name in the archive and its format.
     Member(String, Format),
-    /// Decoded text, whole lines for record formats; the record it is from (the JSON
-    /// line's number, the Parquet row's, the WET record's; 0 for plain text).
-    Text(Bytes, u64),
+    /// Decoded text, and for record formats where each record's text ends: (end
+    /// offset, record number: the JSON line's, the Parquet row's, the WET record's),
+    /// so each line is known by its record; none for plain text.
+    Text(Bytes, Marks),
     /// A record left out (skip mode): why, its bytes.
     Skipped(SkipReason, u64),
+    /// The object was decoded to its end (a channel closed without it is an error).
+    End,
 }
 
 /// An object being decoded on its own thread.
@@ -242,29 +268,47 @@ pub fn spawn(
     let (opts, raw) = (opts.clone(), raw_read.clone());
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let out = Out { tx: tx.clone() };
-        let r = match (format.framing, chunks) {
-            (Framing::Parquet, _) if !format.tar => {
-                parquet_file::read(handle, obj, &opts, raw, &out)
+        let out = Out::new(tx.clone());
+        let url = obj.url();
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match (format.framing, chunks) {
+                (Framing::Parquet, _) if !format.tar => {
+                    parquet_file::read(handle, obj, &opts, raw, &out)
+                }
+                (_, Some(chunks)) => {
+                    let raw = BlockingRead {
+                        handle,
+                        chunks,
+                        chunk: Bytes::new(),
+                        read: raw,
+                        size: obj.size,
+                        url: obj.url(),
+                    };
+                    decode(raw, &obj.url(), format, &opts, &out)
+                }
+                (_, None) => Err(Stop::Failed(Error::Data(format!(
+                    "{}: no stream to decode",
+                    obj.url()
+                )))),
             }
-            (_, Some(chunks)) => {
-                let raw = BlockingRead {
-                    handle,
-                    chunks,
-                    chunk: Bytes::new(),
-                    read: raw,
-                    size: obj.size,
-                    url: obj.url(),
-                };
-                decode(raw, &obj.url(), format, &opts, &out)
-            }
-            (_, None) => Err(Stop::Failed(Error::Data(format!(
-                "{}: no stream to decode",
-                obj.url()
-            )))),
-        };
+        }));
+        // A decoder that panics (a library's assertion on a hostile file) is an error
+        // naming the object, never a short read.
+        let r = decoded.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(Stop::Failed(Error::Data(format!(
+                "{url}: its decoder failed: {why}"
+            ))))
+        });
         match r {
-            Ok(()) | Err(Stop::Closed) => {}
+            Ok(()) => {
+                let _ = out.send(Piece::End);
+            }
+            Err(Stop::Closed) => {}
             Err(Stop::Failed(e)) => {
                 let _ = tx.blocking_send(Err(e));
             }
@@ -275,6 +319,9 @@ pub fn spawn(
         raw_read,
     }
 }
+
+/// Where each record's text ends in a piece, and the record's number.
+pub type Marks = Vec<(usize, u64)>;
 
 /// Why decoding ended early.
 pub(crate) enum Stop {
@@ -291,14 +338,49 @@ impl From<Error> for Stop {
 
 type Done = std::result::Result<(), Stop>;
 
-/// The sending end, from the blocking thread.
+/// The sending end, from the blocking thread: records' text is gathered into pieces of
+/// about [`PIECE_BYTES`] (a piece per short record would cost a wake-up each).
 pub(crate) struct Out {
     tx: mpsc::Sender<Result<Piece>>,
+    batch: std::cell::RefCell<(Vec<u8>, Marks)>,
 }
 
 impl Out {
+    fn new(tx: mpsc::Sender<Result<Piece>>) -> Self {
+        Out {
+            tx,
+            batch: Default::default(),
+        }
+    }
+
+    /// Send a piece, after the text gathered so far.
     fn send(&self, p: Piece) -> Done {
+        self.flush()?;
         self.tx.blocking_send(Ok(p)).map_err(|_| Stop::Closed)
+    }
+
+    /// Text of `record`: whole lines (a long record may come in parts, in order).
+    fn text(&self, text: &[u8], record: u64) -> Done {
+        let full = {
+            let mut b = self.batch.borrow_mut();
+            b.0.extend_from_slice(text);
+            let end = b.0.len();
+            match b.1.last_mut() {
+                Some(m) if m.1 == record => m.0 = end,
+                _ => b.1.push((end, record)),
+            }
+            end >= PIECE_BYTES
+        };
+        if full { self.flush() } else { Ok(()) }
+    }
+
+    fn flush(&self) -> Done {
+        let (buf, marks) = std::mem::take(&mut *self.batch.borrow_mut());
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let piece = Piece::Text(Bytes::from(buf), marks);
+        self.tx.blocking_send(Ok(piece)).map_err(|_| Stop::Closed)
     }
 }
 
@@ -407,13 +489,23 @@ fn decode(raw: BlockingRead, url: &str, format: Format, opts: &TextOptions, out:
         });
     }
     let mut archive = tar::Archive::new(&mut r);
+    // Past the end-of-archive blocks to the end of the stream: archives concatenated
+    // (`cat a.tar.gz b.tar.gz`) are read whole, and the stream's end is checked (its
+    // gzip trailer, the object's size).
+    archive.set_ignore_zeros(true);
     let entries = archive
         .entries()
         .map_err(|e| io_error(e, || format!("{url}: not a tar archive")))?;
     let mut members = 0u64;
     for entry in entries {
-        let entry =
-            entry.map_err(|e| io_error(e, || broke(&format!("{url} (a tar header)"), 0)))?;
+        let entry = entry.map_err(|e| {
+            io_error(e, || {
+                format!(
+                    "{url}: a tar header: the archive is corrupt or cut short (object byte {})",
+                    read.load(Ordering::Relaxed)
+                )
+            })
+        })?;
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind == tar::EntryType::Continuous) {
             continue;

@@ -1,6 +1,7 @@
 //! Parquet: the string column named by the text field, read row group by row group with
-//! ranged reads at the object's listed version (the footer first, then each row group's
-//! column chunk once), so memory holds one column chunk, never the file.
+//! ranged reads at the object's listed version, in windows of at least [`WINDOW`] bytes
+//! (a page larger than that is read whole), so memory holds a window and a page, never
+//! a row group or the file.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,10 +19,12 @@ use crate::data::options::{BadLines, TextOptions};
 
 /// Rows read at a time.
 const BATCH: usize = 1024;
-/// The least fetched by a read outside the column chunk (the footer's reads).
-const READ_AHEAD: u64 = 64 << 10;
+/// The least fetched by a read outside the window kept.
+const WINDOW: u64 = 8 << 20;
+/// Bytes a page header may take.
+const HEADER_ROOM: u64 = 1 << 20;
 
-/// The object by ranges: one fetched range kept (a column chunk, or the footer).
+/// The object by ranges: one fetched window kept.
 #[derive(Clone)]
 struct Ranges(Arc<Inner>);
 
@@ -63,7 +66,7 @@ impl Ranges {
                 "{len} bytes at {start} are past the end of the file ({size} bytes)"
             )));
         }
-        self.fetch(start, (start + len.max(READ_AHEAD)).min(size))
+        self.fetch(start, (start + len.max(WINDOW)).min(size))
     }
 }
 
@@ -76,8 +79,13 @@ impl Length for Ranges {
 impl ChunkReader for Ranges {
     type T = bytes::buf::Reader<Bytes>;
 
+    /// A page header is read through this: at least [`HEADER_ROOM`] bytes from `start`
+    /// are in the window it reads (headers with their statistics are far smaller).
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(self.from(start, 1)?.reader())
+        let room = HEADER_ROOM
+            .min(self.0.obj.size.saturating_sub(start))
+            .max(1);
+        Ok(self.from(start, room)?.reader())
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
@@ -94,7 +102,6 @@ pub(super) fn read(
     out: &Out,
 ) -> Done {
     let url = obj.url();
-    let size = obj.size;
     let ranges = Ranges(Arc::new(Inner {
         handle,
         obj,
@@ -145,11 +152,6 @@ pub(super) fn read(
     let mut row = 0u64;
     for g in 0..meta.num_row_groups() {
         let at = format!(" row group {g}");
-        // The column chunk, fetched once.
-        let (start, len) = meta.row_group(g).column(col).byte_range();
-        ranges
-            .fetch(start, (start + len).min(size))
-            .map_err(|e| bad(at.clone(), e))?;
         let group = file.get_row_group(g).map_err(|e| bad(at.clone(), e))?;
         let reader = group
             .get_column_reader(col)
@@ -171,7 +173,7 @@ pub(super) fn read(
             let mut vals = values.iter();
             for k in 0..records {
                 row += 1;
-                let null = max_def > 0 && defs[k] < max_def;
+                let null = max_def > 0 && defs.get(k).is_some_and(|&d| d < max_def);
                 let Some(v) = (!null).then(|| vals.next()).flatten() else {
                     if opts.bad_lines == BadLines::Skip {
                         out.send(Piece::Skipped(SkipReason::NoText, 0))?;
@@ -182,12 +184,10 @@ pub(super) fn read(
                         opts.text_field
                     ))));
                 };
-                let mut text = Vec::with_capacity(v.len() + 1);
-                text.extend_from_slice(v.data());
-                if text.last() != Some(&b'\n') {
-                    text.push(b'\n');
+                out.text(v.data(), row)?;
+                if v.data().last() != Some(&b'\n') {
+                    out.text(b"\n", row)?;
                 }
-                out.send(Piece::Text(Bytes::from(text), row))?;
             }
         }
     }

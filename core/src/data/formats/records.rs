@@ -2,12 +2,11 @@
 //! (the string at the text field of each), WET (the payload of each `conversion`
 //! record).
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
+use super::field::field_text;
 use super::{Counted, Done, Framing, Out, PIECE_BYTES, Piece, SkipReason, Stop, io_error};
 use crate::data::options::{BadLines, TextOptions};
 use crate::{Error, Result};
@@ -59,7 +58,7 @@ fn text<R: Read>(r: &mut Counted<R>, out: &Out, broke: &dyn Fn(u64) -> String) -
         }
         if n > 0 {
             buf.truncate(n);
-            out.send(Piece::Text(Bytes::from(buf), 0))?;
+            out.send(Piece::Text(Bytes::from(buf), Vec::new()))?;
         }
         if end {
             return Ok(());
@@ -70,7 +69,7 @@ fn text<R: Read>(r: &mut Counted<R>, out: &Out, broke: &dyn Fn(u64) -> String) -
 /// One line of a buffered stream, at most `max` bytes kept.
 enum Line {
     End,
-    Line,
+    Whole,
     /// Longer than the limit: read past, its bytes.
     TooLong(u64),
 }
@@ -84,7 +83,7 @@ fn bounded_line<R: BufRead>(r: &mut R, max: usize, out: &mut Vec<u8>) -> std::io
             return Ok(match (any, too_long) {
                 (false, _) => Line::End,
                 (true, true) => Line::TooLong(total),
-                (true, false) => Line::Line,
+                (true, false) => Line::Whole,
             });
         }
         any = true;
@@ -106,41 +105,10 @@ fn bounded_line<R: BufRead>(r: &mut R, max: usize, out: &mut Vec<u8>) -> std::io
             return Ok(if too_long {
                 Line::TooLong(total)
             } else {
-                Line::Line
+                Line::Whole
             });
         }
     }
-}
-
-/// What a JSON value is, in words.
-fn kind(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'"') => "a string",
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'n') => "null",
-        Some(b't' | b'f') => "a boolean",
-        _ => "a number",
-    }
-}
-
-/// The string at `path` (a dotted field path) of one JSON line, or why there is none.
-pub(crate) fn field_text(line: &[u8], path: &[&str]) -> std::result::Result<String, String> {
-    let mut map: HashMap<String, &RawValue> =
-        serde_json::from_slice(line).map_err(|e| format!("not a JSON object ({e})"))?;
-    for (k, seg) in path.iter().enumerate() {
-        let name = path[..=k].join(".");
-        let raw = map
-            .remove(*seg)
-            .ok_or_else(|| format!("no field {name:?}"))?;
-        if k + 1 == path.len() {
-            return serde_json::from_str::<String>(raw.get())
-                .map_err(|_| format!("field {name:?} is {}, not a string", kind(raw)));
-        }
-        map = serde_json::from_str(raw.get())
-            .map_err(|_| format!("field {name:?} is {}, not an object", kind(raw)))?;
-    }
-    Err("an empty field path".into())
 }
 
 /// A record without text: counted in skip mode, else the error.
@@ -180,13 +148,13 @@ fn jsonl<R: Read>(
                     opts.max_line_bytes
                 ),
             )?,
-            Line::Line if line.trim_ascii().is_empty() => {}
-            Line::Line => match field_text(&line, &path) {
+            Line::Whole if line.trim_ascii().is_empty() => {}
+            Line::Whole => match field_text(&line, &path) {
                 Ok(mut text) => {
                     if !text.ends_with('\n') {
                         text.push('\n');
                     }
-                    out.send(Piece::Text(Bytes::from(text), rec))?;
+                    out.text(text.as_bytes(), rec)?;
                 }
                 Err(why) => no_text(
                     opts,
@@ -221,8 +189,8 @@ fn warc_header<R: BufRead>(
                     at(br)
                 )));
             }
-            Line::Line if !started && l.is_empty() => {}
-            Line::Line if !started => {
+            Line::Whole if !started && l.is_empty() => {}
+            Line::Whole if !started => {
                 if !l.starts_with(b"WARC/") {
                     return Err(Error::Data(format!(
                         "{}: not a WARC record header: {:?}",
@@ -232,13 +200,13 @@ fn warc_header<R: BufRead>(
                 }
                 started = true;
             }
-            Line::Line if l.is_empty() => {
+            Line::Whole if l.is_empty() => {
                 let len = len.ok_or_else(|| {
                     Error::Data(format!("{}: no Content-Length in its header", at(br)))
                 })?;
                 return Ok(Some((len, conversion)));
             }
-            Line::Line => {
+            Line::Whole => {
                 let l = String::from_utf8_lossy(l);
                 if let Some((k, v)) = l.split_once(':') {
                     let (k, v) = (k.trim(), v.trim());
@@ -290,13 +258,13 @@ fn wet<R: Read>(
             let k = (buf.len() as u64).min(left).min(PIECE_BYTES as u64) as usize;
             if conversion {
                 last = buf[k - 1];
-                out.send(Piece::Text(Bytes::copy_from_slice(&buf[..k]), rec))?;
+                out.text(&buf[..k], rec)?;
             }
             br.consume(k);
             left -= k as u64;
         }
         if conversion && len > 0 && last != b'\n' {
-            out.send(Piece::Text(Bytes::from_static(b"\n"), rec))?;
+            out.text(b"\n", rec)?;
         }
     }
 }

@@ -541,6 +541,17 @@ async fn archives_filter_members_and_refuse_what_cannot_stream() {
         e.contains("no file in the archive") && e.contains("valid/"),
         "{e}"
     );
+    // Archives concatenated (`cat a.tar.gz b.tar.gz`): both read, to the end.
+    let mut both = gzip(&tar(&[("a.txt", b"one\n")]));
+    both.extend(gzip(&tar(&[
+        ("b.txt", b"two three\n"),
+        ("c.txt", b"four\n"),
+    ])));
+    loc.put("both.tar.gz", Bytes::from(both)).await.unwrap();
+    let (lines, _) = read_all(&loc, "both.tar.gz", &TextOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(lines, 3);
     let nested = tar(&[("inner.parquet", b"PAR1")]);
     loc.put("n.tar", Bytes::from(nested)).await.unwrap();
     let e = read_all(&loc, "n.tar", &TextOptions::default())
@@ -573,16 +584,45 @@ fn formats_come_from_names_and_from_the_option() {
         assert_eq!(Format::of_name(name).name(), want, "{name}");
         assert_eq!(Format::parse(want).unwrap().name(), want);
     }
-    assert!(
-        Format::parse("jsonl.rar")
-            .unwrap_err()
-            .to_string()
-            .contains("rar")
-    );
+    for alias in ["txt", "ndjson.gzip", "json.zstd", "tgz", "pq"] {
+        assert!(Format::parse(alias).is_ok(), "{alias}");
+    }
+    // Unknown parts, parts out of order, WARC (only WET's extracted text is read).
+    for bad in [
+        "jsonl.rar",
+        "gz.text",
+        "tar.jsonl",
+        "gz.tar",
+        "warc",
+        "warc.gz",
+    ] {
+        let e = Format::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(bad), "{bad}: {e}");
+    }
     assert!(
         Format::parse("parquet.gz")
             .unwrap_err()
             .to_string()
             .contains("Parquet")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_reads_json_lines_and_skips_markers_and_manifests() {
+    // A Spark `df.write.json` output: part files, a _SUCCESS marker, dot-files.
+    let src = Location::parse("memory://formats/spark").unwrap();
+    for (name, body) in [
+        ("part-00000.json", "{\"text\": \"a b\"}\n"),
+        ("part-00001.json", "{\"text\": \"c\"}\n"),
+        ("_SUCCESS", ""),
+        (".part-00000.json.crc", "crc"),
+        ("train.manifest.json", "{}"),
+    ] {
+        src.put(name, Bytes::from(body)).await.unwrap();
+    }
+    let inputs = expand_inputs(&["memory://formats/spark".into()])
+        .await
+        .unwrap();
+    let names: Vec<_> = inputs.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["part-00000.json", "part-00001.json"]);
 }
