@@ -492,18 +492,7 @@ print(json.dumps(jobs))
             .collect();
         run(&whole);
     }
-    let (got, want) = (common::dataset_files(&k8s), common::dataset_files(&one));
-    assert!(want.contains_key("train.manifest.json") && want.contains_key("test.manifest.json"));
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (name, bytes) in &want {
-        assert!(
-            got[name] == *bytes,
-            "{name} differs from the one-process dataset's"
-        );
-    }
+    common::assert_same_dataset(&k8s, &one);
     // What the parts left: the vocabulary's counts, for another --size.
     let left: Vec<_> = std::fs::read_dir(k8s.join("parts"))
         .unwrap()

@@ -678,17 +678,7 @@ fn slurm_array_jobs_prepare_the_one_process_dataset() {
             "--lowercase",
         ]);
     }
-    let (got, want) = (common::dataset_files(&out), common::dataset_files(&one));
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (name, bytes) in &want {
-        assert!(
-            got[name] == *bytes,
-            "{name} differs from the one-process dataset's"
-        );
-    }
+    common::assert_same_dataset(&out, &one);
     // One part run again alone, as a lost task is (PARTS=3 sbatch --array=1 ...): it
     // replaces its own counts, and the merge gives the same vocabulary.
     let counts = out.join("parts/vocab.part-00001-of-00003.tsv");

@@ -88,8 +88,30 @@ pub fn jsonl_gz_corpus(dir: &Path, prefix: &str, files: usize, seed: u64) {
     }
 }
 
+/// Two dataset folders hold the same objects, byte for byte (`parts/` aside), with all
+/// three splits.
+pub fn assert_same_dataset(got: &Path, want: &Path) {
+    let (got, want) = (dataset_files(got), dataset_files(want));
+    for split in ["train", "valid", "test"] {
+        assert!(
+            want.contains_key(&format!("{split}.manifest.json")),
+            "no {split} split"
+        );
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &want {
+        assert!(
+            got[name] == *bytes,
+            "{name} differs from the one-process dataset's"
+        );
+    }
+}
+
 /// Every object of a dataset folder (relative names, bytes), its `parts/` aside.
-pub fn dataset_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+fn dataset_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();

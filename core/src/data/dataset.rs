@@ -263,6 +263,74 @@ mod tests {
         );
     }
 
+    /// `--data DIR` of compressed and structured files: prepared as their plain text
+    /// would be, and reused on the next start (an archive's members are one object).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn text_dirs_of_any_format_prepare_and_are_reused() {
+        use crate::data::formats::tests::{gzip, tar};
+        let (plain, data) = (
+            Location::parse("memory://dataset-tests/fmt-plain").unwrap(),
+            Location::parse("memory://dataset-tests/fmt").unwrap(),
+        );
+        let (train, valid, test) = ("a b c\nb c\n", "a d\n", "c c\n");
+        for (name, body) in [
+            ("x.train.txt", train),
+            ("x.valid.txt", valid),
+            ("x.test.txt", test),
+        ] {
+            plain.put(name, Bytes::from(body)).await.unwrap();
+        }
+        let members = tar(&[("one.txt", b"a b c\n"), ("two.txt", b"b c\n")]);
+        data.put("x.train.tar.gz", Bytes::from(gzip(&members)))
+            .await
+            .unwrap();
+        data.put("x.valid.jsonl", Bytes::from("{\"text\": \"a d\"}\n"))
+            .await
+            .unwrap();
+        data.put("x.test.txt.gz", Bytes::from(gzip(test.as_bytes())))
+            .await
+            .unwrap();
+        let want = Dataset::open_or_prepare(
+            &plain,
+            &Location::parse("memory://dataset-tests/fmt-plain-cache").unwrap(),
+            &opts(),
+        )
+        .await
+        .unwrap();
+        let cache = Location::parse("memory://dataset-tests/fmt-cache").unwrap();
+        let ds = Dataset::open_or_prepare(&data, &cache, &opts())
+            .await
+            .unwrap();
+        assert_eq!(ds.vocab.sha256(), want.vocab.sha256());
+        for (a, b) in [
+            (&ds.train, &want.train),
+            (&ds.valid, &want.valid),
+            (&ds.test, &want.test),
+        ] {
+            assert_eq!(
+                a.read(0, a.tokens()).await.unwrap(),
+                b.read(0, b.tokens()).await.unwrap()
+            );
+        }
+        assert_eq!(ds.train.manifest().sources.len(), 2);
+        let first = cache
+            .head("train-00000.u32")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_modified;
+        Dataset::open_or_prepare(&data, &cache, &opts())
+            .await
+            .unwrap();
+        let again = cache
+            .head("train-00000.u32")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_modified;
+        assert_eq!(first, again, "the archive's dataset was prepared again");
+    }
+
     #[tokio::test]
     async fn missing_split_is_a_clear_error() {
         let data = Location::parse("memory://dataset-tests/partial").unwrap();
