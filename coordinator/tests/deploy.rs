@@ -53,14 +53,21 @@ assert docs and all(d is not None for d in docs), "empty document"
 for d in docs: walk(d)
 print(json.dumps(out))
 "#;
+    serde_json::from_value(python_json(script, path, &[])).unwrap()
+}
+
+/// What a Python `script` run on `path` (and `more` arguments) prints, as JSON; its
+/// error output if it fails.
+fn python_json(script: &str, path: &Path, more: &[&str]) -> serde_json::Value {
     let o = Command::new(python())
         .args(["-c", script])
         .arg(path)
+        .args(more)
         .output()
         .unwrap();
     assert!(
         o.status.success(),
-        "{} does not parse: {}",
+        "{}: {}",
         path.display(),
         String::from_utf8_lossy(&o.stderr)
     );
@@ -271,20 +278,7 @@ for d in docs:
                                     for c in spec["containers"]]})
 print(json.dumps(pods))
 "#;
-    let path = deploy_dir().join("k8s/lightrnn.yaml");
-    let o = Command::new(python())
-        .args(["-c", script])
-        .arg(&path)
-        .args(KUBERNETES)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let pods: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pods = python_json(script, &deploy_dir().join("k8s/lightrnn.yaml"), KUBERNETES);
     let mut roles = BTreeSet::new();
     for pod in pods.as_array().unwrap() {
         let name = pod["name"].as_str().unwrap();
@@ -381,13 +375,7 @@ doc = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
 print(json.dumps({n: {"grace": s.get("stop_grace_period", "10s"), "command": [str(a) for a in s.get("command", [])]}
                   for n, s in doc["services"].items()}))
 "#;
-    let o = Command::new(python())
-        .args(["-c", script])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let services: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let services = python_json(script, &path, &[]);
     let mut trainers = 0;
     for (name, s) in services.as_object().unwrap() {
         let args: Vec<String> = serde_json::from_value(s["command"].clone()).unwrap();
@@ -427,20 +415,12 @@ for d in docs:
                  "args": [str(a) for a in c["args"]]})
 print(json.dumps(jobs))
 "#;
-    let path = deploy_dir().join("k8s/prepare.yaml");
-    let o = Command::new(python())
-        .args(["-c", script])
-        .arg(&path)
-        .args(KUBERNETES)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let jobs: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let jobs: Vec<serde_json::Value> = serde_json::from_value(python_json(
+        script,
+        &deploy_dir().join("k8s/prepare.yaml"),
+        KUBERNETES,
+    ))
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
     common::jsonl_gz_corpus(&corpus.join("train"), "c4-train", 5, 7);

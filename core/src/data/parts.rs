@@ -209,7 +209,7 @@ pub async fn merge_counts(
     opts: &TextOptions,
     size: usize,
 ) -> Result<(Vocab, Counted)> {
-    let meter = Meter::new("merging", 0, false);
+    let started = std::time::Instant::now();
     let parts = out.join(PARTS_DIR);
     let (of, _) = parts_found(&parts, "vocab.", ".tsv").await?;
     let want = inputs_sha256(inputs);
@@ -266,7 +266,11 @@ pub async fn merge_counts(
     counted.mb_per_sec = counted.bytes as f64 / 1e6 / counted.seconds.max(1e-9);
     let vocab = Vocab::build(counts, size)?;
     out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
-    tracing::info!(parts = of, seconds = meter.seconds(), "counts merged");
+    tracing::info!(
+        parts = of,
+        seconds = started.elapsed().as_secs_f64(),
+        "counts merged"
+    );
     Ok((vocab, counted))
 }
 
