@@ -417,6 +417,13 @@ pub trait Backend: Send {
         None
     }
 
+    /// Time this backend's phases with `profiler` (the CPU backend: each layer, the heads,
+    /// the gradient groups' sum, clipping and the optimizer, and its threads' spans while
+    /// tracing). A backend that times nothing of its own ignores it.
+    fn set_profiler(&mut self, profiler: crate::Profiler) {
+        let _ = profiler;
+    }
+
     /// Forward and backward of one batch through the per-layer calls: a training pass
     /// (dropout keyed by `step`) and the gradients of `grad_scale` * summed NLL; returns
     /// its summed losses. The gradient is left in the gradient buffer.

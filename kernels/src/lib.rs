@@ -17,7 +17,8 @@
 //! - [`groups`]: gradient groups (how a batch is cut and its groups run in order, the
 //!   fixed-order pairwise sum), shared by every backend.
 //! - [`rng`]: Philox counter-based random numbers; [`optim`]: SGD, Adam, Adagrad and
-//!   gradient clipping; [`Error`]: what fails, and whether retrying may help.
+//!   gradient clipping; [`profile`]: where a step's time goes (phases, spans, traces);
+//!   [`Error`]: what fails, and whether retrying may help.
 
 pub mod backend;
 pub mod cpu;
@@ -26,6 +27,7 @@ mod error;
 pub mod groups;
 pub mod layout;
 pub mod optim;
+pub mod profile;
 mod real;
 pub mod rng;
 pub mod select;
@@ -42,6 +44,7 @@ pub use layout::{
     ModelDims, ParamLayout, ParamSpec, check_allocation, check_cells, random_allocation,
 };
 pub use optim::Optimizer;
+pub use profile::{Phase, Profiler};
 pub use real::{Real, exp_f32};
 pub use select::{BackendKind, BackendOptions, check_backend, open_backend, resolve};
 pub use tables::LossTables;

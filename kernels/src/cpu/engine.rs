@@ -228,6 +228,11 @@ impl<T: Real> Engine<T> {
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
     }
+    /// Time the threads' parts of each region with `profiler` while it traces.
+    pub fn set_profiler(&mut self, profiler: crate::Profiler) {
+        self.team.set_profiler(profiler);
+    }
+
     pub fn threads(&self) -> usize {
         self.team.threads()
     }

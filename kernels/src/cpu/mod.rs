@@ -22,6 +22,7 @@ use crate::backend::{
 use crate::groups::{PairwiseSum, Plan};
 use crate::layout::ParamLayout;
 use crate::optim::{Optimizer, clip_coefficient};
+use crate::profile::{Phase, Profiler};
 use crate::tables::LossTables;
 use crate::{Error, Result};
 
@@ -38,6 +39,7 @@ pub struct CpuBackend {
     tables: Option<LossTables>,
     /// The summed losses of the last training step.
     last_loss: LossSums,
+    profiler: Profiler,
 }
 
 impl CpuBackend {
@@ -50,7 +52,36 @@ impl CpuBackend {
             sums: PairwiseSum::default(),
             tables: None,
             last_loss: LossSums::default(),
+            profiler: Profiler::off(),
         })
+    }
+
+    /// [`Backend::forward_backward`] with each layer, the heads and the input timed.
+    fn timed_forward_backward(
+        &mut self,
+        batch: &Batch<'_>,
+        step: u64,
+        scale: f32,
+    ) -> Result<LossSums> {
+        let p = &self.profiler;
+        {
+            let _s = p.span(Phase::Input);
+            self.engine.input_forward(batch, Pass::Train { step })?;
+        }
+        let layers = self.engine.dims().layers;
+        for l in 0..layers {
+            let _s = p.span(Phase::LayerForward(l));
+            self.engine.lstm_forward(l)?;
+        }
+        let loss = {
+            let _s = p.span(Phase::Heads);
+            self.engine.heads(Some(scale))?
+        };
+        for l in (0..layers).rev() {
+            let _s = p.span(Phase::LayerBackward(l));
+            self.engine.lstm_backward(l)?;
+        }
+        Ok(loss)
     }
 
     pub fn engine(&self) -> &Engine<f32> {
@@ -140,7 +171,7 @@ impl Backend for CpuBackend {
         let mut total = LossSums::default();
         let r = plan.for_each_group(batch, &mut tokens, |_, group, keyed| {
             self.engine.set_shard(keyed)?;
-            let loss = self.forward_backward(group, step, scale)?;
+            let loss = self.timed_forward_backward(group, step, scale)?;
             if !grouped {
                 // The batch in one piece: its gradient stays in the engine's buffer.
                 total = loss;
@@ -148,6 +179,7 @@ impl Backend for CpuBackend {
             }
             total.add(&loss);
             // The gradient just computed goes into the pairwise sum.
+            let _s = self.profiler.span(Phase::GradSum);
             let mut buf = self
                 .sums
                 .spare()
@@ -159,6 +191,7 @@ impl Backend for CpuBackend {
         r?;
         if grouped {
             // The groups' sum, left in the engine's gradient buffer.
+            let _s = self.profiler.span(Phase::GradSum);
             let mut sum = self.sums.finish(|a, b| add_host(a, b))?;
             self.engine.swap_grads(&mut sum)?;
             self.sums.recycle(sum);
@@ -176,8 +209,12 @@ impl Backend for CpuBackend {
     }
 
     fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<StepFigures> {
-        let norm = self.engine.grad_norm();
+        let norm = {
+            let _s = self.profiler.span(Phase::Clip);
+            self.engine.grad_norm()
+        };
         if norm.is_finite() {
+            let _s = self.profiler.span(Phase::Optimizer);
             self.engine
                 .optimizer_step(rule, lr, clip_coefficient(norm, max_norm))?;
         }
@@ -226,6 +263,10 @@ impl Backend for CpuBackend {
             .and_then(|()| self.engine.accumulate_loss_tables(&mut tables));
         self.tables = Some(tables);
         r
+    }
+    fn set_profiler(&mut self, profiler: Profiler) {
+        self.engine.set_profiler(profiler.clone());
+        self.profiler = profiler;
     }
     fn take_loss_tables(&mut self) -> Result<LossTables> {
         self.tables

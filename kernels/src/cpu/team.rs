@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct Team {
     pool: Option<rayon::ThreadPool>,
     threads: usize,
+    /// Each thread's part of a region is a span while the profiler traces.
+    profiler: crate::Profiler,
 }
 
 impl std::fmt::Debug for Team {
@@ -44,11 +46,19 @@ impl Team {
         } else {
             None
         };
-        Ok(Self { pool, threads })
+        Ok(Self {
+            pool,
+            threads,
+            profiler: crate::Profiler::off(),
+        })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    pub fn set_profiler(&mut self, profiler: crate::Profiler) {
+        self.profiler = profiler;
     }
 
     /// Run `f(thread_index, barrier)` on every thread of the team and wait for all.
@@ -57,10 +67,18 @@ impl Team {
         F: Fn(usize, &Barrier) + Sync,
     {
         let barrier = Barrier::new(self.threads);
+        let prof = &self.profiler;
+        let traced = |t: usize| {
+            let start = prof.tracing().then(std::time::Instant::now);
+            f(t, &barrier);
+            if let Some(start) = start {
+                prof.thread_span(t, start);
+            }
+        };
         match &self.pool {
-            None => f(0, &barrier),
+            None => traced(0),
             Some(pool) => {
-                pool.broadcast(|ctx| f(ctx.index(), &barrier));
+                pool.broadcast(|ctx| traced(ctx.index()));
             }
         }
     }
