@@ -92,6 +92,14 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Also keep every checkpoint whose step is a multiple of this (0: none).
     pub keep_every: u64,
+    /// TensorBoard event files in the run directory's `tb/` (written by rank 0).
+    pub tensorboard: bool,
+    /// Time each phase of the steps: a metrics `profile` line per logging window, the
+    /// ranks' phases in Prometheus (false: no clock is read for them).
+    pub profile: bool,
+    /// "A:B": a Chrome trace-event file of steps A to B (1-based, with the work that
+    /// follows B until the next step) per rank in `profile/` ("": none).
+    pub profile_steps: String,
     // Word reallocation.
     /// Reallocate after every this many epochs (0 = never), or "auto" (the default): the
     /// trainer decides after each epoch whether a round pays and which words move
@@ -212,6 +220,9 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             keep_every: 0,
+            tensorboard: true,
+            profile: true,
+            profile_steps: String::new(),
             lr_schedule: Vec::new(),
             realloc_every: ReallocEvery::Auto,
             realloc_start: 0,
@@ -223,6 +234,22 @@ impl Default for TrainConfig {
             realloc_max_table_gib: 16.0,
             realloc_sparse: 0,
         }
+    }
+}
+
+/// The steps `A:B` of a `profile_steps` value ("" = none): 1 <= A <= B.
+pub fn profile_steps(s: &str) -> Result<Option<(u64, u64)>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let parsed = s
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)));
+    match parsed {
+        Some((a, b)) if a >= 1 && a <= b => Ok(Some((a, b))),
+        _ => Err(Error::Config(format!(
+            "profile_steps {s:?}: want A:B, the first and last step to trace (1 <= A <= B)"
+        ))),
     }
 }
 
@@ -350,6 +377,11 @@ impl TrainConfig {
         toml::to_string(self).unwrap_or_default()
     }
 
+    /// The steps `A:B` of `profile_steps` to trace (None: "").
+    pub fn profile_range(&self) -> Result<Option<(u64, u64)>> {
+        profile_steps(&self.profile_steps)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.emb == 0 || self.hidden == 0 || self.layers == 0 || self.layers > 32 {
@@ -384,6 +416,7 @@ impl TrainConfig {
             );
         }
         self.optimizer_rule()?;
+        self.profile_range()?;
         self.bad_lines.parse::<crate::data::text::BadLines>()?;
         if self
             .lr_schedule

@@ -6,6 +6,7 @@
 //! - [`data`]: object storage, text, vocabulary, shards, datasets, batches;
 //! - [`config`]: the training configuration and presets;
 //! - [`report`]: what a run reports (metrics lines, the summary, a rank's figures);
+//! - [`tensorboard`]: TensorBoard's event files (the messages and their records);
 //! - [`checkpoint`]: the checkpoint format, its manifest and commit;
 //! - [`protocol`]: the control protocol's calls and answers as domain types;
 //! - [`wire`]: the one place where the wire's messages convert to and from these types.
@@ -17,6 +18,7 @@ pub mod data;
 mod error;
 pub mod protocol;
 pub mod report;
+pub mod tensorboard;
 pub mod util;
 pub mod wire;
 

@@ -125,6 +125,8 @@ pub enum MetricsLine {
     Test(TestLine),
     /// A word reallocation.
     Realloc(ReallocLine),
+    /// Where the logging window's time went, phase by phase.
+    Profile(ProfileLine),
     #[serde(other)]
     Other,
 }
@@ -137,6 +139,7 @@ impl MetricsLine {
             Self::Valid(l) => Some(l.step),
             Self::Test(l) => Some(l.step),
             Self::Realloc(l) => Some(l.step),
+            Self::Profile(l) => Some(l.step),
             Self::Other => None,
         }
     }
@@ -169,6 +172,24 @@ pub struct TrainLine {
     /// Training seconds of the run so far.
     #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
+    /// Words per second of each rank over the window (jobs of more than one rank).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_words_per_sec: Vec<f64>,
+}
+
+/// The phases of the logging window that ends at `step` (the leader's): seconds per
+/// training step of each phase that ran in it, the phases of a step nesting as
+/// `lightrnn_kernels::profile` says, and the work between steps (checkpoints,
+/// evaluation, reallocation rounds) spread over the window's steps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProfileLine {
+    pub step: u64,
+    pub epoch: u64,
+    /// Training steps in the window.
+    pub steps: u64,
+    /// Phase name -> seconds per step.
+    pub seconds_per_step: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -231,6 +252,7 @@ impl Default for TrainLine {
             lr: f64::NAN,
             grad_norm: f64::NAN,
             seconds: f64::NAN,
+            rank_words_per_sec: Vec::new(),
         }
     }
 }
@@ -299,6 +321,8 @@ pub struct RankReport {
     /// The rank's waits on its ring neighbours in collectives, per neighbour and
     /// direction, since its ring formed (empty for a job of one rank).
     pub waits: Vec<LinkWaits>,
+    /// Seconds per step of each phase over the last logging window (its `profile` line).
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Upper bounds (seconds) of the buckets of [`LinkWaits::buckets`]; a last bucket holds
@@ -386,6 +410,13 @@ mod tests {
                 lr: 20.0,
                 grad_norm: 0.5,
                 seconds: 1.5,
+                rank_words_per_sec: vec![5e3, 5e3],
+            }),
+            MetricsLine::Profile(ProfileLine {
+                step: 10,
+                epoch: 1,
+                steps: 10,
+                seconds_per_step: [("data".to_string(), 0.25)].into_iter().collect(),
             }),
             MetricsLine::Valid(ValidLine {
                 step: 10,
