@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs the S3-compatible test server (moto, from PyPI, into
 # .venv-test/, with numpy, safetensors, PyYAML and kubernetes-validate for the export and
-# deploy tests, and the CUDA 13.0 NVRTC that compiles the CUDA kernels with no GPU),
+# deploy tests, tensorboard for the event files' test, and the CUDA 13.0 NVRTC that
+# compiles the CUDA kernels with no GPU),
 # starts it on 127.0.0.1,
 # runs the workspace tests against it, stops it.
 # Extra arguments go to `cargo test` (e.g. `-p lightrnn-kernels --features cuda`: the CUDA
@@ -15,18 +16,20 @@ NUMPY_VERSION=2.4.6
 SAFETENSORS_VERSION=0.8.0
 PYYAML_VERSION=6.0.4
 KUBERNETES_VALIDATE_VERSION=1.37.0
+TENSORBOARD_VERSION=2.20.0
 # The CUDA 13.0 NVRTC, pinned in scripts/nvrtc-lib.sh.
 NVRTC_VERSION=$(scripts/nvrtc-lib.sh --version)
 VENV=.venv-test
 NVRTC_LIB() { ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1; }
-if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml, kubernetes_validate" 2>/dev/null || [[ -z "$(NVRTC_LIB)" ]]; then
+if ! "$VENV/bin/python" -c "import moto, flask, numpy, safetensors, yaml, kubernetes_validate, tensorboard" 2>/dev/null || [[ -z "$(NVRTC_LIB)" ]]; then
   python3 -m venv "$VENV"
   # moto: the S3 tests' server; numpy + safetensors: the export round-trip test; PyYAML
   # and kubernetes-validate (the Kubernetes API's schemas, offline): the deployment
-  # templates' tests.
+  # templates' tests; tensorboard: its own reader of the runs' event files.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
     "numpy==$NUMPY_VERSION" "safetensors==$SAFETENSORS_VERSION" "pyyaml==$PYYAML_VERSION" \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "nvidia-cuda-nvrtc==$NVRTC_VERSION"
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "nvidia-cuda-nvrtc==$NVRTC_VERSION" \
+    "tensorboard==$TENSORBOARD_VERSION"
 fi
 # NVRTC needs its lib directory on the library path (for libnvrtc-builtins); the CUDA
 # tests must find it (tests/nvrtc.rs fails instead of skipping).

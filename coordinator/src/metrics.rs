@@ -3,7 +3,7 @@
 //! per second of the job and of each rank, loss and perplexities, restarts by cause,
 //! heartbeat ages and misses, the last committed checkpoint with its seconds and bytes,
 //! each rank's waits on its ring neighbours (a histogram and the stalls, by peer and
-//! direction).
+//! direction), each rank's seconds per step of each phase of its steps.
 //! A distributed job renders them from the coordinator's state and the ranks' heartbeat
 //! reports; a single-process run from its own report. The figures are read at scrape
 //! time (a prometheus-client collector over a [`Snapshot`]); HTTP is hyper's, routed by
@@ -140,6 +140,7 @@ impl Collector for Job {
         }
         ranks(&mut e, &s)?;
         waits(&mut e, &s)?;
+        phases(&mut e, &s)?;
         job_counters(&mut e, &s)
     }
 }
@@ -231,6 +232,34 @@ fn ranks(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
                 .iter()
                 .filter_map(|r| Some((r.rank.to_string(), r.heartbeat_age?))),
         )?;
+    }
+    Ok(())
+}
+
+/// Each rank's seconds per step of each phase over its last logging window, labelled by
+/// rank and phase (absent while no rank reported any).
+fn phases(e: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), FmtError> {
+    let all: Vec<_> = s
+        .ranks
+        .iter()
+        .filter_map(|r| Some((r.rank, r.report.as_ref()?)))
+        .flat_map(|(rank, rep)| rep.phases.iter().map(move |(p, v)| (rank, p, *v)))
+        .collect();
+    if all.is_empty() {
+        return Ok(());
+    }
+    let mut m = e.encode_descriptor(
+        "phase_seconds_per_step",
+        "Seconds per training step of each phase (data, forward_backward, all_reduce, update, ...) over each rank's last logging window.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (rank, phase, v) in all {
+        let labels = [
+            ("rank".to_string(), rank.to_string()),
+            ("phase".to_string(), phase.clone()),
+        ];
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -463,6 +492,7 @@ mod tests {
                         global_words_per_sec: 10.0,
                         checkpoints: 1,
                         checkpoint_bytes: 42,
+                        phases: vec![("data".into(), 0.25)],
                         waits: vec![LinkWaits {
                             peer: 1,
                             direction: LinkDirection::Receive,
@@ -508,6 +538,7 @@ mod tests {
             "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"10\"} 4\n",
             "lightrnn_collective_wait_seconds_bucket{rank=\"0\",peer=\"1\",direction=\"receive\",le=\"+Inf\"} 4\n",
             "lightrnn_collective_stalls_total{rank=\"0\",peer=\"1\",direction=\"receive\"} 1\n",
+            "lightrnn_phase_seconds_per_step{rank=\"0\",phase=\"data\"} 0.25\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }

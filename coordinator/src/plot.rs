@@ -70,7 +70,7 @@ pub fn read_curves(text: &str, origin: &str) -> Result<Curves> {
                 }
             }
             MetricsLine::Test(t) => c.test_ppl = Some(t.ppl),
-            MetricsLine::Other => {}
+            MetricsLine::Profile(_) | MetricsLine::Other => {}
         }
     }
     if c.train.is_empty() && c.valid.is_empty() {

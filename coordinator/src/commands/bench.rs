@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// CUDA backend: capture each step as a CUDA graph (true) or plain launches (false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_graphs: bool,
+    /// Time each phase of the steps (`phases_s_per_step`); false: no clock is read.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub profile: bool,
+    /// Keep every span of the timed steps as a trace does (`trace_spans`): its cost.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 pub fn run(a: &BenchArgs) -> Result<String> {
@@ -87,6 +93,8 @@ pub fn run(a: &BenchArgs) -> Result<String> {
             Err(e) => return usage(e.to_string()),
         },
         cuda_graphs: a.cuda_graphs,
+        profile: a.profile,
+        trace: a.trace,
     };
     if base.zipf.is_nan() || base.zipf <= 0.0 {
         return usage("--zipf must be positive");

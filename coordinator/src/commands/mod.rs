@@ -42,6 +42,10 @@ pub struct ConfigArgs {
     /// List the built-in presets.
     #[arg(long)]
     pub list: bool,
+    /// Write a Chrome trace-event file (Perfetto opens it) of steps A to B per rank,
+    /// in the run directory's profile/ (the config's `profile_steps`).
+    #[arg(long, value_name = "A:B")]
+    pub profile_steps: Option<String>,
 }
 
 /// The effective configuration of a command line.
@@ -54,7 +58,12 @@ pub fn resolve_config(a: &ConfigArgs) -> Result<TrainConfig> {
         }
         (None, None) => TrainConfig::preset("ptb-small")?,
     };
-    Ok(base.with_overrides(&a.set)?)
+    let mut cfg = base.with_overrides(&a.set)?;
+    if let Some(steps) = &a.profile_steps {
+        lightrnn_core::config::profile_steps(steps)?;
+        cfg.profile_steps = steps.clone();
+    }
+    Ok(cfg)
 }
 
 /// What a training run is: its config, data, run directory and backend (`train` and

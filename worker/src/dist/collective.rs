@@ -41,6 +41,11 @@ pub trait Collective: GradReduce + Send {
     fn waits(&self) -> Vec<LinkWaits> {
         Vec::new()
     }
+    /// How long the last gradient all-reduce waited for its first bytes from a peer (its
+    /// peers' arrival; the rest of it was the transfer), where the collective knows.
+    fn take_wait(&mut self) -> Option<std::time::Duration> {
+        None
+    }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()> {
         let mut x = [0.0f32];

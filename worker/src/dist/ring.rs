@@ -34,6 +34,8 @@ pub struct TcpRing {
     left: Option<Side<Opener>>,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
+    /// When the gradient all-reduce in progress (or the last) began.
+    reduce_started: Option<std::time::Instant>,
 }
 
 /// One of a rank's two connections, the watch on its waits and its framing (a
@@ -90,6 +92,7 @@ impl TcpRing {
             left: None,
             send_buf: Vec::new(),
             recv_buf: Vec::new(),
+            reduce_started: None,
         };
         if world == 1 {
             return Ok(ring);
@@ -275,6 +278,10 @@ fn disjoint(
 
 impl GradReduce for TcpRing {
     fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
+        self.reduce_started = Some(std::time::Instant::now());
+        if let Some(l) = &mut self.left {
+            l.watch.take_first_byte();
+        }
         reduce_host(self, grads)
     }
 }
@@ -341,6 +348,12 @@ impl Collective for TcpRing {
             send_pieces(right, buf, &mut self.send_buf, "broadcast")?;
         }
         Ok(())
+    }
+
+    fn take_wait(&mut self) -> Option<std::time::Duration> {
+        let started = self.reduce_started.take()?;
+        let first = self.left.as_mut()?.watch.take_first_byte()?;
+        Some(first.saturating_duration_since(started))
     }
 
     fn waits(&self) -> Vec<LinkWaits> {

@@ -114,6 +114,8 @@ pub struct Watch {
     deadline: Duration,
     usual: Usual,
     figures: LinkWaits,
+    /// When a byte first moved since [`Watch::take_first_byte`].
+    first_byte: Option<Instant>,
 }
 
 impl Watch {
@@ -130,12 +132,18 @@ impl Watch {
             deadline,
             usual: Usual::default(),
             figures,
+            first_byte: None,
         }
     }
 
     /// The socket timeout a watched connection needs: one slice, at most the deadline.
     pub fn slice(deadline: Duration) -> Duration {
         SLICE.min(deadline).max(Duration::from_millis(1))
+    }
+
+    /// When a byte first moved since the last call (and none since).
+    pub fn take_first_byte(&mut self) -> Option<Instant> {
+        self.first_byte.take()
     }
 
     /// What this connection's waits took so far.
@@ -223,6 +231,7 @@ impl Transfer<'_> {
         let n = match r {
             Ok(0) => return Err(self.fail(": the connection was closed")),
             Ok(n) => {
+                self.watch.first_byte.get_or_insert(now);
                 self.moved_at = now;
                 self.bytes += n as u64;
                 n

@@ -6,13 +6,15 @@
 //! forward), comparable with what a framework executes; the CPU backend executes fewer
 //! (layer 0 projects each distinct input row once), counted separately as
 //! `executed_gflop_per_step`, and `share_of_gemm_peak` is the executed rate over the
-//! GEMM peak measured in the same process.
+//! GEMM peak measured in the same process. `phases_s_per_step` says where a step's time
+//! goes, phase by phase, as the trainer's metrics `profile` lines do.
 
 use serde::Serialize;
 
 use lightrnn_kernels::rng::{Philox, Purpose};
 use lightrnn_kernels::{
-    BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Precision, Stream, open_backend,
+    BackendKind, BackendOptions, Batch, ModelConfig, ModelDims, Phase, Precision, Profiler, Stream,
+    open_backend,
 };
 
 use lightrnn_core::Result;
@@ -45,6 +47,11 @@ pub struct BenchOptions {
     pub precision: Precision,
     /// The CUDA backend captures each step as a CUDA graph.
     pub cuda_graphs: bool,
+    /// Time each phase of the steps (`phases_s_per_step`).
+    pub profile: bool,
+    /// Also keep every span of the timed steps, as `--profile-steps` does (what a trace
+    /// costs).
+    pub trace: bool,
 }
 
 /// What the device was asked to do per timed step (means over the timed steps): the
@@ -91,6 +98,12 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
     /// A device backend's work per timed step.
     pub device_per_step: Option<DevicePerStep>,
+    /// Seconds per timed step of each phase (host time: a device backend's queued work
+    /// shows where the host waits for it, in `update`'s read-back), nesting as
+    /// `lightrnn_kernels::profile` says.
+    pub phases_s_per_step: std::collections::BTreeMap<String, f64>,
+    /// Spans kept with `trace`.
+    pub trace_spans: Option<usize>,
 }
 
 /// Dense training FLOPs of one step (see the module docs).
@@ -121,6 +134,12 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         ..TrainConfig::default()
     };
     let rule = cfg.optimizer_rule()?;
+    let prof = if o.profile || o.trace {
+        Profiler::on()
+    } else {
+        Profiler::off()
+    };
+    be.set_profiler(prof.clone());
     let zipf = Zipf::new(o.vocab as u64, o.zipf);
     let mut rng = Philox::new(o.seed, Purpose::Corpus).stream(0);
     let (b, t) = (o.batch, o.bptt);
@@ -135,8 +154,13 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         if step == o.warmup {
             flops0 = lightrnn_kernels::cpu::gemm::flops_executed();
             counters0 = be.device_counters();
+            prof.take_window();
+        }
+        if o.trace && step >= o.warmup {
+            prof.set_tracing(true, step as u64 + 1);
         }
         let t0 = std::time::Instant::now();
+        let span = prof.span(Phase::Step);
         let batch = Batch {
             inputs: &buf[..t * b],
             targets: &buf[b..],
@@ -144,8 +168,15 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
             batch: b,
             stream: Stream::Train(0),
         };
-        be.train_step(&batch, step as u64, 1.0 / words as f32)?;
-        let loss = be.clip_and_step(&rule, o.lr, o.clip)?.loss.total() / words;
+        {
+            let _s = prof.span(Phase::ForwardBackward);
+            be.train_step(&batch, step as u64, 1.0 / words as f32)?;
+        }
+        let loss = {
+            let _s = prof.span(Phase::Update);
+            be.clip_and_step(&rule, o.lr, o.clip)?.loss.total() / words
+        };
+        drop(span);
         if step >= o.warmup {
             times.push(t0.elapsed().as_secs_f64());
             if first.is_nan() {
@@ -169,6 +200,8 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let flops = model_flops(&dims, b, t);
     let achieved = flops / mean / 1e9;
     let (peak_rss, _) = rss_mib();
+    let phases = prof.take_window().phases();
+    let trace_spans = o.trace.then(|| prof.take_spans().len());
     let device_per_step = match (counters0, be.device_counters()) {
         (Some(a), Some(b)) => {
             let c = b.since(&a);
@@ -216,5 +249,10 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         rss_before_model_mib: rss_before,
         peak_rss_mib: peak_rss,
         device_per_step,
+        phases_s_per_step: phases
+            .into_iter()
+            .map(|(n, s)| (n, s / times.len().max(1) as f64))
+            .collect(),
+        trace_spans,
     })
 }

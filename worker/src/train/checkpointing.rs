@@ -42,6 +42,8 @@ impl Checkpointing {
     /// gathered from all ranks, rank 0 writes the objects, the job's owner commits the
     /// manifest once all ranks are there.
     pub(super) fn checkpoint(&mut self, run: &mut Run<'_>, cursor: u64) -> Result<()> {
+        let prof = run.prof.clone();
+        let _s = prof.span(lightrnn_kernels::Phase::Checkpoint);
         let t = Instant::now();
         let (d, leader) = (run.model.dims, run.dist.is_leader());
         let dir = run

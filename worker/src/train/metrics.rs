@@ -3,11 +3,13 @@
 //! ends and at the end of the run. Only the leader writes. A resumed run keeps the lines
 //! up to its checkpoint's step (all of them are in the file: it was written before the
 //! checkpoint existed) and logs the later ones again: every step's line is there once.
+//! TensorBoard's event files (`board`) follow the same lines and the same writes.
 
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::board::Board;
 use lightrnn_core::data::store::Location;
 use lightrnn_core::report::MetricsLine;
 use lightrnn_core::{Error, Result};
@@ -22,6 +24,8 @@ pub(super) struct MetricsFile {
     /// Whether the file was written in this session.
     written: bool,
     last_flush: Instant,
+    /// TensorBoard's events of the same lines (`tensorboard = true`).
+    board: Option<Board>,
 }
 
 impl MetricsFile {
@@ -29,6 +33,7 @@ impl MetricsFile {
         out: &Location,
         resume_step: Option<u64>,
         enabled: bool,
+        tensorboard: bool,
     ) -> Result<Self> {
         let mut lines = Vec::new();
         if enabled
@@ -52,6 +57,7 @@ impl MetricsFile {
             dirty: true,
             written: false,
             last_flush: Instant::now(),
+            board: (enabled && tensorboard).then(|| Board::new(out, resume_step)),
         })
     }
 
@@ -62,12 +68,23 @@ impl MetricsFile {
                 .map(|v| !(v["kind"] == "realloc" && v["step"].as_u64() == Some(step)))
                 .unwrap_or(true)
         });
+        if let Some(b) = &mut self.board {
+            b.drop_realloc_at(step);
+        }
         self.dirty = true;
+    }
+
+    /// TensorBoard's events, where they are written.
+    pub(super) fn board(&mut self) -> Option<&mut Board> {
+        self.board.as_mut()
     }
 
     /// Add a line; its keys are written in sorted order.
     pub(super) fn push(&mut self, line: &MetricsLine) -> Result<()> {
         let v = serde_json::to_value(line).map_err(|e| Error::Data(e.to_string()))?;
+        if let Some(b) = &mut self.board {
+            b.line(line);
+        }
         self.lines.push(v.to_string());
         self.dirty = true;
         Ok(())
@@ -77,13 +94,19 @@ impl MetricsFile {
     /// yet (the file appears with the first log line), else at most every 10 s.
     pub(super) async fn flush(&mut self, force: bool) -> Result<()> {
         let due = force || !self.written || self.last_flush.elapsed().as_secs() >= 10;
-        if self.enabled && self.dirty && due && !self.lines.is_empty() {
+        if !(self.enabled && due) {
+            return Ok(());
+        }
+        if self.dirty && !self.lines.is_empty() {
             let mut s = self.lines.join("\n");
             s.push('\n');
             self.out.put(METRICS, Bytes::from(s)).await?;
             self.dirty = false;
             self.written = true;
             self.last_flush = Instant::now();
+        }
+        if let Some(b) = &mut self.board {
+            b.flush().await?;
         }
         Ok(())
     }

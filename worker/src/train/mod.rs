@@ -13,15 +13,19 @@
 //! - [`eval`]: the loss of a split over the ranks, and `lightrnn eval`;
 //! - [`realloc`]: a rank's part of a reallocation round, and the loss-table passes;
 //! - `metrics`, `progress`: `metrics.jsonl`, the progress bar and logging windows;
+//!   `board`: TensorBoard's event files, from the same lines; `profiling`: the phases
+//!   of each window and the trace of `--profile-steps`;
 //! - [`bench`]: `lightrnn bench`, training throughput on a synthetic corpus.
 
 pub mod bench;
+mod board;
 mod checkpointing;
 pub mod eval;
 mod finish;
 mod metrics;
 mod options;
 mod policy;
+mod profiling;
 mod progress;
 pub mod realloc;
 mod run;

@@ -5,6 +5,7 @@
 //! undone after it); the round itself, a rank's part in [`super::realloc`]; every
 //! decision logged and recorded in the metrics.
 
+use super::board::allocation_png;
 use super::realloc::{ReallocOptions, reallocate};
 use super::run::Run;
 use super::start::LoopState;
@@ -15,6 +16,7 @@ use lightrnn_core::auto::{
 use lightrnn_core::config::{ReallocSettings, Schedule};
 use lightrnn_core::report::{MetricsLine, ReallocLine};
 use lightrnn_core::{Error, Result};
+use lightrnn_kernels::Phase;
 
 /// When a run reallocates, and how.
 pub(super) struct Policy {
@@ -52,6 +54,8 @@ impl Policy {
     /// measures the moved model and keeps the move only where it pays
     /// ([`lightrnn_core::auto`]).
     pub(super) fn round(&self, run: &mut Run<'_>) -> Result<()> {
+        let prof = run.prof.clone();
+        let _s = prof.span(Phase::Realloc);
         let budget = budget(&run.schedule, &run.st);
         let plan = run.st.auto.as_ref().map(|a| a.plan(&budget));
         let (move_cost, recovery, payoff, realized) = match &plan {
@@ -81,6 +85,7 @@ impl Policy {
             check: self.settings.check || auto,
             move_cost,
             undoable: auto,
+            profiler: run.prof.clone(),
         };
         let sweep = Sweep::new(&run.ds.train, run.cfg.batch, run.cfg.bptt, run.handle)
             .share(run.dist.world(), run.dist.rank());
@@ -165,8 +170,24 @@ impl Policy {
             round: run.st.reallocations,
             report: rep,
             auto: decision.map(Box::new),
-        }))
+        }))?;
+        allocation_image(run)
     }
+}
+
+/// The allocation after a round, as an image in TensorBoard (where it is written).
+fn allocation_image(run: &mut Run<'_>) -> Result<()> {
+    if run.metrics.board().is_none() {
+        return Ok(());
+    }
+    let cells = run.model.backend.allocation()?;
+    let d = run.model.dims;
+    let vocab = run.ds.vocab.clone();
+    let (png, w, h) = allocation_png(&cells, |w| vocab.count(w as u32), d.rows, d.cols)?;
+    if let Some(b) = run.metrics.board() {
+        b.image(run.st.step, "realloc/allocation", png, w, h);
+    }
+    Ok(())
 }
 
 /// Where the run stands for the automatic reallocation, after `st.epoch` epochs: the

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use lightrnn_alloc::{Carry, Reallocation, Report, SparsePart, SparseTables, carry_vectors};
-use lightrnn_kernels::{Backend, LossTables, Stream};
+use lightrnn_kernels::{Backend, LossTables, Phase, Stream};
 
 use super::eval::evaluate;
 use super::sweep::Sweep;
@@ -129,6 +129,8 @@ pub struct ReallocOptions {
     pub move_cost: f64,
     /// Keep what [`Moved::undo`] needs to put the model back as it was.
     pub undoable: bool,
+    /// Times the loss-table passes (and the check's evaluation).
+    pub profiler: lightrnn_kernels::Profiler,
 }
 
 /// What a round did: its report, the share of the occurrences' rows and columns it
@@ -178,7 +180,9 @@ pub fn reallocate(
             lightrnn_alloc::tables_bytes(d.vocab, d.rows, d.cols)
         };
         check_fits(&format!("reallocation round {round}"), need)?;
+        let pass = o.profiler.span(Phase::LossTables);
         let (tables, total, words) = loss_tables(backend, sweep, o.max_table_bytes)?;
+        drop(pass);
         let mut sums = [total, words as f64];
         dist.collective.all_reduce_sum_f64(&mut sums)?;
         let seconds_tables = t0.elapsed().as_secs_f64();
@@ -215,6 +219,7 @@ pub fn reallocate(
     backend.set_allocation(&solved.cells)?;
     // An undoable round that moved nothing has nothing to measure.
     if o.check && !(o.undoable && report.words_moved == 0) {
+        let _s = o.profiler.span(Phase::Eval);
         let (l, _) = evaluate(backend, sweep, &mut *dist.collective)?;
         report.train_loss_after = Some(l);
     }
@@ -256,7 +261,10 @@ fn sparse_round(
     for p in 0..passes {
         let tp = Instant::now();
         let range = p * per_pass..((p + 1) * per_pass).min(d.vocab);
-        let (total, words) = range_pass(backend, sweep, range.clone(), o.max_table_bytes)?;
+        let (total, words) = {
+            let _s = o.profiler.span(Phase::LossTables);
+            range_pass(backend, sweep, range.clone(), o.max_table_bytes)?
+        };
         sums = [total, words as f64];
         // At a world of one too: NCCL at world size 1 is how a one-GPU machine checks the
         // device path (scripts/gpu-check.sh); the ring's is the identity there.

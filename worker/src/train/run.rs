@@ -4,7 +4,7 @@
 
 use tokio::runtime::Handle;
 
-use lightrnn_kernels::{Backend, ModelDims, Optimizer};
+use lightrnn_kernels::{Backend, ModelDims, Optimizer, Phase, Profiler};
 
 use super::eval::evaluate_with;
 use super::metrics::MetricsFile;
@@ -44,6 +44,8 @@ pub(super) struct Run<'a> {
     pub(super) eval: EvalSettings,
     pub(super) metrics: MetricsFile,
     pub(super) report: RankReport,
+    /// Times the phases (see `profiling`).
+    pub(super) prof: Profiler,
 }
 
 /// An evaluation split.
@@ -56,6 +58,8 @@ pub(super) enum Split {
 impl Run<'_> {
     /// Mean loss per word of a split (every rank gets the same).
     pub(super) fn evaluate(&mut self, split: Split) -> Result<f64> {
+        let prof = self.prof.clone();
+        let _s = prof.span(Phase::Eval);
         let (reader, name) = match split {
             Split::Valid => (&self.ds.valid, "validation"),
             Split::Test => (&self.ds.test, "test"),

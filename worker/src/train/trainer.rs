@@ -23,7 +23,8 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 
 use lightrnn_kernels::{
-    BackendOptions, Batch, ModelConfig, ModelDims, Shard, State, StepFigures, Stream, open_backend,
+    BackendOptions, Batch, ModelConfig, ModelDims, Phase, Shard, State, StepFigures, Stream,
+    open_backend,
 };
 
 use super::checkpointing::{Checkpointing, save_best};
@@ -31,6 +32,7 @@ use super::finish::{self, Session};
 use super::metrics::MetricsFile;
 use super::options::RunOptions;
 use super::policy::Policy;
+use super::profiling::Profiling;
 use super::progress::{Progress, Window};
 use super::run::{Model, Run, Split};
 use super::start::{self, LoopState};
@@ -88,6 +90,8 @@ pub struct Trainer<'a> {
     /// The batch buffer, [T + 1, B_rank] (reused).
     buf: Vec<u32>,
     session: Session,
+    /// The phases' seconds and the trace of `profile_steps`.
+    profiling: Profiling,
 }
 
 /// How an epoch's steps ended.
@@ -112,6 +116,7 @@ impl<'a> Trainer<'a> {
         dist: &'a mut Dist,
     ) -> Result<Self> {
         cfg.validate()?;
+        let profiling = Profiling::new(cfg, dist.rank())?;
         let world = dist.world();
         cfg.check_world(world)?;
         let gpr = cfg.groups_for(world)? / world;
@@ -135,6 +140,7 @@ impl<'a> Trainer<'a> {
                 &mcfg,
             )?,
         };
+        backend.set_profiler(profiling.prof.clone());
         let (st, cursor, resume_state, committed) = match resume {
             Some(ck) => {
                 let step = ck.meta.step;
@@ -148,6 +154,7 @@ impl<'a> Trainer<'a> {
             &opts.out,
             (st.step > 0).then_some(st.step),
             leader,
+            cfg.tensorboard,
         ))?;
         tracing::info!(
             backend = %backend.name(),
@@ -180,6 +187,7 @@ impl<'a> Trainer<'a> {
                 eval: cfg.eval(),
                 metrics,
                 report: RankReport::default(),
+                prof: profiling.prof.clone(),
             },
             pos: Position {
                 cursor,
@@ -190,6 +198,7 @@ impl<'a> Trainer<'a> {
             win: Window::default(),
             buf: Vec::new(),
             session: Session::new(started),
+            profiling,
         })
     }
 
@@ -204,11 +213,14 @@ impl<'a> Trainer<'a> {
         }
         let run = &mut self.run;
         if run.dist.is_leader() {
-            run.handle.block_on(
-                run.opts
-                    .out
-                    .put("config.toml", Bytes::from(run.cfg.to_toml())),
-            )?;
+            let toml = run.cfg.to_toml();
+            if let Some(b) = run.metrics.board() {
+                // Indented four spaces: a code block in TensorBoard's markdown.
+                let code: String = toml.lines().map(|l| format!("    {l}\n")).collect();
+                b.text(run.st.step, "config", &code);
+            }
+            run.handle
+                .block_on(run.opts.out.put("config.toml", Bytes::from(toml)))?;
         }
         if run.st.realloc_pending {
             // Resumed from the checkpoint of an epoch whose round had not completed:
@@ -304,6 +316,8 @@ impl<'a> Trainer<'a> {
             train_seconds += dt;
             let step = self.run.st.step;
             if step.is_multiple_of(self.run.cfg.log_every) {
+                let prof = self.profiling.prof.clone();
+                let _s = prof.span(Phase::Log);
                 self.log_window(norm, &bar, pass_step, per_pass)?;
             } else if self.run.opts.progress && pass_step.is_multiple_of(10) {
                 bar.update(pass_step, String::new());
@@ -372,8 +386,19 @@ impl<'a> Trainer<'a> {
     /// One optimizer step on the next batch: its training seconds and gradient norm, or
     /// None at the end of the epoch's data.
     fn step(&mut self, batches: &mut Batches, bl: usize) -> Result<Option<(f64, f64)>> {
+        let run = &mut self.run;
+        self.profiling
+            .before_step(run.st.step + 1, &run.opts.out, run.handle)?;
+        let prof = self.profiling.prof.clone();
+        let step_span = prof.span(Phase::Step);
         let t0 = Instant::now();
-        let Some(t) = batches.next_batch(&mut self.buf)? else {
+        let next = {
+            let _s = prof.span(Phase::Data);
+            batches.next_batch(&mut self.buf)?
+        };
+        let Some(t) = next else {
+            // The epoch's data ran out: no step.
+            step_span.cancel();
             return Ok(None);
         };
         // Gradients of the mean over the whole batch's words: each group scales its sum
@@ -388,13 +413,25 @@ impl<'a> Trainer<'a> {
             batch: bl,
             stream: Stream::Train(0),
         };
-        backend.train_step(&batch, st.step, 1.0 / words as f32)?;
+        {
+            let _s = prof.span(Phase::ForwardBackward);
+            backend.train_step(&batch, st.step, 1.0 / words as f32)?;
+        }
         if run.dist.world() > 1 {
+            let _s = prof.span(Phase::AllReduce);
+            let start = Instant::now();
             backend.all_reduce_grads(&mut *run.dist.collective)?;
+            if let Some(wait) = run.dist.collective.take_wait() {
+                let (first, end) = (start + wait, Instant::now());
+                prof.record(Phase::AllReduceWait, start, first);
+                prof.record(Phase::AllReduceTransfer, first, end);
+            }
         }
         // The step's one read-back: its losses and the gradient norm together.
-        let StepFigures { loss, norm } =
-            backend.clip_and_step(&run.model.rule, st.lr, run.cfg.clip)?;
+        let StepFigures { loss, norm } = {
+            let _s = prof.span(Phase::Update);
+            backend.clip_and_step(&run.model.rule, st.lr, run.cfg.clip)?
+        };
         // The norm is the same on every rank (NaN wherever any rank's loss is not
         // finite): all ranks decide alike and stop together, with no update applied.
         if !norm.is_finite() {
@@ -413,9 +450,13 @@ impl<'a> Trainer<'a> {
         self.win.loss += loss.total();
         self.win.words += loss.words;
         self.win.secs += dt;
-        run.dist
-            .control
-            .progress(st.step, st.epoch, batches.position())?;
+        {
+            let _s = prof.span(Phase::Control);
+            run.dist
+                .control
+                .progress(st.step, st.epoch, batches.position())?;
+        }
+        drop(step_span);
         Ok(Some((dt, norm)))
     }
 
@@ -441,7 +482,23 @@ impl<'a> Trainer<'a> {
         let l = wl / ww.max(1) as f64;
         let secs = self.win.secs.max(1e-9);
         let wps = ww as f64 / secs;
+        let world = self.run.dist.world();
+        let mut ranks = Vec::new();
+        if world > 1 {
+            ranks = vec![0.0; world];
+            ranks[self.run.dist.rank()] = mine as f64 / secs;
+            self.run.dist.collective.all_reduce_sum_f64(&mut ranks)?;
+        }
+        let profile = self
+            .profiling
+            .window_line(self.run.st.step, self.run.st.epoch + 1);
         let r = &mut self.run.report;
+        r.phases = profile.as_ref().map_or_else(Vec::new, |p| {
+            p.seconds_per_step
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        });
         r.step = self.run.st.step;
         r.epoch = self.run.st.epoch;
         r.loss = l;
@@ -459,7 +516,11 @@ impl<'a> Trainer<'a> {
             lr: self.run.st.lr,
             grad_norm: norm,
             seconds: self.run.st.train_seconds,
+            rank_words_per_sec: ranks,
         }))?;
+        if let Some(p) = profile {
+            self.run.metrics.push(&MetricsLine::Profile(p))?;
+        }
         let leader = self.run.dist.is_leader();
         if self.run.opts.progress && leader {
             bar.update(
@@ -571,12 +632,15 @@ impl<'a> Trainer<'a> {
     /// The end of the run, after its last window is folded in ([`finish::finish`]).
     fn finish(mut self, stopped: StoppedBy) -> Result<Summary> {
         self.fold_window()?;
-        finish::finish(
+        let summary = finish::finish(
             &mut self.run,
             &mut self.ckpt,
             &self.session,
             self.pos.cursor,
             stopped,
-        )
+        )?;
+        let run = &self.run;
+        self.profiling.finish(&run.opts.out, run.handle)?;
+        Ok(summary)
     }
 }
