@@ -171,12 +171,23 @@ struct Span {
     step: u64,
 }
 
+/// The device's track in a trace.
+const DEVICE: u64 = 1000;
+
+/// What a trace holds: the names of the training thread's spans, the count of the CPU
+/// backend's threads' spans, the names of the device's spans.
+struct Trace {
+    names: BTreeSet<String>,
+    threads: usize,
+    device: BTreeSet<String>,
+}
+
 /// Check a trace-event document: every event's fields; on the training thread, spans
 /// nested (each inside the one it starts in), each inside the step of its own `step`
 /// argument, each step's direct children adding up to it within 5 %; the backend
-/// threads' spans inside a training-thread span of their name. Returns the names of the
-/// training thread's spans and the count of backend-thread spans.
-fn check_trace(path: &Path) -> (BTreeSet<String>, usize) {
+/// threads' spans inside a training-thread span of their name; the device's spans inside
+/// the step they belong to.
+fn check_trace(path: &Path) -> Trace {
     let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let events = doc["traceEvents"].as_array().unwrap();
     let mut spans = Vec::new();
@@ -258,7 +269,10 @@ fn check_trace(path: &Path) -> (BTreeSet<String>, usize) {
         );
     }
     assert!(steps > 0, "no steps in {}", path.display());
-    let threads: Vec<&Span> = spans.iter().filter(|s| s.tid != 0).collect();
+    let threads: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.tid != 0 && s.tid != DEVICE)
+        .collect();
     for t in &threads {
         assert!(
             main.iter()
@@ -266,7 +280,21 @@ fn check_trace(path: &Path) -> (BTreeSet<String>, usize) {
             "backend thread span {t:?} outside its phase"
         );
     }
-    (main.iter().map(|s| s.name.clone()).collect(), threads.len())
+    let device: Vec<&Span> = spans.iter().filter(|s| s.tid == DEVICE).collect();
+    for d in &device {
+        assert!(
+            main.iter().any(|m| m.name == "step"
+                && m.step == d.step
+                && m.start <= d.start + EPS
+                && d.end <= m.end + EPS),
+            "device span {d:?} outside its step"
+        );
+    }
+    Trace {
+        names: main.iter().map(|s| s.name.clone()).collect(),
+        threads: threads.len(),
+        device: device.iter().map(|s| s.name.clone()).collect(),
+    }
 }
 
 /// A two-worker job traced from its first step to its end: each rank's trace is valid and
@@ -329,13 +357,15 @@ fn a_traced_two_worker_job_shows_every_phase_of_its_steps() {
     .map(|s| s.to_string())
     .collect();
     for rank in 0..2 {
-        let (names, threads) = check_trace(&out.join(format!("profile/trace.rank{rank}.json")));
-        let missing: Vec<_> = want.difference(&names).collect();
+        let t = check_trace(&out.join(format!("profile/trace.rank{rank}.json")));
+        let missing: Vec<_> = want.difference(&t.names).collect();
         assert!(
             missing.is_empty(),
-            "rank {rank}: no {missing:?} in {names:?}"
+            "rank {rank}: no {missing:?} in {:?}",
+            t.names
         );
-        assert!(threads > 0, "rank {rank}: no backend thread spans");
+        assert!(t.threads > 0, "rank {rank}: no backend thread spans");
+        assert!(t.device.is_empty(), "rank {rank}: device spans on the CPU");
     }
     let profiles: Vec<Value> = metrics(&out)
         .into_iter()
@@ -366,4 +396,55 @@ fn a_traced_two_worker_job_shows_every_phase_of_its_steps() {
             .as_array()
             .is_some_and(|r| r.len() == 2 && r.iter().all(|w| w.as_f64().unwrap() > 0.0))
     }));
+}
+
+/// A run on the emulated CUDA device (`LIGHTRNN_CUDA_EMULATOR=1`) traced for three steps:
+/// beside the host's spans, the device's own, from timing marks on its stream, one per
+/// phase of each step and inside it.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_traced_emulated_cuda_run_carries_the_device_spans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 600);
+    let out = tmp.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .env("LIGHTRNN_CUDA_EMULATOR", "1")
+        .args(["train", "--backend", "cuda", "--preset", "tiny"])
+        .args(["--set", "max_steps=6", "--set", "grad_groups=2"])
+        .args(["--profile-steps", "2:4", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = check_trace(&out.join("profile/trace.rank0.json"));
+    for want in ["step", "data", "forward_backward", "update", "control"] {
+        assert!(t.names.contains(want), "no {want} in {:?}", t.names);
+    }
+    let device: BTreeSet<String> = [
+        "input",
+        "forward/layer0",
+        "heads",
+        "backward/layer0",
+        "grad_sum",
+        "clip",
+        "optimizer",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(t.device, device);
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(out.join("profile/trace.rank0.json")).unwrap())
+            .unwrap();
+    let steps: BTreeSet<u64> = doc["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["tid"] == DEVICE && e["ph"] == "X")
+        .map(|e| e["args"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 3, 4].into_iter().collect());
 }

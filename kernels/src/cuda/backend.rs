@@ -106,6 +106,8 @@ pub struct CudaBackend {
     /// The pass the per-layer calls are in (`input_forward` .. `lstm_backward`).
     pub(super) cur: Option<Cx>,
     pub(super) have_head_grads: bool,
+    /// While it traces, the training work runs as plain launches between timing marks.
+    pub(super) profiler: crate::Profiler,
 }
 
 impl CudaBackend {
@@ -222,6 +224,7 @@ impl CudaBackend {
             last_groups: 1,
             cur: None,
             have_head_grads: false,
+            profiler: crate::Profiler::off(),
         })
     }
 
@@ -372,6 +375,36 @@ impl CudaBackend {
     }
     pub(super) fn dev(&self) -> &dyn Device {
         self.dev.as_ref()
+    }
+
+    /// A timing mark: the phase `label` begins on the device (while the profiler traces).
+    pub(super) fn mark(&self, label: impl FnOnce() -> String) -> Result<()> {
+        if self.profiler.tracing() {
+            self.dev.mark(label())?;
+        }
+        Ok(())
+    }
+
+    /// The device spans between the marks of the step just waited for, each phase from
+    /// its mark to the next, on the host's clock: the last mark is placed at the wait's
+    /// return (a few microseconds late at most).
+    pub(super) fn device_spans(&self) -> Result<()> {
+        if !self.profiler.tracing() {
+            return Ok(());
+        }
+        let marks = self.dev.take_marks()?;
+        let now = std::time::Instant::now();
+        let Some(&(_, last)) = marks.last() else {
+            return Ok(());
+        };
+        let at = |t: f64| {
+            now.checked_sub(std::time::Duration::from_secs_f64((last - t).max(0.0)))
+                .unwrap_or(now)
+        };
+        for w in marks.windows(2) {
+            self.profiler.device_span(&w[0].0, at(w[0].1), at(w[1].1));
+        }
+        Ok(())
     }
 
     pub(super) fn ws(&self) -> Result<&Workspace> {

@@ -185,6 +185,7 @@ impl Backend for CudaBackend {
 
     fn all_reduce_grads(&mut self, coll: &mut dyn GradReduce) -> Result<()> {
         self.flush()?;
+        self.mark(|| "all_reduce".into())?;
         // Lent where it lies: NCCL sums it on the device, a host collective stages it.
         let n = self.dl.total;
         let mut lent = Lent {
@@ -194,6 +195,10 @@ impl Backend for CudaBackend {
             scratch: &mut self.reduce,
         };
         coll.all_reduce_grads(GradsMut::Device(&mut lent))
+    }
+
+    fn set_profiler(&mut self, profiler: crate::Profiler) {
+        self.profiler = profiler;
     }
 
     fn clip_and_step(&mut self, rule: &Optimizer, lr: f64, max_norm: f64) -> Result<StepFigures> {
@@ -219,6 +224,7 @@ impl Backend for CudaBackend {
         };
         self.run_work(&work)?;
         self.wait()?;
+        self.device_spans()?;
         let sum_sq = self.ws()?.staging.results.slice::<f64>(0, 1)?[0];
         let loss = self.step_losses_staged()?;
         let norm = sum_sq.sqrt();

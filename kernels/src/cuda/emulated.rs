@@ -58,6 +58,8 @@ enum Op {
         dst: u64,
         bytes: usize,
     },
+    /// A timing mark: the host's clock when the queue reaches it.
+    Mark(String),
 }
 
 /// Live allocations: address -> bytes.
@@ -77,6 +79,8 @@ struct Inner {
     /// The first error of queued work, reported by the next wait.
     sticky: Mutex<Option<String>>,
     tally: Tally,
+    /// Timing marks the queue has reached.
+    marks: Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,6 +191,10 @@ impl Inner {
                 self.check(dst, bytes, "memset")?;
                 // SAFETY: the range lies in a live allocation (checked).
                 unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+                Ok(())
+            }
+            Op::Mark(ref label) => {
+                lock(&self.marks).push((label.clone(), std::time::Instant::now()));
                 Ok(())
             }
         }
@@ -304,6 +312,7 @@ impl Emulated {
                 spoiled: Mutex::new(None),
                 sticky: Mutex::new(None),
                 tally: Tally::default(),
+                marks: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -448,6 +457,21 @@ impl Device for Emulated {
         self.inner.tally.gemm(g);
         self.inner.issue(Op::Gemm(*g));
         Ok(())
+    }
+
+    fn mark(&self, label: String) -> Result<()> {
+        self.inner.not_capturing("a timing mark")?;
+        self.inner.issue(Op::Mark(label));
+        Ok(())
+    }
+
+    fn take_marks(&self) -> Result<Vec<(String, f64)>> {
+        let marks = std::mem::take(&mut *lock(&self.inner.marks));
+        let first = marks.first().map(|m| m.1);
+        Ok(marks
+            .into_iter()
+            .map(|(l, t)| (l, first.map_or(0.0, |f| (t - f).as_secs_f64())))
+            .collect())
     }
 
     fn synchronize(&self) -> Result<()> {

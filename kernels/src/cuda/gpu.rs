@@ -180,6 +180,21 @@ pub struct Gpu {
     label: String,
     ordinal: usize,
     tally: Arc<Tally>,
+    /// Timing marks recorded and not yet taken.
+    marks: std::sync::Mutex<Vec<(String, Event)>>,
+}
+
+/// A CUDA event of this device's context, destroyed with it.
+struct Event(sys::CUevent);
+
+// SAFETY: a driver handle, used under the Gpu's lock with its context bound.
+unsafe impl Send for Event {}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by `mark`, destroyed once (released at completion if pending).
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
 }
 
 impl Gpu {
@@ -232,6 +247,7 @@ impl Gpu {
             label: format!("{name} (sm_{major}{minor}, {precision})"),
             ordinal,
             tally,
+            marks: std::sync::Mutex::new(Vec::new()),
         };
         gpu._workspace = gpu.alloc(BLAS_WORKSPACE)?;
         let mode = match precision {
@@ -473,6 +489,37 @@ impl Device for Gpu {
             )
         }
         .map_err(|e| Error::Cuda(format!("cuBLAS sgemm: {e:?}")))
+    }
+
+    fn mark(&self, label: String) -> Result<()> {
+        self.bind()?;
+        let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| drv("creating an event", e))?;
+        let e = Event(e);
+        // SAFETY: a live event and our live stream, the context bound.
+        unsafe { result::event::record(e.0, self.cu()) }
+            .map_err(|e| drv("recording an event", e))?;
+        self.marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((label, e));
+        Ok(())
+    }
+
+    fn take_marks(&self) -> Result<Vec<(String, f64)>> {
+        self.bind()?;
+        let marks = std::mem::take(&mut *self.marks.lock().unwrap_or_else(|p| p.into_inner()));
+        let Some(first) = marks.first().map(|m| m.1.0) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(marks.len());
+        for (label, e) in &marks {
+            // SAFETY: both events recorded on our stream, which has passed them.
+            let ms = unsafe { result::event::elapsed(first, e.0) }
+                .map_err(|e| drv("reading an event's time", e))?;
+            out.push((label.clone(), f64::from(ms) / 1e3));
+        }
+        Ok(out)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -307,6 +307,13 @@ pub trait Device: Send {
     fn launch_graph(&self, g: &Graph) -> Result<()>;
     /// What the device has been asked to do so far.
     fn counters(&self) -> Counters;
+    /// Record a timing mark `label` on the stream: the device's clock when the stream
+    /// reaches it (a CUDA event; the emulator: the host's clock as its queue runs it).
+    /// Refused during a capture.
+    fn mark(&self, label: String) -> Result<()>;
+    /// The marks recorded since the last call, each with its seconds after the first;
+    /// call once the stream has passed them (after a wait).
+    fn take_marks(&self) -> Result<Vec<(String, f64)>>;
 }
 
 /// The hardware's launch limits (every CUDA GPU since sm_30): threads per block, the

@@ -139,9 +139,15 @@ impl CudaBackend {
         self.upload_batch_knobs()?;
         for (cx, adds) in &w.groups {
             self.pass(*cx).forward_backward()?;
+            if !adds.is_empty() {
+                self.mark(|| "grad_sum".into())?;
+            }
             for &a in adds {
                 self.add_grads(a)?;
             }
+        }
+        if !w.finish.is_empty() {
+            self.mark(|| "grad_sum".into())?;
         }
         for &a in &w.finish {
             self.add_grads(a)?;
@@ -538,12 +544,16 @@ impl DevPass<'_> {
     /// One group's forward and backward with gradients.
     pub(super) fn forward_backward(&self) -> Result<()> {
         let be = self.be;
+        be.mark(|| "input".into())?;
         self.input_forward()?;
         for l in 0..be.layout.dims.layers {
+            be.mark(|| format!("forward/layer{l}"))?;
             self.lstm_forward(l)?;
         }
+        be.mark(|| "heads".into())?;
         self.heads(HeadMode::Grad)?;
         for l in (0..be.layout.dims.layers).rev() {
+            be.mark(|| format!("backward/layer{l}"))?;
             self.lstm_backward(l)?;
         }
         Ok(())
@@ -568,7 +578,8 @@ impl CudaBackend {
     /// launches always where graphs are off, or after a capture that failed (graphs stay
     /// off for this backend, with a warning naming the reason).
     pub(super) fn run_work(&self, w: &Work) -> Result<()> {
-        if !self.graphs.enabled() || self.graphs.first_run(w) {
+        // A traced step: plain launches between its timing marks (a graph runs whole).
+        if self.profiler.tracing() || !self.graphs.enabled() || self.graphs.first_run(w) {
             return self.issue(w);
         }
         let launched = match self.graphs.launch(self.dev(), w) {

@@ -15,6 +15,7 @@ impl CudaBackend {
     pub(super) fn update_body(&self, w: &UpdateWork) -> Result<()> {
         let ws = self.ws()?;
         let dev = self.dev();
+        self.mark(|| "clip".into())?;
         let n = knob::UPDATE.len();
         dev.upload_async(
             self.knobs.at(knob::UPDATE.start),
@@ -59,9 +60,11 @@ impl CudaBackend {
                 k(knob::APPLY),
             ],
         )?;
+        self.mark(|| "optimizer".into())?;
         self.optimizer_launch(w)?;
         let n_results = ws.results.len();
-        dev.download_async(ws.results.at(0), &ws.staging.results, 0, 8 * n_results)
+        dev.download_async(ws.results.at(0), &ws.staging.results, 0, 8 * n_results)?;
+        self.mark(|| "end".into())
     }
 
     fn optimizer_launch(&self, w: &UpdateWork) -> Result<()> {
