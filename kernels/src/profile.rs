@@ -171,13 +171,28 @@ pub struct TraceSpan {
 /// The track of device time in a trace.
 pub const DEVICE_TID: u32 = 1000;
 
+/// The most spans a trace keeps (about 100 MB); later ones are counted, not kept.
+pub const MAX_SPANS: usize = 1 << 20;
+
 #[derive(Default)]
 struct State {
     window: Window,
     spans: Vec<TraceSpan>,
+    /// Spans past [`MAX_SPANS`], not kept.
+    dropped: u64,
     /// Open spans of the training thread (their slots), innermost last.
     open: Vec<usize>,
     step: u64,
+}
+
+impl State {
+    fn keep(&mut self, span: TraceSpan) {
+        if self.spans.len() < MAX_SPANS {
+            self.spans.push(span);
+        } else {
+            self.dropped += 1;
+        }
+    }
 }
 
 struct Inner {
@@ -285,14 +300,14 @@ impl Profiler {
             st.window.count[slot] += 1;
         }
         if i.tracing.load(Ordering::Relaxed) {
-            let step = st.step;
-            st.spans.push(TraceSpan {
+            let span = TraceSpan {
                 name: Phase::of_slot(slot).name(),
                 tid,
                 start_us: us(start.saturating_duration_since(i.origin)),
                 dur_us: secs * 1e6,
-                step,
-            });
+                step: st.step,
+            };
+            st.keep(span);
         }
     }
 
@@ -316,14 +331,14 @@ impl Profiler {
             && i.tracing.load(Ordering::Relaxed)
         {
             let mut st = i.state.lock().unwrap();
-            let step = st.step;
-            st.spans.push(TraceSpan {
+            let span = TraceSpan {
                 name: name.into(),
                 tid: DEVICE_TID,
                 start_us: us(start.saturating_duration_since(i.origin)),
                 dur_us: us(end.saturating_duration_since(start)),
-                step,
-            });
+                step: st.step,
+            };
+            st.keep(span);
         }
     }
 
@@ -335,11 +350,17 @@ impl Profiler {
         }
     }
 
-    /// The spans kept so far, and none kept.
-    pub fn take_spans(&self) -> Vec<TraceSpan> {
+    /// The spans kept so far and the count of those past [`MAX_SPANS`]; none kept after.
+    pub fn take_spans(&self) -> (Vec<TraceSpan>, u64) {
         match &self.0 {
-            Some(i) => std::mem::take(&mut i.state.lock().unwrap().spans),
-            None => Vec::new(),
+            Some(i) => {
+                let mut st = i.state.lock().unwrap();
+                (
+                    std::mem::take(&mut st.spans),
+                    std::mem::take(&mut st.dropped),
+                )
+            }
+            None => (Vec::new(), 0),
         }
     }
 
@@ -396,7 +417,7 @@ mod tests {
             let _s = p.span(Phase::Step);
             let _d = p.span(Phase::Data);
         }
-        assert!(p.take_spans().is_empty());
+        assert!(p.take_spans().0.is_empty());
         p.set_tracing(true, 2);
         {
             let _s = p.span(Phase::Step);
@@ -410,7 +431,8 @@ mod tests {
         let w = p.take_window();
         assert_eq!(w.count[Phase::Step.slot()], 2);
         assert!(w.get(Phase::AllReduceWait) >= 1e-3);
-        let spans = p.take_spans();
+        let (spans, dropped) = p.take_spans();
+        assert_eq!(dropped, 0);
         let names: Vec<_> = spans.iter().map(|s| (s.name.as_str(), s.tid)).collect();
         assert_eq!(
             names,

@@ -201,7 +201,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let achieved = flops / mean / 1e9;
     let (peak_rss, _) = rss_mib();
     let phases = prof.take_window().phases();
-    let trace_spans = o.trace.then(|| prof.take_spans().len());
+    let trace_spans = o.trace.then(|| prof.take_spans().0.len());
     let device_per_step = match (counters0, be.device_counters()) {
         (Some(a), Some(b)) => {
             let c = b.since(&a);

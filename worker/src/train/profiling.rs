@@ -58,6 +58,10 @@ impl Profiling {
     pub(super) fn finish(&mut self, out: &Location, handle: &Handle) -> Result<()> {
         if self.prof.tracing() {
             self.write(out, handle)?;
+        } else if let Some((a, b)) = self.range
+            && !self.written
+        {
+            tracing::warn!("no step of --profile-steps {a}:{b} ran in this session: no trace");
         }
         Ok(())
     }
@@ -66,9 +70,16 @@ impl Profiling {
         self.prof.set_tracing(false, 0);
         self.written = true;
         let (a, b) = self.range.unwrap_or_default();
-        let spans = self.prof.take_spans();
+        let (spans, dropped) = self.prof.take_spans();
         let doc = trace_json(&spans, self.rank, &format!("{a}:{b}"));
         let name = format!("profile/trace.rank{}.json", self.rank);
+        if dropped > 0 {
+            tracing::warn!(
+                kept = spans.len(),
+                dropped,
+                "the trace kept its first spans only: profile fewer steps"
+            );
+        }
         tracing::info!(
             spans = spans.len(),
             file = %out.join(&name),
