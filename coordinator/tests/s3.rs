@@ -164,6 +164,43 @@ fn dataset_training_and_checkpoints_in_s3() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["steps"], 60);
     assert!(err.contains("resum"), "{err}");
+    // TensorBoard's event files are in the bucket too, one per session, and TensorBoard's
+    // reader finds in them what the bucket's metrics.jsonl says (fetched with boto3).
+    let local = tmp.path().join("run-from-s3");
+    let fetch = r#"
+import boto3, os, sys
+ep, bucket, prefix, out = sys.argv[1:5]
+s3 = boto3.client("s3", endpoint_url=ep, aws_access_key_id="testing",
+                  aws_secret_access_key="testing", region_name="us-east-1")
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "tb/")["Contents"]]
+assert len(keys) == 2, keys
+for k in keys + [prefix + "metrics.jsonl"]:
+    path = os.path.join(out, k[len(prefix):])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    s3.download_file(bucket, k, path)
+"#;
+    let python = std::env::var("LIGHTRNN_TEST_PYTHON").expect("scripts/test.sh sets it");
+    let prefix = format!("{unique}/run/");
+    let o = Command::new(&python)
+        .args(["-c", fetch, &ep, "lightrnn-test", &prefix])
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/check_tensorboard.py"
+        ))
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The run's checkpoints are in the bucket: tables and inspect read them there.
     let (code, out, err) = lightrnn(&["inspect", "--checkpoint", run, "--rows", "2"]);
     assert_eq!(code, 0, "{err}");

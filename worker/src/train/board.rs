@@ -9,8 +9,10 @@
 //! START at the step it continues from. A resumed run first rewrites the files of earlier
 //! sessions without the events past its checkpoint's step (they are logged again), so
 //! TensorBoard never shows a step twice; a TensorBoard reading the directory live drops
-//! them too, at the START. A run started afresh in a directory removes the event files
-//! of the run it replaces, as it replaces its `metrics.jsonl`.
+//! them too, at the START. A value the resumed run writes again at its checkpoint's step
+//! (the validation of an epoch a stopped run ended at) replaces the earlier one. A run
+//! started afresh in a directory removes the event files of the run it replaces, as it
+//! replaces its `metrics.jsonl`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -38,6 +40,8 @@ pub(super) struct Board {
     records: Vec<u8>,
     prune: Option<Prune>,
     dirty: bool,
+    /// (tag, step) of every value this session wrote.
+    written: std::collections::HashSet<(String, i64)>,
 }
 
 fn now() -> f64 {
@@ -76,10 +80,14 @@ impl Board {
                 realloc_at: None,
             }),
             dirty: true,
+            written: Default::default(),
         }
     }
 
     fn push(&mut self, e: Event) {
+        for t in e.tags() {
+            self.written.insert((t.to_string(), e.step));
+        }
         write_record(&mut self.records, &e);
         self.dirty = true;
     }
@@ -218,10 +226,17 @@ impl Board {
                     continue;
                 }
             };
+            // What this session wrote again before its first write replaces the earlier
+            // value (the validation of an epoch that ended where a stopped run resumed).
             let keep = |e: &Event| {
                 let step = e.step.max(0) as u64;
                 let realloc = e.tags().any(|t| t.starts_with("realloc/"));
-                p.after.is_some_and(|a| step <= a) && !(realloc && p.realloc_at == Some(step))
+                let again = e
+                    .tags()
+                    .any(|t| self.written.contains(&(t.to_string(), e.step)));
+                p.after.is_some_and(|a| step <= a)
+                    && !(realloc && p.realloc_at == Some(step))
+                    && !again
             };
             let kept: Vec<u8> = records
                 .iter()
