@@ -2,6 +2,7 @@
 """What watching a run costs: the phase timers, a trace and TensorBoard's event files.
 
 Usage: bench_observe.py [--bin target/release/lightrnn] [--data data/ptb] [--reps 5]
+                        [--train-reps 3] [--steps 300]
 
 1. `lightrnn bench` (the ptb-small model: V = 10k, n = m = 200, 2 layers, B = 20,
    T = 35) with the phase timers off (`--profile false`), on (the default) and keeping
@@ -12,6 +13,8 @@ Usage: bench_observe.py [--bin target/release/lightrnn] [--data data/ptb] [--rep
    with TensorBoard and the phase timers off, both on (the defaults), and with the
    steps traced as well; interleaved; the training words per second of each run's
    summary and the `log` phase's seconds per step of its profile lines, medians.
+
+The modes run in turn, each rep starting with the next one.
 
 Prints one JSON line per measurement, then a summary line with the costs relative to
 everything off.
@@ -32,11 +35,18 @@ def run(cmd):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def rotated(modes, rep):
+    """The modes in turn, starting one later each rep: no mode always runs first."""
+    k = rep % len(modes)
+    return modes[k:] + modes[:k]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/lightrnn")
     ap.add_argument("--data", default="data/ptb")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--train-reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -46,8 +56,8 @@ def main():
     modes = {"off": ["--profile", "false"], "on": [], "trace": ["--trace"]}
     per_step = {m: [] for m in modes}
     for rep in range(a.reps):
-        for m, extra in modes.items():
-            r = run(bench + extra)
+        for m in rotated(list(modes), rep):
+            r = run(bench + modes[m])
             per_step[m].append(r["s_per_step_median"])
             print(json.dumps({"what": "bench", "mode": m, "rep": rep,
                               "s_per_step_median": r["s_per_step_median"],
@@ -61,8 +71,9 @@ def main():
     wps = {m: [] for m in train_modes}
     log = {m: [] for m in train_modes}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(a.reps):
-            for m, extra in train_modes.items():
+        for rep in range(a.train_reps):
+            for m in rotated(list(train_modes), rep):
+                extra = train_modes[m]
                 out = os.path.join(tmp, f"{m}-{rep}")
                 r = run([a.bin, "train", "--preset", "ptb-small", "--data", a.data,
                          "--out", out, "--set", f"max_steps={a.steps}", "--set", "log_every=10",
