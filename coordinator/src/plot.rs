@@ -199,21 +199,10 @@ pub fn curves_png(c: &Curves, title: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A viridis-like colour for t in [0, 1] (dark blue to yellow).
+/// The allocation pictures' colour for t in [0, 1] (`lightrnn_core::util::viridis`).
 fn shade(t: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 5] = [
-        (68.0, 1.0, 84.0),
-        (59.0, 82.0, 139.0),
-        (33.0, 145.0, 140.0),
-        (94.0, 201.0, 98.0),
-        (253.0, 231.0, 37.0),
-    ];
-    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
-    let i = (x.floor() as usize).min(STOPS.len() - 2);
-    let f = x - i as f64;
-    let (a, b) = (STOPS[i], STOPS[i + 1]);
-    let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
-    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+    let [r, g, b] = lightrnn_core::util::viridis(t);
+    RGBColor(r, g, b)
 }
 
 /// The allocation of `ck` as a PNG at `out`: one square per cell, shaded by the log count

@@ -1,5 +1,6 @@
-//! Small utilities both sides of a job use: a rank's share of n items, and what this
-//! machine's memory allows (what is available, what the process holds).
+//! Small utilities both sides of a job use: a rank's share of n items, what this
+//! machine's memory allows (what is available, what the process holds), the allocation
+//! pictures' colours.
 
 use crate::{Error, Result};
 
@@ -52,6 +53,24 @@ pub fn rss_mib() -> (Option<f64>, Option<f64>) {
             .map(|kb| kb / 1024.0)
     };
     (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A viridis-like colour for t in [0, 1] (dark blue to yellow): the allocation pictures'
+/// (`lightrnn plot`, TensorBoard's).
+pub fn viridis(t: f64) -> [u8; 3] {
+    const STOPS: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
+    [mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2)]
 }
 
 #[cfg(test)]

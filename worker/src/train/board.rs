@@ -295,7 +295,7 @@ pub(super) fn allocation_png(
             let colour = if n == 0 {
                 [255, 255, 255]
             } else {
-                shade(sum / n as f64)
+                lightrnn_core::util::viridis(sum / n as f64)
             };
             let at = (y * w as usize + x) * 3;
             rgb[at..at + 3].copy_from_slice(&colour);
@@ -313,23 +313,6 @@ pub(super) fn allocation_png(
             .map_err(err)?;
     }
     Ok((png, w, h))
-}
-
-/// A viridis-like colour for t in [0, 1] (dark blue to yellow), as `lightrnn plot`'s.
-fn shade(t: f64) -> [u8; 3] {
-    const STOPS: [(f64, f64, f64); 5] = [
-        (68.0, 1.0, 84.0),
-        (59.0, 82.0, 139.0),
-        (33.0, 145.0, 140.0),
-        (94.0, 201.0, 98.0),
-        (253.0, 231.0, 37.0),
-    ];
-    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
-    let i = (x.floor() as usize).min(STOPS.len() - 2);
-    let f = x - i as f64;
-    let (a, b) = (STOPS[i], STOPS[i + 1]);
-    let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
-    [mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2)]
 }
 
 #[cfg(test)]
