@@ -171,6 +171,17 @@ struct Span {
     step: u64,
 }
 
+/// Rank `rank`'s one trace file in `run`/profile.
+fn trace_file(run: &Path, rank: usize) -> std::path::PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(run.join("profile"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(&format!(".rank{rank}.json")))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.pop().unwrap()
+}
+
 /// The device's track in a trace.
 const DEVICE: u64 = 1000;
 
@@ -357,7 +368,7 @@ fn a_traced_two_worker_job_shows_every_phase_of_its_steps() {
     .map(|s| s.to_string())
     .collect();
     for rank in 0..2 {
-        let t = check_trace(&out.join(format!("profile/trace.rank{rank}.json")));
+        let t = check_trace(&trace_file(&out, rank));
         let missing: Vec<_> = want.difference(&t.names).collect();
         assert!(
             missing.is_empty(),
@@ -419,7 +430,12 @@ fn a_traced_emulated_cuda_run_carries_the_device_spans() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let t = check_trace(&out.join("profile/trace.rank0.json"));
+    let file = trace_file(&out, 0);
+    assert!(
+        file.ends_with("profile/trace.steps2-4.rank0.json"),
+        "{file:?}"
+    );
+    let t = check_trace(&file);
     for want in ["step", "data", "forward_backward", "update", "control"] {
         assert!(t.names.contains(want), "no {want} in {:?}", t.names);
     }
@@ -436,9 +452,7 @@ fn a_traced_emulated_cuda_run_carries_the_device_spans() {
     .map(|s| s.to_string())
     .collect();
     assert_eq!(t.device, device);
-    let doc: Value =
-        serde_json::from_slice(&std::fs::read(out.join("profile/trace.rank0.json")).unwrap())
-            .unwrap();
+    let doc: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     let steps: BTreeSet<u64> = doc["traceEvents"]
         .as_array()
         .unwrap()

@@ -242,10 +242,16 @@ pub fn write_record(out: &mut Vec<u8>, event: &Event) {
 }
 
 /// The events of an event file, each with its record's bytes (to be written again as
-/// they were). A record that fails its checks is an error naming `name` and its offset.
-pub fn read_records(name: &str, mut bytes: &[u8]) -> Result<Vec<(Event, Vec<u8>)>> {
-    let total = bytes.len();
+/// they were), up to the first record that fails its checks, and that failure (an error
+/// naming `name` and the record's offset).
+pub fn read_records(name: &str, bytes: &[u8]) -> (Vec<(Event, Vec<u8>)>, Option<Error>) {
     let mut out = Vec::new();
+    let damage = read_into(name, bytes, &mut out).err();
+    (out, damage)
+}
+
+fn read_into(name: &str, mut bytes: &[u8], out: &mut Vec<(Event, Vec<u8>)>) -> Result<()> {
+    let total = bytes.len();
     while !bytes.is_empty() {
         let at = total - bytes.len();
         let bad = |why: &str| Error::Data(format!("{name}: event record at byte {at}: {why}"));
@@ -269,7 +275,7 @@ pub fn read_records(name: &str, mut bytes: &[u8]) -> Result<Vec<(Event, Vec<u8>)
         out.push((event, bytes[..whole].to_vec()));
         bytes = &bytes[whole..];
     }
-    Ok(out)
+    Ok(())
 }
 
 /// An event file's name as TensorBoard finds it: `events.out.tfevents.{seconds}.{host}`
@@ -295,20 +301,25 @@ mod tests {
         for e in &events {
             write_record(&mut buf, e);
         }
-        let back = read_records("f", &buf).unwrap();
+        let (back, damage) = read_records("f", &buf);
+        assert!(damage.is_none());
         assert_eq!(
             back.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
             events
         );
         assert_eq!(back.iter().map(|(_, b)| b.len()).sum::<usize>(), buf.len());
         assert_eq!(back[1].0.tags().collect::<Vec<_>>(), ["train/loss"]);
+        // Damage: the records before it, and where it is.
+        let first = back[0].1.len();
         let mut flipped = buf.clone();
-        flipped[30] ^= 1;
-        let e = read_records("tb/f", &flipped).unwrap_err().to_string();
+        flipped[first + 14] ^= 1;
+        let (before, e) = read_records("tb/f", &flipped);
+        assert_eq!(before.len(), 1);
+        let e = e.unwrap().to_string();
         assert!(e.contains("tb/f") && e.contains("CRC"), "{e}");
-        let e = read_records("f", &buf[..buf.len() - 3])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("cut short"), "{e}");
+        assert!(e.contains(&format!("byte {first}")), "{e}");
+        let (before, e) = read_records("f", &buf[..buf.len() - 3]);
+        assert_eq!(before.len(), events.len() - 1);
+        assert!(e.unwrap().to_string().contains("cut short"));
     }
 }

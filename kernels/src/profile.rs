@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Layers with a slot of their own; deeper layers share the last one.
-const LAYER_SLOTS: usize = 16;
+/// Layers with a slot of their own (a model has at most 32); deeper ones would share the
+/// last.
+const LAYER_SLOTS: usize = 32;
 const FIXED: usize = 17;
 /// Slots: the fixed phases, then forward and backward of each layer slot.
 pub const SLOTS: usize = FIXED + 2 * LAYER_SLOTS;
@@ -404,7 +405,7 @@ mod tests {
         }
         assert_eq!(
             Phase::LayerForward(40).slot(),
-            Phase::LayerForward(15).slot()
+            Phase::LayerForward(31).slot()
         );
         assert_eq!(Phase::Realloc.name(), "realloc");
         assert_eq!(Phase::LayerBackward(1).name(), "backward/layer1");

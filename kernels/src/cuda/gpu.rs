@@ -171,7 +171,9 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// One GPU, driven on one non-blocking stream.
 pub struct Gpu {
-    /// Fields drop in order: the handle and its workspace before the stream and context.
+    /// Fields drop in order: pending timing events, the handle and its workspace before
+    /// the stream and context.
+    marks: std::sync::Mutex<Vec<(String, Event)>>,
     blas: Blas,
     _workspace: Mem,
     stream: Arc<CudaStream>,
@@ -180,20 +182,24 @@ pub struct Gpu {
     label: String,
     ordinal: usize,
     tally: Arc<Tally>,
-    /// Timing marks recorded and not yet taken.
-    marks: std::sync::Mutex<Vec<(String, Event)>>,
 }
 
-/// A CUDA event of this device's context, destroyed with it.
-struct Event(sys::CUevent);
+/// A timing event of a device's context, destroyed with its context current.
+struct Event {
+    event: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
 
 // SAFETY: a driver handle, used under the Gpu's lock with its context bound.
 unsafe impl Send for Event {}
 
 impl Drop for Event {
     fn drop(&mut self) {
-        // SAFETY: created by `mark`, destroyed once (released at completion if pending).
-        let _ = unsafe { result::event::destroy(self.0) };
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: created by `mark` in this context, destroyed once (released at its
+            // completion if still pending).
+            let _ = unsafe { result::event::destroy(self.event) };
+        }
     }
 }
 
@@ -495,9 +501,12 @@ impl Device for Gpu {
         self.bind()?;
         let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
             .map_err(|e| drv("creating an event", e))?;
-        let e = Event(e);
+        let e = Event {
+            event: e,
+            ctx: self.ctx.clone(),
+        };
         // SAFETY: a live event and our live stream, the context bound.
-        unsafe { result::event::record(e.0, self.cu()) }
+        unsafe { result::event::record(e.event, self.cu()) }
             .map_err(|e| drv("recording an event", e))?;
         self.marks
             .lock()
@@ -509,13 +518,13 @@ impl Device for Gpu {
     fn take_marks(&self) -> Result<Vec<(String, f64)>> {
         self.bind()?;
         let marks = std::mem::take(&mut *self.marks.lock().unwrap_or_else(|p| p.into_inner()));
-        let Some(first) = marks.first().map(|m| m.1.0) else {
+        let Some(first) = marks.first().map(|m| m.1.event) else {
             return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(marks.len());
         for (label, e) in &marks {
             // SAFETY: both events recorded on our stream, which has passed them.
-            let ms = unsafe { result::event::elapsed(first, e.0) }
+            let ms = unsafe { result::event::elapsed(first, e.event) }
                 .map_err(|e| drv("reading an event's time", e))?;
             out.push((label.clone(), f64::from(ms) / 1e3));
         }

@@ -41,9 +41,10 @@ pub trait Collective: GradReduce + Send {
     fn waits(&self) -> Vec<LinkWaits> {
         Vec::new()
     }
-    /// How long the last gradient all-reduce waited for its first bytes from a peer (its
-    /// peers' arrival; the rest of it was the transfer), where the collective knows.
-    fn take_wait(&mut self) -> Option<std::time::Duration> {
+    /// When the last gradient all-reduce began and when its first bytes came from a peer
+    /// (the peers' arrival: before it, a wait; after it, the transfer), where the
+    /// collective knows.
+    fn take_wait(&mut self) -> Option<(std::time::Instant, std::time::Instant)> {
         None
     }
     /// Returns once every rank has called it.

@@ -278,7 +278,8 @@ fn disjoint(
 
 impl GradReduce for TcpRing {
     fn all_reduce_grads(&mut self, grads: GradsMut<'_>) -> lightrnn_kernels::Result<()> {
-        self.reduce_started = Some(std::time::Instant::now());
+        // Timed from the ring's first exchange (a device's gradients are staged first).
+        self.reduce_started = None;
         if let Some(l) = &mut self.left {
             l.watch.take_first_byte();
         }
@@ -299,6 +300,8 @@ impl Collective for TcpRing {
         if w == 1 {
             return Ok(());
         }
+        self.reduce_started
+            .get_or_insert_with(std::time::Instant::now);
         self.scatter(buf, 1, "all-reduce")?;
         // All-gather: rank r now owns chunk (r + 1); pass the finished chunks around.
         for s in 0..w - 1 {
@@ -350,10 +353,10 @@ impl Collective for TcpRing {
         Ok(())
     }
 
-    fn take_wait(&mut self) -> Option<std::time::Duration> {
+    fn take_wait(&mut self) -> Option<(std::time::Instant, std::time::Instant)> {
         let started = self.reduce_started.take()?;
         let first = self.left.as_mut()?.watch.take_first_byte()?;
-        Some(first.saturating_duration_since(started))
+        Some((started, first.max(started)))
     }
 
     fn waits(&self) -> Vec<LinkWaits> {

@@ -85,8 +85,10 @@ impl Board {
     }
 
     fn push(&mut self, e: Event) {
-        for t in e.tags() {
-            self.written.insert((t.to_string(), e.step));
+        if self.prune.is_some() {
+            for t in e.tags() {
+                self.written.insert((t.to_string(), e.step));
+            }
         }
         write_record(&mut self.records, &e);
         self.dirty = true;
@@ -196,8 +198,10 @@ impl Board {
 
     /// Write the session's file (after pruning earlier sessions' on a resume's first).
     pub(super) async fn flush(&mut self) -> Result<()> {
-        if let Some(p) = self.prune.take() {
-            self.prune_earlier(&p).await?;
+        if let Some(p) = &self.prune {
+            self.prune_earlier(p).await?;
+            self.prune = None;
+            self.written = Default::default();
         }
         if self.dirty {
             let data = Bytes::from(self.records.clone());
@@ -219,13 +223,11 @@ impl Board {
                 continue;
             }
             let bytes = self.dir.get(&name).await?;
-            let records = match read_records(&format!("{DIR}/{name}"), &bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "a TensorBoard event file left as it is");
-                    continue;
-                }
-            };
+            let (records, damage) = read_records(&format!("{DIR}/{name}"), &bytes);
+            if let Some(e) = damage {
+                // Rewritten below without what follows the damage.
+                tracing::warn!(error = %e, "a TensorBoard event file is cut at its damage");
+            }
             // What this session wrote again before its first write replaces the earlier
             // value (the validation of an epoch that ended where a stopped run resumed).
             let keep = |e: &Event| {

@@ -105,8 +105,11 @@ impl MetricsFile {
             self.written = true;
             self.last_flush = Instant::now();
         }
-        if let Some(b) = &mut self.board {
-            b.flush().await?;
+        if let Some(b) = &mut self.board
+            && let Err(e) = b.flush().await
+        {
+            // A dashboard's file: the run goes on, and the next write tries again.
+            tracing::warn!(error = %e, "TensorBoard's event file could not be written");
         }
         Ok(())
     }

@@ -2,7 +2,10 @@
 //! line, the rank's report for Prometheus) and the trace of `profile_steps = "A:B"`
 //! (`--profile-steps A:B`): every span of steps A to B, with the work that follows B
 //! until the next step (checkpoints, evaluation, a reallocation round's passes), in the
-//! Chrome trace-event format, one file per rank: `profile/trace.rank{R}.json`.
+//! Chrome trace-event format, one file per rank and session:
+//! `profile/trace.steps{F}-{L}.rank{R}.json` (F..L: the steps it holds; a session
+//! resumed inside A:B writes its own). A trace that cannot be written is a warning: the
+//! run goes on.
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -21,6 +24,8 @@ pub(super) struct Profiling {
     rank: usize,
     /// The trace of this session was written.
     written: bool,
+    /// The first and last step traced in this session.
+    steps: Option<(u64, u64)>,
 }
 
 impl Profiling {
@@ -36,43 +41,44 @@ impl Profiling {
             range,
             rank,
             written: false,
+            steps: None,
         })
     }
 
     /// Step `step` (1-based) is about to run: the trace starts at A (or at the first step
     /// of a session resumed inside A:B) and is written before B + 1.
-    pub(super) fn before_step(&mut self, step: u64, out: &Location, handle: &Handle) -> Result<()> {
+    pub(super) fn before_step(&mut self, step: u64, out: &Location, handle: &Handle) {
         let Some((a, b)) = self.range else {
-            return Ok(());
+            return;
         };
         if self.prof.tracing() && step > b {
             return self.write(out, handle);
         }
         if (a..=b).contains(&step) && !self.written {
             self.prof.set_tracing(true, step);
+            let first = self.steps.map_or(step, |s| s.0);
+            self.steps = Some((first, step));
         }
-        Ok(())
     }
 
     /// The run ends: a trace in progress is written.
-    pub(super) fn finish(&mut self, out: &Location, handle: &Handle) -> Result<()> {
+    pub(super) fn finish(&mut self, out: &Location, handle: &Handle) {
         if self.prof.tracing() {
-            self.write(out, handle)?;
+            self.write(out, handle);
         } else if let Some((a, b)) = self.range
             && !self.written
         {
             tracing::warn!("no step of --profile-steps {a}:{b} ran in this session: no trace");
         }
-        Ok(())
     }
 
-    fn write(&mut self, out: &Location, handle: &Handle) -> Result<()> {
+    fn write(&mut self, out: &Location, handle: &Handle) {
         self.prof.set_tracing(false, 0);
         self.written = true;
-        let (a, b) = self.range.unwrap_or_default();
+        let (a, b) = self.steps.unwrap_or_default();
         let (spans, dropped) = self.prof.take_spans();
         let doc = trace_json(&spans, self.rank, &format!("{a}:{b}"));
-        let name = format!("profile/trace.rank{}.json", self.rank);
+        let name = format!("profile/trace.steps{a}-{b}.rank{}.json", self.rank);
         if dropped > 0 {
             tracing::warn!(
                 kept = spans.len(),
@@ -85,7 +91,9 @@ impl Profiling {
             file = %out.join(&name),
             "profile of steps {a} to {b} written (open it in Perfetto or chrome://tracing)"
         );
-        handle.block_on(out.put(&name, Bytes::from(doc.to_string())))
+        if let Err(e) = handle.block_on(out.put(&name, Bytes::from(doc.to_string()))) {
+            tracing::warn!(error = %e, "the trace could not be written: training goes on");
+        }
     }
 
     /// The window's phases as a metrics line (None when nothing was timed).

@@ -387,8 +387,11 @@ impl<'a> Trainer<'a> {
     /// None at the end of the epoch's data.
     fn step(&mut self, batches: &mut Batches, bl: usize) -> Result<Option<(f64, f64)>> {
         let run = &mut self.run;
-        self.profiling
-            .before_step(run.st.step + 1, &run.opts.out, run.handle)?;
+        // At the epoch's end no step follows: the end's work stays in a trace that ends.
+        if !batches.exhausted() {
+            self.profiling
+                .before_step(run.st.step + 1, &run.opts.out, run.handle);
+        }
         let prof = self.profiling.prof.clone();
         let step_span = prof.span(Phase::Step);
         let t0 = Instant::now();
@@ -419,12 +422,12 @@ impl<'a> Trainer<'a> {
         }
         if run.dist.world() > 1 {
             let _s = prof.span(Phase::AllReduce);
-            let start = Instant::now();
             backend.all_reduce_grads(&mut *run.dist.collective)?;
-            if let Some(wait) = run.dist.collective.take_wait() {
-                let (first, end) = (start + wait, Instant::now());
+            // From the ring's first exchange: a device backend first issues its step and
+            // stages the gradients to the host (in `all_reduce` only).
+            if let Some((start, first)) = run.dist.collective.take_wait() {
                 prof.record(Phase::AllReduceWait, start, first);
-                prof.record(Phase::AllReduceTransfer, first, end);
+                prof.record(Phase::AllReduceTransfer, first, Instant::now());
             }
         }
         // The step's one read-back: its losses and the gradient norm together.
@@ -640,7 +643,7 @@ impl<'a> Trainer<'a> {
             stopped,
         )?;
         let run = &self.run;
-        self.profiling.finish(&run.opts.out, run.handle)?;
+        self.profiling.finish(&run.opts.out, run.handle);
         Ok(summary)
     }
 }
