@@ -492,7 +492,7 @@ mod tests {
                         global_words_per_sec: 10.0,
                         checkpoints: 1,
                         checkpoint_bytes: 42,
-                        phases: vec![("data".into(), 0.25)],
+                        phases: [("data".into(), 0.25)].into(),
                         waits: vec![LinkWaits {
                             peer: 1,
                             direction: LinkDirection::Receive,

@@ -322,7 +322,7 @@ pub struct RankReport {
     /// direction, since its ring formed (empty for a job of one rank).
     pub waits: Vec<LinkWaits>,
     /// Seconds per step of each phase over the last logging window (its `profile` line).
-    pub phases: Vec<(String, f64)>,
+    pub phases: std::collections::BTreeMap<String, f64>,
 }
 
 /// Upper bounds (seconds) of the buckets of [`LinkWaits::buckets`]; a last bucket holds

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 /// Layers with a slot of their own (a model has at most 32); deeper ones would share the
 /// last.
 const LAYER_SLOTS: usize = 32;
-const FIXED: usize = 17;
-/// Slots: the fixed phases, then forward and backward of each layer slot.
+/// Slots of the phases that are not a layer's.
+const FIXED: usize = 18;
+/// Slots in all: the fixed phases, then forward and backward of each layer.
 pub const SLOTS: usize = FIXED + 2 * LAYER_SLOTS;
 
 /// A phase of training.
@@ -49,93 +50,69 @@ pub enum Phase {
     LayerBackward(usize),
 }
 
-const FIXED_PHASES: [Phase; FIXED] = [
-    Phase::Step,
-    Phase::Data,
-    Phase::ForwardBackward,
-    Phase::Input,
-    Phase::Heads,
-    Phase::GradSum,
-    Phase::AllReduce,
-    Phase::AllReduceWait,
-    Phase::AllReduceTransfer,
-    Phase::Update,
-    Phase::Clip,
-    Phase::Optimizer,
-    Phase::Control,
-    Phase::Log,
-    Phase::Checkpoint,
-    Phase::Eval,
-    Phase::LossTables,
-];
-
-const NAMES: [&str; FIXED] = [
-    "step",
-    "data",
-    "forward_backward",
-    "input",
-    "heads",
-    "grad_sum",
-    "all_reduce",
-    "all_reduce/wait",
-    "all_reduce/transfer",
-    "update",
-    "clip",
-    "optimizer",
-    "control",
-    "log",
-    "checkpoint",
-    "eval",
-    "loss_tables",
+/// The phases that are not a layer's, in slot order, with their names.
+const FIXED_PHASES: [(Phase, &str); FIXED] = [
+    (Phase::Step, "step"),
+    (Phase::Data, "data"),
+    (Phase::ForwardBackward, "forward_backward"),
+    (Phase::Input, "input"),
+    (Phase::Heads, "heads"),
+    (Phase::GradSum, "grad_sum"),
+    (Phase::AllReduce, "all_reduce"),
+    (Phase::AllReduceWait, "all_reduce/wait"),
+    (Phase::AllReduceTransfer, "all_reduce/transfer"),
+    (Phase::Update, "update"),
+    (Phase::Clip, "clip"),
+    (Phase::Optimizer, "optimizer"),
+    (Phase::Control, "control"),
+    (Phase::Log, "log"),
+    (Phase::Checkpoint, "checkpoint"),
+    (Phase::Eval, "eval"),
+    (Phase::LossTables, "loss_tables"),
+    (Phase::Realloc, "realloc"),
 ];
 
 impl Phase {
     /// Its slot in a [`Window`]'s sums.
     pub fn slot(self) -> usize {
         match self {
-            Self::Realloc => SLOTS,
             Self::LayerForward(l) => FIXED + 2 * l.min(LAYER_SLOTS - 1),
             Self::LayerBackward(l) => FIXED + 2 * l.min(LAYER_SLOTS - 1) + 1,
-            p => FIXED_PHASES.iter().position(|&f| f == p).unwrap(),
+            p => FIXED_PHASES.iter().position(|&(f, _)| f == p).unwrap(),
         }
     }
 
     /// The phase's name in traces and metrics.
     pub fn name(self) -> String {
         match self {
-            Self::Realloc => "realloc".into(),
             Self::LayerForward(l) => format!("forward/layer{l}"),
             Self::LayerBackward(l) => format!("backward/layer{l}"),
-            p => NAMES[p.slot()].into(),
+            p => FIXED_PHASES[p.slot()].1.into(),
         }
     }
 
     /// The phase of a slot.
     fn of_slot(slot: usize) -> Self {
         match slot {
-            s if s < FIXED => FIXED_PHASES[s],
-            SLOTS => Self::Realloc,
+            s if s < FIXED => FIXED_PHASES[s].0,
             s if (s - FIXED).is_multiple_of(2) => Self::LayerForward((s - FIXED) / 2),
             s => Self::LayerBackward((s - FIXED) / 2),
         }
     }
 }
 
-/// Slots in all, with `realloc` after the layers.
-const ALL_SLOTS: usize = SLOTS + 1;
-
 /// The seconds and counts of each phase since the window began.
 #[derive(Clone, Debug)]
 pub struct Window {
-    pub seconds: [f64; ALL_SLOTS],
-    pub count: [u64; ALL_SLOTS],
+    pub seconds: [f64; SLOTS],
+    pub count: [u64; SLOTS],
 }
 
 impl Default for Window {
     fn default() -> Self {
         Self {
-            seconds: [0.0; ALL_SLOTS],
-            count: [0; ALL_SLOTS],
+            seconds: [0.0; SLOTS],
+            count: [0; SLOTS],
         }
     }
 }
@@ -143,7 +120,7 @@ impl Default for Window {
 impl Window {
     /// (name, seconds) of every phase that ran in the window.
     pub fn phases(&self) -> Vec<(String, f64)> {
-        (0..ALL_SLOTS)
+        (0..SLOTS)
             .filter(|&s| self.count[s] > 0)
             .map(|s| (Phase::of_slot(s).name(), self.seconds[s]))
             .collect()
@@ -398,7 +375,7 @@ mod tests {
     #[test]
     fn slots_and_names_are_one_to_one() {
         let mut seen = std::collections::HashSet::new();
-        for s in 0..ALL_SLOTS {
+        for s in 0..SLOTS {
             let p = Phase::of_slot(s);
             assert_eq!(p.slot(), s, "{p:?}");
             assert!(seen.insert(p.name()), "{}", p.name());

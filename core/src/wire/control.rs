@@ -145,7 +145,7 @@ impl From<&RankReport> for v1::Report {
             checkpoint_bytes: r.checkpoint_bytes,
             checkpoints: r.checkpoints,
             waits: r.waits.iter().map(Into::into).collect(),
-            phase_seconds_per_step: r.phases.iter().cloned().collect(),
+            phase_seconds_per_step: r.phases.clone().into_iter().collect(),
         }
     }
 }
@@ -165,11 +165,7 @@ impl From<v1::Report> for RankReport {
             checkpoint_bytes: p.checkpoint_bytes,
             checkpoints: p.checkpoints,
             waits: p.waits.into_iter().map(Into::into).collect(),
-            phases: {
-                let mut v: Vec<(String, f64)> = p.phase_seconds_per_step.into_iter().collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
-            },
+            phases: p.phase_seconds_per_step.into_iter().collect(),
         }
     }
 }

@@ -496,12 +496,9 @@ impl<'a> Trainer<'a> {
             .profiling
             .window_line(self.run.st.step, self.run.st.epoch + 1);
         let r = &mut self.run.report;
-        r.phases = profile.as_ref().map_or_else(Vec::new, |p| {
-            p.seconds_per_step
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect()
-        });
+        r.phases = profile
+            .as_ref()
+            .map_or_else(Default::default, |p| p.seconds_per_step.clone());
         r.step = self.run.st.step;
         r.epoch = self.run.st.epoch;
         r.loss = l;
