@@ -419,8 +419,46 @@ pub async fn write_shards(
     out.delete(&Manifest::object_name(split)).await?;
     out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
     let mut writer = ShardWriter::new(out, split, &vocab, shard_tokens);
-    // `parallel` inputs tokenised at once, each ahead of the writer by a bounded number
-    // of batches; the writer takes them in input order.
+    let (sources, unk_tokens, skipped) =
+        tokenise_into(inputs, &vocab, opts, parallel, &meter, &mut writer).await?;
+    let m = writer.finish(sources, text_options).await?;
+    meter.finish();
+    let stats = Sharded {
+        split: split.to_string(),
+        inputs: inputs.len(),
+        bytes: total,
+        tokens: m.tokens,
+        shards: m.shards.len(),
+        unk_tokens,
+        skipped,
+        seconds: meter.seconds(),
+        mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
+    };
+    Ok((m, stats))
+}
+
+/// Where tokenised ids go, in input order: a split's shards, or a part's place in them.
+pub(super) trait Ids {
+    async fn extend(&mut self, ids: &[u32]) -> Result<()>;
+}
+
+impl Ids for ShardWriter {
+    async fn extend(&mut self, ids: &[u32]) -> Result<()> {
+        ShardWriter::extend(self, ids).await
+    }
+}
+
+/// Tokenise `inputs` into `sink` in input order, `parallel` inputs at a time each ahead of
+/// the sink by a bounded number of batches: their sources, `<unk>` tokens and lines
+/// skipped.
+pub(super) async fn tokenise_into<S: Ids>(
+    inputs: &[Input],
+    vocab: &Arc<Vocab>,
+    opts: &TextOptions,
+    parallel: usize,
+    meter: &Arc<Meter>,
+    sink: &mut S,
+) -> Result<(Vec<Source>, u64, Skipped)> {
     let parallel = parallel.max(1);
     let ahead = (IDS_AHEAD / BATCH_IDS / parallel).max(2);
     let spawn = |input: &Input| {
@@ -441,7 +479,7 @@ pub async fn write_shards(
             match rx.recv().await {
                 Some(Ok(Tokenised::Ids(ids))) => {
                     unk_tokens += ids.iter().filter(|&&i| i == unk).count() as u64;
-                    writer.extend(&ids).await?;
+                    sink.extend(&ids).await?;
                 }
                 Some(Ok(Tokenised::Done(from))) => {
                     for source in from {
@@ -463,20 +501,7 @@ pub async fn write_shards(
             next += 1;
         }
     }
-    let m = writer.finish(sources, text_options).await?;
-    meter.finish();
-    let stats = Sharded {
-        split: split.to_string(),
-        inputs: inputs.len(),
-        bytes: total,
-        tokens: m.tokens,
-        shards: m.shards.len(),
-        unk_tokens,
-        skipped,
-        seconds: meter.seconds(),
-        mb_per_sec: total as f64 / 1e6 / meter.seconds().max(1e-9),
-    };
-    Ok((m, stats))
+    Ok((sources, unk_tokens, skipped))
 }
 
 #[cfg(test)]

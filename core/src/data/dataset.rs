@@ -70,6 +70,22 @@ impl Dataset {
         cache: &Location,
         opts: &PrepareOptions,
     ) -> Result<Self> {
+        match Self::open_or_plan(data, cache, opts).await? {
+            Opened::Ready(ds) => Ok(ds),
+            Opened::Text(splits) => {
+                prepare(&splits, cache, opts).await?;
+                Self::open(cache).await
+            }
+        }
+    }
+
+    /// Open `data` if it is prepared, or its tokenised text in `cache` where sources and
+    /// options match; otherwise each split's text inputs, in order, to prepare.
+    pub async fn open_or_plan(
+        data: &Location,
+        cache: &Location,
+        opts: &PrepareOptions,
+    ) -> Result<Opened> {
         if let Some(p) = data.local_path() {
             let what = if !p.exists() {
                 "does not exist"
@@ -83,16 +99,38 @@ impl Dataset {
             }
         }
         if Self::is_prepared(data).await? {
-            return Self::open(data).await;
+            return Ok(Opened::Ready(Self::open(data).await?));
         }
         let sources = find_text(data).await?;
         if cached_matches(cache, &sources, opts).await? {
             tracing::info!(cache = %cache, "reusing tokenised data");
-            return Self::open(cache).await;
+            return Ok(Opened::Ready(Self::open(cache).await?));
         }
-        prepare(data, &sources, cache, opts).await?;
-        Self::open(cache).await
+        let inputs = |files: &[(String, u64, Option<String>)]| -> Vec<Input> {
+            files
+                .iter()
+                .map(|(name, size, tag)| Input {
+                    loc: data.clone(),
+                    name: name.clone(),
+                    size: *size,
+                    e_tag: tag.clone(),
+                })
+                .collect()
+        };
+        Ok(Opened::Text(
+            sources
+                .iter()
+                .map(|(split, files)| (split.clone(), inputs(files)))
+                .collect(),
+        ))
     }
+}
+
+/// A dataset opened, or the text it is to be prepared from.
+pub enum Opened {
+    Ready(Dataset),
+    /// Each split's inputs (train, valid, test), in order.
+    Text(Vec<(String, Vec<Input>)>),
 }
 
 /// Text objects of each split: (name, size, e_tag), name order.
@@ -150,25 +188,13 @@ async fn cached_matches(
 /// Count words, build the vocabulary, write shards and manifests (manifests last), with
 /// the inputs of each split read in parallel ([`super::corpus`]).
 async fn prepare(
-    data: &Location,
-    sources: &SplitSources,
+    splits: &[(String, Vec<Input>)],
     out: &Location,
     opts: &PrepareOptions,
 ) -> Result<()> {
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let inputs = |files: &[(String, u64, Option<String>)]| -> Vec<Input> {
-        files
-            .iter()
-            .map(|(name, size, tag)| Input {
-                loc: data.clone(),
-                name: name.clone(),
-                size: *size,
-                e_tag: tag.clone(),
-            })
-            .collect()
-    };
     // Pass 1: counts over the training text.
-    let (counts, _) = count_words(&inputs(&sources[0].1), &opts.text, parallel, false).await?;
+    let (counts, _) = count_words(&splits[0].1, &opts.text, parallel, false).await?;
     let vocab = Arc::new(Vocab::build(counts, opts.vocab_size)?);
     // Clear stale manifests first: a half-written cache must not look complete.
     for split in SPLITS {
@@ -176,9 +202,9 @@ async fn prepare(
     }
     // Pass 2: ids.
     let text_options = serde_json::to_value(opts).map_err(|e| Error::Data(e.to_string()))?;
-    for (split, files) in sources {
+    for (split, inputs) in splits {
         let (m, _) = write_shards(
-            &inputs(files),
+            inputs,
             vocab.clone(),
             SplitOut {
                 out,

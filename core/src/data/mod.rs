@@ -10,10 +10,12 @@
 //! - [`corpus`]: many inputs counted and sharded in parallel (`vocab`, `shard`);
 //! - [`parts`]: the same in parts for array jobs (`--part I/N`, `--merge`);
 //! - [`dataset`]: a training corpus (vocabulary + train/valid/test), prepared once;
+//! - [`cluster`]: the same prepared by a distributed job's workers, as tasks;
 //! - [`batches`]: the streaming truncated-BPTT batcher;
 //! - [`npy`]: NumPy `.npy` tables; [`zipf`]: the synthetic corpus of the benchmark.
 
 pub mod batches;
+pub mod cluster;
 pub mod corpus;
 pub mod dataset;
 pub mod formats;

@@ -127,10 +127,32 @@ pub async fn count_part(
 ) -> Result<(Counted, String)> {
     let share = &inputs[part.share(inputs)];
     let (counts, counted) = count_words(share, opts, parallel, bar).await?;
+    let url = write_counts(
+        &out.join(PARTS_DIR),
+        part,
+        &inputs_sha256(inputs),
+        opts,
+        &counted,
+        &counts,
+    )
+    .await?;
+    Ok((counted, url))
+}
+
+/// Write part `part`'s word counts below `parts`: a JSON header line, then
+/// `word<TAB>count` lines in byte order. Its URL.
+pub(super) async fn write_counts(
+    parts: &Location,
+    part: Part,
+    inputs_sha256: &str,
+    opts: &TextOptions,
+    counted: &Counted,
+    counts: &HashMap<String, u64>,
+) -> Result<String> {
     let header = CountsHeader {
         format: COUNTS_FORMAT.into(),
         part,
-        inputs_sha256: inputs_sha256(inputs),
+        inputs_sha256: inputs_sha256.to_string(),
         text_options: opts.clone(),
         counted: counted.clone(),
     };
@@ -144,10 +166,9 @@ pub async fn count_part(
         text.push_str(&c.to_string());
         text.push('\n');
     }
-    let parts = out.join(PARTS_DIR);
     let name = counts_name(part);
     parts.put(&name, Bytes::from(text)).await?;
-    Ok((counted, parts.url_of(&name)))
+    Ok(parts.url_of(&name))
 }
 
 /// Which of parts 0..n are missing, as a message, given the indices found.
@@ -216,61 +237,91 @@ pub async fn merge_counts(
     let mut counts: HashMap<String, u64> = HashMap::new();
     let mut total: Option<Counted> = None;
     for index in 0..of {
-        let name = counts_name(Part { index, of });
-        let url = parts.url_of(&name);
-        let body = parts.get(&name).await?;
-        let text =
-            std::str::from_utf8(&body).map_err(|_| Error::Data(format!("{url}: not UTF-8")))?;
-        let (head, rest) = text.split_once('\n').unwrap_or((text, ""));
-        let h: CountsHeader = serde_json::from_str(head)
-            .map_err(|e| Error::Data(format!("{url}: not a counts part: {e}")))?;
-        if h.format != COUNTS_FORMAT || h.part != (Part { index, of }) {
-            return Err(Error::Data(format!("{url}: not part {index} of {of}")));
-        }
-        if h.inputs_sha256 != want || h.text_options != *opts {
-            return Err(Error::Data(format!(
-                "{url} was counted from other inputs or text options than these (inputs sha256 {} here, {} there); count the parts again",
-                &want[..12],
-                &h.inputs_sha256[..h.inputs_sha256.len().min(12)]
-            )));
-        }
-        for line in rest.lines() {
-            let (w, c) = line
-                .split_once('\t')
-                .and_then(|(w, c)| Some((w, c.parse::<u64>().ok()?)))
-                .ok_or_else(|| Error::Data(format!("{url}: bad line {line:?}")))?;
-            match counts.get_mut(w) {
-                Some(n) => *n += c,
-                None => {
-                    counts.insert(w.to_string(), c);
-                }
-            }
-        }
+        let c = read_counts(&parts, Part { index, of }, &want, opts, &mut counts).await?;
         total = Some(match total {
-            None => h.counted,
+            None => c,
             Some(mut t) => {
-                t.inputs += h.counted.inputs;
-                t.bytes += h.counted.bytes;
-                t.lines += h.counted.lines;
-                t.tokens += h.counted.tokens;
-                t.skipped.add(&h.counted.skipped);
-                t.seconds = t.seconds.max(h.counted.seconds);
+                add_counted(&mut t, &c);
                 t
             }
         });
     }
-    let mut counted = total.ok_or_else(|| Error::Data(format!("{parts}: no parts")))?;
-    counted.types = counts.len();
-    counted.curve = Some(type_token_curve(&counts));
-    // The parts' time is the slowest part's; the rate, the job's.
-    counted.mb_per_sec = counted.bytes as f64 / 1e6 / counted.seconds.max(1e-9);
-    let vocab = Vocab::build(counts, size)?;
-    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
+    let counted = total.ok_or_else(|| Error::Data(format!("{parts}: no parts")))?;
+    let (vocab, counted) = vocab_of(counts, counted, out, size).await?;
     tracing::info!(
         parts = of,
         seconds = started.elapsed().as_secs_f64(),
         "counts merged"
     );
+    Ok((vocab, counted))
+}
+
+/// Add part `url`'s counts (part `part`, made from the inputs of digest `want` with
+/// `opts`) to `counts`; its header's figures.
+pub(super) async fn read_counts(
+    parts: &Location,
+    part: Part,
+    want: &str,
+    opts: &TextOptions,
+    counts: &mut HashMap<String, u64>,
+) -> Result<Counted> {
+    let name = counts_name(part);
+    let url = parts.url_of(&name);
+    let body = parts.get(&name).await?;
+    let text = std::str::from_utf8(&body).map_err(|_| Error::Data(format!("{url}: not UTF-8")))?;
+    let (head, rest) = text.split_once('\n').unwrap_or((text, ""));
+    let h: CountsHeader = serde_json::from_str(head)
+        .map_err(|e| Error::Data(format!("{url}: not a counts part: {e}")))?;
+    let Part { index, of } = part;
+    if h.format != COUNTS_FORMAT || h.part != part {
+        return Err(Error::Data(format!("{url}: not part {index} of {of}")));
+    }
+    if h.inputs_sha256 != want || h.text_options != *opts {
+        return Err(Error::Data(format!(
+            "{url} was counted from other inputs or text options than these (inputs sha256 {} here, {} there); count the parts again",
+            &want[..want.len().min(12)],
+            &h.inputs_sha256[..h.inputs_sha256.len().min(12)]
+        )));
+    }
+    for line in rest.lines() {
+        let (w, c) = line
+            .split_once('\t')
+            .and_then(|(w, c)| Some((w, c.parse::<u64>().ok()?)))
+            .ok_or_else(|| Error::Data(format!("{url}: bad line {line:?}")))?;
+        match counts.get_mut(w) {
+            Some(n) => *n += c,
+            None => {
+                counts.insert(w.to_string(), c);
+            }
+        }
+    }
+    Ok(h.counted)
+}
+
+/// Part figures summed (the time: the slowest part's).
+pub(super) fn add_counted(t: &mut Counted, c: &Counted) {
+    t.inputs += c.inputs;
+    t.bytes += c.bytes;
+    t.lines += c.lines;
+    t.tokens += c.tokens;
+    t.skipped.add(&c.skipped);
+    t.seconds = t.seconds.max(c.seconds);
+}
+
+/// The vocabulary of the summed `counts` (`size` words; 0 = all), written as `vocab.txt`
+/// of `out`, and the figures of all parts (`counted`) completed with the types, the
+/// type/token curve and the job's rate.
+pub(super) async fn vocab_of(
+    counts: HashMap<String, u64>,
+    mut counted: Counted,
+    out: &Location,
+    size: usize,
+) -> Result<(Vocab, Counted)> {
+    counted.types = counts.len();
+    counted.curve = Some(type_token_curve(&counts));
+    counted.mb_per_sec = counted.bytes as f64 / 1e6 / counted.seconds.max(1e-9);
+    let vocab = Vocab::build(counts, size)?;
+    out.put(VOCAB_FILE, Bytes::from(vocab.to_text())).await?;
     Ok((vocab, counted))
 }
 

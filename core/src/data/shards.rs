@@ -179,7 +179,7 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     pub fn new(loc: &Location, split: &str, vocab: &Vocab, shard_tokens: u64) -> Self {
-        let shard_tokens = shard_tokens.max(BLOCK_TOKENS).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS;
+        let shard_tokens = shard_size(shard_tokens);
         Self {
             loc: loc.clone(),
             split: split.to_string(),
@@ -205,29 +205,14 @@ impl ShardWriter {
     }
 
     async fn write_shard(&mut self, ids: Vec<u32>) -> Result<()> {
-        let mut bytes = Vec::with_capacity(ids.len() * 4);
-        for id in &ids {
-            bytes.extend_from_slice(&id.to_le_bytes());
-        }
-        let block_crc32c = bytes
-            .chunks(self.block_tokens as usize * 4)
-            .map(crc32c::crc32c)
-            .collect();
-        let name = format!("{}-{:05}.u32", self.split, self.shards.len());
-        let info = ShardInfo {
-            name: name.clone(),
-            tokens: ids.len() as u64,
-            bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
-            block_crc32c,
-        };
-        self.loc.put(&name, Bytes::from(bytes)).await?;
+        let name = shard_name(&self.split, self.shards.len() as u64);
+        let (bytes, info) = shard_object(name.clone(), &ids, self.block_tokens);
+        self.loc.put(&name, bytes).await?;
         self.total += info.tokens;
         self.shards.push(info);
         Ok(())
     }
 
-    /// Write the last shard and the manifest.
     pub async fn finish(
         mut self,
         sources: Vec<Source>,
@@ -250,17 +235,52 @@ impl ShardWriter {
             sources,
             text_options,
         };
-        let json =
-            serde_json::to_vec_pretty(&m).map_err(|e| Error::Data(format!("manifest: {e}")))?;
-        self.loc
-            .put(&Manifest::object_name(&self.split), Bytes::from(json))
-            .await?;
+        m.save(&self.loc).await?;
         Ok(m)
     }
 }
 
-/// Random access to the tokens of one split: shards in object storage (block-verified)
-/// or ids already in memory (text tokenised on the fly for `eval`).
+/// The object name of shard `index` of `split`.
+pub fn shard_name(split: &str, index: u64) -> String {
+    format!("{split}-{index:05}.u32")
+}
+
+/// Shards of `shard_tokens` tokens as a writer makes them: at least one block, a whole
+/// number of blocks.
+pub fn shard_size(shard_tokens: u64) -> u64 {
+    shard_tokens.max(BLOCK_TOKENS).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
+}
+
+/// A shard's bytes (little-endian ids) and its manifest entry.
+pub fn shard_object(name: String, ids: &[u32], block_tokens: u64) -> (Bytes, ShardInfo) {
+    let mut bytes = Vec::with_capacity(ids.len() * 4);
+    for id in ids {
+        bytes.extend_from_slice(&id.to_le_bytes());
+    }
+    let block_crc32c = bytes
+        .chunks(block_tokens as usize * 4)
+        .map(crc32c::crc32c)
+        .collect();
+    let info = ShardInfo {
+        name,
+        tokens: ids.len() as u64,
+        bytes: bytes.len() as u64,
+        sha256: hex(&Sha256::digest(&bytes)),
+        block_crc32c,
+    };
+    (Bytes::from(bytes), info)
+}
+
+impl Manifest {
+    /// Write the manifest (the split's last object: it commits the split).
+    pub async fn save(&self, loc: &Location) -> Result<()> {
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::Data(format!("manifest: {e}")))?;
+        loc.put(&Manifest::object_name(&self.split), Bytes::from(json))
+            .await
+    }
+}
+
 pub struct SplitReader {
     loc: Location,
     manifest: Manifest,
