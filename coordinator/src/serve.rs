@@ -34,11 +34,17 @@ impl JobOutcome {
             "reallocations": stats.reallocations, "checkpoints_committed": stats.checkpoints_committed,
             "generation": stats.generation, "restarts": stats.restarts,
             "coordinator_restarts": stats.coordinator_restarts, "run_id": stats.run_id,
+            "prepare_seconds": stats.prepare_seconds,
             "grows": stats.grows, "worlds": stats.worlds,
             "realloc_bytes_in": stats.realloc_bytes_in,
         });
         match v {
-            serde_json::Value::Object(m) => m,
+            serde_json::Value::Object(mut m) => {
+                if stats.prepare_seconds.is_none() {
+                    m.remove("prepare_seconds");
+                }
+                m
+            }
             _ => unreachable!("a JSON object literal"),
         }
     }
@@ -112,8 +118,10 @@ pub async fn run_job(
         None => tokio::spawn(router.serve_with_incoming_shutdown(guarded, shutdown)),
     };
     let monitor = tokio::spawn(job.clone().monitor());
+    let prepare = tokio::spawn(job.clone().prepare_dataset());
     let outcome = job.outcome().await;
     monitor.abort();
+    prepare.abort();
     watcher.abort();
     // Let the last replies (Finish, Fail, heartbeats answering `abort`) reach the workers.
     let linger = if outcome.is_ok() { 50 } else { 1500 };

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use lightrnn_core::protocol::PrepareAsk;
 use lightrnn_core::wire;
 use lightrnn_proto::Coordinator;
 use lightrnn_proto::v1::{
     AllocationChunk, AllocationRequest, CommitReply, CommitRequest, EpochDoneReply,
     EpochDoneRequest, FailReply, FailRequest, FinishReply, FinishRequest, HeartbeatReply,
-    HeartbeatRequest, JoinReply, JoinRequest, LeaseReply, LeaseRequest, PushReply, SparseChunk,
-    TableChunk,
+    HeartbeatRequest, JoinReply, JoinRequest, LeaseReply, LeaseRequest, PrepareReply,
+    PrepareRequest, PushReply, SparseChunk, TableChunk,
 };
 
 use crate::job::{Job, JobError};
@@ -148,6 +149,16 @@ impl Coordinator for Service {
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailReply>, Status> {
         let failed = self.job.fail(req.into_inner().into());
         failed.map(|()| Response::new(FailReply {})).map_err(status)
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareReply>, Status> {
+        let ask = PrepareAsk::try_from(req.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let answer = self.job.prepare(ask).map_err(status)?;
+        Ok(Response::new((&answer).into()))
     }
 }
 

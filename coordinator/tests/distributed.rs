@@ -622,15 +622,32 @@ fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
     use lightrnn_proto::auth::BearerToken;
     use lightrnn_proto::v1::{FailRequest, HeartbeatRequest, JoinRequest};
 
+    use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
+
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 300);
+    let text = tmp.path().join("text");
+    corpus(&text, 300);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = TrainConfig::preset("tiny").unwrap();
+        // A prepared dataset: this test's calls join at once (text would be prepared by
+        // workers asking Prepare first).
+        let data = Location::parse(tmp.path().join("data").to_str().unwrap()).unwrap();
+        let prep = PrepareOptions {
+            text: cfg.text_options(),
+            vocab_size: cfg.vocab_size,
+            shard_tokens: cfg.shard_tokens,
+        };
+        Dataset::open_or_prepare(
+            &Location::parse(text.to_str().unwrap()).unwrap(),
+            &data,
+            &prep,
+        )
+        .await
+        .unwrap();
         let mut spec = JobSpec::prepare(
             cfg,
-            &Location::parse(data.to_str().unwrap()).unwrap(),
+            &data,
             &Location::parse(tmp.path().join("run").to_str().unwrap()).unwrap(),
             false,
             (1, 1),

@@ -244,3 +244,41 @@ pub struct Fail {
     /// Whether retrying in a new generation may help.
     pub retryable: bool,
 }
+
+/// A worker's part in preparing the dataset ([`crate::data::cluster`]): what it reports
+/// on its task, asking for the next.
+#[derive(Clone, Debug)]
+pub struct PrepareAsk {
+    /// Who asks (host:pid).
+    pub worker: String,
+    pub version: String,
+    /// The task reported on, and how it went (none: the worker asks for one).
+    pub report: Option<(u64, TaskReport)>,
+}
+
+/// How a preparation task went.
+#[derive(Clone, Debug)]
+pub enum TaskReport {
+    /// Still at it.
+    Working,
+    Done(crate::data::cluster::Done),
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+}
+
+/// What a worker preparing the dataset is told.
+#[derive(Clone, Debug)]
+pub enum PrepareAnswer {
+    /// Do this task, saying every `heartbeat` that it is still at it.
+    Task {
+        id: u64,
+        task: Box<crate::data::cluster::Task>,
+        heartbeat: Duration,
+    },
+    /// Nothing to do now: ask again after this long.
+    Wait(Duration),
+    /// The dataset is prepared: join the job.
+    Ready,
+}

@@ -22,6 +22,7 @@ use crate::dist::control::Dist;
 use crate::dist::remote::{RemoteControl, Shared, connect, heartbeat, join, route_to};
 use crate::dist::ring::TcpRing;
 use crate::dist::secure::RingSecret;
+use crate::prepare::prepare_dataset;
 use crate::train::{RunOptions, train_rank};
 use lightrnn_core::data::store::Location;
 use lightrnn_core::report::Summary;
@@ -79,6 +80,16 @@ pub fn run_worker(opts: &WorkerOptions, handle: &Handle) -> Result<Summary> {
     let mut client = handle.block_on(async {
         tokio::select! {
             c = connect(&opts.coordinator, opts.connect_timeout, &auth, opts.tls.as_ref()) => c,
+            e = stopped_before_joining(&opts.stop) => Err(e),
+        }
+    })?;
+    // A dataset still to be tokenised from text is prepared by the job's workers first.
+    let parallel = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    handle.block_on(async {
+        tokio::select! {
+            r = prepare_dataset(&client, &opts.coordinator, parallel, opts.connect_timeout, &opts.stop) => r,
             e = stopped_before_joining(&opts.stop) => Err(e),
         }
     })?;

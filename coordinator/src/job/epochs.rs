@@ -22,7 +22,7 @@ impl Job {
         let geometry = (r.streams, r.cursor);
         match acc.geometry {
             None => {
-                let per_stream = self.spec.train_tokens / r.streams.max(1);
+                let per_stream = self.train_tokens() / r.streams.max(1);
                 acc.geometry = Some(geometry);
                 acc.expected = per_stream
                     .saturating_sub(1)

@@ -158,6 +158,9 @@ impl Job {
     /// member of the current generation (true), nothing otherwise (false: its loss was
     /// handled, or it never joined).
     pub fn process_exited(&self, pid: u32, why: String) -> bool {
+        if let Some(p) = &self.prep {
+            p.process_exited(pid);
+        }
         let generation = {
             let st = self.lock();
             if !st.members.iter().flatten().any(|m| m.pid == pid) {
@@ -223,6 +226,9 @@ impl Job {
     /// process is then reported stalled).
     fn silence(&self, st: &State) -> Option<String> {
         if !st.formed {
+            if self.preparing() {
+                return None;
+            }
             let n = st.members.iter().flatten().count();
             return (st.generation_started.elapsed() > self.spec.join_timeout).then(|| {
                 format!(

@@ -56,6 +56,11 @@ impl Job {
                 r.version
             )));
         }
+        if self.preparing() {
+            return Err(JobError::OutOfTurn(
+                "the workers are still preparing the dataset: a worker asks Prepare until it is ready, then joins".into(),
+            ));
+        }
         let (rank, generation) = self.take_rank(&r)?;
         self.bump();
         let mut slot = Slot {

@@ -40,6 +40,7 @@ mod error;
 mod faults;
 mod join;
 mod pipeline;
+mod prepare;
 pub mod record;
 mod rounds;
 mod sparse;
@@ -69,6 +70,10 @@ pub struct Job {
     /// Processes of ranks lost to missed heartbeats: alive but stalled (a launcher that
     /// started them kills them and starts replacements).
     stalled: Mutex<Vec<u32>>,
+    /// The dataset's preparation by the workers, when it is tokenised from text.
+    prep: Option<std::sync::Arc<prepare::Preparation>>,
+    /// The training split's tokens and the vocabulary's words, once the dataset is ready.
+    dataset: std::sync::OnceLock<(u64, usize)>,
 }
 
 type Guard<'a> = std::sync::MutexGuard<'a, State>;
@@ -89,6 +94,18 @@ impl Job {
                 .unwrap_or_default()
         };
         let state = State::new(w, spec.first_generation, resume_from);
+        let dataset = std::sync::OnceLock::new();
+        let prep = match &spec.pending {
+            Some(plan) => Some(std::sync::Arc::new(prepare::Preparation::new(
+                plan.clone(),
+                spec.heartbeat,
+                spec.heartbeat_timeout,
+            ))),
+            None => {
+                let _ = dataset.set((spec.train_tokens, spec.vocab));
+                None
+            }
+        };
         std::sync::Arc::new_cyclic(|me| Self {
             me: me.clone(),
             spec,
@@ -97,7 +114,24 @@ impl Job {
             version: watch::channel(0).0,
             stats: Mutex::new(stats),
             stalled: Mutex::new(Vec::new()),
+            prep,
+            dataset,
         })
+    }
+
+    /// Tokens of the training split (0 until the dataset is ready).
+    pub fn train_tokens(&self) -> u64 {
+        self.dataset.get().map_or(0, |d| d.0)
+    }
+
+    /// Words of the vocabulary (0 until the dataset is ready).
+    pub fn vocab(&self) -> usize {
+        self.dataset.get().map_or(0, |d| d.1)
+    }
+
+    /// Whether the workers are still preparing the dataset.
+    pub fn preparing(&self) -> bool {
+        self.dataset.get().is_none()
     }
 
     pub fn spec(&self) -> &JobSpec {

@@ -71,10 +71,11 @@ impl TableAssembly {
                 }
                 st.world
             };
-        if ch.vocab != job.spec.vocab as u64 {
+        if ch.vocab != job.vocab() as u64 {
             return Err(invalid(format!(
                 "tables of {} words for a vocabulary of {}",
-                ch.vocab, job.spec.vocab
+                ch.vocab,
+                job.vocab()
             )));
         }
         let (v, rr, cc) = (ch.vocab as usize, ch.rows as usize, ch.cols as usize);

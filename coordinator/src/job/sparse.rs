@@ -110,7 +110,7 @@ impl SparseAssembly {
             job.check(&st, ch.generation, ch.rank)?;
         }
         let c = &job.spec.cfg;
-        let v = job.spec.vocab;
+        let v = job.vocab();
         let d = ModelDims::square(v, c.emb, c.hidden, c.layers).map_err(invalid)?;
         if ch.vocab != v as u64 {
             return Err(invalid(format!(

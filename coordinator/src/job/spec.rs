@@ -1,12 +1,14 @@
 //! What one job is: its config, data, run directory, group size and timeouts, and its
-//! security settings. Prepared once, before any worker joins.
+//! security settings. Settled once, before any worker joins; a dataset still to be
+//! tokenised from text is left to the workers as a plan.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use lightrnn_core::checkpoint::{self, JobRecord};
 use lightrnn_core::config::TrainConfig;
-use lightrnn_core::data::dataset::{Dataset, PrepareOptions};
+use lightrnn_core::data::cluster::Plan;
+use lightrnn_core::data::dataset::{Dataset, Opened, PrepareOptions};
 use lightrnn_core::data::store::Location;
 use lightrnn_core::{Error, Result};
 
@@ -63,6 +65,9 @@ pub struct JobSpec {
     /// Serve over TLS with this configuration (identity and, for mutual TLS, client
     /// verification; see [`crate::tls`]).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The dataset to prepare from text through the workers before the group forms
+    /// (`data` is where it goes; `train_tokens` and `vocab` are known once it is ready).
+    pub pending: Option<Arc<Plan>>,
     /// NCCL ids for the GPU workers of a CUDA job (`None`: the workers sum through the
     /// TCP ring only).
     pub nccl_ids: Option<NcclIds>,
@@ -109,6 +114,7 @@ impl JobSpec {
             vocab,
             token: None,
             tls: None,
+            pending: None,
             nccl_ids: None,
         }
     }
@@ -136,7 +142,21 @@ impl JobSpec {
             vocab_size: cfg.vocab_size,
             shard_tokens: cfg.shard_tokens,
         };
-        let ds = Dataset::open_or_prepare(data, &out.join("data"), &prep).await?;
+        let cache = out.join("data");
+        // Text is tokenised by the workers once they come ([`super::prepare`]).
+        let (loc, train_tokens, vocab, pending) =
+            match Dataset::open_or_plan(data, &cache, &prep).await? {
+                Opened::Ready(ds) => (ds.loc.clone(), ds.train.tokens(), ds.vocab.len(), None),
+                Opened::Text(splits) => {
+                    let plan = Plan {
+                        dataset: cache.clone(),
+                        opts: prep,
+                        splits,
+                        parts: world_size,
+                    };
+                    (cache, 0, 0, Some(Arc::new(plan)))
+                }
+            };
         let newest = checkpoint::list(out).await?.into_iter().next();
         let checkpoint = match (resume, newest) {
             (false, Some((step, dir))) => {
@@ -166,12 +186,13 @@ impl JobSpec {
         }
         let mut spec = Self::new(
             cfg,
-            ds.loc.clone(),
+            loc,
             out.clone(),
             (min_world, world_size),
-            ds.train.tokens(),
-            ds.vocab.len(),
+            train_tokens,
+            vocab,
         );
+        spec.pending = pending;
         spec.checkpoint = checkpoint.map(|c| Location::parse(&c.url)).transpose()?;
         spec.run_id = record.run_id.clone();
         spec.first_generation = record.generation;

@@ -178,4 +178,6 @@ pub struct JobStats {
     pub coordinator_restarts: u64,
     /// The run's id (`RUN/run.json`), the same across coordinator restarts.
     pub run_id: String,
+    /// How long the workers took to prepare the dataset from text (this coordinator's).
+    pub prepare_seconds: Option<f64>,
 }

@@ -1,6 +1,9 @@
 //! The control calls' messages: joining (the run's config travels as TOML and is typed
 //! on both sides here), heartbeats with a rank's figures, leases and the epoch barrier,
-//! finishing with the run's summary, failing.
+//! finishing with the run's summary, failing; the dataset's preparation by the workers
+//! (its tasks and results travel as JSON).
+
+use std::time::Duration;
 
 use lightrnn_proto::v1;
 
@@ -8,6 +11,7 @@ use super::{auto_from_wire, auto_to_wire, bad, config, size};
 use crate::config::TrainConfig;
 use crate::protocol::{
     EpochDone, Fail, Finish, Heartbeat, HeartbeatAnswer, Join, Joined, Lease, Leased,
+    PrepareAnswer, PrepareAsk, TaskReport,
 };
 use crate::report::{LinkDirection, LinkWaits, RankReport, StoppedBy, Summary};
 use crate::{Error, Result};
@@ -281,6 +285,110 @@ impl TryFrom<v1::Summary> for Summary {
             auto_realloc: auto_from_wire("summary", &s.auto_realloc_json)?,
             // The coordinator has every rank's checksum (Finish) and adds it.
             params_sha256: String::new(),
+        })
+    }
+}
+
+impl TryFrom<v1::PrepareRequest> for PrepareAsk {
+    type Error = Error;
+
+    fn try_from(r: v1::PrepareRequest) -> Result<Self> {
+        let report = match (r.task, r.working, r.error.is_empty()) {
+            (0, _, _) => None,
+            (task, true, _) => Some((task, TaskReport::Working)),
+            (task, false, false) => Some((
+                task,
+                TaskReport::Failed {
+                    error: r.error,
+                    retryable: r.retryable,
+                },
+            )),
+            (task, false, true) => Some((
+                task,
+                TaskReport::Done(serde_json::from_str(&r.done_json).map_err(|e| {
+                    Error::Control(format!("task {task}: a result that does not parse: {e}"))
+                })?),
+            )),
+        };
+        Ok(Self {
+            worker: r.worker,
+            version: r.version,
+            report,
+        })
+    }
+}
+
+impl From<&PrepareAsk> for v1::PrepareRequest {
+    fn from(a: &PrepareAsk) -> Self {
+        let mut r = Self {
+            worker: a.worker.clone(),
+            version: a.version.clone(),
+            ..Default::default()
+        };
+        if let Some((task, report)) = &a.report {
+            r.task = *task;
+            match report {
+                TaskReport::Working => r.working = true,
+                TaskReport::Done(d) => {
+                    r.done_json = serde_json::to_string(d).unwrap_or_default();
+                }
+                TaskReport::Failed { error, retryable } => {
+                    r.error = error.clone();
+                    r.retryable = *retryable;
+                }
+            }
+        }
+        r
+    }
+}
+
+impl From<&PrepareAnswer> for v1::PrepareReply {
+    fn from(a: &PrepareAnswer) -> Self {
+        match a {
+            PrepareAnswer::Task {
+                id,
+                task,
+                heartbeat,
+            } => Self {
+                task: *id,
+                task_json: serde_json::to_string(task).unwrap_or_default(),
+                heartbeat_ms: heartbeat.as_millis() as u64,
+                ..Default::default()
+            },
+            PrepareAnswer::Wait(d) => Self {
+                wait_ms: d.as_millis() as u64,
+                ..Default::default()
+            },
+            PrepareAnswer::Ready => Self {
+                ready: true,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl TryFrom<v1::PrepareReply> for PrepareAnswer {
+    type Error = Error;
+
+    fn try_from(r: v1::PrepareReply) -> Result<Self> {
+        if r.ready {
+            return Ok(Self::Ready);
+        }
+        if r.task == 0 {
+            return Ok(Self::Wait(Duration::from_millis(
+                r.wait_ms.clamp(10, 10_000),
+            )));
+        }
+        let t = serde_json::from_str(&r.task_json).map_err(|e| {
+            Error::Control(format!(
+                "task {}: a task that does not parse (is the coordinator's version this worker's?): {e}",
+                r.task
+            ))
+        })?;
+        Ok(Self::Task {
+            id: r.task,
+            task: Box::new(t),
+            heartbeat: Duration::from_millis(r.heartbeat_ms.clamp(10, 60_000)),
         })
     }
 }

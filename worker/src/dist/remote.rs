@@ -694,7 +694,7 @@ impl Reach {
     }
 
     /// Whether the coordinator may come back (a restarted one): worth waiting for.
-    fn unreachable(&self) -> bool {
+    pub(crate) fn unreachable(&self) -> bool {
         matches!(self, Self::NothingListens | Self::NoAnswer(_))
     }
 

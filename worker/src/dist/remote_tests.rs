@@ -289,6 +289,17 @@ impl Coordinator for Fake {
         perform(self.0.take("fail", &req, generation, None)).await?;
         Ok(Response::new(FailReply {}))
     }
+
+    /// No dataset to prepare: join.
+    async fn prepare(
+        &self,
+        _: Request<lightrnn_proto::v1::PrepareRequest>,
+    ) -> Result<Response<lightrnn_proto::v1::PrepareReply>, Status> {
+        Ok(Response::new(lightrnn_proto::v1::PrepareReply {
+            ready: true,
+            ..Default::default()
+        }))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
