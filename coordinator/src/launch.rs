@@ -16,6 +16,7 @@ use lightrnn_kernels::BackendKind;
 
 use crate::error::{IoContext, usage};
 use crate::job::JobSpec;
+use crate::job::spec::PrepareBy;
 use crate::serve::{External, JobOutcome, bind, run_job};
 use crate::signals;
 use crate::{Result, Stop};
@@ -27,6 +28,8 @@ pub struct RunSpec<'a> {
     pub out: &'a str,
     pub resume: bool,
     pub backend: &'a str,
+    /// Who tokenises text `--data`.
+    pub prepare_by: PrepareBy,
 }
 
 /// Prepare the job (dataset, checkpoint to resume from) for `world` = (MIN, MAX) workers.
@@ -36,7 +39,13 @@ pub fn job_spec(run: RunSpec<'_>, world: (usize, usize), handle: &Handle) -> Res
     // `train --workers` asks it of this machine before it starts any (`worker_count`).
     let kind: BackendKind = run.backend.parse()?;
     let (data, out) = (Location::parse(run.data)?, Location::parse(run.out)?);
-    let mut spec = handle.block_on(JobSpec::prepare(run.cfg, &data, &out, run.resume, world))?;
+    let mut spec = handle.block_on(JobSpec::prepare(
+        run.cfg,
+        (&data, run.prepare_by),
+        &out,
+        run.resume,
+        world,
+    ))?;
     spec.backend = run.backend.to_string();
     spec.nccl_ids = crate::job::spec::nccl_ids(kind);
     Ok(spec)

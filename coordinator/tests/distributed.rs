@@ -647,7 +647,7 @@ fn strangers_stale_generations_and_callers_without_the_token_are_refused() {
         .unwrap();
         let mut spec = JobSpec::prepare(
             cfg,
-            &data,
+            (&data, lightrnn_coordinator::job::spec::PrepareBy::Auto),
             &Location::parse(tmp.path().join("run").to_str().unwrap()).unwrap(),
             false,
             (1, 1),

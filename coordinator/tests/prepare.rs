@@ -217,3 +217,106 @@ fn a_corrupt_input_ends_the_job_naming_it() {
         );
     }
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `lightrnn coordinator --prepare-by workers` for 2 workers on `port`.
+fn coordinator(data: &Path, out: &Path, port: u16) -> std::process::Child {
+    let mut a = train_args(data, out, &["--resume", "--prepare-by", "workers"]);
+    a[0] = "coordinator".into();
+    a.extend(
+        [
+            "--world-size",
+            "2",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]
+        .map(String::from),
+    );
+    a.extend(["--heartbeat-ms", "500", "--join-timeout-s", "60"].map(String::from));
+    Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+        .args(&a)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The coordinator killed (SIGKILL) while its workers shard, and started again: the
+/// workers wait for it, the preparation starts over (their reports on the first
+/// coordinator's tasks name none of the new one's), and the dataset is the one-process
+/// one.
+#[test]
+fn a_coordinator_killed_mid_preparation_starts_it_over_with_the_same_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, 2500);
+    let one = tmp.path().join("one");
+    one_process(&data, &one);
+    let out = tmp.path().join("run");
+    let port = free_port();
+    let mut first = coordinator(&data, &out, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let logs: Vec<_> = (0..2)
+        .map(|k| tmp.path().join(format!("worker{k}.log")))
+        .collect();
+    let workers: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            Command::new(env!("CARGO_BIN_EXE_lightrnn"))
+                .args(["worker", "--coordinator", &url, "--threads", "1"])
+                .args(["--connect-timeout-s", "60"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let worker_logs = || {
+        logs.iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let err = first.stderr.take().unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(err).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("shard train part") {
+            first.kill().unwrap();
+            break;
+        }
+    }
+    first.wait().unwrap();
+    assert!(seen.contains("shard train part"), "{seen}");
+    assert!(!out.join("data/train.manifest.json").exists());
+    let second = coordinator(&data, &out, port);
+    let o = second.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success(),
+        "{stdout}\n{stderr}\nworkers:\n{}",
+        worker_logs()
+    );
+    assert!(
+        stderr.contains("dataset prepared by the workers"),
+        "{stderr}"
+    );
+    for mut w in workers {
+        assert!(w.wait().unwrap().success(), "{}", worker_logs());
+    }
+    assert_same_dataset(&out.join("data"), &one.join("data"));
+    assert_eq!(json(&stdout)["steps"], 2);
+}

@@ -135,6 +135,7 @@ fn job(
         out,
         resume: false,
         backend: "cpu",
+        prepare_by: lightrnn_coordinator::job::spec::PrepareBy::Workers,
     };
     let spec = job_spec(run, (workers, workers), rt.handle()).unwrap();
     let incoming = rt

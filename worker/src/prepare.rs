@@ -67,10 +67,18 @@ pub async fn prepare_dataset(
                 if stop.load(Ordering::Relaxed) {
                     return stopped();
                 }
-                // A lost beat only risks the task being handed to another worker too.
-                let beat = ask(Some((id, TaskReport::Working)));
-                if let Err(e) = call(client, coordinator, &beat, heartbeat * 5).await {
-                    return e;
+                // A lost beat only risks the task being handed to another worker too; a
+                // coordinator out of reach (restarting) is asked again at the next one,
+                // and the report waits for it.
+                let beat = v1::PrepareRequest::from(&ask(Some((id, TaskReport::Working))));
+                if let Err(s) = client.clone().prepare(beat).await
+                    && !transient(&s)
+                {
+                    return Error::Control(format!(
+                        "preparing the dataset: {} ({:?})",
+                        s.message(),
+                        s.code()
+                    ));
                 }
             }
         };
@@ -106,6 +114,17 @@ pub async fn prepare_dataset(
     }
 }
 
+/// A call that did not reach the coordinator or broke on the way (it is down, restarting,
+/// behind a partition): worth asking again, unlike its refusals.
+fn transient(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    Reach::of(s).unreachable()
+        || matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        )
+}
+
 fn stopped() -> Error {
     Error::Control("stopped by a signal while preparing the dataset: nothing to checkpoint".into())
 }
@@ -126,7 +145,7 @@ async fn call(
             Ok(r) => return PrepareAnswer::try_from(r.into_inner()),
             Err(s) => {
                 let reach = Reach::of(&s);
-                if reach.unreachable() && Instant::now() + backoff < deadline {
+                if transient(&s) && Instant::now() + backoff < deadline {
                     tracing::warn!(
                         coordinator,
                         "cannot reach the coordinator{}: retrying",

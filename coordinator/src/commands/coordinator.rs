@@ -10,6 +10,7 @@ use tokio::runtime::Handle;
 
 use super::{RunArgs, bearer_token, resolve_config};
 use crate::error::usage;
+use crate::job::spec::PrepareBy;
 use crate::launch::{RunSpec, job_spec, metrics_listener, summary_line, with_metrics};
 use crate::serve::{External, bind, run_job};
 use crate::{Error, Result, Stop};
@@ -39,7 +40,8 @@ pub struct CoordinatorArgs {
     /// Deadline of every collective read and write on the workers, in seconds.
     #[arg(long, default_value_t = 120)]
     pub collective_timeout_s: u64,
-    /// How long the group may take to form, in seconds.
+    /// How long the group may take to form, in seconds (counted once the dataset is
+    /// ready: the workers' preparation of a text dataset has no deadline of its own).
     #[arg(long, default_value_t = 600)]
     pub join_timeout_s: u64,
     /// Times the group may re-form after lost workers before the job fails.
@@ -59,6 +61,12 @@ pub struct CoordinatorArgs {
     /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
     #[arg(long, env = "LIGHTRNN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<String>,
+    /// Who tokenises text --data into OUT/data: the workers, as tasks before the group
+    /// forms (the coordinator reads none of it); the coordinator alone; or auto: the
+    /// workers where the text is in object storage, the coordinator where it is a local
+    /// path (use workers where every worker's host shares that filesystem).
+    #[arg(long, value_enum, default_value_t = PrepareBy::Auto)]
+    pub prepare_by: PrepareBy,
     /// Serve beyond loopback without TLS (traffic then travels in the clear: only on a
     /// network that is private or encrypted underneath, e.g. a service mesh).
     #[arg(long)]
@@ -99,6 +107,7 @@ pub fn run(a: &CoordinatorArgs, handle: &Handle, stop: &Stop) -> Result<String> 
         out: &r.out,
         resume: r.resume,
         backend: &r.backend,
+        prepare_by: a.prepare_by,
     };
     let addr: std::net::SocketAddr = a
         .listen

@@ -73,7 +73,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Directory or object-store URL with *train*, *valid*, *test* text files, or a
-    /// prepared dataset.
+    /// prepared dataset. Text is tokenised into OUT/data once (in a distributed job, by
+    /// its workers before the group forms) and reused while it is unchanged.
     #[arg(long)]
     pub data: String,
     /// Run directory (path or object-store URL): checkpoints, metrics.jsonl, summary.json.

@@ -12,6 +12,7 @@ use lightrnn_core::report::ReportSink;
 use lightrnn_worker::train::{RunOptions, train};
 
 use super::{RunArgs, backend_kind, resolve_config};
+use crate::job::spec::PrepareBy;
 use crate::launch::{RunSpec, job_spec, summary_line, train_workers};
 use crate::{Result, Stop};
 
@@ -48,6 +49,8 @@ pub fn run(t: &TrainArgs, handle: &Handle, stop: &Stop) -> Result<String> {
             out: &a.out,
             resume: a.resume,
             backend: &a.backend,
+            // The workers are this machine's processes: they read what it reads.
+            prepare_by: PrepareBy::Workers,
         };
         let spec = job_spec(run, (workers, workers), handle)?;
         let outcome = train_workers(spec, workers, a.metrics_addr.as_deref(), handle, stop)?;

@@ -1,6 +1,7 @@
 //! One distributed training job as the coordinator owns it.
 //!
-//! It prepares the dataset once ([`spec`]), waits for `world_size` workers (ranks assigned
+//! It has a text dataset prepared once, by the workers that come ([`prepare`]; a prepared
+//! one is opened in [`spec`]), waits for `world_size` workers (ranks assigned
 //! in join order or taken from the workers' RANK; an elastic job forms with any number
 //! from `min_world` up once no worker has joined for `form_wait`, and ranks are then
 //! renumbered 0..n in that order), hands each the config, the data and run locations, the

@@ -23,6 +23,8 @@ use super::{Job, JobError, JobResult};
 const ATTEMPTS: u32 = 3;
 /// How long a worker with nothing to do waits before asking again.
 const WAIT: Duration = Duration::from_millis(200);
+/// How often a phase's progress is logged.
+const PROGRESS: Duration = Duration::from_secs(10);
 
 /// One task of the current phase.
 struct Slot {
@@ -55,11 +57,20 @@ pub struct Preparation {
 
 impl Preparation {
     pub fn new(plan: Arc<Plan>, heartbeat: Duration, timeout: Duration) -> Self {
+        // Task ids of this coordinator only: a worker reporting on a task of an earlier
+        // coordinator of the run (killed, restarted) names none of these.
+        let first = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64)
+            << 8;
         Self {
             plan,
             heartbeat,
             timeout,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                next_id: first,
+                ..State::default()
+            }),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -188,6 +199,27 @@ impl Preparation {
         }
     }
 
+    /// One line on the phase's tasks: done, held, waiting, and the input bytes done.
+    fn progress(&self, st: &State, started: Instant) {
+        let done: Vec<&Slot> = st.slots.iter().filter(|s| s.done.is_some()).collect();
+        let bytes: u64 = st.slots.iter().map(|s| s.task.bytes()).sum();
+        let done_bytes: u64 = done.iter().map(|s| s.task.bytes()).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            done = done.len(),
+            running = st
+                .slots
+                .iter()
+                .filter(|s| s.done.is_none() && s.holder.is_some())
+                .count(),
+            tasks = st.slots.len(),
+            done_mb = done_bytes as f64 / 1e6,
+            total_mb = bytes as f64 / 1e6,
+            mb_per_sec = format!("{:.1}", done_bytes as f64 / 1e6 / seconds.max(1e-9)),
+            "preparing the dataset"
+        );
+    }
+
     /// Run one phase's tasks to their end: the results, in task order.
     async fn phase(&self, tasks: Vec<Task>, job: &Job) -> lightrnn_core::Result<Vec<(Task, Done)>> {
         {
@@ -206,9 +238,14 @@ impl Preparation {
                 })
                 .collect();
         }
+        let (started, mut logged) = (Instant::now(), Instant::now());
         loop {
             {
                 let mut st = self.lock();
+                if logged.elapsed() >= PROGRESS {
+                    logged = Instant::now();
+                    self.progress(&st, started);
+                }
                 if let Some(why) = &st.failed {
                     return Err(lightrnn_core::Error::Data(why.clone()));
                 }

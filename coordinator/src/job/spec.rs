@@ -14,6 +14,19 @@ use lightrnn_core::{Error, Result};
 
 use super::record::RunRecord;
 
+/// Who tokenises a job's text `--data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrepareBy {
+    /// The workers where the text is in object storage; the coordinator where it is on
+    /// a local path (which the workers' hosts may not have).
+    Auto,
+    /// The workers, as tasks, before the group forms (a local path must then be on a
+    /// filesystem every worker's host shares).
+    Workers,
+    /// The coordinator, while the workers wait.
+    Coordinator,
+}
+
 /// Where each generation's NCCL unique id comes from (a new one per generation: the old
 /// group's communicators can never be joined again).
 pub type NcclIds = Arc<dyn Fn() -> std::result::Result<Vec<u8>, String> + Send + Sync>;
@@ -123,7 +136,7 @@ impl JobSpec {
     /// refuses to start a new run over an existing one.
     pub async fn prepare(
         cfg: TrainConfig,
-        data: &Location,
+        (data, by): (&Location, PrepareBy),
         out: &Location,
         resume: bool,
         (min_world, world_size): (usize, usize),
@@ -144,19 +157,30 @@ impl JobSpec {
         };
         let cache = out.join("data");
         // Text is tokenised by the workers once they come ([`super::prepare`]).
-        let (loc, train_tokens, vocab, pending) =
-            match Dataset::open_or_plan(data, &cache, &prep).await? {
-                Opened::Ready(ds) => (ds.loc.clone(), ds.train.tokens(), ds.vocab.len(), None),
-                Opened::Text(splits) => {
-                    let plan = Plan {
-                        dataset: cache.clone(),
-                        opts: prep,
-                        splits,
-                        parts: world_size,
-                    };
-                    (cache, 0, 0, Some(Arc::new(plan)))
-                }
-            };
+        let workers = match by {
+            PrepareBy::Workers => true,
+            PrepareBy::Coordinator => false,
+            PrepareBy::Auto => data.local_path().is_none(),
+        };
+        let opened = match Dataset::open_or_plan(data, &cache, &prep).await? {
+            Opened::Text(splits) if !workers => {
+                tracing::info!(data = %data, "the coordinator tokenises the text (a local path: --prepare-by workers where every worker's host shares it)");
+                Opened::Ready(Dataset::prepare(&splits, &cache, &prep).await?)
+            }
+            opened => opened,
+        };
+        let (loc, train_tokens, vocab, pending) = match opened {
+            Opened::Ready(ds) => (ds.loc.clone(), ds.train.tokens(), ds.vocab.len(), None),
+            Opened::Text(splits) => {
+                let plan = Plan {
+                    dataset: cache.clone(),
+                    opts: prep,
+                    splits,
+                    parts: world_size,
+                };
+                (cache, 0, 0, Some(Arc::new(plan)))
+            }
+        };
         let newest = checkpoint::list(out).await?.into_iter().next();
         let checkpoint = match (resume, newest) {
             (false, Some((step, dir))) => {

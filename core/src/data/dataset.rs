@@ -72,11 +72,19 @@ impl Dataset {
     ) -> Result<Self> {
         match Self::open_or_plan(data, cache, opts).await? {
             Opened::Ready(ds) => Ok(ds),
-            Opened::Text(splits) => {
-                prepare(&splits, cache, opts).await?;
-                Self::open(cache).await
-            }
+            Opened::Text(splits) => Self::prepare(&splits, cache, opts).await,
         }
+    }
+
+    /// Tokenise `splits` (as [`Self::open_or_plan`] lists them) into `cache` in this
+    /// process, and open the result.
+    pub async fn prepare(
+        splits: &[(String, Vec<Input>)],
+        cache: &Location,
+        opts: &PrepareOptions,
+    ) -> Result<Self> {
+        prepare(splits, cache, opts).await?;
+        Self::open(cache).await
     }
 
     /// Open `data` if it is prepared, or its tokenised text in `cache` where sources and
