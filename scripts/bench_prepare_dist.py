@@ -6,14 +6,15 @@ summary (`prepare_seconds`), and the bytes each process read from files (`rchar`
 /proc/PID/io, sampled until it exits): the coordinator's against the workers'.
 
 usage: scripts/bench_prepare_dist.py --bin target/release/lightrnn [--dir /tmp/bench-dist]
-           [--reps 3] [--files 16] [--configs 1x1,2x1,1x2]
+           [--reps 3] [--files 16] [--configs 1x1,2x1,1x2] [--shard-tokens 1048576]
 
 The text: the Penn Treebank's sentences (scripts/fetch_ptb.py) in `--files` training
 objects, each two random orders of all of them in documents of 20 sentences as JSON lines
 (`{"text", "id"}`, Python's gzip at level 6), valid and test as PTB's own files. A config
 WxT is W workers of T threads. Configs run in turn within each rep (so a slow spell of
 the machine hits all alike); each run starts from an empty run directory (nothing
-cached). Prints one JSON line per run, then the medians.
+cached). Shards of 2^20 tokens (4 MiB) by default, so that each part holds many whole
+shards and shares a few, as parts of a web-scale corpus do with the default 16M. Prints one JSON line per run, then the medians.
 """
 import argparse
 import gzip
@@ -70,15 +71,17 @@ def free_port():
     return port
 
 
-def run(binary, data, out, workers, threads):
+def run(binary, data, out, workers, threads, shard_tokens):
     shutil.rmtree(out, ignore_errors=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, RUST_LOG="warn")
     coord = subprocess.Popen(
         [binary, "coordinator", "--preset", "tiny", "--set", "max_steps=1",
+         "--set", f"shard_tokens={shard_tokens}",
          "--set", f"threads={threads}", "--data", data, "--out", out,
-         "--world-size", str(workers), "--listen", f"127.0.0.1:{port}"],
+         "--world-size", str(workers), "--listen", f"127.0.0.1:{port}",
+         "--prepare-by", "workers"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     ws = [subprocess.Popen(
         [binary, "worker", "--coordinator", url, "--threads", str(threads)],
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--configs", default="1x1,2x1,1x2")
+    ap.add_argument("--shard-tokens", type=int, default=1 << 20)
     a = ap.parse_args()
     data = os.path.join(a.dir, "text")
     make_corpus(data, a.ptb, a.files)
@@ -120,7 +124,7 @@ def main():
     rows = []
     for rep in range(a.reps):
         for w, t in configs:
-            r = run(a.bin, data, os.path.join(a.dir, "run"), w, t)
+            r = run(a.bin, data, os.path.join(a.dir, "run"), w, t, a.shard_tokens)
             r.update(rep=rep, input_mb=round(input_mb, 1))
             print(json.dumps(r), flush=True)
             rows.append(r)

@@ -157,7 +157,7 @@ impl Coordinator for Service {
     ) -> Result<Response<PrepareReply>, Status> {
         let ask = PrepareAsk::try_from(req.into_inner())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let answer = self.job.prepare(ask).map_err(status)?;
+        let answer = self.job.prepare(ask).await.map_err(status)?;
         Ok(Response::new((&answer).into()))
     }
 }

@@ -281,4 +281,6 @@ pub enum PrepareAnswer {
     Wait(Duration),
     /// The dataset is prepared: join the job.
     Ready,
+    /// Stop the task reported on: another worker has it, or it is no longer wanted.
+    Abandon,
 }

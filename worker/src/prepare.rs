@@ -11,6 +11,8 @@ use lightrnn_proto::auth::Client;
 use lightrnn_proto::v1;
 
 use crate::dist::remote::Reach;
+use lightrnn_core::data::cluster::{Done, inline_or_stored};
+use lightrnn_core::data::store::Location;
 use lightrnn_core::protocol::{PrepareAnswer, PrepareAsk, TaskReport};
 use lightrnn_core::{Error, Result};
 
@@ -24,11 +26,7 @@ pub async fn prepare_dataset(
     wait: Duration,
     stop: &Arc<AtomicBool>,
 ) -> Result<()> {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    let me = format!("{host}:{}", std::process::id());
+    let me = worker_name();
     let ask = |report| PrepareAsk {
         worker: me.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -45,6 +43,8 @@ pub async fn prepare_dataset(
                 }
                 return Ok(());
             }
+            // An answer to a report on a task this worker no longer has: ask again.
+            PrepareAnswer::Abandon => continue,
             PrepareAnswer::Wait(d) => {
                 if stop.load(Ordering::Relaxed) {
                     return Err(stopped());
@@ -61,31 +61,28 @@ pub async fn prepare_dataset(
         tasks += 1;
         let started = Instant::now();
         tracing::info!(task = id, "{}", task.describe());
-        let working = async {
-            loop {
-                tokio::time::sleep(heartbeat).await;
-                if stop.load(Ordering::Relaxed) {
-                    return stopped();
-                }
-                // A lost beat only risks the task being handed to another worker too; a
-                // coordinator out of reach (restarting) is asked again at the next one,
-                // and the report waits for it.
-                let beat = v1::PrepareRequest::from(&ask(Some((id, TaskReport::Working))));
-                if let Err(s) = client.clone().prepare(beat).await
-                    && !transient(&s)
-                {
-                    return Error::Control(format!(
-                        "preparing the dataset: {} ({:?})",
-                        s.message(),
-                        s.code()
-                    ));
-                }
-            }
+        let mut beats = Heartbeats::start(
+            client,
+            ask(Some((id, TaskReport::Working))),
+            heartbeat,
+            stop,
+        );
+        let run = async {
+            let task = task.clone().load().await?;
+            let done = task.run(parallel, false).await?;
+            let dataset = Location::parse(task.dataset().unwrap_or_default())?;
+            let name = format!("results/task-{id}.json");
+            inline_or_stored(done, &dataset, &name, |url| Done::Stored { url }).await
         };
-        let run = task.run(parallel, false);
         let result = tokio::select! {
             r = run => r,
-            e = working => return Err(e),
+            why = beats.ended() => match why {
+                Beat::Abandon => {
+                    tracing::info!(task = id, "abandoned: another worker has it, or it is done");
+                    continue;
+                }
+                Beat::Fatal(e) => return Err(e),
+            },
         };
         let mb = task.bytes() as f64 / 1e6;
         let seconds = started.elapsed().as_secs_f64();
@@ -111,6 +108,84 @@ pub async fn prepare_dataset(
                 )
             }
         });
+    }
+}
+
+/// This process among the job's workers: its host, a random tag (containers' processes
+/// share pids), its pid last (a launcher on this host names its exited workers by pid).
+fn worker_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{host}/{:08x}:{}", h.finish() as u32, std::process::id())
+}
+
+/// How a task's heartbeats ended.
+enum Beat {
+    /// The coordinator no longer wants this worker at the task.
+    Abandon,
+    /// The job ended, or this worker was stopped.
+    Fatal(Error),
+}
+
+/// A task's heartbeats, on a task of their own (the work may hold its thread for a
+/// while); stopped when dropped.
+struct Heartbeats {
+    handle: tokio::task::JoinHandle<Beat>,
+}
+
+impl Heartbeats {
+    fn start(client: &Client, beat: PrepareAsk, every: Duration, stop: &Arc<AtomicBool>) -> Self {
+        let (client, stop) = (client.clone(), stop.clone());
+        let beat = v1::PrepareRequest::from(&beat);
+        let handle = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if stop.load(Ordering::Relaxed) {
+                    return Beat::Fatal(stopped());
+                }
+                // A lost beat only risks the task being handed to another worker too; a
+                // coordinator out of reach (restarting) is asked again at the next one,
+                // and the report waits for it.
+                match client.clone().prepare(beat.clone()).await {
+                    Ok(r) if r.get_ref().abandon => return Beat::Abandon,
+                    Ok(_) => {}
+                    Err(s) if transient(&s) => {}
+                    Err(s) => {
+                        return Beat::Fatal(Error::Control(format!(
+                            "preparing the dataset: {} ({:?})",
+                            s.message(),
+                            s.code()
+                        )));
+                    }
+                }
+            }
+        });
+        Self { handle }
+    }
+
+    /// Resolves when the heartbeats end (never while the task is wanted).
+    async fn ended(&mut self) -> Beat {
+        match (&mut self.handle).await {
+            Ok(b) => b,
+            Err(e) => Beat::Fatal(Error::Control(format!("the heartbeats' task: {e}"))),
+        }
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.handle.abort();
     }
 }
 

@@ -227,7 +227,7 @@ impl Job {
     fn silence(&self, st: &State) -> Option<String> {
         if !st.formed {
             if self.preparing() {
-                return None;
+                return self.preparation_unheard();
             }
             let n = st.members.iter().flatten().count();
             return (st.generation_started.elapsed() > self.spec.join_timeout).then(|| {

@@ -5,43 +5,60 @@
 //!
 //! A worker holds its task while it reports being at it (every `heartbeat`); one silent
 //! for the heartbeat timeout, or whose process exited, loses it, and the next worker to
-//! ask takes it over. A task that failed in a way worth retrying (a store's hiccup) is
-//! handed out again, up to [`ATTEMPTS`] times; any other failure (a corrupt input, a
-//! missing field) ends the job with the task's error. Results are kept by task, so a task
-//! done twice (its first worker was slow, not dead) counts once.
+//! ask takes it over. A worker reporting on a task it no longer holds (taken over, done
+//! by another, of an earlier coordinator) is told to abandon it. A task that failed in a
+//! way worth retrying (a store's hiccup) is handed out again, up to [`FAILURES`] times;
+//! one lost by [`HANDOUTS`] workers in a row (it kills them) ends the job, as does any
+//! other failure (a corrupt input, a missing field), with the task's error, and no
+//! worker asking at all for the join timeout. Results are kept by task, so a task done
+//! twice counts once. Tasks and results too large for a control message travel as
+//! objects below `parts/`.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lightrnn_core::data::cluster::{Done, Plan, Prepared, Task};
+use lightrnn_core::data::cluster::{Done, Plan, Prepared, Task, inline_or_stored};
 use lightrnn_core::protocol::{PrepareAnswer, PrepareAsk, TaskReport};
 
 use super::{Job, JobError, JobResult};
 
-/// Times a task is handed out after failures worth retrying.
-const ATTEMPTS: u32 = 3;
+/// Failures worth retrying a task may have before the job ends.
+const FAILURES: u32 = 3;
+/// Workers a task may be handed to (each lost it) before the job ends.
+const HANDOUTS: u32 = 5;
 /// How long a worker with nothing to do waits before asking again.
 const WAIT: Duration = Duration::from_millis(200);
+/// The longest a worker with nothing to do is kept waiting for a task in one call.
+const LONG_POLL: Duration = Duration::from_secs(1);
 /// How often a phase's progress is logged.
 const PROGRESS: Duration = Duration::from_secs(10);
+/// Attempts at the coordinator's own store work (clearing, merging counts, manifests).
+const STORE_ATTEMPTS: u32 = 4;
 
 /// One task of the current phase.
 struct Slot {
     id: u64,
     task: Task,
+    /// What is sent: the task, or the object holding it where it is large.
+    wire: Task,
     /// The worker at it, and when it last said so.
     holder: Option<(String, Instant)>,
     done: Option<Done>,
-    attempts: u32,
+    handouts: u32,
+    failures: u32,
+    /// Workers whose attempt failed.
+    failed_by: Vec<String>,
 }
 
-#[derive(Default)]
 struct State {
     next_id: u64,
     slots: Vec<Slot>,
+    /// Every phase is done and the manifests are written.
     ready: bool,
     failed: Option<String>,
+    /// When a worker last asked or reported.
+    heard: Instant,
 }
 
 /// A job's preparation of its dataset by its workers.
@@ -53,6 +70,9 @@ pub struct Preparation {
     timeout: Duration,
     state: Mutex<State>,
     changed: tokio::sync::Notify,
+    /// Workers waiting for a task: told when one may be there (a phase began, a task
+    /// went back to the queue) or the preparation ended.
+    available: tokio::sync::Notify,
 }
 
 impl Preparation {
@@ -69,9 +89,13 @@ impl Preparation {
             timeout,
             state: Mutex::new(State {
                 next_id: first,
-                ..State::default()
+                slots: Vec::new(),
+                ready: false,
+                failed: None,
+                heard: Instant::now(),
             }),
             changed: tokio::sync::Notify::new(),
+            available: tokio::sync::Notify::new(),
         }
     }
 
@@ -80,8 +104,9 @@ impl Preparation {
     }
 
     /// A worker's report on its task, and what it does next.
-    pub fn answer(&self, ask: PrepareAsk) -> JobResult<PrepareAnswer> {
+    fn answer(&self, ask: PrepareAsk) -> JobResult<PrepareAnswer> {
         let mut st = self.lock();
+        st.heard = Instant::now();
         if let Some(why) = &st.failed {
             return Err(JobError::Ended(format!(
                 "preparing the dataset failed: {why}"
@@ -89,17 +114,7 @@ impl Preparation {
         }
         let worker = ask.worker;
         match ask.report {
-            Some((id, TaskReport::Working)) => {
-                if let Some(s) = st.slots.iter_mut().find(|s| s.id == id && s.done.is_none()) {
-                    match &mut s.holder {
-                        Some((w, at)) if *w == worker => *at = Instant::now(),
-                        // Its hold had lapsed and nobody took the task over: it keeps it.
-                        None => s.holder = Some((worker.clone(), Instant::now())),
-                        Some(_) => {}
-                    }
-                }
-                return Ok(PrepareAnswer::Wait(self.heartbeat));
-            }
+            Some((id, TaskReport::Working)) => return Ok(self.working(&mut st, id, &worker)),
             Some((id, TaskReport::Done(done))) => self.done(&mut st, id, &worker, done),
             Some((id, TaskReport::Failed { error, retryable })) => {
                 self.failed(&mut st, id, &worker, error, retryable)?
@@ -109,27 +124,45 @@ impl Preparation {
         if st.ready {
             return Ok(PrepareAnswer::Ready);
         }
-        self.expire(&mut st);
-        let Some(s) = st
+        self.expire(&mut st)?;
+        // A task this worker failed goes to another where there is one to take it.
+        let free = |s: &Slot| s.done.is_none() && s.holder.is_none();
+        let k = st
             .slots
-            .iter_mut()
-            .find(|s| s.done.is_none() && s.holder.is_none())
-        else {
+            .iter()
+            .position(|s| free(s) && !s.failed_by.contains(&worker))
+            .or_else(|| st.slots.iter().position(free));
+        let Some(s) = k.map(|k| &mut st.slots[k]) else {
             return Ok(PrepareAnswer::Wait(WAIT));
         };
         s.holder = Some((worker.clone(), Instant::now()));
-        s.attempts += 1;
+        s.handouts += 1;
         tracing::info!(worker = %worker, task = s.id, "{}", s.task.describe());
         Ok(PrepareAnswer::Task {
             id: s.id,
-            task: Box::new(s.task.clone()),
+            task: Box::new(s.wire.clone()),
             heartbeat: self.heartbeat,
         })
     }
 
+    /// A worker is at task `id`: its hold renewed, or, where it no longer holds it (taken
+    /// over, done, of another phase or coordinator), told to abandon it.
+    fn working(&self, st: &mut State, id: u64, worker: &str) -> PrepareAnswer {
+        let Some(s) = st.slots.iter_mut().find(|s| s.id == id && s.done.is_none()) else {
+            return PrepareAnswer::Abandon;
+        };
+        match &mut s.holder {
+            Some((w, at)) if *w == worker => *at = Instant::now(),
+            // Its hold had lapsed and nobody took the task over: it keeps it.
+            None => s.holder = Some((worker.to_string(), Instant::now())),
+            Some(_) => return PrepareAnswer::Abandon,
+        }
+        PrepareAnswer::Wait(self.heartbeat)
+    }
+
     fn done(&self, st: &mut State, id: u64, worker: &str, done: Done) {
         let Some(s) = st.slots.iter_mut().find(|s| s.id == id) else {
-            return; // a task of an earlier phase, done twice
+            return; // a task of an earlier phase or coordinator
         };
         if s.done.is_none() {
             tracing::debug!(worker, task = id, "done: {}", s.task.describe());
@@ -147,25 +180,37 @@ impl Preparation {
         error: String,
         retryable: bool,
     ) -> JobResult<()> {
-        let Some(s) = st.slots.iter_mut().find(|s| s.id == id && s.done.is_none()) else {
+        // Only its holder's failure counts: another worker's copy may still succeed.
+        let Some(s) = st.slots.iter_mut().find(|s| {
+            s.id == id && s.done.is_none() && s.holder.as_ref().is_some_and(|(w, _)| w == worker)
+        }) else {
             return Ok(());
         };
         let what = s.task.describe();
-        if retryable && s.attempts < ATTEMPTS {
-            tracing::warn!(worker, task = id, attempt = s.attempts, error = %error, "{what} failed: it is handed out again");
+        s.failures += 1;
+        s.failed_by.push(worker.to_string());
+        if retryable && s.failures < FAILURES {
+            tracing::warn!(worker, task = id, failures = s.failures, error = %error, "{what} failed: it is handed out again");
             s.holder = None;
+            self.available.notify_waiters();
             return Ok(());
         }
         let why = format!("{what} on worker {worker}: {error}");
-        st.failed = Some(why.clone());
-        self.changed.notify_one();
-        Err(JobError::Ended(format!(
-            "preparing the dataset failed: {why}"
-        )))
+        Err(self.fail(st, why))
     }
 
-    /// Tasks whose workers fell silent go back to the queue.
-    fn expire(&self, st: &mut State) {
+    /// End the preparation: the job's error.
+    fn fail(&self, st: &mut State, why: String) -> JobError {
+        st.failed = Some(why.clone());
+        self.changed.notify_one();
+        self.available.notify_waiters();
+        JobError::Ended(format!("preparing the dataset failed: {why}"))
+    }
+
+    /// Tasks whose workers fell silent go back to the queue; one lost by [`HANDOUTS`]
+    /// workers ends the preparation.
+    fn expire(&self, st: &mut State) -> JobResult<()> {
+        let mut lost_too_often = None;
         for s in st.slots.iter_mut().filter(|s| s.done.is_none()) {
             if let Some((w, at)) = &s.holder
                 && at.elapsed() > self.timeout
@@ -178,7 +223,18 @@ impl Preparation {
                     s.task.describe()
                 );
                 s.holder = None;
+                self.available.notify_waiters();
+                if s.handouts >= HANDOUTS {
+                    lost_too_often = Some(s.task.describe());
+                }
             }
+        }
+        match lost_too_often {
+            Some(what) => Err(self.fail(
+                st,
+                format!("{what}: {HANDOUTS} workers in a row were lost at it (their logs say why)"),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -195,8 +251,19 @@ impl Preparation {
                     s.task.describe()
                 );
                 s.holder = None;
+                self.available.notify_waiters();
             }
         }
+    }
+
+    /// No worker has asked or reported for longer than `limit`: why, for the job's end.
+    pub fn unheard(&self, limit: Duration) -> Option<String> {
+        let st = self.lock();
+        (!st.ready && st.heard.elapsed() > limit).then(|| {
+            format!(
+                "no worker asked for a task of the dataset's preparation within {limit:?} (are the workers started, and can they reach this coordinator?)"
+            )
+        })
     }
 
     /// One line on the phase's tasks: done, held, waiting, and the input bytes done.
@@ -222,22 +289,34 @@ impl Preparation {
 
     /// Run one phase's tasks to their end: the results, in task order.
     async fn phase(&self, tasks: Vec<Task>, job: &Job) -> lightrnn_core::Result<Vec<(Task, Done)>> {
-        {
+        let first = {
             let mut st = self.lock();
-            let first = st.next_id + 1;
             st.next_id += tasks.len() as u64;
-            st.slots = tasks
-                .into_iter()
-                .enumerate()
-                .map(|(k, task)| Slot {
-                    id: first + k as u64,
-                    task,
-                    holder: None,
-                    done: None,
-                    attempts: 0,
+            st.next_id - tasks.len() as u64 + 1
+        };
+        let mut slots = Vec::with_capacity(tasks.len());
+        for (k, task) in tasks.into_iter().enumerate() {
+            let id = first + k as u64;
+            let name = format!("tasks/task-{id}.json");
+            let wire = retry("storing a task", || {
+                inline_or_stored(task.clone(), &self.plan.dataset, &name, |url| {
+                    Task::Stored { url }
                 })
-                .collect();
+            })
+            .await?;
+            slots.push(Slot {
+                id,
+                task,
+                wire,
+                holder: None,
+                done: None,
+                handouts: 0,
+                failures: 0,
+                failed_by: Vec::new(),
+            });
         }
+        self.lock().slots = slots;
+        self.available.notify_waiters();
         let (started, mut logged) = (Instant::now(), Instant::now());
         loop {
             {
@@ -256,7 +335,8 @@ impl Preparation {
                         .filter_map(|s| Some((s.task, s.done?)))
                         .collect());
                 }
-                self.expire(&mut st);
+                // A task lost too often ends the preparation (and `failed` says why).
+                let _ = self.expire(&mut st);
             }
             if job.failed() {
                 return Err(lightrnn_core::Error::Control(
@@ -268,30 +348,71 @@ impl Preparation {
     }
 
     /// Prepare the dataset through the workers: the vocabulary, every split's shards and
-    /// manifests. Workers asking afterwards are told it is ready.
-    pub async fn run(self: Arc<Self>, job: Arc<Job>) -> lightrnn_core::Result<Prepared> {
+    /// manifests.
+    async fn run(&self, job: &Job) -> lightrnn_core::Result<Prepared> {
         let plan = &self.plan;
-        plan.clear().await?;
-        let counted = self.phase(plan.count_tasks(), &job).await?;
-        let (vocab, figures) = plan.vocab(&counted).await?;
+        retry("clearing an earlier attempt", || plan.clear()).await?;
+        let counted = self.phase(plan.count_tasks(), job).await?;
+        let (vocab, figures) = retry("merging the counts", || plan.vocab(&counted)).await?;
         tracing::info!(
             vocab = figures.vocab_size,
             types = figures.types,
             train_tokens = figures.train_tokens,
             "the workers' counts merged into the vocabulary"
         );
-        let sharded = self.phase(plan.shard_tasks(&counted), &job).await?;
-        let stitched = self.phase(plan.stitch_tasks(&sharded), &job).await?;
-        plan.commit(&vocab, &sharded, &stitched).await?;
-        self.lock().ready = true;
+        let sharded = self.phase(plan.shard_tasks(&counted), job).await?;
+        let stitched = self.phase(plan.stitch_tasks(&sharded), job).await?;
+        retry("writing the manifests", || {
+            plan.commit(&vocab, &sharded, &stitched)
+        })
+        .await?;
         Ok(figures)
     }
+
+    /// The dataset is ready: workers asking are told so.
+    fn set_ready(&self) {
+        self.lock().ready = true;
+        self.available.notify_waiters();
+    }
+
+    /// A worker's report whose result was stored as an object, with the result read.
+    async fn load(&self, ask: PrepareAsk) -> lightrnn_core::Result<PrepareAsk> {
+        let Some((id, TaskReport::Done(done @ Done::Stored { .. }))) = ask.report else {
+            return Ok(ask);
+        };
+        let done = done.load(&self.plan.dataset).await?;
+        Ok(PrepareAsk {
+            report: Some((id, TaskReport::Done(done))),
+            ..ask
+        })
+    }
+}
+
+/// `f` again after a store error worth retrying, with back-off, up to [`STORE_ATTEMPTS`].
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> lightrnn_core::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = lightrnn_core::Result<T>>,
+{
+    let mut wait = Duration::from_millis(250);
+    for attempt in 1.. {
+        match f().await {
+            Err(e) if e.retryable() && attempt < STORE_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "{what} failed: trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            r => return r,
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 impl Job {
     /// A worker's `Prepare` call: its report on its task, and what it does next (with no
-    /// dataset to prepare, or once it is: join).
-    pub fn prepare(&self, ask: PrepareAsk) -> JobResult<PrepareAnswer> {
+    /// dataset to prepare, or once it is: join). A worker with nothing to do waits here
+    /// for a task, up to [`LONG_POLL`], rather than asking again and again.
+    pub async fn prepare(&self, ask: PrepareAsk) -> JobResult<PrepareAnswer> {
         self.count_rpc();
         let me = env!("CARGO_PKG_VERSION");
         if ask.version != me {
@@ -300,17 +421,48 @@ impl Job {
                 ask.version
             )));
         }
-        if let Some(why) = self.lock().failed.clone() {
-            return Err(JobError::Ended(why));
-        }
-        match &self.prep {
-            Some(p) if !self.dataset_ready() => p.answer(ask),
-            _ => Ok(PrepareAnswer::Ready),
+        let Some(p) = self.prep.as_ref().filter(|_| self.preparing()) else {
+            return self.ended().map(|()| PrepareAnswer::Ready);
+        };
+        let mut ask = p
+            .load(ask)
+            .await
+            .map_err(|e| JobError::BadRequest(format!("a task's stored result: {e}")))?;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let working = matches!(ask.report, Some((_, TaskReport::Working)));
+        loop {
+            let notified = p.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.ended()?;
+            let report = ask.report.take();
+            let answer = p.answer(PrepareAsk {
+                report,
+                ..ask.clone()
+            })?;
+            if !matches!(answer, PrepareAnswer::Wait(_)) || working {
+                return Ok(answer);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(answer);
+            }
         }
     }
 
-    fn dataset_ready(&self) -> bool {
-        !self.preparing()
+    /// The job's failure, if it has failed.
+    fn ended(&self) -> JobResult<()> {
+        match self.lock().failed.clone() {
+            Some(why) => Err(JobError::Ended(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the preparation looks abandoned (no worker heard of for the join timeout).
+    pub(super) fn preparation_unheard(&self) -> Option<String> {
+        self.prep
+            .as_ref()
+            .filter(|_| self.preparing())
+            .and_then(|p| p.unheard(self.spec.join_timeout))
     }
 
     /// Prepare the dataset through the workers, then let the group form (its join
@@ -320,7 +472,7 @@ impl Job {
             return;
         };
         let started = Instant::now();
-        match prep.run(self.clone()).await {
+        match prep.run(&self).await {
             Ok(f) => {
                 let seconds = started.elapsed().as_secs_f64();
                 tracing::info!(
@@ -332,11 +484,17 @@ impl Job {
                     "dataset prepared by the workers"
                 );
                 self.stats_mut().prepare_seconds = Some(seconds);
+                // The dataset's facts first: a worker told it is ready may join at once.
                 let _ = self.dataset.set((f.train_tokens, f.vocab_size));
                 self.lock().generation_started = tokio::time::Instant::now();
+                prep.set_ready();
                 self.bump();
             }
             Err(e) => self.fault(format!("preparing the dataset: {e}")),
         }
     }
 }
+
+#[cfg(test)]
+#[path = "prepare_tests.rs"]
+mod tests;

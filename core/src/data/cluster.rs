@@ -117,6 +117,42 @@ pub enum Task {
         tokens: u64,
         pieces: Vec<Piece>,
     },
+    /// A task too large for a control message, as an object ([`INLINE_BYTES`]).
+    Stored { url: String },
+}
+
+/// Tasks and results larger than this travel as objects below `parts/`, named in the
+/// control message (a part of 100k inputs, or of thousands of shards, stays far below
+/// the messages' limit).
+pub const INLINE_BYTES: usize = 1 << 20;
+
+/// `value` as it travels: itself, or where it is too large, the object holding it
+/// (`parts/NAME` of `dataset`), through `stored`.
+pub async fn inline_or_stored<T: Serialize>(
+    value: T,
+    dataset: &Location,
+    name: &str,
+    stored: impl FnOnce(String) -> T,
+) -> Result<T> {
+    let json = serde_json::to_vec(&value).map_err(|e| Error::Data(e.to_string()))?;
+    if json.len() <= INLINE_BYTES {
+        return Ok(value);
+    }
+    let parts = dataset.join(PARTS_DIR);
+    parts.put(name, json.into()).await?;
+    Ok(stored(parts.url_of(name)))
+}
+
+/// The value stored at `url`, which must lie below `dataset`'s `parts/`.
+async fn load_stored<T: serde::de::DeserializeOwned>(url: &str, dataset: &Location) -> Result<T> {
+    let parts = dataset.join(PARTS_DIR);
+    let name = url
+        .strip_prefix(parts.url())
+        .map(|n| n.trim_start_matches('/'))
+        .filter(|n| !n.is_empty() && !n.contains(".."))
+        .ok_or_else(|| Error::Data(format!("{url}: not an object below {parts}")))?;
+    let body = parts.get(name).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Data(format!("{url}: {e}")))
 }
 
 /// What a task did.
@@ -138,6 +174,21 @@ pub enum Done {
         shard: u64,
         info: ShardInfo,
     },
+    /// A result too large for a control message, as an object ([`INLINE_BYTES`]).
+    Stored {
+        url: String,
+    },
+}
+
+impl Done {
+    /// The result itself, read from its object where it was stored (below `dataset`'s
+    /// `parts/`).
+    pub async fn load(self, dataset: &Location) -> Result<Done> {
+        match self {
+            Done::Stored { url } => load_stored(&url, dataset).await,
+            d => Ok(d),
+        }
+    }
 }
 
 impl Task {
@@ -147,7 +198,37 @@ impl Task {
             Task::Count { inputs, .. } | Task::Shard { inputs, .. } => {
                 inputs.iter().map(|i| i.size).sum()
             }
-            Task::Stitch { .. } => 0,
+            Task::Stitch { .. } | Task::Stored { .. } => 0,
+        }
+    }
+
+    /// The dataset it writes to (none for a stored task, until loaded).
+    pub fn dataset(&self) -> Option<&str> {
+        match self {
+            Task::Count { dataset, .. }
+            | Task::Shard { dataset, .. }
+            | Task::Stitch { dataset, .. } => Some(dataset),
+            Task::Stored { .. } => None,
+        }
+    }
+
+    /// The task itself, read from its object where it was stored.
+    pub async fn load(self) -> Result<Task> {
+        let Task::Stored { url } = self else {
+            return Ok(self);
+        };
+        let loc = Location::parse(&url)?;
+        let (parent, name) = (
+            loc.parent()
+                .ok_or_else(|| Error::Data(format!("{url}: not an object")))?,
+            loc.name(),
+        );
+        let body = parent.get(&name).await?;
+        let task: Task =
+            serde_json::from_slice(&body).map_err(|e| Error::Data(format!("{url}: {e}")))?;
+        match task {
+            Task::Stored { .. } => Err(Error::Data(format!("{url}: a stored task names another"))),
+            t => Ok(t),
         }
     }
 
@@ -187,6 +268,7 @@ impl Task {
                 shard_name(split, *shard),
                 pieces.len()
             ),
+            Task::Stored { url } => format!("the task stored at {url}"),
         }
     }
 
@@ -222,6 +304,7 @@ impl Task {
                 tokens,
                 pieces,
             } => stitch(split, &Location::parse(dataset)?, *shard, *tokens, pieces).await,
+            Task::Stored { url } => Err(Error::Data(format!("{url}: run before it was loaded"))),
         }
     }
 
@@ -407,9 +490,12 @@ pub struct Plan {
     pub opts: PrepareOptions,
     /// Each split's inputs, in order.
     pub splits: Vec<(String, Vec<Input>)>,
-    /// Parts per split.
+    /// Parts per split (at least; see [`PART_INPUTS`]).
     pub parts: usize,
 }
+
+/// The most inputs a part is given (a task then names at most this many).
+pub const PART_INPUTS: usize = 10_000;
 
 /// The figures of a preparation, for its log line and the job's summary.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -422,15 +508,14 @@ pub struct Prepared {
 }
 
 impl Plan {
-    /// Each split's parts with their shares (empty shares have no task).
+    /// Each split's parts with their shares (empty shares have no task): `parts`, or
+    /// more where a split has over [`PART_INPUTS`] inputs a part.
     fn shares(&self) -> Vec<(&str, Part, &[Input])> {
         let mut out = Vec::new();
         for (split, inputs) in &self.splits {
-            for index in 0..self.parts.max(1) {
-                let part = Part {
-                    index,
-                    of: self.parts.max(1),
-                };
+            let of = self.parts.max(inputs.len().div_ceil(PART_INPUTS)).max(1);
+            for index in 0..of {
+                let part = Part { index, of };
                 let share = &inputs[part.share(inputs)];
                 if !share.is_empty() {
                     out.push((split.as_str(), part, share));

@@ -363,6 +363,10 @@ impl From<&PrepareAnswer> for v1::PrepareReply {
                 ready: true,
                 ..Default::default()
             },
+            PrepareAnswer::Abandon => Self {
+                abandon: true,
+                ..Default::default()
+            },
         }
     }
 }
@@ -373,6 +377,9 @@ impl TryFrom<v1::PrepareReply> for PrepareAnswer {
     fn try_from(r: v1::PrepareReply) -> Result<Self> {
         if r.ready {
             return Ok(Self::Ready);
+        }
+        if r.abandon {
+            return Ok(Self::Abandon);
         }
         if r.task == 0 {
             return Ok(Self::Wait(Duration::from_millis(

@@ -4,10 +4,14 @@ use crate::data::formats::tests::gzip;
 use bytes::Bytes;
 
 fn opts() -> PrepareOptions {
+    opts_with(BLOCK_TOKENS)
+}
+
+fn opts_with(shard_tokens: u64) -> PrepareOptions {
     PrepareOptions {
         text: TextOptions::default(),
         vocab_size: 300,
-        shard_tokens: BLOCK_TOKENS,
+        shard_tokens,
     }
 }
 
@@ -66,8 +70,12 @@ async fn run_all(tasks: Vec<Task>) -> Vec<(Task, Done)> {
 }
 
 async fn plan(data: &Location, dataset: &str, parts: usize) -> Plan {
+    plan_with(data, dataset, parts, opts()).await
+}
+
+async fn plan_with(data: &Location, dataset: &str, parts: usize, opts: PrepareOptions) -> Plan {
     let Opened::Text(splits) =
-        Dataset::open_or_plan(data, &Location::parse(dataset).unwrap(), &opts())
+        Dataset::open_or_plan(data, &Location::parse(dataset).unwrap(), &opts)
             .await
             .unwrap()
     else {
@@ -75,49 +83,55 @@ async fn plan(data: &Location, dataset: &str, parts: usize) -> Plan {
     };
     Plan {
         dataset: Location::parse(dataset).unwrap(),
-        opts: opts(),
+        opts,
         splits,
         parts,
     }
 }
 
 /// The three phases, in any order within each, write the dataset one process writes,
-/// byte for byte, and leave no parts.
+/// byte for byte, and leave no parts: shards of one block and of several (40,000 tokens,
+/// not a whole number of blocks, round up to 3), by 1 to 9 parts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_workers_tasks_write_the_one_process_dataset() {
     let data = text_dir("memory://cluster-tests/text").await;
-    let one = Location::parse("memory://cluster-tests/one").unwrap();
-    Dataset::open_or_prepare(&data, &one, &opts())
-        .await
-        .unwrap();
-    let want = objects(&one).await;
-    assert!(want.iter().filter(|(n, _)| n.starts_with("train-")).count() >= 7);
-    for parts in [1, 2, 3, 5, 9] {
-        let at = format!("memory://cluster-tests/by-{parts}");
-        let p = plan(&data, &at, parts).await;
-        p.clear().await.unwrap();
-        let counted = run_all(p.count_tasks()).await;
-        let (vocab, figures) = p.vocab(&counted).await.unwrap();
-        let sharded = run_all(p.shard_tasks(&counted)).await;
-        let stitches = p.stitch_tasks(&sharded);
-        if parts > 1 {
-            assert!(!stitches.is_empty(), "{parts} parts share no shard");
+    for shard_tokens in [BLOCK_TOKENS, 40_000] {
+        let one = Location::parse(&format!("memory://cluster-tests/one-{shard_tokens}")).unwrap();
+        Dataset::open_or_prepare(&data, &one, &opts_with(shard_tokens))
+            .await
+            .unwrap();
+        let want = objects(&one).await;
+        let shards = want.iter().filter(|(n, _)| n.starts_with("train-")).count();
+        assert!(shards >= 3, "{shards} training shards of {shard_tokens}");
+        for parts in [1, 2, 3, 5, 9] {
+            let what = format!("{parts} parts, shards of {shard_tokens}");
+            let at = format!("memory://cluster-tests/by-{parts}-{shard_tokens}");
+            let p = plan_with(&data, &at, parts, opts_with(shard_tokens)).await;
+            p.clear().await.unwrap();
+            let counted = run_all(p.count_tasks()).await;
+            let (vocab, figures) = p.vocab(&counted).await.unwrap();
+            let sharded = run_all(p.shard_tasks(&counted)).await;
+            let stitches = p.stitch_tasks(&sharded);
+            if parts > 1 {
+                assert!(!stitches.is_empty(), "{what}: no shard shared");
+            }
+            let stitched = run_all(stitches).await;
+            p.commit(&vocab, &sharded, &stitched).await.unwrap();
+            let got = objects(&p.dataset).await;
+            let names =
+                |v: &[(String, Bytes)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&got), names(&want), "{what}");
+            for ((name, a), (_, b)) in got.iter().zip(&want) {
+                assert!(a == b, "{what}: {name} differs");
+            }
+            let ds = Dataset::open(&p.dataset).await.unwrap();
+            assert_eq!(figures.train_tokens, ds.train.tokens());
+            assert_eq!(
+                figures.tokens,
+                ds.train.tokens() + ds.valid.tokens() + ds.test.tokens()
+            );
+            assert_eq!(figures.vocab_size, vocab.len());
         }
-        let stitched = run_all(stitches).await;
-        p.commit(&vocab, &sharded, &stitched).await.unwrap();
-        let got = objects(&p.dataset).await;
-        let names = |v: &[(String, Bytes)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&got), names(&want), "{parts} parts");
-        for ((name, a), (_, b)) in got.iter().zip(&want) {
-            assert!(a == b, "{parts} parts: {name} differs");
-        }
-        let ds = Dataset::open(&p.dataset).await.unwrap();
-        assert_eq!(figures.train_tokens, ds.train.tokens());
-        assert_eq!(
-            figures.tokens,
-            ds.train.tokens() + ds.valid.tokens() + ds.test.tokens()
-        );
-        assert_eq!(figures.vocab_size, vocab.len());
     }
 }
 
@@ -159,4 +173,58 @@ async fn a_part_off_its_count_or_a_damaged_piece_is_an_error() {
     let e = stitches[0].run(1, false).await.unwrap_err().to_string();
     assert!(e.contains(&name) && e.contains("CRC-32C"), "{e}");
     assert!(!Dataset::is_prepared(&p.dataset).await.unwrap());
+}
+
+/// A task or result too large for a control message travels as an object below
+/// `parts/` and reads back whole; a stored result outside `parts/` is refused.
+#[tokio::test]
+async fn large_tasks_and_results_travel_as_objects() {
+    let dataset = Location::parse("memory://cluster-tests/stored").unwrap();
+    let inputs: Vec<InputRef> = (0..20_000)
+        .map(|k| InputRef {
+            loc: "s3://corpus/web".into(),
+            name: format!("crawl/segment-{k:06}.warc.wet.gz"),
+            size: 1 << 30,
+            e_tag: Some(format!("\"{k:032x}\"")),
+        })
+        .collect();
+    let task = Task::Count {
+        split: "train".into(),
+        part: Part { index: 0, of: 1 },
+        inputs,
+        inputs_sha256: "0".repeat(64),
+        text: TextOptions::default(),
+        dataset: dataset.url().to_string(),
+        words: true,
+    };
+    let wire = inline_or_stored(task.clone(), &dataset, "tasks/task-1.json", |url| {
+        Task::Stored { url }
+    })
+    .await
+    .unwrap();
+    let Task::Stored { url } = &wire else {
+        panic!("a task of 20,000 inputs sent inline")
+    };
+    assert!(url.ends_with("parts/tasks/task-1.json"), "{url}");
+    let back = wire.load().await.unwrap();
+    assert_eq!(
+        serde_json::to_string(&back).unwrap(),
+        serde_json::to_string(&task).unwrap()
+    );
+    // Small ones stay inline.
+    let small = Done::Stitched {
+        shard: 3,
+        info: shard_object("train-00003.u32".into(), &[1, 2, 3], BLOCK_TOKENS).1,
+    };
+    let same = inline_or_stored(small, &dataset, "results/x.json", |url| Done::Stored {
+        url,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(same, Done::Stitched { shard: 3, .. }));
+    let outside = Done::Stored {
+        url: dataset.url_of("vocab.txt"),
+    };
+    let e = outside.load(&dataset).await.unwrap_err().to_string();
+    assert!(e.contains("not an object below"), "{e}");
 }
