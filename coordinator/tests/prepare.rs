@@ -6,11 +6,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use common::{assert_same_dataset, json, lightrnn};
+use common::{assert_same_dataset, gzip_file, json, lightrnn};
 
 /// `files` gzipped JSON-lines files of `split` (`SPLIT.NNN.jsonl.gz`, by Debian's gzip),
 /// of different sizes, ~`kb` KB of text each on average.
@@ -32,12 +32,7 @@ fn jsonl_gz(dir: &Path, split: &str, files: usize, kb: usize, seed: u64) {
         }
         let path = dir.join(format!("{split}.{f:03}.jsonl"));
         std::fs::write(&path, body).unwrap();
-        let o = Command::new("gzip").arg("-nf").arg(&path).output().unwrap();
-        assert!(
-            o.status.success(),
-            "gzip: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        gzip_file(&path);
     }
 }
 
@@ -72,6 +67,17 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// A temporary directory with `corpus(text, train_kb)` and its one-process dataset
+/// (`one/data`): (the directory, the text, the one-process run).
+fn setup(train_kb: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    corpus(&data, train_kb);
+    let one = tmp.path().join("one");
+    one_process(&data, &one);
+    (tmp, data, one)
+}
+
 /// The one-process dataset of `data` (`train` without workers prepares it itself).
 fn one_process(data: &Path, out: &Path) {
     let a = train_args(data, out, &[]);
@@ -81,11 +87,7 @@ fn one_process(data: &Path, out: &Path) {
 
 #[test]
 fn a_two_worker_job_prepares_its_text_as_one_process_would() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 150);
-    let one = tmp.path().join("one");
-    one_process(&data, &one);
+    let (tmp, data, one) = setup(150);
     let two = tmp.path().join("two");
     let a = train_args(&data, &two, &["--workers", "2"]);
     let (code, stdout, stderr) = lightrnn(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -131,11 +133,7 @@ fn a_two_worker_job_prepares_its_text_as_one_process_would() {
 /// task goes to a worker that asks, and the dataset is the one-process one.
 #[test]
 fn a_worker_killed_mid_shard_is_replaced_and_its_share_redone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 2500);
-    let one = tmp.path().join("one");
-    one_process(&data, &one);
+    let (tmp, data, one) = setup(2500);
     let two = tmp.path().join("two");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lightrnn"))
         .args(train_args(&data, &two, &["--workers", "2"]))
@@ -255,11 +253,7 @@ fn coordinator(data: &Path, out: &Path, port: u16) -> std::process::Child {
 /// one.
 #[test]
 fn a_coordinator_killed_mid_preparation_starts_it_over_with_the_same_workers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("text");
-    corpus(&data, 2500);
-    let one = tmp.path().join("one");
-    one_process(&data, &one);
+    let (tmp, data, one) = setup(2500);
     let out = tmp.path().join("run");
     let port = free_port();
     let mut first = coordinator(&data, &out, port);

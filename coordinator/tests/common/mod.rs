@@ -79,13 +79,18 @@ pub fn jsonl_gz_corpus(dir: &Path, prefix: &str, files: usize, seed: u64) {
         }
         let path = dir.join(format!("{prefix}.{f:05}-of-{files:05}.json"));
         std::fs::write(&path, body).unwrap();
-        let o = Command::new("gzip").arg("-nf").arg(&path).output().unwrap();
-        assert!(
-            o.status.success(),
-            "gzip: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        gzip_file(&path);
     }
+}
+
+/// `path` gzipped in place (to `path.gz`) by Debian's gzip, as a publisher would.
+pub fn gzip_file(path: &Path) {
+    let o = Command::new("gzip").arg("-nf").arg(path).output().unwrap();
+    assert!(
+        o.status.success(),
+        "gzip: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Two dataset folders hold the same objects, byte for byte (`parts/` aside), with all
