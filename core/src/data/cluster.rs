@@ -531,11 +531,7 @@ impl Plan {
         for split in SPLITS {
             self.dataset.delete(&Manifest::object_name(split)).await?;
         }
-        let parts = self.dataset.join(PARTS_DIR);
-        for (name, _) in parts.list_recursive().await? {
-            parts.delete(&name).await?;
-        }
-        Ok(())
+        self.dataset.delete_all(PARTS_DIR).await
     }
 
     /// Phase 1: a count task per part.
@@ -740,11 +736,7 @@ impl Plan {
             m.save(&self.dataset).await?;
             tracing::info!(split = %split, tokens = m.tokens, shards = m.shards.len(), "tokenised by the workers");
         }
-        let parts = self.dataset.join(PARTS_DIR);
-        for (name, _) in parts.list_recursive().await? {
-            parts.delete(&name).await?;
-        }
-        Ok(())
+        self.dataset.delete_all(PARTS_DIR).await
     }
 }
 

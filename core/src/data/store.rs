@@ -353,12 +353,16 @@ impl Location {
         }
     }
 
-    /// Delete every object below `name`.
+    /// Delete every object below `name`; in a local directory, its folders too where
+    /// they are left empty.
     pub async fn delete_all(&self, name: &str) -> Result<()> {
         let sub = self.join(name);
         let items = sub.list_recursive().await?;
         for (rel, _) in items {
             sub.delete(&rel).await?;
+        }
+        if let Some(path) = sub.local_path() {
+            remove_empty_dirs(&path);
         }
         Ok(())
     }
@@ -463,6 +467,19 @@ pub fn split_object(s: &str) -> Result<(Location, String)> {
     Ok((Location::parse(dir)?, name.to_string()))
 }
 
+/// Remove `path` and the folders below it, bottom up, where they are empty; whatever
+/// holds a file stays (best effort: a folder another process writes into is kept).
+fn remove_empty_dirs(path: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +517,12 @@ mod tests {
         assert_eq!(sub.parent().unwrap().url(), loc.url());
         assert!(Location::parse("s3:///x").is_err());
         assert!(Location::parse("ftp://x/y").is_err());
+        // Deleting all below a folder takes its emptied folders too, not its parent.
+        loc.put("a/c/d.bin", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        loc.delete_all("a").await.unwrap();
+        assert!(!dir.path().join("a").exists());
+        assert!(dir.path().exists());
     }
 }
