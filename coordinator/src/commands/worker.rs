@@ -20,7 +20,8 @@ pub struct WorkerArgs {
     /// This worker's rank (torchrun's RANK); assigned by the coordinator when absent.
     #[arg(long, env = "RANK")]
     pub rank: Option<usize>,
-    /// CPU threads for the backend (default: the job's config).
+    /// CPU threads for the backend (default: the job's config), and inputs read at once
+    /// when the worker prepares the job's text (default: this machine's cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// The CUDA device to train on when the job's backend is CUDA (torchrun's LOCAL_RANK;
