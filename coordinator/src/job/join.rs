@@ -49,13 +49,7 @@ impl Job {
     /// says everything the worker needs to train in it.
     pub async fn join(self: &Arc<Self>, r: Join) -> JobResult<Joined> {
         self.count_rpc();
-        let me = env!("CARGO_PKG_VERSION");
-        if r.version != me {
-            return Err(JobError::BadRequest(format!(
-                "worker version {} differs from the coordinator's {me}",
-                r.version
-            )));
-        }
+        same_version(&r.version)?;
         if self.preparing() {
             return Err(JobError::OutOfTurn(
                 "the workers are still preparing the dataset: a worker asks Prepare until it is ready, then joins".into(),
@@ -219,4 +213,14 @@ impl Job {
         }
         Ok(())
     }
+}
+/// A worker of this program's version, or its refusal.
+pub(super) fn same_version(version: &str) -> JobResult<()> {
+    let me = env!("CARGO_PKG_VERSION");
+    if version != me {
+        return Err(JobError::BadRequest(format!(
+            "worker version {version} differs from the coordinator's {me}"
+        )));
+    }
+    Ok(())
 }

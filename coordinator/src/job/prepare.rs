@@ -414,13 +414,7 @@ impl Job {
     /// for a task, up to [`LONG_POLL`], rather than asking again and again.
     pub async fn prepare(&self, ask: PrepareAsk) -> JobResult<PrepareAnswer> {
         self.count_rpc();
-        let me = env!("CARGO_PKG_VERSION");
-        if ask.version != me {
-            return Err(JobError::BadRequest(format!(
-                "worker version {} differs from the coordinator's {me}",
-                ask.version
-            )));
-        }
+        super::join::same_version(&ask.version)?;
         let Some(p) = self.prep.as_ref().filter(|_| self.preparing()) else {
             return self.ended().map(|()| PrepareAnswer::Ready);
         };
